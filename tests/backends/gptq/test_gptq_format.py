@@ -1,0 +1,190 @@
+"""The on-disk GPTQ format: packing round-trips, the exact bit layouts of GPTQ_FORMAT.md, v1/v2 zeros,
+configs and weight-file discovery."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from backends.base import BackendError
+from backends.gptq import format as fmt
+
+
+def _codes(K, N, bits, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 2**bits, (K, N), generator=g, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("K,N", [(96, 64), (320, 32)])
+def test_qweight_round_trip(bits, K, N):
+    codes = _codes(K, N, bits)
+    q = fmt.pack_qweight(codes, bits)
+    assert q.dtype == torch.int32 and q.shape == (K * bits // 32, N)
+    assert torch.equal(fmt.unpack_qweight(q, bits, K), codes)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("checkpoint_format", ["gptq", "gptq_v2"])
+def test_qzeros_round_trip(bits, checkpoint_format):
+    G, N = 5, 64
+    lo = 1 if checkpoint_format == "gptq" else 0
+    zeros = torch.randint(lo, 2**bits, (G, N), generator=torch.Generator().manual_seed(1), dtype=torch.int32)
+    qz = fmt.pack_qzeros(zeros, bits, checkpoint_format)
+    assert qz.dtype == torch.int32 and qz.shape == (G, N * bits // 32)
+    assert torch.equal(fmt.unpack_qzeros(qz, bits, N, checkpoint_format), zeros)
+
+
+def test_v1_symmetric_4bit_word_is_0x77777777():
+    zeros = torch.full((2, 16), 8, dtype=torch.int32)
+    qz = fmt.pack_qzeros(zeros, 4, "gptq")
+    assert (qz == 0x77777777).all()
+    v2 = fmt.pack_qzeros(zeros, 4, "gptq_v2")
+    assert (v2 == torch.tensor(0x88888888 - 2**32, dtype=torch.int32)).all()
+    assert torch.equal(fmt.convert_qzeros(qz, 4, "gptq", "gptq_v2"), v2)
+    # converting v1 -> v2 adds 0x11111111 to each 4-bit word
+    assert int(v2[0, 0]) & 0xFFFFFFFF == (0x77777777 + 0x11111111)
+
+
+def test_pack_layout_2_4_8_first_value_in_low_bits():
+    codes = torch.arange(8, dtype=torch.int32).reshape(8, 1)
+    assert int(fmt.pack_qweight(codes, 4)[0, 0]) == 0x76543210
+    codes2 = torch.tensor([[1], [2], [3], [0]] * 4, dtype=torch.int32)
+    assert int(fmt.pack_qweight(codes2, 2)[0, 0]) & 0xFFFFFFFF == int("00111001" * 4, 2)
+    codes8 = torch.tensor([[0x12], [0x34], [0x56], [0x78]], dtype=torch.int32)
+    assert int(fmt.pack_qweight(codes8, 8)[0, 0]) == 0x78563412
+
+
+def test_pack_layout_3bit_matches_the_spec_word_by_word():
+    vals = [int(v) for v in _codes(32, 1, 3, seed=7)[:, 0]]
+    w0, w1, w2 = [int(x) & 0xFFFFFFFF for x in fmt.pack_qweight(torch.tensor(vals).reshape(32, 1), 3)[:, 0]]
+    # word 0: values 0-9 at bits 3j; low 2 bits of value 10 at bits 30-31
+    e0 = sum(vals[j] << (3 * j) for j in range(10)) | ((vals[10] & 3) << 30)
+    # word 1: bit 2 of value 10 at bit 0; values 11-20 at 3(j-11)+1; bit 0 of value 21 at bit 31
+    e1 = (vals[10] >> 2) | sum(vals[j] << (3 * (j - 11) + 1) for j in range(11, 21)) | ((vals[21] & 1) << 31)
+    # word 2: bits 1-2 of value 21 at bits 0-1; values 22-31 at 3(j-22)+2
+    e2 = (vals[21] >> 1) | sum(vals[j] << (3 * (j - 22) + 2) for j in range(22, 32))
+    assert (w0, w1, w2) == (e0, e1, e2)
+
+
+def test_3bit_needs_multiples_of_32():
+    with pytest.raises(fmt.FormatError, match="multiple of 32"):
+        fmt.pack_qweight(_codes(48, 8, 3), 3)
+
+
+def test_codes_out_of_range_refused():
+    with pytest.raises(fmt.FormatError, match="out of range"):
+        fmt.pack_qweight(torch.full((8, 2), 16, dtype=torch.int32), 4)
+
+
+def test_v1_cannot_store_zero_point_zero():
+    with pytest.raises(fmt.FormatError, match="gptq_v2"):
+        fmt.pack_qzeros(torch.zeros(1, 8, dtype=torch.int32), 4, "gptq")
+
+
+@pytest.mark.parametrize("bits,gs", [(2, 64), (3, 32), (4, 128), (8, 128)])
+def test_dequantize_matches_formula_with_short_last_group(bits, gs):
+    K, N = 192 if bits != 3 else 160, 64  # 192 = 128 + 64 (short last group for g128)
+    G = fmt.num_groups(K, gs)
+    codes = _codes(K, N, bits, seed=3)
+    zeros = torch.randint(0, 2**bits, (G, N), generator=torch.Generator().manual_seed(4), dtype=torch.int32)
+    scales = (torch.rand(G, N, generator=torch.Generator().manual_seed(5)) * 0.1 + 0.01).half()
+    g_idx = fmt.default_g_idx(K, gs)
+    W = fmt.dequantize(fmt.pack_qweight(codes, bits), fmt.pack_qzeros(zeros, bits, "gptq_v2"), scales, g_idx,
+                       bits, "gptq_v2", dtype=torch.float64)
+    gl = g_idx.long()
+    ref = scales.double()[gl] * (codes.double() - zeros.double()[gl])
+    assert W.shape == (K, N)
+    assert torch.equal(W, ref)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_v1_and_v2_of_same_checkpoint_give_identical_weights(bits):
+    K, N, gs = 128, 64, 32
+    G = K // gs
+    codes = _codes(K, N, bits, seed=11)
+    zeros = torch.randint(1, 2**bits, (G, N), generator=torch.Generator().manual_seed(12), dtype=torch.int32)
+    scales = torch.rand(G, N, generator=torch.Generator().manual_seed(13)).half()
+    g_idx = torch.randperm(K, generator=torch.Generator().manual_seed(14)).to(torch.int32) // gs  # act-order
+    qw = fmt.pack_qweight(codes, bits)
+    v1 = fmt.pack_qzeros(zeros, bits, "gptq")
+    v2 = fmt.convert_qzeros(v1, bits, "gptq", "gptq_v2")
+    assert not torch.equal(v1, v2)
+    w1 = fmt.dequantize(qw, v1, scales, g_idx, bits, "gptq")
+    w2 = fmt.dequantize(qw, v2, scales, g_idx, bits, "gptq_v2")
+    assert torch.equal(w1, w2)
+    assert torch.equal(fmt.convert_qzeros(v2, bits, "gptq_v2", "gptq"), v1)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_symmetric_zero_check_catches_mislabeled_v2(bits):
+    mid = torch.full((3, 32), 2 ** (bits - 1), dtype=torch.int32)
+    stored_v2 = fmt.pack_qzeros(mid, bits, "gptq_v2")
+    stored_v1 = fmt.pack_qzeros(mid, bits, "gptq")
+    assert fmt.symmetric_zero_format(stored_v1, bits) == "gptq"
+    assert fmt.symmetric_zero_format(stored_v2, bits) == "gptq_v2"
+    # labelled v1 but stored as v2: caught
+    cfg = fmt.QuantizeConfig(bits=bits, group_size=32, sym=True, checkpoint_format="gptq")
+    used, warning = fmt.resolve_checkpoint_format(cfg, stored_v2)
+    assert used == "gptq_v2" and "gptq_v2" in warning
+    # correct labels pass silently
+    assert fmt.resolve_checkpoint_format(cfg, stored_v1) == ("gptq", None)
+    # asymmetric checkpoints: the label is trusted
+    asym = fmt.QuantizeConfig(bits=bits, group_size=32, sym=False, checkpoint_format="gptq")
+    assert fmt.resolve_checkpoint_format(asym, stored_v2) == ("gptq", None)
+
+
+def test_quantize_config_round_trip_and_validation(tmp_path):
+    cfg = fmt.QuantizeConfig(bits=3, group_size=64, desc_act=True, sym=False, checkpoint_format="gptq_v2",
+                             meta={"quantizer": ["gptq-webui:0.1"]})
+    d = cfg.to_dict()
+    assert d["quant_method"] == "gptq" and d["bits"] == 3 and d["meta"]["quantizer"] == ["gptq-webui:0.1"]
+    assert fmt.QuantizeConfig.from_dict(json.loads(json.dumps(d))) == cfg
+    with pytest.raises(fmt.FormatError, match="bits must be one of 2, 3, 4, 8"):
+        fmt.QuantizeConfig(bits=5)
+    with pytest.raises(BackendError, match="not GPTQ"):
+        fmt.QuantizeConfig.from_dict({"bits": 4, "quant_method": "awq"})
+    with pytest.raises(ValueError, match="checkpoint_format"):
+        fmt.QuantizeConfig.from_dict({"bits": 4, "checkpoint_format": "marlin"})
+    with pytest.raises(ValueError, match="group_size"):
+        fmt.QuantizeConfig(group_size=0)
+
+
+def test_read_write_quantize_config(tmp_path):
+    cfg = fmt.QuantizeConfig(bits=4, group_size=128)
+    fmt.write_quantize_config(tmp_path, cfg, {"model_type": "llama", "hidden_size": 8})
+    assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["quant_method"] == "gptq"
+    assert fmt.read_quantize_config(tmp_path) == cfg
+    # only config.json's quantization_config (optimum / transformers style)
+    (tmp_path / "quantize_config.json").unlink()
+    assert fmt.read_quantize_config(tmp_path).bits == 4
+    # older tools: quant_config.json wins over config.json
+    (tmp_path / "quant_config.json").write_text(json.dumps({"bits": 2, "group_size": 64, "sym": True}))
+    assert fmt.read_quantize_config(tmp_path).bits == 2
+    with pytest.raises(fmt.FormatError, match="no GPTQ quantize config"):
+        fmt.read_quantize_config(tmp_path / "missing")
+
+
+def test_find_weight_files(tmp_path):
+    from safetensors.torch import save_file
+    cfg = fmt.QuantizeConfig(bits=4, group_size=128)
+    with pytest.raises(fmt.FormatError, match="no weight file"):
+        fmt.find_weight_files(tmp_path, cfg)
+    (tmp_path / "pytorch_model.bin").write_bytes(b"x")
+    with pytest.raises(fmt.FormatError, match="safetensors only"):
+        fmt.find_weight_files(tmp_path, cfg)
+    t = {"a": torch.zeros(1)}
+    save_file(t, tmp_path / "gptq_model-4bit-128g.safetensors")
+    assert [p.name for p in fmt.find_weight_files(tmp_path, cfg)] == ["gptq_model-4bit-128g.safetensors"]
+    cfg2 = fmt.QuantizeConfig(bits=4, group_size=128, model_file_base_name="custom")
+    save_file(t, tmp_path / "custom.safetensors")
+    assert [p.name for p in fmt.find_weight_files(tmp_path, cfg2)] == ["custom.safetensors"]
+    save_file(t, tmp_path / "model-00001-of-00002.safetensors")
+    save_file({"b": torch.zeros(1)}, tmp_path / "model-00002-of-00002.safetensors")
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    assert [p.name for p in fmt.find_weight_files(tmp_path, cfg)] == [
+        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    save_file(t, tmp_path / "model.safetensors")
+    assert [p.name for p in fmt.find_weight_files(tmp_path, cfg)] == ["model.safetensors"]
