@@ -1,0 +1,207 @@
+"""The Backend contract: the only door between the UI (or CLI, or API) and an inference engine.
+
+Every engine (transformers, bitsandbytes, llama.cpp, gptq) implements `Backend`. The small
+dataclasses here are what crosses the door, so tokens/s, memory and perplexity are measured the
+same way for every engine.
+"""
+from __future__ import annotations
+
+import abc
+import threading
+from dataclasses import dataclass, field, asdict
+from pathlib import Path
+from typing import Any, ClassVar, Iterator, Sequence
+
+
+class BackendError(Exception):
+    """A problem the user can act on (bad path, bad option, corrupt file). Its text is shown as is."""
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One load option a backend accepts, described as data so the UI can build a form from it."""
+    name: str
+    kind: str  # "choice" | "int" | "float" | "bool" | "str"
+    default: Any
+    choices: tuple = ()
+    help: str = ""
+    minimum: float | None = None
+    maximum: float | None = None
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What an engine can do, declared as data (devices, dtypes, bits) instead of string checks."""
+    devices: tuple[str, ...]
+    dtypes: tuple[str, ...] = ()
+    bits: tuple[int, ...] = ()
+    formats: tuple[str, ...] = ()  # "hf", "gguf", "gptq"
+    options: tuple[OptionSpec, ...] = ()
+    logprobs: bool = True
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0          # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0                    # 0 = off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    max_new_tokens: int = 256
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def validated(self) -> "SamplingParams":
+        """Raise BackendError on values no engine can honour (negative temperature, top_p > 1...)."""
+        problems = []
+        if not (0.0 <= self.temperature <= 10.0):
+            problems.append(f"temperature must be in [0, 10], got {self.temperature}")
+        if not (0.0 < self.top_p <= 1.0):
+            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            problems.append(f"top_k must be >= 0, got {self.top_k}")
+        if not (0.0 <= self.min_p < 1.0):
+            problems.append(f"min_p must be in [0, 1), got {self.min_p}")
+        if not (0.0 < self.repetition_penalty <= 10.0):
+            problems.append(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
+        if not (1 <= self.max_new_tokens <= 1_000_000):
+            problems.append(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if problems:
+            raise BackendError("; ".join(problems))
+        return self
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "SamplingParams":
+        known = {f for f in cls.__dataclass_fields__}
+        clean = {k: v for k, v in values.items() if k in known}
+        if "seed" in clean and clean["seed"] in ("", -1, None):
+            clean["seed"] = None
+        if "stop" in clean:
+            clean["stop"] = tuple(clean["stop"] or ())
+        for name in ("top_k", "max_new_tokens"):
+            if name in clean:
+                clean[name] = int(clean[name])
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+            if name in clean:
+                clean[name] = float(clean[name])
+        if clean.get("seed") is not None:
+            clean["seed"] = int(clean["seed"])
+        return cls(**clean)
+
+
+@dataclass
+class GenerationChunk:
+    """One step of a streamed generation. `text` is only the new text of this step."""
+    text: str
+    prompt_tokens: int
+    generated_tokens: int
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" (eos/stop string), "length", "cancelled"
+
+
+@dataclass
+class MemoryReport:
+    ram_mb: float   # resident memory this model holds in the process (weights, caches), estimated
+    gpu_mb: float   # GPU memory allocated for this model
+    file_mb: float = 0.0
+    bits_per_weight: float | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+Message = dict  # {"role": "system"|"user"|"assistant", "content": str}
+
+
+class Backend(abc.ABC):
+    """One loaded model on one engine. Instances are not thread-safe: the ModelManager serialises
+    calls with a per-model lock."""
+
+    name: ClassVar[str]
+    capabilities: ClassVar[Capabilities]
+
+    # -- lifecycle -------------------------------------------------------------------------
+    @classmethod
+    def validate_options(cls, options: dict | None) -> dict:
+        """Fill defaults and check types/choices before any file is touched."""
+        options = dict(options or {})
+        known = {o.name: o for o in cls.capabilities.options}
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise BackendError(f"{cls.name}: unknown option(s) {', '.join(unknown)}; "
+                               f"known: {', '.join(known) or 'none'}")
+        out = {}
+        for spec in cls.capabilities.options:
+            value = options.get(spec.name, spec.default)
+            try:
+                if value is None:
+                    pass
+                elif spec.kind == "int":
+                    value = int(value)
+                elif spec.kind == "float":
+                    value = float(value)
+                elif spec.kind == "bool":
+                    value = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
+                elif spec.kind == "str":
+                    value = str(value)
+            except (TypeError, ValueError):
+                raise BackendError(f"{cls.name}: option {spec.name} must be {spec.kind}, got {value!r}") from None
+            if spec.kind == "choice" and spec.choices and value not in spec.choices:
+                raise BackendError(f"{cls.name}: option {spec.name} must be one of "
+                                   f"{', '.join(map(str, spec.choices))}, got {value!r}")
+            if value is not None and spec.minimum is not None and value < spec.minimum:
+                raise BackendError(f"{cls.name}: option {spec.name} must be >= {spec.minimum}, got {value}")
+            if value is not None and spec.maximum is not None and value > spec.maximum:
+                raise BackendError(f"{cls.name}: option {spec.name} must be <= {spec.maximum}, got {value}")
+            out[spec.name] = value
+        return out
+
+    @abc.abstractmethod
+    def load(self, path: Path, options: dict) -> None:
+        """Load the model at `path` (already confined to the models folder) with validated options."""
+
+    @abc.abstractmethod
+    def unload(self) -> None:
+        """Free every resource; the instance is unusable afterwards."""
+
+    @abc.abstractmethod
+    def memory_report(self) -> MemoryReport: ...
+
+    # -- text ------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def tokenize(self, text: str, add_special: bool = False) -> list[int]: ...
+
+    @abc.abstractmethod
+    def detokenize(self, ids: Sequence[int]) -> str: ...
+
+    @property
+    @abc.abstractmethod
+    def context_length(self) -> int: ...
+
+    @abc.abstractmethod
+    def chat_template(self) -> str | None:
+        """The model's own chat template source (tokenizer config or GGUF metadata)."""
+
+    @abc.abstractmethod
+    def special_tokens(self) -> dict:
+        """{"bos_token": str|None, "eos_token": str|None} for template rendering."""
+
+    def render_chat(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
+        from backends.chat_template import render_chat
+        return render_chat(self.chat_template(), messages, add_generation_prompt, **self.special_tokens())
+
+    # -- generation ------------------------------------------------------------------------
+    @abc.abstractmethod
+    def generate(self, prompt: str, params: SamplingParams,
+                 stop_event: threading.Event | None = None) -> Iterator[GenerationChunk]:
+        """Stream a continuation of a raw prompt (already chat-rendered when chatting). Checks
+        `stop_event` before every token, so Stop takes effect within one token."""
+
+    def chat(self, messages: list[Message], params: SamplingParams,
+             stop_event: threading.Event | None = None) -> Iterator[GenerationChunk]:
+        return self.generate(self.render_chat(messages), params, stop_event)
+
+    # -- scoring ---------------------------------------------------------------------------
+    @abc.abstractmethod
+    def token_logprobs(self, ids: Sequence[int]) -> list[float]:
+        """log p(ids[i] | ids[:i]) for i = 1..len(ids)-1 (the first token is context only)."""

@@ -1,0 +1,217 @@
+"""llama.cpp engine through llama-cpp-python (GGUF files). Tokens come from the low-level
+`Llama.generate` iterator, so token counts, Stop and stop strings work exactly as for torch engines.
+Perplexity uses the logits of every position of a batch (not `create_completion(echo=True)`,
+which is slow and skips BOS)."""
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import psutil
+
+from backends.base import (Backend, BackendError, Capabilities, GenerationChunk, MemoryReport,
+                           OptionSpec, SamplingParams)
+from backends.text_stream import IncrementalDecoder, StopStringFilter
+
+# llama.cpp's OpenMP workers spin while waiting; on a shared machine that starves everyone
+# (observed: 100 -> 1 token/s on 2 cores). Must be set before the library is loaded.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+GGUF_MAGIC = b"GGUF"
+
+
+def default_threads() -> int:
+    return max(1, min(8, (os.cpu_count() or 2) - 1)) if (os.cpu_count() or 1) > 2 else 1
+
+
+class LlamaCppBackend(Backend):
+    name = "llama.cpp"
+    capabilities = Capabilities(
+        devices=("cpu", "cuda"),
+        formats=("gguf",),
+        options=(
+            OptionSpec("n_ctx", "int", 4096, help="context length in tokens (0 = the model's own)", minimum=0),
+            OptionSpec("n_gpu_layers", "int", 0, help="layers offloaded to the GPU (-1 = all)", minimum=-1),
+            OptionSpec("n_threads", "int", 0, help="CPU threads (0 = cores - 1, at least 1)", minimum=0),
+            OptionSpec("n_batch", "int", 512, help="prompt batch size", minimum=1, maximum=8192),
+        ),
+    )
+
+    def __init__(self):
+        self.llm = None
+        self.path: Path | None = None
+        self._ram_mb = 0.0
+
+    def load(self, path: Path, options: dict) -> None:
+        self.path = Path(path)
+        _check_gguf(self.path)
+        try:
+            from llama_cpp import Llama
+        except ImportError as exc:
+            raise BackendError(f"llama-cpp-python is not installed ({exc}); run ./start.sh to install it") from None
+        threads = options.get("n_threads") or default_threads()
+        before = psutil.Process().memory_info().rss
+        try:
+            self.llm = Llama(model_path=str(self.path), n_ctx=int(options.get("n_ctx", 4096)),
+                             n_gpu_layers=int(options.get("n_gpu_layers", 0)), n_threads=threads,
+                             n_threads_batch=threads, n_batch=int(options.get("n_batch", 512)),
+                             logits_all=False, verbose=False)
+        except (ValueError, RuntimeError) as exc:
+            raise BackendError(f"llama.cpp could not load {self.path.name}: {exc}") from None
+        self._ram_mb = max(0.0, (psutil.Process().memory_info().rss - before) / 2**20)
+
+    def unload(self) -> None:
+        if self.llm is not None:
+            try:
+                self.llm.close()
+            except Exception:
+                pass
+        self.llm = None
+
+    def _require(self):
+        if self.llm is None:
+            raise BackendError("the model is not loaded")
+
+    def memory_report(self) -> MemoryReport:
+        self._require()
+        file_mb = self.path.stat().st_size / 2**20
+        n_params = _n_params(self.llm)
+        bpw = (self.path.stat().st_size * 8 / n_params) if n_params else None
+        offload = int(self.llm.model_params.n_gpu_layers)
+        n_layers = int(self.llm.metadata.get(f"{self._arch()}.block_count", 0) or 0)
+        gpu_fraction = 0.0 if offload == 0 or not n_layers else min(1.0, (n_layers if offload < 0 else offload) / n_layers)
+        # weights are memory-mapped: the file pages count as RAM once touched
+        ram = max(self._ram_mb, file_mb * (1 - gpu_fraction))
+        return MemoryReport(ram_mb=ram, gpu_mb=file_mb * gpu_fraction, file_mb=file_mb, bits_per_weight=bpw)
+
+    def _arch(self) -> str:
+        return str(self.llm.metadata.get("general.architecture", "llama"))
+
+    # -- text ------------------------------------------------------------------------------
+    def tokenize(self, text: str, add_special: bool = False) -> list[int]:
+        self._require()
+        return list(self.llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=True))
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        self._require()
+        return self.llm.detokenize(list(ids)).decode("utf-8", errors="replace")
+
+    @property
+    def context_length(self) -> int:
+        self._require()
+        return int(self.llm.n_ctx())
+
+    def chat_template(self) -> str | None:
+        self._require()
+        return self.llm.metadata.get("tokenizer.chat_template")
+
+    def _token_text(self, token_id: int) -> str | None:
+        if token_id is None or token_id < 0:
+            return None
+        return self.llm._model.token_get_text(token_id)
+
+    def special_tokens(self) -> dict:
+        self._require()
+        return {"bos_token": self._token_text(self.llm.token_bos()),
+                "eos_token": self._token_text(self.llm.token_eos())}
+
+    # -- generation ------------------------------------------------------------------------
+    def generate(self, prompt: str, params: SamplingParams,
+                 stop_event: threading.Event | None = None) -> Iterator[GenerationChunk]:
+        self._require()
+        params = params.validated()
+        ids = self.tokenize(prompt, add_special=False)
+        if not ids:
+            raise BackendError("the prompt is empty")
+        n_prompt, n_ctx = len(ids), self.context_length
+        if n_prompt >= n_ctx:
+            raise BackendError(f"the prompt has {n_prompt} tokens but the context holds {n_ctx}: "
+                               "shorten it (refused, not truncated)")
+        budget = min(params.max_new_tokens, n_ctx - n_prompt)
+        if params.seed is not None:
+            self.llm.set_seed(int(params.seed))
+        decoder = IncrementalDecoder(lambda t: self.llm.detokenize(t).decode("utf-8", errors="replace"))
+        stops = StopStringFilter(params.stop)
+        generated, reason = 0, "length"
+        tokens = self.llm.generate(
+            ids, top_k=params.top_k if params.top_k > 0 else 0, top_p=params.top_p, min_p=params.min_p,
+            temp=params.temperature, repeat_penalty=params.repetition_penalty, reset=True)
+        try:
+            for token in tokens:
+                if stop_event is not None and stop_event.is_set():
+                    reason = "cancelled"
+                    break
+                if self.llm._model.token_is_eog(token) if hasattr(self.llm._model, "token_is_eog") else token == self.llm.token_eos():
+                    reason = "stop"
+                    break
+                generated += 1
+                delta, hit = stops.feed(decoder.push(int(token)))
+                yield GenerationChunk(delta, n_prompt, generated)
+                if hit:
+                    reason = "stop"
+                    break
+                if generated >= budget:
+                    break
+        finally:
+            tokens.close()
+        tail = stops.flush()
+        if tail and reason != "stop":
+            yield GenerationChunk(tail, n_prompt, generated)
+        yield GenerationChunk("", n_prompt, generated, finished=True, finish_reason=reason)
+
+    # -- scoring ---------------------------------------------------------------------------
+    def token_logprobs(self, ids: Sequence[int]) -> list[float]:
+        """Evaluate `ids` batch by batch asking llama.cpp for the logits of every position."""
+        self._require()
+        ids = [int(t) for t in ids]
+        if len(ids) < 2:
+            return []
+        if len(ids) > self.context_length:
+            raise BackendError(f"{len(ids)} tokens exceed the context of {self.context_length}")
+        import llama_cpp
+        llm = self.llm
+        llm.reset()
+        llm._ctx.kv_cache_clear() if hasattr(llm._ctx, "kv_cache_clear") else llm._ctx.memory_clear(True)
+        n_vocab = llm.n_vocab()
+        n_batch = llm.n_batch
+        out: list[float] = []
+        for start in range(0, len(ids), n_batch):
+            batch = ids[start:start + n_batch]
+            llm._batch.set_batch(batch=batch, n_past=start, logits_all=True)
+            llm._ctx.decode(llm._batch)
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm._ctx.ctx),
+                                           shape=(len(batch) * n_vocab,)).reshape(len(batch), n_vocab)
+            logits = logits.astype(np.float64)
+            peak = logits.max(axis=1, keepdims=True)
+            logz = np.log(np.exp(logits - peak).sum(axis=1)) + peak[:, 0]
+            for row in range(len(batch)):
+                position = start + row
+                if position + 1 < len(ids):
+                    out.append(float(logits[row, ids[position + 1]] - logz[row]))
+        llm.reset()
+        return out
+
+
+def _check_gguf(path: Path) -> None:
+    if not path.is_file():
+        raise BackendError(f"{path.name} is not a file")
+    with open(path, "rb") as handle:
+        magic = handle.read(4)
+    if magic != GGUF_MAGIC:
+        raise BackendError(f"{path.name} is not a GGUF file (bad magic {magic!r})")
+    try:
+        from gguf import GGUFReader
+        GGUFReader(str(path))
+    except Exception as exc:
+        raise BackendError(f"{path.name} is a corrupt or truncated GGUF file: {type(exc).__name__}: {exc}") from None
+
+
+def _n_params(llm) -> int:
+    try:
+        import llama_cpp
+        return int(llama_cpp.llama_model_n_params(llm._model.model))
+    except Exception:
+        return 0

@@ -1,0 +1,170 @@
+"""Holds any number of loaded models at once, each behind its own lock, and confines every model
+path to the models folder."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from backends.base import Backend, BackendError, GenerationChunk, Message, SamplingParams
+from backends.registry import backends_for_format, create_backend, default_backend_for, detect_format
+
+
+@dataclass
+class LoadedModel:
+    model_id: str
+    name: str              # path relative to the models folder
+    path: Path
+    backend_name: str
+    options: dict
+    backend: Backend
+    load_seconds: float
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One item of the models folder as the Models tab lists it."""
+    name: str
+    path: Path
+    format: str | None     # None when it is not a loadable model
+    size_mb: float
+    problem: str | None = None
+
+
+def _tree_size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+class ModelManager:
+    def __init__(self, models_dir: Path):
+        self.models_dir = Path(models_dir).resolve()
+        self._models: dict[str, LoadedModel] = {}
+        self._registry_lock = threading.Lock()
+
+    # -- paths -----------------------------------------------------------------------------
+    def resolve_path(self, name: str | os.PathLike) -> Path:
+        """The real path of `name` inside the models folder; refuses `..`, absolute paths outside,
+        and symlinks that point out of it."""
+        raw = str(name).strip()
+        if not raw:
+            raise BackendError("no model name given")
+        candidate = Path(raw)
+        if not candidate.is_absolute():
+            candidate = self.models_dir / candidate
+        resolved = candidate.resolve()
+        if resolved != self.models_dir and self.models_dir not in resolved.parents:
+            raise BackendError(f"{raw!r} is outside the models folder {self.models_dir}; "
+                               "put models under it")
+        if resolved == self.models_dir:
+            raise BackendError("pick a model inside the models folder, not the folder itself")
+        if not resolved.exists():
+            raise BackendError(f"{raw!r}: no such model in {self.models_dir}")
+        return resolved
+
+    def list_models(self) -> list[ModelEntry]:
+        entries = []
+        if not self.models_dir.is_dir():
+            return entries
+        for item in sorted(self.models_dir.iterdir(), key=lambda p: p.name.lower()):
+            if item.name.startswith(".") or item.name == "README.md" or item.name.endswith(".partial"):
+                continue
+            try:
+                self.resolve_path(item.name)
+                fmt, problem = detect_format(item), None
+            except BackendError as exc:
+                fmt, problem = None, str(exc)
+            try:
+                size = _tree_size(item) / 2**20
+            except OSError:
+                size = 0.0
+            entries.append(ModelEntry(item.name, item, fmt, round(size, 1), problem))
+        return entries
+
+    # -- loading ---------------------------------------------------------------------------
+    def load(self, name: str, backend: str | None = None, options: dict | None = None) -> str:
+        """Load a model; returns its id. Nothing is registered when loading fails."""
+        path = self.resolve_path(name)
+        fmt = detect_format(path)
+        backend_name = backend or default_backend_for(path)
+        allowed = backends_for_format(fmt)
+        if backend_name not in allowed:
+            raise BackendError(f"{path.name} is a {fmt} model: load it with {' or '.join(allowed)}, "
+                               f"not {backend_name}")
+        instance = create_backend(backend_name)
+        clean_options = instance.validate_options(options)
+        started = time.perf_counter()
+        try:
+            instance.load(path, clean_options)
+        except BackendError:
+            _safe_unload(instance)
+            raise
+        except MemoryError:
+            _safe_unload(instance)
+            raise BackendError(f"out of memory while loading {path.name}: unload other models "
+                               "or pick a smaller quantization") from None
+        except Exception as exc:  # an engine's own error: keep the message, drop the traceback
+            _safe_unload(instance)
+            raise BackendError(f"{backend_name} could not load {path.name}: {type(exc).__name__}: {exc}") from exc
+        rel = str(path.relative_to(self.models_dir))
+        with self._registry_lock:
+            model_id = f"{rel}@{backend_name}"
+            suffix = 2
+            while model_id in self._models:
+                model_id = f"{rel}@{backend_name}#{suffix}"
+                suffix += 1
+            self._models[model_id] = LoadedModel(model_id, rel, path, backend_name, clean_options,
+                                                 instance, time.perf_counter() - started)
+        return model_id
+
+    def unload(self, model_id: str) -> None:
+        with self._registry_lock:
+            loaded = self._models.pop(model_id, None)
+        if loaded is None:
+            raise BackendError(f"no loaded model {model_id!r}")
+        with loaded.lock:
+            loaded.backend.unload()
+
+    def unload_all(self) -> None:
+        for model_id in self.loaded_ids():
+            self.unload(model_id)
+
+    def get(self, model_id: str) -> LoadedModel:
+        try:
+            return self._models[model_id]
+        except KeyError:
+            raise BackendError(f"no loaded model {model_id!r}; loaded: {', '.join(self._models) or 'none'}") from None
+
+    def loaded(self) -> list[LoadedModel]:
+        with self._registry_lock:
+            return list(self._models.values())
+
+    def loaded_ids(self) -> list[str]:
+        return [m.model_id for m in self.loaded()]
+
+    # -- generation under the model's lock ---------------------------------------------------
+    def generate(self, model_id: str, prompt: str, params: SamplingParams,
+                 stop_event: threading.Event | None = None) -> Iterator[GenerationChunk]:
+        loaded = self.get(model_id)
+        params = params.validated()
+        with loaded.lock:
+            yield from loaded.backend.generate(prompt, params, stop_event)
+
+    def chat(self, model_id: str, messages: list[Message], params: SamplingParams,
+             stop_event: threading.Event | None = None) -> Iterator[GenerationChunk]:
+        loaded = self.get(model_id)
+        params = params.validated()
+        with loaded.lock:
+            yield from loaded.backend.chat(messages, params, stop_event)
+
+
+def _safe_unload(instance: Backend) -> None:
+    try:
+        instance.unload()
+    except Exception:
+        pass

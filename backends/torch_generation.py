@@ -1,0 +1,119 @@
+"""The streamed sampling loop shared by every torch engine (transformers, bitsandbytes, gptq), so
+that sampling, stop handling and token counting behave identically across them."""
+from __future__ import annotations
+
+import threading
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from backends.base import BackendError, GenerationChunk, SamplingParams
+from backends.text_stream import IncrementalDecoder, StopStringFilter
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL-style penalty, as transformers and llama.cpp apply it: divide positive logits, multiply
+    negative ones, for every token already in the context."""
+    if penalty == 1.0 or seen.numel() == 0:
+        return logits
+    picked = logits[seen]
+    logits[seen] = torch.where(picked > 0, picked / penalty, picked * penalty)
+    return logits
+
+
+def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """Pick the next token from a 1-D logits row: greedy at temperature 0, else top-k, top-p and
+    min-p filtering on the temperature-scaled distribution."""
+    if params.temperature <= 0:
+        return int(torch.argmax(logits))
+    logits = logits.float() / params.temperature
+    if params.top_k and params.top_k < logits.numel():
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.min_p > 0:
+        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        cumulative = torch.cumsum(sorted_probs, dim=-1)
+        drop = cumulative - sorted_probs > params.top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    probs = probs / probs.sum()
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def stream_generate(model, prompt_ids: list[int], params: SamplingParams, *,
+                    eos_ids: set[int], decode: Callable[[Sequence[int]], str], device: torch.device,
+                    context_length: int, stop_event: threading.Event | None = None,
+                    forward: Callable | None = None) -> Iterator[GenerationChunk]:
+    """Yield one GenerationChunk per produced token (text may be empty while a character is being
+    completed) and a final chunk with `finished=True` and the reason."""
+    params = params.validated()
+    if not prompt_ids:
+        raise BackendError("the prompt is empty")
+    n_prompt = len(prompt_ids)
+    if n_prompt >= context_length:
+        raise BackendError(f"the prompt has {n_prompt} tokens but the context holds {context_length}: "
+                           "shorten it (refused, not truncated)")
+    budget = min(params.max_new_tokens, context_length - n_prompt)
+    generator = None
+    if params.seed is not None and params.temperature > 0:
+        generator = torch.Generator(device="cpu").manual_seed(params.seed)
+    step = forward or _default_forward(model)
+    decoder = IncrementalDecoder(decode)
+    seen = torch.tensor(sorted(set(prompt_ids)), dtype=torch.long)
+    generated = 0
+    reason = "length"
+    stops = StopStringFilter(params.stop)
+    with torch.inference_mode():
+        input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+        logits, cache = step(input_ids, None)
+        while generated < budget:
+            if stop_event is not None and stop_event.is_set():
+                reason = "cancelled"
+                break
+            row = logits[0, -1].float().cpu()
+            if params.repetition_penalty != 1.0:
+                row = apply_repetition_penalty(row, seen, params.repetition_penalty)
+            token = sample_next(row, params, generator)
+            if token in eos_ids:
+                reason = "stop"
+                break
+            generated += 1
+            if params.repetition_penalty != 1.0 and not bool((seen == token).any()):
+                seen = torch.cat([seen, torch.tensor([token])])
+            delta, hit = stops.feed(decoder.push(token))
+            yield GenerationChunk(delta, n_prompt, generated)
+            if hit:
+                reason = "stop"
+                break
+            if generated >= budget:
+                break
+            logits, cache = step(torch.tensor([[token]], dtype=torch.long, device=device), cache)
+    tail = stops.flush()
+    if tail and reason != "stop":
+        yield GenerationChunk(tail, n_prompt, generated)
+    yield GenerationChunk("", n_prompt, generated, finished=True, finish_reason=reason)
+
+
+def _default_forward(model):
+    def step(input_ids, cache):
+        out = model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+        return out.logits, out.past_key_values
+    return step
+
+
+def token_logprobs(model, ids: Sequence[int], device: torch.device, chunk: int = 4096) -> list[float]:
+    """log p(ids[i] | ids[:i]) for i >= 1 from one forward pass over the sequence."""
+    if len(ids) < 2:
+        return []
+    with torch.inference_mode():
+        input_ids = torch.tensor([list(ids)], dtype=torch.long, device=device)
+        logits = model(input_ids=input_ids, use_cache=False).logits[0, :-1]
+        targets = input_ids[0, 1:]
+        out = []
+        for start in range(0, logits.shape[0], chunk):
+            part = torch.log_softmax(logits[start:start + chunk].float(), dim=-1)
+            out.append(part.gather(1, targets[start:start + chunk, None])[:, 0])
+        return torch.cat(out).double().cpu().tolist()

@@ -1,0 +1,101 @@
+"""Format detection on real folders, path confinement and the ModelManager holding two models."""
+import json
+import os
+import shutil
+
+import pytest
+
+from backends.base import BackendError, SamplingParams
+from backends.manager import ModelManager
+from backends.registry import detect_format
+
+
+def test_detects_real_formats(default_hf_model, default_gguf, tmp_path):
+    assert detect_format(default_hf_model) == "hf"
+    assert detect_format(default_gguf) == "gguf"
+    gptq = tmp_path / "gptq-model"
+    gptq.mkdir()
+    config = json.loads((default_hf_model / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 128}
+    (gptq / "config.json").write_text(json.dumps(config))
+    assert detect_format(gptq) == "gptq"
+    other = tmp_path / "autogptq"
+    other.mkdir()
+    (other / "quantize_config.json").write_text("{}")
+    assert detect_format(other) == "gptq"
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda d: d.mkdir(), "not a model"),
+    (lambda d: d.with_suffix(".txt").write_text("hello"), "not a model"),
+    (lambda d: (d.mkdir(), (d / "config.json").write_text("{nope")), "not valid JSON"),
+    (lambda d: (d.mkdir(), (d / "config.json").write_text("{}"), (d / "pytorch_model.bin").write_bytes(b"x")),
+     "no .safetensors"),
+])
+def test_bad_folders_get_clear_messages(tmp_path, setup, message):
+    target = tmp_path / "thing"
+    setup(target)
+    path = target if target.exists() else target.with_suffix(".txt")
+    with pytest.raises(BackendError, match=message):
+        detect_format(path)
+
+
+def test_paths_are_confined_to_models_dir(tmp_path, default_gguf):
+    models = tmp_path / "models"
+    models.mkdir()
+    outside = tmp_path / "secret.gguf"
+    outside.write_bytes(b"GGUF")
+    (models / "link.gguf").symlink_to(outside)
+    manager = ModelManager(models)
+    for name in ("../secret.gguf", str(outside), "link.gguf", "/etc/passwd", "", "."):
+        with pytest.raises(BackendError):
+            manager.resolve_path(name)
+    (models / "ok.gguf").write_bytes(b"GGUF")
+    assert manager.resolve_path("ok.gguf") == (models / "ok.gguf").resolve()
+
+
+def test_corrupt_gguf_is_refused_and_nothing_is_registered(tmp_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "broken.gguf").write_bytes(b"GGUF" + os.urandom(2048))
+    (models / "garbage.gguf").write_bytes(os.urandom(4096))
+    manager = ModelManager(models)
+    for name in ("broken.gguf", "garbage.gguf"):
+        with pytest.raises(BackendError, match="GGUF"):
+            manager.load(name)
+    assert manager.loaded() == []
+    listed = {e.name: e for e in manager.list_models()}
+    assert listed["garbage.gguf"].format == "gguf"  # detection is by name; loading checks content
+
+
+def test_truncated_safetensors_is_refused(tmp_path, default_hf_model):
+    models = tmp_path / "models"
+    broken = models / "broken"
+    broken.mkdir(parents=True)
+    for item in default_hf_model.iterdir():
+        if item.suffix != ".safetensors":
+            shutil.copy(item, broken / item.name)
+    with open(default_hf_model / "model.safetensors", "rb") as src:
+        (broken / "model.safetensors").write_bytes(src.read(1_000_000))
+    manager = ModelManager(models)
+    with pytest.raises(BackendError, match="truncated"):
+        manager.load("broken")
+    assert manager.loaded() == []
+
+
+def test_manager_holds_two_models_and_generates_from_both(default_hf_model, default_gguf):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    manager = ModelManager(default_hf_model.parent)
+    first = manager.load(default_hf_model.name, "transformers", {"dtype": "float32"})
+    second = manager.load(default_gguf.name, "llama.cpp", {"n_ctx": 512, "n_threads": 1})
+    try:
+        assert set(manager.loaded_ids()) == {first, second}
+        question = [{"role": "user", "content": "What is the capital of France?"}]
+        for model_id in (first, second):
+            text = "".join(c.text for c in manager.chat(model_id, question, SamplingParams(max_new_tokens=16)))
+            assert "Paris" in text, (model_id, text)
+        with pytest.raises(BackendError, match="load it with"):
+            manager.load(default_gguf.name, "transformers")
+    finally:
+        manager.unload_all()
+    assert manager.loaded() == []

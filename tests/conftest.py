@@ -1,0 +1,90 @@
+"""Shared fixtures: the real default model (set up by `./start.sh test` / `python -m webui.default_model`)
+and the shared data folder. Tests that need data skip with a clear reason when it is absent."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+MODELS_DIR = REPO / "models"
+DEFAULT_HF = MODELS_DIR / "SmolLM2-135M-Instruct"
+DEFAULT_GGUF = MODELS_DIR / "SmolLM2-135M-Instruct.Q4_1.gguf"
+SHARED_DATA = Path(os.environ.get("GPTQ_WEBUI_SHARED", REPO.parent / "shared")) / "data"
+ARTIFACTS = REPO / "tests" / "artifacts"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than ~30 s on a 2-core CPU")
+    config.addinivalue_line("markers", "browser: drives a real Chromium through Playwright")
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+@pytest.fixture(scope="session")
+def models_dir() -> Path:
+    return MODELS_DIR
+
+
+@pytest.fixture(scope="session")
+def default_hf_model() -> Path:
+    if not (DEFAULT_HF / "model.safetensors").exists():
+        pytest.fail(f"default model missing at {DEFAULT_HF}: run `python -m webui.default_model` first")
+    return DEFAULT_HF
+
+
+@pytest.fixture(scope="session")
+def default_gguf() -> Path:
+    if not DEFAULT_GGUF.exists():
+        pytest.fail(f"default GGUF missing at {DEFAULT_GGUF}: run `python -m webui.default_model` first")
+    return DEFAULT_GGUF
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data folder {SHARED_DATA} is absent (set GPTQ_WEBUI_SHARED)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def wikitext_path(shared_data) -> Path:
+    path = shared_data / "wikitext2" / "wiki.test.raw"
+    if not path.exists():
+        pytest.skip(f"{path} is absent")
+    return path
+
+
+@pytest.fixture(scope="session")
+def c4_path(shared_data) -> Path:
+    path = shared_data / "c4" / "c4-train-first1000.jsonl"
+    if not path.exists():
+        pytest.skip(f"{path} is absent")
+    return path
+
+
+@pytest.fixture(scope="session")
+def artifacts_dir() -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    return ARTIFACTS
+
+
+@pytest.fixture(scope="session")
+def transformers_backend(default_hf_model):
+    """The default model on the transformers backend, fp32 on CPU, loaded once per session."""
+    from backends.registry import create_backend
+    backend = create_backend("transformers")
+    backend.load(default_hf_model, backend.validate_options({"dtype": "float32", "device": "cpu"}))
+    yield backend
+    backend.unload()
+
+
+@pytest.fixture(scope="session")
+def llamacpp_backend(default_gguf):
+    from backends.registry import create_backend
+    backend = create_backend("llama.cpp")
+    backend.load(default_gguf, backend.validate_options({"n_ctx": 2048, "n_threads": 1}))
+    yield backend
+    backend.unload()

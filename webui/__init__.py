@@ -1,0 +1,1 @@
+"""The browser UI: a Gradio Blocks page built from one module per tab (see `webui.app.TABS`)."""
