@@ -1,0 +1,51 @@
+"""A real gptq-webui server on a free port, with the default model loaded on the transformers
+backend (fp32, CPU), shared by the gradio_client and browser tests of this folder."""
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+DEFAULT_NAME = "SmolLM2-135M-Instruct"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    def __init__(self, ctx, demo, port: int):
+        self.ctx, self.demo, self.port = ctx, demo, port
+        self.url = f"http://127.0.0.1:{port}/"
+
+    def client(self):
+        from gradio_client import Client
+        return Client(self.url, verbose=False, download_files=False)
+
+
+def start_server(models_dir, data_dir, load: str | None = None) -> Server:
+    from webui.app import build_app, launch
+    from webui.context import AppContext
+
+    ctx = AppContext.create(models_dir=models_dir, data_dir=data_dir)
+    if load:
+        ctx.manager.load(load, "transformers", {"dtype": "float32", "device": "cpu"})
+    demo = build_app(ctx)
+    port = free_port()
+    launch(demo, "127.0.0.1", port, block=False)
+    return Server(ctx, demo, port)
+
+
+@pytest.fixture(scope="session")
+def webui_data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("webui-data")
+
+
+@pytest.fixture(scope="session")
+def chat_server(default_hf_model, models_dir, webui_data_dir):
+    server = start_server(models_dir, webui_data_dir, load=DEFAULT_NAME)
+    yield server
+    server.demo.close()
+    server.ctx.manager.unload_all()

@@ -1,0 +1,132 @@
+"""Command line, page assembly and server start.
+
+Tabs are modules listed in TABS; each exposes `TITLE` and `build(ctx)` and is built inside its own
+`gr.Tab`. Adding a tab is one line here."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import os
+import sys
+import time
+from pathlib import Path
+
+# Before gradio is imported: no analytics, no version check, nothing leaves the machine at start.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+TABS = (
+    "webui.chat_tab",
+    "webui.models_tab",
+    "webui.compare_tab",
+)
+
+_CSS = """
+#chat-stats { font-size: 0.85em; opacity: 0.8; }
+.gen-stats { font-size: 0.8em; opacity: 0.7; }
+"""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from webui.context import DEFAULT_MODELS_DIR, default_data_dir
+
+    parser = argparse.ArgumentParser(prog="python -m webui",
+                                     description="gptq-webui: chat with, quantize and compare local LLMs.")
+    parser.add_argument("--listen", action="store_true",
+                        help="serve on 0.0.0.0 (all interfaces); needs --auth unless --insecure")
+    parser.add_argument("--auth", metavar="USER:PASS", help="require this login for the page and API")
+    parser.add_argument("--insecure", action="store_true",
+                        help="allow --listen without --auth (anyone on the network can use the models)")
+    parser.add_argument("--port", type=int, default=7860, help="port to serve on (default 7860)")
+    parser.add_argument("--model", metavar="NAME", help="model under the models folder to load at start")
+    parser.add_argument("--backend", metavar="NAME",
+                        help="backend for --model and the Models tab default (default: detected from the format)")
+    parser.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR,
+                        help=f"models folder (default {DEFAULT_MODELS_DIR})")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help=f"user data folder: history, presets (default $GPTQ_WEBUI_DATA or {default_data_dir()})")
+    args = parser.parse_args(argv)
+    if args.listen and not args.auth and not args.insecure:
+        parser.error("--listen serves on every network interface: add --auth user:password "
+                     "(or --insecure if you really want an open server)")
+    if args.auth is not None:
+        user, sep, password = args.auth.partition(":")
+        if not sep or not user or not password:
+            parser.error("--auth must look like user:password (both non-empty)")
+        args.auth = (user, password)
+    if not (1 <= args.port <= 65535):
+        parser.error(f"--port must be in 1..65535, got {args.port}")
+    if args.backend:
+        from backends.registry import backend_names
+        if args.backend not in backend_names():
+            parser.error(f"unknown backend {args.backend!r}; available: {', '.join(backend_names())}")
+    return args
+
+
+def theme():
+    """System fonts only: the default theme would make every browser fetch Google Fonts."""
+    import gradio as gr
+    return gr.themes.Soft(font=("ui-sans-serif", "system-ui", "sans-serif"),
+                          font_mono=("ui-monospace", "SFMono-Regular", "monospace"))
+
+
+def build_app(ctx, tabs: tuple[str, ...] = TABS):
+    """The whole page: one gr.Tab per module in `tabs`."""
+    import gradio as gr
+
+    with gr.Blocks(title="gptq-webui", analytics_enabled=False) as demo:
+        tab_ctx = dataclasses.replace(ctx, blocks=demo)
+        for module_name in tabs:
+            module = importlib.import_module(module_name)
+            with gr.Tab(module.TITLE, id=module_name.rsplit(".", 1)[-1], elem_id=f"tab-{module.TITLE.lower()}"):
+                module.build(tab_ctx)
+    return demo
+
+
+def launch(demo, host: str = "127.0.0.1", port: int = 7860, auth: tuple[str, str] | None = None,
+           block: bool = True):
+    demo.queue(default_concurrency_limit=4)
+    demo.launch(server_name=host, server_port=port, auth=auth, prevent_thread_lock=True, quiet=True,
+                show_error=True, share=False, ssr_mode=False, theme=theme(), css=_CSS)
+    if block:
+        demo.block_thread()
+    return demo
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from backends.base import BackendError
+    from webui.context import AppContext
+
+    ctx = AppContext.create(args.models_dir, args.data_dir, args.backend)
+    print(f"gptq-webui: models folder {ctx.models_dir}", flush=True)
+    print(f"gptq-webui: user data folder {ctx.data_dir}", flush=True)
+    if args.model:
+        print(f"gptq-webui: loading {args.model} ...", flush=True)
+        started = time.perf_counter()
+        try:
+            model_id = ctx.manager.load(args.model, args.backend)
+        except BackendError as exc:
+            print(f"gptq-webui: cannot load {args.model}: {exc}", file=sys.stderr)
+            return 2
+        print(f"gptq-webui: loaded {model_id} in {time.perf_counter() - started:.1f} s", flush=True)
+    demo = build_app(ctx)
+    host = "0.0.0.0" if args.listen else "127.0.0.1"
+    try:
+        launch(demo, host, args.port, args.auth, block=False)
+    except OSError as exc:
+        print(f"gptq-webui: cannot serve on port {args.port}: {exc}. Pick another with --port.", file=sys.stderr)
+        return 2
+    shown = "127.0.0.1" if host == "127.0.0.1" else f"{host} (all interfaces)"
+    print("", flush=True)
+    print(f"  gptq-webui is running on {shown}: open  http://127.0.0.1:{args.port}", flush=True)
+    print("  Press Ctrl+C to stop.", flush=True)
+    print("", flush=True)
+    try:
+        demo.block_thread()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        ctx.manager.unload_all()
+    return 0

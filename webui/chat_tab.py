@@ -1,0 +1,454 @@
+"""Chat tab: streamed replies from any loaded model, with Stop, Regenerate, Continue, Clear, an
+editable system prompt, sampling presets and a saved, reopenable history.
+
+The conversation lives in a per-session gr.State as plain {"role", "content": str} messages; the
+Chatbot only displays it. Generation runs in a worker thread that holds the model's lock from start
+to end (through the manager), so an abandoned page never leaves a model locked."""
+import logging
+import queue
+import threading
+import time
+from typing import Any, Iterator
+
+import gradio as gr
+
+from backends.base import BackendError, SamplingParams
+from webui.history import Conversation, new_conversation_id
+from webui.presets import PRESET_FIELDS
+
+log = logging.getLogger(__name__)
+
+TITLE = "Chat"
+DEFAULT_PRESET = "Deterministic"
+NO_MODEL = "No model is loaded: load one in the Models tab (or start with --model NAME)."
+
+
+# -- pure helpers (unit-tested) -----------------------------------------------------------------
+def text_of(content: Any) -> str:
+    """Gradio 6 hands message contents as lists of typed parts ({"type": "text", "text": ...});
+    older code and our own state use plain strings. Files and components carry no text."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        if content.get("type", "text") == "text" and isinstance(content.get("text"), str):
+            return content["text"]
+        return ""
+    if isinstance(content, (list, tuple)):
+        return "".join(text_of(part) for part in content)
+    text = getattr(content, "text", None)
+    return text if isinstance(text, str) else ""
+
+
+def normalize_messages(history: Any) -> list[dict]:
+    """Any chat history (Chatbot value, gr.ChatMessage list, saved JSON) -> [{"role", "content": str}]."""
+    out = []
+    for message in history or []:
+        role = message.get("role") if isinstance(message, dict) else getattr(message, "role", None)
+        content = message.get("content") if isinstance(message, dict) else getattr(message, "content", None)
+        if role not in ("system", "user", "assistant"):
+            continue
+        item = {"role": role, "content": text_of(content)}
+        if isinstance(message, dict) and isinstance(message.get("stats"), dict):
+            item["stats"] = message["stats"]
+        out.append(item)
+    return out
+
+
+def format_stats(stats: dict | None) -> str:
+    """One line under a reply: token counts, speed, time to first token, why it ended."""
+    if not stats:
+        return ""
+    parts = [f"{stats.get('generated_tokens', 0)} tokens",
+             f"{stats.get('tokens_per_s', 0.0):.1f} tok/s",
+             f"prompt {stats.get('prompt_tokens', 0)} tokens"]
+    if stats.get("ttft_s") is not None:
+        parts.append(f"first token {stats['ttft_s']:.2f} s")
+    reason = stats.get("finish_reason")
+    if reason:
+        parts.append({"cancelled": "stopped", "length": "hit max tokens", "stop": "done"}.get(reason, reason))
+    if stats.get("error"):
+        parts.append("error")
+    return " · ".join(parts)
+
+
+def to_display(messages: list[dict]) -> list[dict]:
+    """What the Chatbot shows: the messages, with each reply's stats in small text under it."""
+    shown = []
+    for m in messages:
+        content = m["content"]
+        if m["role"] == "assistant" and m.get("stats"):
+            content = f"{content}\n\n<span class=\"gen-stats\">{format_stats(m['stats'])}</span>"
+        if m["role"] != "system":
+            shown.append({"role": m["role"], "content": content})
+    return shown
+
+
+def new_state() -> dict:
+    return {"id": new_conversation_id(), "messages": []}
+
+
+def continue_prompt(rendered: str, partial_reply: str) -> str:
+    """The template rendered with the partial reply, cut right after it: drops the end-of-turn
+    marker so the model carries on with the same message."""
+    for candidate in (partial_reply, partial_reply.rstrip(), partial_reply.strip()):
+        if candidate:
+            idx = rendered.rfind(candidate)
+            if idx >= 0:
+                return rendered[:idx + len(candidate)]
+    raise BackendError("this model's chat template rewrites the reply, so it cannot be continued")
+
+
+# -- the tab ----------------------------------------------------------------------------------
+class ChatTab:
+    def __init__(self, ctx):
+        self.ctx = ctx
+        self._stops: dict[str, threading.Event] = {}
+        self._stops_lock = threading.Lock()
+
+    # models and presets
+    def model_choices(self) -> list[str]:
+        return self.ctx.manager.loaded_ids()
+
+    def refresh_models(self, current: str | None):
+        choices = self.model_choices()
+        value = current if current in choices else (choices[0] if choices else None)
+        return gr.update(choices=choices, value=value)
+
+    def history_choices(self) -> list[tuple[str, str]]:
+        return [(e.label, e.id) for e in self.ctx.history.list()]
+
+    def _resolve_model(self, model_id: str | None) -> str:
+        loaded = self.model_choices()
+        if model_id in loaded:
+            return model_id
+        if not loaded:
+            raise gr.Error(NO_MODEL)
+        if model_id:
+            gr.Warning(f"{model_id} is not loaded any more; using {loaded[0]}.")
+        return loaded[0]
+
+    @staticmethod
+    def _params(temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens, seed) -> SamplingParams:
+        try:
+            return SamplingParams.from_dict(dict(
+                temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens,
+                seed=None if seed is None or int(seed) < 0 else int(seed))).validated()
+        except (BackendError, TypeError, ValueError) as exc:
+            raise gr.Error(f"Bad sampling parameters: {exc}") from None
+
+    # stop signalling, per browser session
+    def _begin(self, session: str) -> threading.Event:
+        event = threading.Event()
+        with self._stops_lock:
+            old = self._stops.get(session)
+            if old is not None:
+                old.set()
+            self._stops[session] = event
+        return event
+
+    def _end(self, session: str, event: threading.Event) -> None:
+        with self._stops_lock:
+            if self._stops.get(session) is event:
+                del self._stops[session]
+
+    def stop(self, request: gr.Request):
+        with self._stops_lock:
+            event = self._stops.get(request.session_hash)
+        if event is not None:
+            event.set()
+
+    # streaming core
+    def _stream(self, model_id: str, params: SamplingParams, stop: threading.Event,
+                messages: list[dict] | None = None, prompt: str | None = None) -> Iterator[list]:
+        """Run the generation in a worker thread and yield batches of chunks as they arrive."""
+        chunks: queue.Queue = queue.Queue()
+        manager = self.ctx.manager
+
+        def work():
+            try:
+                stream = (manager.chat(model_id, messages, params, stop) if prompt is None
+                          else manager.generate(model_id, prompt, params, stop))
+                for chunk in stream:
+                    chunks.put(chunk)
+            except BaseException as exc:  # handed to the consumer, shown in the page
+                chunks.put(exc)
+            finally:
+                chunks.put(None)
+
+        worker = threading.Thread(target=work, name=f"chat-{model_id}", daemon=True)
+        worker.start()
+        try:
+            done = False
+            while not done:
+                batch = [chunks.get()]
+                while True:  # coalesce what is already there: one page update per batch
+                    try:
+                        batch.append(chunks.get_nowait())
+                    except queue.Empty:
+                        break
+                items = []
+                for item in batch:
+                    if item is None:
+                        done = True
+                    elif isinstance(item, BaseException):
+                        raise item
+                    else:
+                        items.append(item)
+                if items:
+                    yield items
+        finally:
+            stop.set()  # the page went away or we are done: the worker ends within one token
+
+    def _generate_into(self, state: dict, model_id: str, params: SamplingParams, system_prompt: str,
+                       request: gr.Request, continuing: bool = False):
+        """Append (or extend, when continuing) the assistant reply in `state`, yielding as it grows."""
+        messages = state["messages"]
+        chat = ([{"role": "system", "content": system_prompt}] if system_prompt.strip() else []) + \
+            [{"role": m["role"], "content": m["content"]} for m in messages]
+        prompt = None
+        if continuing:
+            backend = self.ctx.manager.get(model_id).backend
+            prompt = continue_prompt(backend.render_chat(chat, add_generation_prompt=False), chat[-1]["content"])
+            reply = messages[-1]
+        else:
+            reply = {"role": "assistant", "content": ""}
+            messages.append(reply)
+        base_text = reply["content"]
+        session = request.session_hash or "anonymous"
+        stop = self._begin(session)
+        started = time.perf_counter()
+        first_token_at = None
+        stats = {"model": model_id, "prompt_tokens": 0, "generated_tokens": 0, "tokens_per_s": 0.0,
+                 "ttft_s": None, "finish_reason": None}
+        text = ""
+        try:
+            for batch in self._stream(model_id, params, stop, None if continuing else chat, prompt):
+                for chunk in batch:
+                    text += chunk.text
+                    stats["prompt_tokens"] = chunk.prompt_tokens
+                    stats["generated_tokens"] = chunk.generated_tokens
+                    if first_token_at is None and chunk.generated_tokens > 0:
+                        first_token_at = time.perf_counter()
+                    if chunk.finished:
+                        stats["finish_reason"] = chunk.finish_reason
+                elapsed = time.perf_counter() - started
+                stats["seconds"] = round(elapsed, 3)
+                stats["tokens_per_s"] = stats["generated_tokens"] / elapsed if elapsed > 0 else 0.0
+                stats["ttft_s"] = None if first_token_at is None else first_token_at - started
+                reply["content"] = base_text + text
+                reply["stats"] = dict(stats)
+                yield
+        except BackendError as exc:
+            stats["error"] = str(exc)
+            reply["stats"] = dict(stats)
+            gr.Warning(f"Generation failed: {exc}")
+        finally:
+            self._end(session, stop)
+        if stats["finish_reason"] is None and stop.is_set() and not stats.get("error"):
+            stats["finish_reason"] = "cancelled"
+            reply["stats"] = dict(stats)
+        if not reply["content"] and not continuing and stats.get("error"):
+            messages.remove(reply)
+        yield
+
+    def _save(self, state: dict, system_prompt: str, model_id: str, params: SamplingParams) -> None:
+        if not state["messages"]:
+            return
+        try:
+            conv = Conversation(id=state["id"], title="", messages=state["messages"],
+                                system_prompt=system_prompt, model=model_id,
+                                params={f: getattr(params, f) for f in PRESET_FIELDS},
+                                created=state.get("created", 0.0))
+            self.ctx.history.save(conv)
+            state["created"] = conv.created
+        except OSError as exc:
+            gr.Warning(f"Could not save the conversation: {exc}")
+
+    def _run(self, state, model_id, system_prompt, params, request, continuing=False):
+        """Shared tail of send/regenerate/continue: stream into the page, then save."""
+        system_prompt = system_prompt or ""
+        for _ in self._generate_into(state, model_id, params, system_prompt, request, continuing):
+            last = state["messages"][-1] if state["messages"] else {}
+            yield (to_display(state["messages"]), format_stats(last.get("stats")), state,
+                   gr.update(), gr.update(value=model_id))
+        self._save(state, system_prompt, model_id, params)
+        yield (to_display(state["messages"]), format_stats(state["messages"][-1].get("stats")
+                                                          if state["messages"] else None),
+               state, gr.update(choices=self.history_choices(), value=state["id"]), gr.update(value=model_id))
+
+    # event handlers: the order of arguments matches the inputs list in build()
+    def send(self, message: str, model: str, system_prompt: str, temperature: float, top_p: float,
+             top_k: int, min_p: float, repetition_penalty: float, max_new_tokens: int, seed: int,
+             state: dict, request: gr.Request):
+        params = self._params(temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens, seed)
+        text = text_of(message).strip()
+        if not text:
+            raise gr.Error("Type a message first.")
+        model = self._resolve_model(model)
+        state = state or new_state()
+        state["messages"].append({"role": "user", "content": text})
+        yield (to_display(state["messages"]), "", state, gr.update(), gr.update(), "")
+        for out in self._run(state, model, system_prompt, params, request):
+            yield (*out, gr.update())
+
+    def regenerate(self, model: str, system_prompt: str, temperature: float, top_p: float,
+                   top_k: int, min_p: float, repetition_penalty: float, max_new_tokens: int, seed: int,
+                   state: dict, request: gr.Request):
+        params = self._params(temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens, seed)
+        model = self._resolve_model(model)
+        state = state or new_state()
+        messages = state["messages"]
+        if messages and messages[-1]["role"] == "assistant":
+            messages.pop()
+        if not messages or messages[-1]["role"] != "user":
+            raise gr.Error("Nothing to regenerate: send a message first.")
+        yield (to_display(messages), "", state, gr.update(), gr.update())
+        yield from self._run(state, model, system_prompt, params, request)
+
+    def continue_reply(self, model: str, system_prompt: str, temperature: float, top_p: float,
+                       top_k: int, min_p: float, repetition_penalty: float, max_new_tokens: int,
+                       seed: int, state: dict, request: gr.Request):
+        params = self._params(temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens, seed)
+        model = self._resolve_model(model)
+        state = state or new_state()
+        messages = state["messages"]
+        if not messages or messages[-1]["role"] != "assistant" or not messages[-1]["content"]:
+            raise gr.Error("Nothing to continue: the last message must be a reply of the model.")
+        try:
+            yield from self._run(state, model, system_prompt, params, request, continuing=True)
+        except BackendError as exc:
+            raise gr.Error(str(exc)) from None
+
+    def clear(self, request: gr.Request):
+        self.stop(request)
+        state = new_state()
+        return [], "", state, gr.update(value=None)
+
+    def open_conversation(self, conversation_id: str | None):
+        if not conversation_id:
+            raise gr.Error("Pick a conversation from the list first.")
+        try:
+            conv = self.ctx.history.load(conversation_id)
+        except ValueError as exc:
+            raise gr.Error(str(exc)) from None
+        state = {"id": conv.id, "messages": normalize_messages(conv.messages), "created": conv.created}
+        last = state["messages"][-1] if state["messages"] else {}
+        return to_display(state["messages"]), format_stats(last.get("stats")), state, conv.system_prompt
+
+    def delete_conversation(self, conversation_id: str | None, state: dict):
+        if conversation_id:
+            try:
+                self.ctx.history.delete(conversation_id)
+            except ValueError as exc:
+                raise gr.Error(str(exc)) from None
+        return gr.update(choices=self.history_choices(), value=None)
+
+    def load_preset(self, name: str):
+        try:
+            values = self.ctx.presets.get(name)
+        except ValueError as exc:
+            raise gr.Error(str(exc)) from None
+        return [values[f] for f in PRESET_FIELDS]
+
+    def save_preset(self, name: str, temperature: float, top_p: float, top_k: int, min_p: float,
+                    repetition_penalty: float, max_new_tokens: int, seed: int):
+        values = dict(zip(PRESET_FIELDS, (temperature, top_p, top_k, min_p, repetition_penalty,
+                                          max_new_tokens, seed)))
+        try:
+            path = self.ctx.presets.save_new(name, values)
+        except ValueError as exc:
+            gr.Warning(str(exc))
+            return gr.update(), f"Not saved: {exc}"
+        return (gr.update(choices=self.ctx.presets.names(), value=path.stem),
+                f"Saved preset {path.stem} to {path}")
+
+    # layout
+    def build(self) -> None:
+        ctx = self.ctx
+        models = self.model_choices()
+        preset_names = ctx.presets.names()
+        start_preset = DEFAULT_PRESET if DEFAULT_PRESET in preset_names else (preset_names or [None])[0]
+        start_values = ctx.presets.get(start_preset) if start_preset else {}
+        state = gr.State(new_state)
+
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=4):
+                with gr.Row():
+                    model = gr.Dropdown(models, value=models[0] if models else None, label="Model",
+                                        elem_id="chat-model", scale=5, interactive=True,
+                                        allow_custom_value=True)
+                    refresh = gr.Button("↻ Refresh", elem_id="chat-model-refresh", scale=1, size="sm")
+                chatbot = gr.Chatbot(elem_id="chatbot", label="Chat", height=480, buttons=["copy"],
+                                     feedback_options=None, placeholder="Ask something to the loaded model.")
+                stats = gr.Markdown("", elem_id="chat-stats")
+                with gr.Row():
+                    message = gr.Textbox(placeholder="Type a message and press Enter", show_label=False,
+                                         lines=2, max_lines=10, elem_id="chat-input", scale=6, autofocus=True)
+                    with gr.Column(scale=1, min_width=120):
+                        send = gr.Button("Send", variant="primary", elem_id="chat-send")
+                        stop = gr.Button("Stop", variant="stop", elem_id="chat-stop")
+                with gr.Row():
+                    regenerate = gr.Button("Regenerate", elem_id="chat-regenerate", size="sm")
+                    cont = gr.Button("Continue", elem_id="chat-continue", size="sm")
+                    clear = gr.Button("Clear", elem_id="chat-clear", size="sm")
+                system = gr.Textbox("", label="System prompt", lines=2, elem_id="chat-system",
+                                    placeholder="Optional instructions that steer every reply.")
+            with gr.Column(scale=2, min_width=280):
+                with gr.Accordion("Parameters", open=True, elem_id="chat-params"):
+                    preset = gr.Dropdown(preset_names, value=start_preset, label="Preset", elem_id="preset-picker")
+                    temperature = gr.Slider(0.0, 2.0, value=start_values.get("temperature", 0.0), step=0.05,
+                                            label="temperature (0 = greedy)", elem_id="param-temperature")
+                    top_p = gr.Slider(0.01, 1.0, value=start_values.get("top_p", 1.0), step=0.01,
+                                      label="top_p", elem_id="param-top-p")
+                    top_k = gr.Slider(0, 200, value=start_values.get("top_k", 0), step=1,
+                                      label="top_k (0 = off)", elem_id="param-top-k")
+                    min_p = gr.Slider(0.0, 0.99, value=start_values.get("min_p", 0.0), step=0.01,
+                                      label="min_p", elem_id="param-min-p")
+                    repetition_penalty = gr.Slider(0.5, 2.0, value=start_values.get("repetition_penalty", 1.0),
+                                                   step=0.01, label="repetition_penalty",
+                                                   elem_id="param-repetition-penalty")
+                    max_new_tokens = gr.Slider(1, 4096, value=start_values.get("max_new_tokens", 256), step=1,
+                                               label="max_new_tokens", elem_id="param-max-new-tokens")
+                    seed = gr.Number(start_values.get("seed", -1), precision=0, label="seed (-1 = random)",
+                                     elem_id="param-seed")
+                    with gr.Row():
+                        preset_name = gr.Textbox(label="Save as new preset", placeholder="My preset",
+                                                 elem_id="preset-name", scale=3)
+                        save_preset = gr.Button("Save", elem_id="preset-save", scale=1, size="sm")
+                    preset_status = gr.Markdown("", elem_id="preset-status")
+                with gr.Accordion("History", open=True, elem_id="chat-history"):
+                    history = gr.Dropdown(self.history_choices(), value=None, label="Saved conversations",
+                                          elem_id="history-list", interactive=True)
+                    with gr.Row():
+                        open_conv = gr.Button("Open", elem_id="history-open", size="sm")
+                        delete_conv = gr.Button("Delete", elem_id="history-delete", size="sm")
+
+        params = [temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens, seed]
+        outputs = [chatbot, stats, state, history, model]
+        send_inputs = [message, model, system, *params, state]
+        gr.on([send.click, message.submit], self.send, send_inputs, [*outputs, message],
+              api_name="chat", show_progress="hidden", concurrency_limit=None)
+        regenerate.click(self.regenerate, [model, system, *params, state], outputs,
+                         api_name="regenerate", show_progress="hidden", concurrency_limit=None)
+        cont.click(self.continue_reply, [model, system, *params, state], outputs,
+                   api_name="continue_reply", show_progress="hidden", concurrency_limit=None)
+        stop.click(self.stop, None, None, api_name="stop", queue=False)
+        clear.click(self.clear, None, [chatbot, stats, state, history], api_name="clear", queue=False)
+        open_conv.click(self.open_conversation, history, [chatbot, stats, state, system],
+                        api_name="open_conversation")
+        delete_conv.click(self.delete_conversation, [history, state], history, api_name="delete_conversation")
+        preset.change(self.load_preset, preset, params, api_name="preset_values", show_progress="hidden")
+        save_preset.click(self.save_preset, [preset_name, *params], [preset, preset_status], api_name="save_preset")
+        refresh.click(self.refresh_models, model, model, api_name="chat_models", queue=False)
+        model.focus(self.refresh_models, model, model, queue=False, api_visibility="private")
+        if ctx.blocks is not None:
+            ctx.blocks.load(lambda current: (self.refresh_models(current),
+                                             gr.update(choices=self.history_choices())),
+                            model, [model, history], queue=False, api_visibility="private")
+
+
+def build(ctx) -> None:
+    ChatTab(ctx).build()
