@@ -421,7 +421,8 @@ class ChatTab:
                     preset_status = gr.Markdown("", elem_id="preset-status")
                 with gr.Accordion("History", open=True, elem_id="chat-history"):
                     history = gr.Dropdown(self.history_choices(), value=None, label="Saved conversations",
-                                          elem_id="history-list", interactive=True)
+                                          elem_id="history-list", interactive=True,
+                                          allow_custom_value=True)
                     with gr.Row():
                         open_conv = gr.Button("Open", elem_id="history-open", size="sm")
                         delete_conv = gr.Button("Delete", elem_id="history-delete", size="sm")

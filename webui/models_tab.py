@@ -73,9 +73,9 @@ class ModelsTab:
 
     def refresh(self, current_name: str | None = None):
         names = self.loadable_names()
-        return (gr.update(value=self.models_rows()),
+        return (self.models_rows(),
                 gr.update(choices=names, value=current_name if current_name else None),
-                gr.update(value=self.loaded_rows()),
+                self.loaded_rows(),
                 gr.update(choices=self.ctx.manager.loaded_ids(), value=None))
 
     # backend choice and option form
@@ -121,7 +121,7 @@ class ModelsTab:
                 *self._loaded_updates(model_id))
 
     def _loaded_updates(self, selected: str | None = None):
-        return gr.update(value=self.loaded_rows()), gr.update(choices=self.ctx.manager.loaded_ids(), value=selected)
+        return self.loaded_rows(), gr.update(choices=self.ctx.manager.loaded_ids(), value=selected)
 
     def unload(self, model_id: str | None):
         if not model_id:
@@ -178,7 +178,7 @@ class ModelsTab:
                                             label="Loaded models (memory)", elem_id="loaded-table")
             with gr.Column(scale=2):
                 loaded_pick = gr.Dropdown(ctx.manager.loaded_ids(), value=None, label="Loaded model",
-                                          elem_id="models-loaded-picker")
+                                          elem_id="models-loaded-picker", allow_custom_value=True)
                 unload = gr.Button("Unload", variant="stop", elem_id="models-unload")
         with gr.Accordion("Download from the Hugging Face Hub", open=False, elem_id="hub-download-box"):
             with gr.Row():

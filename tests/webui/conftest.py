@@ -49,3 +49,20 @@ def chat_server(default_hf_model, models_dir, webui_data_dir):
     yield server
     server.demo.close()
     server.ctx.manager.unload_all()
+
+
+@pytest.fixture(scope="session")
+def bad_models_server(tmp_path_factory):
+    """A server whose models folder holds only broken things: no model is loaded on it."""
+    models = tmp_path_factory.mktemp("bad-models")
+    (models / "corrupt.gguf").write_bytes(b"GGUF" + b"\x00\xff" * 64)
+    (models / "empty-folder").mkdir()
+    (models / "notes.txt").write_text("not a model")
+    (models / "bad-config").mkdir()
+    (models / "bad-config" / "config.json").write_text("{oops")
+    (models / "fake-weights").mkdir()
+    (models / "fake-weights" / "config.json").write_text('{"model_type": "llama"}')
+    (models / "fake-weights" / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
+    server = start_server(models, tmp_path_factory.mktemp("bad-data"))
+    yield server
+    server.demo.close()

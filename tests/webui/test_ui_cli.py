@@ -24,7 +24,7 @@ def test_listen_without_auth_is_refused(capsys):
 
 
 def test_listen_with_auth_or_insecure():
-    assert parse_args(["--listen", "--auth", "ann:s3cret:x"]).auth == ("ann", "s3cret:x")
+    assert parse_args(["--listen", "--auth", "ann:s3cret:x", "--api-key", "k3y-k3y-k3y"]).auth == ("ann", "s3cret:x")
     assert parse_args(["--listen", "--insecure"]).listen
 
 

@@ -1,0 +1,158 @@
+"""The UI through gradio_client against a real server with the real default model (fp32 CPU)."""
+import json
+import re
+
+import pytest
+
+from backends.registry import backend_class, backend_names
+from webui.chat_tab import normalize_messages
+
+QUESTION = "What is the capital of France?"
+STATS_RE = re.compile(r"(\d+) tokens · ([\d.]+) tok/s · prompt (\d+) tokens")
+
+
+def reply_of(chatbot_value) -> str:
+    """Text of the last assistant message without the stats line the page adds under it."""
+    messages = normalize_messages(chatbot_value)
+    assert messages and messages[-1]["role"] == "assistant", messages
+    return messages[-1]["content"].split('\n\n<span class="gen-stats">')[0]
+
+
+def chat(client, message, **params):
+    """Run /chat, return every streamed output tuple."""
+    job = client.submit(message, api_name="/chat", **params)
+    updates = list(job)
+    return updates, job.outputs()[-1]
+
+
+def load_args(name, backend, **options):
+    """Positional arguments of /load_model: the option form is built from every backend's specs."""
+    args = [name, backend]
+    for b in backend_names():
+        try:
+            specs = backend_class(b).capabilities.options
+        except Exception:
+            continue
+        for spec in specs:
+            args.append(options.get(spec.name, spec.default) if b == backend else spec.default)
+    return args
+
+
+def test_chat_streams_paris_with_the_deterministic_preset(chat_server):
+    client = chat_server.client()
+    temperature, top_p, top_k, min_p, rep, max_new, seed = client.predict("Deterministic", api_name="/preset_values")
+    assert temperature == 0.0
+    updates, final = chat(client, QUESTION, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                          repetition_penalty=rep, max_new_tokens=max_new, seed=seed)
+    chatbot, stats, history, model, _ = final
+    assert "Paris" in reply_of(chatbot)
+    # streamed: the reply grew over several updates before the final one
+    lengths = [len(reply_of(u[0])) for u in updates if normalize_messages(u[0])[-1]["role"] == "assistant"]
+    assert len(lengths) >= 3 and lengths[0] < lengths[-1]
+    generated, tok_s, prompt = STATS_RE.search(stats).groups()
+    assert 1 <= int(generated) < max_new and float(tok_s) > 0 and int(prompt) > 5
+    assert stats.endswith("done")
+    assert model["value"] == "SmolLM2-135M-Instruct@transformers"
+    # saved to the history folder, listed, and reopened with the same messages
+    conv_id = history["value"]
+    saved = json.loads((chat_server.ctx.data_dir / "history" / f"{conv_id}.json").read_text())
+    assert saved["messages"][0]["content"] == QUESTION and "Paris" in saved["messages"][1]["content"]
+    assert saved["params"]["temperature"] == 0.0
+    reopened = chat_server.client().predict(conv_id, api_name="/open_conversation")
+    assert "Paris" in reply_of(reopened[0]) and reopened[2] == ""  # (the State output is hidden)
+
+
+def test_regenerate_and_continue(chat_server):
+    client = chat_server.client()
+    _, first = chat(client, QUESTION, max_new_tokens=3)
+    partial = reply_of(first[0])
+    assert "tokens" in first[1] and "hit max tokens" in first[1] and "Paris" not in partial
+    again = client.predict(max_new_tokens=3, api_name="/regenerate")
+    assert reply_of(again[0]) == partial                            # greedy: same reply
+    assert len(normalize_messages(again[0])) == 2                   # replaced, not appended
+    continued = client.predict(max_new_tokens=40, api_name="/continue_reply")
+    full = reply_of(continued[0])
+    assert full.startswith(partial) and "Paris" in full and len(full) > len(partial)
+    assert len(normalize_messages(continued[0])) == 2               # same message, extended
+
+
+def test_stop_ends_a_long_reply_within_a_few_tokens(chat_server):
+    client = chat_server.client()
+    job = client.submit("Write a very long story about a dragon who learns to fly.",
+                        max_new_tokens=400, api_name="/chat")
+    for update in job:
+        if normalize_messages(update[0])[-1]["role"] == "assistant" and len(reply_of(update[0])) > 20:
+            client.predict(api_name="/stop")
+            break
+    job.result()
+    stats = job.outputs()[-1][1]
+    generated = int(STATS_RE.search(stats).group(1))
+    assert stats.endswith("stopped")
+    assert generated < 100, stats                                   # well short of 400
+
+
+def test_no_text_and_bad_params_are_refused(chat_server):
+    from gradio_client.exceptions import AppError
+    client = chat_server.client()
+    with pytest.raises(AppError, match="Type a message first"):
+        client.predict("   ", api_name="/chat")
+    with pytest.raises(AppError, match="less than minimum value 0.01"):
+        client.predict(QUESTION, top_p=0.0, api_name="/chat")
+    with pytest.raises(AppError, match="Nothing to continue"):
+        client.predict(api_name="/continue_reply")
+
+
+def test_models_tab_lists_loads_and_unloads(chat_server):
+    client = chat_server.client()
+    table, names, loaded, _ = client.predict(None, api_name="/list_models")
+    rows = {r[0]: r for r in table["data"]}
+    assert rows["SmolLM2-135M-Instruct"][1] == "hf" and rows["SmolLM2-135M-Instruct"][2] > 100
+    assert rows["SmolLM2-135M-Instruct.Q4_1.gguf"][1] == "gguf"
+    status, loaded, picked = client.predict(*load_args("SmolLM2-135M-Instruct", "transformers",
+                                                       dtype="float16", device="cpu"), api_name="/load_model")
+    assert status.startswith("Loaded **SmolLM2-135M-Instruct@transformers#2**"), status
+    mem = {r[0]: r for r in loaded["data"]}
+    fp32, fp16 = mem["SmolLM2-135M-Instruct@transformers"], mem["SmolLM2-135M-Instruct@transformers#2"]
+    assert fp16[2] > 0 and fp32[2] > 0 and fp16[5] == pytest.approx(16, abs=0.5) and fp32[5] == pytest.approx(32, abs=0.5)
+    status, loaded, _ = client.predict("SmolLM2-135M-Instruct@transformers#2", api_name="/unload_model")
+    assert status == "Unloaded SmolLM2-135M-Instruct@transformers#2."
+    assert [r[0] for r in loaded["data"]] == ["SmolLM2-135M-Instruct@transformers"]
+    status, _, _ = client.predict("nope@x", api_name="/unload_model")
+    assert "no loaded model 'nope@x'" in status
+
+
+@pytest.mark.parametrize("name, message", [
+    ("corrupt.gguf", "corrupt"),
+    ("empty-folder", "not a model"),
+    ("notes.txt", "not a model"),
+    ("bad-config", "not valid JSON"),
+    ("fake-weights", "fake-weights"),
+    ("../../etc/passwd", "outside the models folder"),
+    ("/etc", "outside the models folder"),
+    ("missing-model", "no such model"),
+])
+def test_bad_model_inputs_show_a_message_and_the_server_keeps_serving(bad_models_server, name, message):
+    client = bad_models_server.client()
+    status, loaded, _ = client.predict(*load_args(name, "auto"), api_name="/load_model")
+    assert status.startswith(f"**Could not load {name}:**") and message in status, status
+    assert loaded["data"] == [] and not bad_models_server.ctx.manager.loaded()
+    table, *_ = client.predict(None, api_name="/list_models")         # still serving
+    problems = {r[0]: r[3] for r in table["data"]}
+    assert problems["empty-folder"].startswith("empty-folder is not a model")
+    assert set(problems) == {"bad-config", "corrupt.gguf", "empty-folder", "fake-weights", "notes.txt"}
+
+
+def test_wrong_backend_for_a_format_is_explained(chat_server):
+    status, _, _ = chat_server.client().predict(*load_args("SmolLM2-135M-Instruct.Q4_1.gguf", "transformers"),
+                                                api_name="/load_model")
+    assert "is a gguf model: load it with llama.cpp" in status
+
+
+def test_hub_download_offline_gives_a_clear_message(bad_models_server):
+    status, table, _ = bad_models_server.client().predict("HuggingFaceTB/SmolLM2-360M-Instruct", "",
+                                                          api_name="/download_model")
+    assert status.startswith("**Download failed:** Cannot download HuggingFaceTB/SmolLM2-360M-Instruct: "
+                             "the Hugging Face Hub is not reachable"), status
+    assert not any(r[0].startswith("SmolLM2-360M") for r in table["data"])
+    status, _, _ = bad_models_server.client().predict("../etc", "", api_name="/download_model")
+    assert "is not a Hub repo id" in status
