@@ -59,11 +59,12 @@ def _pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if length % values:
         raise FormatError(f"{bits}-bit packing needs a multiple of {values} values along the packed "
                           f"dimension, got {length}")
-    c = codes.to(torch.int64)
-    if c.numel() and (int(c.min()) < 0 or int(c.max()) >= 2**bits):
-        raise FormatError(f"codes out of range for {bits} bits: [{int(c.min())}, {int(c.max())}]")
-    c = c.reshape(length // values, values, cols)
-    out = torch.zeros(length // values, nwords, cols, dtype=torch.int64)
+    if codes.numel():
+        lo, hi = (int(v) for v in torch.aminmax(codes))
+        if lo < 0 or hi >= 2**bits:
+            raise FormatError(f"codes out of range for {bits} bits: [{lo}, {hi}]")
+    c = codes.to(torch.int64).reshape(length // values, values, cols)
+    out = torch.zeros(length // values, nwords, cols, dtype=torch.int64, device=codes.device)
     for j in range(values):
         pos = bits * j
         word, shift = divmod(pos, 32)
@@ -82,7 +83,7 @@ def _unpack_rows(words: torch.Tensor, bits: int, length: int) -> torch.Tensor:
     w = words.to(torch.int64) & 0xFFFFFFFF
     w = w.reshape(length // values, nwords, -1)
     mask = (1 << bits) - 1
-    out = torch.empty(length // values, values, w.shape[-1], dtype=torch.int64)
+    out = torch.empty(length // values, values, w.shape[-1], dtype=torch.int64, device=words.device)
     for j in range(values):
         pos = bits * j
         word, shift = divmod(pos, 32)
@@ -140,7 +141,7 @@ def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
     if g_idx is None:
         G = scales.shape[0]
         g_idx = default_g_idx(K, -1 if G == 1 else -(-K // G))
-    g = g_idx.to(torch.long)
+    g = g_idx.to(device=codes.device, dtype=torch.long)
     s = scales.to(dtype)
     return s[g] * (codes.to(dtype) - zeros[g].to(dtype))
 
@@ -149,7 +150,7 @@ def default_g_idx(K: int, group_size: int) -> torch.Tensor:
     """g_idx without act-order (or with static groups): k // g, all zeros for group_size -1."""
     if group_size == -1:
         return torch.zeros(K, dtype=torch.int32)
-    return (torch.arange(K, dtype=torch.int32) // group_size)
+    return torch.arange(K, dtype=torch.int32) // group_size
 
 
 def num_groups(K: int, group_size: int) -> int:

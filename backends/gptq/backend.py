@@ -1,0 +1,99 @@
+"""The native GPTQ engine: TransformersBackend's tokenizer, chat, sampling loop and log-probs, with
+the model built by loader.py (QuantLinear layers: Triton kernels on CUDA, a torch path on CPU) and,
+on CUDA, decoding through a static KV cache replayed from a CUDA graph."""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from backends.base import Capabilities, GenerationChunk, OptionSpec, SamplingParams
+from backends.transformers_backend import TransformersBackend
+
+CACHE_STEP = 256  # static caches grow in steps, so one graph serves many generations
+
+
+class GPTQBackend(TransformersBackend):
+    name = "gptq"
+    capabilities = Capabilities(
+        devices=("cpu", "cuda"),
+        dtypes=("float32", "float16", "bfloat16"),
+        bits=(2, 3, 4, 8),
+        formats=("gptq",),
+        options=(
+            OptionSpec("dtype", "choice", "auto", ("auto", "float32", "float16", "bfloat16"),
+                       "activations: auto = float16 on CUDA, float32 on CPU"),
+            OptionSpec("device", "choice", "auto", ("auto", "cpu", "cuda"), "auto: CUDA when present"),
+            OptionSpec("threads", "int", 0, help="CPU threads for torch (0 = torch's default)", minimum=0),
+            OptionSpec("cpu_cache", "choice", "auto", ("auto", "on", "off"),
+                       "CPU: keep layers dequantized in RAM (fast) - auto when they fit"),
+            OptionSpec("cuda_graphs", "bool", True, help="CUDA: static KV cache + CUDA graph decoding"),
+            OptionSpec("autotune", "bool", True, help="CUDA: measure kernel configs per shape (cached on disk)"),
+        ),
+    )
+
+    def __init__(self):
+        super().__init__()
+        self.quant_config = None
+        self.checkpoint_format = None
+        self.load_warnings: list[str] = []
+        self.quant_layers: dict = {}
+        self.runtime = None
+        self._decoder = None
+        self._wanted_len = 0
+
+    def _build_model(self, path: Path, options: dict):
+        from backends.gptq.kernel_runtime import KernelRuntime, default_cache_file
+        from backends.gptq.loader import load_checkpoint
+        dtype = self._resolve_dtype(options)
+        if self.device.type == "cuda":
+            self.runtime = KernelRuntime(tune=bool(options.get("autotune", True)),
+                                         cache_file=default_cache_file(self.device))
+        cache = {"auto": None, "on": True, "off": False}[options.get("cpu_cache", "auto") or "auto"]
+        loaded = load_checkpoint(path, self.device, dtype, runtime=self.runtime, cache_dequantized=cache)
+        self.quant_config = loaded.config
+        self.checkpoint_format = loaded.checkpoint_format
+        self.load_warnings = loaded.warnings
+        self.quant_layers = loaded.quant_layers
+        if self.runtime is not None:
+            self.runtime.reserve_workspace([l.kernel for l in self.quant_layers.values() if l.kernel is not None],
+                                           dtype, self.device)
+        self._decoder = None
+        return loaded.model
+
+    def unload(self) -> None:
+        self._decoder = None
+        self.quant_layers = {}
+        self.runtime = None
+        super().unload()
+
+    def bits_per_weight(self) -> float:
+        """Bits per weight of the quantized linears as stored: codes plus fp16 scales and the zeros."""
+        bits = total = 0
+        qc = self.quant_config
+        for layer in self.quant_layers.values():
+            K, N = layer.in_features, layer.out_features
+            G = 1 if qc.group_size == -1 else -(-K // qc.group_size)
+            bits += K * N * qc.bits + G * N * (16 + qc.bits)
+            total += K * N
+        return bits / total if total else 16.0
+
+    # -- generation ------------------------------------------------------------------------
+    def generate(self, prompt: str, params: SamplingParams,
+                 stop_event: threading.Event | None = None) -> Iterator[GenerationChunk]:
+        self._require()
+        # the static cache must hold prompt + answer; the sampling loop itself clips to the context
+        n_prompt = len(self.tokenize(prompt))
+        self._wanted_len = min(self.context_length, n_prompt + params.max_new_tokens + 1)
+        yield from super().generate(prompt, params, stop_event)
+
+    def _forward_step(self):
+        if self.device.type != "cuda" or not self.options.get("cuda_graphs", True):
+            return None
+        from backends.gptq.cuda_graph import GraphDecoder
+        wanted = min(self.context_length, -(-max(self._wanted_len, 1) // CACHE_STEP) * CACHE_STEP)
+        if self._decoder is None or self._decoder.max_len < wanted:
+            self._decoder = GraphDecoder(self.model, self.device, wanted)
+        return self._decoder.step

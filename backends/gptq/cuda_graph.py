@@ -1,0 +1,88 @@
+"""One-token decoding replayed from a CUDA graph over a static KV cache.
+
+Why: at batch 1 a 7B decoder step is ~250 small kernel launches whose Python and launch overhead
+(milliseconds) dwarfs the weight read (~5 ms for fp16, ~1.3 ms at 4 bits). Capturing the step once and
+replaying it removes that overhead; the static cache keeps every tensor address fixed, as a graph needs.
+The step follows torch_generation's protocol: step(input_ids, cache) -> (logits, cache).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from backends.base import BackendError
+
+log = logging.getLogger(__name__)
+
+
+class GraphDecoder:
+    """Prefill runs eagerly; the first decode step runs eagerly too (it warms up kernel tuning), the
+    second captures the graph, later ones replay it. The cache length is fixed per instance."""
+
+    def __init__(self, model, device: torch.device, max_len: int, use_graph: bool = True):
+        self.model, self.device, self.max_len = model, device, max_len
+        self.use_graph = use_graph and device.type == "cuda"
+        self.cache = None
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.pos = 0
+        self.eager_steps = 0
+        self.static_ids = torch.zeros(1, 1, dtype=torch.long, device=device)
+        self.static_pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.static_logits: torch.Tensor | None = None
+
+    def _new_cache(self):
+        from transformers import StaticCache
+        return StaticCache(config=self.model.config, max_cache_len=self.max_len)
+
+    def _forward(self, ids, positions):
+        out = self.model(input_ids=ids, past_key_values=self.cache, cache_position=positions,
+                         use_cache=True, logits_to_keep=1)
+        return out.logits
+
+    def step(self, input_ids: torch.Tensor, cache):
+        n = input_ids.shape[1]
+        if cache is None:  # a new prompt
+            if n > self.max_len:
+                raise BackendError(f"the prompt has {n} tokens, more than the static cache holds ({self.max_len})")
+            if self.cache is None:
+                self.cache = self._new_cache()
+            else:
+                self.cache.reset()
+            logits = self._forward(input_ids, torch.arange(n, device=self.device))
+            self.pos = n
+            return logits, self
+        if self.pos + n > self.max_len:
+            raise BackendError(f"the static cache of {self.max_len} tokens is full")
+        if not self.use_graph or self.eager_steps < 1 or n != 1:
+            logits = self._forward(input_ids, torch.arange(self.pos, self.pos + n, device=self.device))
+            self.eager_steps += 1
+            self.pos += n
+            return logits, self
+        self.static_ids.copy_(input_ids)
+        self.static_pos.fill_(self.pos)
+        if self.graph is None:
+            self._capture()
+        if self.graph is not None:
+            self.graph.replay()
+            logits = self.static_logits
+        else:
+            logits = self._forward(input_ids, self.static_pos.clone())
+        self.pos += 1
+        return logits, self
+
+    def _capture(self) -> None:
+        try:
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):  # a warm-up on the side stream, as torch recommends
+                self._forward(self.static_ids, self.static_pos)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.static_logits = self._forward(self.static_ids, self.static_pos)
+            self.graph = graph
+        except Exception as exc:  # a model whose step cannot be captured still decodes, eagerly
+            log.warning("CUDA graph capture failed, decoding eagerly: %s", exc)
+            self.graph = None
+            self.use_graph = False

@@ -1,0 +1,250 @@
+"""Host side of the Triton kernels: the per-layer tensors the kernels read, the launch of each path,
+and a small autotuner that picks a config per (M bucket, shape, bits, group) on the GPU in use.
+
+Why an own tuner instead of `triton.autotune`: the candidates span two paths (fused kernel or
+dequantize + cuBLAS), split-K needs a zeroed fp32 buffer, and the choice is kept per backend instance
+(no module-level state) and on disk, so a restart does not re-tune.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+FUSED_MAX_M = 64
+
+
+def values_per_block(bits: int) -> int:
+    return 32 if bits == 3 else 32 // bits
+
+
+@dataclass
+class KernelLayer:
+    """One GPTQ linear in the form the kernels read: qweight rows sorted by group (act-order undone),
+    true zero points as uint8, `perm` the activation order (None when rows were already sorted)."""
+    qweight: torch.Tensor        # int32 [K*bits/32, N]
+    scales: torch.Tensor         # float16 [G, N]
+    zeros: torch.Tensor          # uint8 [G, N]
+    perm: torch.Tensor | None    # int32 [K]
+    bits: int
+    K: int
+    N: int
+    group_size: int              # rows per group in sorted order; K when there is one group
+
+    @property
+    def Kw(self) -> int:
+        return self.qweight.shape[0]
+
+    def nbytes(self) -> int:
+        tensors = [self.qweight, self.scales, self.zeros] + ([self.perm] if self.perm is not None else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    path: str = "fused"        # "fused" | "dequant"
+    block_m: int = 1
+    block_n: int = 128
+    block_k: int = 128
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def valid_block_ks(layer: KernelLayer, candidates=(32, 64, 128, 256, 512)) -> list[int]:
+    """BLOCK_K values whose tiles hold whole value blocks and never straddle a group."""
+    vpb = values_per_block(layer.bits)
+    out = []
+    for bk in candidates:
+        if bk % vpb or bk < 16:
+            continue
+        if layer.group_size >= layer.K or layer.group_size % bk == 0:
+            out.append(bk)
+    return out
+
+
+def _split_for(layer: KernelLayer, block_n: int, block_k: int, target_programs: int) -> int:
+    n_tiles = -(-layer.N // block_n)
+    k_tiles = -(-layer.K // block_k)
+    split = max(1, min(k_tiles, target_programs // max(n_tiles, 1)))
+    per = -(-k_tiles // split)
+    return -(-k_tiles // per)
+
+
+def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: torch.Tensor | None = None) -> torch.Tensor:
+    """y[M, N] = x2d @ W, written into `out` when given (every element is written)."""
+    from backends.gptq.triton_kernels import gptq_gemm_kernel
+    M = x2d.shape[0]
+    if M > cfg.block_m:
+        raise ValueError(f"config block_m {cfg.block_m} cannot hold {M} rows")
+    vpb = values_per_block(layer.bits)
+    kb = cfg.block_k // vpb
+    k_tiles = -(-layer.K // cfg.block_k)
+    per = -(-k_tiles // cfg.split_k)
+    split = -(-k_tiles // per)
+    atomic = split > 1
+    result = out
+    if atomic:
+        out = torch.zeros(M, layer.N, device=x2d.device, dtype=torch.float32)
+    elif out is None:
+        out = result = torch.empty(M, layer.N, device=x2d.device, dtype=x2d.dtype)
+    grid = (-(-layer.N // cfg.block_n), split)
+    perm = layer.perm if layer.perm is not None else layer.qweight  # dummy pointer when unused
+    gptq_gemm_kernel[grid](
+        x2d, layer.qweight, layer.scales, layer.zeros, perm, out,
+        M, layer.N, layer.K, layer.Kw, x2d.stride(0), out.stride(0), layer.group_size, per,
+        BITS=layer.bits, VPB=vpb, KB=kb, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        HAS_PERM=layer.perm is not None, ATOMIC=atomic,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if not atomic:
+        return out
+    if result is None:
+        return out.to(x2d.dtype)
+    return result.copy_(out)
+
+
+def launch_dequant(layer: KernelLayer, out: torch.Tensor, block_n: int = 128, block_k: int = 64) -> torch.Tensor:
+    """Fill out[K, N] (fp16/fp32) with the dequantized weights in sorted row order."""
+    from backends.gptq.triton_kernels import gptq_dequant_kernel
+    vpb = values_per_block(layer.bits)
+    block_k = max(block_k, vpb)
+    grid = (-(-layer.K // block_k), -(-layer.N // block_n))
+    gptq_dequant_kernel[grid](layer.qweight, layer.scales, layer.zeros, out, layer.N, layer.K, layer.Kw,
+                              layer.group_size, BITS=layer.bits, VPB=vpb, KB=block_k // vpb, BLOCK_N=block_n,
+                              num_warps=4)
+    return out
+
+
+class KernelRuntime:
+    """Runs GPTQ matmuls on CUDA for one loaded model: picks (and, when `tune`, measures) a config per
+    shape, and owns the reusable fp16 buffer of the dequantize + cuBLAS path."""
+
+    def __init__(self, tune: bool = True, cache_file: Path | None = None):
+        self.tune = tune
+        self.cache_file = cache_file
+        self.configs: dict[str, GemmConfig] = {}
+        self._workspace: torch.Tensor | None = None
+        if cache_file is not None and cache_file.is_file():
+            try:
+                raw = json.loads(cache_file.read_text(encoding="utf-8"))
+                self.configs = {k: GemmConfig(**v) for k, v in raw.items()}
+            except (ValueError, TypeError):
+                self.configs = {}
+
+    # -- public ------------------------------------------------------------------------------
+    def matmul(self, x2d: torch.Tensor, layer: KernelLayer) -> torch.Tensor:
+        cfg = self.config_for(x2d, layer)
+        return self.run(x2d, layer, cfg)
+
+    def run(self, x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig) -> torch.Tensor:
+        if cfg.path == "fused":
+            return launch_fused(x2d, layer, cfg)
+        w = self.workspace(layer.K * layer.N, x2d.dtype, x2d.device)[: layer.K * layer.N].view(layer.K, layer.N)
+        launch_dequant(layer, w)
+        xs = x2d if layer.perm is None else x2d.index_select(1, layer.perm.long())
+        return xs @ w
+
+    def workspace(self, numel: int, dtype: torch.dtype, device) -> torch.Tensor:
+        ws = self._workspace
+        if ws is None or ws.numel() < numel or ws.dtype != dtype or ws.device != torch.device(device):
+            self._workspace = ws = torch.empty(numel, dtype=dtype, device=device)
+        return ws
+
+    def reserve_workspace(self, layers: list[KernelLayer], dtype: torch.dtype, device) -> None:
+        """Allocate the prefill buffer once, sized for the largest layer, before graphs are captured."""
+        if layers:
+            self.workspace(max(l.K * l.N for l in layers), dtype, device)
+
+    @staticmethod
+    def m_bucket(M: int) -> int:
+        if M == 1:
+            return 1
+        for b in (16, 32, 64):
+            if M <= b:
+                return b
+        return 0  # large: dequantize + cuBLAS
+
+    def key(self, x2d: torch.Tensor, layer: KernelLayer) -> str:
+        return (f"m{self.m_bucket(x2d.shape[0])}-k{layer.K}-n{layer.N}-b{layer.bits}-g{layer.group_size}"
+                f"-p{int(layer.perm is not None)}-{str(x2d.dtype).split('.')[-1]}")
+
+    def config_for(self, x2d: torch.Tensor, layer: KernelLayer) -> GemmConfig:
+        key = self.key(x2d, layer)
+        cfg = self.configs.get(key)
+        if cfg is None:
+            candidates = self.candidates(x2d.shape[0], layer, x2d.device)
+            if self.tune and x2d.is_cuda and len(candidates) > 1 and not torch.cuda.is_current_stream_capturing():
+                cfg = self._measure(x2d, layer, candidates)
+            else:
+                cfg = candidates[0]
+            self.configs[key] = cfg
+            self._save()
+        return cfg
+
+    def candidates(self, M: int, layer: KernelLayer, device=None) -> list[GemmConfig]:
+        """Configs worth trying, the heuristic default first."""
+        sms = (torch.cuda.get_device_properties(device).multi_processor_count
+               if device is not None and torch.device(device).type == "cuda" else 8)
+        bks = valid_block_ks(layer)
+        bucket = self.m_bucket(M)
+        dequant = GemmConfig(path="dequant")
+        if not bks or bucket == 0:
+            return [dequant]
+        out: list[GemmConfig] = []
+        if bucket == 1:
+            tiles = [(128, 128, 4), (64, 128, 4), (64, 256, 4), (128, 256, 8), (32, 256, 4), (256, 64, 4)]
+            targets = (4 * sms, 16 * sms)
+        elif bucket == 16:
+            tiles = [(64, 128, 4), (64, 64, 4), (128, 128, 4), (32, 128, 4)]
+            targets = (4 * sms, 16 * sms)
+        else:
+            tiles = [(64, 64, 4), (128, 64, 4), (64, 128, 4)]
+            targets = (2 * sms, 8 * sms)
+        for bn, bk, warps in tiles:
+            if bk not in bks:
+                bk = min(bks, key=lambda b: abs(b - bk))
+            for target in targets:
+                cfg = GemmConfig("fused", max(bucket, 1) if bucket > 1 else 1, bn, bk,
+                                 _split_for(layer, bn, bk, target), warps)
+                if cfg not in out:
+                    out.append(cfg)
+        if bucket >= 32:
+            out.append(dequant)
+        return out
+
+    # -- tuning --------------------------------------------------------------------------------
+    def _measure(self, x2d, layer, candidates) -> GemmConfig:
+        from triton.testing import do_bench
+        best, best_ms = candidates[0], float("inf")
+        for cfg in candidates:
+            try:
+                ms = do_bench(lambda: self.run(x2d, layer, cfg), warmup=5, rep=20, return_mode="median")
+            except Exception:  # a config the compiler rejects (resources) is simply skipped
+                continue
+            if ms < best_ms:
+                best, best_ms = cfg, ms
+        return best
+
+    def _save(self) -> None:
+        if self.cache_file is None:
+            return
+        try:
+            self.cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.cache_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps({k: asdict(v) for k, v in self.configs.items()}, indent=1), encoding="utf-8")
+            os.replace(tmp, self.cache_file)
+        except OSError:
+            pass  # the cache is an optimisation; a read-only home must not break inference
+
+
+def default_cache_file(device=None) -> Path | None:
+    """~/.cache/gptq-webui/triton-tune-<gpu>-<triton>.json, per GPU model and Triton version."""
+    if not torch.cuda.is_available():
+        return None
+    import triton
+    name = torch.cuda.get_device_name(device).replace(" ", "_").replace("/", "_")
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gptq-webui"
+    return base / f"triton-tune-{name}-{triton.__version__}.json"

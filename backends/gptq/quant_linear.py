@@ -1,0 +1,127 @@
+"""QuantLinear: one GPTQ linear layer, `y = x @ dequant(W) + bias`, run the way its device allows.
+
+- CUDA: the Triton kernels of triton_kernels.py read the packed codes (kernel_runtime.KernelLayer).
+  Act-order is undone once here: rows are sorted by group and the activations are gathered in that
+  order inside the kernel, so the kernel always reads contiguous groups.
+- CPU: a plain torch path. The layer is dequantized once into a float weight (cached) when memory
+  allows, so it runs as fast as an nn.Linear; otherwise it is dequantized at every call.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from backends.gptq import format as fmt
+from backends.gptq.kernel_runtime import KernelLayer, KernelRuntime
+
+
+def sort_by_group(g_idx: torch.Tensor, K: int, group_size: int) -> tuple[torch.Tensor | None, int | None]:
+    """(perm, rows per group) such that rows taken in `perm` order have group k // rows; perm is None
+    when g_idx is already that order. rows is None when no such order exists (uneven groups)."""
+    g = g_idx.to(torch.long)
+    rows = K if group_size == -1 else group_size
+    counts = torch.bincount(g, minlength=int(g.max()) + 1 if g.numel() else 1)
+    expected = torch.bincount(torch.arange(K) // rows)
+    if counts.shape != expected.shape or not torch.equal(counts, expected):
+        return None, None
+    if torch.equal(g, torch.arange(K, device=g.device) // rows):
+        return None, rows
+    perm = torch.sort(g, stable=True).indices
+    return perm.to(torch.int32), rows
+
+
+def make_kernel_layer(qweight, qzeros, scales, g_idx, bits: int, group_size: int, checkpoint_format: str,
+                      device) -> KernelLayer | None:
+    """The kernel form of a layer, or None when its groups cannot be made contiguous."""
+    K, N = qweight.shape[0] * 32 // bits, qweight.shape[1]
+    if g_idx is None:
+        g_idx = fmt.default_g_idx(K, group_size)
+    perm, rows = sort_by_group(g_idx.cpu(), K, group_size)
+    if rows is None:
+        return None
+    qweight = qweight.to(device)
+    if perm is not None:
+        codes = fmt.unpack_qweight(qweight, bits, K)
+        qweight = fmt.pack_qweight(codes.index_select(0, perm.to(device).long()), bits)
+        perm = perm.to(device)
+    zeros = fmt.unpack_qzeros(qzeros.to(device), bits, N, checkpoint_format)
+    if zeros.numel() and (int(zeros.min()) < 0 or int(zeros.max()) > 255):
+        return None
+    return KernelLayer(qweight=qweight.contiguous(), scales=scales.to(device=device, dtype=torch.float16).contiguous(),
+                       zeros=zeros.to(torch.uint8).contiguous(), perm=perm, bits=bits, K=K, N=N,
+                       group_size=rows)
+
+
+class QuantLinear(nn.Module):
+    """A GPTQ layer in place of nn.Linear. Build it with `from_packed`."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, name: str = ""):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.name = bits, group_size, name
+        self.kernel: KernelLayer | None = None
+        self.runtime: KernelRuntime | None = None
+        self.packed: tuple | None = None   # (qweight, qzeros, scales, g_idx, checkpoint_format) on CPU
+        self.register_buffer("weight_cache", None, persistent=False)  # [N, K] dequantized, CPU path
+        self.register_buffer("bias", None, persistent=False)
+
+    @classmethod
+    def from_packed(cls, name: str, qweight, qzeros, scales, g_idx, bias, *, bits: int, group_size: int,
+                    checkpoint_format: str, device: torch.device, dtype: torch.dtype,
+                    runtime: KernelRuntime | None = None, cache_dequantized: bool = True) -> "QuantLinear":
+        K, N = qweight.shape[0] * 32 // bits, qweight.shape[1]
+        layer = cls(K, N, bits, group_size, name)
+        if bias is not None:
+            layer.bias = bias.to(device=device, dtype=dtype)
+        if device.type == "cuda":
+            layer.kernel = make_kernel_layer(qweight, qzeros, scales, g_idx, bits, group_size,
+                                             checkpoint_format, device)
+            layer.runtime = runtime
+            if layer.kernel is None:  # uneven groups: no fast path, keep the dense weight
+                cache_dequantized = True
+        if layer.kernel is None:
+            if cache_dequantized:
+                W = fmt.dequantize(qweight, qzeros, scales, g_idx, bits, checkpoint_format, dtype=torch.float32)
+                layer.weight_cache = W.t().contiguous().to(device=device, dtype=dtype)
+            else:
+                layer.packed = (qweight, qzeros, scales, g_idx, checkpoint_format)
+        return layer
+
+    @property
+    def path(self) -> str:
+        if self.kernel is not None:
+            return "triton"
+        return "torch-cached" if self.weight_cache is not None else "torch-dequant"
+
+    def dense_weight(self, dtype=torch.float32) -> torch.Tensor:
+        """The dequantized weight [N, K] in nn.Linear layout (for tests and the CPU path)."""
+        if self.weight_cache is not None:
+            return self.weight_cache.to(dtype)
+        if self.packed is not None:
+            qweight, qzeros, scales, g_idx, cf = self.packed
+            return fmt.dequantize(qweight, qzeros, scales, g_idx, self.bits, cf, dtype=dtype).t()
+        k = self.kernel
+        from backends.gptq.kernel_runtime import launch_dequant
+        w = launch_dequant(k, torch.empty(k.K, k.N, device=k.qweight.device, dtype=torch.float32))
+        if k.perm is not None:
+            w = torch.empty_like(w).index_copy_(0, k.perm.long(), w)
+        return w.t().to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight_cache is not None:
+            return F.linear(x, self.weight_cache, self.bias)
+        if self.kernel is None:
+            return F.linear(x, self.dense_weight(x.dtype), self.bias)
+        shape = x.shape
+        x2d = x.reshape(-1, shape[-1])
+        if not x2d.is_contiguous():
+            x2d = x2d.contiguous()
+        y = self.runtime.matmul(x2d, self.kernel)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, path={self.path}")

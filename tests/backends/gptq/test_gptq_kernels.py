@@ -1,0 +1,134 @@
+"""The Triton kernels under TRITON_INTERPRET=1 (CPU): every bits x group x act-order combination, short
+last groups, M = 1, 3, 17, fp16 and fp32 activations, against a float64 reference of the dequantized
+weights, with poisoned outputs. Also: the torch (CPU) path and the kernels compute the same layer."""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+from backends.gptq import format as fmt
+
+K, N = 160, 64  # 160 = 128 + 32: a short last group at g128, 5 groups at g32
+
+
+@pytest.fixture(scope="module")
+def kr():
+    """kernel_runtime with triton_kernels imported in interpreter mode (triton reads TRITON_INTERPRET
+    when a kernel is decorated, so the module is (re)imported with the variable set, then dropped)."""
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    sys.modules.pop("backends.gptq.triton_kernels", None)
+    importlib.import_module("backends.gptq.triton_kernels")
+    from backends.gptq import kernel_runtime
+    yield kernel_runtime
+    sys.modules.pop("backends.gptq.triton_kernels", None)
+    if old is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = old
+
+
+def _layer(bits, gs, act, seed, checkpoint_format="gptq_v2"):
+    gen = torch.Generator().manual_seed(seed)
+    G = fmt.num_groups(K, gs)
+    codes = torch.randint(0, 2**bits, (K, N), generator=gen, dtype=torch.int32)
+    zeros = torch.randint(1, 2**bits, (G, N), generator=gen, dtype=torch.int32)
+    scales = (torch.rand(G, N, generator=gen) * 0.05 + 0.005).half()
+    g_idx = fmt.default_g_idx(K, gs)
+    if act:
+        g_idx = g_idx[torch.randperm(K, generator=gen)]
+    qw, qz = fmt.pack_qweight(codes, bits), fmt.pack_qzeros(zeros, bits, checkpoint_format)
+    ref_w = fmt.dequantize(qw, qz, scales, g_idx, bits, checkpoint_format, dtype=torch.float64)
+    return (qw, qz, scales, g_idx), ref_w
+
+
+def _rel(y, ref):
+    return float((y.double() - ref).norm() / ref.norm())
+
+
+@pytest.mark.parametrize("act", [False, True], ids=["plain", "actorder"])
+@pytest.mark.parametrize("gs", [32, 128, -1])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_fused_kernel_matches_float64_reference(kr, bits, gs, act):
+    from backends.gptq.quant_linear import make_kernel_layer
+    seed = bits * 100 + (gs % 1000) + act
+    packed, ref_w = _layer(bits, gs, act, seed)
+    layer = make_kernel_layer(*packed, bits, gs, "gptq_v2", "cpu")
+    assert (layer.perm is not None) == (act and gs != -1)  # one group: nothing to reorder
+    runtime = kr.KernelRuntime(tune=False)
+    gen = torch.Generator().manual_seed(seed + 1)
+    for dtype in (torch.float16, torch.float32):
+        for M in (1, 3, 17):
+            configs = runtime.candidates(M, layer)
+            fused = [c for c in configs if c.path == "fused"]
+            assert fused, "no fused config for a group size the kernel supports"
+            # the default config, a split-K one and a single-split one
+            picks = {configs[0], max(fused, key=lambda c: c.split_k), min(fused, key=lambda c: c.split_k)}
+            for cfg in picks:
+                x = torch.randn(M, K, generator=gen).to(dtype)  # fresh inputs for every run
+                ref = x.double() @ ref_w
+                out = torch.full((M, N), float("nan"), dtype=dtype)
+                y = kr.launch_fused(x, layer, cfg, out=out)
+                assert y.data_ptr() == out.data_ptr()
+                assert not torch.isnan(y).any(), f"unwritten outputs with {cfg}"
+                err = _rel(y, ref)
+                assert err < 1e-2, f"M={M} {dtype} {cfg}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("bits,gs,act", [(4, 128, True), (3, 32, False), (2, 64, True), (8, -1, False)])
+def test_dequantize_kernel_and_prefill_path(kr, bits, gs, act):
+    from backends.gptq.quant_linear import make_kernel_layer
+    packed, ref_w = _layer(bits, gs, act, seed=bits + 7)
+    layer = make_kernel_layer(*packed, bits, gs, "gptq_v2", "cpu")
+    w = torch.full((K, N), float("nan"), dtype=torch.float32)
+    kr.launch_dequant(layer, w)
+    assert not torch.isnan(w).any()
+    # the kernel's rows are in sorted (group) order: undo the permutation to compare
+    if layer.perm is not None:
+        w = torch.empty_like(w).index_copy_(0, layer.perm.long(), w)
+    assert torch.allclose(w.double(), ref_w, rtol=0, atol=1e-6)
+    runtime = kr.KernelRuntime(tune=False)
+    x = torch.randn(80, K, generator=torch.Generator().manual_seed(3)).half()  # large M: dequant + matmul
+    assert runtime.candidates(80, layer)[0].path == "dequant"
+    y = runtime.matmul(x.float(), layer)
+    assert _rel(y, x.double() @ ref_w) < 1e-2
+
+
+def test_group_size_not_dividing_tiles_falls_back_to_dequant(kr):
+    from backends.gptq.quant_linear import make_kernel_layer
+    bits, gs = 4, 40  # 40 is a multiple of 8 (4-bit words) but no power-of-two tile fits in it
+    packed, ref_w = _layer(bits, gs, False, seed=5)
+    layer = make_kernel_layer(*packed, bits, gs, "gptq_v2", "cpu")
+    runtime = kr.KernelRuntime(tune=False)
+    assert [c.path for c in runtime.candidates(1, layer)] == ["dequant"]
+    x = torch.randn(1, K, generator=torch.Generator().manual_seed(9))
+    assert _rel(runtime.matmul(x, layer), x.double() @ ref_w) < 1e-3
+
+
+@pytest.mark.parametrize("bits,gs,act,fmt_name", [(4, 128, True, "gptq"), (3, 32, False, "gptq_v2"),
+                                                   (2, 32, True, "gptq_v2"), (8, 128, False, "gptq")])
+def test_torch_path_and_kernels_agree(kr, bits, gs, act, fmt_name):
+    from backends.gptq.quant_linear import QuantLinear
+    packed, _ = _layer(bits, gs, act, seed=bits * 3 + act, checkpoint_format=fmt_name)
+    bias = torch.randn(N, generator=torch.Generator().manual_seed(2)).half()
+    cpu = QuantLinear.from_packed("t", *packed, bias, bits=bits, group_size=gs, checkpoint_format=fmt_name,
+                                  device=torch.device("cpu"), dtype=torch.float32)
+    assert cpu.path == "torch-cached"
+    from backends.gptq.quant_linear import make_kernel_layer
+    kernel = make_kernel_layer(*packed, bits, gs, fmt_name, "cpu")
+    runtime = kr.KernelRuntime(tune=False)
+    for M in (1, 3, 17):
+        x = torch.randn(M, K, generator=torch.Generator().manual_seed(M))
+        y_torch = cpu(x)
+        y_kernel = runtime.matmul(x, kernel) + bias.float()
+        assert _rel(y_kernel, y_torch.double()) < 1e-4
+    # and the uncached torch path (dequantize at every call) is the same function
+    lazy = QuantLinear.from_packed("t", *packed, bias, bits=bits, group_size=gs, checkpoint_format=fmt_name,
+                                   device=torch.device("cpu"), dtype=torch.float32, cache_dequantized=False)
+    assert lazy.path == "torch-dequant"
+    x = torch.randn(2, K)
+    assert torch.allclose(lazy(x), cpu(x), atol=1e-5)
