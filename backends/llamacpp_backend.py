@@ -144,7 +144,7 @@ class LlamaCppBackend(Backend):
                 if stop_event is not None and stop_event.is_set():
                     reason = "cancelled"
                     break
-                if self.llm._model.token_is_eog(token) if hasattr(self.llm._model, "token_is_eog") else token == self.llm.token_eos():
+                if self._is_end_of_generation(int(token)):
                     reason = "stop"
                     break
                 generated += 1
@@ -162,6 +162,10 @@ class LlamaCppBackend(Backend):
             yield GenerationChunk(tail, n_prompt, generated)
         yield GenerationChunk("", n_prompt, generated, finished=True, finish_reason=reason)
 
+    def _is_end_of_generation(self, token: int) -> bool:
+        import llama_cpp
+        return bool(llama_cpp.llama_vocab_is_eog(self.llm._model.vocab, token))
+
     # -- scoring ---------------------------------------------------------------------------
     def token_logprobs(self, ids: Sequence[int]) -> list[float]:
         """Evaluate `ids` batch by batch asking llama.cpp for the logits of every position."""
@@ -171,10 +175,9 @@ class LlamaCppBackend(Backend):
             return []
         if len(ids) > self.context_length:
             raise BackendError(f"{len(ids)} tokens exceed the context of {self.context_length}")
-        import llama_cpp
         llm = self.llm
         llm.reset()
-        llm._ctx.kv_cache_clear() if hasattr(llm._ctx, "kv_cache_clear") else llm._ctx.memory_clear(True)
+        llm._ctx.kv_cache_clear()
         n_vocab = llm.n_vocab()
         n_batch = llm.n_batch
         out: list[float] = []
@@ -182,7 +185,7 @@ class LlamaCppBackend(Backend):
             batch = ids[start:start + n_batch]
             llm._batch.set_batch(batch=batch, n_past=start, logits_all=True)
             llm._ctx.decode(llm._batch)
-            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm._ctx.ctx),
+            logits = np.ctypeslib.as_array(llm._ctx.get_logits(),
                                            shape=(len(batch) * n_vocab,)).reshape(len(batch), n_vocab)
             logits = logits.astype(np.float64)
             peak = logits.max(axis=1, keepdims=True)
@@ -211,7 +214,6 @@ def _check_gguf(path: Path) -> None:
 
 def _n_params(llm) -> int:
     try:
-        import llama_cpp
-        return int(llama_cpp.llama_model_n_params(llm._model.model))
+        return int(llm._model.n_params())
     except Exception:
         return 0

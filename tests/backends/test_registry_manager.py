@@ -90,7 +90,8 @@ def test_manager_holds_two_models_and_generates_from_both(default_hf_model, defa
     second = manager.load(default_gguf.name, "llama.cpp", {"n_ctx": 512, "n_threads": 1})
     try:
         assert set(manager.loaded_ids()) == {first, second}
-        question = [{"role": "user", "content": "What is the capital of France?"}]
+        question = [{"role": "system", "content": "You are a helpful assistant."},
+                    {"role": "user", "content": "What is the capital of France?"}]
         for model_id in (first, second):
             text = "".join(c.text for c in manager.chat(model_id, question, SamplingParams(max_new_tokens=16)))
             assert "Paris" in text, (model_id, text)
