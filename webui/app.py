@@ -38,6 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--auth", metavar="USER:PASS", help="require this login for the page and API")
     parser.add_argument("--insecure", action="store_true",
                         help="allow --listen without --auth (anyone on the network can use the models)")
+    parser.add_argument("--api-key", metavar="KEY", default=os.environ.get("GPTQ_WEBUI_API_KEY") or None,
+                        help="require 'Authorization: Bearer KEY' on the OpenAI API under /v1 "
+                             "(default $GPTQ_WEBUI_API_KEY; needed with --listen unless --insecure)")
     parser.add_argument("--port", type=int, default=7860, help="port to serve on (default 7860)")
     parser.add_argument("--model", metavar="NAME", help="model under the models folder to load at start")
     parser.add_argument("--backend", metavar="NAME",
@@ -50,6 +53,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.listen and not args.auth and not args.insecure:
         parser.error("--listen serves on every network interface: add --auth user:password "
                      "(or --insecure if you really want an open server)")
+    if args.listen and not args.api_key and not args.insecure:
+        parser.error("--listen also serves the OpenAI API under /v1: add --api-key KEY "
+                     "(or --insecure if you really want an open server)")
+    if args.api_key is not None and (len(args.api_key) < 8 or not args.api_key.isprintable() or " " in args.api_key):
+        parser.error("--api-key must be at least 8 printable characters without spaces")
     if args.auth is not None:
         user, sep, password = args.auth.partition(":")
         if not sep or not user or not password:
@@ -85,10 +93,13 @@ def build_app(ctx, tabs: tuple[str, ...] = TABS):
 
 
 def launch(demo, host: str = "127.0.0.1", port: int = 7860, auth: tuple[str, str] | None = None,
-           block: bool = True):
+           block: bool = True, routes: list | None = None):
+    """`routes`: extra Starlette routes served first by the same server (the OpenAI API at /v1)."""
+    from webui.security import DEFAULT_MAX_UPLOAD_BYTES
     demo.queue(default_concurrency_limit=4)
     demo.launch(server_name=host, server_port=port, auth=auth, prevent_thread_lock=True, quiet=True,
-                show_error=True, share=False, ssr_mode=False, theme=theme(), css=_CSS)
+                show_error=True, share=False, ssr_mode=False, theme=theme(), css=_CSS,
+                max_file_size=DEFAULT_MAX_UPLOAD_BYTES, app_kwargs={"routes": list(routes or [])})
     if block:
         demo.block_thread()
     return demo
@@ -114,13 +125,16 @@ def main(argv: list[str] | None = None) -> int:
     demo = build_app(ctx)
     host = "0.0.0.0" if args.listen else "127.0.0.1"
     try:
-        launch(demo, host, args.port, args.auth, block=False)
+        from webui.api import api_routes
+        launch(demo, host, args.port, args.auth, block=False, routes=api_routes(ctx, args.api_key))
     except OSError as exc:
         print(f"gptq-webui: cannot serve on port {args.port}: {exc}. Pick another with --port.", file=sys.stderr)
         return 2
     shown = "127.0.0.1" if host == "127.0.0.1" else f"{host} (all interfaces)"
     print("", flush=True)
     print(f"  gptq-webui is running on {shown}: open  http://127.0.0.1:{args.port}", flush=True)
+    print(f"  OpenAI-compatible API: http://127.0.0.1:{args.port}/v1"
+          f" ({'needs the --api-key' if args.api_key else 'no API key'})", flush=True)
     print("  Press Ctrl+C to stop.", flush=True)
     print("", flush=True)
     try:
