@@ -438,6 +438,8 @@ class ChatTab:
                    api_name="continue_reply", show_progress="hidden", concurrency_limit=None)
         stop.click(self.stop, None, None, api_name="stop", queue=False)
         clear.click(self.clear, None, [chatbot, stats, state, history], api_name="clear", queue=False)
+        chatbot.clear(self.clear, None, [chatbot, stats, state, history], queue=False,
+                      api_visibility="private")  # the Chatbot's own trash icon
         open_conv.click(self.open_conversation, history, [chatbot, stats, state, system],
                         api_name="open_conversation")
         delete_conv.click(self.delete_conversation, [history, state], history, api_name="delete_conversation")

@@ -1,0 +1,110 @@
+"""A real Chromium (Debian's, driven by Playwright) against the real server: ask, watch the reply
+stream in, stop a long reply, reopen a saved conversation. Screenshots go to tests/artifacts/."""
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+playwright = pytest.importorskip("playwright.sync_api")
+
+CHROMIUM = "/usr/bin/chromium"
+REPO = Path(__file__).resolve().parents[2]
+DOCS_SHOT = REPO / "docs" / "screenshot-chat.png"
+QUESTION = "What is the capital of France?"
+STORY = "Write a very long story about a dragon who learns to fly."
+TOKENS_RE = re.compile(r"(\d+) tokens · [\d.]+ tok/s")
+
+
+@pytest.fixture(scope="module")
+def page(chat_server):
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        page = browser.new_page(viewport={"width": 1280, "height": 860})
+        page.set_default_timeout(60_000)
+        page.goto(chat_server.url)
+        page.locator("#chat-input textarea").wait_for()
+        yield page
+        browser.close()
+
+
+def wait_stats(page, word: str) -> str:
+    page.wait_for_function(
+        "w => { const e = document.querySelector('#chat-stats'); return e && e.innerText.includes(w); }",
+        arg=word, timeout=120_000)
+    return page.locator("#chat-stats").inner_text()
+
+
+def last_reply(page) -> str:
+    """Text of the newest reply, without the stats line the page shows under it."""
+    return page.evaluate("""() => {
+        const all = document.querySelectorAll('#chatbot [data-testid=bot]');
+        if (!all.length) return '';
+        const copy = all[all.length - 1].cloneNode(true);
+        copy.querySelectorAll('.gen-stats').forEach(e => e.remove());
+        return copy.innerText.trim();
+    }""")
+
+
+def clear(page):
+    page.locator("#chat-clear").click()
+    page.wait_for_function("() => !document.querySelector('#chatbot [data-testid=bot]')")
+    page.wait_for_function("() => document.querySelector('#chat-stats').innerText.trim() === ''")
+
+
+@pytest.mark.browser
+def test_ask_and_see_the_reply(page, artifacts_dir):
+    page.locator("#chat-input textarea").fill(QUESTION)
+    page.locator("#chat-send").click()
+    stats = wait_stats(page, "done")
+    assert "Paris" in last_reply(page)
+    assert int(TOKENS_RE.search(stats).group(1)) >= 3
+    assert page.locator("#chat-input textarea").input_value() == ""        # input cleared on send
+    page.screenshot(path=str(artifacts_dir / "browser-chat-paris.png"))
+    if os.environ.get("GPTQ_WEBUI_SCREENSHOT") == "1":                  # refresh the README picture
+        DOCS_SHOT.parent.mkdir(exist_ok=True)
+        page.screenshot(path=str(DOCS_SHOT), clip={"x": 0, "y": 0, "width": 1280, "height": 860})
+
+
+@pytest.mark.browser
+def test_stop_a_long_streamed_reply(page, artifacts_dir):
+    clear(page)
+    max_tokens = page.locator("#param-max-new-tokens input[type=number]")
+    max_tokens.fill("400")
+    max_tokens.press("Enter")
+    page.locator("#chat-input textarea").fill(STORY)
+    page.locator("#chat-send").click()
+    seen = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        text = last_reply(page)
+        if text and (not seen or len(text) != seen[-1]):
+            seen.append(len(text))
+        if len(text) > 60 and len(seen) >= 3:
+            break
+        time.sleep(0.05)
+    assert len(seen) >= 3, f"the reply did not stream in: lengths seen {seen}"
+    page.locator("#chat-stop").click()
+    stats = wait_stats(page, "stopped")
+    generated = int(TOKENS_RE.search(stats).group(1))
+    assert generated < 200, stats                                        # well short of 400
+    frozen = last_reply(page)
+    time.sleep(1.0)
+    assert last_reply(page) == frozen                                    # nothing arrives after Stop
+    page.screenshot(path=str(artifacts_dir / "browser-chat-stopped.png"))
+
+
+@pytest.mark.browser
+def test_reopen_a_saved_conversation(page, artifacts_dir):
+    clear(page)
+    page.locator("#history-list input").click()
+    page.get_by_role("option", name=re.compile(re.escape(QUESTION))).first.click()
+    page.locator("#history-open").click()
+    page.wait_for_function("() => document.querySelector('#chatbot [data-testid=bot]')")
+    assert "Paris" in last_reply(page)
+    assert QUESTION in page.locator("#chatbot [data-testid=user]").first.inner_text()
+    page.screenshot(path=str(artifacts_dir / "browser-chat-reopened.png"))
