@@ -85,6 +85,14 @@ def to_display(messages: list[dict]) -> list[dict]:
     return shown
 
 
+def decode_rate(generated: int, started: float, first_token_at: float | None, now: float) -> float:
+    """Tokens/s after the first token (time to first token is reported on its own, as llama.cpp
+    and most benchmarks do); with a single token, the end-to-end rate."""
+    if first_token_at is not None and generated >= 2 and now > first_token_at:
+        return (generated - 1) / (now - first_token_at)
+    return generated / (now - started) if now > started else 0.0
+
+
 def new_state() -> dict:
     return {"id": new_conversation_id(), "messages": []}
 
@@ -234,9 +242,9 @@ class ChatTab:
                         first_token_at = time.perf_counter()
                     if chunk.finished:
                         stats["finish_reason"] = chunk.finish_reason
-                elapsed = time.perf_counter() - started
-                stats["seconds"] = round(elapsed, 3)
-                stats["tokens_per_s"] = stats["generated_tokens"] / elapsed if elapsed > 0 else 0.0
+                now = time.perf_counter()
+                stats["seconds"] = round(now - started, 3)
+                stats["tokens_per_s"] = decode_rate(stats["generated_tokens"], started, first_token_at, now)
                 stats["ttft_s"] = None if first_token_at is None else first_token_at - started
                 reply["content"] = base_text + text
                 reply["stats"] = dict(stats)

@@ -156,3 +156,17 @@ def test_hub_download_offline_gives_a_clear_message(bad_models_server):
     assert not any(r[0].startswith("SmolLM2-360M") for r in table["data"])
     status, _, _ = bad_models_server.client().predict("../etc", "", api_name="/download_model")
     assert "is not a Hub repo id" in status
+
+
+def test_save_preset_from_the_page(chat_server):
+    client = chat_server.client()
+    values = client.predict("Balanced", api_name="/preset_values")
+    dropdown, status = client.predict("../escape", *values, api_name="/save_preset")
+    assert status.startswith("Not saved: Preset name '../escape' is not allowed")
+    dropdown, status = client.predict("Deterministic", *values, api_name="/save_preset")
+    assert "already exists" in status
+    dropdown, status = client.predict("UI test preset", *values, api_name="/save_preset")
+    saved = chat_server.ctx.data_dir / "presets" / "UI test preset.yaml"
+    assert status == f"Saved preset UI test preset to {saved}" and saved.exists()
+    assert dropdown["value"] == "UI test preset" and ["UI test preset", "UI test preset"] in dropdown["choices"]
+    assert client.predict("UI test preset", api_name="/preset_values") == values
