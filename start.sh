@@ -22,8 +22,8 @@ die() { echo "ERROR: $*" >&2; exit 1; }
 # -- 1. Python and the virtual environment --------------------------------------------------
 step "Python environment (.venv)"
 PYTHON=""
-for candidate in python3.13 python3.12 python3.11 python3; do
-  if command -v "$candidate" >/dev/null 2>&1 && "$candidate" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)'; then
+for candidate in ${PYTHON_FOR_VENV:-} python3 python3.11 python3.12 python3.13; do
+  if command -v "$candidate" >/dev/null 2>&1 && "$candidate" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null; then
     PYTHON="$(command -v "$candidate")"; break
   fi
 done
@@ -36,6 +36,13 @@ else
 fi
 PY="$VENV/bin/python"
 PIP=("$PY" -m pip --disable-pip-version-check)
+# pip -q still prints one warning per unreachable index folder on some machines: keep the log readable
+pip_quiet() {
+  local log rc=0; log="$(mktemp)"
+  "${PIP[@]}" "$@" >"$log" 2>&1 || rc=$?
+  grep -v "is ignored: it is neither a file nor a directory" "$log" | tail -n 40 || true
+  rm -f "$log"; return $rc
+}
 
 # -- 2. Packages ----------------------------------------------------------------------------
 step "Packages"
@@ -62,7 +69,7 @@ else
   mkdir -p "$WHEELS"
   "${PIP[@]}" install -q --upgrade pip wheel >/dev/null 2>&1 || true
   note "installing torch 2.13.0 (a CPU wheel on CPU machines when one is at hand)"
-  "${PIP[@]}" install -q "torch==2.13.0" || die "could not install torch 2.13.0"
+  pip_quiet install -q "torch==2.13.0" || die "could not install torch 2.13.0"
   if ! ls "$WHEELS"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl >/dev/null 2>&1; then
     note "building llama-cpp-python $LLAMA_CPP_VERSION ($LLAMA_VARIANT): the FIRST install compiles llama.cpp,"
     note "about 9 minutes on 2 cores. The wheel is kept in $WHEELS so reinstalls take seconds."
@@ -81,7 +88,7 @@ else
   fi
   for req in "${REQ_FILES[@]}"; do
     note "installing $req"
-    "${PIP[@]}" install -q --find-links "$WHEELS" -r "$req" || die "pip install -r $req failed"
+    pip_quiet install -q --find-links "$WHEELS" -r "$req" || die "pip install -r $req failed"
   done
   rm -f "$VENV"/.installed-*
   touch "$STAMP"
