@@ -1,0 +1,467 @@
+"""The layer-by-layer GPTQ pipeline (DESIGN.md, "Data flow of a quantization").
+
+Draw calibration tokens, capture the inputs of decoder layer 0, then per layer: read its weights from
+the shards, accumulate each linear's Hessian over the calibration set, quantize the linears (in
+true-sequential order when asked), write the packed layer into `<out>.partial/`, and compute the
+layer's outputs with the quantized weights as the next layer's inputs. The full model is never in
+RAM. After every layer `state.json` records what is done, so a killed job resumes from the last
+finished layer; the folder is renamed into place only when the checkpoint is complete.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from backends.base import BackendError
+from backends.gptq import format as gptq_format
+from quantizer import calibration
+from quantizer.activations import ActivationStore, choose_location
+from quantizer.gptq import Hessian, gptq_quantize, relative_output_error
+from quantizer.grid import rtn
+from quantizer.layers import LayerFactory, ShardReader, arch_for, read_config, run_layer
+from quantizer.settings import QuantizeSettings
+
+log = logging.getLogger(__name__)
+
+VERSION = "0.1"
+STATE_FILE = "state.json"
+PARTIAL_SUFFIX = ".partial"
+MERGE_LIMIT_BYTES = 1 << 30  # up to 1 GiB the result is one model.safetensors, else one shard per layer
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja")
+
+Report = Callable[[dict], None]
+
+
+class Cancelled(BackendError):
+    """The job was asked to stop; nothing half-written is left in place."""
+
+
+@dataclass
+class QuantizeResult:
+    output: Path
+    seconds: float
+    layers: list[dict] = field(default_factory=list)
+    device: str = "cpu"
+    activations: str = "cpu"
+    peak_gpu_mb: float = 0.0
+    resumed_from: int = 0
+
+
+# ------------------------------------------------------------------------------------------------
+# paths and checks (all before any work)
+# ------------------------------------------------------------------------------------------------
+def _valid_name(name: str) -> str:
+    name = str(name or "").strip()
+    if not name:
+        raise BackendError("give the output model a name")
+    if name in (".", "..") or "/" in name or "\\" in name or name.startswith(".") or "\x00" in name:
+        raise BackendError(f"output name {name!r} must be a plain folder name inside the models folder "
+                           "(no '/', '..' or leading '.')")
+    if name.endswith(PARTIAL_SUFFIX):
+        raise BackendError(f"output name must not end with {PARTIAL_SUFFIX}")
+    return name
+
+
+def resolve_source(models_dir: Path, name: str) -> Path:
+    models_dir = Path(models_dir).resolve()
+    raw = str(name or "").strip()
+    if not raw:
+        raise BackendError("pick a model to quantize")
+    path = (models_dir / raw).resolve()
+    if models_dir not in path.parents:
+        raise BackendError(f"{raw!r} is outside the models folder {models_dir}")
+    if not path.is_dir():
+        raise BackendError(f"{raw!r}: no such model folder in {models_dir}")
+    return path
+
+
+def resolve_output(models_dir: Path, name: str, resume: bool = False) -> tuple[Path, Path]:
+    """(final folder, partial folder); refuses names that exist or escape the models folder."""
+    models_dir = Path(models_dir).resolve()
+    name = _valid_name(name)
+    out = models_dir / name
+    if out.resolve().parent != models_dir:
+        raise BackendError(f"output {name!r} would land outside the models folder")
+    if out.exists() or out.is_symlink():
+        raise BackendError(f"a model named {name!r} already exists in the models folder; pick another name")
+    partial = models_dir / (name + PARTIAL_SUFFIX)
+    if partial.exists() and not resume:
+        raise BackendError(f"an unfinished job left {partial.name}; resume it (--resume) or delete that folder")
+    return out, partial
+
+
+@dataclass
+class Plan:
+    """Everything checked and known before the first layer runs."""
+    source: Path
+    output: Path
+    partial: Path
+    settings: QuantizeSettings
+    config: dict
+    reader: ShardReader
+
+
+def plan(models_dir: Path, source_name: str, out_name: str, settings: QuantizeSettings, resume: bool = False) -> Plan:
+    """Validate settings, source and output; raise ValueError/BackendError with the reason. Writes nothing."""
+    settings.validate()
+    source = resolve_source(models_dir, source_name)
+    output, partial = resolve_output(models_dir, out_name, resume)
+    config = read_config(source)
+    arch_for(config)
+    reader = ShardReader(source)
+    _check_shapes(config, settings)
+    if not calibration.validate_source(settings.calib):
+        raise BackendError(f"calibration source {settings.calib!r} is neither one of "
+                           f"{', '.join(calibration.SOURCES)} nor an existing file")
+    return Plan(source, output, partial, settings, config, reader)
+
+
+def _check_shapes(config: dict, s: QuantizeSettings) -> None:
+    hidden = int(config["hidden_size"])
+    inter = int(config.get("intermediate_size", 4 * hidden))
+    heads = int(config["num_attention_heads"])
+    head_dim = int(config.get("head_dim") or hidden // heads)
+    kv = int(config.get("num_key_value_heads", heads)) * head_dim
+    dims = {hidden, inter, heads * head_dim, kv}
+    if s.bits == 3:
+        bad = sorted(d for d in dims if d % 32)
+        if bad:
+            raise BackendError(f"3-bit packing needs every layer dimension to be a multiple of 32; "
+                               f"this model has {', '.join(map(str, bad))}")
+    else:
+        per = 32 // s.bits
+        bad = sorted(d for d in dims if d % per)
+        if bad:
+            raise BackendError(f"{s.bits}-bit packing needs dimensions that are multiples of {per}; got {bad}")
+
+
+# ------------------------------------------------------------------------------------------------
+# the run
+# ------------------------------------------------------------------------------------------------
+def _device(settings: QuantizeSettings) -> torch.device:
+    if settings.device == "cuda" or (settings.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise BackendError("device cuda was asked for but no CUDA GPU is available")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _read_state(partial: Path) -> dict | None:
+    path = partial / STATE_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def _write_state(partial: Path, state: dict) -> None:
+    tmp = partial / (STATE_FILE + ".tmp")
+    tmp.write_text(json.dumps(state, indent=1), encoding="utf-8")
+    os.replace(tmp, partial / STATE_FILE)
+
+
+def _layer_file(partial: Path, i: int) -> Path:
+    return partial / f"layer-{i:05d}.safetensors"
+
+
+def _save_atomic(tensors: dict, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path)
+
+
+def run(p: Plan, report: Report | None = None, should_stop: Callable[[], bool] | None = None,
+        keep_partial_on_cancel: bool = True, on_module: Callable[[str, object], None] | None = None) -> QuantizeResult:
+    """Quantize; return where the checkpoint is. On cancel the partial folder is kept for --resume
+    (or removed when `keep_partial_on_cancel` is false); nothing appears under the final name.
+    `on_module(name, QuantResult)` sees each linear's result (tests compare it with the file)."""
+    report = report or (lambda event: None)
+    should_stop = should_stop or (lambda: False)
+    started = time.perf_counter()
+    s = p.settings
+    device = _device(s)
+    dtype = torch.float32 if device.type == "cpu" else torch.float16
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    state = _read_state(p.partial)
+    resume_from = 0
+    wanted = {"source": p.source.name, "settings": s.to_dict(), "version": VERSION}
+    if state is not None:
+        if {k: state.get(k) for k in wanted} != wanted:
+            raise BackendError(f"{p.partial.name} was started with other settings or another source; "
+                               "delete it or resume with the same settings")
+        resume_from = int(state.get("finished", 0))
+    else:
+        p.partial.mkdir(parents=True, exist_ok=True)
+        state = dict(wanted, finished=0, layers=[])
+        _write_state(p.partial, state)
+    try:
+        result = _run_layers(p, state, resume_from, device, dtype, report, should_stop, on_module)
+        result.resumed_from = resume_from
+        report({"kind": "stage", "stage": "finishing", "text": "writing the checkpoint"})
+        _finish(p, state)
+    except Cancelled:
+        if not keep_partial_on_cancel:
+            shutil.rmtree(p.partial, ignore_errors=True)
+        raise
+    result.seconds = time.perf_counter() - started
+    if device.type == "cuda":
+        result.peak_gpu_mb = torch.cuda.max_memory_allocated(device) / 2**20
+    report({"kind": "done", "output": str(p.output), "seconds": result.seconds})
+    return result
+
+
+def _run_layers(p: Plan, state: dict, resume_from: int, device, dtype, report: Report,
+                should_stop, on_module=None) -> QuantizeResult:
+    s = p.settings
+    factory = LayerFactory(p.source, p.config, p.reader)
+    n_layers = factory.num_layers
+    if resume_from >= n_layers:
+        return QuantizeResult(output=p.output, seconds=0.0, layers=state["layers"], device=str(device))
+    report({"kind": "stage", "stage": "calibration", "text": f"drawing {s.nsamples} x {s.seqlen} tokens from {s.calib}"})
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(str(p.source), trust_remote_code=False)
+    tokens = calibration.calibration_tokens(s.calib, tokenizer, s.nsamples, s.seqlen, s.seed)
+    del tokenizer
+
+    shape = (s.seqlen, factory.hidden)
+    nbytes = s.nsamples * s.seqlen * factory.hidden * torch.tensor([], dtype=dtype).element_size()
+    location = choose_location(nbytes, device)
+    spill = p.partial if location == "disk" else None
+    inps = ActivationStore(s.nsamples, shape, dtype, location, device, spill)
+    outs = ActivationStore(s.nsamples, shape, dtype, location, device, spill)
+    report({"kind": "stage", "stage": "embeddings",
+            "text": f"activations: {2 * nbytes / 2**20:.0f} MB kept on {location}; device {device}"})
+    try:
+        with torch.inference_mode():
+            embed = p.reader.read([factory.arch.embed], device=device)[factory.arch.embed]  # source dtype
+            for j in range(s.nsamples):
+                inps.set(j, torch.nn.functional.embedding(tokens[j].to(device), embed).to(dtype))
+            del embed
+            pos, pe = factory.rotary(s.seqlen, dtype, device)
+            if resume_from:
+                report({"kind": "stage", "stage": "resume",
+                        "text": f"resuming after layer {resume_from}/{n_layers}: recomputing its inputs"})
+            for i in range(resume_from):
+                _check(should_stop)
+                layer = factory.build(i, dtype, device)
+                _load_quantized(layer, _layer_file(p.partial, i), factory.prefix(i), factory.linear_names(),
+                                s.bits, s.checkpoint_format, dtype)
+                _forward_all(layer, inps, outs, pos, pe, s.batch_size, should_stop)
+                inps, outs = outs, inps
+                del layer
+            for i in range(resume_from, n_layers):
+                t0 = time.perf_counter()
+                report({"kind": "layer_start", "layer": i, "layers": n_layers})
+                layer = factory.build(i, dtype, device)
+                modules = _quantize_layer(layer, i, n_layers, factory, inps, pos, pe, s, report, should_stop)
+                if on_module is not None:
+                    for name, m in modules.items():
+                        on_module(f"{factory.prefix(i)}{name}", m["q"])
+                _check(should_stop)
+                _forward_all(layer, inps, outs, pos, pe, s.batch_size, should_stop)
+                _check(should_stop)
+                _save_atomic(_pack_layer(layer, factory.prefix(i), modules, s), _layer_file(p.partial, i))
+                entry = {"layer": i, "seconds": round(time.perf_counter() - t0, 3),
+                         "modules": {name: m["stats"] for name, m in modules.items()}}
+                state["layers"].append(entry)
+                state["finished"] = i + 1
+                _write_state(p.partial, state)
+                inps, outs = outs, inps
+                del layer, modules
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                report({"kind": "layer_done", "layer": i, "layers": n_layers, **entry})
+    finally:
+        inps.close()
+        outs.close()
+    return QuantizeResult(output=p.output, seconds=0.0, layers=state["layers"], device=str(device),
+                          activations=location)
+
+
+class _InputsSeen(Exception):
+    """Raised by a pre-hook to end a layer forward early: the rest of the layer is not needed yet."""
+
+
+def _stop_forward(module, inputs):
+    raise _InputsSeen
+
+
+def _check(should_stop) -> None:
+    if should_stop():
+        raise Cancelled("quantization cancelled")
+
+
+def _forward_all(layer, inps: ActivationStore, outs: ActivationStore, pos, pe, batch: int, should_stop) -> None:
+    n = inps.n
+    for j in range(0, n, batch):
+        _check(should_stop)
+        idx = range(j, min(j + batch, n))
+        x = torch.stack([inps.get(k) for k in idx])
+        y = run_layer(layer, x, pos, pe)
+        for offset, k in enumerate(idx):
+            outs.set(k, y[offset])
+
+
+def _quantize_layer(layer, i, n_layers, factory: LayerFactory, inps: ActivationStore, pos, pe,
+                    s: QuantizeSettings, report: Report, should_stop) -> dict:
+    """Quantize every linear of one decoder layer in place (weights become the fake-quantized ones);
+    return per linear the checkpoint tensors and statistics."""
+    groups = factory.arch.sequential
+    passes = [groups] if not s.true_sequential else [[g] for g in groups]
+    results = {}
+    device = inps.device
+    grid, opts = s.grid(), s.gptq_options()
+    for pass_groups in passes:
+        _check(should_stop)
+        hessians, handles = {}, []
+        for group in pass_groups:
+            first = layer.get_submodule(group[0])
+            hess = Hessian(first.in_features, device, token_clip=opts.token_clip)
+            hessians[group] = hess
+            handles.append(first.register_forward_pre_hook(lambda m, inp, h=hess: h.add(inp[0])))
+        # the forward can stop once the last group of this pass has seen its input
+        handles.append(layer.get_submodule(pass_groups[-1][0]).register_forward_pre_hook(_stop_forward))
+        try:
+            for j in range(0, inps.n, s.batch_size):
+                _check(should_stop)
+                idx = range(j, min(j + s.batch_size, inps.n))
+                x = torch.stack([inps.get(k) for k in idx])
+                try:
+                    run_layer(layer, x, pos, pe)
+                except _InputsSeen:
+                    pass
+        finally:
+            for h in handles:
+                h.remove()
+        for group, hess in hessians.items():
+            for name in group:
+                _check(should_stop)
+                report({"kind": "module", "layer": i, "layers": n_layers, "module": name})
+                linear = layer.get_submodule(name)
+                weight = linear.weight.data.float()
+                full = f"{factory.prefix(i)}{name}"
+                baseline = rtn(weight, grid)
+                if s.method == "rtn":
+                    q = baseline
+                else:
+                    q = gptq_quantize(weight, hess.H, grid, opts, name=full)
+                stats = {"error": relative_output_error(weight, q.weight, hess.H),
+                         "rtn_error": relative_output_error(weight, baseline.weight, hess.H)}
+                if q.damp is not None:
+                    stats["damp"] = q.damp
+                linear.weight.data.copy_(q.weight.to(linear.weight.dtype))
+                results[name] = {"q": q, "stats": stats}
+                del weight, baseline
+            hess.H = None
+    return results
+
+
+def _pack_layer(layer, prefix: str, modules: dict, s: QuantizeSettings) -> dict:
+    """The layer's tensors in GPTQ_FORMAT.md terms, on CPU (unquantized ones as float16)."""
+    fmt = s.checkpoint_format
+    tensors = {}
+    for name, entry in modules.items():
+        q = entry["q"]
+        base = f"{prefix}{name}"
+        tensors[f"{base}.qweight"] = gptq_format.pack_qweight(q.codes.T.contiguous().cpu(), s.bits)
+        tensors[f"{base}.qzeros"] = gptq_format.pack_qzeros(q.zeros.cpu(), s.bits, fmt)
+        tensors[f"{base}.scales"] = q.scales.to(torch.float16).cpu().contiguous()
+        tensors[f"{base}.g_idx"] = q.g_idx.to(torch.int32).cpu().contiguous()
+        bias = layer.get_submodule(name).bias
+        if bias is not None:
+            tensors[f"{base}.bias"] = bias.detach().to(torch.float16).cpu().contiguous()
+    quantized = {f"{name}.weight" for name in modules} | {f"{name}.bias" for name in modules}
+    for key, value in layer.state_dict().items():
+        if key not in quantized:
+            tensors[f"{prefix}{key}"] = value.detach().to(torch.float16).cpu().contiguous()
+    return tensors
+
+
+def _load_quantized(layer, path: Path, prefix: str, names: list[str], bits: int, fmt: str, dtype) -> None:
+    """Put a finished layer's dequantized weights into `layer` (resume): bit-identical to the
+    fake-quantized weights the original run continued with."""
+    if not path.is_file():
+        raise BackendError(f"resume: {path.name} is missing from the partial folder; delete it and start over")
+    with safe_open(str(path), framework="pt") as fh:
+        for name in names:
+            base = f"{prefix}{name}"
+            W = gptq_format.dequantize(fh.get_tensor(f"{base}.qweight"), fh.get_tensor(f"{base}.qzeros"),
+                                       fh.get_tensor(f"{base}.scales"), fh.get_tensor(f"{base}.g_idx"), bits, fmt)
+            linear = layer.get_submodule(name)
+            linear.weight.data.copy_(W.T.to(linear.weight.dtype))
+
+
+# ------------------------------------------------------------------------------------------------
+# finishing: extra tensors, configs, tokenizer, rename into place
+# ------------------------------------------------------------------------------------------------
+def _finish(p: Plan, state: dict) -> None:
+    s = p.settings
+    arch = arch_for(p.config)
+    n_layers = int(p.config["num_hidden_layers"])
+    extra_keys = [k for k in p.reader.keys() if not k.startswith(arch.layers_prefix + ".")]
+    extra_path = p.partial / "extra.safetensors"
+    if not extra_path.exists():
+        tensors = {}
+        for key in extra_keys:
+            tensors.update(p.reader.read([key], dtype=torch.float16))
+        _save_atomic(tensors, extra_path)
+        del tensors
+    layer_files = [_layer_file(p.partial, i) for i in range(n_layers)]
+    files = layer_files + [extra_path]
+    total = sum(f.stat().st_size for f in files)
+    if total <= MERGE_LIMIT_BYTES:
+        merged = {}
+        for f in files:
+            with safe_open(str(f), framework="pt") as fh:
+                for key in fh.keys():
+                    merged[key] = fh.get_tensor(key)
+        _save_atomic(merged, p.partial / "model.safetensors")
+        del merged
+        for f in files:
+            f.unlink()
+    else:
+        weight_map = {}
+        for index, f in enumerate(files):
+            name = f"model-{index + 1:05d}-of-{len(files):05d}.safetensors"
+            with safe_open(str(f), framework="pt") as fh:
+                for key in fh.keys():
+                    weight_map[key] = name
+            os.replace(f, p.partial / name)
+        index_data = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (p.partial / "model.safetensors.index.json").write_text(json.dumps(index_data, indent=2), encoding="utf-8")
+    damps = [m.get("damp") for layer in state["layers"] for m in layer["modules"].values() if m.get("damp")]
+    qc = gptq_format.QuantizeConfig(
+        bits=s.bits, group_size=s.group_size, desc_act=s.act_order, static_groups=s.static_groups, sym=s.sym,
+        true_sequential=s.true_sequential, damp_percent=s.damp, checkpoint_format=s.checkpoint_format,
+        lm_head=False, model_name_or_path=p.source.name,
+        meta={"quantizer": [f"gptq-webui:{VERSION}"], "method": s.method, "calibration": calibration.describe(s.calib),
+              "nsamples": s.nsamples, "seqlen": s.seqlen, "seed": s.seed, "mse": s.mse, "token_clip": s.token_clip,
+              "damp_max_used": max(damps) if damps else None})
+    base = dict(p.config)
+    base["torch_dtype"] = "float16"
+    if "dtype" in base:
+        base["dtype"] = "float16"
+    gptq_format.write_quantize_config(p.partial, qc, base)
+    for name in TOKENIZER_FILES:
+        src = p.source / name
+        if src.is_file():
+            shutil.copy2(src, p.partial / name)
+    if p.output.exists():
+        raise BackendError(f"{p.output.name} appeared while quantizing; the result stays in {p.partial.name}")
+    os.replace(p.partial, p.output)
+    (p.output / STATE_FILE).unlink()
