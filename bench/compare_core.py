@@ -278,21 +278,25 @@ class MeasureSettings:
         return self
 
 
-def throughput(backend, prompt_text: str, settings: MeasureSettings) -> tuple[float, float, float]:
+def throughput(backend, text: str, settings: MeasureSettings) -> tuple[float, float, float]:
     """(prefill tok/s, decode tok/s, TTFT s), medians over `repeats` greedy runs after one warm-up.
-    The prompt is the first `prompt_tokens` tokens of the evaluation text in the entry's own
-    vocabulary; prefill tok/s = prompt tokens / TTFT (TTFT includes the first sampled token);
-    decode tok/s counts the tokens after the first one over the time after the first one."""
-    ids = backend.tokenize(prompt_text, add_special=False)[:settings.prompt_tokens]
-    if not ids:
-        raise BackendError("the evaluation text gives an empty prompt")
-    prompt = backend.detokenize(ids)
-    warm = SamplingParams(temperature=0.0, max_new_tokens=2, seed=0)
-    for _ in backend.generate(prompt, warm):
-        pass
+    Each run's prompt is a different `prompt_tokens`-token slice of the evaluation text in the
+    entry's own vocabulary, so no engine can reuse a cached prefix (llama.cpp would). Prefill
+    tok/s = prompt tokens / TTFT (TTFT includes the first sampled token); decode tok/s counts the
+    tokens after the first one over the time after the first one."""
+    runs = settings.repeats + 1
+    length = settings.prompt_tokens
+    ids = backend.tokenize(text[:runs * length * 16], add_special=False)
+    if len(ids) < runs * length:
+        length = len(ids) // runs
+        if length < 8:
+            raise BackendError(f"the text is too short for {runs} speed runs (only {len(ids)} tokens)")
+    prompts = [backend.detokenize(ids[i * length:(i + 1) * length]) for i in range(runs)]
+    for _ in backend.generate(prompts[0], SamplingParams(temperature=0.0, max_new_tokens=2, seed=0)):
+        pass  # warm-up
     params = SamplingParams(temperature=0.0, max_new_tokens=settings.new_tokens, seed=0)
     prefill, decode, ttft = [], [], []
-    for _ in range(settings.repeats):
+    for prompt in prompts[1:]:
         started = time.perf_counter()
         first = last = None
         n_prompt = generated = 0
@@ -304,7 +308,7 @@ def throughput(backend, prompt_text: str, settings: MeasureSettings) -> tuple[fl
                 last = now
             n_prompt, generated = chunk.prompt_tokens, chunk.generated_tokens
         if first is None:
-            raise BackendError("the model produced no token in the throughput run")
+            raise BackendError("the model produced no token in the speed run")
         ttft.append(first - started)
         prefill.append(n_prompt / (first - started))
         if generated > 1 and last > first:
@@ -321,6 +325,7 @@ def measure(manager, slots: Sequence[Slot], text: str, settings: MeasureSettings
     settings = settings.validated()
     results = []
     total = max(1, len(slots))
+    reached = [0.0]  # progress never goes backwards, even by a rounding error
     for index, slot in enumerate(slots):
         result = Result(entry=slot.label, backend=slot.entry.backend)
         results.append(result)
@@ -330,8 +335,9 @@ def measure(manager, slots: Sequence[Slot], text: str, settings: MeasureSettings
         base = index / total
 
         def report(fraction: float, what: str, _base=base, _label=slot.label):
+            reached[0] = max(reached[0], min(1.0, _base + fraction / total))
             if progress:
-                progress(min(1.0, _base + fraction / total), f"{_label}: {what}")
+                progress(reached[0], f"{_label}: {what}")
         try:
             loaded = manager.get(slot.model_id)
             result.backend = loaded.backend_name
@@ -355,6 +361,8 @@ def measure(manager, slots: Sequence[Slot], text: str, settings: MeasureSettings
         except Exception as exc:
             result.error = f"{type(exc).__name__}: {exc}"
         report(1.0, "done" if not result.error else "failed")
+    if progress:
+        progress(1.0, "measured")
     return results
 
 
