@@ -32,7 +32,8 @@ class ApiServer:
 
     def client(self, key: str | None = API_KEY, **kwargs):
         from openai import OpenAI
-        return OpenAI(base_url=self.base_url, api_key=key or "none", max_retries=0, timeout=120, **kwargs)
+        kwargs.setdefault("timeout", 120)
+        return OpenAI(base_url=self.base_url, api_key=key or "none", max_retries=0, **kwargs)
 
     def headers(self, **extra) -> dict:
         return {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json", **extra}
