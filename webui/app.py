@@ -9,6 +9,7 @@ import dataclasses
 import importlib
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 TABS = (
     "webui.chat_tab",
     "webui.models_tab",
+    "webui.quantize_tab",
     "webui.compare_tab",
 )
 
@@ -105,24 +107,48 @@ def launch(demo, host: str = "127.0.0.1", port: int = 7860, auth: tuple[str, str
     return demo
 
 
+class _Loader(threading.Thread):
+    """Loads the --model in the background so the UI import and build overlap with it."""
+
+    def __init__(self, ctx, name: str, backend: str | None):
+        super().__init__(name="load-at-start", daemon=True)
+        self.ctx, self.model, self.backend, self.error = ctx, name, backend, None
+
+    def run(self):
+        from backends.base import BackendError
+        started = time.perf_counter()
+        try:
+            model_id = self.ctx.manager.load(self.model, self.backend)
+        except BackendError as exc:
+            self.error = str(exc)
+            return
+        except Exception as exc:  # whatever happens, main() reports it and exits cleanly
+            self.error = f"{type(exc).__name__}: {exc}"
+            return
+        print(f"gptq-webui: loaded {model_id} in {time.perf_counter() - started:.1f} s", flush=True)
+
+
+def _start_loading(ctx, name: str, backend: str | None) -> _Loader:
+    print(f"gptq-webui: loading {name} ...", flush=True)
+    loader = _Loader(ctx, name, backend)
+    loader.start()
+    return loader
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from backends.base import BackendError
     from webui.context import AppContext
 
     ctx = AppContext.create(args.models_dir, args.data_dir, args.backend)
     print(f"gptq-webui: models folder {ctx.models_dir}", flush=True)
     print(f"gptq-webui: user data folder {ctx.data_dir}", flush=True)
-    if args.model:
-        print(f"gptq-webui: loading {args.model} ...", flush=True)
-        started = time.perf_counter()
-        try:
-            model_id = ctx.manager.load(args.model, args.backend)
-        except BackendError as exc:
-            print(f"gptq-webui: cannot load {args.model}: {exc}", file=sys.stderr)
+    loader = _start_loading(ctx, args.model, args.backend) if args.model else None
+    demo = build_app(ctx)  # imports gradio and builds the page while the model loads
+    if loader is not None:
+        loader.join()
+        if loader.error:
+            print(f"gptq-webui: cannot load {args.model}: {loader.error}", file=sys.stderr)
             return 2
-        print(f"gptq-webui: loaded {model_id} in {time.perf_counter() - started:.1f} s", flush=True)
-    demo = build_app(ctx)
     host = "0.0.0.0" if args.listen else "127.0.0.1"
     try:
         from webui.api import api_routes

@@ -78,6 +78,19 @@ class ModelsTab:
                 self.loaded_rows(),
                 gr.update(choices=self.ctx.manager.loaded_ids(), value=None))
 
+    def pick_row(self, evt: gr.SelectData):
+        """Clicking a row of the models table picks that model for loading."""
+        rows = self.models_rows()
+        row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+        if isinstance(row, int) and 0 <= row < len(rows):
+            return gr.update(value=rows[row][0])
+        return gr.update()
+
+    def pick_loaded_row(self, evt: gr.SelectData):
+        ids = self.ctx.manager.loaded_ids()
+        row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+        return gr.update(value=ids[row]) if isinstance(row, int) and 0 <= row < len(ids) else gr.update()
+
     # backend choice and option form
     def effective_backend(self, name: str | None, backend: str | None) -> str | None:
         """The backend a load would use: the chosen one, or for "auto" the --backend default when it
@@ -172,14 +185,12 @@ class ModelsTab:
                     gr.Markdown("\n".join(f"- {b}: unavailable ({why})" for b, why in self.unavailable.items()))
                 load = gr.Button("Load", variant="primary", elem_id="models-load")
         status = gr.Markdown("", elem_id="models-status")
+        loaded_table = gr.Dataframe(self.loaded_rows(), headers=LOADED_HEADERS, interactive=False,
+                                    label="Loaded models (memory)", elem_id="loaded-table")
         with gr.Row():
-            with gr.Column(scale=3):
-                loaded_table = gr.Dataframe(self.loaded_rows(), headers=LOADED_HEADERS, interactive=False,
-                                            label="Loaded models (memory)", elem_id="loaded-table")
-            with gr.Column(scale=2):
-                loaded_pick = gr.Dropdown(ctx.manager.loaded_ids(), value=None, label="Loaded model",
-                                          elem_id="models-loaded-picker", allow_custom_value=True)
-                unload = gr.Button("Unload", variant="stop", elem_id="models-unload")
+            loaded_pick = gr.Dropdown(ctx.manager.loaded_ids(), value=None, label="Loaded model", scale=3,
+                                      elem_id="models-loaded-picker", allow_custom_value=True)
+            unload = gr.Button("Unload", variant="stop", elem_id="models-unload", scale=1)
         with gr.Accordion("Download from the Hugging Face Hub", open=False, elem_id="hub-download-box"):
             with gr.Row():
                 repo = gr.Textbox(label="Repo id", placeholder="HuggingFaceTB/SmolLM2-360M-Instruct",
@@ -191,6 +202,8 @@ class ModelsTab:
 
         table_outputs = [models_table, name, loaded_table, loaded_pick]
         refresh.click(self.refresh, name, table_outputs, api_name="list_models")
+        models_table.select(self.pick_row, None, name, queue=False, api_visibility="private")
+        loaded_table.select(self.pick_loaded_row, None, loaded_pick, queue=False, api_visibility="private")
         name.change(self.show_options, [name, backend], groups, queue=False, api_visibility="private")
         backend.change(self.show_options, [name, backend], groups, queue=False, api_visibility="private")
         load.click(self.load, [name, backend, *self.fields], [status, loaded_table, loaded_pick],

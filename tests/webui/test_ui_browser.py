@@ -108,3 +108,24 @@ def test_reopen_a_saved_conversation(page, artifacts_dir):
     assert "Paris" in last_reply(page)
     assert QUESTION in page.locator("#chatbot [data-testid=user]").first.inner_text()
     page.screenshot(path=str(artifacts_dir / "browser-chat-reopened.png"))
+
+
+@pytest.mark.browser
+def test_models_tab_bad_input_shows_a_message_and_chat_still_works(page, artifacts_dir):
+    page.get_by_role("tab", name="Models").click()
+    name = page.locator("#models-name input")
+    name.wait_for()
+    assert "SmolLM2-135M-Instruct.Q4_1.gguf" in page.locator("#models-table").inner_text()
+    name.fill("../../etc/passwd")
+    name.press("Enter")
+    page.locator("#models-load").click()
+    page.wait_for_function("() => document.querySelector('#models-status').innerText.includes('outside the models folder')")
+    assert "Could not load ../../etc/passwd" in page.locator("#models-status").inner_text()
+    assert "SmolLM2-135M-Instruct@transformers" in page.locator("#loaded-table").inner_text()
+    page.screenshot(path=str(artifacts_dir / "browser-models-bad-input.png"))
+    page.get_by_role("tab", name="Chat").click()
+    clear(page)
+    page.locator("#chat-input textarea").fill(QUESTION)
+    page.locator("#chat-send").click()
+    wait_stats(page, "done")
+    assert "Paris" in last_reply(page)

@@ -40,9 +40,9 @@ def test_bad_arguments(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_module_entry_point_refuses_open_listen():
+def test_module_entry_point_refuses_open_listen(tmp_path):
     """`python -m webui --listen` exits at once with the reason, before loading anything."""
-    env = dict(os.environ, GPTQ_WEBUI_DATA=str(REPO / "tests" / "artifacts" / "cli-data"))
+    env = dict(os.environ, GPTQ_WEBUI_DATA=str(tmp_path))
     done = subprocess.run([sys.executable, "-m", "webui", "--listen"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
@@ -54,3 +54,11 @@ def test_tab_modules_expose_build():
     for name in TABS:
         module = importlib.import_module(name)
         assert callable(module.build) and module.TITLE
+
+
+def test_unknown_model_at_start_exits_with_the_reason(tmp_path):
+    env = dict(os.environ, GPTQ_WEBUI_DATA=str(tmp_path))
+    done = subprocess.run([sys.executable, "-m", "webui", "--model", "no-such-model", "--port", "1"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 2
+    assert "cannot load no-such-model: 'no-such-model': no such model in" in done.stderr
