@@ -142,7 +142,17 @@ def main(argv: list[str] | None = None) -> int:
     ctx = AppContext.create(args.models_dir, args.data_dir, args.backend)
     print(f"gptq-webui: models folder {ctx.models_dir}", flush=True)
     print(f"gptq-webui: user data folder {ctx.data_dir}", flush=True)
+    if args.model:  # a wrong name fails here, in a second, before gradio or torch are imported
+        from backends.base import BackendError
+        from backends.registry import detect_format
+        try:
+            detect_format(ctx.manager.resolve_path(args.model))
+        except BackendError as exc:
+            print(f"gptq-webui: cannot load {args.model}: {exc}", file=sys.stderr)
+            return 2
     loader = _start_loading(ctx, args.model, args.backend) if args.model else None
+    # uploads land under the user data folder (size-limited in launch), not in a shared /tmp/gradio
+    os.environ.setdefault("GRADIO_TEMP_DIR", str(ctx.data_dir / "uploads"))
     demo = build_app(ctx)  # imports gradio and builds the page while the model loads
     if loader is not None:
         loader.join()

@@ -113,7 +113,7 @@ class HistoryStore:
             raise ValueError(f"no saved conversation {conversation_id}")
         try:
             return _parse(json.loads(path.read_text(encoding="utf-8")))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError, TypeError) as exc:
+        except (OSError, UnicodeDecodeError, ValueError, TypeError, RecursionError) as exc:
             raise ValueError(f"conversation file {path.name} is damaged: {exc}") from None
 
     def list(self) -> list[HistoryEntry]:
@@ -126,7 +126,7 @@ class HistoryStore:
                 conv = _parse(json.loads(path.read_text(encoding="utf-8")))
                 if conv.id != path.stem:
                     raise ValueError("its id does not match the file name")
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError, TypeError) as exc:
+            except (OSError, UnicodeDecodeError, ValueError, TypeError, RecursionError) as exc:
                 log.warning("skipping conversation file %s: %s", path, exc)
                 continue
             turns = sum(1 for m in conv.messages if m["role"] == "user")

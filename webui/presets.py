@@ -76,7 +76,7 @@ class PresetStore:
             raise ValueError(f"no preset named {name!r}; known: {', '.join(self.names())}")
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError) as exc:
+        except (OSError, UnicodeDecodeError, RecursionError, yaml.YAMLError) as exc:
             raise ValueError(f"preset file {path.name} cannot be read: {exc}") from None
         if not isinstance(data, dict):
             raise ValueError(f"preset file {path.name} is not a mapping of values")
