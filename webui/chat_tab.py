@@ -344,7 +344,8 @@ class ChatTab:
             raise gr.Error(str(exc)) from None
         state = {"id": conv.id, "messages": normalize_messages(conv.messages), "created": conv.created}
         last = state["messages"][-1] if state["messages"] else {}
-        return to_display(state["messages"]), format_stats(last.get("stats")), state, conv.system_prompt
+        model = gr.update(value=conv.model) if conv.model in self.model_choices() else gr.update()
+        return to_display(state["messages"]), format_stats(last.get("stats")), state, conv.system_prompt, model
 
     def delete_conversation(self, conversation_id: str | None, state: dict):
         if conversation_id:
@@ -448,7 +449,7 @@ class ChatTab:
         clear.click(self.clear, None, [chatbot, stats, state, history], api_name="clear", queue=False)
         chatbot.clear(self.clear, None, [chatbot, stats, state, history], queue=False,
                       api_visibility="private")  # the Chatbot's own trash icon
-        open_conv.click(self.open_conversation, history, [chatbot, stats, state, system],
+        open_conv.click(self.open_conversation, history, [chatbot, stats, state, system, model],
                         api_name="open_conversation")
         delete_conv.click(self.delete_conversation, [history, state], history, api_name="delete_conversation")
         preset.change(self.load_preset, preset, params, api_name="preset_values", show_progress="hidden")

@@ -60,6 +60,7 @@ def test_chat_streams_paris_with_the_deterministic_preset(chat_server):
     assert saved["params"]["temperature"] == 0.0
     reopened = chat_server.client().predict(conv_id, api_name="/open_conversation")
     assert "Paris" in reply_of(reopened[0]) and reopened[2] == ""  # (the State output is hidden)
+    assert reopened[3]["value"] == "SmolLM2-135M-Instruct@transformers"   # the model it was had with
 
 
 def test_regenerate_and_continue(chat_server):
