@@ -1,0 +1,73 @@
+"""`python -m webui --api-key ...` as a user starts it: the API is on the page's port and needs the key,
+uploads are size-limited and land under the user data folder."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from apitools import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+KEY = "cli-test-key-42f0"
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="module")
+def cli_server(default_gguf, tmp_path_factory):
+    data = tmp_path_factory.mktemp("cli-data")
+    port = free_port()
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", OMP_WAIT_POLICY="PASSIVE")
+    env.pop("GRADIO_TEMP_DIR", None)
+    env.pop("GPTQ_WEBUI_API_KEY", None)
+    proc = subprocess.Popen([sys.executable, "-m", "webui", "--model", GGUF, "--port", str(port),
+                             "--api-key", KEY, "--data-dir", str(data)],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(base + "/v1/models", timeout=2).status_code == 401:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    if proc.poll() is not None:
+        pytest.fail(f"the server exited: {proc.stdout.read()[-2000:]}")
+    yield base, data
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+def test_api_needs_the_key_and_serves_the_loaded_model(cli_server):
+    base, _ = cli_server
+    assert httpx.get(base + "/v1/models").status_code == 401
+    models = httpx.get(base + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert [m["id"] for m in models["data"]] == [f"{GGUF}@llama.cpp"]
+    reply = httpx.post(base + "/v1/completions", timeout=60, headers={"Authorization": f"Bearer {KEY}"},
+                       json={"model": "SmolLM2-135M-Instruct.Q4_1", "prompt": "The password is apple. "
+                             "I repeat, the password is", "max_tokens": 2, "temperature": 0})
+    assert reply.status_code == 200 and "apple" in reply.json()["choices"][0]["text"]
+    assert httpx.get(base + "/").status_code == 200              # the page is on the same port
+
+
+def test_uploads_are_limited_and_stored_under_the_data_folder(cli_server):
+    from webui.security import DEFAULT_MAX_UPLOAD_BYTES
+    base, data = cli_server
+    small = httpx.post(base + "/gradio_api/upload", files={"files": ("notes.txt", b"some text\n")}, timeout=60)
+    assert small.status_code == 200, small.text
+    stored = Path(small.json()[0]).resolve()
+    assert (data / "uploads").resolve() in stored.parents and stored.read_bytes() == b"some text\n"
+    big = httpx.post(base + "/gradio_api/upload", timeout=120,
+                     files={"files": ("big.txt", b"x" * (DEFAULT_MAX_UPLOAD_BYTES + 1024))})
+    assert big.status_code == 413, big.text[:200]
+    assert not [p for p in (data / "uploads").rglob("big.txt")]
