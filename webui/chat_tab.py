@@ -188,8 +188,8 @@ class ChatTab:
 
         worker = threading.Thread(target=work, name=f"chat-{model_id}", daemon=True)
         worker.start()
+        done = False
         try:
-            done = False
             while not done:
                 batch = [chunks.get()]
                 while True:  # coalesce what is already there: one page update per batch
@@ -208,11 +208,14 @@ class ChatTab:
                 if items:
                     yield items
         finally:
-            stop.set()  # the page went away or we are done: the worker ends within one token
+            if not done:  # the page went away or failed: the worker ends within one token
+                stop.set()
 
     def _generate_into(self, state: dict, model_id: str, params: SamplingParams, system_prompt: str,
-                       request: gr.Request, continuing: bool = False):
-        """Append (or extend, when continuing) the assistant reply in `state`, yielding as it grows."""
+                       request: gr.Request, continuing: bool = False, new_turn: bool = False):
+        """Append (or extend, when continuing) the assistant reply in `state`, yielding as it grows.
+        `new_turn`: the last user message was just sent; if nothing could be generated it is taken
+        back too, so a refused prompt (say, too long) does not poison the conversation."""
         messages = state["messages"]
         chat = ([{"role": "system", "content": system_prompt}] if system_prompt.strip() else []) + \
             [{"role": m["role"], "content": m["content"]} for m in messages]
@@ -249,18 +252,23 @@ class ChatTab:
                 reply["content"] = base_text + text
                 reply["stats"] = dict(stats)
                 yield
-        except BackendError as exc:
-            stats["error"] = str(exc)
+        except Exception as exc:  # the engine's problem is shown; the server keeps serving
+            message = str(exc) if isinstance(exc, BackendError) else f"{type(exc).__name__}: {exc}"
+            if not isinstance(exc, BackendError):
+                log.exception("generation with %s failed", model_id)
+            stats["error"] = message
             reply["stats"] = dict(stats)
-            gr.Warning(f"Generation failed: {exc}")
+            gr.Warning(f"Generation failed: {message}")
         finally:
             self._end(session, stop)
         if stats["finish_reason"] is None and stop.is_set() and not stats.get("error"):
             stats["finish_reason"] = "cancelled"
             reply["stats"] = dict(stats)
         if not reply["content"] and not continuing and stats.get("error"):
-            messages.remove(reply)
-        yield
+            messages.remove(reply)  # nothing to keep; the reason goes to the stats box
+            if new_turn and messages and messages[-1]["role"] == "user":
+                messages.pop()
+        yield stats.get("error")
 
     def _save(self, state: dict, system_prompt: str, model_id: str, params: SamplingParams) -> None:
         if not state["messages"]:
@@ -275,17 +283,22 @@ class ChatTab:
         except OSError as exc:
             gr.Warning(f"Could not save the conversation: {exc}")
 
-    def _run(self, state, model_id, system_prompt, params, request, continuing=False):
+    def _run(self, state, model_id, system_prompt, params, request, continuing=False, new_turn=False):
         """Shared tail of send/regenerate/continue: stream into the page, then save."""
         system_prompt = system_prompt or ""
-        for _ in self._generate_into(state, model_id, params, system_prompt, request, continuing):
+        error = None
+        for error in self._generate_into(state, model_id, params, system_prompt, request, continuing, new_turn):
             last = state["messages"][-1] if state["messages"] else {}
             yield (to_display(state["messages"]), format_stats(last.get("stats")), state,
                    gr.update(), gr.update(value=model_id))
         self._save(state, system_prompt, model_id, params)
-        yield (to_display(state["messages"]), format_stats(state["messages"][-1].get("stats")
-                                                          if state["messages"] else None),
-               state, gr.update(choices=self.history_choices(), value=state["id"]), gr.update(value=model_id))
+        last = state["messages"][-1] if state["messages"] else {}
+        line = format_stats(last.get("stats")) if last.get("role") == "assistant" else ""
+        if error:
+            line = f"{line} · Generation failed: {error}" if line else f"Generation failed: {error}"
+        yield (to_display(state["messages"]), line, state,
+               gr.update(choices=self.history_choices(), value=state["id"] if state["messages"] else None),
+               gr.update(value=model_id))
 
     # event handlers: the order of arguments matches the inputs list in build()
     def send(self, message: str, model: str, system_prompt: str, temperature: float, top_p: float,
@@ -299,8 +312,10 @@ class ChatTab:
         state = state or new_state()
         state["messages"].append({"role": "user", "content": text})
         yield (to_display(state["messages"]), "", state, gr.update(), gr.update(), "")
-        for out in self._run(state, model, system_prompt, params, request):
+        for out in self._run(state, model, system_prompt, params, request, new_turn=True):
             yield (*out, gr.update())
+        if not state["messages"] or state["messages"][-1]["role"] != "assistant":
+            yield (*out, message)  # refused: the text goes back into the input box to be edited
 
     def regenerate(self, model: str, system_prompt: str, temperature: float, top_p: float,
                    top_k: int, min_p: float, repetition_penalty: float, max_new_tokens: int, seed: int,

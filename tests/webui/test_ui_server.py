@@ -171,3 +171,13 @@ def test_save_preset_from_the_page(chat_server):
     assert status == f"Saved preset UI test preset to {saved}" and saved.exists()
     assert dropdown["value"] == "UI test preset" and ["UI test preset", "UI test preset"] in dropdown["choices"]
     assert client.predict("UI test preset", api_name="/preset_values") == values
+
+
+def test_a_prompt_longer_than_the_context_is_explained_and_not_kept(chat_server):
+    client = chat_server.client()
+    chatbot, stats, _, _, back_in_input = client.predict("word " * 9000, api_name="/chat")
+    assert normalize_messages(chatbot) == []                         # neither the prompt nor an empty reply kept
+    assert back_in_input == "word " * 9000                          # handed back for editing
+    assert stats.startswith("Generation failed: the prompt has") and "context holds 8192" in stats, stats
+    _, final = chat(client, QUESTION)                                 # the server and session go on
+    assert "Paris" in reply_of(final[0])
