@@ -25,6 +25,8 @@ def page(chat_server):
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
                                     args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
         page = browser.new_page(viewport={"width": 1280, "height": 860})
+        page.requested_urls = []
+        page.on("request", lambda request: page.requested_urls.append(request.url))
         page.set_default_timeout(60_000)
         page.goto(chat_server.url)
         page.locator("#chat-input textarea").wait_for()
@@ -129,3 +131,12 @@ def test_models_tab_bad_input_shows_a_message_and_chat_still_works(page, artifac
     page.locator("#chat-send").click()
     wait_stats(page, "done")
     assert "Paris" in last_reply(page)
+
+
+@pytest.mark.browser
+def test_the_page_fetches_nothing_from_outside(page, chat_server):
+    """No fonts, analytics or scripts from the internet: the UI works offline and leaks nothing."""
+    assert page.requested_urls
+    outside = [u for u in page.requested_urls
+               if not u.startswith((chat_server.url.rstrip("/"), "data:", "blob:"))]
+    assert outside == []
