@@ -181,3 +181,19 @@ def test_a_prompt_longer_than_the_context_is_explained_and_not_kept(chat_server)
     assert stats.startswith("Generation failed: the prompt has") and "context holds 8192" in stats, stats
     _, final = chat(client, QUESTION)                                 # the server and session go on
     assert "Paris" in reply_of(final[0])
+
+
+def test_damaged_history_file_gives_a_message_and_can_be_deleted(chat_server):
+    from gradio_client.exceptions import AppError
+    history_dir = chat_server.ctx.data_dir / "history"
+    history_dir.mkdir(parents=True, exist_ok=True)
+    broken = history_dir / "20240101-000000-0badf00d.json"
+    broken.write_text('{"id": "20240101-000000-0badf00d", "messages": [', encoding="utf-8")
+    client = chat_server.client()
+    with pytest.raises(AppError, match="is damaged"):
+        client.predict("20240101-000000-0badf00d", api_name="/open_conversation")
+    with pytest.raises(AppError, match="not a conversation id"):
+        client.predict("../../secrets", api_name="/open_conversation")
+    remaining = client.predict("20240101-000000-0badf00d", api_name="/delete_conversation")
+    assert not broken.exists()
+    assert all(value != "20240101-000000-0badf00d" for _, value in remaining["choices"])
