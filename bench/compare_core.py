@@ -108,6 +108,8 @@ def load_entries(manager, entries: Sequence[Entry], progress: Progress | None = 
         try:
             backend = None if entry.backend in ("", "auto") else entry.backend
             slot.model_id = manager.load(entry.path, backend, entry.options_dict)
+            if backend is None:  # show which engine "auto" picked
+                slot.entry = Entry(manager.get(slot.model_id).backend_name, entry.path, entry.options)
         except (BackendError, ValueError) as exc:
             slot.error = str(exc)
         except MemoryError:

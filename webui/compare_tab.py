@@ -61,19 +61,24 @@ def results_frame(results: list[core.Result]):
     return pd.DataFrame(rows, columns=headers)
 
 
+def short_label(index: int, result: core.Result) -> str:
+    """Plot labels must stay short: the entry's number and engine (the table has the full entry)."""
+    return f"{index + 1}. {result.backend}"
+
+
 def plot_frames(results: list[core.Result]):
     """(perplexity vs memory, tokens/s per entry) as data frames for gradio's native plots."""
     import pandas as pd
-    ok = [r for r in results if r.error is None]
-    memory = pd.DataFrame([{"entry": r.entry, "memory MB": round((r.ram_mb or 0) + (r.gpu_mb or 0), 1),
-                            "perplexity": round(r.ppl, 3)} for r in ok if r.ppl is not None],
+    ok = [(short_label(i, r), r) for i, r in enumerate(results) if r.error is None]
+    memory = pd.DataFrame([{"entry": label, "memory MB": round((r.ram_mb or 0) + (r.gpu_mb or 0), 1),
+                            "perplexity": round(r.ppl, 3)} for label, r in ok if r.ppl is not None],
                           columns=["entry", "memory MB", "perplexity"])
     speed_rows = []
-    for r in ok:
+    for label, r in ok:
         for kind, value in (("prefill", r.prefill_tok_s), ("decode", r.decode_tok_s)):
             if value is not None and value == value:
-                speed_rows.append({"entry": r.entry, "kind": kind, "tokens/s": round(value, 2)})
-    speed = pd.DataFrame(speed_rows, columns=["entry", "kind", "tokens/s"])
+                speed_rows.append({"bar": f"{label} {kind}", "kind": kind, "tokens/s": round(value, 2)})
+    speed = pd.DataFrame(speed_rows, columns=["bar", "kind", "tokens/s"])
     return memory, speed
 
 
@@ -131,7 +136,7 @@ def build(ctx) -> None:
                                         "load s"], interactive=False, label="Entries", elem_id="compare-status")
 
     prompt = gr.Textbox(label="Prompt (sent to every entry)", lines=2, elem_id="compare-prompt")
-    with gr.Accordion("Sampling (same for every entry)", open=False):
+    with gr.Accordion("Sampling (same for every entry)", open=False, elem_id="compare-sampling"):
         with gr.Row():
             temperature = gr.Slider(0, 2, value=0.0, step=0.05, label="temperature (0 = greedy)")
             top_p = gr.Slider(0.05, 1, value=1.0, step=0.05, label="top_p")
@@ -156,19 +161,20 @@ def build(ctx) -> None:
         with gr.Row():
             source = gr.Dropdown(list(TEXT_SOURCES), value="wikitext2", label="perplexity text")
             upload = gr.File(label="text file (.txt / .jsonl)", type="filepath", file_types=[".txt", ".jsonl", ".raw"])
-            seqlen = gr.Number(value=512, precision=0, label="seqlen")
-            windows = gr.Number(value=4, precision=0, label="windows (0 = all)")
+            seqlen = gr.Number(value=512, precision=0, label="seqlen", elem_id="compare-seqlen")
+            windows = gr.Number(value=4, precision=0, label="windows (0 = all)", elem_id="compare-windows")
         with gr.Row():
-            prompt_tokens = gr.Number(value=128, precision=0, label="speed: prompt tokens")
-            new_tokens = gr.Number(value=32, precision=0, label="speed: new tokens")
-            repeats = gr.Number(value=3, precision=0, label="speed: repeats (median)")
+            prompt_tokens = gr.Number(value=128, precision=0, label="speed: prompt tokens", elem_id="compare-prompt-tokens")
+            new_tokens = gr.Number(value=32, precision=0, label="speed: new tokens", elem_id="compare-new-tokens")
+            repeats = gr.Number(value=3, precision=0, label="speed: repeats (median)", elem_id="compare-repeats")
         measure_btn = gr.Button("Measure", variant="primary", elem_id="compare-measure")
         results_df = gr.Dataframe(interactive=False, label="Results", elem_id="compare-results")
         notes = gr.Markdown(elem_id="compare-notes")
         with gr.Row():
             ppl_plot = gr.ScatterPlot(x="memory MB", y="perplexity", color="entry",
                                       title="Perplexity against memory (lower left is better)")
-            speed_plot = gr.BarPlot(x="entry", y="tokens/s", color="kind", title="Tokens/s per entry")
+            speed_plot = gr.BarPlot(x="bar", y="tokens/s", color="kind", title="Tokens/s per entry",
+                                    x_title="entry")
         exports = gr.File(label="Export (CSV, JSON)", file_count="multiple", interactive=False)
 
     # -- handlers ----------------------------------------------------------------------------

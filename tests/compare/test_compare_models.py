@@ -87,8 +87,8 @@ def test_one_prompt_streams_to_all_columns_at_once(loaded):
         assert 1 <= column.tokens <= 8 and column.text.strip()
         assert column.ttft_s is not None and column.ttft_s > 0
         assert "tokens" in column.metrics_line() and "TTFT" in column.metrics_line()
-    # fp32 and nf4 answer right; the GGUF computes with 8-bit activations (llama.cpp's CPU dot
-    # products) and its greedy answer may wander, so only its streaming is checked
+    # fp32 and nf4 answer right; for the GGUF the first token is a near tie ("The" -1.97 against
+    # "L" -1.88 nats, fp32 has them the other way round) and greedy may take the other branch
     assert "Paris" in final[0].text and "Paris" in final[1].text
     assert final[3].error and "no such model" in final[3].error and final[3].tokens == 0
     # the columns grew while others were still running (streamed, not one after another)

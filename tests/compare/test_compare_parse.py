@@ -65,6 +65,8 @@ def test_tab_helpers():
                                           "bitsandbytes:SmolLM2-135M-Instruct:quant=nf4"]
     assert MAX_ENTRIES == 4
     memory, speed = plot_frames(_results())
-    assert list(memory["entry"]) == ["transformers:m", "bitsandbytes:m:quant=nf4"]
+    assert list(memory["entry"]) == ["1. transformers", "2. bitsandbytes"]
     assert list(memory["memory MB"]) == [513.1, 165.1]
-    assert len(speed) == 4 and set(speed["kind"]) == {"prefill", "decode"}
+    assert list(speed["bar"]) == ["1. transformers prefill", "1. transformers decode",
+                                  "2. bitsandbytes prefill", "2. bitsandbytes decode"]
+    assert list(speed["tokens/s"]) == [400.0, 20.0, 300.0, 10.0]

@@ -1,0 +1,147 @@
+"""The Compare tab in a real Chromium against the real server: pick entries, send one prompt, watch
+the answers stream side by side with their metrics, see a failing entry keep its error in its own
+column, and measure. Screenshots go to tests/artifacts/."""
+from __future__ import annotations
+
+import re
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+playwright = pytest.importorskip("playwright.sync_api")
+
+CHROMIUM = "/usr/bin/chromium"
+HF = "SmolLM2-135M-Instruct"
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+METRICS_RE = re.compile(r"(\d+) tokens · TTFT [\d.]+ s · [\d.]+ tok/s · done")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(models_dir, default_hf_model, default_gguf, tmp_path_factory):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed yet")
+    from webui.app import build_app, launch
+    from webui.context import AppContext
+    ctx = AppContext.create(models_dir=models_dir, data_dir=tmp_path_factory.mktemp("compare-data"))
+    demo = build_app(ctx)
+    port = _free_port()
+    launch(demo, "127.0.0.1", port, block=False)
+    yield ctx, f"http://127.0.0.1:{port}/"
+    demo.close()
+    ctx.manager.unload_all()
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(60_000)
+        page.goto(server[1])
+        page.get_by_role("tab", name="Compare").click()
+        page.locator("#compare-model-0 input").wait_for()
+        yield page
+        browser.close()
+
+
+def pick(page, elem_id: str, value: str) -> None:
+    page.locator(f"#{elem_id} input").click()
+    page.get_by_role("option", name=value, exact=True).click()
+
+
+def set_number(page, elem_id: str, value: int) -> None:
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Tab")
+
+
+def reply(page, index: int) -> str:
+    return page.locator(f"#compare-reply-{index} textarea").input_value()
+
+
+def metrics(page, index: int) -> str:
+    return page.locator(f"#compare-metrics-{index}").inner_text()
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_two_entries_stream_side_by_side_and_a_bad_one_keeps_its_error(page, server, artifacts_dir):
+    ctx = server[0]
+    pick(page, "compare-model-0", HF)
+    pick(page, "compare-backend-0", "transformers")
+    page.locator("#compare-options-0 textarea").fill("dtype=float32,device=cpu")
+    pick(page, "compare-model-1", GGUF)
+    pick(page, "compare-backend-1", "llama.cpp")
+    page.locator("#compare-options-1 textarea").fill("n_ctx=512,n_threads=1")
+    pick(page, "compare-model-2", HF)                      # fails: bitsandbytes has no int3
+    pick(page, "compare-backend-2", "bitsandbytes")
+    page.locator("#compare-options-2 textarea").fill("quant=int3")
+    page.locator("#compare-load").click()
+    page.wait_for_function("() => document.querySelector('#compare-metrics-2')?.innerText.includes('quant must be one of')",
+                           timeout=180_000)
+    assert "loaded in" in metrics(page, 0) and "loaded in" in metrics(page, 1)
+    assert len(ctx.manager.loaded()) == 2
+    assert not page.locator("#compare-col-3").is_visible()
+
+    page.get_by_text("Sampling (same for every entry)").click()
+    set_number(page, "compare-max-new", 24)
+    page.locator("#compare-prompt textarea").fill("What is the capital of France?")
+    page.locator("#compare-send").click()
+    lengths = {0: [], 1: []}
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        for index in lengths:
+            n = len(reply(page, index))
+            if n and (not lengths[index] or lengths[index][-1] != n):
+                lengths[index].append(n)
+        if all("done" in metrics(page, i) for i in lengths):
+            break
+        time.sleep(0.05)
+    for index in lengths:
+        found = METRICS_RE.search(metrics(page, index))
+        assert found, metrics(page, index)
+        assert 1 <= int(found.group(1)) <= 24
+        assert len(lengths[index]) >= 2, f"column {index} did not stream: {lengths[index]}"
+    assert "Paris" in reply(page, 0)
+    assert reply(page, 1).strip()
+    assert "quant must be one of" in metrics(page, 2) and reply(page, 2) == ""
+    page.screenshot(path=str(artifacts_dir / "browser-compare-stream.png"), full_page=True)
+
+
+@pytest.mark.browser
+def test_measure_fills_the_table_and_exports(page, artifacts_dir):
+    set_number(page, "compare-seqlen", 64)
+    set_number(page, "compare-windows", 1)
+    set_number(page, "compare-prompt-tokens", 16)
+    set_number(page, "compare-new-tokens", 4)
+    set_number(page, "compare-repeats", 1)
+    page.locator("#compare-measure").click()
+    page.wait_for_function("() => document.querySelector('#compare-results')?.innerText.includes('quant must be one of')",
+                           timeout=180_000)
+    lines = [line.strip() for line in page.locator("#compare-results").inner_text().splitlines() if line.strip()]
+
+    def row(prefix: str) -> list[str]:
+        """The entry's cells: the table's text lists them one per line."""
+        starts = [i for i, line in enumerate(lines) if line.startswith(prefix)]
+        assert starts, (prefix, lines)
+        return lines[starts[0]:starts[0] + 11]
+    fp, gguf = row("transformers:"), row("llama.cpp:")
+    assert float(fp[1]) == 32.0 and 4.5 < float(gguf[1]) < 7         # bits per weight
+    assert float(gguf[3]) < float(fp[3])                              # RAM
+    assert 1 < float(fp[5]) < 1000 and 1 < float(gguf[5]) < 1000      # perplexity
+    assert all(float(r[7]) > 0 for r in (fp, gguf))                   # decode tok/s
+    assert "quant must be one of" in row("bitsandbytes:")[10]
+    assert "seqlen 64, first 1 windows" in page.locator("#compare-notes").inner_text()
+    links = page.locator("a[download]").evaluate_all("els => els.map(e => e.getAttribute('download'))")
+    assert any(str(name).endswith(".csv") for name in links) and any(str(name).endswith(".json") for name in links)
+    page.screenshot(path=str(artifacts_dir / "browser-compare-measure.png"), full_page=True)
