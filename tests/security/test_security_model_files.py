@@ -38,10 +38,33 @@ PASSWORD = "The password is apple. I repeat, the password is"
     ("no-such-model", None, ("no such model",)),
 ])
 def test_hostile_model_is_refused_and_the_server_keeps_serving(hostile, hostile_server, name, backend, words):
+    assert_refused(hostile, hostile_server, name, backend, None, words)
+
+
+@pytest.mark.parametrize("name, backend, options, words", [
+    ("truncated-safetensors", "bitsandbytes", None, ("model.safetensors is truncated",)),
+    ("missing-tokenizer", "bitsandbytes", None, ("no tokenizer files",)),
+    ("pickle-weights", "bitsandbytes", None, ("pickle",)),
+    ("good-hf", "gptq", None, ("load it with transformers or bitsandbytes, not gptq",)),
+    ("good-hf", "llama.cpp", None, ("not llama.cpp",)),
+    ("good.gguf", "transformers", None, ("load it with llama.cpp",)),
+    ("gptq-wrong-group-size", "transformers", None, ("load it with gptq",)),
+    ("good-hf", "no-such-engine", None, ("not no-such-engine",)),
+    ("good-hf", "bitsandbytes", {"quant": "nf3"}, ("quant must be one of nf4, fp4, int8",)),
+    ("good.gguf", "llama.cpp", {"n_ctx": -1}, ("n_ctx must be >= 0",)),
+    ("good.gguf", "llama.cpp", {"n_threads": "many"}, ("n_threads must be int",)),
+    ("good-hf", "transformers", {"evil": 1}, ("unknown option(s) evil",)),
+    ("good-hf", "transformers", {"dtype": "float8"}, ("dtype must be one of",)),
+])
+def test_wrong_engine_or_options_are_refused_before_loading(hostile, hostile_server, name, backend, options, words):
+    assert_refused(hostile, hostile_server, name, backend, options, words)
+
+
+def assert_refused(hostile, hostile_server, name, backend, options, words):
     manager = hostile_server.ctx.manager
     before = manager.loaded_ids()
     with pytest.raises(BackendError) as info:
-        manager.load(name, backend)
+        manager.load(name, backend, options)
     message = str(info.value)
     for word in words:
         assert word in message, message
