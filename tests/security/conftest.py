@@ -94,6 +94,16 @@ def build_hostile_models(root: Path, hf: Path, gguf: Path, gptq: Path) -> Hostil
     tok_config.pop("chat_template", None)
     (models / "hostile-template" / "tokenizer_config.json").write_text(json.dumps(tok_config))
     (models / "hostile-template" / "chat_template.jinja").write_text(HOSTILE_TEMPLATE.replace("MARKER", str(marker)))
+    # a model that ships Python code (auto_map): it must not run unless the user opts in
+    folder = models / "remote-code"
+    link_files(hf, folder, skip=("config.json", "tokenizer_config.json"))
+    config = json.loads((hf / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}
+    (folder / "config.json").write_text(json.dumps(config))
+    tok_config = json.loads((hf / "tokenizer_config.json").read_text())
+    tok_config["auto_map"] = {"AutoTokenizer": ["evil.EvilTokenizer", None]}
+    (folder / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('remote code ran')\n")
     # symlinks that leave the models folder (to a valid model, so only the confinement refuses them)
     os.link(gguf, outside / "valid.gguf")
     link_files(hf, outside / "valid-hf")

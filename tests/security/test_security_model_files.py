@@ -122,3 +122,17 @@ def test_hostile_chat_template_cannot_reach_python(hostile, hostile_server):
     finally:
         manager.unload(model_id)
     assert not hostile.marker.exists()
+
+
+def test_code_shipped_with_a_model_does_not_run(hostile, hostile_server):
+    """trust_remote_code is off by default: a config's auto_map never imports the model's evil.py.
+    The model either loads with the library's own code or is refused with a message."""
+    manager = hostile_server.ctx.manager
+    try:
+        model_id = manager.load("remote-code", "transformers", {"dtype": "bfloat16", "device": "cpu"})
+    except BackendError as exc:
+        assert "remote" in str(exc).lower() or "trust" in str(exc).lower(), str(exc)
+    else:
+        manager.unload(model_id)
+    assert not hostile.marker.exists(), "the model's own Python code ran"
+    assert manager.loaded_ids() == [hostile_server.good_id]
