@@ -51,6 +51,7 @@ class Cancelled(BackendError):
 class QuantizeResult:
     output: Path
     seconds: float
+    source: str = ""
     layers: list[dict] = field(default_factory=list)
     device: str = "cpu"
     activations: str = "cpu"
@@ -124,6 +125,8 @@ def plan(models_dir: Path, source_name: str, out_name: str, settings: QuantizeSe
     if not calibration.validate_source(settings.calib):
         raise BackendError(f"calibration source {settings.calib!r} is neither one of "
                            f"{', '.join(calibration.SOURCES)} nor an existing file")
+    if str(settings.calib).lower() not in calibration.SOURCES:
+        calibration.file_documents(Path(settings.calib))  # empty, binary or malformed: say so now
     return Plan(source, output, partial, settings, config, reader)
 
 
@@ -212,10 +215,15 @@ def run(p: Plan, report: Report | None = None, should_stop: Callable[[], bool] |
     try:
         result = _run_layers(p, state, resume_from, device, dtype, report, should_stop, on_module)
         result.resumed_from = resume_from
+        result.source = p.source.name
         report({"kind": "stage", "stage": "finishing", "text": "writing the checkpoint"})
         _finish(p, state)
     except Cancelled:
-        if not keep_partial_on_cancel:
+        if not keep_partial_on_cancel or state.get("finished", 0) == 0:
+            shutil.rmtree(p.partial, ignore_errors=True)
+        raise
+    except BaseException:
+        if state.get("finished", 0) == 0:  # nothing worth resuming
             shutil.rmtree(p.partial, ignore_errors=True)
         raise
     result.seconds = time.perf_counter() - started
@@ -322,7 +330,8 @@ def _quantize_layer(layer, i, n_layers, factory: LayerFactory, inps: ActivationS
     """Quantize every linear of one decoder layer in place (weights become the fake-quantized ones);
     return per linear the checkpoint tensors and statistics."""
     groups = factory.arch.sequential
-    passes = [groups] if not s.true_sequential else [[g] for g in groups]
+    # RTN does not depend on the inputs: one pass only feeds the error statistics
+    passes = [groups] if (not s.true_sequential or s.method == "rtn") else [[g] for g in groups]
     results = {}
     device = inps.device
     grid, opts = s.grid(), s.gptq_options()

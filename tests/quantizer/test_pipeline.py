@@ -1,0 +1,267 @@
+"""The pipeline end to end on a truncated copy of the default model: checkpoint layout, exactness of
+the written weights, bad input, cancel, kill + resume, and the CLI."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from backends.base import BackendError
+from backends.gptq import format as gptq_format
+from backends.manager import ModelManager
+from quantizer.jobs import JobManager
+from quantizer.pipeline import plan, run
+from quantizer.service import start_quantize
+from quantizer.settings import QuantizeSettings
+
+REPO = Path(__file__).resolve().parents[2]
+SMALL = dict(nsamples=4, seqlen=64, calib="builtin")
+LINEARS = {  # name -> (K, N) of the default model
+    "self_attn.q_proj": (576, 576), "self_attn.k_proj": (576, 192), "self_attn.v_proj": (576, 192),
+    "self_attn.o_proj": (576, 576), "mlp.gate_proj": (576, 1536), "mlp.up_proj": (576, 1536),
+    "mlp.down_proj": (1536, 576),
+}
+
+
+def _tensors(path: Path) -> dict:
+    with safe_open(str(path), framework="pt") as fh:
+        return {k: fh.get_tensor(k) for k in fh.keys()}
+
+
+def _listing(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()}
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_models_dir):
+    """tiny quantized at 3-bit g128 asym with act-order, keeping each linear's fake-quantized weight."""
+    seen = {}
+    settings = QuantizeSettings(bits=3, group_size=128, sym=False, act_order=True, **SMALL)
+    result = run(plan(tiny_models_dir, "tiny", "tiny-3bit", settings),
+                 on_module=lambda name, q: seen.__setitem__(name, q.weight.clone()))
+    return result.output, seen
+
+
+def test_checkpoint_matches_the_format(quantized):
+    out, _ = quantized
+    assert _listing(out) == {"config.json", "quantize_config.json", "model.safetensors", "tokenizer.json",
+                             "tokenizer_config.json", "generation_config.json", "chat_template.jinja"}
+    qc = json.loads((out / "quantize_config.json").read_text())
+    assert qc["quant_method"] == "gptq" and qc["bits"] == 3 and qc["group_size"] == 128
+    assert qc["desc_act"] is True and qc["sym"] is False and qc["checkpoint_format"] == "gptq_v2"
+    assert qc["meta"]["quantizer"][0].startswith("gptq-webui:")
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"] == qc and config["num_hidden_layers"] == 2
+    t = _tensors(out / "model.safetensors")
+    G = 5  # K=576, g=128
+    expected = {"model.embed_tokens.weight", "model.norm.weight"}
+    for i in range(2):
+        p = f"model.layers.{i}."
+        expected |= {p + "input_layernorm.weight", p + "post_attention_layernorm.weight"}
+        for name, (K, N) in LINEARS.items():
+            base = p + name
+            expected |= {f"{base}.{s}" for s in ("qweight", "qzeros", "scales", "g_idx")}
+            groups = -(-K // 128)
+            assert t[f"{base}.qweight"].dtype == torch.int32 and t[f"{base}.qweight"].shape == (K * 3 // 32, N)
+            assert t[f"{base}.qzeros"].dtype == torch.int32 and t[f"{base}.qzeros"].shape == (groups, N * 3 // 32)
+            assert t[f"{base}.scales"].dtype == torch.float16 and t[f"{base}.scales"].shape == (groups, N)
+            assert t[f"{base}.g_idx"].dtype == torch.int32 and t[f"{base}.g_idx"].shape == (K,)
+    assert set(t) == expected
+    assert t["model.embed_tokens.weight"].dtype == torch.float16
+    assert G == 5
+
+
+def test_dequantized_checkpoint_equals_the_fake_quantized_weights(quantized):
+    out, seen = quantized
+    t = _tensors(out / "model.safetensors")
+    assert len(seen) == 14
+    for name, fake in seen.items():
+        W = gptq_format.dequantize(t[f"{name}.qweight"], t[f"{name}.qzeros"], t[f"{name}.scales"],
+                                   t[f"{name}.g_idx"], 3, "gptq_v2")
+        assert torch.equal(W.T, fake), name
+    g_idx = t["model.layers.0.self_attn.q_proj.g_idx"]
+    assert not bool((g_idx[1:] >= g_idx[:-1]).all())  # act-order without static groups
+
+
+def test_symmetric_checkpoint_stores_v1_zeros(tiny_models_dir):
+    result = run(plan(tiny_models_dir, "tiny", "tiny-4bit-rtn", QuantizeSettings(method="rtn", **SMALL)))
+    t = _tensors(result.output / "model.safetensors")
+    qzeros = t["model.layers.1.mlp.down_proj.qzeros"]
+    assert bool((qzeros == 0x77777777).all())  # z - 1 = 7 in every 4-bit field
+    assert json.loads((result.output / "quantize_config.json").read_text())["checkpoint_format"] == "gptq"
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(bits=5), "bits must be one of 2, 3, 4, 8"),
+    (dict(group_size=0), "group size must be -1"),
+    (dict(nsamples=0), "nsamples must be a positive number"),
+    (dict(damp=0.0), "damp must be in"),
+    (dict(calib="no-such-source"), "neither one of builtin"),
+])
+def test_bad_settings_write_nothing(tiny_models_dir, changes, message):
+    before = _listing(tiny_models_dir)
+    jobs = JobManager()
+    with pytest.raises((ValueError, BackendError), match=message):
+        start_quantize(jobs, tiny_models_dir, "tiny", "new-model", QuantizeSettings(**{**SMALL, **changes}))
+    assert _listing(tiny_models_dir) == before and not jobs.jobs()
+
+
+@pytest.mark.parametrize("out,message", [
+    ("tiny", "already exists"),
+    ("../escape", "plain folder name"),
+    ("/tmp/abs", "plain folder name"),
+    ("a/b", "plain folder name"),
+    (".hidden", "plain folder name"),
+    ("", "give the output model a name"),
+])
+def test_bad_output_names_write_nothing(tiny_models_dir, out, message):
+    before = _listing(tiny_models_dir)
+    with pytest.raises(BackendError, match=message):
+        plan(tiny_models_dir, "tiny", out, QuantizeSettings(**SMALL))
+    assert _listing(tiny_models_dir) == before
+
+
+def test_bad_sources_write_nothing(tiny_models_dir, tmp_path):
+    before = _listing(tiny_models_dir)
+    with pytest.raises(BackendError, match="outside the models folder"):
+        plan(tiny_models_dir, "../x", "new-model", QuantizeSettings(**SMALL))
+    nosafe = tiny_models_dir / "no-safetensors"
+    nosafe.mkdir()
+    (nosafe / "config.json").write_text((tiny_models_dir / "tiny" / "config.json").read_text())
+    (nosafe / "pytorch_model.bin").write_bytes(b"not loaded")
+    try:
+        with pytest.raises(BackendError, match="no .safetensors weights"):
+            plan(tiny_models_dir, "no-safetensors", "new-model", QuantizeSettings(**SMALL))
+        config = json.loads((nosafe / "config.json").read_text())
+        config["model_type"] = "gpt2"
+        (nosafe / "config.json").write_text(json.dumps(config))
+        with pytest.raises(BackendError, match="architecture 'gpt2' is not supported"):
+            plan(tiny_models_dir, "no-safetensors", "new-model", QuantizeSettings(**SMALL))
+    finally:
+        for f in nosafe.iterdir():
+            f.unlink()
+        nosafe.rmdir()
+    assert _listing(tiny_models_dir) == before
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"", "holds no text"),
+    (b"\x00\x01\x02\xff\xfe binary", "not UTF-8|binary"),
+    (b"   \n\n  ", "holds no text"),
+])
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
+def test_bad_calibration_files_are_refused_before_the_job(tiny_models_dir, tmp_path, content, message, suffix):
+    calib = tmp_path / f"calib{suffix}"
+    calib.write_bytes(content)
+    before = _listing(tiny_models_dir)
+    jobs = JobManager()
+    with pytest.raises(BackendError, match=message.replace("holds no text", "holds no (text|records)")):
+        start_quantize(jobs, tiny_models_dir, "tiny", "from-bad-file", QuantizeSettings(**{**SMALL, "calib": str(calib)}))
+    assert _listing(tiny_models_dir) == before and not jobs.jobs()
+
+
+def test_a_job_failing_before_any_layer_leaves_nothing(tiny_models_dir, tmp_path):
+    """A text too short for one window is only found out while drawing windows, inside the job."""
+    calib = tmp_path / "short.txt"
+    calib.write_text("Only a few words here.")
+    before = _listing(tiny_models_dir)
+    jobs = JobManager()
+    job = start_quantize(jobs, tiny_models_dir, "tiny", "from-short-file", QuantizeSettings(**{**SMALL, "calib": str(calib)}))
+    job.wait()
+    assert job.status == "failed" and "needs more than seqlen=64" in job.error
+    assert _listing(tiny_models_dir) == before
+
+
+def test_cancel_leaves_no_partial_model(tiny_models_dir):
+    jobs = JobManager(sample_interval=0.2)
+    before = _listing(tiny_models_dir)
+    job = start_quantize(jobs, tiny_models_dir, "tiny4", "cancelled", QuantizeSettings(**SMALL))
+    deadline = time.time() + 120
+    while not any(e.get("kind") == "layer_done" for e in list(job.events)) and time.time() < deadline:
+        time.sleep(0.05)
+    job.cancel()
+    assert job.wait(60)
+    assert job.status == "cancelled"
+    layers_done = sum(1 for e in job.events if e.get("kind") == "layer_done")
+    assert layers_done < 4  # it stopped within the layer it was in
+    assert _listing(tiny_models_dir) == before
+    names = {m.name for m in ModelManager(tiny_models_dir).list_models()}
+    assert "cancelled" not in names and not any(n.startswith("cancelled") for n in names)
+
+
+def _cli(*args, **kw):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    return subprocess.Popen([sys.executable, "-m", "quantizer", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+@pytest.mark.slow
+def test_resume_after_kill_gives_the_same_checkpoint(tiny_models_dir):
+    common = ["quantize", "tiny4", "--models-dir", str(tiny_models_dir), "--nsamples", "4", "--seqlen", "64",
+              "--bits", "4", "--act-order"]
+    proc = _cli(*common, "--out", "resumed")
+    state = tiny_models_dir / "resumed.partial" / "state.json"
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        if state.exists():
+            try:
+                if json.loads(state.read_text())["finished"] >= 2:
+                    break
+            except (ValueError, KeyError):
+                pass
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tiny_models_dir / "resumed").exists()
+    assert "resumed" not in {m.name for m in ModelManager(tiny_models_dir).list_models()}
+    finished = json.loads(state.read_text())["finished"]
+    assert 2 <= finished < 4
+
+    again = _cli(*common, "--out", "resumed")
+    _, err = again.communicate(timeout=300)
+    assert again.returncode == 2 and "--resume" in err          # refuses to silently overwrite
+    resumed = _cli(*common, "--out", "resumed", "--resume")
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert f"resumed after layer {finished}" in out
+    assert not (tiny_models_dir / "resumed.partial").exists()
+
+    reference = run(plan(tiny_models_dir, "tiny4", "uninterrupted",
+                         QuantizeSettings(bits=4, act_order=True, nsamples=4, seqlen=64, calib="builtin")))
+    a = _tensors(tiny_models_dir / "resumed" / "model.safetensors")
+    b = _tensors(reference.output / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_eval_cli_prints_ppl_last(quantized, tiny_models_dir):
+    out, _ = quantized
+    proc = _cli("eval", out.name, "--models-dir", str(tiny_models_dir), "--backend", "dequantized",
+                "--dataset", "wikitext2", "--seqlen", "64", "--windows", "2")
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    last = stdout.strip().splitlines()[-1]
+    assert last.startswith("ppl ")
+    ppl = float(last.split()[1])
+    assert "2 windows" in stderr
+    from quantizer.evaluation import load_eval_text, perplexity
+    from quantizer.reference import DequantizedGPTQBackend
+    backend = DequantizedGPTQBackend()
+    backend.load(out, backend.validate_options({"dtype": "float32", "device": "cpu"}))
+    expected = perplexity(backend, load_eval_text("wikitext2"), 64, 2).ppl
+    backend.unload()
+    assert ppl == pytest.approx(expected, rel=1e-4)
+
+    bad = _cli("eval", "../nowhere", "--models-dir", str(tiny_models_dir), "--seqlen", "64")
+    _, err = bad.communicate(timeout=120)
+    assert bad.returncode == 2 and "outside the models folder" in err
