@@ -2,8 +2,8 @@
 same server as the Gradio page.
 
 The API is a small Starlette app mounted at /v1 on Gradio's own FastAPI app, so its error handling,
-auth and limits apply to it alone. Request bodies are parsed and checked by hand: every bad input
-becomes a 4xx in the OpenAI error shape with a sentence saying what to fix, never a stack trace.
+auth and limits apply to it alone. Bodies are checked in `webui.api_requests`; generation goes
+through the fair per-model queue of `webui.request_queue`.
 """
 from __future__ import annotations
 
@@ -11,11 +11,9 @@ import asyncio
 import hmac
 import json
 import logging
-import math
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, AsyncIterator
 
 from starlette.applications import Starlette
@@ -25,31 +23,13 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 
 from backends.base import BackendError, GenerationChunk, SamplingParams
+from webui.api_requests import (COMPLETIONS_DEFAULT_MAX_TOKENS, DEFAULT_MAX_BODY_BYTES, ApiError, bool_field,
+                                messages_from, prompt_from, read_json, resolve_model, sampling_from)
 from webui.request_queue import Cancellation, ClientGone, FairQueue, QueueFull, run_queued
 
 log = logging.getLogger(__name__)
 
 API_PREFIX = "/v1"
-DEFAULT_MAX_BODY_BYTES = 8 * 2**20
-COMPLETIONS_DEFAULT_MAX_TOKENS = 16          # as OpenAI's legacy completions endpoint
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-_UNSUPPORTED = ("tools", "functions", "logit_bias", "suffix")
-
-
-class ApiError(Exception):
-    """An error the client caused (or can act on), sent in the OpenAI error shape."""
-
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
 # -- auth -----------------------------------------------------------------------------------------
@@ -85,212 +65,6 @@ class BearerAuth:
             return await response(scope, receive, send)
         return await self.app(scope, receive, send)
 
-
-# -- request parsing ------------------------------------------------------------------------------
-async def read_json(request: Request, limit: int) -> dict:
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type != "application/json":
-        raise ApiError(415, "send the request body as JSON with the header 'Content-Type: application/json'",
-                       code="unsupported_media_type")
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            too_big = int(declared) > limit
-        except ValueError:
-            raise ApiError(400, "the Content-Length header is not a number") from None
-        if too_big:
-            raise ApiError(413, f"the request body is larger than the limit of {limit} bytes",
-                           code="request_too_large")
-    body = bytearray()
-    async for part in request.stream():
-        body += part
-        if len(body) > limit:
-            raise ApiError(413, f"the request body is larger than the limit of {limit} bytes",
-                           code="request_too_large")
-    try:
-        text = bytes(body).decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ApiError(400, f"the request body is not valid UTF-8 (byte {exc.start})") from None
-    try:
-        data = json.loads(text, parse_constant=_refuse_constant)
-    except json.JSONDecodeError as exc:
-        raise ApiError(400, f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} "
-                            f"column {exc.colno}") from None
-    except RecursionError:
-        raise ApiError(400, "the request body is nested too deeply") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "the request body must be a JSON object")
-    return data
-
-
-def _refuse_constant(name: str):
-    raise ApiError(400, f"the request body is not valid JSON: {name} is not a JSON number")
-
-
-def _number(data: dict, name: str, default, low: float, high: float, *, low_open: bool = False):
-    value = data.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ApiError(400, f"{name} must be a number, got {json.dumps(value)[:40]}", param=name)
-    if value < low or value > high or (low_open and value == low):
-        bracket = "(" if low_open else "["
-        raise ApiError(400, f"{name} must be in {bracket}{low:g}, {high:g}], got {value}", param=name)
-    return float(value)
-
-
-def _integer(data: dict, name: str, default, low: int, high: int | None = None):
-    value = data.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int):
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        else:
-            raise ApiError(400, f"{name} must be an integer, got {json.dumps(value)[:40]}", param=name)
-    if value < low or (high is not None and value > high):
-        limit = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ApiError(400, f"{name} must be {limit}, got {value}", param=name)
-    return value
-
-
-def _stop(data: dict) -> tuple[str, ...]:
-    value = data.get("stop")
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
-        raise ApiError(400, "stop must be a string or a list of strings", param="stop")
-    if len(value) > 4:
-        raise ApiError(400, f"stop takes at most 4 strings, got {len(value)}", param="stop")
-    return tuple(s for s in value if s)
-
-
-def _refuse_unsupported(data: dict) -> None:
-    for name in _UNSUPPORTED:
-        if data.get(name):
-            raise ApiError(400, f"{name} is not supported by this server", param=name)
-    if data.get("tool_choice") not in (None, "none"):
-        raise ApiError(400, "tool_choice is not supported by this server", param="tool_choice")
-    if _integer(data, "n", 1, 1) != 1:
-        raise ApiError(400, "only n=1 is supported", param="n")
-    if _integer(data, "best_of", 1, 1) != 1:
-        raise ApiError(400, "only best_of=1 is supported", param="best_of")
-    if data.get("logprobs") or data.get("top_logprobs") or data.get("echo"):
-        name = next(n for n in ("logprobs", "top_logprobs", "echo") if data.get(n))
-        raise ApiError(400, f"{name} is not supported by this server", param=name)
-    for name in ("presence_penalty", "frequency_penalty"):
-        if _number(data, name, 0.0, -2.0, 2.0) != 0.0:
-            raise ApiError(400, f"{name} is not supported (use repetition_penalty)", param=name)
-    response_format = data.get("response_format")
-    if response_format not in (None, {"type": "text"}):
-        raise ApiError(400, "only response_format {\"type\": \"text\"} is supported", param="response_format")
-
-
-def _bool(data: dict, name: str) -> bool:
-    value = data.get(name, False)
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise ApiError(400, f"{name} must be true or false", param=name)
-    return value
-
-
-def sampling_from(data: dict, default_max_tokens: int | None, context_length: int) -> SamplingParams:
-    """OpenAI fields (plus top_k, min_p, repetition_penalty as vLLM and llama.cpp accept them)."""
-    _refuse_unsupported(data)
-    max_tokens = _integer(data, "max_completion_tokens", None, 1)
-    max_tokens = _integer(data, "max_tokens", max_tokens, 1)
-    if max_tokens is None:
-        max_tokens = default_max_tokens or context_length
-    seed = _integer(data, "seed", None, -2**63, 2**64 - 1)
-    params = SamplingParams(
-        temperature=_number(data, "temperature", 1.0, 0.0, 2.0),
-        top_p=_number(data, "top_p", 1.0, 0.0, 1.0, low_open=True),
-        top_k=_integer(data, "top_k", 0, 0),
-        min_p=_number(data, "min_p", 0.0, 0.0, 1.0),
-        repetition_penalty=_number(data, "repetition_penalty", 1.0, 0.0, 10.0, low_open=True),
-        max_new_tokens=min(max_tokens, max(1, context_length)),
-        seed=None if seed is None else seed % 2**32,   # engines take 32-bit seeds: same seed, same reply
-        stop=_stop(data),
-    )
-    try:
-        return params.validated()
-    except BackendError as exc:
-        raise ApiError(400, str(exc)) from None
-
-
-def _content_text(content: Any, where: str) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = []
-        for part in content:
-            if isinstance(part, str):
-                parts.append(part)
-            elif isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
-                parts.append(part["text"])
-            else:
-                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise ApiError(400, f"{where}: only text content is supported, got a {kind!s:.30} part",
-                               param="messages")
-        return "".join(parts)
-    raise ApiError(400, f"{where}: content must be a string or a list of text parts", param="messages")
-
-
-def messages_from(data: dict) -> list[dict]:
-    messages = data.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "messages must be a non-empty list of {role, content} objects", param="messages")
-    clean = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise ApiError(400, f"messages[{i}] must be an object", param="messages")
-        role = message.get("role")
-        if role not in _ROLES:
-            raise ApiError(400, f"messages[{i}].role must be one of system, user, assistant "
-                                f"(got {json.dumps(role)[:30]})", param="messages")
-        clean.append({"role": _ROLES[role], "content": _content_text(message.get("content"), f"messages[{i}]")})
-    if not any(m["content"].strip() for m in clean):
-        raise ApiError(400, "the messages are empty: nothing to answer", param="messages")
-    return clean
-
-
-def prompt_from(data: dict) -> str:
-    prompt = data.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if isinstance(prompt, list):
-        raise ApiError(400, "prompt must be one string (batches and token arrays are not supported)",
-                       param="prompt")
-    if not isinstance(prompt, str):
-        raise ApiError(400, "prompt must be a string", param="prompt")
-    if not prompt:
-        raise ApiError(400, "the prompt is empty", param="prompt")
-    return prompt
-
-
-def resolve_model(manager, requested: Any) -> str:
-    """A loaded model's id; its folder or file name (with or without .gguf) when that is unambiguous."""
-    if not isinstance(requested, str) or not requested.strip():
-        raise ApiError(400, "model is required: one of the ids from GET /v1/models", param="model")
-    loaded = manager.loaded()
-    ids = [m.model_id for m in loaded]
-    if requested in ids:
-        return requested
-    names = {requested, requested.removesuffix(".gguf")}
-    matches = [m.model_id for m in loaded
-               if m.name in names or m.name.removesuffix(".gguf") in names or Path(m.name).name in names]
-    if len(matches) == 1:
-        return matches[0]
-    if len(matches) > 1:
-        raise ApiError(400, f"model {requested!r} is loaded more than once; pick one id: {', '.join(matches)}",
-                       param="model", code="model_ambiguous")
-    raise ApiError(404, f"the model {requested[:200]!r} is not loaded; loaded: {', '.join(ids) or 'none'} "
-                        "(load models in the Models tab)", param="model", code="model_not_found")
 
 
 # -- responses ------------------------------------------------------------------------------------
@@ -375,7 +149,7 @@ class OpenAIApi:
         except BackendError as exc:
             raise _error_for(exc) from None
         params = sampling_from(data, None if kind == "chat" else COMPLETIONS_DEFAULT_MAX_TOKENS, context)
-        stream = _bool(data, "stream")
+        stream = bool_field(data, "stream")
         options = data.get("stream_options")
         if options is not None and not isinstance(options, dict):
             raise ApiError(400, "stream_options must be an object", param="stream_options")
