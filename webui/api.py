@@ -55,10 +55,12 @@ class BearerAuth:
         self.key = key.encode("utf-8") if key else None
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or self.key is None:
+        if self.key is None or scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
         values = [v.decode("latin-1") for k, v in scope.get("headers", []) if k.lower() == b"authorization"]
         if not bearer_matches(values, self.key):
+            if scope["type"] == "websocket":              # no websocket routes here, and none without the key
+                return await send({"type": "websocket.close", "code": 1008})
             message = ("missing API key: send the header 'Authorization: Bearer <key>'" if not values
                        else "invalid API key")
             response = ApiError(401, message, type="invalid_request_error", code="invalid_api_key").response()

@@ -115,3 +115,11 @@ def test_listen_needs_an_api_key_unless_insecure(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         parse_args(["--api-key", "short"])
     assert "at least 8 printable characters" in capsys.readouterr().err
+
+
+def test_websocket_upgrade_does_not_bypass_the_key(api_server):
+    reply = raw_request(api_server.port, b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                                         b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                                         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+    assert not reply.startswith(b"HTTP/1.1 101"), reply[:300]       # never switched to a websocket
+    assert MODEL_ID.encode() not in reply
