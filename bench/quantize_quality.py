@@ -71,6 +71,7 @@ def main(argv=None) -> int:
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--windows", type=int, default=40)
+    ap.add_argument("--eval-seqlen", type=int, default=None, help="evaluation window (default: --seqlen)")
     ap.add_argument("--variant", action="append", help="name:key=value,... (QuantizeSettings fields)")
     ap.add_argument("--no-fp", action="store_true", help="skip the fp baseline row")
     ap.add_argument("--threads", type=int, default=0)
@@ -81,6 +82,7 @@ def main(argv=None) -> int:
     base = dict(calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen)
     variants = [parse_variant(v, base) for v in (args.variant or DEFAULT_VARIANTS)]
     text = load_eval_text("wikitext2")
+    eval_seqlen = args.eval_seqlen or args.seqlen
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = "float16" if device == "cuda" else "float32"
     rows = []
@@ -88,7 +90,7 @@ def main(argv=None) -> int:
     if not args.no_fp:
         backend = create_backend("transformers")
         backend.load(args.models_dir / args.model, backend.validate_options({"dtype": dtype, "device": device}))
-        fp = evaluate(backend, text, args.seqlen, args.windows)
+        fp = evaluate(backend, text, eval_seqlen, args.windows)
         backend.unload()
         rows.append(("fp", fp, None, None))
         print(f"fp  ppl {fp:.3f}", flush=True)
@@ -101,7 +103,7 @@ def main(argv=None) -> int:
         seconds = time.perf_counter() - t0
         backend = DequantizedGPTQBackend()
         backend.load(result.output, backend.validate_options({"dtype": dtype, "device": device}))
-        ppl = evaluate(backend, text, args.seqlen, args.windows)
+        ppl = evaluate(backend, text, eval_seqlen, args.windows)
         backend.unload()
         shutil.rmtree(result.output, ignore_errors=True)
         rows.append((name, ppl, seconds, settings))
@@ -120,7 +122,7 @@ def main(argv=None) -> int:
         header = (f"\n### Quantization quality ({datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC, {device} "
                   f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, commit {commit})\n"
                   f"Command: `python {' '.join(['bench/quantize_quality.py'] + (argv if argv is not None else sys.argv[1:]))}`\n"
-                  f"wikitext2 test, seqlen {args.seqlen}, first {args.windows} windows; calibration {args.calib} "
+                  f"wikitext2 test, seqlen {eval_seqlen}, first {args.windows} windows; calibration {args.calib} "
                   f"{args.nsamples} x {args.seqlen} tokens, seed 0; ppl of the dequantized checkpoint.\n\n")
         with open(REPO / "bench" / "RESULTS.md", "a", encoding="utf-8") as fh:
             fh.write(header + table + "\n")
