@@ -54,6 +54,7 @@ def build_hostile_models(root: Path, hf: Path, gguf: Path, gptq: Path) -> Hostil
     marker = root / "PWNED"
     link_files(hf, models / "good-hf")
     os.link(gguf, models / "good.gguf")
+    link_files(gptq, models / "good-gptq")
 
     # truncated safetensors: header intact, data cut after 4 MiB
     link_files(hf, models / "truncated-safetensors", skip=("model.safetensors",))
