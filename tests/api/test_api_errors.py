@@ -3,6 +3,7 @@ the server keeps answering good requests afterwards."""
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import openai
@@ -128,3 +129,37 @@ def test_the_server_still_answers_after_bad_input(client):
     reply = client.completions.create(model=MODEL_ID, prompt="The password is apple. I repeat, the password is",
                                       temperature=0, max_tokens=2)
     assert "apple" in reply.choices[0].text
+
+
+@pytest.fixture
+def engine_fails_mid_reply(api_server, monkeypatch):
+    """The real engine, made to fail after two tokens (as a driver error or a bug would)."""
+    backend = api_server.ctx.manager.get(MODEL_ID).backend
+    real = backend.generate
+
+    def failing(prompt, params, stop_event=None):
+        for i, chunk in enumerate(real(prompt, params, stop_event)):
+            if i == 2:
+                raise RuntimeError("simulated engine failure at /secret/path.py line 42")
+            yield chunk
+
+    monkeypatch.setattr(backend, "generate", failing)
+
+
+def test_engine_failure_mid_stream_ends_with_an_error_event(api_server, client, engine_fails_mid_reply):
+    with pytest.raises(openai.APIError) as info:
+        for _ in client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "Hi"}],
+                                                max_tokens=8, temperature=0, stream=True):
+            pass
+    assert "internal error (RuntimeError)" in str(info.value)
+    assert "/secret/path.py" not in str(info.value)           # details stay in the server log
+    deadline = time.monotonic() + 30                          # the worker ends and hands the model on
+    while not api_server.api.queue.idle() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert api_server.api.queue.idle()
+
+
+def test_engine_failure_without_streaming_is_a_500_in_openai_shape(api_server, engine_fails_mid_reply):
+    response = post(api_server, CHAT, chat_body(max_tokens=8))
+    error = assert_error(response, 500, "internal error (RuntimeError)")
+    assert error["type"] == "server_error" and "/secret/path.py" not in response.text
