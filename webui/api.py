@@ -47,26 +47,50 @@ def bearer_matches(header_values: list[str], key: bytes) -> bool:
     return hmac.compare_digest(given, key)
 
 
-class BearerAuth:
-    """ASGI middleware: every /v1 route (including unknown ones) needs the key before anything else."""
+LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
-    def __init__(self, app, key: str | None):
+
+def host_of(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The host name of the Host header, without port or IPv6 brackets (None when absent or repeated)."""
+    values = [v.decode("latin-1") for k, v in headers if k.lower() == b"host"]
+    if len(values) != 1:
+        return None
+    host = values[0].strip().lower()
+    if host.startswith("["):                          # [v6]  or  [v6]:port, nothing else
+        inside, _, rest = host[1:].partition("]")
+        return inside if rest == "" or (rest[:1] == ":" and rest[1:].isdigit()) else None
+    name, _, port = host.partition(":")
+    return name if port == "" or port.isdigit() else None
+
+
+class ApiGuard:
+    """ASGI middleware, before any route (including unknown ones): on a local-only server the Host
+    header must name this machine (a web page that rebinds its DNS name to 127.0.0.1 cannot reach the
+    API), and with a key every request needs `Authorization: Bearer <key>`."""
+
+    def __init__(self, app, key: str | None, local_only: bool):
         self.app = app
         self.key = key.encode("utf-8") if key else None
+        self.local_only = local_only
 
     async def __call__(self, scope, receive, send):
-        if self.key is None or scope["type"] not in ("http", "websocket"):
+        if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
-        values = [v.decode("latin-1") for k, v in scope.get("headers", []) if k.lower() == b"authorization"]
-        if not bearer_matches(values, self.key):
-            if scope["type"] == "websocket":              # no websocket routes here, and none without the key
-                return await send({"type": "websocket.close", "code": 1008})
-            message = ("missing API key: send the header 'Authorization: Bearer <key>'" if not values
-                       else "invalid API key")
-            response = ApiError(401, message, type="invalid_request_error", code="invalid_api_key").response()
-            return await response(scope, receive, send)
-        return await self.app(scope, receive, send)
-
+        headers = scope.get("headers", [])
+        error = None
+        if self.local_only and host_of(headers) not in LOCAL_HOSTS:
+            error = ApiError(403, "this server only answers requests addressed to 127.0.0.1 or localhost "
+                                  "(start it with --listen to serve other names)", code="host_not_allowed")
+        elif self.key is not None:
+            values = [v.decode("latin-1") for k, v in headers if k.lower() == b"authorization"]
+            if not bearer_matches(values, self.key):
+                error = ApiError(401, "missing API key: send the header 'Authorization: Bearer <key>'"
+                                 if not values else "invalid API key", code="invalid_api_key")
+        if error is None:
+            return await self.app(scope, receive, send)
+        if scope["type"] == "websocket":                  # no websocket routes here, and none unguarded
+            return await send({"type": "websocket.close", "code": 1008})
+        return await error.response()(scope, receive, send)
 
 
 # -- responses ------------------------------------------------------------------------------------
@@ -318,8 +342,9 @@ async def _server_error(request: Request, exc: Exception) -> Response:
     return _error_for(exc).response()
 
 
-def create_api_app(ctx, api_key: str | None = None, **options) -> Starlette:
-    """The /v1 app. `api_key`: when set, every route needs `Authorization: Bearer <api_key>`."""
+def create_api_app(ctx, api_key: str | None = None, local_only: bool = True, **options) -> Starlette:
+    """The /v1 app. `api_key`: when set, every route needs `Authorization: Bearer <api_key>`.
+    `local_only`: refuse requests whose Host is not this machine (the server binds 127.0.0.1)."""
     api = OpenAIApi(ctx, **options)
     app = Starlette(routes=[
         Route("/models", _guard(api.list_models), methods=["GET"]),
@@ -328,11 +353,11 @@ def create_api_app(ctx, api_key: str | None = None, **options) -> Starlette:
         Route("/completions", _guard(api.completions), methods=["POST"]),
     ], exception_handlers={HTTPException: _http_error, Exception: _server_error})
     app.state.api = api
-    app.add_middleware(BearerAuth, key=api_key)
+    app.add_middleware(ApiGuard, key=api_key, local_only=local_only)
     return app
 
 
-def api_routes(ctx, api_key: str | None = None, **options) -> list[Mount]:
+def api_routes(ctx, api_key: str | None = None, local_only: bool = True, **options) -> list[Mount]:
     """Routes to hand to Gradio's FastAPI app (`demo.launch(app_kwargs={"routes": ...})`), so the API
     is served by the same server and exists from its first request on."""
-    return [Mount(API_PREFIX, app=create_api_app(ctx, api_key, **options), name="openai-api")]
+    return [Mount(API_PREFIX, app=create_api_app(ctx, api_key, local_only, **options), name="openai-api")]

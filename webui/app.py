@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     host = "0.0.0.0" if args.listen else "127.0.0.1"
     try:
         from webui.api import api_routes
-        launch(demo, host, args.port, args.auth, block=False, routes=api_routes(ctx, args.api_key))
+        launch(demo, host, args.port, args.auth, block=False,
+               routes=api_routes(ctx, args.api_key, local_only=not args.listen))
     except OSError as exc:
         print(f"gptq-webui: cannot serve on port {args.port}: {exc}. Pick another with --port.", file=sys.stderr)
         return 2

@@ -123,3 +123,41 @@ def test_websocket_upgrade_does_not_bypass_the_key(api_server):
                                          b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
     assert not reply.startswith(b"HTTP/1.1 101"), reply[:300]       # never switched to a websocket
     assert MODEL_ID.encode() not in reply
+
+
+@pytest.mark.parametrize("host, status", [
+    (b"127.0.0.1", 200), (b"localhost", 200), (b"[::1]", 200), (b"LOCALHOST", 200),
+    (b"evil.example", 403), (b"127.0.0.1.evil.example", 403), (b"localhost.evil.example", 403),
+    (b"192.168.1.20", 403), (b"[::1].evil", 403),
+])
+def test_dns_rebinding_hosts_are_refused_on_a_local_server(api_server, host, status):
+    """A web page whose name was rebound to 127.0.0.1 sends its own name as Host: refused, key or not."""
+    reply = raw_request(api_server.port, b"GET /v1/models HTTP/1.1\r\nHost: " + host + b":" +
+                        str(api_server.port).encode() + b"\r\nAuthorization: Bearer " + API_KEY.encode() +
+                        b"\r\nConnection: close\r\n\r\n")
+    assert int(reply.split(b" ", 2)[1]) == status, reply[:300]
+    assert (MODEL_ID.encode() in reply) == (status == 200)
+    if status == 403:
+        assert b"host_not_allowed" in reply
+
+
+def test_missing_or_repeated_host_is_refused(api_server):
+    for head in (b"GET /v1/models HTTP/1.0\r\n", b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nHost: evil.example\r\n"):
+        reply = raw_request(api_server.port, head + b"Authorization: Bearer " + API_KEY.encode() +
+                            b"\r\nConnection: close\r\n\r\n")
+        assert int(reply.split(b" ", 2)[1]) in (400, 403) and MODEL_ID.encode() not in reply
+
+
+def test_a_listening_server_accepts_other_host_names(tmp_path):
+    """With --listen the API is meant for other machines: Host is not checked, the key still is."""
+    from starlette.testclient import TestClient
+    from webui.api import create_api_app
+    from webui.context import AppContext
+
+    ctx = AppContext.create(models_dir=tmp_path / "models", data_dir=tmp_path / "data")
+    local = TestClient(create_api_app(ctx, API_KEY, local_only=True), base_url="http://gpu-box.lan")
+    listening = TestClient(create_api_app(ctx, API_KEY, local_only=False), base_url="http://gpu-box.lan")
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    assert local.get("/models", headers=auth).status_code == 403
+    assert listening.get("/models", headers=auth).json() == {"object": "list", "data": []}
+    assert listening.get("/models").status_code == 401
