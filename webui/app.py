@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     loader = _start_loading(ctx, args.model, args.backend) if args.model else None
     # uploads land under the user data folder (size-limited in launch), not in a shared /tmp/gradio
-    os.environ.setdefault("GRADIO_TEMP_DIR", str(ctx.data_dir / "uploads"))
+    from webui.security import uploads_dir
+    os.environ.setdefault("GRADIO_TEMP_DIR", str(uploads_dir(ctx.data_dir)))
     demo = build_app(ctx)  # imports gradio and builds the page while the model loads
     if loader is not None:
         loader.join()

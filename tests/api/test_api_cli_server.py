@@ -71,3 +71,14 @@ def test_uploads_are_limited_and_stored_under_the_data_folder(cli_server):
                      files={"files": ("big.txt", b"x" * (DEFAULT_MAX_UPLOAD_BYTES + 1024))})
     assert big.status_code == 413, big.text[:200]
     assert not [p for p in (data / "uploads").rglob("big.txt")]
+
+
+def test_upload_names_cannot_leave_the_uploads_folder(cli_server):
+    base, data = cli_server
+    for name in ("../../escape.txt", "/tmp/absolute-escape.txt", "..\\..\\win-escape.txt"):
+        reply = httpx.post(base + "/gradio_api/upload", files={"files": (name, b"payload\n")}, timeout=60)
+        assert reply.status_code == 200, reply.text
+        stored = Path(reply.json()[0]).resolve()
+        assert (data / "uploads").resolve() in stored.parents, stored
+    assert not (data / "escape.txt").exists() and not (data.parent / "escape.txt").exists()
+    assert not Path("/tmp/absolute-escape.txt").exists()

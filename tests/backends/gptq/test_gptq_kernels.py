@@ -63,11 +63,15 @@ def test_fused_kernel_matches_float64_reference(kr, bits, gs, act):
     gen = torch.Generator().manual_seed(seed + 1)
     for dtype in (torch.float16, torch.float32):
         for M in (1, 3, 17):
-            configs = runtime.candidates(M, layer)
+            configs = runtime.candidates(M, layer, dtype=dtype)
             fused = [c for c in configs if c.path == "fused"]
             assert fused, "no fused config for a group size the kernel supports"
-            # the default config, a split-K one and a single-split one
-            picks = {configs[0], max(fused, key=lambda c: c.split_k), min(fused, key=lambda c: c.split_k)}
+            # every unpacking mode, each with its fewest and most K splits (workspace + tickets)
+            modes = {c.mode for c in fused}
+            assert 0 in modes and (M > 1 or 2 in modes), modes
+            picks = {pick([c for c in fused if c.mode == mode]) for mode in modes
+                     for pick in (lambda cs: min(cs, key=lambda c: c.split_k),
+                                  lambda cs: max(cs, key=lambda c: c.split_k))}
             for cfg in picks:
                 x = torch.randn(M, K, generator=gen).to(dtype)  # fresh inputs for every run
                 ref = x.double() @ ref_w
@@ -85,12 +89,12 @@ def test_dequantize_kernel_and_prefill_path(kr, bits, gs, act):
     packed, ref_w = _layer(bits, gs, act, seed=bits + 7)
     layer = make_kernel_layer(*packed, bits, gs, "gptq_v2", "cpu")
     w = torch.full((K, N), float("nan"), dtype=torch.float32)
-    kr.launch_dequant(layer, w)
+    kr.launch_dequant(layer, w)  # rows written back to their original (act-order) places
     assert not torch.isnan(w).any()
-    # the kernel's rows are in sorted (group) order: undo the permutation to compare
-    if layer.perm is not None:
-        w = torch.empty_like(w).index_copy_(0, layer.perm.long(), w)
     assert torch.allclose(w.double(), ref_w, rtol=0, atol=1e-6)
+    if layer.perm is not None:  # and in the kernels' sorted order on request
+        ws = kr.launch_dequant(layer, torch.full((K, N), float("nan")), original_order=False)
+        assert torch.allclose(ws.double(), ref_w[layer.perm.long()], rtol=0, atol=1e-6)
     runtime = kr.KernelRuntime(tune=False)
     x = torch.randn(80, K, generator=torch.Generator().manual_seed(3)).half()  # large M: dequant + matmul
     assert runtime.candidates(80, layer)[0].path == "dequant"
@@ -124,7 +128,7 @@ def test_torch_path_and_kernels_agree(kr, bits, gs, act, fmt_name):
     for M in (1, 3, 17):
         x = torch.randn(M, K, generator=torch.Generator().manual_seed(M))
         y_torch = cpu(x)
-        y_kernel = runtime.matmul(x, kernel) + bias.float()
+        y_kernel = runtime.matmul(x, kernel, bias.float())
         assert _rel(y_kernel, y_torch.double()) < 1e-4
     # and the uncached torch path (dequantize at every call) is the same function
     lazy = QuantLinear.from_packed("t", *packed, bias, bits=bits, group_size=gs, checkpoint_format=fmt_name,

@@ -1,0 +1,257 @@
+"""The gptq backend on CPU with real checkpoints of the default model (round-to-nearest through
+format.py) and small hand-made ones: perplexity against the dequantized fp copy through transformers,
+chat/stream/stop/log-probs/memory, v1/v2 interop, asymmetric v2, act-order, bias, quantized lm_head,
+the static-cache decoding step, and clear errors for broken or unsupported checkpoints."""
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from backends.base import BackendError, SamplingParams
+from backends.gptq import format as fmt
+from backends.gptq import rtn
+from backends.registry import create_backend
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def _load(path, **options):
+    backend = create_backend("gptq")
+    backend.load(path, backend.validate_options({"device": "cpu", "dtype": "float32", **options}))
+    return backend
+
+
+def _rewrite(src: Path, dst: Path, tensor_fn=None, config_fn=None) -> Path:
+    """Copy a checkpoint, transforming its tensors and/or quantize config."""
+    shutil.copytree(src, dst)
+    if tensor_fn is not None:
+        with safe_open(str(src / "model.safetensors"), framework="pt") as fh:
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        save_file(tensor_fn(tensors), str(dst / "model.safetensors"), metadata={"format": "pt"})
+    if config_fn is not None:
+        qc = json.loads((dst / "quantize_config.json").read_text())
+        config_fn(qc)
+        (dst / "quantize_config.json").write_text(json.dumps(qc))
+        base = json.loads((dst / "config.json").read_text())
+        base["quantization_config"] = qc
+        (dst / "config.json").write_text(json.dumps(base))
+    return dst
+
+
+def _dense(backend) -> dict[str, torch.Tensor]:
+    return {name: layer.dense_weight() for name, layer in backend.quant_layers.items()}
+
+
+@pytest.fixture(scope="module")
+def ckpt_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("gptq")
+
+
+@pytest.fixture(scope="module")
+def rtn4(ckpt_dir, default_hf_model):
+    return rtn.quantize_folder(default_hf_model, ckpt_dir / "smol-4bit-g128", bits=4, group_size=128)
+
+
+@pytest.fixture(scope="module")
+def gptq4(rtn4):
+    backend = _load(rtn4)
+    yield backend
+    backend.unload()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(ckpt_dir, default_hf_model):
+    """A 1-layer LLaMA with odd sizes (hidden 48), attention biases and an untied head, random weights,
+    with the default model's tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=48, intermediate_size=64, num_hidden_layers=1, num_attention_heads=3,
+                         num_key_value_heads=1, vocab_size=49152, attention_bias=True, tie_word_embeddings=False,
+                         max_position_embeddings=256)
+    model = LlamaForCausalLM(config).half()
+    folder = ckpt_dir / "tiny-fp16"
+    model.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy2(default_hf_model / name, folder / name)
+    return folder
+
+
+def test_full_model_perplexity_matches_dequantized_copy(gptq4, rtn4, ckpt_dir, default_hf_model, wikitext_path,
+                                                        transformers_backend):
+    from quantizer.evaluation import load_eval_text, perplexity
+    # the dequantized fp32 copy of the same checkpoint, as a plain HF model for transformers
+    fp_copy = ckpt_dir / "smol-4bit-dequantized"
+    fp_copy.mkdir()
+    with safe_open(str(rtn4 / "model.safetensors"), framework="pt") as fh:
+        tensors = {k: fh.get_tensor(k).float() for k in fh.keys()
+                   if k.rsplit(".", 1)[-1] not in ("qweight", "qzeros", "scales", "g_idx")}
+    for name, w in _dense(gptq4).items():
+        tensors[name + ".weight"] = w.contiguous()
+    save_file(tensors, str(fp_copy / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((rtn4 / "config.json").read_text())
+    del config["quantization_config"]
+    (fp_copy / "config.json").write_text(json.dumps(config))
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        if (rtn4 / name).exists():
+            shutil.copy2(rtn4 / name, fp_copy / name)
+    ref = create_backend("transformers")
+    ref.load(fp_copy, ref.validate_options({"dtype": "float32", "device": "cpu"}))
+    text = load_eval_text(str(wikitext_path))
+    q = perplexity(gptq4, text, seqlen=128, windows=4).ppl
+    d = perplexity(ref, text, seqlen=128, windows=4).ppl
+    fp = perplexity(transformers_backend, text, seqlen=128, windows=4).ppl
+    ref.unload()
+    assert abs(q - d) / d < 0.005, (q, d)
+    # and quantization costs something, but not the model: RTN 4-bit g128 stays within 2x of fp
+    assert fp < q < 2 * fp, (fp, q)
+
+
+def test_chat_stream_stop_logprobs_memory(gptq4):
+    chunks = list(gptq4.chat(QUESTION, SamplingParams(max_new_tokens=12)))
+    text = "".join(c.text for c in chunks)
+    assert chunks[-1].finished and chunks[-1].generated_tokens >= 1
+    assert "Paris" in text, text
+    stop = threading.Event()
+    stop.set()
+    cancelled = list(gptq4.chat(QUESTION, SamplingParams(max_new_tokens=12), stop))
+    assert cancelled[-1].finish_reason == "cancelled" and cancelled[-1].generated_tokens == 0
+    ids = gptq4.tokenize("The quick brown fox jumps over the lazy dog.")
+    lp = gptq4.token_logprobs(ids)
+    assert len(lp) == len(ids) - 1 and all(v <= 0 for v in lp)
+    report = gptq4.memory_report()
+    assert 4.0 < report.bits_per_weight < 4.5 and report.ram_mb > 50
+    assert gptq4.quant_config.bits == 4 and gptq4.checkpoint_format == "gptq"
+    assert all(layer.path == "torch-cached" for layer in gptq4.quant_layers.values())
+    assert len(gptq4.quant_layers) == 30 * 7
+
+
+def _to_v2(tensors):
+    return {k: (fmt.convert_qzeros(v, 4, "gptq", "gptq_v2") if k.endswith(".qzeros") else v)
+            for k, v in tensors.items()}
+
+
+def test_v1_and_v2_forms_load_to_identical_weights(gptq4, rtn4, ckpt_dir):
+    v2 = _rewrite(rtn4, ckpt_dir / "smol-v2", _to_v2, lambda qc: qc.update(checkpoint_format="gptq_v2"))
+    other = _load(v2)
+    assert other.checkpoint_format == "gptq_v2" and not other.load_warnings
+    a, b = _dense(gptq4), _dense(other)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    other.unload()
+
+
+def test_mislabeled_v2_is_caught_by_the_zero_check(gptq4, rtn4, ckpt_dir):
+    # zeros stored as v2 (8 for symmetric 4-bit) but the config says v1
+    wrong = _rewrite(rtn4, ckpt_dir / "smol-mislabeled", _to_v2)
+    other = _load(wrong)
+    assert other.checkpoint_format == "gptq_v2"
+    assert other.load_warnings and "gptq_v2" in other.load_warnings[0]
+    a, b = _dense(gptq4), _dense(other)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    other.unload()
+
+
+def test_asymmetric_v2_checkpoint_loads_right(default_hf_model, ckpt_dir):
+    """EfficientQAT-style: asymmetric, true zeros (v2), desc_act false."""
+    path = rtn.quantize_folder(default_hf_model, ckpt_dir / "smol-asym-v2", bits=4, group_size=128, sym=False,
+                               checkpoint_format="gptq_v2")
+    backend = _load(path)
+    name = "model.layers.3.mlp.down_proj"
+    with safe_open(str(default_hf_model / "model.safetensors"), framework="pt") as fh:
+        w = fh.get_tensor(name + ".weight")
+    codes, zeros, scales, g_idx = rtn.rtn_quantize(w, 4, 128, sym=False)
+    assert int(zeros.min()) == 0 or int(zeros.max()) > 8  # really asymmetric
+    gl = g_idx.long()
+    ref = (scales.double()[gl] * (codes.double() - zeros.double()[gl])).t()
+    assert torch.allclose(backend.quant_layers[name].dense_weight(torch.float64), ref, atol=1e-6)
+    text = "".join(c.text for c in backend.chat(QUESTION, SamplingParams(max_new_tokens=12)))
+    assert "Paris" in text, text
+    backend.unload()
+    # the same tensors read as v1 (what a v1-only reader does) give other, wrong weights
+    as_v1 = _rewrite(path, ckpt_dir / "smol-asym-as-v1", config_fn=lambda qc: qc.update(checkpoint_format="gptq"))
+    wrong = _load(as_v1)
+    assert not torch.allclose(wrong.quant_layers[name].dense_weight(torch.float64), ref, atol=1e-3)
+    wrong.unload()
+
+
+def test_act_order_checkpoint_loads_right(default_hf_model, ckpt_dir):
+    from backends.gptq.quant_linear import make_kernel_layer
+    path = rtn.quantize_folder(default_hf_model, ckpt_dir / "smol-actorder", bits=4, group_size=128, desc_act=True)
+    assert fmt.read_quantize_config(path).desc_act
+    backend = _load(path)
+    name = "model.layers.0.self_attn.q_proj"
+    with safe_open(str(path / "model.safetensors"), framework="pt") as fh:
+        t = {s: fh.get_tensor(f"{name}.{s}") for s in ("qweight", "qzeros", "scales", "g_idx")}
+    g = t["g_idx"].long()
+    assert not bool((g[1:] >= g[:-1]).all())  # really non-monotonic
+    ref = fmt.dequantize(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4, "gptq", dtype=torch.float64)
+    assert torch.allclose(backend.quant_layers[name].dense_weight(torch.float64), ref.t(), atol=1e-6)
+    layer = make_kernel_layer(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4, 128, "gptq", "cpu")
+    assert layer.perm is not None and layer.group_size == 128
+    assert torch.equal(g[layer.perm.long()], torch.arange(576) // 128)  # rows sorted into contiguous groups
+    text = "".join(c.text for c in backend.chat(QUESTION, SamplingParams(max_new_tokens=12)))
+    assert "Paris" in text, text
+    backend.unload()
+
+
+def test_bias_and_quantized_lm_head(tiny_model, ckpt_dir):
+    path = rtn.quantize_folder(tiny_model, ckpt_dir / "tiny-4bit", bits=4, group_size=16, lm_head=True)
+    backend = _load(path)
+    assert "lm_head" in backend.quant_layers
+    layer = backend.quant_layers["model.layers.0.self_attn.q_proj"]
+    with safe_open(str(path / "model.safetensors"), framework="pt") as fh:
+        t = {s: fh.get_tensor(f"model.layers.0.self_attn.q_proj.{s}") for s in ("qweight", "qzeros", "scales", "g_idx", "bias")}
+    assert t["bias"].abs().sum() > 0
+    W = fmt.dequantize(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4, "gptq")
+    x = torch.randn(3, 48)
+    assert torch.allclose(layer(x), x @ W + t["bias"].float(), atol=1e-5)
+    logits = backend.model(input_ids=torch.tensor([[1, 2, 3]])).logits
+    assert logits.shape == (1, 3, 49152) and torch.isfinite(logits).all()
+    backend.unload()
+
+
+def test_unsupported_and_broken_checkpoints_get_clear_messages(tiny_model, ckpt_dir):
+    path = rtn.quantize_folder(tiny_model, ckpt_dir / "tiny-for-errors", bits=4, group_size=16)
+    # 3 bits with sizes that are not multiples of 32: named layer, refused before loading tensors
+    three = _rewrite(path, ckpt_dir / "tiny-3bit", config_fn=lambda qc: qc.update(bits=3))
+    with pytest.raises(BackendError, match=r"model\.layers\.0\.\S+: 3-bit layers need .* multiples of 32"):
+        _load(three)
+    missing = _rewrite(path, ckpt_dir / "tiny-missing",
+                       tensor_fn=lambda t: {k: v for k, v in t.items() if k != "model.layers.0.mlp.up_proj.qzeros"})
+    with pytest.raises(BackendError, match=r"model\.layers\.0\.mlp\.up_proj: the checkpoint has no qzeros"):
+        _load(missing)
+    bad_shape = _rewrite(path, ckpt_dir / "tiny-badshape",
+                         tensor_fn=lambda t: {**t, "model.layers.0.mlp.up_proj.scales": t["model.layers.0.mlp.up_proj.scales"][:1]})
+    with pytest.raises(BackendError, match=r"up_proj: 1 groups stored"):
+        _load(bad_shape)
+    awq = _rewrite(path, ckpt_dir / "tiny-awq", config_fn=lambda qc: qc.update(quant_method="awq"))
+    with pytest.raises(BackendError, match="not GPTQ"):
+        _load(awq)
+    with pytest.raises(BackendError, match="unknown option"):
+        create_backend("gptq").validate_options({"bogus": 1})
+
+
+def test_static_cache_step_matches_the_dynamic_cache(gptq4):
+    """The decoding step used on CUDA (static cache; graphs only on CUDA) computes the same tokens."""
+    from backends import torch_generation
+    from backends.gptq.cuda_graph import GraphDecoder
+
+    def greedy(step):
+        out = []
+        with torch.inference_mode():
+            logits, cache = step(torch.tensor([gptq4.tokenize("Once upon a time")]), None)
+            for _ in range(6):
+                out.append(int(logits[0, -1].argmax()))
+                logits, cache = step(torch.tensor([[out[-1]]]), cache)
+        return out
+
+    decoder = GraphDecoder(gptq4.model, torch.device("cpu"), 64)
+    reference = greedy(torch_generation._default_forward(gptq4.model))
+    assert greedy(decoder.step) == reference
+    assert greedy(decoder.step) == reference  # the cache is reset between generations

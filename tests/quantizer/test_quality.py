@@ -1,0 +1,78 @@
+"""On the real default model: GPTQ beats RTN at 3 bits by a wide margin (BENCH.md section 4), and the
+job streams the model (its peak RSS stays below the fp model plus the activations)."""
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from quantizer.evaluation import load_eval_text, perplexity
+from quantizer.jobs import JobManager
+from quantizer.reference import DequantizedGPTQBackend
+from quantizer.service import start_quantize
+from quantizer.settings import QuantizeSettings
+
+CALIB = dict(calib="c4", nsamples=8, seqlen=128)
+EVAL_SEQLEN, EVAL_WINDOWS = 256, 8
+MB = 2 ** 20
+
+
+def _ppl(path, text) -> float:
+    backend = DequantizedGPTQBackend()
+    backend.load(path, backend.validate_options({"dtype": "float32", "device": "cpu"}))
+    try:
+        return perplexity(backend, text, EVAL_SEQLEN, EVAL_WINDOWS).ppl
+    finally:
+        backend.unload()
+
+
+@pytest.fixture(scope="module")
+def runs(default_hf_model, artifacts_dir, c4_path, wikitext_path, transformers_backend):
+    """fp, RTN and GPTQ (3-bit g128, sym) perplexities, and each job (with its memory samples).
+    The outputs go to a scratch models folder holding hard links to the default model's files."""
+    models_dir = artifacts_dir / "quality-models"
+    shutil.rmtree(models_dir, ignore_errors=True)
+    source = models_dir / default_hf_model.name
+    source.mkdir(parents=True)
+    for f in default_hf_model.iterdir():
+        try:
+            os.link(f, source / f.name)
+        except OSError:
+            shutil.copy2(f, source / f.name)
+    text = load_eval_text(wikitext_path)
+    fp = perplexity(transformers_backend, text, EVAL_SEQLEN, EVAL_WINDOWS).ppl
+    jobs = JobManager(sample_interval=0.1)
+    out = {}
+    try:
+        for method in ("rtn", "gptq"):
+            job = start_quantize(jobs, models_dir, source.name, f"3bit-{method}",
+                                 QuantizeSettings(bits=3, group_size=128, method=method, **CALIB))
+            job.wait()
+            assert job.status == "done", job.error
+            out[method] = (_ppl(job.result.output, text), job)
+    finally:
+        shutil.rmtree(models_dir, ignore_errors=True)
+    return fp, out
+
+
+@pytest.mark.slow
+def test_gptq_beats_rtn_at_3_bits(runs):
+    fp, out = runs
+    rtn_ppl, gptq_ppl = out["rtn"][0], out["gptq"][0]
+    print(f"fp {fp:.2f}  rtn 3-bit g128 {rtn_ppl:.2f}  gptq 3-bit g128 {gptq_ppl:.2f}")
+    assert fp < gptq_ppl < rtn_ppl
+    assert gptq_ppl - fp < 0.6 * (rtn_ppl - fp)
+
+
+@pytest.mark.slow
+def test_peak_rss_stays_below_the_fp_model_plus_activations(runs, default_hf_model):
+    _, out = runs
+    job = out["gptq"][1]
+    model_mb = (default_hf_model / "model.safetensors").stat().st_size / MB
+    acts_mb = 2 * CALIB["nsamples"] * CALIB["seqlen"] * 576 * 4 / MB
+    growth = job.peak("rss_mb") - job.baseline_rss_mb
+    print(f"RSS at start {job.baseline_rss_mb:.0f} MB, peak {job.peak('rss_mb'):.0f} MB, "
+          f"growth {growth:.0f} MB; fp16 model {model_mb:.0f} MB, activations {acts_mb:.1f} MB")
+    assert len(job.sampler.snapshot()) > 50          # sampled all along the job
+    assert growth < model_mb + acts_mb
