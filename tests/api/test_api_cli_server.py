@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -82,3 +83,16 @@ def test_upload_names_cannot_leave_the_uploads_folder(cli_server):
         assert (data / "uploads").resolve() in stored.parents, stored
     assert not (data / "escape.txt").exists() and not (data.parent / "escape.txt").exists()
     assert not Path("/tmp/absolute-escape.txt").exists()
+
+
+def test_the_server_is_not_reachable_from_other_interfaces(cli_server):
+    """Without --listen it binds 127.0.0.1 only: this machine's other addresses refuse the connection."""
+    import psutil
+    port = int(cli_server[0].rsplit(":", 1)[1])
+    others = [a.address for addrs in psutil.net_if_addrs().values() for a in addrs
+              if a.family == socket.AF_INET and not a.address.startswith("127.")]
+    if not others:
+        pytest.skip("this machine has no network interface besides loopback")
+    for address in others:
+        with pytest.raises(OSError):
+            socket.create_connection((address, port), timeout=5).close()
