@@ -60,6 +60,9 @@ class GPTQBackend(TransformersBackend):
         if self.runtime is not None:
             self.runtime.reserve_workspace([l.kernel for l in self.quant_layers.values() if l.kernel is not None],
                                            dtype, self.device)
+            if options.get("cuda_graphs", True):
+                from backends.gptq.cuda_graph import fuse_norms
+                fuse_norms(loaded.model)  # one kernel per norm instead of ~6: matters once graphs remove launches
         self._decoder = None
         return loaded.model
 

@@ -52,6 +52,7 @@ class GemmConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 2
+    mode: int = 2              # unpacking: 0 per word (3-D), 1 per row, 2 unrolled value slots
 
 
 def valid_block_ks(layer: KernelLayer, candidates=(32, 64, 128, 256, 512)) -> list[int]:
@@ -74,8 +75,9 @@ def _split_for(layer: KernelLayer, block_n: int, block_k: int, target_programs: 
     return -(-k_tiles // per)
 
 
-def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: torch.Tensor | None = None) -> torch.Tensor:
-    """y[M, N] = x2d @ W, written into `out` when given (every element is written)."""
+def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: torch.Tensor | None = None,
+                 bias: torch.Tensor | None = None, scratch: "SplitScratch | None" = None) -> torch.Tensor:
+    """y[M, N] = x2d @ W (+ bias), written into `out` when given (every element is written)."""
     from backends.gptq.triton_kernels import gptq_gemm_kernel
     M = x2d.shape[0]
     if M > cfg.block_m:
@@ -85,36 +87,53 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
     k_tiles = -(-layer.K // cfg.block_k)
     per = -(-k_tiles // cfg.split_k)
     split = -(-k_tiles // per)
-    atomic = split > 1
-    result = out
-    if atomic:
-        out = torch.zeros(M, layer.N, device=x2d.device, dtype=torch.float32)
-    elif out is None:
-        out = result = torch.empty(M, layer.N, device=x2d.device, dtype=x2d.dtype)
-    grid = (-(-layer.N // cfg.block_n), split)
+    n_tiles = -(-layer.N // cfg.block_n)
+    if out is None:
+        out = torch.empty(M, layer.N, device=x2d.device, dtype=x2d.dtype)
+    if split > 1:
+        scratch = scratch or SplitScratch()
+        ws, tickets = scratch.get(split * M * layer.N, n_tiles, x2d.device)
+    else:
+        ws = tickets = out
     perm = layer.perm if layer.perm is not None else layer.qweight  # dummy pointer when unused
-    gptq_gemm_kernel[grid](
-        x2d, layer.qweight, layer.scales, layer.zeros, perm, out,
-        M, layer.N, layer.K, layer.Kw, x2d.stride(0), out.stride(0), layer.group_size, per,
+    gptq_gemm_kernel[(n_tiles, split)](
+        x2d, layer.qweight, layer.scales, layer.zeros, perm, out, bias if bias is not None else out, ws, tickets,
+        M, layer.N, layer.K, layer.Kw, x2d.stride(0), out.stride(0), layer.group_size, per, split,
         BITS=layer.bits, VPB=vpb, KB=kb, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        HAS_PERM=layer.perm is not None, ATOMIC=atomic,
+        HAS_PERM=layer.perm is not None, SPLIT=split > 1, HAS_BIAS=bias is not None, MODE=cfg.mode,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if not atomic:
-        return out
-    if result is None:
-        return out.to(x2d.dtype)
-    return result.copy_(out)
+    return out
 
 
-def launch_dequant(layer: KernelLayer, out: torch.Tensor, block_n: int = 128, block_k: int = 64) -> torch.Tensor:
-    """Fill out[K, N] (fp16/fp32) with the dequantized weights in sorted row order."""
+class SplitScratch:
+    """The fp32 partials and per-column-tile tickets of split-K launches. Tickets return to zero after
+    every launch, so one buffer serves every layer (launches on one stream never overlap). Grown only
+    outside graph capture: the decoder's eager steps size it before capturing."""
+
+    def __init__(self):
+        self.ws: torch.Tensor | None = None
+        self.tickets: torch.Tensor | None = None
+
+    def get(self, ws_numel: int, n_tiles: int, device):
+        if self.ws is None or self.ws.numel() < ws_numel or self.ws.device != torch.device(device):
+            self.ws = torch.empty(max(ws_numel, 1 << 16), dtype=torch.float32, device=device)
+        if self.tickets is None or self.tickets.numel() < n_tiles or self.tickets.device != torch.device(device):
+            self.tickets = torch.zeros(max(n_tiles, 1024), dtype=torch.int32, device=device)
+        return self.ws, self.tickets
+
+
+def launch_dequant(layer: KernelLayer, out: torch.Tensor, block_n: int = 128, block_k: int = 64,
+                   original_order: bool = True) -> torch.Tensor:
+    """Fill out[K, N] (fp16/fp32) with the dequantized weights, rows in the checkpoint's original order
+    (act-order undone by a scatter) unless `original_order` is False (sorted order)."""
     from backends.gptq.triton_kernels import gptq_dequant_kernel
     vpb = values_per_block(layer.bits)
     block_k = max(block_k, vpb)
     grid = (-(-layer.K // block_k), -(-layer.N // block_n))
-    gptq_dequant_kernel[grid](layer.qweight, layer.scales, layer.zeros, out, layer.N, layer.K, layer.Kw,
-                              layer.group_size, BITS=layer.bits, VPB=vpb, KB=block_k // vpb, BLOCK_N=block_n,
-                              num_warps=4)
+    scatter = original_order and layer.perm is not None
+    gptq_dequant_kernel[grid](layer.qweight, layer.scales, layer.zeros, layer.perm if scatter else layer.qweight,
+                              out, layer.N, layer.K, layer.Kw, layer.group_size, BITS=layer.bits, VPB=vpb,
+                              KB=block_k // vpb, BLOCK_N=block_n, HAS_PERM=scatter, num_warps=4)
     return out
 
 
@@ -127,6 +146,7 @@ class KernelRuntime:
         self.cache_file = cache_file
         self.configs: dict[str, GemmConfig] = {}
         self._workspace: torch.Tensor | None = None
+        self.scratch = SplitScratch()
         if cache_file is not None and cache_file.is_file():
             try:
                 raw = json.loads(cache_file.read_text(encoding="utf-8"))
@@ -135,17 +155,18 @@ class KernelRuntime:
                 self.configs = {}
 
     # -- public ------------------------------------------------------------------------------
-    def matmul(self, x2d: torch.Tensor, layer: KernelLayer) -> torch.Tensor:
+    def matmul(self, x2d: torch.Tensor, layer: KernelLayer, bias: torch.Tensor | None = None) -> torch.Tensor:
         cfg = self.config_for(x2d, layer)
-        return self.run(x2d, layer, cfg)
+        return self.run(x2d, layer, cfg, bias)
 
-    def run(self, x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig) -> torch.Tensor:
+    def run(self, x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, bias: torch.Tensor | None = None,
+            out: torch.Tensor | None = None) -> torch.Tensor:
         if cfg.path == "fused":
-            return launch_fused(x2d, layer, cfg)
+            return launch_fused(x2d, layer, cfg, out=out, bias=bias, scratch=self.scratch)
         w = self.workspace(layer.K * layer.N, x2d.dtype, x2d.device)[: layer.K * layer.N].view(layer.K, layer.N)
-        launch_dequant(layer, w)
-        xs = x2d if layer.perm is None else x2d.index_select(1, layer.perm.long())
-        return xs @ w
+        launch_dequant(layer, w)  # rows in original order: x needs no permutation
+        y = x2d @ w if bias is None else torch.addmm(bias.to(x2d.dtype), x2d, w)
+        return y if out is None else out.copy_(y)
 
     def workspace(self, numel: int, dtype: torch.dtype, device) -> torch.Tensor:
         ws = self._workspace
@@ -175,7 +196,7 @@ class KernelRuntime:
         key = self.key(x2d, layer)
         cfg = self.configs.get(key)
         if cfg is None:
-            candidates = self.candidates(x2d.shape[0], layer, x2d.device)
+            candidates = self.candidates(x2d.shape[0], layer, x2d.device, x2d.dtype)
             if self.tune and x2d.is_cuda and len(candidates) > 1 and not torch.cuda.is_current_stream_capturing():
                 cfg = self._measure(x2d, layer, candidates)
             else:
@@ -184,7 +205,16 @@ class KernelRuntime:
             self._save()
         return cfg
 
-    def candidates(self, M: int, layer: KernelLayer, device=None) -> list[GemmConfig]:
+    @staticmethod
+    def modes(bucket: int, layer: KernelLayer, dtype) -> tuple[int, ...]:
+        """Unpacking modes worth trying, the expected best first."""
+        if bucket == 1:
+            return (2, 0)
+        if dtype == torch.float16:
+            return (2, 0, 1)
+        return (0, 1)
+
+    def candidates(self, M: int, layer: KernelLayer, device=None, dtype=torch.float16) -> list[GemmConfig]:
         """Configs worth trying, the heuristic default first."""
         sms = (torch.cuda.get_device_properties(device).multi_processor_count
                if device is not None and torch.device(device).type == "cuda" else 8)
@@ -195,7 +225,7 @@ class KernelRuntime:
             return [dequant]
         out: list[GemmConfig] = []
         if bucket == 1:
-            tiles = [(128, 128, 4), (64, 128, 4), (64, 256, 4), (128, 256, 8), (32, 256, 4), (256, 64, 4)]
+            tiles = [(256, 128, 4), (128, 128, 4), (64, 256, 4), (512, 64, 4), (512, 128, 8), (256, 64, 4)]
             targets = (4 * sms, 16 * sms)
         elif bucket == 16:
             tiles = [(64, 128, 4), (64, 64, 4), (128, 128, 4), (32, 128, 4)]
@@ -203,25 +233,29 @@ class KernelRuntime:
         else:
             tiles = [(64, 64, 4), (128, 64, 4), (64, 128, 4)]
             targets = (2 * sms, 8 * sms)
-        for bn, bk, warps in tiles:
-            if bk not in bks:
-                bk = min(bks, key=lambda b: abs(b - bk))
-            for target in targets:
-                cfg = GemmConfig("fused", max(bucket, 1) if bucket > 1 else 1, bn, bk,
-                                 _split_for(layer, bn, bk, target), warps)
-                if cfg not in out:
-                    out.append(cfg)
+        for mode in self.modes(bucket, layer, dtype):
+            for bn, bk, warps in tiles:
+                if mode == 2 and bucket > 1:  # one tl.dot per value slot needs >= 16 blocks per tile
+                    bk = max(bk, 16 * values_per_block(layer.bits))
+                if bk not in bks:
+                    bk = min(bks, key=lambda b: abs(b - bk))
+                if mode == 2 and bucket > 1 and bk // values_per_block(layer.bits) < 16:
+                    continue
+                for target in targets:
+                    cfg = GemmConfig("fused", bucket if bucket > 1 else 1, bn, bk,
+                                     _split_for(layer, bn, bk, target), warps, mode=mode)
+                    if cfg not in out:
+                        out.append(cfg)
         if bucket >= 32:
             out.append(dequant)
         return out
 
     # -- tuning --------------------------------------------------------------------------------
     def _measure(self, x2d, layer, candidates) -> GemmConfig:
-        from triton.testing import do_bench
         best, best_ms = candidates[0], float("inf")
         for cfg in candidates:
             try:
-                ms = do_bench(lambda: self.run(x2d, layer, cfg), warmup=5, rep=20, return_mode="median")
+                ms = graph_time_ms(lambda i: self.run(x2d, layer, cfg), calls=10, reps=5)
             except Exception:  # a config the compiler rejects (resources) is simply skipped
                 continue
             if ms < best_ms:
@@ -248,3 +282,26 @@ def default_cache_file(device=None) -> Path | None:
     name = torch.cuda.get_device_name(device).replace(" ", "_").replace("/", "_")
     base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gptq-webui"
     return base / f"triton-tune-{name}-{triton.__version__}.json"
+
+
+def graph_time_ms(fn, calls: int = 20, reps: int = 10) -> float:
+    """Median GPU time of one fn(i) call, from replays of a CUDA graph holding `calls` calls: launch
+    overhead is left out, as it is when the decoder replays its graph. fn(i) may rotate inputs by i."""
+    for i in range(2):
+        fn(i)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fn(i)
+    graph.replay()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    del graph
+    return sorted(times)[len(times) // 2]

@@ -104,8 +104,6 @@ class QuantLinear(nn.Module):
         k = self.kernel
         from backends.gptq.kernel_runtime import launch_dequant
         w = launch_dequant(k, torch.empty(k.K, k.N, device=k.qweight.device, dtype=torch.float32))
-        if k.perm is not None:
-            w = torch.empty_like(w).index_copy_(0, k.perm.long(), w)
         return w.t().to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -117,9 +115,7 @@ class QuantLinear(nn.Module):
         x2d = x.reshape(-1, shape[-1])
         if not x2d.is_contiguous():
             x2d = x2d.contiguous()
-        y = self.runtime.matmul(x2d, self.kernel)
-        if self.bias is not None:
-            y = y + self.bias
+        y = self.runtime.matmul(x2d, self.kernel, self.bias)
         return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

@@ -68,7 +68,7 @@ def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int, sym: bool = T
     scale = scale.half()
     s = scale.float()
     codes = torch.clamp(torch.round(W / s[gl] + zero[gl]), 0, maxq).to(torch.int32)
-    return codes.cpu(), zero.to(torch.int32).cpu(), scale.cpu(), g_idx
+    return codes, zero.to(torch.int32), scale, g_idx.to(W.device)
 
 
 def pack_layer(weight: torch.Tensor, bits: int, group_size: int, sym: bool, checkpoint_format: str,

@@ -2,7 +2,9 @@
 
 Why these shapes of work:
 - Decoding (M <= 16) is bound by reading the weights: the kernel reads each packed word once, with
-  many programs in flight (split-K accumulates through fp32 atomics when N alone gives too few).
+  many programs in flight. When N alone gives too few, K is split: each split writes fp32 partials to a
+  workspace and the last split of a column tile to finish (an atomic ticket) sums them, adds the bias
+  and writes the output, then resets its ticket: one launch per layer, no zero-fill or cast kernels.
   M = 1 multiplies on the CUDA cores; 2 <= M <= 64 uses tensor cores (tl.dot) on the unpacked codes.
 - Both apply the group's scale and zero after the dot: sum_k x_k (q_k - z) s = s (sum_k x_k q_k - z sum_k x_k),
   so the inner loop only unpacks and multiplies. That needs one group per K tile (BLOCK_K divides the
@@ -21,8 +23,8 @@ import triton.language as tl
 @triton.jit
 def _unpack_tile(qw_ptr, N, Kw, kb0, offs_n, mask_n,
                  BITS: tl.constexpr, KB: tl.constexpr, VPB: tl.constexpr):
-    """Codes [KB, VPB, BLOCK_N] (int32) of value blocks kb0 .. kb0+KB-1. A block is the run of values
-    that fills whole words: 32/BITS values in one word, or 32 values in 3 words for 3 bits."""
+    """Codes [KB, VPB, BLOCK_N] (uint32) of value blocks kb0 .. kb0+KB-1, each word loaded once. A block
+    is the run of values that fills whole words: 32/BITS values in one word, or 32 in 3 words (3 bits)."""
     offs_kb = kb0 + tl.arange(0, KB)
     if BITS == 3:
         row = offs_kb * 3
@@ -45,16 +47,139 @@ def _unpack_tile(qw_ptr, N, Kw, kb0, offs_n, mask_n,
         w = w.to(tl.uint32, bitcast=True)
         sh = (tl.arange(0, VPB) * BITS).to(tl.uint32)
         v = (w[:, None, :] >> sh[None, :, None]) & ((1 << BITS) - 1)
-    return v.to(tl.int32)
+    return v
 
 
 @triton.jit
-def gptq_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr,
-                     M, N, K, Kw, stride_xm, stride_om, group_size, tiles_per_split,
+def _unpack_rows(qw_ptr, N, K, k0, offs_n, mask_n, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Codes [BLOCK_K, BLOCK_N] (uint32) of rows k0 .. k0+BLOCK_K-1, one row at a time: a word is
+    loaded once per value it holds (the repeats hit L1), but no reshape is needed for tl.dot."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    m = (offs_k < K)[:, None] & mask_n[None, :]
+    if BITS == 3:
+        p = (offs_k % 32) * 3
+        row = (offs_k // 32) * 3 + p // 32
+        sh = (p % 32).to(tl.uint32)[:, None]
+        ptr = qw_ptr + row[:, None] * N + offs_n[None, :]
+        lo = tl.load(ptr, mask=m, other=0).to(tl.uint32, bitcast=True)
+        straddle = sh > 29
+        hi = tl.load(ptr + N, mask=m & straddle, other=0).to(tl.uint32, bitcast=True)
+        v = ((lo >> sh) | (hi << tl.where(straddle, 32 - sh, 0))) & 7
+    else:
+        VPW: tl.constexpr = 32 // BITS
+        sh = ((offs_k % VPW) * BITS).to(tl.uint32)[:, None]
+        w = tl.load(qw_ptr + (offs_k // VPW)[:, None] * N + offs_n[None, :], mask=m, other=0)
+        v = (w.to(tl.uint32, bitcast=True) >> sh) & ((1 << BITS) - 1)
+    return v
+
+
+@triton.jit
+def _as_f32(v):
+    """uint32 codes (< 2^23) to float32 without an int->float conversion (slow on the GPU): the code
+    goes into the mantissa of 2^23, which is then subtracted (exact)."""
+    return (v | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _word_rows(qw_ptr, N, Kw, kb0, w_off: tl.constexpr, WPB: tl.constexpr, offs_n, mask_n, KB: tl.constexpr):
+    """Word w_off of each of the KB value blocks starting at kb0: uint32 [KB, BLOCK_N]."""
+    row = (kb0 + tl.arange(0, KB)) * WPB + w_off
+    m = (row[:, None] < Kw) & mask_n[None, :]
+    w = tl.load(qw_ptr + row[:, None] * N + offs_n[None, :], mask=m, other=0)
+    return w.to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def _field(w_lo, w_hi, pos: tl.constexpr, BITS: tl.constexpr, TARGET: tl.constexpr):
+    """The BITS-bit field starting at bit `pos` of a 32-bit word (continuing into w_hi when it
+    straddles), moved to bit TARGET, all other bits zero. Constant shifts: two instructions."""
+    if pos + BITS > 32:
+        v = ((w_lo >> pos) | (w_hi << (32 - pos))) & ((1 << BITS) - 1)
+        return v << TARGET
+    elif pos <= TARGET:
+        return (w_lo << (TARGET - pos)) & (((1 << BITS) - 1) << TARGET)
+    else:
+        return (w_lo >> (pos - TARGET)) & (((1 << BITS) - 1) << TARGET)
+
+
+@triton.jit
+def _window_field(w_lo, w_hi, pos: tl.constexpr, BITS: tl.constexpr):
+    """The field at bit `pos` as float32 2^(23-T) + q, with q moved to a bit T in [12, 12+W): the
+    exponent is chosen per T, so no int->float conversion is needed, and since T - pos is a multiple
+    of W the few shifted copies of a word are shared by several value slots."""
+    W: tl.constexpr = 9 if BITS == 3 else (4 if BITS == 8 else 8)
+    T: tl.constexpr = 12 + (((pos - 12) % W + W) % W) * (pos + BITS <= 32)
+    if pos + BITS > 32:  # a 3-bit value straddling two words
+        v = (((w_lo >> pos) | (w_hi << (32 - pos))) & ((1 << BITS) - 1)) << T
+    else:
+        if pos >= T:
+            v = (w_lo >> (pos - T)) & (((1 << BITS) - 1) << T)
+        else:
+            v = (w_lo << (T - pos)) & (((1 << BITS) - 1) << T)
+    return (v + ((150 - T) << 23)).to(tl.float32, bitcast=True)  # + not |: one immediate per op
+
+
+@triton.jit
+def _window_offset(pos: tl.constexpr, BITS: tl.constexpr):
+    """2^(23-T) for the slot at bit `pos`, the constant _window_field adds to q."""
+    W: tl.constexpr = 9 if BITS == 3 else (4 if BITS == 8 else 8)
+    T: tl.constexpr = 12 + (((pos - 12) % W + W) % W) * (pos + BITS <= 32)
+    return 1 << (23 - T)
+
+
+@triton.jit
+def _unrolled_tile(acc2, x_ptr, src_base, mask_kb, qw_ptr, N, Kw, kb0, offs_n, mask_n, offs_m, mask_m, stride_xm,
+                   BITS: tl.constexpr, VPB: tl.constexpr, KB: tl.constexpr, BLOCK_M: tl.constexpr,
+                   HAS_PERM: tl.constexpr, perm_ptr):
+    """One K tile, unrolled over the values of a word so every shift is a constant. M = 1: acc2 [KB, N]
+    += x_k * (C_j + q) (see _window_field), corr = sum_k x_k C_j, so sum acc2 - corr = sum x q.
+    M > 1: acc2 [M, N] += x_j @ (1024 + q_j) in fp16 on tensor cores, one dot per value slot j."""
+    WPB: tl.constexpr = 3 if BITS == 3 else 1
+    w0 = _word_rows(qw_ptr, N, Kw, kb0, 0, WPB, offs_n, mask_n, KB)
+    if BITS == 3:
+        w1 = _word_rows(qw_ptr, N, Kw, kb0, 1, WPB, offs_n, mask_n, KB)
+        w2 = _word_rows(qw_ptr, N, Kw, kb0, 2, WPB, offs_n, mask_n, KB)
+    else:
+        w1 = w0
+        w2 = w0
+    corr = tl.sum(tl.zeros([KB], dtype=tl.float32), axis=0)
+    for j in tl.static_range(VPB):
+        bit = BITS * j
+        widx = bit // 32
+        pos = bit % 32
+        if widx == 0:
+            lo = w0
+            hi = w1
+        elif widx == 1:
+            lo = w1
+            hi = w2
+        else:
+            lo = w2
+            hi = w2
+        k = src_base + j  # [KB]
+        if HAS_PERM:
+            k = tl.load(perm_ptr + k, mask=mask_kb, other=0)
+        if BLOCK_M == 1:
+            xj = tl.load(x_ptr + k, mask=mask_kb, other=0).to(tl.float32)
+            acc2 += _window_field(lo, hi, pos, BITS) * xj[:, None]
+            corr += _window_offset(pos, BITS) * tl.sum(xj, axis=0)
+        else:
+            q = (_field(lo, hi, pos, BITS, 0) | 0x6400).to(tl.uint16).to(tl.float16, bitcast=True)
+            xj = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
+                         mask=mask_m[:, None] & mask_kb[None, :], other=0)
+            acc2 = tl.dot(xj, q, acc2)
+    return acc2, corr
+
+
+@triton.jit
+def gptq_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, bias_ptr, ws_ptr, ticket_ptr,
+                     M, N, K, Kw, stride_xm, stride_om, group_size, tiles_per_split, nsplit,
                      BITS: tl.constexpr, VPB: tl.constexpr, KB: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     HAS_PERM: tl.constexpr, ATOMIC: tl.constexpr):
-    """out[M, N] (+)= x[M, K] @ W for the K range of this program's split."""
+                     HAS_PERM: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, MODE: tl.constexpr):
+    """out[M, N] (+)= x[M, K] @ W for the K range of this program's split. MODE picks how codes are
+    unpacked: 0 per word into a 3-D tile (reshaped for tl.dot), 1 per row (repeated word loads),
+    2 unrolled over the value slots of a word with constant shifts (fp16 activations for M > 1)."""
     BLOCK_K: tl.constexpr = KB * VPB
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -62,7 +187,6 @@ def gptq_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr,
     mask_n = offs_n < N
     offs_m = tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
-    in_blk = tl.arange(0, KB)[:, None] * VPB + tl.arange(0, VPB)[None, :]  # [KB, VPB]
     if BLOCK_M == 1:
         acc1 = tl.zeros([BLOCK_N], dtype=tl.float32)
     else:
@@ -70,49 +194,101 @@ def gptq_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr,
     t0 = pid_k * tiles_per_split
     for t in range(t0, t0 + tiles_per_split):
         k0 = t * BLOCK_K
-        v = _unpack_tile(qw_ptr, N, Kw, t * KB, offs_n, mask_n, BITS, KB, VPB)
         g = tl.minimum(k0, K - 1) // group_size  # tiles past K only meet masked (zero) activations
         s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32)
         z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32)
-        offs_k = k0 + in_blk
-        mask_k = offs_k < K
-        if HAS_PERM:
-            src = tl.load(perm_ptr + offs_k, mask=mask_k, other=0)
+        if MODE == 2:
+            src_base = k0 + tl.arange(0, KB) * VPB
+            mask_kb = src_base < K  # K is a multiple of VPB: a block is all in or all out
+            offs_t = k0 + tl.arange(0, BLOCK_K)
+            mask_t = offs_t < K
+            if HAS_PERM:
+                offs_t = tl.load(perm_ptr + offs_t, mask=mask_t, other=0)
+            if BLOCK_M == 1:
+                sx = tl.sum(tl.load(x_ptr + offs_t, mask=mask_t, other=0).to(tl.float32), axis=0)
+                acc2 = tl.zeros([KB, BLOCK_N], dtype=tl.float32)
+                acc2, corr = _unrolled_tile(acc2, x_ptr, src_base, mask_kb, qw_ptr, N, Kw, t * KB, offs_n, mask_n,
+                                            offs_m, mask_m, stride_xm, BITS, VPB, KB, BLOCK_M, HAS_PERM, perm_ptr)
+                part = tl.sum(acc2, axis=0) - corr  # = sum_k x_k q_k
+                acc1 += s * (part - z * sx)
+            else:
+                xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_t[None, :],
+                             mask=mask_m[:, None] & mask_t[None, :], other=0)
+                sx = tl.sum(xt.to(tl.float32), axis=1)
+                part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                part, _ = _unrolled_tile(part, x_ptr, src_base, mask_kb, qw_ptr, N, Kw, t * KB, offs_n, mask_n,
+                                      offs_m, mask_m, stride_xm, BITS, VPB, KB, BLOCK_M, HAS_PERM, perm_ptr)
+                acc += s[None, :] * (part - (z[None, :] + 1024.0) * sx[:, None])
         else:
-            src = offs_k
-        if BLOCK_M == 1:
-            x = tl.load(x_ptr + src, mask=mask_k, other=0).to(tl.float32)  # [KB, VPB]
-            part = tl.sum(tl.sum(v.to(tl.float32) * x[:, :, None], axis=1), axis=0)
-            sx = tl.sum(tl.sum(x, axis=1), axis=0)
-            acc1 += s * (part - z * sx)
-        else:
-            src2 = tl.reshape(src, [BLOCK_K])
-            mk2 = tl.reshape(mask_k, [BLOCK_K])
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + src2[None, :],
-                        mask=mask_m[:, None] & mk2[None, :], other=0)
-            q = tl.reshape(v, [BLOCK_K, BLOCK_N]).to(x.dtype)
-            part = tl.dot(x, q)
-            sx = tl.sum(x.to(tl.float32), axis=1)
-            acc += s[None, :] * (part - z[None, :] * sx[:, None])
+            if MODE == 1:
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                v = _unpack_rows(qw_ptr, N, K, k0, offs_n, mask_n, BITS, BLOCK_K)
+            else:
+                offs_k = k0 + tl.arange(0, KB)[:, None] * VPB + tl.arange(0, VPB)[None, :]  # [KB, VPB]
+                v = _unpack_tile(qw_ptr, N, Kw, t * KB, offs_n, mask_n, BITS, KB, VPB)
+            mask_k = offs_k < K
+            if HAS_PERM:
+                src = tl.load(perm_ptr + offs_k, mask=mask_k, other=0)
+            else:
+                src = offs_k
+            if BLOCK_M == 1:
+                x = tl.load(x_ptr + src, mask=mask_k, other=0).to(tl.float32)
+                if MODE == 1:
+                    part = tl.sum(_as_f32(v) * x[:, None], axis=0)
+                    sx = tl.sum(x, axis=0)
+                else:
+                    part = tl.sum(tl.sum(_as_f32(v) * x[:, :, None], axis=1), axis=0)
+                    sx = tl.sum(tl.sum(x, axis=1), axis=0)
+                acc1 += s * (part - z * sx)
+            else:
+                if MODE == 0:
+                    src = tl.reshape(src, [BLOCK_K])
+                    mask_k = tl.reshape(mask_k, [BLOCK_K])
+                    v = tl.reshape(v, [BLOCK_K, BLOCK_N])
+                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + src[None, :],
+                            mask=mask_m[:, None] & mask_k[None, :], other=0)
+                if x.dtype == tl.float16:
+                    # 1024 + q as fp16 straight from the bits (0x6400 is 1024), no int->float conversion
+                    q = (v | 0x6400).to(tl.uint16).to(tl.float16, bitcast=True)
+                    offset = 1024.0
+                else:
+                    q = v.to(x.dtype)
+                    offset = 0.0
+                part = tl.dot(x, q)
+                sx = tl.sum(x.to(tl.float32), axis=1)
+                acc += s[None, :] * (part - (z[None, :] + offset) * sx[:, None])
     if BLOCK_M == 1:
-        ptrs = out_ptr + offs_n
-        if ATOMIC:
-            tl.atomic_add(ptrs, acc1, mask=mask_n)
-        else:
-            tl.store(ptrs, acc1.to(out_ptr.dtype.element_ty), mask=mask_n)
+        acc = acc1[None, :]
+    omask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT:
+        ws = ws_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :]
+        tl.store(ws, acc, mask=omask)
+        tl.debug_barrier()  # every thread's partials are written before the ticket is taken
+        ticket = tl.atomic_add(ticket_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        if ticket == nsplit - 1:  # the last split of this column tile: reduce, finish, reset
+            total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for k in range(0, nsplit):
+                ws_k = ws_ptr + (k * M + offs_m[:, None]) * N + offs_n[None, :]
+                total += tl.load(ws_k, mask=omask, other=0, cache_modifier=".cg")
+            acc = total
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0).to(tl.float32)[None, :]
+            tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :],
+                     acc.to(out_ptr.dtype.element_ty), mask=omask)
+            tl.atomic_xchg(ticket_ptr + pid_n, 0, sem="relaxed", scope="gpu")
     else:
-        ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-        omask = mask_m[:, None] & mask_n[None, :]
-        if ATOMIC:
-            tl.atomic_add(ptrs, acc, mask=omask)
-        else:
-            tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=omask)
 
 
 @triton.jit
-def gptq_dequant_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, K, Kw, group_size,
-                        BITS: tl.constexpr, VPB: tl.constexpr, KB: tl.constexpr, BLOCK_N: tl.constexpr):
-    """W[K, N] = (q - z[g]) * s[g] with g = k // group_size, in the (sorted) row order of qweight."""
+def gptq_dequant_kernel(qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, N, K, Kw, group_size,
+                        BITS: tl.constexpr, VPB: tl.constexpr, KB: tl.constexpr, BLOCK_N: tl.constexpr,
+                        HAS_PERM: tl.constexpr):
+    """W[K, N] = (q - z[g]) * s[g] with g = k // group_size for the (sorted) rows of qweight; with
+    HAS_PERM each row is written back to its original place, so activations need no permutation."""
     pid_k = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -123,5 +299,9 @@ def gptq_dequant_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, K, Kw, group_size,
     g = (offs_k // group_size)[:, :, None]
     s = tl.load(s_ptr + g * N + offs_n[None, None, :], mask=mask, other=0).to(tl.float32)
     z = tl.load(z_ptr + g * N + offs_n[None, None, :], mask=mask, other=0).to(tl.float32)
-    w = (v.to(tl.float32) - z) * s
-    tl.store(out_ptr + offs_k[:, :, None] * N + offs_n[None, None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
+    w = (_as_f32(v) - z) * s
+    if HAS_PERM:
+        dst = tl.load(perm_ptr + offs_k, mask=offs_k < K, other=0)
+    else:
+        dst = offs_k
+    tl.store(out_ptr + dst[:, :, None] * N + offs_n[None, None, :], w.to(out_ptr.dtype.element_ty), mask=mask)

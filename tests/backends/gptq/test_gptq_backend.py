@@ -76,6 +76,10 @@ def tiny_model(ckpt_dir, default_hf_model):
                          num_key_value_heads=1, vocab_size=49152, attention_bias=True, tie_word_embeddings=False,
                          max_position_embeddings=256)
     model = LlamaForCausalLM(config).half()
+    with torch.no_grad():  # HF initialises biases to zero; make them count
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0, 0.1)
     folder = ckpt_dir / "tiny-fp16"
     model.save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -228,7 +232,7 @@ def test_unsupported_and_broken_checkpoints_get_clear_messages(tiny_model, ckpt_
         _load(missing)
     bad_shape = _rewrite(path, ckpt_dir / "tiny-badshape",
                          tensor_fn=lambda t: {**t, "model.layers.0.mlp.up_proj.scales": t["model.layers.0.mlp.up_proj.scales"][:1]})
-    with pytest.raises(BackendError, match=r"up_proj: 1 groups stored"):
+    with pytest.raises(BackendError, match=r"model\.layers\.0\.mlp\.up_proj: qzeros has 3 groups, scales 1"):
         _load(bad_shape)
     awq = _rewrite(path, ckpt_dir / "tiny-awq", config_fn=lambda qc: qc.update(quant_method="awq"))
     with pytest.raises(BackendError, match="not GPTQ"):

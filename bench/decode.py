@@ -1,0 +1,233 @@
+"""BENCH.md section 2: end-to-end decoding of a LLaMA-7B-shaped model with random weights, 4-bit g128
+RTN in our GPTQ format, through the gptq backend's loader and decoding step, against transformers fp16
+with the same (dequantized) weights, and the bandwidth limit, all in the same run.
+
+    python -m bench.decode [--layers 32] [--prompt 64] [--new 256] [--out DIR] [--keep /tmp/ckpt]
+
+Both engines run the shared sampling loop (backends/torch_generation.stream_generate, greedy) exactly as
+the backends do; transformers uses its default eager step with a dynamic cache, gptq its static cache +
+CUDA graph step. Decode tokens/s excludes prefill; time-to-first-token is reported separately.
+Needs CUDA; imports no UI or other engine packages.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from backends import torch_generation  # noqa: E402
+from backends.base import SamplingParams  # noqa: E402
+from backends.gptq import format as fmt  # noqa: E402
+from backends.gptq.rtn import LINEAR_RE, rtn_quantize  # noqa: E402
+
+
+def llama7b_config(layers: int):
+    from transformers import LlamaConfig
+    return LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
+                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+                       max_position_embeddings=2048, tie_word_embeddings=False)
+
+
+def build_checkpoint(config, folder: Path, bits: int, group: int, seed: int = 0):
+    """Random fp16 model on the GPU, RTN-quantized layer by layer into a GPTQ checkpoint at `folder`;
+    returns the fp16 model with its linears replaced by the dequantized weights (the baseline)."""
+    from safetensors.torch import save_file
+    from transformers import LlamaForCausalLM
+    torch.manual_seed(seed)
+    torch.set_default_dtype(torch.float16)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config)
+    torch.set_default_dtype(torch.float32)
+    model.eval()
+    tensors = {}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if LINEAR_RE.match(name):
+                base = name[: -len(".weight")]
+                codes, zeros, scales, g_idx = rtn_quantize(p.data, bits, group, sym=True)
+                tensors[base + ".qweight"] = fmt.pack_qweight(codes, bits).cpu()
+                tensors[base + ".qzeros"] = fmt.pack_qzeros(zeros, bits, "gptq").cpu()
+                tensors[base + ".scales"] = scales.cpu()
+                tensors[base + ".g_idx"] = g_idx.to(torch.int32).cpu()
+                gl = g_idx.long()
+                p.data.copy_((scales.float()[gl] * (codes.float() - zeros.float()[gl])).t().half())
+                del codes
+            else:
+                tensors[name] = p.data.cpu()
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    base = config.to_dict()
+    fmt.write_quantize_config(folder, fmt.QuantizeConfig(bits=bits, group_size=group, sym=True,
+                                                         meta={"quantizer": ["gptq-webui-rtn"]}), base)
+    return model
+
+
+def run_generation(model, prompt_ids, new_tokens, forward, device):
+    params = SamplingParams(temperature=0.0, max_new_tokens=new_tokens)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    stamps = []
+    for chunk in torch_generation.stream_generate(model, prompt_ids, params, eos_ids=set(), decode=lambda ids: "",
+                                                  device=device, context_length=2048, forward=forward):
+        if not chunk.finished:
+            stamps.append(time.perf_counter())
+    ttft = stamps[0] - t0
+    tps = (len(stamps) - 1) / (stamps[-1] - stamps[0])
+    return ttft, tps, len(stamps)
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "?"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--prompt", type=int, default=64)
+    ap.add_argument("--new", type=int, default=256)
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--group", type=int, default=128)
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--ckpt", default="/tmp/gptq-webui-bench-7b")
+    ap.add_argument("--no-fuse-norms", action="store_true")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench.decode needs a CUDA GPU")
+    from bench.kernels import copy_bandwidth
+    from backends.gptq.cuda_graph import GraphDecoder, fuse_norms  # noqa: F811
+    from backends.gptq.kernel_runtime import KernelRuntime
+    from backends.gptq.loader import load_checkpoint
+    device = torch.device("cuda")
+    name = torch.cuda.get_device_name()
+    bw = copy_bandwidth()
+    config = llama7b_config(args.layers)
+    folder = Path(args.ckpt)
+    shutil.rmtree(folder, ignore_errors=True)
+    t = time.time()
+    fp16 = build_checkpoint(config, folder, args.bits, args.group)
+    print(f"built and quantized in {time.time() - t:.0f} s", flush=True)
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, config.vocab_size, (args.prompt,), generator=g).tolist()
+    results = {}
+
+    # transformers fp16, eager, dynamic cache (what the transformers backend does)
+    torch.cuda.reset_peak_memory_stats()
+    run_generation(fp16, prompt, 16, None, device)  # warm-up
+    ttft, tps, n = run_generation(fp16, prompt, args.new, None, device)
+    results["transformers fp16 (eager)"] = dict(ttft_ms=ttft * 1e3, tok_s=tps, tokens=n,
+                                                peak_gb=torch.cuda.max_memory_allocated() / 1e9)
+    fp16_bytes = sum(p.numel() * p.element_size() for n_, p in fp16.named_parameters() if "embed_tokens" not in n_)
+    print(results, flush=True)
+    # greedy outputs of the two engines on the same weights should mostly agree (fp16 rounding aside)
+    ref_tokens = _greedy_tokens(fp16, prompt, 32, None, device)
+    max_len = -(-(args.prompt + args.new + 1) // 256) * 256
+    fp16_static = _greedy_tokens(fp16, prompt, 32, GraphDecoder(fp16, device, max_len).step, device)
+    diag = {"fp16 static+graph vs fp16 dynamic": _agree(fp16_static, ref_tokens)}
+    with torch.inference_mode():
+        ref_logits = fp16(input_ids=torch.tensor([prompt], device=device)).logits.float()
+    del fp16
+    torch.cuda.empty_cache()
+
+    # gptq: loader + static cache + CUDA graph
+    torch.cuda.reset_peak_memory_stats()
+    t = time.time()
+    runtime = KernelRuntime(tune=True)
+    loaded = load_checkpoint(folder, device, torch.float16, runtime=runtime)
+    model = loaded.model.eval()
+    runtime.reserve_workspace([l.kernel for l in loaded.quant_layers.values()], torch.float16, device)
+    print(f"gptq loaded in {time.time() - t:.0f} s", flush=True)
+    with torch.inference_mode():
+        q_logits = model(input_ids=torch.tensor([prompt], device=device)).logits.float()
+    logit_err = float((q_logits - ref_logits).norm() / ref_logits.norm())
+    top1 = float((q_logits.argmax(-1) == ref_logits.argmax(-1)).float().mean())
+    print(f"prefill logits vs fp16: rel err {logit_err:.2e}, top-1 agreement {top1*100:.0f}%", flush=True)
+    fused = 0 if args.no_fuse_norms else fuse_norms(model)
+    decoder = GraphDecoder(model, device, max_len)
+    t = time.time()
+    run_generation(model, prompt, 16, decoder.step, device)  # warm-up: tunes kernels, captures the graph
+    print(f"warm-up (tuning + capture) {time.time() - t:.0f} s, graph={'yes' if decoder.graph is not None else 'NO'}",
+          flush=True)
+    ttft, tps, n = run_generation(model, prompt, args.new, decoder.step, device)
+    results["gptq (static cache + CUDA graph)"] = dict(ttft_ms=ttft * 1e3, tok_s=tps, tokens=n,
+                                                      peak_gb=torch.cuda.max_memory_allocated() / 1e9,
+                                                      graph=decoder.graph is not None)
+    decoder_eager = GraphDecoder(model, device, max_len, use_graph=False)
+    run_generation(model, prompt, 16, decoder_eager.step, device)
+    ttft_e, tps_e, n_e = run_generation(model, prompt, args.new, decoder_eager.step, device)
+    results["gptq (static cache, eager)"] = dict(ttft_ms=ttft_e * 1e3, tok_s=tps_e, tokens=n_e)
+    gptq_tokens = _greedy_tokens(model, prompt, 32, GraphDecoder(model, device, max_len).step, device)
+    gptq_dynamic = _greedy_tokens(model, prompt, 32, None, device)
+    agree = _agree(gptq_tokens, ref_tokens)
+    diag["gptq dynamic vs fp16 dynamic"] = _agree(gptq_dynamic, ref_tokens)
+    diag["gptq static+graph vs gptq dynamic"] = _agree(gptq_tokens, gptq_dynamic)
+    print("greedy agreement (first 32 tokens):", diag, flush=True)
+
+    q_bytes = sum(l.kernel.nbytes() for l in loaded.quant_layers.values())
+    other = sum(p.numel() * p.element_size() for n_, p in model.named_parameters() if "embed_tokens" not in n_)
+    per_token = q_bytes + other
+    limit = bw / per_token
+    fp16_limit = bw / fp16_bytes
+    md = [f"### Decode - {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} - {name} - commit {git_commit()}", "",
+          f"Command: `python -m bench.decode {' '.join(sys.argv[1:])}`. LLaMA-7B shape ({args.layers} layers, hidden 4096, "
+          f"intermediate 11008, vocab 32000), random weights, RTN {args.bits}-bit g{args.group}; prompt {args.prompt} "
+          f"tokens, {args.new} new tokens, greedy, batch 1, after a warm-up generation; torch {torch.__version__}. "
+          f"Copy bandwidth this run {bw/1e9:.0f} GB/s. Bytes read per token: gptq {per_token/1e9:.2f} GB "
+          f"(limit {limit:.0f} tok/s), fp16 {fp16_bytes/1e9:.2f} GB (limit {fp16_limit:.0f} tok/s). "
+          f"Same weights: prefill logits of gptq vs fp16 differ by {logit_err:.1e} (relative), top-1 agrees on "
+          f"{top1*100:.0f}% of the {args.prompt} positions; greedy continuations (first 32 tokens, common prefix): "
+          + ", ".join(f"{k} {v*100:.0f}%" for k, v in diag.items()) + f". Norms fused by torch.compile: {fused}.", "",
+          "| engine | decode tok/s | x fp16 | % of limit | TTFT ms | peak GPU GB |", "| --- | --- | --- | --- | --- | --- |"]
+    base = results["transformers fp16 (eager)"]["tok_s"]
+    for k, r in results.items():
+        lim = fp16_limit if k.startswith("transformers") else limit
+        md.append(f"| {k} | {r['tok_s']:.1f} | {r['tok_s']/base:.2f} | {r['tok_s']/lim*100:.0f} | "
+                  f"{r['ttft_ms']:.1f} | {r.get('peak_gb', float('nan')):.1f} |")
+    text = "\n".join(md) + "\n"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "decode.md").write_text(text)
+    (out / "decode.json").write_text(json.dumps(dict(results=results, copy_bw=bw, bytes_per_token=per_token,
+                                                     agree=agree, diag=diag, logit_err=logit_err, top1=top1, configs={k: v.__dict__ for k, v in runtime.configs.items()}),
+                                                indent=1))
+    print(text)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _agree(a, b) -> float:
+    """Fraction of the first tokens that agree before the two greedy continuations first differ."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n / len(b)
+
+
+def _greedy_tokens(model, prompt, n, forward, device):
+    out = []
+    step = forward or torch_generation._default_forward(model)
+    with torch.inference_mode():
+        logits, cache = step(torch.tensor([prompt], device=device), None)
+        for _ in range(n):
+            tok = int(logits[0, -1].argmax())
+            out.append(tok)
+            logits, cache = step(torch.tensor([[tok]], device=device), cache)
+    return out
+
+
+if __name__ == "__main__":
+    main()

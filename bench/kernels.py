@@ -1,0 +1,176 @@
+"""BENCH.md section 1: the GPTQ Triton kernels against torch fp16 `x @ W` (cuBLAS) and the device's copy
+bandwidth, all measured in the same run.
+
+    python -m bench.kernels [--shapes 4096x4096,...] [--cases 4g128,4g128a,3g128,2g64,8g128] [--m 1,16,2048]
+                            [--out DIR] [--no-tune]
+
+Every case is checked against a float64 reference of the dequantized weights before it is timed
+(fresh random inputs, poisoned output). Weights rotate over several copies so the L2 cache does not
+hold the matrix; times are taken from CUDA graph replays (as the decoder runs them), for both sides. Needs CUDA; imports nothing but torch, triton and backends.gptq.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from backends.gptq import format as fmt  # noqa: E402
+from backends.gptq.kernel_runtime import KernelRuntime, graph_time_ms, launch_fused  # noqa: E402
+from backends.gptq.quant_linear import make_kernel_layer  # noqa: E402
+
+SHAPES = "4096x4096,4096x11008,11008x4096,8192x28672,28672x8192"
+CASES = {"4g128": (4, 128, False), "4g128a": (4, 128, True), "3g128": (3, 128, False),
+         "2g64": (2, 64, False), "8g128": (8, 128, False)}
+L2_BYTES = 50 * 2**20
+
+
+def median_ms(fn, rep_ms=100):
+    from triton.testing import do_bench
+    return do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")
+
+
+def copy_bandwidth() -> float:
+    """Bytes read + written per second by a 2 GiB device-to-device copy."""
+    n = 2**30
+    a = torch.empty(n, dtype=torch.float16, device="cuda").normal_()
+    b = torch.empty_like(a)
+    ms = median_ms(lambda: b.copy_(a))
+    del a, b
+    return 2 * n * 2 / (ms * 1e-3)
+
+
+def random_layer(K, N, bits, gs, act, seed):
+    """A random packed layer on the GPU (codes, zeros, scales, g_idx) and its kernel form."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    G = fmt.num_groups(K, gs)
+    codes = torch.randint(0, 2**bits, (K, N), generator=g, device="cuda", dtype=torch.int32)
+    zeros = torch.randint(1, 2**bits, (G, N), generator=g, device="cuda", dtype=torch.int32)
+    scales = (torch.rand(G, N, generator=g, device="cuda") * 0.02 + 0.002).half()
+    g_idx = fmt.default_g_idx(K, gs).cuda()
+    if act:
+        g_idx = g_idx[torch.randperm(K, generator=g, device="cuda")]
+    qw = fmt.pack_qweight(codes, bits)
+    qz = fmt.pack_qzeros(zeros, bits, "gptq")
+    del codes
+    return (qw, qz, scales, g_idx), make_kernel_layer(qw, qz, scales, g_idx, bits, gs, "gptq", "cuda")
+
+
+def rel_err(y, ref):
+    return float((y.double() - ref).norm() / ref.norm())
+
+
+def run_case(K, N, bits, gs, act, Ms, runtime, bw, seed):
+    rows = []
+    packed, layer = random_layer(K, N, bits, gs, act, seed)
+    w64 = fmt.dequantize(*packed, bits, "gptq", dtype=torch.float64)
+    del packed
+    qbytes = layer.nbytes()
+    copies = max(2, math.ceil(4 * L2_BYTES / qbytes))
+    layers = [layer] + [random_layer(K, N, bits, gs, act, seed + 1000 * i)[1] for i in range(1, copies)]
+    w16 = w64.half()
+    fcopies = max(2, math.ceil(4 * L2_BYTES / (K * N * 2)))
+    dense = [w16] + [torch.randn(K, N, device="cuda", dtype=torch.float16) * 0.01 for _ in range(1, fcopies)]
+    for M in Ms:
+        x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+        cfg = runtime.config_for(x, layer)
+        # correctness on fresh inputs, poisoned output
+        xc = torch.randn(M, K, device="cuda", dtype=torch.float16)
+        ref = xc.double() @ w64
+        if cfg.path == "fused":
+            out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.float16)
+            y = launch_fused(xc, layer, cfg, out=out)
+        else:
+            y = runtime.run(xc, layer, cfg)
+        err = rel_err(y, ref)
+        nan = bool(torch.isnan(y).any())
+        calls = max(copies, fcopies, 8)
+        q_ms = graph_time_ms(lambda i: runtime.run(x, layers[i % copies], cfg), calls=calls)
+        f_ms = graph_time_ms(lambda i: x @ dense[i % fcopies], calls=calls)
+        moved = qbytes + M * K * 2 + M * N * 2
+        rows.append(dict(K=K, N=N, bits=bits, group=gs, act_order=act, M=M, ms=q_ms, fp16_ms=f_ms,
+                         speedup=f_ms / q_ms, gbps=moved / (q_ms * 1e-3) / 1e9,
+                         copy_frac=moved / (q_ms * 1e-3) / bw, fp16_gbps=(K * N * 2 + M * K * 2 + M * N * 2) / (f_ms * 1e-3) / 1e9,
+                         rel_err=err, nan=nan, config=cfg.__dict__))
+        r = rows[-1]
+        print(f"{K:>6}x{N:<6} b{bits} g{gs:<4}{'a' if act else ' '} M={M:<5} {q_ms*1e3:9.1f}us  fp16 {f_ms*1e3:9.1f}us "
+              f"x{r['speedup']:5.2f}  {r['gbps']:7.0f} GB/s {r['copy_frac']*100:5.1f}% copy  err {err:.1e}"
+              f"{' NaN!' if nan else ''}  {cfg.path} bn{cfg.block_n} bk{cfg.block_k} s{cfg.split_k} w{cfg.num_warps}",
+              flush=True)
+    del layers, dense, w64, w16
+    torch.cuda.empty_cache()
+    return rows
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "?"
+
+
+def markdown(rows, bw, args, device) -> str:
+    lines = [f"### Kernels - {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} - {device} - commit {git_commit()}",
+             "", f"Command: `python -m bench.kernels {' '.join(sys.argv[1:])}`. torch {torch.__version__}, "
+             f"triton {__import__('triton').__version__}. Copy bandwidth (read+write) this run: {bw/1e9:.0f} GB/s. "
+             "Times are medians over replays of a CUDA graph of calls rotating over weight copies (no launch overhead); speedup = fp16 time / gptq time; "
+             "bandwidth counts packed weights + scales + zeros + perm + activations + output.", "",
+             "| K x N | bits | group | act | M | gptq us | fp16 us | speedup | GB/s | % copy | rel err | config |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        c = r["config"]
+        lines.append(f"| {r['K']}x{r['N']} | {r['bits']} | {r['group']} | {'yes' if r['act_order'] else 'no'} | {r['M']} | "
+                     f"{r['ms']*1e3:.1f} | {r['fp16_ms']*1e3:.1f} | {r['speedup']:.2f} | {r['gbps']:.0f} | "
+                     f"{r['copy_frac']*100:.0f} | {r['rel_err']:.1e} | {c['path']} n{c['block_n']} k{c['block_k']} "
+                     f"s{c['split_k']} w{c['num_warps']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", default=SHAPES)
+    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--m", default="1,16,2048")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--no-tune", action="store_true")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench.kernels needs a CUDA GPU")
+    torch.manual_seed(0)
+    device = torch.cuda.get_device_name()
+    bw = copy_bandwidth()
+    print(f"{device}: copy bandwidth {bw/1e9:.0f} GB/s (read+write)", flush=True)
+    runtime = KernelRuntime(tune=not args.no_tune)
+    Ms = [int(m) for m in args.m.split(",")]
+    rows = []
+    t0 = time.time()
+    for i, shape in enumerate(args.shapes.split(",")):
+        K, N = (int(v) for v in shape.split("x"))
+        for j, case in enumerate(args.cases.split(",")):
+            bits, gs, act = CASES[case]
+            rows += run_case(K, N, bits, gs, act, Ms, runtime, bw, seed=100 * i + j)
+    print(f"total {time.time() - t0:.0f} s")
+    bad = [r for r in rows if r["rel_err"] >= 1e-2 or r["nan"]]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "kernels.json").write_text(json.dumps({"device": device, "copy_bw": bw, "rows": rows}, indent=1))
+    md = markdown(rows, bw, args, device)
+    (out / "kernels.md").write_text(md)
+    print(md)
+    if bad:
+        print(f"{len(bad)} cases FAILED the correctness check")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
