@@ -67,7 +67,9 @@ def git_commit() -> str:
 def record(table: str, notes: list[str], args: argparse.Namespace, argv: list[str]) -> None:
     command = "python -m bench.compare " + " ".join(shlex.quote(a) for a in argv)
     lines = [f"\n## Side by side ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})", "",
-             f"- device: {device_line()}", f"- commit: {git_commit()}", f"- command: `{command}`",
+             f"- device: {device_line()}, load average {os.getloadavg()[0]:.1f} at the end "
+             "(shared machine: compare speeds within this table only)",
+             f"- commit: {git_commit()}", f"- command: `{command}`",
              f"- perplexity: {args.text}, seqlen {args.seqlen}, "
              f"{'all windows' if not args.windows else f'first {args.windows} windows'}; speed: "
              f"{args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, greedy, "
