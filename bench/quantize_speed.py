@@ -130,24 +130,10 @@ def main(argv=None) -> int:
         runs.append(QuantizeSettings(method="rtn", **base))
     orders = {"off": [False], "on": [True], "both": [False, True]}[args.act_order]
     runs += [QuantizeSettings(method="gptq", act_order=a, **base) for a in orders]
-    rows = []
-    for settings in runs:
-        row = measure(args.models_dir, model, settings)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    if args.random_7b and not args.keep_random:
-        shutil.rmtree(args.models_dir / RANDOM, ignore_errors=True)
-    rtn = next((r for r in rows if r["method"] == "rtn"), None)
-    lines = ["| method | act-order | wall s | vs RTN | peak RSS MB (start) | peak RSS+swap MB | peak GPU MB (alloc / device) | activations on |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        ratio = f"{r['seconds'] / rtn['seconds']:.2f}x" if rtn else ""
-        lines.append(f"| {r['method']} | {'on' if r['act_order'] else 'off'} | {r['seconds']:.1f} | {ratio} | "
-                     f"{r['peak_rss_mb']:.0f} ({r['start_rss_mb']:.0f}) | {r['peak_rss_swap_mb']:.0f} | "
-                     f"{r['peak_gpu_alloc_mb']:.0f} / {r['peak_gpu_device_mb']:.0f} | {r['activations']} |")
-    table = "\n".join(lines)
-    print(table)
-    if args.record:
+    header_lines = ["| method | act-order | wall s | vs RTN | peak RSS MB (start) | peak RSS+swap MB | peak GPU MB (alloc / device) | activations on |",
+                    "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    results = REPO / "bench" / "RESULTS.md"
+    if args.record:  # header first, then each row as soon as it is measured (a killed run keeps its rows)
         device = (torch.cuda.get_device_name() if torch.cuda.is_available()
                   else f"CPU {platform.machine()}, {torch.get_num_threads()} threads")
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
@@ -156,8 +142,25 @@ def main(argv=None) -> int:
                   f"Command: `python bench/quantize_speed.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n"
                   f"{what}, {args.bits}-bit g{args.group_size}, {args.nsamples} x {args.seqlen} {args.calib} tokens; "
                   "RTN runs the same streaming pipeline (the baseline of the ratio).\n\n")
-        with open(REPO / "bench" / "RESULTS.md", "a", encoding="utf-8") as fh:
-            fh.write(header + table + "\n")
+        with open(results, "a", encoding="utf-8") as fh:
+            fh.write(header + "\n".join(header_lines) + "\n")
+    rows, lines, rtn = [], list(header_lines), None
+    for settings in runs:
+        r = measure(args.models_dir, model, settings)
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+        rtn = rtn or (r if r["method"] == "rtn" else None)
+        ratio = f"{r['seconds'] / rtn['seconds']:.2f}x" if rtn else ""
+        line = (f"| {r['method']} | {'on' if r['act_order'] else 'off'} | {r['seconds']:.1f} | {ratio} | "
+                f"{r['peak_rss_mb']:.0f} ({r['start_rss_mb']:.0f}) | {r['peak_rss_swap_mb']:.0f} | "
+                f"{r['peak_gpu_alloc_mb']:.0f} / {r['peak_gpu_device_mb']:.0f} | {r['activations']} |")
+        lines.append(line)
+        if args.record:
+            with open(results, "a", encoding="utf-8") as fh:
+                fh.write(line + "\n")
+    if args.random_7b and not args.keep_random:
+        shutil.rmtree(args.models_dir / RANDOM, ignore_errors=True)
+    print("\n".join(lines))
     return 0
 
 

@@ -1,0 +1,63 @@
+"""The job runner: background work with progress, cancel, failure messages, one quantization at a
+time, and a memory series sampled for the whole job."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from backends.base import BackendError
+from quantizer.jobs import JobManager, memory_sample
+from quantizer.pipeline import Cancelled
+
+
+def test_progress_result_and_memory_series():
+    jobs = JobManager(sample_interval=0.05)
+
+    def work(job):
+        blocks = []
+        for i in range(5):
+            blocks.append(bytearray(8 * 2 ** 20))  # RSS must rise by ~40 MB
+            job.report({"progress": (i + 1) / 5, "stage": f"step {i + 1}", "text": f"did step {i + 1}"})
+            time.sleep(0.1)
+        return sum(len(b) for b in blocks)
+
+    job = jobs.submit("quantize", "demo", work)
+    assert job.wait(30)
+    snap = job.snapshot()
+    assert snap["status"] == "done" and job.result == 40 * 2 ** 20
+    assert snap["progress"] == 1.0 and snap["log"][-1] == "did step 5"
+    assert len(snap["samples"]) >= 5
+    assert job.peak("rss_mb") - job.baseline_rss_mb > 20
+    for key in ("ram_used_mb", "rss_mb", "swap_used_mb", "gpu_used_mb"):
+        assert key in snap["samples"][0]
+
+
+def test_cancel_failure_and_exclusivity():
+    jobs = JobManager(sample_interval=0.05)
+
+    def slow(job):
+        while True:
+            if job.should_stop():
+                raise Cancelled("stopped by the user")
+            time.sleep(0.01)
+
+    job = jobs.submit("quantize", "slow", slow)
+    with pytest.raises(BackendError, match="already running"):
+        jobs.submit("quantize", "second", slow)
+    other = jobs.submit("eval", "another kind runs alongside", lambda j: 1)
+    job.cancel()
+    assert job.wait(10) and job.status == "cancelled"
+    assert other.wait(10) and other.status == "done"
+
+    failed = jobs.submit("quantize", "broken", lambda j: (_ for _ in ()).throw(ValueError("bits must be 4")))
+    assert failed.wait(10)
+    assert failed.status == "failed" and failed.error == "bits must be 4"
+    crashed = jobs.submit("quantize", "bug", lambda j: 1 / 0)
+    assert crashed.wait(10) and crashed.status == "failed" and "ZeroDivisionError" in crashed.error
+    assert jobs.latest("quantize") is crashed and len(jobs.jobs("quantize")) == 3
+
+
+def test_memory_sample_is_in_megabytes():
+    s = memory_sample()
+    assert 10 < s["rss_mb"] < s["ram_total_mb"] and s["ram_used_mb"] > 0
