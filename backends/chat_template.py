@@ -16,14 +16,43 @@ FALLBACK_TEMPLATE = (
 )
 
 
+MAX_SEQUENCE_REPEAT = 100_000   # longest string/list a template may build with `*`
+MAX_EXPONENT = 128
+MAX_RANGE = 4096                  # chat templates loop over messages, not millions of numbers
+
+
 def _raise_exception(message):
     raise TemplateError(message)
 
 
+def _limited_range(*args):
+    values = range(*args)
+    if len(values) > MAX_RANGE:
+        raise SecurityError(f"range of {len(values)} items is over the template limit of {MAX_RANGE}")
+    return values
+
+
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    """The sandbox blocks Python internals; this also blocks resource bombs (`"x" * 10**10`)."""
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context, operator, left, right):
+        if operator == "**" and isinstance(right, (int, float)) and abs(right) > MAX_EXPONENT:
+            raise SecurityError(f"exponent {right} is over the template limit of {MAX_EXPONENT}")
+        if operator == "*":
+            for seq, count in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(count, int) \
+                        and len(seq) * count > MAX_SEQUENCE_REPEAT:
+                    raise SecurityError("template tried to build a sequence over "
+                                        f"{MAX_SEQUENCE_REPEAT} items")
+        return super().call_binop(context, operator, left, right)
+
+
 @lru_cache(maxsize=32)
 def _compile(source: str):
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env = _BoundedSandbox(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = _raise_exception
+    env.globals["range"] = _limited_range
     return env.from_string(source)
 
 
@@ -39,6 +68,8 @@ def render_chat(template: str | None, messages: list[dict], add_generation_promp
         raise BackendError(f"chat template refused by the sandbox: {exc}") from None
     except TemplateError as exc:
         raise BackendError(f"chat template failed: {exc}") from None
+    except (OverflowError, MemoryError, RecursionError) as exc:
+        raise BackendError(f"chat template refused: {type(exc).__name__}") from None
 
 
 def content_to_text(content) -> str:

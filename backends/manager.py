@@ -5,12 +5,59 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 from backends.base import Backend, BackendError, GenerationChunk, Message, SamplingParams
 from backends.registry import backends_for_format, create_backend, default_backend_for, detect_format
+
+
+class FairLock:
+    """A lock granted in arrival order, so the Chat tab, the API queue and comparisons share one
+    first-come-first-served order per model (threading.Lock lets any waiter win)."""
+
+    def __init__(self):
+        self._mutex = threading.Lock()
+        self._waiters: deque[threading.Event] = deque()
+        self._held = False
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        with self._mutex:
+            if not self._held and not self._waiters:
+                self._held = True
+                return True
+            if not blocking:
+                return False
+            turn = threading.Event()
+            self._waiters.append(turn)
+        if turn.wait(None if timeout is None or timeout < 0 else timeout):
+            return True
+        with self._mutex:
+            if turn.is_set():  # handed over just as we gave up: keep it
+                return True
+            self._waiters.remove(turn)
+            return False
+
+    def release(self) -> None:
+        with self._mutex:
+            if not self._held:
+                raise RuntimeError("release of an unheld FairLock")
+            if self._waiters:
+                self._waiters.popleft().set()  # ownership passes straight to the oldest waiter
+            else:
+                self._held = False
+
+    def locked(self) -> bool:
+        return self._held
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
 
 
 @dataclass
@@ -22,7 +69,7 @@ class LoadedModel:
     options: dict
     backend: Backend
     load_seconds: float
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    lock: FairLock = field(default_factory=FairLock)
 
 
 @dataclass(frozen=True)

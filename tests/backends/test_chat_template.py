@@ -30,3 +30,20 @@ def test_template_injection_is_refused(evil):
 def test_raise_exception_in_template_is_a_clear_error():
     with pytest.raises(BackendError, match="only user"):
         render_chat("{{ raise_exception('only user roles') }}", [{"role": "user", "content": "x"}])
+
+
+@pytest.mark.parametrize("bomb", [
+    "{{ 'x' * 10**10 }}",
+    "{{ 'x' * 1000000 }}",
+    "{{ [1] * 10000000 }}",
+    "{{ 2 ** 100000 }}",
+    "{% for i in range(100000000) %}{% endfor %}",
+])
+def test_resource_bombs_are_refused(bomb):
+    with pytest.raises(BackendError, match="refused|limit"):
+        render_chat(bomb, [{"role": "user", "content": "x"}])
+
+
+def test_normal_arithmetic_still_works():
+    assert render_chat("{{ '-' * 3 }}{{ 2 ** 3 }}{% for i in range(2) %}{{ i }}{% endfor %}",
+                       [{"role": "user", "content": "x"}]) == "---801"

@@ -100,3 +100,30 @@ def test_manager_holds_two_models_and_generates_from_both(default_hf_model, defa
     finally:
         manager.unload_all()
     assert manager.loaded() == []
+
+
+def test_fair_lock_grants_in_arrival_order():
+    import threading
+    import time
+    from backends.manager import FairLock
+    lock, order, started = FairLock(), [], []
+    lock.acquire()
+
+    def waiter(index):
+        started.append(index)
+        with lock:
+            order.append(index)
+
+    threads = []
+    for index in range(6):
+        thread = threading.Thread(target=waiter, args=(index,))
+        thread.start()
+        threads.append(thread)
+        while len(started) <= index or len(lock._waiters) <= index:  # queue strictly one after another
+            time.sleep(0.005)
+    lock.release()
+    for thread in threads:
+        thread.join(5)
+    assert order == list(range(6))
+    assert not lock.locked()
+    assert lock.acquire(blocking=False) and not FairLock().locked()
