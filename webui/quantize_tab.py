@@ -100,7 +100,7 @@ class QuantizeTab:
         return [m.name for m in self.ctx.manager.list_models() if getattr(m, "format", None) == "hf"]
 
     def settings(self, bits, group, act_order, static_groups, true_seq, sym, damp, source, upload, nsamples,
-                 seqlen) -> QuantizeSettings:
+                 seqlen, method="gptq", token_clip=0, mse=False) -> QuantizeSettings:
         if source == UPLOAD:
             if not upload:
                 raise ValueError("choose a calibration file to upload (.txt, .jsonl or .parquet)")
@@ -117,12 +117,15 @@ class QuantizeTab:
             return int(f)
         try:
             damp = float(damp)
+            token_clip = float(token_clip or 0)
         except (TypeError, ValueError):
-            raise ValueError(f"damp must be a number, got {damp!r}") from None
+            raise ValueError(f"damp and token clip must be numbers, got {damp!r} and {token_clip!r}") from None
         return QuantizeSettings(bits=as_int(bits, "bits"), group_size=as_int(group, "group size"),
                                 act_order=bool(act_order), static_groups=bool(static_groups),
                                 true_sequential=bool(true_seq), sym=bool(sym), damp=damp, calib=calib,
-                                nsamples=as_int(nsamples, "nsamples"), seqlen=as_int(seqlen, "seqlen")).validate()
+                                nsamples=as_int(nsamples, "nsamples"), seqlen=as_int(seqlen, "seqlen"),
+                                method=str(method or "gptq"), token_clip=token_clip if token_clip > 0 else None,
+                                mse=bool(mse)).validate()
 
     # -- events --------------------------------------------------------------------------------
     def estimate(self, model, *values):
@@ -197,28 +200,37 @@ class QuantizeTab:
     # -- layout --------------------------------------------------------------------------------
     def build(self) -> None:
         models = self.hf_models()
+        d = QuantizeSettings()
         with gr.Row():
             with gr.Column(scale=2):
                 model = gr.Dropdown(models, value=models[0] if models else None, label="Model to quantize",
                                     allow_custom_value=True, elem_id="quant-model")
                 with gr.Row():
-                    bits = gr.Dropdown([2, 3, 4, 8], value=4, label="Bits", elem_id="quant-bits")
-                    group = gr.Number(128, label="Group size (-1 = per column)", precision=0, elem_id="quant-group")
-                    damp = gr.Number(0.01, label="Damp", elem_id="quant-damp")
+                    bits = gr.Dropdown([2, 3, 4, 8], value=d.bits, label="Bits", elem_id="quant-bits")
+                    group = gr.Number(d.group_size, label="Group size (-1 = per column)", precision=0, elem_id="quant-group")
+                    damp = gr.Number(d.damp, label="Damp", elem_id="quant-damp")
                 with gr.Row():
-                    act_order = gr.Checkbox(False, label="Act-order", elem_id="quant-act-order")
-                    static_groups = gr.Checkbox(False, label="Static groups", elem_id="quant-static")
-                    true_seq = gr.Checkbox(True, label="True-sequential", elem_id="quant-true-seq")
-                    sym = gr.Checkbox(True, label="Symmetric", elem_id="quant-sym")
+                    act_order = gr.Checkbox(d.act_order, label="Act-order", elem_id="quant-act-order")
+                    static_groups = gr.Checkbox(d.static_groups, label="Static groups", elem_id="quant-static")
+                    true_seq = gr.Checkbox(d.true_sequential, label="True-sequential", elem_id="quant-true-seq")
+                    sym = gr.Checkbox(d.sym, label="Symmetric", elem_id="quant-sym")
             with gr.Column(scale=2):
                 source = gr.Dropdown([*SOURCES, UPLOAD], value="builtin", label="Calibration source",
                                      info="builtin works offline (Python documentation prose)", elem_id="quant-source")
                 upload = gr.File(label="Calibration file (.txt, .jsonl, .parquet)", visible=False,
                                  file_types=[".txt", ".jsonl", ".parquet"], type="filepath", elem_id="quant-upload")
                 with gr.Row():
-                    nsamples = gr.Number(128, label="Samples", precision=0, elem_id="quant-nsamples")
-                    seqlen = gr.Number(512, label="Tokens per sample", precision=0, elem_id="quant-seqlen")
-                out = gr.Textbox(suggest_name(model.value, 4, 128), label="Output name (in the models folder)",
+                    nsamples = gr.Number(d.nsamples, label="Samples", precision=0, elem_id="quant-nsamples")
+                    seqlen = gr.Number(d.seqlen, label="Tokens per sample", precision=0, elem_id="quant-seqlen")
+                with gr.Accordion("Advanced", open=False, elem_id="quant-advanced"):
+                    with gr.Row():
+                        method = gr.Radio(["gptq", "rtn"], value=d.method, label="Method",
+                                          info="rtn: round-to-nearest, the baseline", elem_id="quant-method")
+                        token_clip = gr.Number(d.token_clip or 0, label="Token clip (0 = off)",
+                                               info="caps a massive-activation token's Hessian weight at this "
+                                                    "multiple of the median token norm", elem_id="quant-token-clip")
+                        mse = gr.Checkbox(d.mse, label="MSE range search", elem_id="quant-mse")
+                out = gr.Textbox(suggest_name(model.value, d.bits, d.group_size), label="Output name (in the models folder)",
                                  elem_id="quant-out")
         estimate = gr.Markdown("", elem_id="quant-estimate")
         with gr.Row():
@@ -241,7 +253,8 @@ class QuantizeTab:
             compare = gr.Button("Compare perplexity: original vs quantized", elem_id="quant-compare")
         compare_out = gr.Markdown("", elem_id="quant-compare-result")
 
-        values = [bits, group, act_order, static_groups, true_seq, sym, damp, source, upload, nsamples, seqlen]
+        values = [bits, group, act_order, static_groups, true_seq, sym, damp, source, upload, nsamples, seqlen,
+                  method, token_clip, mse]
         for comp in [model, *values]:
             comp.change(self.estimate, [model, *values], estimate)
         for comp in (model, bits, group):
