@@ -156,9 +156,9 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, spec: GridSpec, opts: G
             wq = dequantize(q, scale, zero)
             codes[:, col] = q
             err = (w - wq) / d
-            losses += (w - wq) ** 2 / d ** 2 / 2
             W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
             Err1[:, i] = err
+        losses += Err1.pow(2).sum(dim=1) / 2  # sum of (w - q)^2 / d^2 / 2 over the block
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
     invperm = torch.argsort(perm)
