@@ -94,6 +94,47 @@ def git_commit() -> str:
         return "?"
 
 
+def cpu_main(args) -> None:
+    """CPU: the gptq backend (torch path) against the transformers backend on the default model's fp
+    weights, same machine, same run, alternating, median of repeats."""
+    import statistics
+    import tempfile
+    from backends.gptq import rtn
+    from backends.registry import create_backend
+    src = REPO / "models" / "SmolLM2-135M-Instruct"
+    tmp = Path(tempfile.mkdtemp(prefix="gptq-cpu-bench-"))
+    ckpt = rtn.quantize_folder(src, tmp / "smol-4bit", bits=args.bits, group_size=args.group)
+    engines = {}
+    for name, path in (("transformers fp32", src), ("gptq 4-bit (torch path)", ckpt)):
+        b = create_backend("transformers" if name.startswith("transformers") else "gptq")
+        b.load(path, b.validate_options({"device": "cpu", "dtype": "float32"}))
+        engines[name] = b
+    messages = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
+    params = SamplingParams(temperature=0.0, max_new_tokens=args.new)
+    rates = {k: [] for k in engines}
+    for _ in range(args.repeats):
+        for name, b in engines.items():
+            stamps = [time.perf_counter() for c in b.chat(messages, params) if not c.finished]
+            rates[name].append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    base = med["transformers fp32"]
+    lines = [f"### Decode on CPU - {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} - "
+             f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()} - commit {git_commit()}", "",
+             f"Command: `python -m bench.decode --cpu {' '.join(a for a in sys.argv[1:] if a != '--cpu')}`. "
+             f"SmolLM2-135M-Instruct, RTN {args.bits}-bit g{args.group}; greedy, {args.new} new tokens, chat prompt; "
+             f"median of {args.repeats} alternating runs (shared machine).", "",
+             "| engine | decode tok/s | x transformers |", "| --- | --- | --- |"]
+    lines += [f"| {k} | {v:.1f} | {v / base:.2f} |" for k, v in med.items()]
+    text = "\n".join(lines) + "\n"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "decode_cpu.md").write_text(text)
+    print(text)
+    for b in engines.values():
+        b.unload()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=32)
@@ -104,7 +145,12 @@ def main(argv=None):
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--ckpt", default="/tmp/gptq-webui-bench-7b")
     ap.add_argument("--no-fuse-norms", action="store_true")
+    ap.add_argument("--no-fuse-siblings", action="store_true")
+    ap.add_argument("--cpu", action="store_true", help="CPU comparison on the default model instead")
+    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args(argv)
+    if args.cpu:
+        return cpu_main(args)
     if not torch.cuda.is_available():
         sys.exit("bench.decode needs a CUDA GPU")
     from bench.kernels import copy_bandwidth
@@ -156,6 +202,13 @@ def main(argv=None):
     top1 = float((q_logits.argmax(-1) == ref_logits.argmax(-1)).float().mean())
     print(f"prefill logits vs fp16: rel err {logit_err:.2e}, top-1 agreement {top1*100:.0f}%", flush=True)
     fused = 0 if args.no_fuse_norms else fuse_norms(model)
+    from backends.gptq.fusion import fuse_siblings
+    groups = 0 if args.no_fuse_siblings else fuse_siblings(model, runtime)
+    torch.cuda.empty_cache()
+    with torch.inference_mode():
+        f_logits = model(input_ids=torch.tensor([prompt], device=device)).logits.float()
+    print(f"after fusing: logits vs unfused rel err {float((f_logits - q_logits).norm() / q_logits.norm()):.1e}",
+          flush=True)
     decoder = GraphDecoder(model, device, max_len)
     t = time.time()
     run_generation(model, prompt, 16, decoder.step, device)  # warm-up: tunes kernels, captures the graph
@@ -176,7 +229,9 @@ def main(argv=None):
     diag["gptq static+graph vs gptq dynamic"] = _agree(gptq_tokens, gptq_dynamic)
     print("greedy agreement (first 32 tokens):", diag, flush=True)
 
-    q_bytes = sum(l.kernel.nbytes() for l in loaded.quant_layers.values())
+    q_bytes = sum(l.kernel.nbytes() for l in loaded.quant_layers.values() if l.kernel is not None)
+    q_bytes += sum({id(l.group): l.group.kernel.nbytes() for l in loaded.quant_layers.values()
+                    if l.group is not None}.values())
     other = sum(p.numel() * p.element_size() for n_, p in model.named_parameters() if "embed_tokens" not in n_)
     per_token = q_bytes + other
     limit = bw / per_token
@@ -189,7 +244,7 @@ def main(argv=None):
           f"(limit {limit:.0f} tok/s), fp16 {fp16_bytes/1e9:.2f} GB (limit {fp16_limit:.0f} tok/s). "
           f"Same weights: prefill logits of gptq vs fp16 differ by {logit_err:.1e} (relative), top-1 agrees on "
           f"{top1*100:.0f}% of the {args.prompt} positions; greedy continuations (first 32 tokens, common prefix): "
-          + ", ".join(f"{k} {v*100:.0f}%" for k, v in diag.items()) + f". Norms fused by torch.compile: {fused}.", "",
+          + ", ".join(f"{k} {v*100:.0f}%" for k, v in diag.items()) + f". Norms fused by torch.compile: {fused}; sibling projections fused into one launch: {groups} groups.", "",
           "| engine | decode tok/s | x fp16 | % of limit | TTFT ms | peak GPU GB |", "| --- | --- | --- | --- | --- | --- |"]
     base = results["transformers fp16 (eager)"]["tok_s"]
     for k, r in results.items():

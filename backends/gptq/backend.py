@@ -60,6 +60,8 @@ class GPTQBackend(TransformersBackend):
         if self.runtime is not None:
             self.runtime.reserve_workspace([l.kernel for l in self.quant_layers.values() if l.kernel is not None],
                                            dtype, self.device)
+            from backends.gptq.fusion import fuse_siblings
+            fuse_siblings(loaded.model, self.runtime)  # q/k/v and gate/up as one launch each
             if options.get("cuda_graphs", True):
                 from backends.gptq.cuda_graph import fuse_norms
                 fuse_norms(loaded.model)  # one kernel per norm instead of ~6: matters once graphs remove launches
@@ -71,6 +73,21 @@ class GPTQBackend(TransformersBackend):
         self.quant_layers = {}
         self.runtime = None
         super().unload()
+
+    def memory_report(self):
+        """The base report counts parameters and buffers; the kernels' packed tensors live outside
+        them (KernelLayer), so they are added here, each storage once."""
+        report = super().memory_report()
+        seen, extra = set(), 0
+        kernels = [l.kernel for l in self.quant_layers.values() if l.kernel is not None]
+        kernels += [l.group.kernel for l in self.quant_layers.values() if l.group is not None]
+        for k in kernels:
+            for t in (k.qweight, k.scales, k.zeros, k.perm):
+                if t is not None and t.data_ptr() not in seen:
+                    seen.add(t.data_ptr())
+                    extra += t.numel() * t.element_size()
+        report.gpu_mb += extra / 2**20
+        return report
 
     def bits_per_weight(self) -> float:
         """Bits per weight of the quantized linears as stored: codes plus fp16 scales and the zeros."""

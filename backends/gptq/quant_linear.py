@@ -63,6 +63,8 @@ class QuantLinear(nn.Module):
         self.kernel: KernelLayer | None = None
         self.runtime: KernelRuntime | None = None
         self.packed: tuple | None = None   # (qweight, qzeros, scales, g_idx, checkpoint_format) on CPU
+        self.group = None                  # fusion.FusedGroup when fused with its siblings (CUDA)
+        self.group_index = 0
         self.register_buffer("weight_cache", None, persistent=False)  # [N, K] dequantized, CPU path
         self.register_buffer("bias", None, persistent=False)
 
@@ -88,8 +90,15 @@ class QuantLinear(nn.Module):
                 layer.packed = (qweight, qzeros, scales, g_idx, checkpoint_format)
         return layer
 
+    def attach_group(self, group, index: int) -> None:
+        """Run through a fused sibling group from now on; this layer's own kernel tensors are freed."""
+        self.group, self.group_index = group, index
+        self.kernel = None
+
     @property
     def path(self) -> str:
+        if self.group is not None:
+            return "triton-fused"
         if self.kernel is not None:
             return "triton"
         return "torch-cached" if self.weight_cache is not None else "torch-dequant"
@@ -101,21 +110,27 @@ class QuantLinear(nn.Module):
         if self.packed is not None:
             qweight, qzeros, scales, g_idx, cf = self.packed
             return fmt.dequantize(qweight, qzeros, scales, g_idx, self.bits, cf, dtype=dtype).t()
-        k = self.kernel
         from backends.gptq.kernel_runtime import launch_dequant
+        k = self.kernel if self.group is None else self.group.kernel
         w = launch_dequant(k, torch.empty(k.K, k.N, device=k.qweight.device, dtype=torch.float32))
+        if self.group is not None:
+            start, stop = self.group.offsets[self.group_index]
+            w = w[:, start:stop]
         return w.t().to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight_cache is not None:
             return F.linear(x, self.weight_cache, self.bias)
-        if self.kernel is None:
+        if self.kernel is None and self.group is None:
             return F.linear(x, self.dense_weight(x.dtype), self.bias)
         shape = x.shape
         x2d = x.reshape(-1, shape[-1])
         if not x2d.is_contiguous():
             x2d = x2d.contiguous()
-        y = self.runtime.matmul(x2d, self.kernel, self.bias)
+        if self.group is not None:
+            y = self.group.output(x2d, self.group_index)
+        else:
+            y = self.runtime.matmul(x2d, self.kernel, self.bias)
         return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

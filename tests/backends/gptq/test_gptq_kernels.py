@@ -136,3 +136,39 @@ def test_torch_path_and_kernels_agree(kr, bits, gs, act, fmt_name):
     assert lazy.path == "torch-dequant"
     x = torch.randn(2, K)
     assert torch.allclose(lazy(x), cpu(x), atol=1e-5)
+
+
+def test_fused_siblings_compute_each_projection(kr):
+    """q/k/v fused into one launch give each projection's own output, for every call order."""
+    from torch import nn
+    from backends.gptq.fusion import fuse_siblings
+    from backends.gptq.quant_linear import QuantLinear, make_kernel_layer
+    runtime = kr.KernelRuntime(tune=False)
+    attn = nn.Module()
+    refs = {}
+    g_idx = _layer(4, 32, True, seed=40)[0][3]  # act-order: siblings share one activation order
+    for i, name in enumerate(("q_proj", "k_proj", "v_proj")):
+        packed, _ = _layer(4, 32, False, seed=40 + i)
+        layer = QuantLinear(K, N, 4, 32, name)
+        layer.kernel = make_kernel_layer(packed[0], packed[1], packed[2], g_idx, 4, 32, "gptq_v2", "cpu")
+        assert layer.kernel.perm is not None
+        layer.runtime = runtime
+        layer.bias = torch.randn(N, generator=torch.Generator().manual_seed(i))
+        refs[name] = fmt.dequantize(packed[0], packed[1], packed[2], g_idx, 4, "gptq_v2", dtype=torch.float64)
+        setattr(attn, name, layer)
+    assert fuse_siblings(attn, runtime) == 1
+    assert attn.k_proj.path == "triton-fused" and attn.k_proj.kernel is None
+    for order in (("q_proj", "k_proj", "v_proj"), ("v_proj", "q_proj", "k_proj")):
+        x = torch.randn(2, K)
+        for name in order:
+            layer = getattr(attn, name)
+            ref = x.double() @ refs[name] + layer.bias.double()
+            assert _rel(layer(x), ref) < 1e-4, name
+    with torch.inference_mode():  # inference tensors carry no version counter
+        x = torch.randn(1, K)
+        assert _rel(attn.q_proj(x), x.double() @ refs["q_proj"] + attn.q_proj.bias.double()) < 1e-4
+        assert _rel(attn.v_proj(x), x.double() @ refs["v_proj"] + attn.v_proj.bias.double()) < 1e-4
+    # a different input in between is recomputed, not served from the previous result
+    x1, x2 = torch.randn(1, K), torch.randn(1, K)
+    attn.q_proj(x1)
+    assert _rel(attn.k_proj(x2), x2.double() @ refs["k_proj"] + attn.k_proj.bias.double()) < 1e-4
