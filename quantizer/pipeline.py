@@ -201,6 +201,7 @@ def run(p: Plan, report: Report | None = None, should_stop: Callable[[], bool] |
         torch.cuda.reset_peak_memory_stats(device)
 
     state = _read_state(p.partial)
+    _remove_spills(p.partial)  # activations a killed run spilled to disk are stale
     resume_from = 0
     wanted = {"source": p.source.name, "settings": s.to_dict(), "version": VERSION}
     if state is not None:
@@ -418,8 +419,15 @@ def _load_quantized(layer, path: Path, prefix: str, names: list[str], bits: int,
 # ------------------------------------------------------------------------------------------------
 # finishing: extra tensors, configs, tokenizer, rename into place
 # ------------------------------------------------------------------------------------------------
+def _remove_spills(partial: Path) -> None:
+    if partial.is_dir():
+        for stale in partial.glob("gptq-act-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 def _finish(p: Plan, state: dict) -> None:
     s = p.settings
+    _remove_spills(p.partial)
     arch = arch_for(p.config)
     n_layers = int(p.config["num_hidden_layers"])
     extra_keys = [k for k in p.reader.keys() if not k.startswith(arch.layers_prefix + ".")]

@@ -265,3 +265,25 @@ def test_eval_cli_prints_ppl_last(quantized, tiny_models_dir):
     bad = _cli("eval", "../nowhere", "--models-dir", str(tiny_models_dir), "--seqlen", "64")
     _, err = bad.communicate(timeout=120)
     assert bad.returncode == 2 and "outside the models folder" in err
+
+
+def test_activations_spilled_to_disk_give_the_same_checkpoint(tiny_models_dir, monkeypatch):
+    settings = QuantizeSettings(bits=4, **SMALL)
+    in_ram = run(plan(tiny_models_dir, "tiny", "act-in-ram", settings))
+    assert in_ram.activations == "cpu"
+    spilled_dirs = []
+    import quantizer.activations as activations
+    original = activations.ActivationStore.__init__
+
+    def spy(self, *args, **kw):
+        original(self, *args, **kw)
+        spilled_dirs.append(self._dir)
+
+    monkeypatch.setattr("quantizer.pipeline.choose_location", lambda nbytes, device: "disk")
+    monkeypatch.setattr(activations.ActivationStore, "__init__", spy)
+    on_disk = run(plan(tiny_models_dir, "tiny", "act-on-disk", settings))
+    assert on_disk.activations == "disk"
+    assert spilled_dirs and all(d is not None and not d.exists() for d in spilled_dirs)  # cleaned up
+    assert _listing(on_disk.output) == _listing(in_ram.output)
+    a, b = _tensors(in_ram.output / "model.safetensors"), _tensors(on_disk.output / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
