@@ -110,3 +110,17 @@ def test_cli_writes_the_json_schema(tmp_path, models_dir, default_hf_model, wiki
     assert data[0]["error"] is None and data[0]["ppl"] > 1 and data[0]["decode_tok_s"] > 0
     assert data[1]["error"] and data[1]["ppl"] is None
     assert main(["--entry", "nonsense", "--text", "wikitext2"]) == 2
+
+
+def test_stop_ends_every_column(loaded):
+    import threading
+    manager, slots = loaded
+    stop = threading.Event()
+    params = SamplingParams(temperature=0.0, max_new_tokens=200, seed=0)
+    messages = [{"role": "user", "content": "Write a very long story about a dragon."}]
+    for columns in core.stream_side_by_side(manager, slots[:3], messages, params, stop):
+        if any(c.tokens >= 2 for c in columns):
+            stop.set()
+    assert all(c.finished and c.error is None for c in columns)
+    assert {c.finish_reason for c in columns} <= {"cancelled", "stop"} and "cancelled" in {c.finish_reason for c in columns}
+    assert all(c.tokens < 100 for c in columns), [c.tokens for c in columns]
