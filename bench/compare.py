@@ -26,7 +26,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--entry", action="append", required=True, metavar="BACKEND:PATH[:k=v,...]",
                         help="an entry to compare (repeat; the first one is the speed baseline)")
     parser.add_argument("--text", default="wikitext2",
-                        help="perplexity text: wikitext2, c4, ptb or a text file (default wikitext2)")
+                        help="perplexity text: wikitext2, c4, ptb, builtin (offline prose) or a text file "
+                             "(default wikitext2)")
     parser.add_argument("--seqlen", type=int, default=512, help="tokens per perplexity window (default 512)")
     parser.add_argument("--windows", type=int, default=4,
                         help="number of windows, 0 = all of the text (default 4)")
@@ -83,15 +84,14 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from backends.base import BackendError
     from backends.manager import ModelManager
-    from bench.compare_core import (MeasureSettings, fairness_notes, format_table, load_entries, measure,
-                                    parse_entry, to_csv, to_json, unload_slots)
-    from quantizer.evaluation import load_eval_text
+    from bench.compare_core import (MeasureSettings, eval_text, fairness_notes, format_table, load_entries,
+                                    measure, parse_entry, to_csv, to_json, unload_slots)
 
     try:
         entries = [parse_entry(spec) for spec in args.entry]
         settings = MeasureSettings(args.seqlen, args.windows or None, args.prompt_tokens, args.new_tokens,
                                    args.repeats).validated()
-        text = load_eval_text(args.text)
+        text = eval_text(args.text)
     except (ValueError, BackendError) as exc:
         print(f"bench.compare: {exc}", file=sys.stderr)
         return 2

@@ -198,12 +198,8 @@ def stream_side_by_side(manager, slots: Sequence[Slot], messages: list[Message],
     change. Slots that failed to load show their load error and take no part."""
     params = params.validated()
     stop_event = stop_event or threading.Event()
-    columns = [Column(s.label, error=s.error) if s.error or not s.model_id else Column(s.label) for s in slots]
-    for slot, column in zip(slots, columns):
-        if not slot.model_id and not column.error:
-            column.error = "not loaded"
-        if column.error:
-            column.finished = True
+    columns = [Column(s.label) if s.model_id else Column(s.label, error=s.error or "not loaded", finished=True)
+               for s in slots]
     updates: queue.Queue = queue.Queue()
     threads = []
     for index, (slot, column) in enumerate(zip(slots, columns)):
@@ -234,6 +230,20 @@ def stream_side_by_side(manager, slots: Sequence[Slot], messages: list[Message],
 
 
 # -- measuring -------------------------------------------------------------------------------
+TEXT_SOURCES = ("wikitext2", "c4", "ptb", "builtin")
+
+
+def eval_text(source: str | Path) -> str:
+    """The perplexity text: `wikitext2`, `c4`, `ptb` (the GPTQ protocol of BENCH.md), `builtin`
+    (English prose from the Python standard library's docstrings: offline, the same on every run of
+    one Python install) or a text file."""
+    if str(source).lower() == "builtin":
+        from quantizer.calibration import builtin_documents
+        return "\n\n".join(builtin_documents())
+    from quantizer.evaluation import load_eval_text
+    return load_eval_text(source)
+
+
 @dataclass
 class Result:
     entry: str
@@ -280,7 +290,8 @@ class MeasureSettings:
         return self
 
 
-def throughput(backend, text: str, settings: MeasureSettings) -> tuple[float, float, float]:
+def throughput(backend, text: str, settings: MeasureSettings,
+               should_stop: Callable[[], bool] | None = None) -> tuple[float, float, float]:
     """(prefill tok/s, decode tok/s, TTFT s), medians over `repeats` greedy runs after one warm-up.
     Each run's prompt is a different `prompt_tokens`-token slice of the evaluation text in the
     entry's own vocabulary, so no engine can reuse a cached prefix (llama.cpp would). Prefill
@@ -299,6 +310,8 @@ def throughput(backend, text: str, settings: MeasureSettings) -> tuple[float, fl
     params = SamplingParams(temperature=0.0, max_new_tokens=settings.new_tokens, seed=0)
     prefill, decode, ttft = [], [], []
     for prompt in prompts[1:]:
+        if should_stop is not None and should_stop():
+            raise BackendError("speed run cancelled")
         started = time.perf_counter()
         first = last = None
         n_prompt = generated = 0
@@ -355,7 +368,7 @@ def measure(manager, slots: Sequence[Slot], text: str, settings: MeasureSettings
                                  should_stop=should_stop)
                 result.ppl, result.eval_tokens = ppl.ppl, ppl.tokens
                 report(0.8, "throughput")
-                result.prefill_tok_s, result.decode_tok_s, result.ttft_s = throughput(backend, text, settings)
+                result.prefill_tok_s, result.decode_tok_s, result.ttft_s = throughput(backend, text, settings, should_stop)
         except BackendError as exc:
             result.error = str(exc)
         except MemoryError:

@@ -16,7 +16,7 @@ from bench import compare_core as core
 
 TITLE = "Compare"
 MAX_ENTRIES = 4
-TEXT_SOURCES = ("wikitext2", "c4", "ptb", "uploaded file")
+TEXT_SOURCES = (*core.TEXT_SOURCES, "uploaded file")
 
 
 class CompareSession:
@@ -221,14 +221,10 @@ def build(ctx) -> None:
                    progress=gr.Progress()):
         if not state.slots:
             raise gr.Error("load entries first")
-        from quantizer.evaluation import load_eval_text
+        if src == "uploaded file" and not file:
+            raise gr.Error("upload a text file first")
         try:
-            if src == "uploaded file":
-                if not file:
-                    raise gr.Error("upload a text file first")
-                text = load_eval_text(Path(file))
-            else:
-                text = load_eval_text(src)
+            text = core.eval_text(Path(file) if src == "uploaded file" else src)
             settings = core.MeasureSettings(int(n_seq), int(n_win) or None, int(n_prompt), int(n_new),
                                             int(n_rep)).validated()
         except (BackendError, ValueError) as exc:

@@ -70,3 +70,13 @@ def test_tab_helpers():
     assert list(speed["bar"]) == ["1. transformers prefill", "1. transformers decode",
                                   "2. bitsandbytes prefill", "2. bitsandbytes decode"]
     assert list(speed["tokens/s"]) == [400.0, 20.0, 300.0, 10.0]
+
+
+def test_text_sources():
+    from bench.compare_core import TEXT_SOURCES, eval_text
+    from backends.base import BackendError
+    text = eval_text("builtin")  # offline prose, the same on every run
+    assert len(text) > 100_000 and text == eval_text("builtin") and "\n\n" in text
+    assert set(TEXT_SOURCES) == {"wikitext2", "c4", "ptb", "builtin"}
+    with pytest.raises(BackendError, match="no such"):
+        eval_text("/nonexistent/file.txt")
