@@ -192,11 +192,14 @@ def _stream_one(manager, slot: Slot, column: Column, messages: list[Message], pa
 
 
 def stream_side_by_side(manager, slots: Sequence[Slot], messages: list[Message], params: SamplingParams,
-                        stop_event: threading.Event | None = None,
-                        min_interval_s: float = 0.05) -> Iterator[list[Column]]:
+                        stop_event: threading.Event | None = None, min_interval_s: float = 0.05,
+                        histories: Sequence[list[Message]] | None = None) -> Iterator[list[Column]]:
     """Send one chat to every loaded slot at once (one thread each) and yield the columns as they
-    change. Slots that failed to load show their load error and take no part."""
+    change. `histories` (one per slot) are earlier turns each entry had with its own replies; the
+    new `messages` follow them. Slots that failed to load show their load error and take no part."""
     params = params.validated()
+    if histories is not None and len(histories) != len(slots):
+        raise ValueError(f"{len(histories)} histories for {len(slots)} entries")
     stop_event = stop_event or threading.Event()
     columns = [Column(s.label) if s.model_id else Column(s.label, error=s.error or "not loaded", finished=True)
                for s in slots]
@@ -205,8 +208,9 @@ def stream_side_by_side(manager, slots: Sequence[Slot], messages: list[Message],
     for index, (slot, column) in enumerate(zip(slots, columns)):
         if column.error:
             continue
+        chat = [*histories[index], *messages] if histories is not None else list(messages)
         thread = threading.Thread(target=_stream_one, name=f"compare-{index}", daemon=True,
-                                  args=(manager, slot, column, messages, params, stop_event, updates, index))
+                                  args=(manager, slot, column, chat, params, stop_event, updates, index))
         threads.append(thread)
     for thread in threads:
         thread.start()

@@ -25,6 +25,7 @@ class CompareSession:
 
     def __init__(self):
         self.slots: list[core.Slot] = []
+        self.histories: list[list[dict]] = []   # per entry: its own earlier turns (chat mode)
         self.results: list[core.Result] = []
         self.stop = threading.Event()
         self.lock = threading.Lock()
@@ -36,6 +37,7 @@ class CompareSession:
         with self.lock:
             core.unload_slots(manager, self.slots)
             self.slots = []
+            self.histories = []
 
 
 # -- pure helpers (unit-tested) ----------------------------------------------------------------
@@ -144,8 +146,11 @@ def build(ctx) -> None:
             max_new = gr.Number(value=128, precision=0, label="max new tokens", elem_id="compare-max-new")
             seed = gr.Number(value=0, precision=0, label="seed")
     with gr.Row():
+        chat_mode = gr.Checkbox(False, label="Chat: each entry keeps its own conversation",
+                                elem_id="compare-chat-mode")
         send_btn = gr.Button("Send to all", variant="primary", elem_id="compare-send")
         stop_btn = gr.Button("Stop", elem_id="compare-stop")
+        clear_btn = gr.Button("Clear chat", elem_id="compare-clear")
 
     column_outputs = []
     with gr.Row(equal_height=False):
@@ -189,6 +194,7 @@ def build(ctx) -> None:
             core.unload_slots(manager, state.slots)
             state.slots = core.load_entries(manager, entries,
                                             lambda f, what: progress(f, desc=what))
+            state.histories = [[] for _ in state.slots]
             state.results = []
             slots = list(state.slots)
         return [load_table(slots), *column_updates(slots)]
@@ -197,7 +203,7 @@ def build(ctx) -> None:
         state.release(manager)
         return [load_table([]), *column_updates([])]
 
-    def on_send(state: CompareSession, text, temp, p, k, n_new, seed_value):
+    def on_send(state: CompareSession, text, temp, p, k, n_new, seed_value, chat):
         if not state.slots:
             raise gr.Error("load entries first")
         if not (text or "").strip():
@@ -211,8 +217,19 @@ def build(ctx) -> None:
         state.stop.clear()
         slots = list(state.slots)
         messages = [{"role": "user", "content": text}]
-        for columns in core.stream_side_by_side(manager, slots, messages, params, state.stop):
+        histories = state.histories if chat and len(state.histories) == len(slots) else None
+        columns = []
+        for columns in core.stream_side_by_side(manager, slots, messages, params, state.stop,
+                                                histories=histories):
             yield column_updates(slots, columns)
+        if histories is not None:
+            for history, column in zip(histories, columns):
+                if not column.error:
+                    history += [*messages, {"role": "assistant", "content": column.text}]
+
+    def on_clear(state: CompareSession):
+        state.histories = [[] for _ in state.slots]
+        return column_updates(list(state.slots))
 
     def on_stop(state: CompareSession):
         state.stop.set()
@@ -249,9 +266,10 @@ def build(ctx) -> None:
     unload_btn.click(on_unload, [session], [load_status, *column_outputs])
     refresh_btn.click(lambda: [gr.update(choices=_model_choices(ctx)) for _ in range(MAX_ENTRIES)],
                       None, form[0::3])
-    send_btn.click(on_send, [session, prompt, temperature, top_p, top_k, max_new, seed],
-                                column_outputs)
-    prompt.submit(on_send, [session, prompt, temperature, top_p, top_k, max_new, seed], column_outputs)
+    send_inputs = [session, prompt, temperature, top_p, top_k, max_new, seed, chat_mode]
+    send_btn.click(on_send, send_inputs, column_outputs)
+    prompt.submit(on_send, send_inputs, column_outputs)
+    clear_btn.click(on_clear, [session], column_outputs)
     stop_btn.click(on_stop, [session], None, queue=False)
     measure_btn.click(on_measure, [session, source, upload, seqlen, windows, prompt_tokens, new_tokens, repeats],
                       [results_df, notes, ppl_plot, speed_plot, exports], concurrency_limit=1)

@@ -124,3 +124,20 @@ def test_stop_ends_every_column(loaded):
     assert all(c.finished and c.error is None for c in columns)
     assert {c.finish_reason for c in columns} <= {"cancelled", "stop"} and "cancelled" in {c.finish_reason for c in columns}
     assert all(c.tokens < 100 for c in columns), [c.tokens for c in columns]
+
+
+def test_chat_mode_continues_each_entrys_own_conversation(loaded):
+    manager, slots = loaded
+    params = SamplingParams(temperature=0.0, max_new_tokens=2, seed=0)
+    question = [{"role": "user", "content": "What is my name?"}]
+    earlier = [{"role": "user", "content": "My name is Ada Lovelace."},
+               {"role": "assistant", "content": "Nice to meet you, Ada Lovelace."}]
+    histories = [earlier, [], earlier, []]
+    for columns in core.stream_side_by_side(manager, slots, question, params, histories=histories):
+        pass
+    with_history, without = columns[0].prompt_tokens, columns[1].prompt_tokens
+    assert with_history - without >= 15, (with_history, without)       # the earlier turns were sent
+    assert columns[2].prompt_tokens == with_history                     # same tokens through the GGUF
+    assert columns[3].error                                              # the missing entry
+    with pytest.raises(ValueError, match="histories"):
+        next(core.stream_side_by_side(manager, slots, question, params, histories=[earlier]))
