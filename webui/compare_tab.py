@@ -114,6 +114,24 @@ def _backend_choices() -> list[str]:
     return ["auto", *backend_names()]
 
 
+def options_help() -> str:
+    """Each backend's load options, from its declared capabilities (data, not hand-written text)."""
+    from backends.registry import backend_class, backend_names
+    lines = []
+    for name in backend_names():
+        try:
+            specs = backend_class(name).capabilities.options
+        except BackendError as exc:
+            lines.append(f"- **{name}**: unavailable ({exc})")
+            continue
+        parts = []
+        for spec in specs:
+            choices = f" ({' / '.join(map(str, spec.choices))})" if spec.choices else ""
+            parts.append(f"`{spec.name}`{choices} default `{spec.default}`")
+        lines.append(f"- **{name}**: " + ("; ".join(parts) or "no options"))
+    return "\n".join(lines)
+
+
 def build(ctx) -> None:
     manager = ctx.manager
     session = gr.State(CompareSession(), delete_callback=lambda s: s.release(manager))
@@ -130,6 +148,8 @@ def build(ctx) -> None:
                                         elem_id=f"compare-backend-{index}", scale=1))
                 form.append(gr.Textbox(label="options (key=value, ...)", placeholder="quant=nf4",
                                        elem_id=f"compare-options-{index}", scale=2))
+    with gr.Accordion("Options each backend accepts", open=False):
+        gr.Markdown(options_help())
     with gr.Row():
         load_btn = gr.Button("Load entries", variant="primary", elem_id="compare-load")
         unload_btn = gr.Button("Unload", elem_id="compare-unload")

@@ -80,3 +80,10 @@ def test_text_sources():
     assert set(TEXT_SOURCES) == {"wikitext2", "c4", "ptb", "builtin"}
     with pytest.raises(BackendError, match="no such"):
         eval_text("/nonexistent/file.txt")
+
+
+def test_options_help_comes_from_capabilities():
+    from webui.compare_tab import options_help
+    text = options_help()
+    assert "**bitsandbytes**: `quant` (nf4 / fp4 / int8) default `nf4`" in text
+    assert "**llama.cpp**" in text and "`n_threads`" in text
