@@ -119,7 +119,7 @@ def test_two_entries_stream_side_by_side_and_a_bad_one_keeps_its_error(page, ser
 
 
 @pytest.mark.browser
-def test_measure_fills_the_table_and_exports(page, artifacts_dir):
+def test_measure_fills_the_table_and_exports(page, artifacts_dir, wikitext_path):
     set_number(page, "compare-seqlen", 64)
     set_number(page, "compare-windows", 1)
     set_number(page, "compare-prompt-tokens", 16)

@@ -244,7 +244,7 @@ def test_resume_after_kill_gives_the_same_checkpoint(tiny_models_dir):
         assert torch.equal(a[key], b[key]), key
 
 
-def test_eval_cli_prints_ppl_last(quantized, tiny_models_dir):
+def test_eval_cli_prints_ppl_last(quantized, tiny_models_dir, wikitext_path):
     out, _ = quantized
     proc = _cli("eval", out.name, "--models-dir", str(tiny_models_dir), "--backend", "dequantized",
                 "--dataset", "wikitext2", "--seqlen", "64", "--windows", "2")
