@@ -91,6 +91,10 @@ class ShardReader:
     def keys(self) -> list[str]:
         return list(self.files)
 
+    def shape(self, key: str) -> tuple[int, ...]:
+        with safe_open(str(self.files[key]), framework="pt") as fh:
+            return tuple(fh.get_slice(key).get_shape())
+
     def nbytes(self) -> int:
         return sum(p.stat().st_size for p in set(self.files.values()))
 

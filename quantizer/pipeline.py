@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 from backends.base import BackendError
 from backends.gptq import format as gptq_format
-from quantizer import calibration
+from quantizer import calibration, st_stream
 from quantizer.activations import ActivationStore, choose_location
 from quantizer.gptq import Hessian, gptq_quantize, relative_output_error
 from quantizer.grid import rtn
@@ -419,6 +419,23 @@ def _load_quantized(layer, path: Path, prefix: str, names: list[str], bits: int,
 # ------------------------------------------------------------------------------------------------
 # finishing: extra tensors, configs, tokenizer, rename into place
 # ------------------------------------------------------------------------------------------------
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _file_entries(path: Path) -> list:
+    """(name, dtype code, shape, fetch) of every tensor of a safetensors file, fetched lazily."""
+    def fetch(key):
+        with safe_open(str(path), framework="pt") as fh:
+            return fh.get_tensor(key)
+    with safe_open(str(path), framework="pt") as fh:
+        return [(key, fh.get_slice(key).get_dtype(), tuple(fh.get_slice(key).get_shape()),
+                 lambda key=key: fetch(key)) for key in fh.keys()]
+
+
 def _remove_spills(partial: Path) -> None:
     if partial.is_dir():
         for stale in partial.glob("gptq-act-*"):
@@ -430,28 +447,19 @@ def _finish(p: Plan, state: dict) -> None:
     _remove_spills(p.partial)
     arch = arch_for(p.config)
     n_layers = int(p.config["num_hidden_layers"])
-    extra_keys = [k for k in p.reader.keys() if not k.startswith(arch.layers_prefix + ".")]
-    extra_path = p.partial / "extra.safetensors"
-    if not extra_path.exists():
-        tensors = {}
-        for key in extra_keys:
-            tensors.update(p.reader.read([key], dtype=torch.float16))
-        _save_atomic(tensors, extra_path)
-        del tensors
+    extra = [(key, "F16", p.reader.shape(key), lambda key=key: p.reader.read([key], dtype=torch.float16)[key])
+             for key in p.reader.keys() if not key.startswith(arch.layers_prefix + ".")]
     layer_files = [_layer_file(p.partial, i) for i in range(n_layers)]
-    files = layer_files + [extra_path]
-    total = sum(f.stat().st_size for f in files)
-    if total <= MERGE_LIMIT_BYTES:
-        merged = {}
-        for f in files:
-            with safe_open(str(f), framework="pt") as fh:
-                for key in fh.keys():
-                    merged[key] = fh.get_tensor(key)
-        _save_atomic(merged, p.partial / "model.safetensors")
-        del merged
-        for f in files:
+    extra_bytes = sum(2 * _numel(shape) for _, _, shape, _ in extra)
+    total = sum(f.stat().st_size for f in layer_files) + extra_bytes
+    if total <= MERGE_LIMIT_BYTES:  # one model.safetensors, written tensor by tensor
+        entries = [e for f in layer_files for e in _file_entries(f)] + extra
+        st_stream.write(p.partial / "model.safetensors", entries)
+        for f in layer_files:
             f.unlink()
-    else:
+    else:  # one shard per layer plus one for embeddings, norm and head
+        files = layer_files + [p.partial / "extra.safetensors"]
+        st_stream.write(files[-1], extra)
         weight_map = {}
         for index, f in enumerate(files):
             name = f"model-{index + 1:05d}-of-{len(files):05d}.safetensors"

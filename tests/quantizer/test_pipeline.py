@@ -287,3 +287,21 @@ def test_activations_spilled_to_disk_give_the_same_checkpoint(tiny_models_dir, m
     assert _listing(on_disk.output) == _listing(in_ram.output)
     a, b = _tensors(in_ram.output / "model.safetensors"), _tensors(on_disk.output / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_large_checkpoints_are_sharded_per_layer(tiny_models_dir, monkeypatch):
+    settings = QuantizeSettings(method="rtn", **SMALL)
+    merged = run(plan(tiny_models_dir, "tiny", "rtn-merged", settings))
+    monkeypatch.setattr("quantizer.pipeline.MERGE_LIMIT_BYTES", 0)
+    sharded = run(plan(tiny_models_dir, "tiny", "rtn-sharded", settings))
+    index = json.loads((sharded.output / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert shards == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    assert index["weight_map"]["model.layers.1.mlp.down_proj.qweight"] == shards[1]
+    assert index["weight_map"]["model.embed_tokens.weight"] == shards[2]
+    a = _tensors(merged.output / "model.safetensors")
+    b = {}
+    for shard in shards:
+        b.update(_tensors(sharded.output / shard))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert sorted(gptq_format.find_weight_files(sharded.output)) == [sharded.output / s for s in shards]
