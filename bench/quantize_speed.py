@@ -6,8 +6,7 @@ pipeline in the same run (the ratio is GPTQ's cost over pure streaming: read, fo
 
 --random-7b writes a LLaMA-7B-shaped model with random fp16 weights (hidden 4096, intermediate 11008,
 32 layers, 32 heads) to models/bench-random-7b/ one layer at a time (never whole in RAM), with the
-default model's tokenizer, so its vocabulary is 49152 rather than 32000 (embeddings and head are not
-quantized, so this does not change the work measured). Reports wall time, peak process RSS, peak RSS +
+byte-level BPE tokenizer trained offline on the builtin calibration prose (vocabulary 32000). Reports wall time, peak process RSS, peak RSS +
 swap, and peak GPU memory (torch allocator peak and device-wide), sampled every 0.5 s."""
 from __future__ import annotations
 
@@ -34,6 +33,21 @@ DEFAULT = "SmolLM2-135M-Instruct"
 RANDOM = "bench-random-7b"
 
 
+def write_tokenizer(folder: Path) -> None:
+    """A byte-level BPE tokenizer trained on the builtin calibration prose (offline, a few seconds):
+    the random model needs no other model's files."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    from quantizer.calibration import builtin_documents
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=32000, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(builtin_documents(), trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(str(folder))
+
+
 def make_random_7b(models_dir: Path, layers: int = 32, seed: int = 0) -> str:
     """Write the random model shard by shard (one decoder layer per shard)."""
     from safetensors.torch import save_file
@@ -43,8 +57,7 @@ def make_random_7b(models_dir: Path, layers: int = 32, seed: int = 0) -> str:
     tmp = models_dir / (RANDOM + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    src = models_dir / DEFAULT
-    hidden, inter, heads, vocab = 4096, 11008, 32, 49152
+    hidden, inter, heads, vocab = 4096, 11008, 32, 32000
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
               "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
               "num_key_value_heads": heads, "head_dim": hidden // heads, "vocab_size": vocab,
@@ -52,9 +65,7 @@ def make_random_7b(models_dir: Path, layers: int = 32, seed: int = 0) -> str:
               "rope_theta": 10000.0, "tie_word_embeddings": False, "torch_dtype": "float16",
               "bos_token_id": 1, "eos_token_id": 2, "attention_bias": False, "mlp_bias": False}
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        if (src / name).exists():
-            shutil.copy2(src / name, tmp / name)
+    write_tokenizer(tmp)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator(device=device).manual_seed(seed)
 
@@ -111,7 +122,7 @@ def main(argv=None) -> int:
     ap.add_argument("--random-7b", action="store_true", help="create and use the 7B-shaped random model")
     ap.add_argument("--layers", type=int, default=32, help="decoder layers of the random model")
     ap.add_argument("--models-dir", type=Path, default=REPO / "models")
-    ap.add_argument("--calib", default="c4")
+    ap.add_argument("--calib", default="c4", help="c4 (local shared sample) or builtin (always offline)")
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--bits", type=int, default=4)
