@@ -52,7 +52,7 @@ class GemmConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 2
-    mode: int = 2              # unpacking: 0 per word (3-D), 1 per row, 2 unrolled value slots
+    mode: int = 2              # 0 per word (3-D), 1 per row, 2 unrolled value slots, 3 prefetching GEMV (M=1)
 
 
 def valid_block_ks(layer: KernelLayer, candidates=(32, 64, 128, 256, 512)) -> list[int]:
@@ -96,6 +96,16 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
     else:
         ws = tickets = out
     perm = layer.perm if layer.perm is not None else layer.qweight  # dummy pointer when unused
+    if cfg.mode == 3:
+        from backends.gptq.triton_kernels import gptq_gemv_kernel
+        if M != 1:
+            raise ValueError("the prefetching matrix-vector kernel (mode 3) takes one row")
+        gptq_gemv_kernel[(n_tiles, split)](
+            x2d, layer.qweight, layer.scales, layer.zeros, perm, out, bias if bias is not None else out, ws,
+            tickets, layer.N, layer.K, layer.Kw, layer.group_size, per, split,
+            BITS=layer.bits, VPB=vpb, KB=kb, BLOCK_N=cfg.block_n, HAS_PERM=layer.perm is not None,
+            SPLIT=split > 1, HAS_BIAS=bias is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return out
     gptq_gemm_kernel[(n_tiles, split)](
         x2d, layer.qweight, layer.scales, layer.zeros, perm, out, bias if bias is not None else out, ws, tickets,
         M, layer.N, layer.K, layer.Kw, x2d.stride(0), out.stride(0), layer.group_size, per, split,
@@ -209,7 +219,7 @@ class KernelRuntime:
     def modes(bucket: int, layer: KernelLayer, dtype) -> tuple[int, ...]:
         """Unpacking modes worth trying, the expected best first."""
         if bucket == 1:
-            return (2, 0)
+            return (3, 0, 2)
         if dtype == torch.float16:
             return (2, 0, 1)
         return (0, 1)
@@ -217,7 +227,7 @@ class KernelRuntime:
     def candidates(self, M: int, layer: KernelLayer, device=None, dtype=torch.float16) -> list[GemmConfig]:
         """Configs worth trying, the heuristic default first."""
         sms = (torch.cuda.get_device_properties(device).multi_processor_count
-               if device is not None and torch.device(device).type == "cuda" else 8)
+               if device is not None and torch.device(device).type == "cuda" else 2)
         bks = valid_block_ks(layer)
         bucket = self.m_bucket(M)
         dequant = GemmConfig(path="dequant")

@@ -259,6 +259,101 @@ def gptq_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, bias_ptr, w
                 acc += s[None, :] * (part - (z[None, :] + offset) * sx[:, None])
     if BLOCK_M == 1:
         acc = acc1[None, :]
+    _finish(acc, out_ptr, bias_ptr, ws_ptr, ticket_ptr, offs_m, offs_n, mask_m, mask_n, M, N, stride_om,
+            pid_n, pid_k, nsplit, SPLIT, HAS_BIAS)
+
+
+@triton.jit
+def _load_words(qw_ptr, N, kb0, offs_n, mask_n, row_end, BITS: tl.constexpr, KB: tl.constexpr):
+    """The words of value blocks kb0 .. kb0+KB-1 as uint32 [KB, BLOCK_N] tiles (three for 3 bits),
+    zero past row_end (the end of this program's split, so prefetching never reads the next split)."""
+    offs_kb = kb0 + tl.arange(0, KB)
+    if BITS == 3:
+        row = offs_kb * 3
+        m = (row[:, None] < row_end) & mask_n[None, :]
+        p = qw_ptr + row[:, None] * N + offs_n[None, :]
+        w0 = tl.load(p, mask=m, other=0).to(tl.uint32, bitcast=True)
+        w1 = tl.load(p + N, mask=m, other=0).to(tl.uint32, bitcast=True)
+        w2 = tl.load(p + 2 * N, mask=m, other=0).to(tl.uint32, bitcast=True)
+    else:
+        m = (offs_kb[:, None] < row_end) & mask_n[None, :]
+        w0 = tl.load(qw_ptr + offs_kb[:, None] * N + offs_n[None, :], mask=m, other=0).to(tl.uint32, bitcast=True)
+        w1 = w0
+        w2 = w0
+    return w0, w1, w2
+
+
+@triton.jit
+def _unpack_words(w0, w1, w2, BITS: tl.constexpr, VPB: tl.constexpr):
+    """Codes [KB, VPB, BLOCK_N] (uint32) from the word tiles of _load_words."""
+    if BITS == 3:
+        pos = tl.arange(0, 32) * 3
+        widx = (pos // 32)[None, :, None]
+        sh = (pos % 32).to(tl.uint32)[None, :, None]
+        a = w0[:, None, :]
+        b = w1[:, None, :]
+        c = w2[:, None, :]
+        lo = tl.where(widx == 0, a, tl.where(widx == 1, b, c))
+        nxt = tl.where(widx == 0, b, c)
+        straddle = sh > 29
+        spill = tl.where(straddle, nxt << tl.where(straddle, 32 - sh, 0), 0)
+        v = ((lo >> sh) | spill) & 7
+    else:
+        sh = (tl.arange(0, VPB) * BITS).to(tl.uint32)
+        v = (w0[:, None, :] >> sh[None, :, None]) & ((1 << BITS) - 1)
+    return v
+
+
+@triton.jit
+def gptq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, bias_ptr, ws_ptr, ticket_ptr,
+                     N, K, Kw, group_size, tiles_per_split, nsplit,
+                     BITS: tl.constexpr, VPB: tl.constexpr, KB: tl.constexpr, BLOCK_N: tl.constexpr,
+                     HAS_PERM: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """out[1, N] = x[1, K] @ W (+ bias): the decoding path. Words of the next K tile are loaded while
+    the current one is unpacked and multiplied (register double-buffering), so each program keeps a
+    tile of reads in flight instead of waiting for memory once per tile."""
+    BLOCK_K: tl.constexpr = KB * VPB
+    WPB: tl.constexpr = 3 if BITS == 3 else 1
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    t0 = pid_k * tiles_per_split
+    t_end = t0 + tiles_per_split
+    row_end = tl.minimum(Kw, t_end * KB * WPB)
+    in_blk = tl.arange(0, KB)[:, None] * VPB + tl.arange(0, VPB)[None, :]
+    w0, w1, w2 = _load_words(qw_ptr, N, t0 * KB, offs_n, mask_n, row_end, BITS, KB)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for t in range(t0, t_end):
+        n0, n1, n2 = _load_words(qw_ptr, N, (t + 1) * KB, offs_n, mask_n, row_end, BITS, KB)
+        k0 = t * BLOCK_K
+        g = tl.minimum(k0, K - 1) // group_size
+        s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32)
+        z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32)
+        offs_k = k0 + in_blk
+        mask_k = offs_k < K
+        if HAS_PERM:
+            src = tl.load(perm_ptr + offs_k, mask=mask_k, other=0)
+        else:
+            src = offs_k
+        x = tl.load(x_ptr + src, mask=mask_k, other=0).to(tl.float32)
+        v = _unpack_words(w0, w1, w2, BITS, VPB)
+        part = tl.sum(tl.sum(_as_f32(v) * x[:, :, None], axis=1), axis=0)
+        sx = tl.sum(tl.sum(x, axis=1), axis=0)
+        acc += s * (part - z * sx)
+        w0 = n0
+        w1 = n1
+        w2 = n2
+    offs_m = tl.arange(0, 1)
+    _finish(acc[None, :], out_ptr, bias_ptr, ws_ptr, ticket_ptr, offs_m, offs_n, offs_m < 1, mask_n, 1, N, N,
+            pid_n, pid_k, nsplit, SPLIT, HAS_BIAS)
+
+
+@triton.jit
+def _finish(acc, out_ptr, bias_ptr, ws_ptr, ticket_ptr, offs_m, offs_n, mask_m, mask_n, M, N, stride_om,
+            pid_n, pid_k, nsplit, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Write acc [BLOCK_M, BLOCK_N] (+ bias) to out; with SPLIT, through the workspace: the last split
+    of the column tile to arrive (atomic ticket) sums the partials, writes, and resets the ticket."""
     omask = mask_m[:, None] & mask_n[None, :]
     if SPLIT:
         ws = ws_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :]
@@ -266,7 +361,7 @@ def gptq_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, bias_ptr, w
         tl.debug_barrier()  # every thread's partials are written before the ticket is taken
         ticket = tl.atomic_add(ticket_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
         if ticket == nsplit - 1:  # the last split of this column tile: reduce, finish, reset
-            total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            total = tl.zeros_like(acc)
             for k in range(0, nsplit):
                 ws_k = ws_ptr + (k * M + offs_m[:, None]) * N + offs_n[None, :]
                 total += tl.load(ws_k, mask=omask, other=0, cache_modifier=".cg")
