@@ -88,10 +88,8 @@ def run_generation(model, prompt_ids, new_tokens, forward, device):
 
 
 def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "?"
+    from bench.kernels import git_commit as commit
+    return commit()
 
 
 def cpu_main(args) -> None:

@@ -113,8 +113,13 @@ def run_case(K, N, bits, gs, act, Ms, runtime, bw, seed):
 
 
 def git_commit() -> str:
+    """The commit measured; the device machine's copy of the tree has no .git, so GPTQ_WEBUI_COMMIT
+    (set by whoever launches the run) is used when given."""
+    if os.environ.get("GPTQ_WEBUI_COMMIT"):
+        return os.environ["GPTQ_WEBUI_COMMIT"]
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
+        return out.strip() or "?"
     except OSError:
         return "?"
 
@@ -131,8 +136,8 @@ def markdown(rows, bw, args, device) -> str:
         c = r["config"]
         lines.append(f"| {r['K']}x{r['N']} | {r['bits']} | {r['group']} | {'yes' if r['act_order'] else 'no'} | {r['M']} | "
                      f"{r['ms']*1e3:.1f} | {r['fp16_ms']*1e3:.1f} | {r['speedup']:.2f} | {r['gbps']:.0f} | "
-                     f"{r['copy_frac']*100:.0f} | {r['rel_err']:.1e} | {c['path']} n{c['block_n']} k{c['block_k']} "
-                     f"s{c['split_k']} w{c['num_warps']} |")
+                     f"{r['copy_frac']*100:.0f} | {r['rel_err']:.1e} | {c['path']} m{c.get('mode', '-')} n{c['block_n']} "
+                     f"k{c['block_k']} s{c['split_k']} w{c['num_warps']} |")
     return "\n".join(lines) + "\n"
 
 
