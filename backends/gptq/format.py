@@ -271,14 +271,17 @@ class QuantizeConfig:
         if not isinstance(data, dict):
             raise FormatError("quantize config must be a JSON object")
         data = dict(data)
-        method = str(data.pop("quant_method", "gptq") or "gptq").lower()
+        # newer GPTQModel writes "method" and "format"; older tools "quant_method" and "checkpoint_format"
+        method = str(data.pop("quant_method", None) or data.pop("method", None) or "gptq").lower()
         if method != "gptq":
             raise FormatError(f"quantization method {method!r} is not GPTQ; this backend reads GPTQ only")
         if "bits" not in data:
             raise FormatError("quantize config has no 'bits'")
-        fmt = data.get("checkpoint_format")
-        if fmt is None:
-            # GPTQModel <= 0.9 wrote a bool; AutoGPTQ wrote is_marlin_format for Marlin repacks.
+        pack_dtype = str(data.pop("pack_dtype", "int32") or "int32").lower().replace("torch.", "")
+        if pack_dtype != "int32":
+            raise FormatError(f"codes packed in {pack_dtype} words are not supported (GPTQ packs int32)")
+        fmt = data.get("checkpoint_format") or data.pop("format", None)
+        if fmt is None:  # AutoGPTQ and GPTQ-for-LLaMa wrote no format: v1 zeros
             fmt = "gptq"
         if data.pop("is_marlin_format", False):
             raise FormatError("Marlin-repacked checkpoints (is_marlin_format) are not supported; "

@@ -149,6 +149,13 @@ def test_quantize_config_round_trip_and_validation(tmp_path):
         fmt.QuantizeConfig.from_dict({"bits": 4, "checkpoint_format": "marlin"})
     with pytest.raises(ValueError, match="group_size"):
         fmt.QuantizeConfig(group_size=0)
+    # newer GPTQModel field names, older tools without a format (v1), other pack dtypes refused
+    new = fmt.QuantizeConfig.from_dict({"bits": 2, "group_size": 64, "sym": False, "method": "gptq",
+                                        "format": "gptq_v2", "pack_dtype": "int32"})
+    assert new.checkpoint_format == "gptq_v2" and not new.sym
+    assert fmt.QuantizeConfig.from_dict({"bits": 4, "group_size": 128}).checkpoint_format == "gptq"
+    with pytest.raises(fmt.FormatError, match="int16"):
+        fmt.QuantizeConfig.from_dict({"bits": 4, "pack_dtype": "int16"})
 
 
 def test_read_write_quantize_config(tmp_path):
