@@ -17,7 +17,7 @@ def test_triton_kernels_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(CASES)],
                             cwd=REPO, env=env, capture_output=True, text=True)
-    tail = (result.stdout[-6000:] + result.stderr[-2000:])
+    tail = f"exit status {result.returncode}\n" + result.stdout[-6000:] + result.stderr[-2000:]
     assert result.returncode == 0, tail
     summary = result.stdout.strip().splitlines()[-1]
     assert " passed" in summary and "skipped" not in summary and "failed" not in summary, summary
