@@ -401,8 +401,9 @@ def _pack_layer(layer, prefix: str, modules: dict, s: QuantizeSettings) -> dict:
     for name, entry in modules.items():
         q = entry["q"]
         base = f"{prefix}{name}"
-        tensors[f"{base}.qweight"] = gptq_format.pack_qweight(q.codes.T.contiguous().cpu(), s.bits)
-        tensors[f"{base}.qzeros"] = gptq_format.pack_qzeros(q.zeros.cpu(), s.bits, fmt)
+        # packed where the codes are (the GPU when there is one: packing a 7B layer on one CPU core takes seconds)
+        tensors[f"{base}.qweight"] = gptq_format.pack_qweight(q.codes.T.contiguous(), s.bits).cpu()
+        tensors[f"{base}.qzeros"] = gptq_format.pack_qzeros(q.zeros, s.bits, fmt).cpu()
         tensors[f"{base}.scales"] = q.scales.to(torch.float16).cpu().contiguous()
         tensors[f"{base}.g_idx"] = q.g_idx.to(torch.int32).cpu().contiguous()
         bias = layer.get_submodule(name).bias
