@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import html
 import re
-import time
 from pathlib import Path
 
 import gradio as gr
