@@ -61,8 +61,13 @@ def pick(page, elem_id: str, value: str) -> None:
 
 def set_number(page, elem_id: str, value: int) -> None:
     box = page.locator(f"#{elem_id} input[type=number]")
+    box.wait_for(state="visible")
     box.fill(str(value))
+    box.press("Enter")
     box.press("Tab")
+    # under load the page may still be settling: make sure the number really holds before going on
+    page.wait_for_function(f"() => document.querySelector('#{elem_id} input[type=number]').value === '{value}'")
+    page.wait_for_timeout(300)
 
 
 def reply(page, index: int) -> str:
