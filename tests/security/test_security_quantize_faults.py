@@ -56,11 +56,11 @@ def quantize_cli(models: Path, out: str, *extra, file_limit: int | None = None):
 
 @pytest.fixture
 def small_disk(tmp_path, default_hf_model):
-    """A models folder on a 150 MiB tmpfs (the 1-layer model takes ~64 MiB, its checkpoint needs more
+    """A models folder on a 100 MiB tmpfs (the 1-layer model takes ~64 MiB, its checkpoint needs more
     than what is left), or, where mounting is not allowed, a per-file size limit on the job."""
     models = tmp_path / "disk"
     models.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=150m", "tmpfs", str(models)],
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=100m", "tmpfs", str(models)],
                              capture_output=True).returncode == 0
     try:
         one_layer_copy(default_hf_model, models / "tiny")
