@@ -188,11 +188,17 @@ class JobManager:
             job.status = "failed"
             job.error = str(exc)
             job.report({"text": f"error: {exc}"})
-        except Exception as exc:  # an unexpected failure: keep the trace in the log for a bug report
+        except Exception as exc:
             job.status = "failed"
-            job.error = f"{type(exc).__name__}: {exc}"
-            job.report({"text": "error: " + "".join(traceback.format_exception(exc)).strip()})
-            log.exception("job %s failed", job.id)
+            advice = explain_failure(exc)
+            if advice is not None:  # a known resource fault: say what to change, no trace needed
+                job.error = advice
+                job.report({"text": f"error: {advice}"})
+                log.warning("job %s failed: %s", job.id, advice)
+            else:  # an unexpected failure: keep the trace in the log for a bug report
+                job.error = f"{type(exc).__name__}: {exc}"
+                job.report({"text": "error: " + "".join(traceback.format_exception(exc)).strip()})
+                log.exception("job %s failed", job.id)
         finally:
             job.finished = time.time()
             if job.sampler:
@@ -209,3 +215,21 @@ class JobManager:
     def latest(self, kind: str) -> Job | None:
         jobs = self.jobs(kind)
         return jobs[-1] if jobs else None
+
+
+def explain_failure(exc: BaseException) -> str | None:
+    """Name the cause of a resource fault and what to change, or None for anything else."""
+    import errno
+    text = str(exc)
+    gpu_oom = type(exc).__name__ == "OutOfMemoryError" or "CUDA out of memory" in text
+    if isinstance(exc, MemoryError) or gpu_oom:
+        where = "GPU" if gpu_oom else "RAM"
+        return (f"out of memory ({where}) during the job: try fewer calibration samples (--nsamples), "
+                "a shorter --seqlen or --batch-size 1, or unload other models; finished layers are kept, "
+                "so the job can continue with --resume")
+    no_space = (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EFBIG)) \
+        or "No space left on device" in text or "File too large" in text
+    if no_space:
+        return (f"the disk is full ({text.strip() or type(exc).__name__}): free some space, then run the "
+                "same job with --resume; the previous checkpoint of that name is untouched")
+    return None

@@ -148,8 +148,6 @@ def test_out_of_memory_fails_the_job_and_the_app_keeps_working(tiny_models, monk
     shutil.rmtree(tiny_models / "after-oom")
 
 
-@pytest.mark.xfail(strict=True, reason="quantizer/jobs.py JobManager._run reports MemoryError as "
-                                       "'MemoryError: ' without a suggestion (reported to the lead)")
 def test_out_of_memory_message_suggests_what_to_change(tiny_models, monkeypatch):
     _, job = _run_with_oom(tiny_models, "oom-advice-q", MemoryError(), monkeypatch)
     message = job.error.lower()
