@@ -88,6 +88,9 @@ def test_quantize_tab_end_to_end(page, server, tiny_models_dir, artifacts_dir):
     page.locator("#quant-start").click()
     assert "group size must be -1" in message(page, "Not started")
     set_text(page, "quant-group", "128")
+    # the suggested name follows the settings; wait for it before typing our own
+    page.wait_for_function("() => document.querySelector('#quant-out textarea, #quant-out input').value"
+                           " === 'tiny4-gptq-4bit-g128'")
     set_text(page, "quant-out", "tiny")
     page.locator("#quant-start").click()
     assert "already exists" in message(page, "already exists")
