@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from backends.base import BackendError, Capabilities, MemoryReport, OptionSpec
-from backends.transformers_backend import TransformersBackend, _weights_size
+from backends.base import BackendError, Capabilities, OptionSpec
+from backends.transformers_backend import TransformersBackend
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -96,28 +96,10 @@ class BitsAndBytesBackend(TransformersBackend):
     def _tensors(self):
         """Every tensor the model holds, including bitsandbytes' quantization state (absmax,
         nested absmax, code book, int8 row scales), which are not parameters or buffers."""
-        yield from self.model.parameters()
-        yield from self.model.buffers()
+        yield from super()._tensors()
         for module in self.model.modules():
             if _is_bnb_linear(module):
                 yield from _quant_state_tensors(module)
-
-    def memory_report(self) -> MemoryReport:
-        self._require()
-        ram = gpu = 0
-        seen = set()
-        for tensor in self._tensors():
-            if tensor.data_ptr() in seen:
-                continue
-            seen.add(tensor.data_ptr())
-            size = tensor.numel() * tensor.element_size()
-            if tensor.device.type == "cuda":
-                gpu += size
-            else:
-                ram += size
-        return MemoryReport(ram_mb=ram / 2**20, gpu_mb=gpu / 2**20,
-                            file_mb=_weights_size(self.path) / 2**20,
-                            bits_per_weight=self.bits_per_weight())
 
     def bits_per_weight(self) -> float:
         """Stored bits (packed weights + their scales) per weight over the quantized linears."""

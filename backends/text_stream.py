@@ -5,25 +5,32 @@ from typing import Callable, Sequence
 
 
 class IncrementalDecoder:
-    """Turns a growing list of token ids into text deltas without emitting half a UTF-8 character."""
+    """Turns a growing list of token ids into text deltas without emitting half a UTF-8 character.
+
+    Only a short window is decoded per token (the tokens since the last emitted text, plus the ones
+    before them as context so leading spaces come out right), not the whole reply every time."""
 
     def __init__(self, decode: Callable[[Sequence[int]], str]):
         self._decode = decode
         self._ids: list[int] = []
-        self._emitted = ""
+        self._prefix = 0   # start of the context window
+        self._read = 0     # tokens before this are already emitted
+        self._text: list[str] = []
 
     def push(self, token_id: int) -> str:
         self._ids.append(token_id)
-        text = self._decode(self._ids)
-        if text.endswith("\ufffd"):
+        before = self._decode(self._ids[self._prefix:self._read]) if self._read > self._prefix else ""
+        now = self._decode(self._ids[self._prefix:])
+        if len(now) <= len(before) or now.endswith("\ufffd") or not now.startswith(before):
             return ""
-        delta = text[len(self._emitted):] if text.startswith(self._emitted) else ""
-        self._emitted = text
+        delta = now[len(before):]
+        self._prefix, self._read = self._read, len(self._ids)
+        self._text.append(delta)
         return delta
 
     @property
     def text(self) -> str:
-        return self._emitted
+        return "".join(self._text)
 
 
 def find_stop(text: str, stops: Sequence[str]) -> int:

@@ -101,11 +101,17 @@ class TransformersBackend(Backend):
             raise BackendError("the model is not loaded")
 
     # -- reports ---------------------------------------------------------------------------
+    def _tensors(self):
+        """Every tensor the model holds; engines with state outside parameters and buffers
+        (quantization state, kernel copies) extend this and the report counts each storage once."""
+        yield from self.model.parameters()
+        yield from self.model.buffers()
+
     def memory_report(self) -> MemoryReport:
         self._require()
         ram = gpu = 0
         seen = set()
-        for tensor in list(self.model.parameters()) + list(self.model.buffers()):
+        for tensor in self._tensors():
             if tensor.data_ptr() in seen:
                 continue
             seen.add(tensor.data_ptr())

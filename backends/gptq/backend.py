@@ -74,20 +74,13 @@ class GPTQBackend(TransformersBackend):
         self.runtime = None
         super().unload()
 
-    def memory_report(self):
-        """The base report counts parameters and buffers; the kernels' packed tensors live outside
-        them (KernelLayer), so they are added here, each storage once."""
-        report = super().memory_report()
-        seen, extra = set(), 0
+    def _tensors(self):
+        """The kernels' packed tensors live outside parameters and buffers (KernelLayer)."""
+        yield from super()._tensors()
         kernels = [l.kernel for l in self.quant_layers.values() if l.kernel is not None]
         kernels += [l.group.kernel for l in self.quant_layers.values() if l.group is not None]
         for k in kernels:
-            for t in (k.qweight, k.scales, k.zeros, k.perm):
-                if t is not None and t.data_ptr() not in seen:
-                    seen.add(t.data_ptr())
-                    extra += t.numel() * t.element_size()
-        report.gpu_mb += extra / 2**20
-        return report
+            yield from (t for t in (k.qweight, k.scales, k.zeros, k.perm) if t is not None)
 
     def bits_per_weight(self) -> float:
         """Bits per weight of the quantized linears as stored: codes plus fp16 scales and the zeros."""
