@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import abc
 import threading
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass, asdict
 from pathlib import Path
 from typing import Any, ClassVar, Iterator, Sequence
 

@@ -7,7 +7,6 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
-import torch
 
 from backends.base import Capabilities, GenerationChunk, OptionSpec, SamplingParams
 from backends.transformers_backend import TransformersBackend

@@ -16,8 +16,8 @@ import psutil
 import pytest
 
 from apitools import MODEL_ID
+from tests.browser import CHROMIUM, launch_chromium
 
-CHROMIUM = "/usr/bin/chromium"
 # Words the default model repeats back greedily (checked one by one beforehand); each request asks for
 # its own word, so a mixed-up stream shows as a reply holding another request's word.
 WORDS = ("apple", "river", "tiger", "violin", "castle", "pepper", "rocket", "garden",
@@ -68,8 +68,7 @@ def percentile(values, q):
 def browser_chat(url: str, result: dict, started: threading.Event) -> None:
     from playwright.sync_api import sync_playwright
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        browser = launch_chromium(p)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 860})
             page.set_default_timeout(240_000)
@@ -94,7 +93,7 @@ def browser_chat(url: str, result: dict, started: threading.Event) -> None:
 @pytest.mark.slow
 @pytest.mark.browser
 def test_16_streams_and_a_browser_chat(api_server, artifacts_dir):
-    if not Path(CHROMIUM).exists():
+    if not Path(CHROMIUM).exists():                           # the browser runs in a thread: check here
         pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium")
     queue = api_server.api.queue
     client = api_server.client()

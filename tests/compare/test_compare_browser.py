@@ -6,13 +6,12 @@ from __future__ import annotations
 import re
 import socket
 import time
-from pathlib import Path
 
 import pytest
+from tests.browser import launch_chromium
 
 playwright = pytest.importorskip("playwright.sync_api")
 
-CHROMIUM = "/usr/bin/chromium"
 HF = "SmolLM2-135M-Instruct"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 METRICS_RE = re.compile(r"(\d+) tokens · TTFT [\d.]+ s · [\d.]+ tok/s · done")
@@ -40,11 +39,8 @@ def server(models_dir, default_hf_model, default_gguf, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def page(server):
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium")
     with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        browser = launch_chromium(p)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.set_default_timeout(60_000)
         page.goto(server[1])

@@ -4,14 +4,12 @@ the result in the Models tab, and compare perplexities."""
 from __future__ import annotations
 
 import re
-import time
-from pathlib import Path
 
 import pytest
+from tests.browser import launch_chromium
 
 playwright = pytest.importorskip("playwright.sync_api")
 
-CHROMIUM = "/usr/bin/chromium"
 
 
 class Server:
@@ -37,11 +35,8 @@ def server(tiny_models_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def page(server):
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium")
     with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        browser = launch_chromium(p)
         page = browser.new_page(viewport={"width": 1280, "height": 1300})
         page.set_default_timeout(60_000)
         page.goto(server.url)

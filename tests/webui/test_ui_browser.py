@@ -6,10 +6,10 @@ import time
 from pathlib import Path
 
 import pytest
+from tests.browser import launch_chromium
 
 playwright = pytest.importorskip("playwright.sync_api")
 
-CHROMIUM = "/usr/bin/chromium"
 REPO = Path(__file__).resolve().parents[2]
 DOCS_SHOT = REPO / "docs" / "screenshot-chat.png"
 QUESTION = "What is the capital of France?"
@@ -19,11 +19,8 @@ TOKENS_RE = re.compile(r"(\d+) tokens · [\d.]+ tok/s")
 
 @pytest.fixture(scope="module")
 def page(chat_server):
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium")
     with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        browser = launch_chromium(p)
         page = browser.new_page(viewport={"width": 1280, "height": 860})
         page.requested_urls = []
         page.on("request", lambda request: page.requested_urls.append(request.url))
