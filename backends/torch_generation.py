@@ -66,6 +66,7 @@ def stream_generate(model, prompt_ids: list[int], params: SamplingParams, *,
     generated = 0
     reason = "length"
     stops = StopStringFilter(params.stop)
+    greedy = params.temperature <= 0 and params.repetition_penalty == 1.0
     with torch.inference_mode():
         input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
         logits, cache = step(input_ids, None)
@@ -73,10 +74,13 @@ def stream_generate(model, prompt_ids: list[int], params: SamplingParams, *,
             if stop_event is not None and stop_event.is_set():
                 reason = "cancelled"
                 break
-            row = logits[0, -1].float().cpu()
-            if params.repetition_penalty != 1.0:
-                row = apply_repetition_penalty(row, seen, params.repetition_penalty)
-            token = sample_next(row, params, generator)
+            if greedy:  # argmax where the logits are: one scalar crosses to the host, not the vocabulary
+                token = int(logits[0, -1].argmax())
+            else:
+                row = logits[0, -1].float().cpu()
+                if params.repetition_penalty != 1.0:
+                    row = apply_repetition_penalty(row, seen, params.repetition_penalty)
+                token = sample_next(row, params, generator)
             if token in eos_ids:
                 reason = "stop"
                 break
