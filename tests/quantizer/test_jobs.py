@@ -2,6 +2,7 @@
 time, and a memory series sampled for the whole job."""
 from __future__ import annotations
 
+import mmap
 import time
 
 import pytest
@@ -17,7 +18,11 @@ def test_progress_result_and_memory_series():
     def work(job):
         blocks = []
         for i in range(5):
-            blocks.append(bytearray(8 * 2 ** 20))  # RSS must rise by ~40 MB
+            # a fresh anonymous mapping, written through, so RSS really rises by ~40 MB (malloc could
+            # hand back pages freed by earlier tests of the session, leaving RSS flat)
+            block = mmap.mmap(-1, 8 * 2 ** 20)
+            block.write(b"\x01" * len(block))
+            blocks.append(block)
             job.report({"progress": (i + 1) / 5, "stage": f"step {i + 1}", "text": f"did step {i + 1}"})
             time.sleep(0.1)
         return sum(len(b) for b in blocks)
