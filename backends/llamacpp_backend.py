@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
-import psutil
 
 from backends.base import (Backend, BackendError, Capabilities, GenerationChunk, MemoryReport,
                            OptionSpec, SamplingParams)
+from backends.process_memory import resident_bytes
 from backends.text_stream import IncrementalDecoder, StopStringFilter
 
 # llama.cpp's OpenMP workers spin while waiting; on a shared machine that starves everyone
@@ -53,7 +53,7 @@ class LlamaCppBackend(Backend):
         except ImportError as exc:
             raise BackendError(f"llama-cpp-python is not installed ({exc}); run ./start.sh to install it") from None
         threads = options.get("n_threads") or default_threads()
-        before = psutil.Process().memory_info().rss
+        before = resident_bytes()
         try:
             self.llm = Llama(model_path=str(self.path), n_ctx=int(options.get("n_ctx", 4096)),
                              n_gpu_layers=int(options.get("n_gpu_layers", 0)), n_threads=threads,
@@ -61,7 +61,7 @@ class LlamaCppBackend(Backend):
                              logits_all=False, verbose=False)
         except (ValueError, RuntimeError) as exc:
             raise BackendError(f"llama.cpp could not load {self.path.name}: {exc}") from None
-        self._ram_mb = max(0.0, (psutil.Process().memory_info().rss - before) / 2**20)
+        self._ram_mb = max(0.0, (resident_bytes() - before) / 2**20)
 
     def unload(self) -> None:
         if self.llm is not None:

@@ -97,6 +97,8 @@ def run_burst(client, model: str, n: int, max_tokens: int, concurrency: int) -> 
 def main(argv=None) -> int:
     args = parse_args(argv)
     import psutil
+
+    from backends.process_memory import resident_mb
     from openai import OpenAI
     from webui.context import AppContext
     import tempfile
@@ -107,10 +109,10 @@ def main(argv=None) -> int:
     server, base_url = start_server(ctx)
     client = OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=600)
     one_request(client, model, 0, 2)                       # warm-up
-    rss_before = psutil.Process().memory_info().rss / 2**20
+    rss_before = resident_mb()
     sequential = run_burst(client, model, args.requests, args.max_tokens, 1)
     concurrent = run_burst(client, model, args.requests, args.max_tokens, args.requests)
-    rss_after = psutil.Process().memory_info().rss / 2**20
+    rss_after = resident_mb()
     server.should_exit = True
     ctx.manager.unload_all()
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from backends.base import BackendError, Message, SamplingParams
+from backends.process_memory import resident_mb
 
 # The JSON schema of one measured entry (the issue fixes these keys, in this order).
 RESULT_KEYS = ("entry", "backend", "bits_per_weight", "file_mb", "ram_mb", "gpu_mb", "ppl",
@@ -77,8 +78,7 @@ def parse_entry(spec: str) -> Entry:
 
 # -- loading ---------------------------------------------------------------------------------
 def process_rss_mb() -> float:
-    import psutil
-    return psutil.Process().memory_info().rss / 2**20
+    return resident_mb()
 
 
 @dataclass

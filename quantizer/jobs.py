@@ -16,6 +16,8 @@ from typing import Any, Callable
 
 import psutil
 
+from backends.process_memory import resident_bytes
+
 from backends.base import BackendError
 
 log = logging.getLogger(__name__)
@@ -30,7 +32,7 @@ def memory_sample(process: psutil.Process | None = None) -> dict:
     process = process or psutil.Process()
     vm = psutil.virtual_memory()
     sample = {"t": time.time(), "ram_used_mb": (vm.total - vm.available) / MB, "ram_total_mb": vm.total / MB,
-              "rss_mb": process.memory_info().rss / MB, "swap_used_mb": psutil.swap_memory().used / MB,
+              "rss_mb": resident_bytes(process) / MB, "swap_used_mb": psutil.swap_memory().used / MB,
               "gpu_used_mb": 0.0, "gpu_alloc_mb": 0.0}
     try:
         import torch

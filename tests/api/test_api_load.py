@@ -12,10 +12,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import psutil
 import pytest
 
 from apitools import MODEL_ID
+from backends.process_memory import resident_mb
 from tests.browser import CHROMIUM, launch_chromium
 
 # Words the default model repeats back greedily (checked one by one beforehand); each request asks for
@@ -31,7 +31,7 @@ def rss_mb() -> float:
         ctypes.CDLL("libc.so.6").malloc_trim(0)       # give freed heap back, so RSS shows real growth
     except (OSError, AttributeError):
         pass
-    return psutil.Process().memory_info().rss / 2**20
+    return resident_mb()
 
 
 def one_stream(client, i: int) -> dict:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import gc
 
 import openai
-import psutil
 import pytest
 
 from backends.base import BackendError
+from backends.process_memory import resident_mb
 
 PASSWORD = "The password is apple. I repeat, the password is"
 
@@ -82,7 +82,7 @@ def test_failed_loads_leave_no_memory_behind(hostile, hostile_server):
 
     def rss():
         gc.collect()
-        return psutil.Process().memory_info().rss / 2**20
+        return resident_mb()
 
     names = ["gptq-wrong-group-size", "truncated-safetensors", "magic-then-garbage.gguf"]
     for name in names:                                  # once to warm up imports and allocator pools
