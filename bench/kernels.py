@@ -70,7 +70,20 @@ def rel_err(y, ref):
     return float((y.double() - ref).norm() / ref.norm())
 
 
-def run_case(K, N, bits, gs, act, Ms, runtime, bw, seed):
+def per_mode_times(x, layer, runtime) -> dict:
+    """Best time of each unpacking mode's candidates at this shape (a diagnostic: which mode wins, by how much)."""
+    by_mode: dict[int, list] = {}
+    for cfg in runtime.candidates(x.shape[0], layer, x.device, x.dtype):
+        if cfg.path == "fused":
+            by_mode.setdefault(cfg.mode, []).append(cfg)
+    out = {}
+    for mode, cfgs in by_mode.items():
+        best = runtime._measure(x, layer, cfgs)
+        out[mode] = (graph_time_ms(lambda i: runtime.run(x, layer, best), calls=10, reps=5), best)
+    return out
+
+
+def run_case(K, N, bits, gs, act, Ms, runtime, bw, seed, per_mode=False):
     rows = []
     packed, layer = random_layer(K, N, bits, gs, act, seed)
     w64 = fmt.dequantize(*packed, bits, "gptq", dtype=torch.float64)
@@ -84,6 +97,10 @@ def run_case(K, N, bits, gs, act, Ms, runtime, bw, seed):
     for M in Ms:
         x = torch.randn(M, K, device="cuda", dtype=torch.float16)
         cfg = runtime.config_for(x, layer)
+        if per_mode and M == 1:
+            for mode, (ms, best) in sorted(per_mode_times(x, layer, runtime).items()):
+                print(f"    mode {mode}: {ms * 1e3:7.1f} us (L2-warm, one copy)  bn{best.block_n} bk{best.block_k} "
+                      f"s{best.split_k} w{best.num_warps}", flush=True)
         # correctness on fresh inputs, poisoned output
         xc = torch.randn(M, K, device="cuda", dtype=torch.float16)
         ref = xc.double() @ w64
@@ -105,7 +122,7 @@ def run_case(K, N, bits, gs, act, Ms, runtime, bw, seed):
         r = rows[-1]
         print(f"{K:>6}x{N:<6} b{bits} g{gs:<4}{'a' if act else ' '} M={M:<5} {q_ms*1e3:9.1f}us  fp16 {f_ms*1e3:9.1f}us "
               f"x{r['speedup']:5.2f}  {r['gbps']:7.0f} GB/s {r['copy_frac']*100:5.1f}% copy  err {err:.1e}"
-              f"{' NaN!' if nan else ''}  {cfg.path} bn{cfg.block_n} bk{cfg.block_k} s{cfg.split_k} w{cfg.num_warps}",
+              f"{' NaN!' if nan else ''}  {cfg.path} m{cfg.mode} bn{cfg.block_n} bk{cfg.block_k} s{cfg.split_k} w{cfg.num_warps}",
               flush=True)
     del layers, dense, w64, w16
     torch.cuda.empty_cache()
@@ -148,6 +165,8 @@ def main(argv=None):
     ap.add_argument("--m", default="1,16,2048")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--no-tune", action="store_true")
+    ap.add_argument("--modes", default="", help="only these fused-kernel modes, e.g. 4,3 (default: all)")
+    ap.add_argument("--per-mode", action="store_true", help="at M=1 also time the best config of every mode")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench.kernels needs a CUDA GPU")
@@ -155,7 +174,8 @@ def main(argv=None):
     device = torch.cuda.get_device_name()
     bw = copy_bandwidth()
     print(f"{device}: copy bandwidth {bw/1e9:.0f} GB/s (read+write)", flush=True)
-    runtime = KernelRuntime(tune=not args.no_tune)
+    modes = tuple(int(m) for m in args.modes.split(",")) if args.modes else None
+    runtime = KernelRuntime(tune=not args.no_tune, modes=modes)
     Ms = [int(m) for m in args.m.split(",")]
     rows = []
     t0 = time.time()
@@ -163,7 +183,7 @@ def main(argv=None):
         K, N = (int(v) for v in shape.split("x"))
         for j, case in enumerate(args.cases.split(",")):
             bits, gs, act = CASES[case]
-            rows += run_case(K, N, bits, gs, act, Ms, runtime, bw, seed=100 * i + j)
+            rows += run_case(K, N, bits, gs, act, Ms, runtime, bw, seed=100 * i + j, per_mode=args.per_mode)
     print(f"total {time.time() - t0:.0f} s")
     bad = [r for r in rows if r["rel_err"] >= 1e-2 or r["nan"]]
     out = Path(args.out)

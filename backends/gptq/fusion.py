@@ -55,7 +55,7 @@ def _compatible(layers) -> bool:
         return False
     for l in layers[1:]:
         k = l.kernel
-        if (k.bits, k.K, k.group_size) != (first.bits, first.K, first.group_size):
+        if (k.bits, k.K, k.group_size, k.interleaved) != (first.bits, first.K, first.group_size, first.interleaved):
             return False
         if (k.perm is None) != (first.perm is None) or (k.perm is not None and not torch.equal(k.perm, first.perm)):
             return False
@@ -77,7 +77,8 @@ def fuse_siblings(model: nn.Module, runtime: KernelRuntime) -> int:
                               scales=torch.cat([k.scales for k in kernels], 1).contiguous(),
                               zeros=torch.cat([k.zeros for k in kernels], 1).contiguous(),
                               perm=kernels[0].perm, bits=kernels[0].bits, K=kernels[0].K,
-                              N=sum(k.N for k in kernels), group_size=kernels[0].group_size)
+                              N=sum(k.N for k in kernels), group_size=kernels[0].group_size,
+                              interleaved=kernels[0].interleaved)
             bias = torch.cat([l.bias for l in layers]) if layers[0].bias is not None else None
             offsets, start = [], 0
             for k in kernels:

@@ -21,6 +21,23 @@ def values_per_block(bits: int) -> int:
     return 32 if bits == 3 else 32 // bits
 
 
+INTERLEAVED_BITS = (2, 4)
+
+
+def interleave_pairs(qweight: torch.Tensor, bits: int) -> torch.Tensor:
+    """Re-order the values inside each packed word so values 2p and 2p+1 sit in the low and high
+    16-bit halves at bit p * bits. Same bytes, same rows: the half2 matrix-vector kernel turns a pair
+    into two fp16 numbers with one instruction, and the fp16 activations pair up as they lie in memory."""
+    if bits not in INTERLEAVED_BITS:
+        raise ValueError(f"pair interleaving is for {INTERLEAVED_BITS}-bit words, not {bits}")
+    words = qweight.to(torch.int64) & 0xFFFFFFFF
+    out = torch.zeros_like(words)
+    mask = (1 << bits) - 1
+    for j in range(32 // bits):
+        out |= ((words >> (j * bits)) & mask) << ((j % 2) * 16 + (j // 2) * bits)
+    return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
+
+
 @dataclass
 class KernelLayer:
     """One GPTQ linear in the form the kernels read: qweight rows sorted by group (act-order undone),
@@ -33,6 +50,7 @@ class KernelLayer:
     K: int
     N: int
     group_size: int              # rows per group in sorted order; K when there is one group
+    interleaved: bool = False    # 2/4-bit words in the pair order of `interleave_pairs`
 
     @property
     def Kw(self) -> int:
@@ -52,7 +70,8 @@ class GemmConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 2
-    mode: int = 2              # 0 per word (3-D), 1 per row, 2 unrolled value slots, 3 prefetching GEMV (M=1)
+    mode: int = 2              # 0 per word (3-D), 1 per row, 2 unrolled value slots, 3 prefetching GEMV (M=1),
+    #                            4 half2 GEMV (M=1, fp16, 2/4-bit interleaved words)
 
 
 def valid_block_ks(layer: KernelLayer, candidates=(32, 64, 128, 256, 512)) -> list[int]:
@@ -96,6 +115,18 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
     else:
         ws = tickets = out
     perm = layer.perm if layer.perm is not None else layer.qweight  # dummy pointer when unused
+    if cfg.mode == 4:
+        from backends.gptq.triton_kernels import INTERPRETED, gptq_gemv_h2_kernel
+        if M != 1 or x2d.dtype != torch.float16 or not layer.interleaved:
+            raise ValueError("the half2 matrix-vector kernel (mode 4) takes one fp16 row and interleaved words")
+        x_row = x2d if x2d.is_contiguous() else x2d.contiguous()
+        gptq_gemv_h2_kernel[(n_tiles, split)](
+            x_row, x_row.view(torch.int32), layer.qweight, layer.scales, layer.zeros, perm, out,
+            bias if bias is not None else out, ws, tickets, layer.N, layer.K, layer.Kw, layer.group_size, per, split,
+            BITS=layer.bits, KB=cfg.block_k // (32 // layer.bits), BLOCK_N=cfg.block_n,
+            HAS_PERM=layer.perm is not None, SPLIT=split > 1, HAS_BIAS=bias is not None,
+            USE_ASM=not INTERPRETED, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return out
     if cfg.mode == 3:
         from backends.gptq.triton_kernels import gptq_gemv_kernel
         if M != 1:
@@ -104,14 +135,15 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
             x2d, layer.qweight, layer.scales, layer.zeros, perm, out, bias if bias is not None else out, ws,
             tickets, layer.N, layer.K, layer.Kw, layer.group_size, per, split,
             BITS=layer.bits, VPB=vpb, KB=kb, BLOCK_N=cfg.block_n, HAS_PERM=layer.perm is not None,
-            SPLIT=split > 1, HAS_BIAS=bias is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            SPLIT=split > 1, HAS_BIAS=bias is not None, INTERLEAVED=layer.interleaved,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return out
     gptq_gemm_kernel[(n_tiles, split)](
         x2d, layer.qweight, layer.scales, layer.zeros, perm, out, bias if bias is not None else out, ws, tickets,
         M, layer.N, layer.K, layer.Kw, x2d.stride(0), out.stride(0), layer.group_size, per, split,
         BITS=layer.bits, VPB=vpb, KB=kb, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         HAS_PERM=layer.perm is not None, SPLIT=split > 1, HAS_BIAS=bias is not None, MODE=cfg.mode,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        INTERLEAVED=layer.interleaved, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 
@@ -143,7 +175,8 @@ def launch_dequant(layer: KernelLayer, out: torch.Tensor, block_n: int = 128, bl
     scatter = original_order and layer.perm is not None
     gptq_dequant_kernel[grid](layer.qweight, layer.scales, layer.zeros, layer.perm if scatter else layer.qweight,
                               out, layer.N, layer.K, layer.Kw, layer.group_size, BITS=layer.bits, VPB=vpb,
-                              KB=block_k // vpb, BLOCK_N=block_n, HAS_PERM=scatter, num_warps=4)
+                              KB=block_k // vpb, BLOCK_N=block_n, HAS_PERM=scatter,
+                              INTERLEAVED=layer.interleaved, num_warps=4)
     return out
 
 
@@ -151,9 +184,10 @@ class KernelRuntime:
     """Runs GPTQ matmuls on CUDA for one loaded model: picks (and, when `tune`, measures) a config per
     shape, and owns the reusable fp16 buffer of the dequantize + cuBLAS path."""
 
-    def __init__(self, tune: bool = True, cache_file: Path | None = None):
+    def __init__(self, tune: bool = True, cache_file: Path | None = None, modes: tuple[int, ...] | None = None):
         self.tune = tune
         self.cache_file = cache_file
+        self.allowed_modes = modes  # restrict the fused kernel's unpacking modes (benchmarks, debugging)
         self.configs: dict[str, GemmConfig] = {}
         self._workspace: torch.Tensor | None = None
         self.scratch = SplitScratch()
@@ -219,6 +253,8 @@ class KernelRuntime:
     def modes(bucket: int, layer: KernelLayer, dtype) -> tuple[int, ...]:
         """Unpacking modes worth trying, the expected best first."""
         if bucket == 1:
+            if dtype == torch.float16 and layer.interleaved:
+                return (4, 3, 0, 2)
             return (3, 0, 2)
         if dtype == torch.float16:
             return (2, 0, 1)
@@ -243,7 +279,8 @@ class KernelRuntime:
         else:
             tiles = [(64, 64, 4), (128, 64, 4), (64, 128, 4)]
             targets = (2 * sms, 8 * sms)
-        for mode in self.modes(bucket, layer, dtype):
+        modes = [m for m in self.modes(bucket, layer, dtype) if self.allowed_modes is None or m in self.allowed_modes]
+        for mode in modes:
             for bn, bk, warps in tiles:
                 if mode == 2 and bucket > 1:  # one tl.dot per value slot needs >= 16 blocks per tile
                     bk = max(bk, 16 * values_per_block(layer.bits))
@@ -256,7 +293,7 @@ class KernelRuntime:
                                      _split_for(layer, bn, bk, target), warps, mode=mode)
                     if cfg not in out:
                         out.append(cfg)
-        if bucket >= 32:
+        if bucket >= 32 or not out:
             out.append(dequant)
         return out
 

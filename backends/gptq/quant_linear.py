@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from backends.gptq import format as fmt
-from backends.gptq.kernel_runtime import KernelLayer, KernelRuntime
+from backends.gptq.kernel_runtime import INTERLEAVED_BITS, KernelLayer, KernelRuntime, interleave_pairs
 
 
 def sort_by_group(g_idx: torch.Tensor, K: int, group_size: int) -> tuple[torch.Tensor | None, int | None]:
@@ -48,9 +48,12 @@ def make_kernel_layer(qweight, qzeros, scales, g_idx, bits: int, group_size: int
     zeros = fmt.unpack_qzeros(qzeros.to(device), bits, N, checkpoint_format)
     if zeros.numel() and (int(zeros.min()) < 0 or int(zeros.max()) > 255):
         return None
+    interleaved = bits in INTERLEAVED_BITS
+    if interleaved:
+        qweight = interleave_pairs(qweight, bits)
     return KernelLayer(qweight=qweight.contiguous(), scales=scales.to(device=device, dtype=torch.float16).contiguous(),
                        zeros=zeros.to(torch.uint8).contiguous(), perm=perm, bits=bits, K=K, N=N,
-                       group_size=rows)
+                       group_size=rows, interleaved=interleaved)
 
 
 class QuantLinear(nn.Module):

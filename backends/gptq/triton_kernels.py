@@ -16,13 +16,19 @@ activations in that order inside the kernel.
 """
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
+
+# triton decides at decoration time whether these kernels are compiled or interpreted; inline PTX
+# only exists in the former
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
 def _unpack_tile(qw_ptr, N, Kw, kb0, offs_n, mask_n,
-                 BITS: tl.constexpr, KB: tl.constexpr, VPB: tl.constexpr):
+                 BITS: tl.constexpr, KB: tl.constexpr, VPB: tl.constexpr, INTERLEAVED: tl.constexpr):
     """Codes [KB, VPB, BLOCK_N] (uint32) of value blocks kb0 .. kb0+KB-1, each word loaded once. A block
     is the run of values that fills whole words: 32/BITS values in one word, or 32 in 3 words (3 bits)."""
     offs_kb = kb0 + tl.arange(0, KB)
@@ -45,13 +51,24 @@ def _unpack_tile(qw_ptr, N, Kw, kb0, offs_n, mask_n,
         m = (offs_kb[:, None] < Kw) & mask_n[None, :]
         w = tl.load(qw_ptr + offs_kb[:, None] * N + offs_n[None, :], mask=m, other=0)
         w = w.to(tl.uint32, bitcast=True)
-        sh = (tl.arange(0, VPB) * BITS).to(tl.uint32)
+        sh = _slot_shift(tl.arange(0, VPB), BITS, INTERLEAVED)
         v = (w[:, None, :] >> sh[None, :, None]) & ((1 << BITS) - 1)
     return v
 
 
 @triton.jit
-def _unpack_rows(qw_ptr, N, K, k0, offs_n, mask_n, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
+def _slot_shift(j, BITS: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """Bit offset (uint32) of value j of a word: j * BITS in the checkpoint's order; in the interleaved
+    order of `interleave_pairs` values 2p and 2p+1 sit in the low and high halves, at bit p * BITS."""
+    if INTERLEAVED:
+        return ((j % 2) * 16 + (j // 2) * BITS).to(tl.uint32)
+    else:
+        return (j * BITS).to(tl.uint32)
+
+
+@triton.jit
+def _unpack_rows(qw_ptr, N, K, k0, offs_n, mask_n, BITS: tl.constexpr, BLOCK_K: tl.constexpr,
+                 INTERLEAVED: tl.constexpr):
     """Codes [BLOCK_K, BLOCK_N] (uint32) of rows k0 .. k0+BLOCK_K-1, one row at a time: a word is
     loaded once per value it holds (the repeats hit L1), but no reshape is needed for tl.dot."""
     offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -67,7 +84,7 @@ def _unpack_rows(qw_ptr, N, K, k0, offs_n, mask_n, BITS: tl.constexpr, BLOCK_K: 
         v = ((lo >> sh) | (hi << tl.where(straddle, 32 - sh, 0))) & 7
     else:
         VPW: tl.constexpr = 32 // BITS
-        sh = ((offs_k % VPW) * BITS).to(tl.uint32)[:, None]
+        sh = _slot_shift(offs_k % VPW, BITS, INTERLEAVED)[:, None]
         w = tl.load(qw_ptr + (offs_k // VPW)[:, None] * N + offs_n[None, :], mask=m, other=0)
         v = (w.to(tl.uint32, bitcast=True) >> sh) & ((1 << BITS) - 1)
     return v
@@ -130,7 +147,7 @@ def _window_offset(pos: tl.constexpr, BITS: tl.constexpr):
 @triton.jit
 def _unrolled_tile(acc2, x_ptr, src_base, mask_kb, qw_ptr, N, Kw, kb0, offs_n, mask_n, offs_m, mask_m, stride_xm,
                    BITS: tl.constexpr, VPB: tl.constexpr, KB: tl.constexpr, BLOCK_M: tl.constexpr,
-                   HAS_PERM: tl.constexpr, perm_ptr):
+                   HAS_PERM: tl.constexpr, perm_ptr, INTERLEAVED: tl.constexpr):
     """One K tile, unrolled over the values of a word so every shift is a constant. M = 1: acc2 [KB, N]
     += x_k * (C_j + q) (see _window_field), corr = sum_k x_k C_j, so sum acc2 - corr = sum x q.
     M > 1: acc2 [M, N] += x_j @ (1024 + q_j) in fp16 on tensor cores, one dot per value slot j."""
@@ -144,7 +161,10 @@ def _unrolled_tile(acc2, x_ptr, src_base, mask_kb, qw_ptr, N, Kw, kb0, offs_n, m
         w2 = w0
     corr = tl.sum(tl.zeros([KB], dtype=tl.float32), axis=0)
     for j in tl.static_range(VPB):
-        bit = BITS * j
+        if INTERLEAVED:
+            bit = (j % 2) * 16 + (j // 2) * BITS
+        else:
+            bit = BITS * j
         widx = bit // 32
         pos = bit % 32
         if widx == 0:
@@ -176,7 +196,8 @@ def gptq_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, bias_ptr, w
                      M, N, K, Kw, stride_xm, stride_om, group_size, tiles_per_split, nsplit,
                      BITS: tl.constexpr, VPB: tl.constexpr, KB: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     HAS_PERM: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, MODE: tl.constexpr):
+                     HAS_PERM: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, MODE: tl.constexpr,
+                     INTERLEAVED: tl.constexpr):
     """out[M, N] (+)= x[M, K] @ W for the K range of this program's split. MODE picks how codes are
     unpacked: 0 per word into a 3-D tile (reshaped for tl.dot), 1 per row (repeated word loads),
     2 unrolled over the value slots of a word with constant shifts (fp16 activations for M > 1)."""
@@ -208,7 +229,8 @@ def gptq_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, bias_ptr, w
                 sx = tl.sum(tl.load(x_ptr + offs_t, mask=mask_t, other=0).to(tl.float32), axis=0)
                 acc2 = tl.zeros([KB, BLOCK_N], dtype=tl.float32)
                 acc2, corr = _unrolled_tile(acc2, x_ptr, src_base, mask_kb, qw_ptr, N, Kw, t * KB, offs_n, mask_n,
-                                            offs_m, mask_m, stride_xm, BITS, VPB, KB, BLOCK_M, HAS_PERM, perm_ptr)
+                                            offs_m, mask_m, stride_xm, BITS, VPB, KB, BLOCK_M, HAS_PERM, perm_ptr,
+                                            INTERLEAVED)
                 part = tl.sum(acc2, axis=0) - corr  # = sum_k x_k q_k
                 acc1 += s * (part - z * sx)
             else:
@@ -217,15 +239,16 @@ def gptq_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, bias_ptr, w
                 sx = tl.sum(xt.to(tl.float32), axis=1)
                 part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
                 part, _ = _unrolled_tile(part, x_ptr, src_base, mask_kb, qw_ptr, N, Kw, t * KB, offs_n, mask_n,
-                                      offs_m, mask_m, stride_xm, BITS, VPB, KB, BLOCK_M, HAS_PERM, perm_ptr)
+                                      offs_m, mask_m, stride_xm, BITS, VPB, KB, BLOCK_M, HAS_PERM, perm_ptr,
+                                            INTERLEAVED)
                 acc += s[None, :] * (part - (z[None, :] + 1024.0) * sx[:, None])
         else:
             if MODE == 1:
                 offs_k = k0 + tl.arange(0, BLOCK_K)
-                v = _unpack_rows(qw_ptr, N, K, k0, offs_n, mask_n, BITS, BLOCK_K)
+                v = _unpack_rows(qw_ptr, N, K, k0, offs_n, mask_n, BITS, BLOCK_K, INTERLEAVED)
             else:
                 offs_k = k0 + tl.arange(0, KB)[:, None] * VPB + tl.arange(0, VPB)[None, :]  # [KB, VPB]
-                v = _unpack_tile(qw_ptr, N, Kw, t * KB, offs_n, mask_n, BITS, KB, VPB)
+                v = _unpack_tile(qw_ptr, N, Kw, t * KB, offs_n, mask_n, BITS, KB, VPB, INTERLEAVED)
             mask_k = offs_k < K
             if HAS_PERM:
                 src = tl.load(perm_ptr + offs_k, mask=mask_k, other=0)
@@ -284,7 +307,7 @@ def _load_words(qw_ptr, N, kb0, offs_n, mask_n, row_end, BITS: tl.constexpr, KB:
 
 
 @triton.jit
-def _unpack_words(w0, w1, w2, BITS: tl.constexpr, VPB: tl.constexpr):
+def _unpack_words(w0, w1, w2, BITS: tl.constexpr, VPB: tl.constexpr, INTERLEAVED: tl.constexpr):
     """Codes [KB, VPB, BLOCK_N] (uint32) from the word tiles of _load_words."""
     if BITS == 3:
         pos = tl.arange(0, 32) * 3
@@ -299,7 +322,7 @@ def _unpack_words(w0, w1, w2, BITS: tl.constexpr, VPB: tl.constexpr):
         spill = tl.where(straddle, nxt << tl.where(straddle, 32 - sh, 0), 0)
         v = ((lo >> sh) | spill) & 7
     else:
-        sh = (tl.arange(0, VPB) * BITS).to(tl.uint32)
+        sh = _slot_shift(tl.arange(0, VPB), BITS, INTERLEAVED)
         v = (w0[:, None, :] >> sh[None, :, None]) & ((1 << BITS) - 1)
     return v
 
@@ -308,7 +331,8 @@ def _unpack_words(w0, w1, w2, BITS: tl.constexpr, VPB: tl.constexpr):
 def gptq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, bias_ptr, ws_ptr, ticket_ptr,
                      N, K, Kw, group_size, tiles_per_split, nsplit,
                      BITS: tl.constexpr, VPB: tl.constexpr, KB: tl.constexpr, BLOCK_N: tl.constexpr,
-                     HAS_PERM: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
+                     HAS_PERM: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     INTERLEAVED: tl.constexpr):
     """out[1, N] = x[1, K] @ W (+ bias): the decoding path. Words of the next K tile are loaded while
     the current one is unpacked and multiplied (register double-buffering), so each program keeps a
     tile of reads in flight instead of waiting for memory once per tile."""
@@ -337,7 +361,7 @@ def gptq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, bias_ptr, w
         else:
             src = offs_k
         x = tl.load(x_ptr + src, mask=mask_k, other=0).to(tl.float32)
-        v = _unpack_words(w0, w1, w2, BITS, VPB)
+        v = _unpack_words(w0, w1, w2, BITS, VPB, INTERLEAVED)
         part = tl.sum(tl.sum(_as_f32(v) * x[:, :, None], axis=1), axis=0)
         sx = tl.sum(tl.sum(x, axis=1), axis=0)
         acc += s * (part - z * sx)
@@ -381,14 +405,14 @@ def _finish(acc, out_ptr, bias_ptr, ws_ptr, ticket_ptr, offs_m, offs_n, mask_m, 
 @triton.jit
 def gptq_dequant_kernel(qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, N, K, Kw, group_size,
                         BITS: tl.constexpr, VPB: tl.constexpr, KB: tl.constexpr, BLOCK_N: tl.constexpr,
-                        HAS_PERM: tl.constexpr):
+                        HAS_PERM: tl.constexpr, INTERLEAVED: tl.constexpr):
     """W[K, N] = (q - z[g]) * s[g] with g = k // group_size for the (sorted) rows of qweight; with
     HAS_PERM each row is written back to its original place, so activations need no permutation."""
     pid_k = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    v = _unpack_tile(qw_ptr, N, Kw, pid_k * KB, offs_n, mask_n, BITS, KB, VPB)
+    v = _unpack_tile(qw_ptr, N, Kw, pid_k * KB, offs_n, mask_n, BITS, KB, VPB, INTERLEAVED)
     offs_k = pid_k * KB * VPB + tl.arange(0, KB)[:, None] * VPB + tl.arange(0, VPB)[None, :]
     mask = (offs_k < K)[:, :, None] & mask_n[None, None, :]
     g = (offs_k // group_size)[:, :, None]
@@ -400,3 +424,198 @@ def gptq_dequant_kernel(qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, N, K, Kw, group
     else:
         dst = offs_k
     tl.store(out_ptr + dst[:, :, None] * N + offs_n[None, None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ------------------------------------------------------------------------------------------------
+# Matrix-vector product two weights per instruction (2 and 4 bits, interleaved words, fp16 input)
+# ------------------------------------------------------------------------------------------------
+# A word in the interleaved order holds value pairs (2p, 2p+1) in its low and high 16-bit halves at bit
+# p * BITS. One `lop3` (w & mask) | 0x6400_6400 turns a pair into two fp16 numbers 1024 + q * 2^(p*BITS
+# mod 8) at once; one sub/fma makes them exact q - z; one fma multiplies them with the activation pair
+# (x[2p], x[2p+1]), which is simply the fp16 input read as int32. The products of one word are summed
+# in fp16 (at most 8 terms of |x| * |q - z|) and the two halves are added in fp32. That is ~2 instructions
+# per weight where the unpack-convert-fma route (gptq_gemv_kernel) needs ~4.5: the difference between
+# being bound by instructions and being bound by memory at 4 bits.
+
+@triton.jit
+def _pair_term(w, xp, zf, p: tl.constexpr, BITS: tl.constexpr):
+    """Portable form of one pair's product (the interpreter cannot run PTX): fp32, same result up to
+    rounding."""
+    v_lo = ((w >> (p * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
+    v_hi = ((w >> (16 + p * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
+    x_lo = (xp & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    x_hi = ((xp >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    return x_lo * (v_lo - zf) + x_hi * (v_hi - zf)
+
+
+@triton.jit
+def _half2(v):
+    """fp32 values -> their fp16 bit pattern in both halves of a uint32."""
+    return v.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32) * 0x10001
+
+
+@triton.jit
+def _dot_word4(w, x0, x1, x2, x3, z, USE_ASM: tl.constexpr):
+    """sum_j x_j (q_j - z) over the 8 values of each interleaved 4-bit word w (fp32)."""
+    if USE_ASM:
+        zf = z.to(tl.float32)
+        zz = (z + 0x6400) * 0x10001                # 1024 + z, both halves
+        m16 = _half2(-(64.0 + zf))                 # -(1024/16 + z)
+        return tl.inline_asm_elementwise(
+            "{\n"
+            ".reg .b32 t, q0, q1, q2, q3, a, c;\n"
+            ".reg .b16 lo, hi;\n"
+            ".reg .f32 f0, f1;\n"
+            "mov.b32 c, 0x2C002C00;\n"
+            "shr.u32 t, $1, 8;\n"
+            "lop3.b32 q0, $1, 0x000f000f, 0x64006400, 0xea;\n"
+            "lop3.b32 q1, $1, 0x00f000f0, 0x64006400, 0xea;\n"
+            "lop3.b32 q2, t, 0x000f000f, 0x64006400, 0xea;\n"
+            "lop3.b32 q3, t, 0x00f000f0, 0x64006400, 0xea;\n"
+            "sub.f16x2 q0, q0, $6;\n"
+            "fma.rn.f16x2 q1, q1, c, $7;\n"
+            "sub.f16x2 q2, q2, $6;\n"
+            "fma.rn.f16x2 q3, q3, c, $7;\n"
+            "mul.f16x2 a, q0, $2;\n"
+            "fma.rn.f16x2 a, q1, $3, a;\n"
+            "fma.rn.f16x2 a, q2, $4, a;\n"
+            "fma.rn.f16x2 a, q3, $5, a;\n"
+            "mov.b32 {lo, hi}, a;\n"
+            "cvt.f32.f16 f0, lo;\n"
+            "cvt.f32.f16 f1, hi;\n"
+            "add.f32 $0, f0, f1;\n"
+            "}",
+            "=f,r,r,r,r,r,r,r",
+            [w, tl.broadcast_to(x0, w.shape), tl.broadcast_to(x1, w.shape), tl.broadcast_to(x2, w.shape),
+             tl.broadcast_to(x3, w.shape), tl.broadcast_to(zz, w.shape), tl.broadcast_to(m16, w.shape)],
+            dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        zf = z.to(tl.float32)
+        return (_pair_term(w, x0, zf, 0, 4) + _pair_term(w, x1, zf, 1, 4)
+                + _pair_term(w, x2, zf, 2, 4) + _pair_term(w, x3, zf, 3, 4))
+
+
+@triton.jit
+def _dot_word2(w, x0, x1, x2, x3, x4, x5, x6, x7, z, USE_ASM: tl.constexpr):
+    """sum_j x_j (q_j - z) over the 16 values of each interleaved 2-bit word w (fp32)."""
+    if USE_ASM:
+        zf = z.to(tl.float32)
+        zz = (z + 0x6400) * 0x10001                # 1024 + z
+        m4 = _half2(-(256.0 + zf))                 # -(1024/4 + z)
+        m16 = _half2(-(64.0 + zf))
+        m64 = _half2(-(16.0 + zf))
+        return tl.inline_asm_elementwise(
+            "{\n"
+            ".reg .b32 t, q, a, c1, c2, c3;\n"
+            ".reg .b16 lo, hi;\n"
+            ".reg .f32 f0, f1;\n"
+            "mov.b32 c1, 0x34003400;\n"
+            "mov.b32 c2, 0x2C002C00;\n"
+            "mov.b32 c3, 0x24002400;\n"
+            "shr.u32 t, $1, 8;\n"
+            "lop3.b32 q, $1, 0x00030003, 0x64006400, 0xea;\n"
+            "sub.f16x2 q, q, $10;\n"
+            "mul.f16x2 a, q, $2;\n"
+            "lop3.b32 q, $1, 0x000c000c, 0x64006400, 0xea;\n"
+            "fma.rn.f16x2 q, q, c1, $11;\n"
+            "fma.rn.f16x2 a, q, $3, a;\n"
+            "lop3.b32 q, $1, 0x00300030, 0x64006400, 0xea;\n"
+            "fma.rn.f16x2 q, q, c2, $12;\n"
+            "fma.rn.f16x2 a, q, $4, a;\n"
+            "lop3.b32 q, $1, 0x00c000c0, 0x64006400, 0xea;\n"
+            "fma.rn.f16x2 q, q, c3, $13;\n"
+            "fma.rn.f16x2 a, q, $5, a;\n"
+            "lop3.b32 q, t, 0x00030003, 0x64006400, 0xea;\n"
+            "sub.f16x2 q, q, $10;\n"
+            "fma.rn.f16x2 a, q, $6, a;\n"
+            "lop3.b32 q, t, 0x000c000c, 0x64006400, 0xea;\n"
+            "fma.rn.f16x2 q, q, c1, $11;\n"
+            "fma.rn.f16x2 a, q, $7, a;\n"
+            "lop3.b32 q, t, 0x00300030, 0x64006400, 0xea;\n"
+            "fma.rn.f16x2 q, q, c2, $12;\n"
+            "fma.rn.f16x2 a, q, $8, a;\n"
+            "lop3.b32 q, t, 0x00c000c0, 0x64006400, 0xea;\n"
+            "fma.rn.f16x2 q, q, c3, $13;\n"
+            "fma.rn.f16x2 a, q, $9, a;\n"
+            "mov.b32 {lo, hi}, a;\n"
+            "cvt.f32.f16 f0, lo;\n"
+            "cvt.f32.f16 f1, hi;\n"
+            "add.f32 $0, f0, f1;\n"
+            "}",
+            "=f,r,r,r,r,r,r,r,r,r,r,r,r,r",
+            [w, tl.broadcast_to(x0, w.shape), tl.broadcast_to(x1, w.shape), tl.broadcast_to(x2, w.shape),
+             tl.broadcast_to(x3, w.shape), tl.broadcast_to(x4, w.shape), tl.broadcast_to(x5, w.shape),
+             tl.broadcast_to(x6, w.shape), tl.broadcast_to(x7, w.shape), tl.broadcast_to(zz, w.shape),
+             tl.broadcast_to(m4, w.shape), tl.broadcast_to(m16, w.shape), tl.broadcast_to(m64, w.shape)],
+            dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        zf = z.to(tl.float32)
+        return (_pair_term(w, x0, zf, 0, 2) + _pair_term(w, x1, zf, 1, 2) + _pair_term(w, x2, zf, 2, 2)
+                + _pair_term(w, x3, zf, 3, 2) + _pair_term(w, x4, zf, 4, 2) + _pair_term(w, x5, zf, 5, 2)
+                + _pair_term(w, x6, zf, 6, 2) + _pair_term(w, x7, zf, 7, 2))
+
+
+@triton.jit
+def _x_pair(xp_ptr, x_ptr, perm_ptr, rows, mask_r, p: tl.constexpr, PPW: tl.constexpr, HAS_PERM: tl.constexpr):
+    """Activations (x[2p], x[2p+1]) of each word row as one int32 [KB, 1] (fp16 halves); with act-order
+    the two come from their permuted places and are packed here."""
+    if HAS_PERM:
+        k = rows * (2 * PPW) + 2 * p
+        a = tl.load(x_ptr + tl.load(perm_ptr + k, mask=mask_r, other=0), mask=mask_r, other=0)
+        b = tl.load(x_ptr + tl.load(perm_ptr + k + 1, mask=mask_r, other=0), mask=mask_r, other=0)
+        pair = (a.to(tl.uint16, bitcast=True).to(tl.uint32)
+                | (b.to(tl.uint16, bitcast=True).to(tl.uint32) << 16)).to(tl.int32, bitcast=True)
+    else:
+        pair = tl.load(xp_ptr + rows * PPW + p, mask=mask_r, other=0)
+    return pair[:, None]
+
+
+@triton.jit
+def gptq_gemv_h2_kernel(x_ptr, xp_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, bias_ptr, ws_ptr, ticket_ptr,
+                        N, K, Kw, group_size, tiles_per_split, nsplit,
+                        BITS: tl.constexpr, KB: tl.constexpr, BLOCK_N: tl.constexpr,
+                        HAS_PERM: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        USE_ASM: tl.constexpr):
+    """out[1, N] = x[1, K] @ W (+ bias) for fp16 x and 2/4-bit interleaved words (see above). The next
+    tile's words are loaded before the current one is used (register double-buffering)."""
+    VPW: tl.constexpr = 32 // BITS
+    PPW: tl.constexpr = VPW // 2
+    BLOCK_K: tl.constexpr = KB * VPW
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    t0 = pid_k * tiles_per_split
+    t_end = t0 + tiles_per_split
+    row_end = tl.minimum(Kw, t_end * KB)
+    rows = t0 * KB + tl.arange(0, KB)
+    w = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :], mask=(rows < row_end)[:, None] & mask_n[None, :],
+                other=0).to(tl.uint32, bitcast=True)
+    acc2 = tl.zeros([KB, BLOCK_N], dtype=tl.float32)  # reduced over rows once, after the loop
+    for t in range(t0, t_end):
+        rows = t * KB + tl.arange(0, KB)
+        mask_r = rows < row_end
+        nrows = rows + KB
+        w_next = tl.load(qw_ptr + nrows[:, None] * N + offs_n[None, :],
+                         mask=(nrows < row_end)[:, None] & mask_n[None, :], other=0).to(tl.uint32, bitcast=True)
+        g = tl.minimum(t * BLOCK_K, K - 1) // group_size
+        s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32)
+        z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.uint32)[None, :]
+        x0 = _x_pair(xp_ptr, x_ptr, perm_ptr, rows, mask_r, 0, PPW, HAS_PERM)
+        x1 = _x_pair(xp_ptr, x_ptr, perm_ptr, rows, mask_r, 1, PPW, HAS_PERM)
+        x2 = _x_pair(xp_ptr, x_ptr, perm_ptr, rows, mask_r, 2, PPW, HAS_PERM)
+        x3 = _x_pair(xp_ptr, x_ptr, perm_ptr, rows, mask_r, 3, PPW, HAS_PERM)
+        if BITS == 4:
+            r = _dot_word4(w, x0, x1, x2, x3, z, USE_ASM)
+        else:
+            x4 = _x_pair(xp_ptr, x_ptr, perm_ptr, rows, mask_r, 4, PPW, HAS_PERM)
+            x5 = _x_pair(xp_ptr, x_ptr, perm_ptr, rows, mask_r, 5, PPW, HAS_PERM)
+            x6 = _x_pair(xp_ptr, x_ptr, perm_ptr, rows, mask_r, 6, PPW, HAS_PERM)
+            x7 = _x_pair(xp_ptr, x_ptr, perm_ptr, rows, mask_r, 7, PPW, HAS_PERM)
+            r = _dot_word2(w, x0, x1, x2, x3, x4, x5, x6, x7, z, USE_ASM)
+        acc2 += r * s[None, :]
+        w = w_next
+    acc = tl.sum(acc2, axis=0)
+    offs_m = tl.arange(0, 1)
+    _finish(acc[None, :], out_ptr, bias_ptr, ws_ptr, ticket_ptr, offs_m, offs_n, offs_m < 1, mask_n, 1, N, N,
+            pid_n, pid_k, nsplit, SPLIT, HAS_BIAS)

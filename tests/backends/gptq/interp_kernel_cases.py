@@ -69,6 +69,10 @@ def test_fused_kernel_matches_float64_reference(kr, bits, gs, act):
             # every unpacking mode; fp16 runs its fewest K splits, fp32 its most (workspace + tickets)
             modes = {c.mode for c in fused}
             assert 0 in modes and (M > 1 or {2, 3} <= modes), modes
+            # 2/4-bit words are interleaved on load; fp16 decoding then has the half2 kernel (mode 4),
+            # here in its portable form (the interpreter cannot run its PTX)
+            assert layer.interleaved == (bits in (2, 4))
+            assert (4 in modes) == (M == 1 and dtype == torch.float16 and bits in (2, 4)), modes
             pick = min if dtype == torch.float16 else max
             picks = {pick([c for c in fused if c.mode == mode], key=lambda c: c.split_k) for mode in modes}
             assert dtype == torch.float16 or any(c.split_k > 1 for c in picks)

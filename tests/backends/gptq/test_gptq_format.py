@@ -195,3 +195,17 @@ def test_find_weight_files(tmp_path):
         "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
     save_file(t, tmp_path / "model.safetensors")
     assert [p.name for p in fmt.find_weight_files(tmp_path, cfg)] == ["model.safetensors"]
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_interleaved_words_hold_the_same_values(bits):
+    """The kernel layout keeps every value of a word, moved to the pair order the half2 kernel reads."""
+    from backends.gptq.kernel_runtime import interleave_pairs
+    gen = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 2 ** bits, (96, 24), generator=gen, dtype=torch.int32)
+    words = interleave_pairs(fmt.pack_qweight(codes, bits), bits).long() & 0xFFFFFFFF
+    per_word = 32 // bits
+    slots = [(words >> ((j % 2) * 16 + (j // 2) * bits)) & (2 ** bits - 1) for j in range(per_word)]
+    assert torch.equal(torch.stack(slots, 1).reshape(-1, 24).int(), codes)
+    with pytest.raises(ValueError):
+        interleave_pairs(fmt.pack_qweight(codes, 8), 8)
