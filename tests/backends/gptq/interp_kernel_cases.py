@@ -176,3 +176,34 @@ def test_fused_siblings_compute_each_projection(kr):
     x1, x2 = torch.randn(1, K), torch.randn(1, K)
     attn.q_proj(x1)
     assert _rel(attn.k_proj(x2), x2.double() @ refs["k_proj"] + attn.k_proj.bias.double()) < 1e-4
+
+
+def test_tuner_never_picks_a_wrong_kernel(kr, monkeypatch):
+    """The tuner checks every candidate against dequantize + matmul before timing it: a config whose
+    output is wrong (a miscompiled kernel on some GPU) is dropped even when it would be the fastest."""
+    from backends.gptq.quant_linear import make_kernel_layer
+    packed, ref_w = _layer(4, 32, False, seed=77)
+    layer = make_kernel_layer(*packed, 4, 32, "gptq_v2", "cpu")
+    runtime = kr.KernelRuntime(tune=True)
+    candidates = runtime.candidates(1, layer, dtype=torch.float16)[:3]
+    wrong = candidates[0]
+    real_run = runtime.run
+
+    def run(x2d, layer, cfg, bias=None, out=None):
+        y = real_run(x2d, layer, cfg, bias, out)
+        return y * 1.5 if cfg == wrong else y
+
+    monkeypatch.setattr(runtime, "run", run)
+    timings = iter(range(1, 100))  # GPU timing stand-in: earlier candidates look faster
+
+    def fake_time(fn, calls=20, reps=10):
+        fn(0)
+        return float(next(timings))
+
+    monkeypatch.setattr(kr, "graph_time_ms", fake_time)
+    x = torch.randn(1, K, generator=torch.Generator().manual_seed(4)).half()
+    assert runtime._measure(x, layer, candidates) == candidates[1]
+    # and with every fused candidate wrong, the always-correct dequantize path is kept
+    monkeypatch.setattr(runtime, "run", lambda x2d, layer, cfg, bias=None, out=None:
+                        real_run(x2d, layer, cfg, bias, out) * (1.5 if cfg.path == "fused" else 1.0))
+    assert runtime._measure(x, layer, candidates).path == "dequant"

@@ -1,0 +1,133 @@
+"""The inline PTX of the half2 matrix-vector kernel, executed instruction by instruction by a small
+interpreter of the few PTX instructions it uses (CPU machines cannot run PTX, and the Triton
+interpreter runs the kernel's portable form instead). This checks the bit tricks themselves: lop3
+masks, the fp16 magic numbers, the per-pair fix-ups and the operand numbering, on the exact asm text
+of backends/gptq/triton_kernels.py. Whether a GPU executes them as PTX specifies is for bench.kernels
+(every case is checked against a float64 reference before timing) and the tuner's output check."""
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SOURCE = Path(__file__).resolve().parents[3] / "backends" / "gptq" / "triton_kernels.py"
+
+
+def asm_of(function: str) -> tuple[str, str]:
+    """(asm text, constraints) of the inline_asm_elementwise call inside `function`."""
+    tree = ast.parse(SOURCE.read_text())
+    fn = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == function)
+    call = next(n for n in ast.walk(fn) if isinstance(n, ast.Call) and getattr(n.func, "attr", "") == "inline_asm_elementwise")
+    return call.args[0].value, call.args[1].value
+
+
+def f16_pair(word: int) -> tuple[np.float16, np.float16]:
+    return (np.array([word & 0xFFFF], np.uint16).view(np.float16)[0],
+            np.array([(word >> 16) & 0xFFFF], np.uint16).view(np.float16)[0])
+
+
+def pack_f16(lo, hi) -> int:
+    a = np.array([lo, hi], np.float16).view(np.uint16)
+    return int(a[0]) | (int(a[1]) << 16)
+
+
+def run_ptx(asm: str, args: list[int]) -> float:
+    """Execute the straight-line PTX `asm` with $1.. = args (32-bit words); return $0 as float32."""
+    regs: dict[str, object] = {f"${i + 1}": a & 0xFFFFFFFF for i, a in enumerate(args)}
+
+    def val(tok: str):
+        tok = tok.strip()
+        if tok.startswith("0x") or tok.isdigit():
+            return int(tok, 0)
+        return regs[tok]
+
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line in "{}" or line.startswith(".reg"):
+            continue
+        op, _, rest = line.partition(" ")
+        if op == "mov.b32" and rest.lstrip().startswith("{"):
+            dst, src = re.match(r"\{\s*(\w+),\s*(\w+)\s*\},\s*(\S+)", rest.strip()).group(1, 2), rest.split(",")[-1]
+            word = val(src)
+            regs[dst[0]], regs[dst[1]] = f16_pair(word)
+            continue
+        ops = [t.strip() for t in rest.split(",")]
+        d = ops[0]
+        if op == "mov.b32":
+            regs[d] = val(ops[1])
+        elif op == "shr.u32":
+            regs[d] = (val(ops[1]) >> val(ops[2])) & 0xFFFFFFFF
+        elif op == "lop3.b32":
+            a, b, c, lut = (val(t) for t in ops[1:5])
+            out = 0
+            for bit in range(32):
+                idx = (((a >> bit) & 1) << 2) | (((b >> bit) & 1) << 1) | ((c >> bit) & 1)
+                out |= ((lut >> idx) & 1) << bit
+            regs[d] = out
+        elif op in ("sub.f16x2", "mul.f16x2", "fma.rn.f16x2"):
+            xs = [f16_pair(val(t)) for t in ops[1:]]
+            halves = []
+            for h in range(2):
+                v = [float(x[h]) for x in xs]
+                exact = v[0] - v[1] if op.startswith("sub") else v[0] * v[1] if op.startswith("mul") else v[0] * v[1] + v[2]
+                halves.append(np.float16(exact))  # one rounding, as .rn specifies (float64 is exact here)
+            regs[d] = pack_f16(*halves)
+        elif op == "cvt.f32.f16":
+            regs[d] = np.float32(val(ops[1]))
+        elif op == "add.f32":
+            regs[d] = np.float32(np.float32(val(ops[1])) + np.float32(val(ops[2])))
+        else:
+            raise AssertionError(f"instruction the test interpreter does not know: {line}")
+    return float(regs["$0"])
+
+
+def interleaved_word(values: list[int], bits: int) -> int:
+    word = 0
+    for j, v in enumerate(values):
+        word |= v << ((j % 2) * 16 + (j // 2) * bits)
+    return word
+
+
+def half2_of(value: float) -> int:
+    return pack_f16(np.float16(value), np.float16(value))
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_asm_computes_the_dot_product_of_one_word(bits):
+    asm, constraints = asm_of("_dot_word4" if bits == 4 else "_dot_word2")
+    per_word, pairs = 32 // bits, 16 // bits
+    assert constraints.count("r") == 1 + pairs + (2 if bits == 4 else 4)  # word, x pairs, zero constants
+    rng = np.random.default_rng(bits)
+    worst = 0.0
+    for trial in range(300):
+        q = [int(v) for v in rng.integers(0, 2 ** bits, per_word)]
+        z = int(rng.integers(0, 2 ** bits))
+        if trial % 50 == 0:  # edges: all codes at the extremes
+            q = [2 ** bits - 1 if trial % 100 else 0] * per_word
+        x = rng.standard_normal(per_word).astype(np.float16) * np.float16(rng.choice([0.01, 1.0, 30.0]))
+        xpairs = [pack_f16(x[2 * p], x[2 * p + 1]) for p in range(pairs)]
+        zz = (z + 0x6400) * 0x10001
+        if bits == 4:
+            consts = [zz, half2_of(-(64 + z))]
+        else:
+            consts = [zz, half2_of(-(256 + z)), half2_of(-(64 + z)), half2_of(-(16 + z))]
+        got = run_ptx(asm, [interleaved_word(q, bits)] + xpairs + consts)
+        exact = sum(float(x[j]) * (q[j] - z) for j in range(per_word))
+        scale = sum(abs(float(x[j]) * (q[j] - z)) for j in range(per_word)) + 1e-6
+        worst = max(worst, abs(got - exact) / scale)
+    assert worst < 4e-3, worst  # fp16 products and sums: a wrong mask or constant gives errors of order 1
+
+
+def test_fix_ups_are_exact_integers():
+    """(1024 + q * 2^s) * 2^-s - (1024 * 2^-s + z) is exactly q - z in fp16 for every code, zero and shift used."""
+    for bits, shifts in ((4, (0, 4)), (2, (0, 2, 4, 6))):
+        for s in shifts:
+            for q in range(2 ** bits):
+                for z in range(2 ** bits):
+                    magic = np.float16(1024 + q * 2 ** s)
+                    assert float(magic) == 1024 + q * 2 ** s
+                    fixed = np.float16(float(magic) * 2.0 ** -s - float(np.float16(1024 * 2.0 ** -s + z)))
+                    assert float(fixed) == q - z
