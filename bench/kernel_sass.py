@@ -1,0 +1,105 @@
+"""Static look at the M = 1 GPTQ kernels without a GPU: compile them for a CUDA target (sm_90 by default)
+with Triton's own ptxas, disassemble, and count the instructions of each kernel's main loop per weight.
+
+    python -m bench.kernel_sass [--arch 90] [--block-n 256] [--warps 4]
+
+Why: at batch 1 a 4-bit kernel must retire its instructions faster than memory delivers weights
+(an H100 at 80 % of its copy bandwidth brings ~4.8e12 4-bit weights/s; its SMs issue ~3.0e13 thread
+instructions/s), so instructions per weight in the loop decide whether a kernel can be bandwidth bound.
+This is a count, not a timing: bench/kernels.py measures on the GPU. Needs triton (no CUDA driver).
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import re
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+POINTERS = {"x_ptr": "*fp16", "stride_xm": "i32", "stride_om": "i32", "xp_ptr": "*i32", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8",
+            "perm_ptr": "*i32", "out_ptr": "*fp16", "bias_ptr": "*fp16", "ws_ptr": "*fp32", "ticket_ptr": "*i32"}
+ALIGNED = ("N", "K", "Kw", "group_size")  # what Triton specializes at launch for the usual shapes
+
+
+def compile_cubin(kernel, constexprs: dict, arch: int, warps: int) -> bytes:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    names = list(inspect.signature(kernel.fn).parameters)
+    signature = {n: POINTERS.get(n, "i32") for n in names}
+    signature.update({k: "constexpr" for k in constexprs})
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
+             if n.endswith("_ptr") or n in ALIGNED or n.startswith("stride")}
+    src = ASTSource(fn=kernel, signature=signature, attrs=attrs,
+                    constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps}).asm["cubin"]
+
+
+def main_loop(sass: str) -> list[str]:
+    """Instructions of the longest backward-branch loop (the K loop)."""
+    ins = []
+    for line in sass.splitlines():
+        m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
+        if m:
+            ins.append((int(m.group(1), 16), m.group(2)))
+    best: list[str] = []
+    for addr, text in ins:
+        target = re.search(r"BRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", text) if "BRA" in text else None
+        if target and int(target.group(1), 16) < addr:
+            body = [t for a, t in ins if int(target.group(1), 16) <= a <= addr]
+            best = max(best, body, key=len)
+    return best
+
+
+def opcode(text: str) -> str:
+    parts = text.split()
+    word = parts[1] if parts[0].startswith("@") else parts[0]
+    return word.split(".")[0]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--block-n", type=int, default=256)
+    ap.add_argument("--warps", type=int, default=4)
+    args = ap.parse_args(argv)
+    import triton
+    from backends.gptq import triton_kernels as tk
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    threads = 32 * args.warps
+    cases = []
+    for bits in (4, 2, 3, 8):
+        vpb = 32 if bits == 3 else 32 // bits
+        kb = 128 // vpb if bits != 3 else 4
+        common = dict(KB=kb, BLOCK_N=args.block_n, HAS_PERM=False, SPLIT=True, HAS_BIAS=False)
+        cases.append((f"{bits}-bit mode 3 (unpack, fp32 fma)", tk.gptq_gemv_kernel,
+                      dict(common, BITS=bits, VPB=vpb, INTERLEAVED=bits in (2, 4)), kb * vpb))
+        gemm = dict(common, BITS=bits, VPB=vpb, BLOCK_M=1, INTERLEAVED=bits in (2, 4))
+        cases.append((f"{bits}-bit mode 0 (3-D unpack)", tk.gptq_gemm_kernel, dict(gemm, MODE=0), kb * vpb))
+        cases.append((f"{bits}-bit mode 2 (unrolled slots)", tk.gptq_gemm_kernel, dict(gemm, MODE=2), kb * vpb))
+        if bits in (2, 4):
+            cases.append((f"{bits}-bit mode 4 (half2)", tk.gptq_gemv_h2_kernel,
+                          dict(common, BITS=bits, USE_ASM=True), kb * vpb))
+    print(f"| kernel | weights per thread per tile | loop instructions per thread | per weight | top opcodes |")
+    print("| --- | --- | --- | --- | --- |")
+    with tempfile.TemporaryDirectory() as tmp:
+        for title, kernel, const, block_k in cases:
+            cubin = Path(tmp) / "k.cubin"
+            cubin.write_bytes(compile_cubin(kernel, const, args.arch, args.warps))
+            sass = subprocess.run([str(cuobjdump), "-sass", str(cubin)], capture_output=True, text=True).stdout
+            body = main_loop(sass)
+            weights = block_k * args.block_n / threads
+            top = ", ".join(f"{op} {n}" for op, n in Counter(map(opcode, body)).most_common(6))
+            print(f"| {title} | {weights:.0f} | {len(body)} | {len(body) / weights:.2f} | {top} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
