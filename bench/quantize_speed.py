@@ -53,7 +53,9 @@ def make_random_7b(models_dir: Path, layers: int = 32, seed: int = 0) -> str:
     from safetensors.torch import save_file
     folder = models_dir / RANDOM
     if (folder / "model.safetensors.index.json").exists():
-        return RANDOM
+        if json.loads((folder / "config.json").read_text()).get("num_hidden_layers") == layers:
+            return RANDOM
+        shutil.rmtree(folder)  # kept from a run with another --layers
     tmp = models_dir / (RANDOM + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -109,7 +111,13 @@ def measure(models_dir: Path, model: str, settings: QuantizeSettings) -> dict:
     result = job.result
     shutil.rmtree(result.output, ignore_errors=True)
     rss = job.peak("rss_mb")
+    timed = [entry for entry in result.layers if entry.get("timing")]
+    stages = {key: round(sum(e["timing"].get(key, 0.0) for e in timed) / max(len(timed), 1), 3)
+              for key in (timed[0]["timing"] if timed else {})}
     return {"method": settings.method, "act_order": settings.act_order, "seconds": wall,
+            "layers": len(result.layers), "layer_s": round(sum(e["seconds"] for e in result.layers)
+                                                            / max(len(result.layers), 1), 3),
+            "layer_stages_s": stages,
             "peak_rss_mb": rss, "start_rss_mb": job.baseline_rss_mb,
             "peak_rss_swap_mb": max(s["rss_mb"] + s["swap_used_mb"] for s in job.sampler.snapshot()),
             "peak_gpu_alloc_mb": result.peak_gpu_mb, "peak_gpu_device_mb": job.peak("gpu_used_mb"),

@@ -121,6 +121,30 @@ def print_summary(result, job) -> None:
         for entry in result.layers:
             cells = "  ".join(f"{entry['modules'][n]['error']:7.4f}/{entry['modules'][n]['rtn_error']:.4f}" for n in names)
             print(f"{entry['layer']:5d}  {cells}   {entry['seconds']:7.1f}")
+        print_timing(result.layers)
+
+
+def print_timing(layers: list[dict]) -> None:
+    """Seconds per stage of each layer (pipeline._Timer), then the totals; nothing for layers a job
+    of an older version finished (no timing recorded)."""
+    from quantizer.service import TIMING_LABELS
+    timed = [entry for entry in layers if entry.get("timing")]
+    if not timed:
+        return
+    keys = [key for key, _ in TIMING_LABELS]
+    heads = ["load", "fwd-hess", "(accum)", "quantize", "fwd-out", "pack+save"]
+    print("\nseconds per layer stage (fwd-hess: forwards feeding the Hessians, (accum): of which Hessian "
+          "accumulation; quantize: fit + GPTQ/RTN + error statistics of all linears):")
+    print("layer  " + "  ".join(f"{h:>9}" for h in heads) + "    total")
+    totals = dict.fromkeys(keys, 0.0)
+    for entry in timed:
+        t = entry["timing"]
+        for key in keys:
+            totals[key] += t.get(key, 0.0)
+        print(f"{entry['layer']:5d}  " + "  ".join(f"{t.get(key, 0.0):9.2f}" for key in keys)
+              + f"  {entry['seconds']:7.1f}")
+    print("  sum  " + "  ".join(f"{totals[key]:9.1f}" for key in keys)
+          + f"  {sum(e['seconds'] for e in timed):7.1f}")
 
 
 def cmd_eval(args) -> int:

@@ -54,9 +54,8 @@ def _scale_zero(xmin: torch.Tensor, xmax: torch.Tensor, spec: GridSpec) -> tuple
         scale = (xmax - xmin) / maxq
         zero = None
     scale = scale.half().float()  # what the checkpoint stores
-    tiny = scale <= 1e-8
-    if tiny.any():  # an all-zero row: any positive scale represents it exactly
-        scale = torch.where(tiny, torch.ones_like(scale), scale)
+    # an all-zero row: any positive scale represents it exactly (a where, not `if .any()`: no device sync)
+    scale = torch.where(scale <= 1e-8, torch.ones_like(scale), scale)
     if zero is None:
         zero = torch.clamp(torch.round(-xmin / scale), 0, maxq)
     return scale, zero
@@ -81,11 +80,10 @@ def fit(w: torch.Tensor, spec: GridSpec, weight: torch.Tensor | None = None) -> 
         if col_w is not None:
             err = err * col_w
         err = err.sum(dim=1)
-        better = err < best
-        if better.any():
-            best = torch.where(better, err, best)
-            scale = torch.where(better, s1, scale)
-            zero = torch.where(better, z1, zero)
+        better = err < best  # applied without `if better.any()`: no device sync per grid point
+        best = torch.where(better, err, best)
+        scale = torch.where(better, s1, scale)
+        zero = torch.where(better, z1, zero)
     return scale, zero
 
 
@@ -122,6 +120,16 @@ def rtn(weight: torch.Tensor, spec: GridSpec) -> QuantResult:
     w = weight.float()
     n, k = w.shape
     g = k if spec.group_size == -1 else spec.group_size
+    if not spec.mse and k % g == 0:
+        # every group at once (the same elementwise arithmetic as `fit` per group, a few launches in
+        # all instead of a few per group: the pipeline runs this baseline for every linear)
+        wg = w.reshape(n, k // g, g)
+        s, z = _scale_zero(wg.amin(dim=2), wg.amax(dim=2), spec)  # [N, G]
+        codes = quantize(wg, s.unsqueeze(2), z.unsqueeze(2), spec.maxq)
+        fake = dequantize(codes, s.unsqueeze(2), z.unsqueeze(2)).reshape(n, k)
+        return QuantResult(weight=fake, codes=codes.reshape(n, k).to(torch.int32), scales=s.T.contiguous(),
+                           zeros=z.T.contiguous().to(torch.int32),
+                           g_idx=(torch.arange(k, device=w.device) // g).to(torch.int32))
     scales, zeros, codes = [], [], torch.empty_like(w)
     for start in range(0, k, g):
         cols = slice(start, min(start + g, k))

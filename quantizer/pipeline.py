@@ -9,6 +9,7 @@ finished layer; the folder is renamed into place only when the checkpoint is com
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import json
@@ -28,7 +29,7 @@ from backends.base import BackendError
 from backends.gptq import format as gptq_format
 from quantizer import calibration, st_stream
 from quantizer.activations import ActivationStore, choose_location
-from quantizer.gptq import Hessian, gptq_quantize, relative_output_error
+from quantizer.gptq import Hessian, gptq_quantize, relative_output_errors
 from quantizer.grid import rtn
 from quantizer.layers import LayerFactory, ShardReader, arch_for, read_config, run_layer
 from quantizer.settings import QuantizeSettings
@@ -279,17 +280,22 @@ def _run_layers(p: Plan, state: dict, resume_from: int, device, dtype, report: R
             for i in range(resume_from, n_layers):
                 t0 = time.perf_counter()
                 report({"kind": "layer_start", "layer": i, "layers": n_layers})
-                layer = factory.build(i, dtype, device)
-                modules = _quantize_layer(layer, i, n_layers, factory, inps, pos, pe, s, report, should_stop)
+                timing = _Timer(device)
+                with timing.stage("load"):
+                    layer = factory.build(i, dtype, device)
+                modules = _quantize_layer(layer, i, n_layers, factory, inps, pos, pe, s, report, should_stop, timing)
                 if on_module is not None:
                     for name, m in modules.items():
                         on_module(f"{factory.prefix(i)}{name}", m["q"])
                 _check(should_stop)
-                _forward_all(layer, inps, outs, pos, pe, s.batch_size, should_stop)
+                with timing.stage("forward_out"):
+                    _forward_all(layer, inps, outs, pos, pe, s.batch_size, should_stop)
                 _check(should_stop)
-                _save_atomic(_pack_layer(layer, factory.prefix(i), modules, s), _layer_file(p.partial, i))
+                with timing.stage("pack_save"):
+                    _save_atomic(_pack_layer(layer, factory.prefix(i), modules, s), _layer_file(p.partial, i))
                 entry = {"layer": i, "seconds": round(time.perf_counter() - t0, 3),
-                         "modules": {name: m["stats"] for name, m in modules.items()}}
+                         "modules": {name: m["stats"] for name, m in modules.items()},
+                         "timing": timing.rounded()}
                 state["layers"].append(entry)
                 state["finished"] = i + 1
                 _write_state(p.partial, state)
@@ -304,6 +310,55 @@ def _run_layers(p: Plan, state: dict, resume_from: int, device, dtype, report: R
         outs.close()
     return QuantizeResult(output=p.output, seconds=0.0, layers=state["layers"], device=str(device),
                           activations=location)
+
+
+class _Timer:
+    """Seconds per stage of one layer: `load` (weights to the device), `forward_hessian` (the forwards
+    that feed the Hessians, including `hessian`, the accumulation itself), `quantize` (fit, GPTQ or RTN
+    and the error statistics of every linear), `forward_out` (the layer's outputs with the quantized
+    weights), `pack_save` (packing and writing the layer). CUDA work is asynchronous, so the device is
+    synchronized at the start and end of each stage only (a handful of syncs per layer); `hessian` is
+    measured with CUDA events inside its stage and read after the stage's closing sync."""
+
+    STAGES = ("load", "forward_hessian", "hessian", "quantize", "forward_out", "pack_save")
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.seconds = dict.fromkeys(self.STAGES, 0.0)
+        self._events = []
+
+    def timed(self, name: str, fn, *args) -> None:
+        """fn(*args) inside a stage, timed without a device sync."""
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(*args)
+            end.record()
+            self._events.append((name, start, end))
+        else:
+            t0 = time.perf_counter()
+            fn(*args)
+            self.seconds[name] += time.perf_counter() - t0
+
+    def _sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        self._sync()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+            for event_name, start, end in self._events:
+                self.seconds[event_name] += start.elapsed_time(end) / 1000
+            self._events.clear()
+
+    def rounded(self) -> dict:
+        return {k: round(v, 3) for k, v in self.seconds.items()}
 
 
 class _InputsSeen(Exception):
@@ -340,9 +395,11 @@ def _forward_all(layer, inps: ActivationStore, outs: ActivationStore, pos, pe, b
 
 
 def _quantize_layer(layer, i, n_layers, factory: LayerFactory, inps: ActivationStore, pos, pe,
-                    s: QuantizeSettings, report: Report, should_stop) -> dict:
+                    s: QuantizeSettings, report: Report, should_stop, timing: "_Timer | None" = None) -> dict:
     """Quantize every linear of one decoder layer in place (weights become the fake-quantized ones);
-    return per linear the checkpoint tensors and statistics."""
+    return per linear the checkpoint tensors and statistics (with its seconds: fit, GPTQ or RTN, and
+    the error statistics). `timing` collects the seconds of the Hessian forwards and of quantizing."""
+    timing = timing or _Timer(inps.device)
     groups = factory.arch.sequential
     # RTN does not depend on the inputs: one pass only feeds the error statistics
     passes = [groups] if (not s.true_sequential or s.method == "rtn") else [[g] for g in groups]
@@ -356,18 +413,20 @@ def _quantize_layer(layer, i, n_layers, factory: LayerFactory, inps: ActivationS
             first = layer.get_submodule(group[0])
             hess = Hessian(first.in_features, device, token_clip=opts.token_clip)
             hessians[group] = hess
-            handles.append(first.register_forward_pre_hook(lambda m, inp, h=hess: h.add(inp[0])))
+            handles.append(first.register_forward_pre_hook(
+                lambda m, inp, h=hess: timing.timed("hessian", h.add, inp[0])))
         # the forward can stop once the last group of this pass has seen its input
         handles.append(layer.get_submodule(pass_groups[-1][0]).register_forward_pre_hook(_stop_forward))
         try:
-            for j in range(0, inps.n, s.batch_size):
-                _check(should_stop)
-                idx = range(j, min(j + s.batch_size, inps.n))
-                x = torch.stack([inps.get(k) for k in idx])
-                try:
-                    run_layer(layer, x, pos, pe)
-                except _InputsSeen:
-                    pass
+            with timing.stage("forward_hessian"):
+                for j in range(0, inps.n, s.batch_size):
+                    _check(should_stop)
+                    idx = range(j, min(j + s.batch_size, inps.n))
+                    x = torch.stack([inps.get(k) for k in idx])
+                    try:
+                        run_layer(layer, x, pos, pe)
+                    except _InputsSeen:
+                        pass
         finally:
             for h in handles:
                 h.remove()
@@ -375,19 +434,23 @@ def _quantize_layer(layer, i, n_layers, factory: LayerFactory, inps: ActivationS
             for name in group:
                 _check(should_stop)
                 report({"kind": "module", "layer": i, "layers": n_layers, "module": name})
-                linear = layer.get_submodule(name)
-                weight = linear.weight.data.float()
-                full = f"{factory.prefix(i)}{name}"
-                baseline = rtn(weight, grid)
-                if s.method == "rtn":
-                    q = baseline
-                else:
-                    q = gptq_quantize(weight, hess.H, grid, opts, name=full)
-                stats = {"error": relative_output_error(weight, q.weight, hess.H),
-                         "rtn_error": relative_output_error(weight, baseline.weight, hess.H)}
-                if q.damp is not None:
-                    stats["damp"] = q.damp
-                linear.weight.data.copy_(q.weight.to(linear.weight.dtype))
+                t_module = timing.seconds["quantize"]
+                with timing.stage("quantize"):
+                    linear = layer.get_submodule(name)
+                    weight = linear.weight.data.float()
+                    full = f"{factory.prefix(i)}{name}"
+                    baseline = rtn(weight, grid)
+                    if s.method == "rtn":
+                        q = baseline
+                        error = rtn_error = relative_output_errors(weight, [baseline.weight], hess.H)[0]
+                    else:
+                        q = gptq_quantize(weight, hess.H, grid, opts, name=full)
+                        error, rtn_error = relative_output_errors(weight, [q.weight, baseline.weight], hess.H)
+                    stats = {"error": error, "rtn_error": rtn_error}
+                    if q.damp is not None:
+                        stats["damp"] = q.damp
+                    linear.weight.data.copy_(q.weight.to(linear.weight.dtype))
+                stats["seconds"] = round(timing.seconds["quantize"] - t_module, 3)
                 results[name] = {"q": q, "stats": stats}
                 del weight, baseline
             hess.H = None

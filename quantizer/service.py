@@ -12,6 +12,26 @@ from quantizer.pipeline import Plan, plan, run
 from quantizer.settings import QuantizeSettings
 
 
+# the per-layer stages of pipeline._Timer, in the order they run, as the log and the CLI name them
+TIMING_LABELS = (("load", "load"), ("forward_hessian", "hessian forwards"), ("hessian", "of which accumulate"),
+                 ("quantize", "quantize"), ("forward_out", "output forward"), ("pack_save", "pack+save"))
+
+
+def timing_text(timing: dict | None) -> str:
+    """'; seconds: load 0.1, hessian forwards 1.2 (of which accumulate 0.3), ...' or '' without timing."""
+    if not timing:
+        return ""
+    parts = []
+    for key, label in TIMING_LABELS:
+        if key not in timing:
+            continue
+        if key == "hessian":
+            parts[-1] += f" ({label} {timing[key]:.2f})" if parts else ""
+        else:
+            parts.append(f"{label} {timing[key]:.2f}")
+    return "; seconds: " + ", ".join(parts)
+
+
 def progress_adapter(job: Job, modules_per_layer: int = 7):
     """Turn pipeline events into job progress and readable log lines."""
     seen = {"module": 0}
@@ -32,7 +52,7 @@ def progress_adapter(job: Job, modules_per_layer: int = 7):
                              for name, m in event["modules"].items())
             job.report({**event, "progress": (event["layer"] + 1) / event["layers"],
                         "text": f"layer {event['layer'] + 1}/{event['layers']} in {event['seconds']:.1f} s; "
-                                f"relative output error: {errs}"})
+                                f"relative output error: {errs}" + timing_text(event.get("timing"))})
         else:
             job.report(event)
     return report
