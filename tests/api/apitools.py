@@ -1,18 +1,12 @@
 """Constants and the server handle shared by the API tests (a plain module: conftest is not importable by name)."""
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass
 
 API_KEY = "test-key-7f3a9c2e5b"
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
 MODEL_ID = f"{DEFAULT_NAME}@transformers"
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass

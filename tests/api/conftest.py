@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from apitools import API_KEY, DEFAULT_NAME, ApiServer, free_port
+from apitools import API_KEY, DEFAULT_NAME, ApiServer
+from tests.net import free_port
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from apitools import free_port
+from tests.net import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 KEY = "cli-test-key-42f0"

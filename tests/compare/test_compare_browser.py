@@ -4,11 +4,11 @@ column, and measure. Screenshots go to tests/artifacts/."""
 from __future__ import annotations
 
 import re
-import socket
 import time
 
 import pytest
 from tests.browser import launch_chromium
+from tests.net import free_port
 
 playwright = pytest.importorskip("playwright.sync_api")
 
@@ -16,11 +16,6 @@ HF = "SmolLM2-135M-Instruct"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 METRICS_RE = re.compile(r"(\d+) tokens · TTFT [\d.]+ s · [\d.]+ tok/s · done")
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +25,7 @@ def server(models_dir, default_hf_model, default_gguf, tmp_path_factory):
     from webui.context import AppContext
     ctx = AppContext.create(models_dir=models_dir, data_dir=tmp_path_factory.mktemp("compare-data"))
     demo = build_app(ctx)
-    port = _free_port()
+    port = free_port()
     launch(demo, "127.0.0.1", port, block=False)
     yield ctx, f"http://127.0.0.1:{port}/"
     demo.close()

@@ -7,6 +7,7 @@ import re
 
 import pytest
 from tests.browser import launch_chromium
+from tests.net import free_port
 
 playwright = pytest.importorskip("playwright.sync_api")
 
@@ -14,12 +15,9 @@ playwright = pytest.importorskip("playwright.sync_api")
 
 class Server:
     def __init__(self, models_dir, data_dir):
-        import socket
         from webui.app import build_app, launch
         from webui.context import AppContext
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
+        port = free_port()
         self.ctx = AppContext.create(models_dir=models_dir, data_dir=data_dir)
         self.demo = build_app(self.ctx)
         launch(self.demo, "127.0.0.1", port, block=False)

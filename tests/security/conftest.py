@@ -6,13 +6,13 @@ import json
 import os
 import pickle
 import shutil
-import socket
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from tests.net import free_port
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 HOSTILE_TEMPLATE = ("{{ cycler.__init__.__globals__.os.popen('touch MARKER').read() }}"
@@ -126,11 +126,6 @@ def gptq_checkpoint(default_hf_model, tmp_path_factory) -> Path:
 def hostile(tmp_path_factory, default_hf_model, default_gguf, gptq_checkpoint) -> Hostile:
     return build_hostile_models(tmp_path_factory.mktemp("hostile"), default_hf_model, default_gguf, gptq_checkpoint)
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass

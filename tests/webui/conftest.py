@@ -2,17 +2,12 @@
 backend (fp32, CPU), shared by the gradio_client and browser tests of this folder."""
 from __future__ import annotations
 
-import socket
 
 import pytest
+from tests.net import free_port
 
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Server:
