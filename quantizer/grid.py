@@ -116,30 +116,26 @@ def num_groups(k: int, group_size: int) -> int:
 
 
 def rtn(weight: torch.Tensor, spec: GridSpec) -> QuantResult:
-    """Round-to-nearest with the same grid GPTQ uses: the baseline."""
+    """Round-to-nearest with the same grid GPTQ uses: the baseline. `fit` works row by row, so the full
+    groups of all rows are fitted in one call as the rows of an [N * groups, g] view (the pipeline runs
+    this for every linear), and a short last group in a second one."""
     w = weight.float()
     n, k = w.shape
     g = k if spec.group_size == -1 else spec.group_size
-    if not spec.mse and k % g == 0:
-        # every group at once (the same elementwise arithmetic as `fit` per group, a few launches in
-        # all instead of a few per group: the pipeline runs this baseline for every linear)
-        wg = w.reshape(n, k // g, g)
-        s, z = _scale_zero(wg.amin(dim=2), wg.amax(dim=2), spec)  # [N, G]
-        codes = quantize(wg, s.unsqueeze(2), z.unsqueeze(2), spec.maxq)
-        fake = dequantize(codes, s.unsqueeze(2), z.unsqueeze(2)).reshape(n, k)
-        return QuantResult(weight=fake, codes=codes.reshape(n, k).to(torch.int32), scales=s.T.contiguous(),
-                           zeros=z.T.contiguous().to(torch.int32),
-                           g_idx=(torch.arange(k, device=w.device) // g).to(torch.int32))
-    scales, zeros, codes = [], [], torch.empty_like(w)
-    for start in range(0, k, g):
-        cols = slice(start, min(start + g, k))
-        s, z = fit(w[:, cols], spec)
-        codes[:, cols] = quantize(w[:, cols], s.unsqueeze(1), z.unsqueeze(1), spec.maxq)
-        scales.append(s)
-        zeros.append(z)
-    scales_t = torch.stack(scales)
-    zeros_t = torch.stack(zeros)
-    g_idx = torch.arange(k) // g
+    full = k // g * g
+    scales, zeros = [], []
+    if full:
+        s, z = fit(w[:, :full].reshape(n * (full // g), g), spec)
+        scales.append(s.reshape(n, full // g))
+        zeros.append(z.reshape(n, full // g))
+    if full < k:
+        s, z = fit(w[:, full:], spec)
+        scales.append(s.unsqueeze(1))
+        zeros.append(z.unsqueeze(1))
+    scales_t = torch.cat(scales, dim=1).T.contiguous()  # [G, N]
+    zeros_t = torch.cat(zeros, dim=1).T.contiguous()
+    g_idx = torch.arange(k, device=w.device) // g
+    codes = quantize(w, scales_t[g_idx].T, zeros_t[g_idx].T, spec.maxq)
     fake = dequantize(codes, scales_t[g_idx].T, zeros_t[g_idx].T)
     return QuantResult(weight=fake, codes=codes.to(torch.int32), scales=scales_t, zeros=zeros_t.to(torch.int32),
                        g_idx=g_idx.to(torch.int32))

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 from backends.gptq import format as gptq_format
-from quantizer.grid import GridSpec, fit, rtn
+from quantizer.grid import GridSpec, dequantize, fit, rtn
 from quantizer.gptq import GPTQOptions, Hessian, gptq_quantize, relative_output_error
 
 
@@ -162,3 +162,16 @@ def test_token_clip_caps_the_massive_token():
     # token 0 now counts as a token of norm 2 x median (= 4): its x x^T adds 4*4/4 per entry
     expected = (2.0 / 8) * (7 * 1.0 + 4.0)
     assert clipped.H[0, 0].item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("spec", [GridSpec(3, 64, sym=False), GridSpec(4, 64, mse=True), GridSpec(2, -1)])
+def test_rtn_fits_each_group_on_its_own_columns(spec):
+    """rtn fits all groups in one call (rows of an [N * groups, g] view): each group's scale and zero
+    must still be those of `fit` on that group's columns alone, the short last group included."""
+    w = torch.randn(24, 200, generator=torch.Generator().manual_seed(1)) * 0.05
+    r = rtn(w, spec)
+    g = 200 if spec.group_size == -1 else spec.group_size
+    for j, start in enumerate(range(0, 200, g)):
+        s, z = fit(w[:, start:start + g], spec)
+        assert torch.equal(r.scales[j], s) and torch.equal(r.zeros[j], z.to(torch.int32))
+    assert torch.equal(r.weight, dequantize(r.codes.float(), r.scales[r.g_idx.long()].T, r.zeros[r.g_idx.long()].T.float()))
