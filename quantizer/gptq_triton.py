@@ -46,7 +46,9 @@ def available() -> bool:
 
 
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether triton decorated the kernel for its CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    from triton.runtime.interpreter import InterpretedFunction
+    return triton is not None and isinstance(_gptq_segment_kernel, InterpretedFunction)
 
 
 def supports(block_size: int) -> bool:

@@ -16,14 +16,9 @@ activations in that order inside the kernel.
 """
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
-
-# triton decides at decoration time whether these kernels are compiled or interpreted; inline PTX
-# only exists in the former
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from triton.runtime.interpreter import InterpretedFunction
 
 
 @triton.jit
@@ -619,3 +614,8 @@ def gptq_gemv_h2_kernel(x_ptr, xp_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, 
     offs_m = tl.arange(0, 1)
     _finish(acc[None, :], out_ptr, bias_ptr, ws_ptr, ticket_ptr, offs_m, offs_n, offs_m < 1, mask_n, 1, N, N,
             pid_n, pid_k, nsplit, SPLIT, HAS_BIAS)
+
+
+# triton decided when decorating whether these kernels run compiled or on its CPU interpreter
+# (TRITON_INTERPRET=1 at import); inline PTX exists only compiled
+INTERPRETED = isinstance(gptq_gemv_h2_kernel, InterpretedFunction)

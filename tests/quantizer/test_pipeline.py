@@ -327,3 +327,24 @@ def test_the_gptq_backend_reads_our_checkpoint_like_the_reference(quantized):
     got = engine.token_logprobs(ids)
     engine.unload()
     assert got == pytest.approx(expected, rel=1e-3, abs=1e-3)
+
+
+def test_each_layer_reports_where_its_time_went(tiny_models_dir):
+    """Every finished layer records seconds per stage (state.json, the layer_done event, the CLI
+    table); the stages are parts of the layer's wall time and the Hessian accumulation is a part of
+    the forwards that feed it."""
+    events = []
+    result = run(plan(tiny_models_dir, "tiny", "tiny-timed", QuantizeSettings(**SMALL)), report=events.append)
+    done = [e for e in events if e.get("kind") == "layer_done"]
+    assert len(done) == len(result.layers) == 2
+    for entry, event in zip(result.layers, done):
+        timing = entry["timing"]
+        assert event["timing"] == timing
+        assert set(timing) == {"load", "forward_hessian", "hessian", "quantize", "forward_out", "pack_save"}
+        assert all(v >= 0 for v in timing.values())
+        assert timing["forward_hessian"] > 0 and timing["quantize"] > 0 and timing["forward_out"] > 0
+        assert 0 < timing["hessian"] <= timing["forward_hessian"] + 1e-3
+        parts = sum(v for k, v in timing.items() if k != "hessian")
+        assert parts <= entry["seconds"] + 0.01
+        # and each linear's own seconds are within the quantize stage
+        assert sum(m["seconds"] for m in entry["modules"].values()) <= timing["quantize"] + 0.01
