@@ -112,7 +112,8 @@ class QuantLinear(nn.Module):
             return self.weight_cache.to(dtype)
         if self.packed is not None:
             qweight, qzeros, scales, g_idx, cf = self.packed
-            return fmt.dequantize(qweight, qzeros, scales, g_idx, self.bits, cf, dtype=dtype).t()
+            # contiguous, as the cached weight is: the same matmul kernel, so the same result to the bit
+            return fmt.dequantize(qweight, qzeros, scales, g_idx, self.bits, cf, dtype=dtype).t().contiguous()
         from backends.gptq.kernel_runtime import launch_dequant
         k = self.kernel if self.group is None else self.group.kernel
         w = launch_dequant(k, torch.empty(k.K, k.N, device=k.qweight.device, dtype=torch.float32))
