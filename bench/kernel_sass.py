@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-POINTERS = {"x_ptr": "*fp16", "stride_xm": "i32", "stride_om": "i32", "xp_ptr": "*i32", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8",
+POINTERS = {"x_ptr": "*fp16", "xp_ptr": "*i32", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8",
             "perm_ptr": "*i32", "out_ptr": "*fp16", "bias_ptr": "*fp16", "ws_ptr": "*fp32", "ticket_ptr": "*i32"}
 ALIGNED = ("N", "K", "Kw", "group_size")  # what Triton specializes at launch for the usual shapes
 

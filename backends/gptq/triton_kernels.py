@@ -187,6 +187,16 @@ def _unrolled_tile(acc2, x_ptr, src_base, mask_kb, qw_ptr, N, Kw, kb0, offs_n, m
 
 
 @triton.jit
+def _program_tiles(N, tiles_per_split, BLOCK_N: tl.constexpr):
+    """This program's output columns (grid axis 0) and the K tiles of its split (grid axis 1)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    t0 = pid_k * tiles_per_split
+    return pid_n, pid_k, offs_n, offs_n < N, t0, t0 + tiles_per_split
+
+
+@triton.jit
 def gptq_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, bias_ptr, ws_ptr, ticket_ptr,
                      M, N, K, Kw, stride_xm, stride_om, group_size, tiles_per_split, nsplit,
                      BITS: tl.constexpr, VPB: tl.constexpr, KB: tl.constexpr,
@@ -197,18 +207,14 @@ def gptq_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, bias_ptr, w
     unpacked: 0 per word into a 3-D tile (reshaped for tl.dot), 1 per row (repeated word loads),
     2 unrolled over the value slots of a word with constant shifts (fp16 activations for M > 1)."""
     BLOCK_K: tl.constexpr = KB * VPB
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
+    pid_n, pid_k, offs_n, mask_n, t0, t_end = _program_tiles(N, tiles_per_split, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
     if BLOCK_M == 1:
         acc1 = tl.zeros([BLOCK_N], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    t0 = pid_k * tiles_per_split
-    for t in range(t0, t0 + tiles_per_split):
+    for t in range(t0, t_end):
         k0 = t * BLOCK_K
         g = tl.minimum(k0, K - 1) // group_size  # tiles past K only meet masked (zero) activations
         s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32)
@@ -333,12 +339,7 @@ def gptq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, bias_ptr, w
     tile of reads in flight instead of waiting for memory once per tile."""
     BLOCK_K: tl.constexpr = KB * VPB
     WPB: tl.constexpr = 3 if BITS == 3 else 1
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    t0 = pid_k * tiles_per_split
-    t_end = t0 + tiles_per_split
+    pid_n, pid_k, offs_n, mask_n, t0, t_end = _program_tiles(N, tiles_per_split, BLOCK_N)
     row_end = tl.minimum(Kw, t_end * KB * WPB)
     in_blk = tl.arange(0, KB)[:, None] * VPB + tl.arange(0, VPB)[None, :]
     w0, w1, w2 = _load_words(qw_ptr, N, t0 * KB, offs_n, mask_n, row_end, BITS, KB)
@@ -576,23 +577,14 @@ def gptq_gemv_h2_kernel(x_ptr, xp_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, 
     VPW: tl.constexpr = 32 // BITS
     PPW: tl.constexpr = VPW // 2
     BLOCK_K: tl.constexpr = KB * VPW
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    t0 = pid_k * tiles_per_split
-    t_end = t0 + tiles_per_split
+    pid_n, pid_k, offs_n, mask_n, t0, t_end = _program_tiles(N, tiles_per_split, BLOCK_N)
     row_end = tl.minimum(Kw, t_end * KB)
-    rows = t0 * KB + tl.arange(0, KB)
-    w = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :], mask=(rows < row_end)[:, None] & mask_n[None, :],
-                other=0).to(tl.uint32, bitcast=True)
+    w, _, _ = _load_words(qw_ptr, N, t0 * KB, offs_n, mask_n, row_end, BITS, KB)
     acc2 = tl.zeros([KB, BLOCK_N], dtype=tl.float32)  # reduced over rows once, after the loop
     for t in range(t0, t_end):
         rows = t * KB + tl.arange(0, KB)
         mask_r = rows < row_end
-        nrows = rows + KB
-        w_next = tl.load(qw_ptr + nrows[:, None] * N + offs_n[None, :],
-                         mask=(nrows < row_end)[:, None] & mask_n[None, :], other=0).to(tl.uint32, bitcast=True)
+        w_next, _, _ = _load_words(qw_ptr, N, (t + 1) * KB, offs_n, mask_n, row_end, BITS, KB)
         g = tl.minimum(t * BLOCK_K, K - 1) // group_size
         s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32)
         z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.uint32)[None, :]
