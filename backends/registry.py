@@ -49,6 +49,18 @@ def create_backend(name: str) -> Backend:
     return backend_class(name)()
 
 
+def read_model_config(folder: Path) -> dict:
+    """A model folder's config.json as a dict; a BackendError naming the folder when it is not valid
+    JSON or not an object (the caller checks that the file exists: what a missing one means differs)."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BackendError(f"{folder.name}/config.json is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise BackendError(f"{folder.name}/config.json is not a JSON object")
+    return config
+
+
 def _is_gptq_config(config: dict) -> bool:
     qc = config.get("quantization_config") or {}
     return isinstance(qc, dict) and str(qc.get("quant_method", "")).lower() == "gptq"
@@ -65,14 +77,8 @@ def detect_format(path: Path) -> str:
         raise BackendError(f"{path.name}: no such model file or folder")
     if (path / "quantize_config.json").exists() or (path / "quant_config.json").exists():
         return "gptq"
-    config_path = path / "config.json"
-    if config_path.exists():
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BackendError(f"{path.name}/config.json is not valid JSON: {exc}") from None
-        if not isinstance(config, dict):
-            raise BackendError(f"{path.name}/config.json is not a JSON object")
+    if (path / "config.json").exists():
+        config = read_model_config(path)
         if _is_gptq_config(config):
             return "gptq"
         if not any(path.glob("*.safetensors")):

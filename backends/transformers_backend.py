@@ -13,6 +13,7 @@ import torch
 from backends.base import (Backend, BackendError, Capabilities, GenerationChunk, MemoryReport,
                            OptionSpec, SamplingParams)
 from backends import torch_generation
+from backends.registry import read_model_config
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -189,10 +190,7 @@ def _check_hf_folder(path: Path) -> None:
     config = path / "config.json"
     if not config.exists():
         raise BackendError(f"{path.name} has no config.json")
-    try:
-        json.loads(config.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BackendError(f"{path.name}/config.json is not valid JSON: {exc}") from None
+    read_model_config(path)
     if not any(path.glob("*.safetensors")):
         raise BackendError(f"{path.name} has no .safetensors weights (pickle .bin/.pt files are refused)")
     if not any((path / name).exists() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):

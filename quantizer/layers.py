@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 
 from backends.base import BackendError
+from backends.registry import read_model_config
 
 
 @dataclass(frozen=True)
@@ -43,12 +44,7 @@ def read_config(model_dir: Path) -> dict:
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise BackendError(f"{Path(model_dir).name} has no config.json: not a Hugging Face model folder")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BackendError(f"{Path(model_dir).name}/config.json is not valid JSON: {exc}") from None
-    if not isinstance(config, dict):
-        raise BackendError(f"{Path(model_dir).name}/config.json is not a JSON object")
+    config = read_model_config(Path(model_dir))
     if config.get("quantization_config"):
         raise BackendError(f"{Path(model_dir).name} is already quantized; quantize an fp16/bf16/fp32 model")
     return config

@@ -29,6 +29,7 @@ def test_detects_real_formats(default_hf_model, default_gguf, tmp_path):
     (lambda d: d.mkdir(), "not a model"),
     (lambda d: d.with_suffix(".txt").write_text("hello"), "not a model"),
     (lambda d: (d.mkdir(), (d / "config.json").write_text("{nope")), "not valid JSON"),
+    (lambda d: (d.mkdir(), (d / "config.json").write_text("[1, 2]")), "not a JSON object"),
     (lambda d: (d.mkdir(), (d / "config.json").write_text("{}"), (d / "pytorch_model.bin").write_bytes(b"x")),
      "no .safetensors"),
 ])

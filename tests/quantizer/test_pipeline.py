@@ -145,6 +145,10 @@ def test_bad_sources_write_nothing(tiny_models_dir, tmp_path):
         (nosafe / "config.json").write_text(json.dumps(config))
         with pytest.raises(BackendError, match="architecture 'gpt2' is not supported"):
             plan(tiny_models_dir, "no-safetensors", "new-model", QuantizeSettings(**SMALL))
+        # the same config reader as the engines: one message for a broken config.json
+        (nosafe / "config.json").write_text("{nope")
+        with pytest.raises(BackendError, match="no-safetensors/config.json is not valid JSON"):
+            plan(tiny_models_dir, "no-safetensors", "new-model", QuantizeSettings(**SMALL))
     finally:
         for f in nosafe.iterdir():
             f.unlink()
