@@ -209,3 +209,18 @@ def test_interleaved_words_hold_the_same_values(bits):
     assert torch.equal(torch.stack(slots, 1).reshape(-1, 24).int(), codes)
     with pytest.raises(ValueError):
         interleave_pairs(fmt.pack_qweight(codes, 8), 8)
+
+
+def test_runtime_can_be_limited_to_some_kernel_modes():
+    """bench.kernels --modes: only the named unpacking modes are tried; none left means dequantize."""
+    from backends.gptq.kernel_runtime import KernelRuntime
+    from backends.gptq.quant_linear import make_kernel_layer
+    codes = torch.randint(0, 16, (256, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    zeros = torch.full((2, 64), 8, dtype=torch.int32)
+    layer = make_kernel_layer(fmt.pack_qweight(codes, 4), fmt.pack_qzeros(zeros, 4, "gptq"),
+                              torch.full((2, 64), 0.01, dtype=torch.float16), None, 4, 128, "gptq", "cpu")
+    every = {c.mode for c in KernelRuntime().candidates(1, layer) if c.path == "fused"}
+    assert every == {0, 2, 3, 4}
+    only = KernelRuntime(modes=(4,)).candidates(1, layer)
+    assert only and {(c.path, c.mode) for c in only} == {("fused", 4)}
+    assert [c.path for c in KernelRuntime(modes=(1,)).candidates(1, layer)] == ["dequant"]
