@@ -10,8 +10,6 @@ finished layer; the folder is renamed into place only when the checkpoint is com
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import gc
 import json
 import logging
 import os
@@ -27,6 +25,7 @@ from safetensors.torch import save_file
 
 from backends.base import BackendError
 from backends.gptq import format as gptq_format
+from backends.process_memory import release_memory
 from quantizer import calibration, st_stream
 from quantizer.activations import ActivationStore, choose_location
 from quantizer.gptq import Hessian, gptq_quantize, relative_output_errors
@@ -249,7 +248,7 @@ def _run_layers(p: Plan, state: dict, resume_from: int, device, dtype, report: R
     tokenizer = AutoTokenizer.from_pretrained(str(p.source), trust_remote_code=False)
     tokens = calibration.calibration_tokens(s.calib, tokenizer, s.nsamples, s.seqlen, s.seed)
     del tokenizer
-    _release_memory()
+    release_memory()
 
     shape = (s.seqlen, factory.hidden)
     nbytes = s.nsamples * s.seqlen * factory.hidden * torch.tensor([], dtype=dtype).element_size()
@@ -301,7 +300,7 @@ def _run_layers(p: Plan, state: dict, resume_from: int, device, dtype, report: R
                 _write_state(p.partial, state)
                 inps, outs = outs, inps
                 del layer, modules
-                _release_memory()
+                release_memory()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 report({"kind": "layer_done", "layer": i, "layers": n_layers, **entry})
@@ -367,15 +366,6 @@ class _InputsSeen(Exception):
 
 def _stop_forward(module, inputs):
     raise _InputsSeen
-
-
-def _release_memory() -> None:
-    """Give freed heap back to the OS (glibc keeps it otherwise), so RSS tracks what is in use."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _check(should_stop) -> None:

@@ -4,8 +4,6 @@ Latency and throughput numbers are written to tests/artifacts/api-load.json (ben
 benchmark proper)."""
 from __future__ import annotations
 
-import ctypes
-import gc
 import json
 import threading
 import time
@@ -15,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from apitools import MODEL_ID
-from backends.process_memory import resident_mb
+from backends.process_memory import release_memory, resident_mb
 from tests.browser import CHROMIUM, launch_chromium
 
 # Words the default model repeats back greedily (checked one by one beforehand); each request asks for
@@ -26,11 +24,7 @@ MEMORY_SLACK_MB = 150
 
 
 def rss_mb() -> float:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)       # give freed heap back, so RSS shows real growth
-    except (OSError, AttributeError):
-        pass
+    release_memory()  # freed heap back to the OS, so RSS shows real growth
     return resident_mb()
 
 
