@@ -7,6 +7,16 @@ import gc
 import psutil
 
 
+def _rollup(process: psutil.Process) -> dict[str, int] | None:
+    """Bytes per field of /proc/<pid>/smaps_rollup, or None where the kernel does not offer it."""
+    try:
+        with open(f"/proc/{process.pid}/smaps_rollup") as rollup:
+            return {line.split(":")[0]: int(line.split()[1]) * 1024
+                    for line in rollup if line.split()[-1:] == ["kB"]}
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def resident_bytes(process: psutil.Process | None = None) -> int:
     """The process's resident set size, exact where the kernel allows it.
 
@@ -14,14 +24,24 @@ def resident_bytes(process: psutil.Process | None = None) -> int:
     without summing: on a host with many CPUs it can lag by over a hundred MB, so a growing job looks
     flat. /proc/<pid>/smaps_rollup walks the page tables and is exact (a few ms per read)."""
     process = process or psutil.Process()
-    try:
-        with open(f"/proc/{process.pid}/smaps_rollup") as rollup:
-            for line in rollup:
-                if line.startswith("Rss:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    rollup = _rollup(process)
+    if rollup and "Rss" in rollup:
+        return rollup["Rss"]
     return process.memory_info().rss
+
+
+def anonymous_bytes(process: psutil.Process | None = None) -> int:
+    """The resident memory the process itself allocated (heap, tensors, anonymous maps).
+
+    Unlike RSS it excludes file pages (mapped libraries, mmapped weights), which the kernel may drop
+    at any moment under pressure, so it is what a job really costs and it only moves when the
+    process allocates or frees."""
+    process = process or psutil.Process()
+    rollup = _rollup(process)
+    if rollup and "Anonymous" in rollup:
+        return rollup["Anonymous"]
+    info = process.memory_info()
+    return max(0, info.rss - getattr(info, "shared", 0))
 
 
 def resident_mb(process: psutil.Process | None = None) -> float:

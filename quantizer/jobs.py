@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import psutil
 
-from backends.process_memory import resident_bytes
+from backends.process_memory import anonymous_bytes, resident_bytes
 
 from backends.base import BackendError
 
@@ -27,12 +27,14 @@ MAX_LOG_LINES = 2000
 
 
 def memory_sample(process: psutil.Process | None = None) -> dict:
-    """One reading: MB of system RAM used, process RSS, swap used, GPU memory used (device-wide)
-    and allocated by this process through torch."""
+    """One reading: MB of system RAM used, process RSS and the anonymous part of it (what the
+    process allocated, which the kernel cannot evict), swap used, GPU memory used (device-wide) and
+    allocated by this process through torch."""
     process = process or psutil.Process()
     vm = psutil.virtual_memory()
     sample = {"t": time.time(), "ram_used_mb": (vm.total - vm.available) / MB, "ram_total_mb": vm.total / MB,
-              "rss_mb": resident_bytes(process) / MB, "swap_used_mb": psutil.swap_memory().used / MB,
+              "rss_mb": resident_bytes(process) / MB, "anon_mb": anonymous_bytes(process) / MB,
+              "swap_used_mb": psutil.swap_memory().used / MB,
               "gpu_used_mb": 0.0, "gpu_alloc_mb": 0.0}
     try:
         import torch
