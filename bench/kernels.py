@@ -122,7 +122,7 @@ def run_case(K, N, bits, gs, act, Ms, runtime, bw, seed, per_mode=False):
         r = rows[-1]
         print(f"{K:>6}x{N:<6} b{bits} g{gs:<4}{'a' if act else ' '} M={M:<5} {q_ms*1e3:9.1f}us  fp16 {f_ms*1e3:9.1f}us "
               f"x{r['speedup']:5.2f}  {r['gbps']:7.0f} GB/s {r['copy_frac']*100:5.1f}% copy  err {err:.1e}"
-              f"{' NaN!' if nan else ''}  {cfg.path} m{cfg.mode} bn{cfg.block_n} bk{cfg.block_k} s{cfg.split_k} w{cfg.num_warps}",
+              f"{' NaN!' if nan else ''}  {cfg.path} m{cfg.mode}{' gx' if cfg.gather_x else ''} bn{cfg.block_n} bk{cfg.block_k} s{cfg.split_k} w{cfg.num_warps}",
               flush=True)
     del layers, dense, w64, w16
     torch.cuda.empty_cache()

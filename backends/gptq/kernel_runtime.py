@@ -11,7 +11,7 @@ import json
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -77,6 +77,8 @@ class GemmConfig:
     num_stages: int = 2
     mode: int = 2              # 0 per word (3-D), 1 per row, 2 unrolled value slots, 3 prefetching GEMV (M=1),
     #                            4 half2 GEMV (M=1, fp16, 2/4-bit interleaved words)
+    gather_x: bool = False     # act-order: permute the activations once (one gather) and run the perm-free
+    #                            kernel, instead of each program loading x through perm (scattered reads)
 
 
 def valid_block_ks(layer: KernelLayer, candidates=(32, 64, 128, 256, 512)) -> list[int]:
@@ -114,6 +116,10 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
     n_tiles = -(-layer.N // cfg.block_n)
     if out is None:
         out = torch.empty(M, layer.N, device=x2d.device, dtype=x2d.dtype)
+    has_perm = layer.perm is not None
+    if has_perm and cfg.gather_x:
+        x2d = x2d.index_select(1, layer.perm)  # sorted-row order: the kernel then reads x contiguously
+        has_perm = False
     if split > 1:
         scratch = scratch or SplitScratch()
         ws, tickets = scratch.get(split * M * layer.N, n_tiles, x2d.device)
@@ -129,7 +135,7 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
             x_row, x_row.view(torch.int32), layer.qweight, layer.scales, layer.zeros, perm, out,
             bias if bias is not None else out, ws, tickets, layer.N, layer.K, layer.Kw, layer.group_size, per, split,
             BITS=layer.bits, KB=cfg.block_k // (32 // layer.bits), BLOCK_N=cfg.block_n,
-            HAS_PERM=layer.perm is not None, SPLIT=split > 1, HAS_BIAS=bias is not None,
+            HAS_PERM=has_perm, SPLIT=split > 1, HAS_BIAS=bias is not None,
             USE_ASM=not INTERPRETED, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return out
     if cfg.mode == 3:
@@ -139,7 +145,7 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
         gptq_gemv_kernel[(n_tiles, split)](
             x2d, layer.qweight, layer.scales, layer.zeros, perm, out, bias if bias is not None else out, ws,
             tickets, layer.N, layer.K, layer.Kw, layer.group_size, per, split,
-            BITS=layer.bits, VPB=vpb, KB=kb, BLOCK_N=cfg.block_n, HAS_PERM=layer.perm is not None,
+            BITS=layer.bits, VPB=vpb, KB=kb, BLOCK_N=cfg.block_n, HAS_PERM=has_perm,
             SPLIT=split > 1, HAS_BIAS=bias is not None, INTERLEAVED=layer.interleaved,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return out
@@ -147,7 +153,7 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
         x2d, layer.qweight, layer.scales, layer.zeros, perm, out, bias if bias is not None else out, ws, tickets,
         M, layer.N, layer.K, layer.Kw, x2d.stride(0), out.stride(0), layer.group_size, per, split,
         BITS=layer.bits, VPB=vpb, KB=kb, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        HAS_PERM=layer.perm is not None, SPLIT=split > 1, HAS_BIAS=bias is not None, MODE=cfg.mode,
+        HAS_PERM=has_perm, SPLIT=split > 1, HAS_BIAS=bias is not None, MODE=cfg.mode,
         INTERLEAVED=layer.interleaved, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
@@ -299,6 +305,11 @@ class KernelRuntime:
                                      _split_for(layer, bn, bk, target), warps, mode=mode)
                     if cfg not in out:
                         out.append(cfg)
+        if layer.perm is not None:
+            # act-order: also try gathering x once. For M > 1 the per-program scattered loads of x cost
+            # far more than one gather launch, so the gathered configs lead; at M = 1 the tuner decides.
+            gathered = [replace(c, gather_x=True) for c in out if bucket > 1 or c.mode in (3, 4)]
+            out = gathered + out if bucket > 1 else out + gathered
         if bucket >= 32 or not out:
             out.append(dequant)
         return out

@@ -74,7 +74,12 @@ def test_fused_kernel_matches_float64_reference(kr, bits, gs, act):
             assert layer.interleaved == (bits in (2, 4))
             assert (4 in modes) == (M == 1 and dtype == torch.float16 and bits in (2, 4)), modes
             pick = min if dtype == torch.float16 else max
-            picks = {pick([c for c in fused if c.mode == mode], key=lambda c: c.split_k) for mode in modes}
+            # act-order layers also run with the activations gathered once before a perm-free kernel
+            kinds = {(c.mode, c.gather_x) for c in fused}
+            assert any(gather for _, gather in kinds) == (layer.perm is not None), kinds
+            assert M == 1 or layer.perm is None or fused[0].gather_x  # M > 1: the gather leads
+            picks = {pick([c for c in fused if (c.mode, c.gather_x) == kind], key=lambda c: c.split_k)
+                     for kind in kinds}
             assert dtype == torch.float16 or any(c.split_k > 1 for c in picks)
             for cfg in picks:
                 x = torch.randn(M, K, generator=gen).to(dtype)  # fresh inputs for every run
