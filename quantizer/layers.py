@@ -31,6 +31,11 @@ class Arch:
     )
     layers_prefix: str = "model.layers"
     embed: str = "model.embed_tokens.weight"
+    # the block is h = x + o_proj(attention(norm(x))); y = h + mlp(post_norm(h)): true-sequential passes
+    # may then start from a stored o_proj input or residual h instead of the layer input
+    o_proj: str | None = "self_attn.o_proj"
+    post_norm: str | None = "post_attention_layernorm"
+    mlp: str | None = "mlp"
 
 
 ARCHS = {

@@ -282,13 +282,14 @@ def _run_layers(p: Plan, state: dict, resume_from: int, device, dtype, report: R
                 timing = _Timer(device)
                 with timing.stage("load"):
                     layer = factory.build(i, dtype, device)
-                modules = _quantize_layer(layer, i, n_layers, factory, inps, pos, pe, s, report, should_stop, timing)
+                modules, held = _quantize_layer(layer, i, n_layers, factory, inps, outs, pos, pe, s, report,
+                                                should_stop, timing)
                 if on_module is not None:
                     for name, m in modules.items():
                         on_module(f"{factory.prefix(i)}{name}", m["q"])
                 _check(should_stop)
                 with timing.stage("forward_out"):
-                    _forward_all(layer, inps, outs, pos, pe, s.batch_size, should_stop)
+                    _forward_all(layer, inps, outs, pos, pe, s.batch_size, should_stop, held)
                 _check(should_stop)
                 with timing.stage("pack_save"):
                     _save_atomic(_pack_layer(layer, factory.prefix(i), modules, s), _layer_file(p.partial, i))
@@ -373,26 +374,64 @@ def _check(should_stop) -> None:
         raise Cancelled("quantization cancelled")
 
 
-def _forward_all(layer, inps: ActivationStore, outs: ActivationStore, pos, pe, batch: int, should_stop) -> None:
-    n = inps.n
+def _batches(n: int, batch: int, should_stop):
     for j in range(0, n, batch):
         _check(should_stop)
-        idx = range(j, min(j + batch, n))
-        x = torch.stack([inps.get(k) for k in idx])
-        y = run_layer(layer, x, pos, pe)
+        yield range(j, min(j + batch, n))
+
+
+def _forward_all(layer, inps: ActivationStore, outs: ActivationStore, pos, pe, batch: int, should_stop,
+                 held: "_Held | None" = None) -> None:
+    """outs = the layer's outputs. When `held` says outs already hold the residual h of every sample
+    (left by the true-sequential passes), only the MLP half runs: y = h + mlp(post_norm(h))."""
+    for idx in _batches(inps.n, batch, should_stop):
+        if held is not None and held.kind == "residual":
+            h = torch.stack([outs.get(k) for k in idx])
+            y = h + held.mlp(held.post_norm(h))
+        else:
+            y = run_layer(layer, torch.stack([inps.get(k) for k in idx]), pos, pe)
         for offset, k in enumerate(idx):
             outs.set(k, y[offset])
 
 
-def _quantize_layer(layer, i, n_layers, factory: LayerFactory, inps: ActivationStore, pos, pe,
-                    s: QuantizeSettings, report: Report, should_stop, timing: "_Timer | None" = None) -> dict:
+class _Held:
+    """What the outputs store holds mid-layer, so a true-sequential pass can start there instead of
+    at the layer input (the store is otherwise idle until the layer's outputs are computed):
+    `attn`, the inputs of o_proj (attention with quantized q/k/v), or `residual`, h = x + o_proj(attn)
+    once o_proj is quantized. Each pass then computes only the part of the block it needs: about one
+    full forward per layer is saved, bit-identical to running the whole layer each time."""
+
+    def __init__(self, layer, arch, hidden: int):
+        self.kind = None
+        self.enabled = bool(arch.post_norm and arch.mlp)
+        self.post_norm = layer.get_submodule(arch.post_norm) if self.enabled else None
+        self.mlp = layer.get_submodule(arch.mlp) if self.enabled else None
+        self.mlp_prefix = f"{arch.mlp}."
+        self.o_name = arch.o_proj
+        self.o_proj = layer.get_submodule(arch.o_proj) if self.enabled and arch.o_proj else None
+        # o_proj's input is only storable where it has the width of the hidden state
+        self.attn_fits = self.o_proj is not None and self.o_proj.in_features == hidden
+
+    def start_for(self, group: tuple[str, ...]) -> str:
+        """Where the pass feeding `group` starts: the layer input, the stored attention output or h."""
+        if self.enabled and group[0].startswith(self.mlp_prefix) and self.kind in ("attn", "residual"):
+            return self.kind
+        return "input"
+
+
+def _quantize_layer(layer, i, n_layers, factory: LayerFactory, inps: ActivationStore, outs: ActivationStore,
+                    pos, pe, s: QuantizeSettings, report: Report, should_stop,
+                    timing: "_Timer | None" = None) -> tuple[dict, "_Held | None"]:
     """Quantize every linear of one decoder layer in place (weights become the fake-quantized ones);
     return per linear the checkpoint tensors and statistics (with its seconds: fit, GPTQ or RTN, and
-    the error statistics). `timing` collects the seconds of the Hessian forwards and of quantizing."""
+    the error statistics), and what `outs` was left holding (see `_Held`). `timing` collects the
+    seconds of the Hessian forwards and of quantizing."""
     timing = timing or _Timer(inps.device)
     groups = factory.arch.sequential
     # RTN does not depend on the inputs: one pass only feeds the error statistics
-    passes = [groups] if (not s.true_sequential or s.method == "rtn") else [[g] for g in groups]
+    sequential = s.true_sequential and s.method != "rtn"
+    passes = [[g] for g in groups] if sequential else [groups]
+    held = _Held(layer, factory.arch, factory.hidden) if sequential else None
     results = {}
     device = inps.device
     grid, opts = s.grid(), s.gptq_options()
@@ -405,18 +444,44 @@ def _quantize_layer(layer, i, n_layers, factory: LayerFactory, inps: ActivationS
             hessians[group] = hess
             handles.append(first.register_forward_pre_hook(
                 lambda m, inp, h=hess: timing.timed("hessian", h.add, inp[0])))
+        last = pass_groups[-1]
+        start = held.start_for(last) if held is not None else "input"
+        batch_idx: list = []  # the samples of the running batch, for the hooks that store into outs
+
+        def keep(kind):
+            def hook(module, inputs):
+                for offset, k in enumerate(batch_idx):
+                    outs.set(k, inputs[0][offset])
+                held.kind = kind
+            return hook
+
+        if held is not None and held.enabled and start == "input":
+            if held.attn_fits and last[0] == held.o_name:
+                handles.append(held.o_proj.register_forward_pre_hook(keep("attn")))
+            if last[0].startswith(held.mlp_prefix):
+                handles.append(held.post_norm.register_forward_pre_hook(keep("residual")))
         # the forward can stop once the last group of this pass has seen its input
-        handles.append(layer.get_submodule(pass_groups[-1][0]).register_forward_pre_hook(_stop_forward))
+        handles.append(layer.get_submodule(last[0]).register_forward_pre_hook(_stop_forward))
         try:
             with timing.stage("forward_hessian"):
-                for j in range(0, inps.n, s.batch_size):
-                    _check(should_stop)
-                    idx = range(j, min(j + s.batch_size, inps.n))
-                    x = torch.stack([inps.get(k) for k in idx])
+                for idx in _batches(inps.n, s.batch_size, should_stop):
+                    batch_idx[:] = idx
                     try:
-                        run_layer(layer, x, pos, pe)
+                        if start == "input":
+                            run_layer(layer, torch.stack([inps.get(k) for k in idx]), pos, pe)
+                            continue
+                        if start == "attn":  # h = x + o_proj(attention output), kept for what follows
+                            h = torch.stack([inps.get(k) for k in idx]) + held.o_proj(
+                                torch.stack([outs.get(k) for k in idx]))
+                            for offset, k in enumerate(idx):
+                                outs.set(k, h[offset])
+                        else:
+                            h = torch.stack([outs.get(k) for k in idx])
+                        held.mlp(held.post_norm(h))
                     except _InputsSeen:
                         pass
+                if start == "attn":
+                    held.kind = "residual"
         finally:
             for h in handles:
                 h.remove()
@@ -444,7 +509,7 @@ def _quantize_layer(layer, i, n_layers, factory: LayerFactory, inps: ActivationS
                 results[name] = {"q": q, "stats": stats}
                 del weight, baseline
             hess.H = None
-    return results
+    return results, held
 
 
 def _pack_layer(layer, prefix: str, modules: dict, s: QuantizeSettings) -> dict:

@@ -352,3 +352,40 @@ def test_each_layer_reports_where_its_time_went(tiny_models_dir):
         assert parts <= entry["seconds"] + 0.01
         # and each linear's own seconds are within the quantize stage
         assert sum(m["seconds"] for m in entry["modules"].values()) <= timing["quantize"] + 0.01
+
+
+def test_true_sequential_passes_reuse_stored_activations_exactly(tiny_models_dir, monkeypatch):
+    """The passes that start from the stored attention output or residual (instead of running the
+    whole layer again) give the same checkpoint, bit for bit, as whole-layer passes; so does the
+    residual-only form used where o_proj's input is not hidden-sized. And they skip the attention:
+    counted here as attention forwards that run to completion."""
+    import dataclasses
+    import quantizer.layers as layers
+    from transformers.models.llama import modeling_llama
+    completed = []
+    attention_forward = modeling_llama.LlamaAttention.forward
+
+    def counting(self, *args, **kwargs):
+        out = attention_forward(self, *args, **kwargs)
+        completed.append(1)
+        return out
+
+    monkeypatch.setattr(modeling_llama.LlamaAttention, "forward", counting)
+    settings = QuantizeSettings(bits=4, group_size=128, true_sequential=True, batch_size=2, **SMALL)
+    llama = layers.ARCHS["llama"]
+    results, attention_runs = {}, {}
+    for name, arch in (("reuse-all", llama), ("reuse-residual", dataclasses.replace(llama, o_proj=None)),
+                       ("reuse-none", dataclasses.replace(llama, post_norm=None, mlp=None))):
+        monkeypatch.setitem(layers.ARCHS, "llama", arch)
+        completed.clear()
+        results[name] = _tensors(run(plan(tiny_models_dir, "tiny", name, settings)).output / "model.safetensors")
+        attention_runs[name] = len(completed)
+    a = results["reuse-none"]
+    for name in ("reuse-all", "reuse-residual"):
+        b = results[name]
+        assert a.keys() == b.keys()
+        different = [k for k in a if not torch.equal(a[k], b[k])]
+        assert not different, (name, different[:5])
+    # per layer (2) and batch (2 of 2 samples each): whole-layer passes finish the attention in the
+    # gate/up, down and output passes (3), the residual-only form in the gate/up pass (1), full reuse never
+    assert attention_runs == {"reuse-none": 2 * 2 * 3, "reuse-residual": 2 * 2 * 1, "reuse-all": 0}
