@@ -111,8 +111,12 @@ def _inverse_cholesky(H: torch.Tensor, damp_percent: float, name: str) -> tuple[
         Hd = H.clone()
         Hd.diagonal().add_(damp * diag_mean)
         L, info = torch.linalg.cholesky_ex(Hd)
+        del Hd  # at most three K x K matrices alive at once (H, L, the inverse): K = 11008 is 485 MB each
         if int(info) == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            inverse = torch.cholesky_inverse(L)
+            del L
+            U, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if int(info) == 0 and torch.isfinite(U).all():
                 if damp != damp_percent:
                     log.warning("%s: Cholesky failed at damp %.4g; succeeded with damp %.4g", name, damp_percent, damp)
@@ -182,11 +186,12 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, spec: GridSpec, opts: G
                   for s in range(0, k, g)]
     if opts.act_order:
         perm = torch.argsort(hdiag, descending=True)
-    else:
+        W = W[:, perm]
+        H = H[perm][:, perm]
+    else:  # the identity: no permuted copies of W and H (for a 7B down_proj H alone is 485 MB)
         perm = torch.arange(k, device=device)
-    W = W[:, perm]
-    H = H[perm][:, perm]
     Hinv, damp_used = _inverse_cholesky(H, opts.damp_percent, name)
+    del H
 
     codes = torch.zeros_like(W)
     losses = torch.zeros(n_out, device=device)
@@ -244,8 +249,10 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, spec: GridSpec, opts: G
         losses += Err1.pow(2).sum(dim=1) / 2  # sum of (w - q)^2 / d^2 / 2 over the block
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
+    del W, Hinv
     invperm = torch.argsort(perm)
-    codes = codes[:, invperm]
+    if opts.act_order:
+        codes = codes[:, invperm]
     if static is not None:
         scales, zeros = static_scale, static_zero
         g_idx = torch.arange(k, device=device) // g
