@@ -17,31 +17,27 @@ def _rollup(process: psutil.Process) -> dict[str, int] | None:
         return None
 
 
-def resident_bytes(process: psutil.Process | None = None) -> int:
-    """The process's resident set size, exact where the kernel allows it.
+def resident_split(process: psutil.Process | None = None) -> tuple[int, int]:
+    """(RSS, its anonymous part) in bytes, from one read.
 
-    Since Linux 6.2 the RSS in /proc/<pid>/statm (what psutil reads) is a per-CPU counter read
+    RSS: since Linux 6.2 the figure in /proc/<pid>/statm (what psutil reads) is a per-CPU counter read
     without summing: on a host with many CPUs it can lag by over a hundred MB, so a growing job looks
-    flat. /proc/<pid>/smaps_rollup walks the page tables and is exact (a few ms per read)."""
+    flat. /proc/<pid>/smaps_rollup walks the page tables and is exact (a few ms per read).
+    Anonymous: the memory the process itself allocated (heap, tensors, private maps). Unlike RSS it
+    excludes file pages (mapped libraries, mmapped weights), which the kernel may drop at any moment
+    under pressure, so it is what a job really costs and it only moves when the process allocates or
+    frees."""
     process = process or psutil.Process()
     rollup = _rollup(process)
-    if rollup and "Rss" in rollup:
-        return rollup["Rss"]
-    return process.memory_info().rss
-
-
-def anonymous_bytes(process: psutil.Process | None = None) -> int:
-    """The resident memory the process itself allocated (heap, tensors, anonymous maps).
-
-    Unlike RSS it excludes file pages (mapped libraries, mmapped weights), which the kernel may drop
-    at any moment under pressure, so it is what a job really costs and it only moves when the
-    process allocates or frees."""
-    process = process or psutil.Process()
-    rollup = _rollup(process)
-    if rollup and "Anonymous" in rollup:
-        return rollup["Anonymous"]
+    if rollup and "Rss" in rollup and "Anonymous" in rollup:
+        return rollup["Rss"], rollup["Anonymous"]
     info = process.memory_info()
-    return max(0, info.rss - getattr(info, "shared", 0))
+    return info.rss, max(0, info.rss - getattr(info, "shared", 0))
+
+
+def resident_bytes(process: psutil.Process | None = None) -> int:
+    """The process's resident set size, exact where the kernel allows it (see `resident_split`)."""
+    return resident_split(process)[0]
 
 
 def resident_mb(process: psutil.Process | None = None) -> float:

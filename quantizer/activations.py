@@ -58,6 +58,14 @@ class ActivationStore:
         else:
             self._data[i].copy_(value.detach())
 
+    def get_batch(self, idx) -> torch.Tensor:
+        """Samples `idx` stacked into one [len(idx), *shape] tensor on the compute device."""
+        return torch.stack([self.get(i) for i in idx])
+
+    def set_batch(self, idx, values: torch.Tensor) -> None:
+        for offset, i in enumerate(idx):
+            self.set(i, values[offset])
+
     def close(self) -> None:
         self._data = None
         if self._dir is not None:

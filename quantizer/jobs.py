@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import psutil
 
-from backends.process_memory import anonymous_bytes, resident_bytes
+from backends.process_memory import resident_split
 
 from backends.base import BackendError
 
@@ -32,8 +32,9 @@ def memory_sample(process: psutil.Process | None = None) -> dict:
     allocated by this process through torch."""
     process = process or psutil.Process()
     vm = psutil.virtual_memory()
+    rss, anonymous = resident_split(process)
     sample = {"t": time.time(), "ram_used_mb": (vm.total - vm.available) / MB, "ram_total_mb": vm.total / MB,
-              "rss_mb": resident_bytes(process) / MB, "anon_mb": anonymous_bytes(process) / MB,
+              "rss_mb": rss / MB, "anon_mb": anonymous / MB,
               "swap_used_mb": psutil.swap_memory().used / MB,
               "gpu_used_mb": 0.0, "gpu_alloc_mb": 0.0}
     try:

@@ -383,12 +383,11 @@ def _forward_all(layer, inps: ActivationStore, outs: ActivationStore, pos, pe, b
     (left by the true-sequential passes), only the MLP half runs: y = h + mlp(post_norm(h))."""
     for idx in _batches(inps.n, batch, should_stop):
         if held is not None and held.kind == "residual":
-            h = torch.stack([outs.get(k) for k in idx])
+            h = outs.get_batch(idx)
             y = h + held.mlp(held.post_norm(h))
         else:
-            y = run_layer(layer, torch.stack([inps.get(k) for k in idx]), pos, pe)
-        for offset, k in enumerate(idx):
-            outs.set(k, y[offset])
+            y = run_layer(layer, inps.get_batch(idx), pos, pe)
+        outs.set_batch(idx, y)
 
 
 class _Held:
@@ -447,8 +446,7 @@ def _quantize_layer(layer, i, n_layers, factory: LayerFactory, inps: ActivationS
 
         def keep(kind):
             def hook(module, inputs):
-                for offset, k in enumerate(batch_idx):
-                    outs.set(k, inputs[0][offset])
+                outs.set_batch(batch_idx, inputs[0])
                 held.kind = kind
             return hook
 
@@ -465,15 +463,13 @@ def _quantize_layer(layer, i, n_layers, factory: LayerFactory, inps: ActivationS
                     batch_idx[:] = idx
                     try:
                         if start == "input":
-                            run_layer(layer, torch.stack([inps.get(k) for k in idx]), pos, pe)
+                            run_layer(layer, inps.get_batch(idx), pos, pe)
                             continue
                         if start == "attn":  # h = x + o_proj(attention output), kept for what follows
-                            h = torch.stack([inps.get(k) for k in idx]) + held.o_proj(
-                                torch.stack([outs.get(k) for k in idx]))
-                            for offset, k in enumerate(idx):
-                                outs.set(k, h[offset])
+                            h = inps.get_batch(idx) + held.o_proj(outs.get_batch(idx))
+                            outs.set_batch(idx, h)
                         else:
-                            h = torch.stack([outs.get(k) for k in idx])
+                            h = outs.get_batch(idx)
                         held.mlp(held.post_norm(h))
                     except _InputsSeen:
                         pass
