@@ -205,6 +205,9 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--smoke", action="store_true", help="GPU check of the GPTQBackend class (see smoke_main)")
     ap.add_argument("--tokenizer", default=str(REPO / "models" / "SmolLM2-135M-Instruct"))
+    ap.add_argument("--profile-only", action="store_true", help="only the gptq graph run and its kernel table")
+    ap.add_argument("--profile", action="store_true",
+                    help="also the kernel table of graph-replayed decoding steps")
     args = ap.parse_args(argv)
     if args.cpu:
         return cpu_main(args)
@@ -228,6 +231,10 @@ def main(argv=None):
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, config.vocab_size, (args.prompt,), generator=g).tolist()
     results = {}
+    if args.profile_only:
+        del fp16
+        torch.cuda.empty_cache()
+        return profile_only(args, folder, prompt, device)
 
     # transformers fp16, eager, dynamic cache (what the transformers backend does)
     torch.cuda.reset_peak_memory_stats()
@@ -317,8 +324,85 @@ def main(argv=None):
     (out / "decode.json").write_text(json.dumps(dict(results=results, copy_bw=bw, bytes_per_token=per_token,
                                                      agree=agree, diag=diag, logit_err=logit_err, top1=top1, configs={k: v.__dict__ for k, v in runtime.configs.items()}),
                                                 indent=1))
-    print(text)
+    print(text, flush=True)
     shutil.rmtree(folder, ignore_errors=True)
+    if args.profile:  # last: a failing diagnostic must not cost the benchmark's numbers
+        table = profile_table(decoder, prompt, device, tps)
+        (out / "decode.md").write_text(text + f"\nWhere a decoding step's GPU time goes (gptq, graph):\n\n{table}")
+        print(table)
+
+
+def profile_only(args, folder: Path, prompt, device) -> None:
+    """The gptq engine alone, as main() sets it up, then the kernel table of its decoding step."""
+    from backends.gptq.cuda_graph import GraphDecoder, fuse_norms
+    from backends.gptq.fusion import fuse_siblings
+    from backends.gptq.kernel_runtime import KernelRuntime
+    from backends.gptq.loader import load_checkpoint
+    runtime = KernelRuntime(tune=True)
+    loaded = load_checkpoint(folder, device, torch.float16, runtime=runtime)
+    model = loaded.model.eval()
+    runtime.reserve_workspace([l.kernel for l in loaded.quant_layers.values()], torch.float16, device)
+    fuse_norms(model)
+    fuse_siblings(model, runtime)
+    decoder = GraphDecoder(model, device, -(-(args.prompt + args.new + 1) // 256) * 256)
+    run_generation(model, prompt, 16, decoder.step, device)
+    _, tps, _ = run_generation(model, prompt, args.new, decoder.step, device)
+    table = profile_table(decoder, prompt, device, tps)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "profile.md").write_text(f"### Decode step profile - {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} - "
+                                    f"{torch.cuda.get_device_name()} - commit {git_commit()}\n\nCommand: "
+                                    f"`python -m bench.decode {' '.join(sys.argv[1:])}`.\n\n{table}")
+    print(table)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def profile_table(decoder, prompt, device, tps: float, steps: int = 48) -> str:
+    """The decoding step's GPU time by kernel, from `steps` graph-replayed steps under the profiler
+    (the decoder's own step, positions advancing), against the step time without per-token host work
+    and a token through the sampling loop: what is kernels, what is gaps, what is host."""
+    from torch.profiler import ProfilerActivity, profile
+    if len(prompt) + 2 * steps + 2 > decoder.max_len:
+        raise ValueError("the static cache is too short for the profile")
+
+    def run(n):
+        tok = torch.tensor([[prompt[-1]]], device=device)
+        with torch.inference_mode():
+            _, cache = decoder.step(torch.tensor([prompt], device=device), None)
+            for _ in range(2):  # eager step, then capture (the graph exists after the warm-up already)
+                _, cache = decoder.step(tok, cache)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                _, cache = decoder.step(tok, cache)
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / max(n, 1) * 1e3
+
+    step_ms = run(steps)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run(steps)
+    rows = {}
+    for ev in prof.key_averages():
+        us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if us > 0:
+            rows[ev.key] = (us, ev.count)
+    # the prefill and the two warm steps are profiled too: count per decoding step from the launches
+    # of the step's most frequent kernel family would be fragile, so subtract a prefill-only profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof0:
+        run(0)
+    for ev in prof0.key_averages():
+        us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if ev.key in rows:
+            u, c = rows[ev.key]
+            rows[ev.key] = (u - us, c - ev.count)
+    rows = {k: (u / steps, c / steps) for k, (u, c) in rows.items() if u > 0 and c > 0}
+    total = sum(v[0] for v in rows.values())
+    lines = [f"Per token: sampling loop {1e3 / tps:.3f} ms ({tps:.1f} tok/s), graph step without host sync "
+             f"{step_ms:.3f} ms, kernel time {total / 1e3:.3f} ms in {sum(v[1] for v in rows.values()):.0f} kernels.",
+             "", "| kernel | us per token | launches per token | share |", "| --- | --- | --- | --- |"]
+    for key, (us, cnt) in sorted(rows.items(), key=lambda kv: -kv[1][0])[:40]:
+        lines.append(f"| {key[:110].replace('|', '/')} | {us:.1f} | {cnt:.1f} | {us / total * 100:.1f}% |")
+    return "\n".join(lines) + "\n"
 
 
 def _agree(a, b) -> float:

@@ -26,7 +26,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from backends.gptq import format as fmt  # noqa: E402
-from backends.gptq.kernel_runtime import KernelRuntime, graph_time_ms, launch_fused  # noqa: E402
+from backends.gptq.kernel_runtime import KernelRuntime, cold_copies, graph_time_ms, launch_fused  # noqa: E402
 from backends.gptq.quant_linear import make_kernel_layer  # noqa: E402
 
 SHAPES = "4096x4096,4096x11008,11008x4096,8192x28672,28672x8192"
@@ -79,7 +79,9 @@ def per_mode_times(x, layer, runtime) -> dict:
     out = {}
     for mode, cfgs in by_mode.items():
         best = runtime._measure(x, layer, cfgs)
-        out[mode] = (graph_time_ms(lambda i: runtime.run(x, layer, best), calls=10, reps=5), best)
+        copies = cold_copies(layer, x.device)
+        out[mode] = (graph_time_ms(lambda i: runtime.run(x, copies[i % len(copies)], best),
+                                   calls=max(10, 2 * len(copies)), reps=5), best)
     return out
 
 
@@ -97,10 +99,10 @@ def run_case(K, N, bits, gs, act, Ms, runtime, bw, seed, per_mode=False):
     for M in Ms:
         x = torch.randn(M, K, device="cuda", dtype=torch.float16)
         cfg = runtime.config_for(x, layer)
-        if per_mode and M == 1:
+        if per_mode:
             for mode, (ms, best) in sorted(per_mode_times(x, layer, runtime).items()):
-                print(f"    mode {mode}: {ms * 1e3:7.1f} us (L2-warm, one copy)  bn{best.block_n} bk{best.block_k} "
-                      f"s{best.split_k} w{best.num_warps}", flush=True)
+                print(f"    mode {mode}: {ms * 1e3:7.1f} us (cold copies)  bn{best.block_n} bk{best.block_k} "
+                      f"s{best.split_k} w{best.num_warps} st{best.num_stages}", flush=True)
         # correctness on fresh inputs, poisoned output
         xc = torch.randn(M, K, device="cuda", dtype=torch.float16)
         ref = xc.double() @ w64
@@ -122,7 +124,7 @@ def run_case(K, N, bits, gs, act, Ms, runtime, bw, seed, per_mode=False):
         r = rows[-1]
         print(f"{K:>6}x{N:<6} b{bits} g{gs:<4}{'a' if act else ' '} M={M:<5} {q_ms*1e3:9.1f}us  fp16 {f_ms*1e3:9.1f}us "
               f"x{r['speedup']:5.2f}  {r['gbps']:7.0f} GB/s {r['copy_frac']*100:5.1f}% copy  err {err:.1e}"
-              f"{' NaN!' if nan else ''}  {cfg.path} m{cfg.mode}{' gx' if cfg.gather_x else ''} bn{cfg.block_n} bk{cfg.block_k} s{cfg.split_k} w{cfg.num_warps}",
+              f"{' NaN!' if nan else ''}  {cfg.path} m{cfg.mode}{' gx' if cfg.gather_x else ''} bn{cfg.block_n} bk{cfg.block_k} s{cfg.split_k} w{cfg.num_warps} st{cfg.num_stages}",
               flush=True)
     del layers, dense, w64, w16
     torch.cuda.empty_cache()
@@ -166,7 +168,7 @@ def main(argv=None):
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--no-tune", action="store_true")
     ap.add_argument("--modes", default="", help="only these fused-kernel modes, e.g. 4,3 (default: all)")
-    ap.add_argument("--per-mode", action="store_true", help="at M=1 also time the best config of every mode")
+    ap.add_argument("--per-mode", action="store_true", help="also time the best config of every mode")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench.kernels needs a CUDA GPU")
