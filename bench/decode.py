@@ -216,7 +216,7 @@ def main(argv=None):
     if not torch.cuda.is_available():
         sys.exit("bench.decode needs a CUDA GPU")
     from bench.kernels import copy_bandwidth
-    from backends.gptq.cuda_graph import GraphDecoder, fuse_norms  # noqa: F811
+    from backends.gptq.cuda_graph import GraphDecoder, fuse_norms, fuse_rotary  # noqa: F811
     from backends.gptq.kernel_runtime import KernelRuntime
     from backends.gptq.loader import load_checkpoint
     device = torch.device("cuda")
@@ -268,6 +268,7 @@ def main(argv=None):
     top1 = float((q_logits.argmax(-1) == ref_logits.argmax(-1)).float().mean())
     print(f"prefill logits vs fp16: rel err {logit_err:.2e}, top-1 agreement {top1*100:.0f}%", flush=True)
     fused = 0 if args.no_fuse_norms else fuse_norms(model)
+    rotary = False if args.no_fuse_norms else fuse_rotary(model)
     from backends.gptq.fusion import fuse_siblings
     groups = 0 if args.no_fuse_siblings else fuse_siblings(model, runtime)
     torch.cuda.empty_cache()
@@ -310,7 +311,7 @@ def main(argv=None):
           f"(limit {limit:.0f} tok/s), fp16 {fp16_bytes/1e9:.2f} GB (limit {fp16_limit:.0f} tok/s). "
           f"Same weights: prefill logits of gptq vs fp16 differ by {logit_err:.1e} (relative), top-1 agrees on "
           f"{top1*100:.0f}% of the {args.prompt} positions; greedy continuations (first 32 tokens, common prefix): "
-          + ", ".join(f"{k} {v*100:.0f}%" for k, v in diag.items()) + f". Norms fused by torch.compile: {fused}; sibling projections fused into one launch: {groups} groups.", "",
+          + ", ".join(f"{k} {v*100:.0f}%" for k, v in diag.items()) + f". Norms fused by torch.compile: {fused}; rotary compiled: {rotary}; sibling projections fused into one launch: {groups} groups.", "",
           "| engine | decode tok/s | x fp16 | % of limit | TTFT ms | peak GPU GB |", "| --- | --- | --- | --- | --- | --- |"]
     base = results["transformers fp16 (eager)"]["tok_s"]
     for k, r in results.items():
@@ -334,7 +335,7 @@ def main(argv=None):
 
 def profile_only(args, folder: Path, prompt, device) -> None:
     """The gptq engine alone, as main() sets it up, then the kernel table of its decoding step."""
-    from backends.gptq.cuda_graph import GraphDecoder, fuse_norms
+    from backends.gptq.cuda_graph import GraphDecoder, fuse_norms, fuse_rotary
     from backends.gptq.fusion import fuse_siblings
     from backends.gptq.kernel_runtime import KernelRuntime
     from backends.gptq.loader import load_checkpoint
@@ -343,6 +344,8 @@ def profile_only(args, folder: Path, prompt, device) -> None:
     model = loaded.model.eval()
     runtime.reserve_workspace([l.kernel for l in loaded.quant_layers.values()], torch.float16, device)
     fuse_norms(model)
+    if not args.no_fuse_norms:
+        fuse_rotary(model)
     fuse_siblings(model, runtime)
     decoder = GraphDecoder(model, device, -(-(args.prompt + args.new + 1) // 256) * 256)
     run_generation(model, prompt, 16, decoder.step, device)

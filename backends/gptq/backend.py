@@ -62,8 +62,9 @@ class GPTQBackend(TransformersBackend):
             from backends.gptq.fusion import fuse_siblings
             fuse_siblings(loaded.model, self.runtime)  # q/k/v and gate/up as one launch each
             if options.get("cuda_graphs", True):
-                from backends.gptq.cuda_graph import fuse_norms
+                from backends.gptq.cuda_graph import fuse_norms, fuse_rotary
                 fuse_norms(loaded.model)  # one kernel per norm instead of ~6: matters once graphs remove launches
+                fuse_rotary(loaded.model)  # one kernel for q and k instead of ~12
         self._decoder = None
         return loaded.model
 

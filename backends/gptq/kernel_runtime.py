@@ -301,13 +301,11 @@ class KernelRuntime:
                     bk = min(bks, key=lambda b: abs(b - bk))
                 if mode == 2 and bucket > 1 and bk // values_per_block(layer.bits) < 16:
                     continue
-                # M > 1 feeds tl.dot, whose loads Triton pipelines over num_stages K tiles
-                for stages in ((2,) if bucket == 1 else (2, 3, 4)):
-                    for target in targets:
-                        cfg = GemmConfig("fused", bucket if bucket > 1 else 1, bn, bk,
-                                         _split_for(layer, bn, bk, target), warps, num_stages=stages, mode=mode)
-                        if cfg not in out:
-                            out.append(cfg)
+                for target in targets:
+                    cfg = GemmConfig("fused", bucket if bucket > 1 else 1, bn, bk,
+                                     _split_for(layer, bn, bk, target), warps, mode=mode)
+                    if cfg not in out:
+                        out.append(cfg)
         if layer.perm is not None:
             # act-order: also try gathering x once. For M > 1 the per-program scattered loads of x cost
             # far more than one gather launch, so the gathered configs lead; at M = 1 the tuner decides.

@@ -1,0 +1,75 @@
+"""The decoding step's compiled norms and rotary (backends/gptq/cuda_graph.py), run here on CPU through
+`device_types=("cpu",)`: the same torch.compile path CUDA takes, checked against the eager model."""
+from __future__ import annotations
+
+import copy
+import sys
+
+import pytest
+import torch
+
+from backends import torch_generation
+from backends.gptq.cuda_graph import fuse_norms, fuse_rotary
+
+
+@pytest.fixture
+def tiny_llama(monkeypatch):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=320, max_position_embeddings=128)
+    model = LlamaForCausalLM(config).eval()
+    module = sys.modules[type(model).__module__]
+    # fuse_rotary wraps the modeling module's function for the whole process: restore it afterwards
+    monkeypatch.setattr(module, "apply_rotary_pos_emb", module.apply_rotary_pos_emb)
+    return model, module
+
+
+def _decode_logits(model, prompt, steps):
+    step = torch_generation._default_forward(model)
+    out = []
+    with torch.inference_mode():
+        logits, cache = step(torch.tensor([prompt]), None)
+        out.append(logits[0, -1])
+        for _ in range(steps):
+            logits, cache = step(torch.tensor([[int(out[-1].argmax())]]), cache)
+            out.append(logits[0, -1])
+    return torch.stack(out)
+
+
+def test_compiled_norms_and_rotary_decode_like_the_eager_model(tiny_llama):
+    model, module = tiny_llama
+    original = module.apply_rotary_pos_emb
+    prompt = [5, 17, 42, 7, 99, 3]
+    reference = _decode_logits(model, prompt, 4)
+
+    fused = copy.deepcopy(model)
+    assert fuse_norms(fused, device_types=("cpu",)) == 2 * 2 + 1  # two per layer and the final norm
+    assert fuse_rotary(fused, device_types=("cpu",))
+    wrapper = module.apply_rotary_pos_emb
+    assert wrapper is not original and wrapper.__wrapped__ is original
+    assert fuse_rotary(fused, device_types=("cpu",)) and module.apply_rotary_pos_emb is wrapper  # wrapped once
+
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+    counters.clear()
+    got = _decode_logits(fused, prompt, 4)
+    assert counters["stats"]["unique_graphs"] >= 2, dict(counters["stats"])  # norm and rotary really compiled
+    assert float((got - reference).norm() / reference.norm()) < 1e-5
+    assert torch.equal(got.argmax(-1), reference.argmax(-1))
+
+
+def test_prompts_and_other_devices_keep_the_eager_functions(tiny_llama):
+    model, module = tiny_llama
+    original = module.apply_rotary_pos_emb
+    assert fuse_rotary(model)  # default: CUDA only
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+    counters.clear()
+    q, k = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 1, 16)
+    cos, sin = torch.randn(1, 1, 16), torch.randn(1, 1, 16)
+    assert all(torch.equal(a, b) for a, b in zip(module.apply_rotary_pos_emb(q, k, cos, sin),
+                                                  original(q, k, cos, sin)))
+    assert fuse_norms(model) == 5
+    model(input_ids=torch.tensor([[1, 2, 3]]))  # a prompt on CPU
+    assert counters["stats"]["unique_graphs"] == 0  # nothing was compiled for CPU tensors
