@@ -353,17 +353,23 @@ class KernelRuntime:
             pass  # the cache is an optimisation; a read-only home must not break inference
 
 
-def cold_copies(layer: KernelLayer, device, max_copies: int = 16) -> list[KernelLayer]:
+def cold_copies(layer: KernelLayer, device, max_copies: int = 16, l2_bytes: int | None = None,
+                free_bytes: int | None = None) -> list[KernelLayer]:
     """The layer and enough copies of its tensors that timing calls rotating over them read the weights
     from device memory, not from L2. A decoding step reads every layer once from HBM; tuned on
     L2-resident weights (H100: 50 MB holds a 4096x11008 4-bit layer) the tuner favoured tile shapes
-    that lose on HBM. Fewer copies when device memory is short."""
+    that lose on HBM. Fewer copies when device memory is short; no copies off CUDA (no cache to defeat
+    there, and nothing is timed). l2_bytes / free_bytes override what the device reports."""
+    if torch.device(device).type != "cuda" and (l2_bytes is None or free_bytes is None):
+        return [layer]
     size = max(layer.nbytes(), 1)
-    props = torch.cuda.get_device_properties(device)
-    l2 = getattr(props, "L2_cache_size", 50 * 2**20) or 50 * 2**20
-    n = min(max_copies, math.ceil(2 * l2 / size))
-    free = torch.cuda.mem_get_info(device)[0]
-    n = max(1, min(n, int(free * 0.25 // size)))
+    if l2_bytes is None:
+        props = torch.cuda.get_device_properties(device)
+        l2_bytes = getattr(props, "L2_cache_size", 50 * 2**20) or 50 * 2**20
+    if free_bytes is None:
+        free_bytes = torch.cuda.mem_get_info(device)[0]
+    n = min(max_copies, math.ceil(2 * l2_bytes / size))
+    n = max(1, min(n, int(free_bytes * 0.25 // size)))
 
     def clone(t):
         return None if t is None else t.clone()

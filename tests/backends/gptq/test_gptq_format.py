@@ -224,3 +224,20 @@ def test_runtime_can_be_limited_to_some_kernel_modes():
     only = KernelRuntime(modes=(4,)).candidates(1, layer)
     assert only and {(c.path, c.mode) for c in only} == {("fused", 4)}
     assert [c.path for c in KernelRuntime(modes=(1,)).candidates(1, layer)] == ["dequant"]
+
+
+def test_tuner_copies_enough_weights_to_time_them_cold():
+    """The tuner times over copies that together exceed twice the L2 (a decoding step reads weights
+    from memory, not cache), within a quarter of free memory; none off CUDA."""
+    from backends.gptq.kernel_runtime import KernelLayer, cold_copies
+    layer = KernelLayer(qweight=torch.zeros(64, 256, dtype=torch.int32), scales=torch.ones(4, 256).half(),
+                        zeros=torch.zeros(4, 256, dtype=torch.uint8), perm=torch.arange(512, dtype=torch.int32),
+                        bits=4, K=512, N=256, group_size=128)
+    size = layer.nbytes()
+    assert cold_copies(layer, "cpu") == [layer]
+    copies = cold_copies(layer, "cpu", l2_bytes=5 * size, free_bytes=10**9)
+    assert len(copies) == 10 and copies[0] is layer
+    assert len({c.qweight.data_ptr() for c in copies}) == 10  # distinct memory, same values
+    assert all(torch.equal(c.qweight, layer.qweight) and torch.equal(c.perm, layer.perm) for c in copies)
+    assert len(cold_copies(layer, "cpu", l2_bytes=5 * size, free_bytes=12 * size)) == 3  # memory-bound
+    assert len(cold_copies(layer, "cpu", l2_bytes=10**12, free_bytes=10**15)) == 16  # capped
