@@ -2,7 +2,8 @@
 RTN in our GPTQ format, through the gptq backend's loader and decoding step, against transformers fp16
 with the same (dequantized) weights, and the bandwidth limit, all in the same run.
 
-    python -m bench.decode [--layers 32] [--prompt 64] [--new 256] [--out DIR] [--keep /tmp/ckpt]
+    python -m bench.decode [--layers 32] [--prompt 64] [--new 256] [--out DIR] [--ckpt /tmp/ckpt] [--profile]
+    python -m bench.decode --profile-only      # gptq alone: where a decoding step's GPU time goes
 
 Both engines run the shared sampling loop (backends/torch_generation.stream_generate, greedy) exactly as
 the backends do; transformers uses its default eager step with a dynamic cache, gptq its static cache +
@@ -199,7 +200,7 @@ def main(argv=None):
     ap.add_argument("--group", type=int, default=128)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--ckpt", default="/tmp/gptq-webui-bench-7b")
-    ap.add_argument("--no-fuse-norms", action="store_true")
+    ap.add_argument("--no-fuse-norms", action="store_true", help="neither compiled norms nor compiled rotary")
     ap.add_argument("--no-fuse-siblings", action="store_true")
     ap.add_argument("--cpu", action="store_true", help="CPU comparison on the default model instead")
     ap.add_argument("--repeats", type=int, default=3)
@@ -216,9 +217,7 @@ def main(argv=None):
     if not torch.cuda.is_available():
         sys.exit("bench.decode needs a CUDA GPU")
     from bench.kernels import copy_bandwidth
-    from backends.gptq.cuda_graph import GraphDecoder, fuse_norms, fuse_rotary  # noqa: F811
-    from backends.gptq.kernel_runtime import KernelRuntime
-    from backends.gptq.loader import load_checkpoint
+    from backends.gptq.cuda_graph import GraphDecoder  # noqa: F811
     device = torch.device("cuda")
     name = torch.cuda.get_device_name()
     bw = copy_bandwidth()
@@ -246,7 +245,7 @@ def main(argv=None):
     print(results, flush=True)
     # greedy outputs of the two engines on the same weights should mostly agree (fp16 rounding aside)
     ref_tokens = _greedy_tokens(fp16, prompt, 32, None, device)
-    max_len = -(-(args.prompt + args.new + 1) // 256) * 256
+    max_len = cache_len(args)
     fp16_static = _greedy_tokens(fp16, prompt, 32, GraphDecoder(fp16, device, max_len).step, device)
     diag = {"fp16 static+graph vs fp16 dynamic": _agree(fp16_static, ref_tokens)}
     with torch.inference_mode():
@@ -257,20 +256,14 @@ def main(argv=None):
     # gptq: loader + static cache + CUDA graph
     torch.cuda.reset_peak_memory_stats()
     t = time.time()
-    runtime = KernelRuntime(tune=True)
-    loaded = load_checkpoint(folder, device, torch.float16, runtime=runtime)
-    model = loaded.model.eval()
-    runtime.reserve_workspace([l.kernel for l in loaded.quant_layers.values()], torch.float16, device)
+    loaded, model, runtime = load_gptq(folder, device)
     print(f"gptq loaded in {time.time() - t:.0f} s", flush=True)
     with torch.inference_mode():
         q_logits = model(input_ids=torch.tensor([prompt], device=device)).logits.float()
     logit_err = float((q_logits - ref_logits).norm() / ref_logits.norm())
     top1 = float((q_logits.argmax(-1) == ref_logits.argmax(-1)).float().mean())
     print(f"prefill logits vs fp16: rel err {logit_err:.2e}, top-1 agreement {top1*100:.0f}%", flush=True)
-    fused = 0 if args.no_fuse_norms else fuse_norms(model)
-    rotary = False if args.no_fuse_norms else fuse_rotary(model)
-    from backends.gptq.fusion import fuse_siblings
-    groups = 0 if args.no_fuse_siblings else fuse_siblings(model, runtime)
+    fused, rotary, groups = fuse_for_decoding(model, runtime, args)
     torch.cuda.empty_cache()
     with torch.inference_mode():
         f_logits = model(input_ids=torch.tensor([prompt], device=device)).logits.float()
@@ -333,21 +326,39 @@ def main(argv=None):
         print(table)
 
 
-def profile_only(args, folder: Path, prompt, device) -> None:
-    """The gptq engine alone, as main() sets it up, then the kernel table of its decoding step."""
-    from backends.gptq.cuda_graph import GraphDecoder, fuse_norms, fuse_rotary
-    from backends.gptq.fusion import fuse_siblings
+def cache_len(args) -> int:
+    """Static cache slots for a prompt and its new tokens, rounded up to 256 (one graph per length)."""
+    return -(-(args.prompt + args.new + 1) // 256) * 256
+
+
+def load_gptq(folder: Path, device):
+    """The checkpoint through the gptq backend's loader with a tuning kernel runtime, as the backend
+    loads it on CUDA: (loaded, model, runtime)."""
     from backends.gptq.kernel_runtime import KernelRuntime
     from backends.gptq.loader import load_checkpoint
     runtime = KernelRuntime(tune=True)
     loaded = load_checkpoint(folder, device, torch.float16, runtime=runtime)
-    model = loaded.model.eval()
     runtime.reserve_workspace([l.kernel for l in loaded.quant_layers.values()], torch.float16, device)
-    fuse_norms(model)
-    if not args.no_fuse_norms:
-        fuse_rotary(model)
-    fuse_siblings(model, runtime)
-    decoder = GraphDecoder(model, device, -(-(args.prompt + args.new + 1) // 256) * 256)
+    return loaded, loaded.model.eval(), runtime
+
+
+def fuse_for_decoding(model, runtime, args):
+    """The backend's decoding fusions, each unless switched off: (norms compiled, rotary compiled,
+    sibling groups fused)."""
+    from backends.gptq.cuda_graph import fuse_norms, fuse_rotary
+    from backends.gptq.fusion import fuse_siblings
+    norms = 0 if args.no_fuse_norms else fuse_norms(model)
+    rotary = False if args.no_fuse_norms else fuse_rotary(model)
+    groups = 0 if args.no_fuse_siblings else fuse_siblings(model, runtime)
+    return norms, rotary, groups
+
+
+def profile_only(args, folder: Path, prompt, device) -> None:
+    """The gptq engine alone, set up as main() sets it up, then the kernel table of its decoding step."""
+    from backends.gptq.cuda_graph import GraphDecoder
+    _, model, runtime = load_gptq(folder, device)
+    fuse_for_decoding(model, runtime, args)
+    decoder = GraphDecoder(model, device, cache_len(args))
     run_generation(model, prompt, 16, decoder.step, device)
     _, tps, _ = run_generation(model, prompt, args.new, decoder.step, device)
     table = profile_table(decoder, prompt, device, tps)
@@ -365,7 +376,7 @@ def profile_table(decoder, prompt, device, tps: float, steps: int = 48) -> str:
     (the decoder's own step, positions advancing), against the step time without per-token host work
     and a token through the sampling loop: what is kernels, what is gaps, what is host."""
     from torch.profiler import ProfilerActivity, profile
-    if len(prompt) + 2 * steps + 2 > decoder.max_len:
+    if len(prompt) + steps + 2 > decoder.max_len:  # each run() starts again from the prompt
         raise ValueError("the static cache is too short for the profile")
 
     def run(n):

@@ -26,7 +26,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from backends.gptq import format as fmt  # noqa: E402
-from backends.gptq.kernel_runtime import KernelRuntime, cold_copies, graph_time_ms, launch_fused  # noqa: E402
+from backends.gptq.kernel_runtime import KernelRuntime, graph_time_ms, launch_fused  # noqa: E402
 from backends.gptq.quant_linear import make_kernel_layer  # noqa: E402
 
 SHAPES = "4096x4096,4096x11008,11008x4096,8192x28672,28672x8192"
@@ -78,10 +78,8 @@ def per_mode_times(x, layer, runtime) -> dict:
             by_mode.setdefault(cfg.mode, []).append(cfg)
     out = {}
     for mode, cfgs in by_mode.items():
-        best = runtime._measure(x, layer, cfgs)
-        copies = cold_copies(layer, x.device)
-        out[mode] = (graph_time_ms(lambda i: runtime.run(x, copies[i % len(copies)], best),
-                                   calls=max(10, 2 * len(copies)), reps=5), best)
+        best, ms = runtime.fastest(x, layer, cfgs)  # timed as the tuner times: over cold weight copies
+        out[mode] = (ms, best)
     return out
 
 

@@ -50,35 +50,34 @@ def fuse_norms(model, device_types=("cuda",)) -> int:
     return count
 
 
-_FUSED_MARK = "_gptq_webui_fused"
-
-
 def fuse_rotary(model, device_types=("cuda",)) -> bool:
     """Route the rotary embedding of the model's HF modeling module through one compiled kernel when
     decoding. Why: eager rotary is ~12 launches per layer (mul, neg, cat, add for q and k), 0.7 ms of a
     3.9 ms 7B decoding step on an H100 (bench/RESULTS.md, "Decoding step profile"). HF attention calls
-    the module-level `apply_rotary_pos_emb`, so that name is wrapped in place, once per process; the
-    wrapper falls back to the original for other devices and for prompts, so other models of the same
-    architecture compute exactly as before. Returns whether the function is routed."""
+    the module-level `apply_rotary_pos_emb`, so that name is wrapped in place, once per process (a later
+    call only adds its device types); the wrapper falls back to the original for other devices and for
+    prompts, so other models of the same architecture compute as before. Returns whether it is routed."""
     import sys
     module = sys.modules.get(type(model).__module__)
-    original = getattr(module, "apply_rotary_pos_emb", None)
-    if original is None or not callable(original):
+    current = getattr(module, "apply_rotary_pos_emb", None)
+    if current is None or not callable(current):
         return False
-    if getattr(original, _FUSED_MARK, False):
+    compiled_on = getattr(current, "compiled_device_types", None)
+    if compiled_on is not None:  # already wrapped
+        compiled_on.update(device_types)
         return True
     try:
-        compiled = torch.compile(original, dynamic=False)
+        compiled = torch.compile(current, dynamic=False)
     except Exception as exc:
         log.warning("torch.compile unavailable, rotary stays eager: %s", exc)
         return False
+    original = current
 
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
-        if _decoding(q, device_types) and _decoding(k, device_types):
-            return compiled(q, k, cos, sin, *args, **kwargs)
-        return original(q, k, cos, sin, *args, **kwargs)
+        step = compiled if _decoding(q, apply_rotary_pos_emb.compiled_device_types) else original
+        return step(q, k, cos, sin, *args, **kwargs)
 
-    setattr(apply_rotary_pos_emb, _FUSED_MARK, True)
+    apply_rotary_pos_emb.compiled_device_types = set(device_types)
     apply_rotary_pos_emb.__wrapped__ = original
     setattr(module, "apply_rotary_pos_emb", apply_rotary_pos_emb)
     return True

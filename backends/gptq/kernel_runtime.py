@@ -319,6 +319,11 @@ class KernelRuntime:
     def _measure(self, x2d, layer, candidates) -> GemmConfig:
         """The fastest candidate whose output matches the dequantize + cuBLAS result on a fresh input:
         a kernel that a compiler or GPU gets wrong is dropped, never picked for being fast."""
+        return self.fastest(x2d, layer, candidates)[0]
+
+    def fastest(self, x2d, layer, candidates) -> tuple[GemmConfig, float]:
+        """(config, its GPU ms per call over cold weight copies) of the fastest correct candidate;
+        the dequantize path with inf when none is both correct and compilable."""
         reference_cfg = GemmConfig(path="dequant")
         probe = torch.randn(x2d.shape, device=x2d.device).to(x2d.dtype)
         reference = self.run(probe, layer, reference_cfg).float()
@@ -339,7 +344,7 @@ class KernelRuntime:
                 continue
             if ms < best_ms:
                 best, best_ms = cfg, ms
-        return best
+        return best, best_ms
 
     def _save(self) -> None:
         if self.cache_file is None:

@@ -53,6 +53,9 @@ def test_compiled_norms_and_rotary_decode_like_the_eager_model(tiny_llama):
     torch._dynamo.reset()
     from torch._dynamo.utils import counters
     counters.clear()
+    with torch.inference_mode():
+        fused(input_ids=torch.tensor([prompt]))
+    assert counters["stats"]["unique_graphs"] == 0  # a prompt stays eager: no compile per prompt length
     got = _decode_logits(fused, prompt, 4)
     assert counters["stats"]["unique_graphs"] >= 2, dict(counters["stats"])  # norm and rotary really compiled
     assert float((got - reference).norm() / reference.norm()) < 1e-5
@@ -73,3 +76,9 @@ def test_prompts_and_other_devices_keep_the_eager_functions(tiny_llama):
     assert fuse_norms(model) == 5
     model(input_ids=torch.tensor([[1, 2, 3]]))  # a prompt on CPU
     assert counters["stats"]["unique_graphs"] == 0  # nothing was compiled for CPU tensors
+    # a second call adds its device types to the one wrapper
+    wrapper = module.apply_rotary_pos_emb
+    assert fuse_rotary(model, device_types=("cpu",)) and module.apply_rotary_pos_emb is wrapper
+    got = module.apply_rotary_pos_emb(q, k, cos, sin)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, original(q, k, cos, sin)))
