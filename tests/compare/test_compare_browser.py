@@ -51,14 +51,28 @@ def pick(page, elem_id: str, value: str) -> None:
 
 
 def set_number(page, elem_id: str, value: int) -> None:
-    box = page.locator(f"#{elem_id} input[type=number]")
-    box.wait_for(state="visible")
-    box.fill(str(value))
-    box.press("Enter")
-    box.press("Tab")
-    # under load the page may still be settling: make sure the number really holds before going on
-    page.wait_for_function(f"() => document.querySelector('#{elem_id} input[type=number]').value === '{value}'")
-    page.wait_for_timeout(300)
+    """Type a number and make sure the page keeps it. Why the retries: on a loaded CI machine the
+    component can be re-rendered right after the accordion that holds it first opens, and a value
+    typed into the old element is lost (seen once: the box never showed the typed number)."""
+    selector = f"#{elem_id} input[type=number]"
+    seen = []
+    for _ in range(5):
+        box = page.locator(selector)
+        box.wait_for(state="visible")
+        box.fill(str(value))
+        box.press("Tab")
+        try:
+            page.wait_for_function("([s, v]) => document.querySelector(s)?.value === v",
+                                   arg=[selector, str(value)], timeout=5_000)
+        except playwright.TimeoutError:
+            seen.append(box.input_value())
+            continue
+        page.wait_for_timeout(500)              # still there after the page settles?
+        current = page.locator(selector).input_value()
+        if current == str(value):
+            return
+        seen.append(current)
+    pytest.fail(f"#{elem_id} did not keep {value}: it showed {seen}")
 
 
 def reply(page, index: int) -> str:
