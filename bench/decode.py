@@ -152,7 +152,7 @@ def smoke_main(args) -> None:
         if (tok / name).exists():
             shutil.copy2(tok / name, folder / name)
     backend = create_backend("gptq")
-    backend.load(folder, backend.validate_options({"device": "cuda"}))
+    backend.load(folder, backend.validate_options({"device": "cuda", "attention_kernel": args.attention_kernel}))
     paths = sorted({layer.path for layer in backend.quant_layers.values()})
     chunks = list(backend.chat([{"role": "user", "content": "Hello there"}], SP(max_new_tokens=24)))
     report = backend.memory_report()
@@ -175,7 +175,8 @@ def smoke_main(args) -> None:
              f"{torch.cuda.get_device_name()} - commit {git_commit()}", "",
              f"Command: `python -m bench.decode --smoke {' '.join(a for a in sys.argv[1:] if a != '--smoke')}`. "
              f"Random LLaMA ({args.layers} layers, 7B widths, vocab 49152), RTN {args.bits}-bit g{args.group}, loaded "
-             f"through the registry's gptq backend with default options (float16, CUDA graphs, autotune). "
+             f"through the registry's gptq backend with default options (float16, CUDA graphs, autotune), "
+             f"attention kernel {'on' if args.attention_kernel else 'off'}. "
              f"Layer paths: {', '.join(paths)}. Chat: {len(chunks) - 1} chunks, finish reason "
              f"{chunks[-1].finish_reason}. Memory report: GPU {report.gpu_mb:.0f} MB, {report.bits_per_weight:.2f} "
              f"bits/weight. Graph decoding vs full forward over the same 24 steps: logits rel err {err:.1e}, top-1 "
@@ -202,6 +203,9 @@ def main(argv=None):
     ap.add_argument("--ckpt", default="/tmp/gptq-webui-bench-7b")
     ap.add_argument("--no-fuse-norms", action="store_true", help="neither compiled norms nor compiled rotary")
     ap.add_argument("--no-fuse-siblings", action="store_true")
+    ap.add_argument("--attention-kernel", action="store_true",
+                    help="--smoke/--profile-only: route decoding attention through our kernel (the full run "
+                         "measures with and without it)")
     ap.add_argument("--cpu", action="store_true", help="CPU comparison on the default model instead")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--smoke", action="store_true", help="GPU check of the GPTQBackend class (see smoke_main)")
@@ -289,6 +293,25 @@ def main(argv=None):
     diag["gptq static+graph vs gptq dynamic"] = _agree(gptq_tokens, gptq_dynamic)
     print("greedy agreement (first 32 tokens):", diag, flush=True)
 
+    # the same model with the decoding attention routed through our kernel (cache write + attention in
+    # one launch per layer): same weights, same run; its logits against the HF attention's, step by step
+    from backends.gptq.decode_attention import route_decode_attention
+    hf_logits = _step_logits(model, prompt, 24, GraphDecoder(model, device, max_len).step, device)
+    routed = route_decode_attention(model)
+    kernel_decoder = GraphDecoder(model, device, max_len)
+    run_generation(model, prompt, 16, kernel_decoder.step, device)
+    ttft_k, tps_k, n_k = run_generation(model, prompt, args.new, kernel_decoder.step, device)
+    results["gptq (static cache + CUDA graph + attention kernel)"] = dict(
+        ttft_ms=ttft_k * 1e3, tok_s=tps_k, tokens=n_k, peak_gb=torch.cuda.max_memory_allocated() / 1e9,
+        graph=kernel_decoder.graph is not None)
+    kernel_logits = _step_logits(model, prompt, 24, GraphDecoder(model, device, max_len).step, device)
+    attention_check = dict(modules=routed, rel_err=float((kernel_logits - hf_logits).norm() / hf_logits.norm()),
+                           top1=float((kernel_logits.argmax(-1) == hf_logits.argmax(-1)).float().mean()))
+    print("attention kernel vs HF attention (24 graph steps):", attention_check, flush=True)
+    # the profile below shows the routed engine: the model cannot go back, and the first decoder's graph
+    # was captured before routing (a graph must be captured after the route, see route_decode_attention)
+    decoder, tps = kernel_decoder, tps_k
+
     q_bytes = sum(l.kernel.nbytes() for l in loaded.quant_layers.values() if l.kernel is not None)
     q_bytes += sum({id(l.group): l.group.kernel.nbytes() for l in loaded.quant_layers.values()
                     if l.group is not None}.values())
@@ -304,7 +327,9 @@ def main(argv=None):
           f"(limit {limit:.0f} tok/s), fp16 {fp16_bytes/1e9:.2f} GB (limit {fp16_limit:.0f} tok/s). "
           f"Same weights: prefill logits of gptq vs fp16 differ by {logit_err:.1e} (relative), top-1 agrees on "
           f"{top1*100:.0f}% of the {args.prompt} positions; greedy continuations (first 32 tokens, common prefix): "
-          + ", ".join(f"{k} {v*100:.0f}%" for k, v in diag.items()) + f". Norms fused by torch.compile: {fused}; rotary compiled: {rotary}; sibling projections fused into one launch: {groups} groups.", "",
+          + ", ".join(f"{k} {v*100:.0f}%" for k, v in diag.items()) + f". Norms fused by torch.compile: {fused}; rotary compiled: {rotary}; sibling projections fused into one launch: {groups} groups. "
+          f"Attention kernel ({attention_check['modules']} modules routed) against the HF attention over 24 graph-decoded "
+          f"steps: logits rel err {attention_check['rel_err']:.1e}, top-1 agreement {attention_check['top1'] * 100:.0f}%.", "",
           "| engine | decode tok/s | x fp16 | % of limit | TTFT ms | peak GPU GB |", "| --- | --- | --- | --- | --- | --- |"]
     base = results["transformers fp16 (eager)"]["tok_s"]
     for k, r in results.items():
@@ -316,13 +341,13 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     (out / "decode.md").write_text(text)
     (out / "decode.json").write_text(json.dumps(dict(results=results, copy_bw=bw, bytes_per_token=per_token,
-                                                     agree=agree, diag=diag, logit_err=logit_err, top1=top1, configs={k: v.__dict__ for k, v in runtime.configs.items()}),
+                                                     agree=agree, diag=diag, logit_err=logit_err, top1=top1, attention_check=attention_check, configs={k: v.__dict__ for k, v in runtime.configs.items()}),
                                                 indent=1))
     print(text, flush=True)
     shutil.rmtree(folder, ignore_errors=True)
     if args.profile:  # last: a failing diagnostic must not cost the benchmark's numbers
         table = profile_table(decoder, prompt, device, tps)
-        (out / "decode.md").write_text(text + f"\nWhere a decoding step's GPU time goes (gptq, graph):\n\n{table}")
+        (out / "decode.md").write_text(text + f"\nWhere a decoding step's GPU time goes (gptq, graph, attention kernel):\n\n{table}")
         print(table)
 
 
@@ -350,6 +375,9 @@ def fuse_for_decoding(model, runtime, args):
     norms = 0 if args.no_fuse_norms else fuse_norms(model)
     rotary = False if args.no_fuse_norms else fuse_rotary(model)
     groups = 0 if args.no_fuse_siblings else fuse_siblings(model, runtime)
+    if getattr(args, "attention_kernel", False):
+        from backends.gptq.decode_attention import route_decode_attention
+        route_decode_attention(model)
     return norms, rotary, groups
 
 
@@ -427,6 +455,17 @@ def _agree(a, b) -> float:
             break
         n += 1
     return n / len(b)
+
+
+def _step_logits(model, prompt, n, forward, device) -> torch.Tensor:
+    """The float logits of n greedy decoding steps after the prompt (prompt logits first)."""
+    out = []
+    with torch.inference_mode():
+        logits, cache = forward(torch.tensor([prompt], device=device), None)
+        for _ in range(n):
+            out.append(logits[0, -1].float())
+            logits, cache = forward(torch.tensor([[int(out[-1].argmax())]], device=device), cache)
+    return torch.stack(out)
 
 
 def _greedy_tokens(model, prompt, n, forward, device):

@@ -30,6 +30,9 @@ class GPTQBackend(TransformersBackend):
                        "CPU: keep layers dequantized in RAM (fast) - auto when they fit"),
             OptionSpec("cuda_graphs", "bool", True, help="CUDA: static KV cache + CUDA graph decoding"),
             OptionSpec("autotune", "bool", True, help="CUDA: measure kernel configs per shape (cached on disk)"),
+            OptionSpec("attention_kernel", "bool", False,
+                       help="CUDA graphs: each decoding step's cache write + attention as one Triton launch per "
+                            "layer instead of HF's six (checked on CPU, not yet timed on a GPU)"),
         ),
     )
 
@@ -65,6 +68,9 @@ class GPTQBackend(TransformersBackend):
                 from backends.gptq.cuda_graph import fuse_norms, fuse_rotary
                 fuse_norms(loaded.model)  # one kernel per norm instead of ~6: matters once graphs remove launches
                 fuse_rotary(loaded.model)  # one kernel for q and k instead of ~12
+                if options.get("attention_kernel", False):
+                    from backends.gptq.decode_attention import route_decode_attention
+                    route_decode_attention(loaded.model)
         self._decoder = None
         return loaded.model
 

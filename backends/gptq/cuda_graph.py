@@ -103,9 +103,21 @@ class GraphDecoder:
         return StaticCache(config=self.model.config, max_cache_len=self.max_len)
 
     def _forward(self, ids, positions):
+        # positions go in both spellings: transformers up to ~5.20 places cache writes by cache_position,
+        # later ones derive positions from the cache unless position_ids is given; the routed decode
+        # attention (decode_attention.py) reads the token's position from position_ids
         out = self.model(input_ids=ids, past_key_values=self.cache, cache_position=positions,
-                         use_cache=True, logits_to_keep=1)
+                         position_ids=positions.view(1, -1), use_cache=True, logits_to_keep=1)
         return out.logits
+
+    def _sync_cache_length(self) -> None:
+        """Tell the HF cache layers how many positions are filled. Decoding steps through the routed
+        attention write the cache themselves, so a cache that counts its own writes (newer
+        transformers' cumulative_length) must be set before the next step that goes through HF."""
+        for layer in getattr(self.cache, "layers", ()):
+            length = getattr(layer, "cumulative_length", None)
+            if isinstance(length, torch.Tensor):
+                length.fill_(self.pos)
 
     def step(self, input_ids: torch.Tensor, cache):
         n = input_ids.shape[1]
@@ -122,6 +134,7 @@ class GraphDecoder:
         if self.pos + n > self.max_len:
             raise BackendError(f"the static cache of {self.max_len} tokens is full")
         if not self.use_graph or self.eager_steps < 1 or n != 1:
+            self._sync_cache_length()
             logits = self._forward(input_ids, torch.arange(self.pos, self.pos + n, device=self.device))
             self.eager_steps += 1
             self.pos += n

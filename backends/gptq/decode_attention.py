@@ -1,0 +1,179 @@
+"""Single-token attention over the static KV cache in one kernel launch per layer (attention_kernel.py),
+routed into a HF LLaMA-family model's attention modules for decoding steps.
+
+Why: in a CUDA-graph decoding step of a 7B model the HF attention path (cache write through arange,
+position adds and two index_copy, then masked SDPA over the whole cache) costs more GPU time than the
+whole o_proj matmul of the layer. The routed forward computes the same thing: projections, rotary
+(the model's own function, compiled or not), then one kernel that appends k and v at the position
+given by `position_ids` and attends over positions 0..pos. Everything else (prompts, other devices,
+dynamic caches, sliding windows, models with extra attention features) runs the original forward.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import sys
+
+import torch
+
+log = logging.getLogger(__name__)
+
+BLOCK = 64                 # cache positions per tile
+PROGRAMS_PER_SM = 4        # split long caches until the launch has about this many programs per SM
+ROUTED_CLASSES = ("LlamaAttention", "MistralAttention", "Qwen2Attention")
+
+
+def split_count(max_len: int, q_heads: int, device) -> int:
+    """Splits of the cache per head: enough programs to fill the GPU, never a split under one tile."""
+    sms = (torch.cuda.get_device_properties(device).multi_processor_count
+           if torch.device(device).type == "cuda" else 2)
+    tiles = -(-max_len // BLOCK)
+    return max(1, min(tiles, (PROGRAMS_PER_SM * sms) // max(q_heads, 1)))
+
+
+class AttentionScratch:
+    """The fp32 partials and per-head tickets of split launches. Tickets return to zero after every
+    launch, so one buffer serves every layer. Grown only outside graph capture: a decoder's eager
+    step sizes it before a graph is captured."""
+
+    def __init__(self):
+        self.ws: torch.Tensor | None = None
+        self.tickets: torch.Tensor | None = None
+
+    def get(self, ws_numel: int, heads: int, device):
+        device = torch.device(device)
+        if self.ws is None or self.ws.numel() < ws_numel or self.ws.device != device:
+            self.ws = torch.empty(max(ws_numel, 1 << 12), dtype=torch.float32, device=device)
+        if self.tickets is None or self.tickets.numel() < heads or self.tickets.device != device:
+            self.tickets = torch.zeros(max(heads, 256), dtype=torch.int32, device=device)
+        return self.ws, self.tickets
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                     v_cache: torch.Tensor, pos: torch.Tensor, scaling: float, scratch: AttentionScratch,
+                     splits: int | None = None) -> torch.Tensor:
+    """q [1, Hq, 1, D], k and v [1, Hkv, 1, D], caches [1, Hkv, L, D], pos a one-element integer tensor
+    on the same device. Writes k and v at position pos of the caches and returns the attention output
+    [1, 1, Hq, D] over positions 0..pos (no mask: everything before the token is visible)."""
+    from backends.gptq.attention_kernel import LOG2E, decode_attention_kernel
+    _, hq, _, dim = q.shape
+    hkv, max_len = k_cache.shape[1], k_cache.shape[2]
+    if q.shape[0] != 1 or q.shape[2] != 1 or k.shape != (1, hkv, 1, dim) or v.shape != k.shape:
+        raise ValueError(f"decode_attention takes one token of one sequence, got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if hq % hkv or v_cache.shape != k_cache.shape or k_cache.shape[3] != dim:
+        raise ValueError(f"heads or cache shapes do not match: q {tuple(q.shape)}, cache {tuple(k_cache.shape)}")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("the cache's last dimension must be contiguous")
+    splits = splits or split_count(max_len, hq, q.device)
+    per_split = -(-max_len // splits)
+    chunk = -(-per_split // BLOCK) * BLOCK  # whole tiles per split
+    splits = -(-max_len // chunk)
+    d_p2 = triton_next_power_of_2(dim)
+    out = torch.empty(1, 1, hq, dim, dtype=q.dtype, device=q.device)
+    if splits > 1:
+        ws, tickets = scratch.get(hq * splits * (d_p2 + 2), hq, q.device)
+    else:
+        ws = tickets = out
+    decode_attention_kernel[(hq, splits)](
+        q, k, v, k_cache, v_cache, pos, out, ws, tickets, float(scaling) * LOG2E, chunk,
+        q.stride(1), k.stride(1), v.stride(1), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(1), v_cache.stride(2),
+        GROUP=hq // hkv, D=dim, D_P2=d_p2, BLOCK=BLOCK, SPLITS=splits,
+        SPLITS_P2=triton_next_power_of_2(splits), num_warps=4)
+    return out
+
+
+def triton_next_power_of_2(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
+
+
+def reference_attention(q, k, v, k_cache, v_cache, pos: int, scaling: float) -> torch.Tensor:
+    """The same step in plain torch (float64): what the kernel must match."""
+    keys = torch.cat([k_cache[:, :, :pos], k], 2).double()
+    values = torch.cat([v_cache[:, :, :pos], v], 2).double()
+    group = q.shape[1] // keys.shape[1]
+    keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+    weights = torch.softmax((q.double() @ keys.transpose(-1, -2)) * scaling, -1)
+    return (weights @ values).transpose(1, 2)  # [1, 1, Hq, D]
+
+
+class DecodeAttentionRoute:
+    """What the routed attention modules share: the device types to take the kernel on and the
+    split workspace. `calls` counts the routed forwards run from Python (a graph replay adds none)."""
+
+    def __init__(self, device_types=("cuda",)):
+        self.device_types = set(device_types)
+        self.scratch = AttentionScratch()
+        self.calls = 0
+
+    def applies(self, module, hidden_states, cache, position_ids) -> bool:
+        if hidden_states is None or hidden_states.device.type not in self.device_types:
+            return False
+        if hidden_states.dim() != 3 or hidden_states.shape[0] != 1 or hidden_states.shape[1] != 1:
+            return False
+        if not isinstance(position_ids, torch.Tensor) or position_ids.numel() != 1:
+            return False
+        layers = getattr(cache, "layers", None)
+        index = getattr(module, "layer_idx", None)
+        if layers is None or index is None or index >= len(layers):
+            return False
+        layer = layers[index]
+        keys = getattr(layer, "keys", None)
+        if (not getattr(layer, "is_initialized", False) or getattr(layer, "is_sliding", False)
+                or not hasattr(layer, "max_cache_len") or not isinstance(keys, torch.Tensor) or keys.dim() != 4):
+            return False  # only a plain static cache has fixed slots by position
+        window = getattr(module, "sliding_window", None)
+        return window is None or keys.shape[2] <= window
+
+
+def route_decode_attention(model, device_types=("cuda",)) -> int:
+    """Give every LLaMA-family attention module of `model` a forward that runs single-token steps
+    over a static cache through decode_attention (position from `position_ids`), and the original
+    forward otherwise. Returns how many modules were routed (0 for other architectures).
+    Route before a GraphDecoder of this model captures its graph: a graph replays the kernels it was
+    captured with, and HF's own cache bookkeeping does not see the routed steps' writes."""
+    route = DecodeAttentionRoute(device_types)
+    count = 0
+    for module in model.modules():
+        if type(module).__name__ not in ROUTED_CLASSES:
+            continue
+        if any(hasattr(module, name) for name in ("q_norm", "k_norm", "sinks")):
+            continue  # extra attention features the kernel does not have
+        if not all(hasattr(module, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling")):
+            continue
+        if getattr(module.forward, "decode_route", None) is not None:
+            module.forward.decode_route.device_types.update(device_types)  # routed before: add device types
+            count += 1
+            continue
+        module.forward = _routed_forward(module, module.forward, route)
+        count += 1
+    return count
+
+
+def _routed_forward(module, original, route: DecodeAttentionRoute):
+    rotary_module = sys.modules.get(type(module).__module__)
+
+    def forward(*args, **kwargs):
+        hidden_states = kwargs.get("hidden_states", args[0] if args else None)
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        position_ids = kwargs.get("position_ids")
+        embeddings = kwargs.get("position_embeddings")
+        if embeddings is None or len(args) > 1 or not route.applies(module, hidden_states, cache, position_ids):
+            return original(*args, **kwargs)
+        dim = module.head_dim
+        q = module.q_proj(hidden_states).view(1, 1, -1, dim).transpose(1, 2)
+        k = module.k_proj(hidden_states).view(1, 1, -1, dim).transpose(1, 2)
+        v = module.v_proj(hidden_states).view(1, 1, -1, dim).transpose(1, 2)
+        cos, sin = embeddings
+        q, k = rotary_module.apply_rotary_pos_emb(q, k, cos, sin)  # looked up per call: may be compiled
+        layer = cache.layers[module.layer_idx]
+        out = decode_attention(q, k, v, layer.keys, layer.values, position_ids.reshape(1), module.scaling,
+                               route.scratch)
+        route.calls += 1
+        return module.o_proj(out.reshape(1, 1, -1)), None
+
+    forward.__wrapped__ = original
+    forward.decode_route = route
+    return forward

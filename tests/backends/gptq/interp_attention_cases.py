@@ -1,0 +1,153 @@
+"""The decoding attention kernel under TRITON_INTERPRET=1 (run by test_decode_attention.py in a fresh
+interpreter): against a float64 reference at many positions, head layouts, head sizes and split
+counts, with the cache poisoned (NaN) at and after the token's slot so a read of a slot it must not
+read shows; and a whole model decoding through the routed attention against the HF model."""
+from __future__ import annotations
+
+import copy
+import os
+import sys
+
+import pytest
+import torch
+
+assert os.environ.get("TRITON_INTERPRET") == "1", "run through test_decode_attention.py"
+
+from backends.gptq.attention_kernel import INTERPRETED  # noqa: E402
+from backends.gptq.decode_attention import (AttentionScratch, decode_attention,  # noqa: E402
+                                            reference_attention, route_decode_attention)
+
+
+def test_the_kernel_is_interpreted():
+    assert INTERPRETED
+
+
+def _case(hq, hkv, dim, max_len, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, hq, 1, dim, generator=g).to(dtype)
+    k = torch.randn(1, hkv, 1, dim, generator=g).to(dtype)
+    v = torch.randn(1, hkv, 1, dim, generator=g).to(dtype)
+    k_cache = torch.randn(1, hkv, max_len, dim, generator=g).to(dtype)
+    v_cache = torch.randn(1, hkv, max_len, dim, generator=g).to(dtype)
+    return q, k, v, k_cache, v_cache
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("hq, hkv, dim", [(4, 4, 16), (6, 2, 64), (3, 1, 80)])
+@pytest.mark.parametrize("pos, splits", [(0, 1), (1, 4), (63, 1), (64, 3), (65, 4), (200, 4), (255, 2)])
+def test_kernel_matches_the_reference(dtype, hq, hkv, dim, pos, splits):
+    max_len = 256
+    q, k, v, k_cache, v_cache = _case(hq, hkv, dim, max_len, dtype, seed=pos * 31 + hq)
+    k_cache[:, :, pos:] = float("nan")  # the token's slot and everything after: never read
+    v_cache[:, :, pos:] = float("nan")
+    before_k, before_v = k_cache.clone(), v_cache.clone()
+    scratch = AttentionScratch()
+    scaling = dim ** -0.5
+    out = decode_attention(q, k, v, k_cache, v_cache, torch.tensor([pos]), scaling, scratch, splits=splits)
+    expected = reference_attention(q, k, v, before_k, before_v, pos, scaling)
+    assert out.shape == (1, 1, hq, dim) and out.dtype == dtype
+    assert not torch.isnan(out).any()
+    err = float((out.double() - expected).norm() / expected.norm())
+    assert err < (2e-3 if dtype == torch.float16 else 1e-5), err
+    # the token's key and value were appended at its position, nothing else changed
+    assert torch.equal(k_cache[:, :, pos], k[:, :, 0]) and torch.equal(v_cache[:, :, pos], v[:, :, 0])
+    assert torch.equal(k_cache[:, :, :pos], before_k[:, :, :pos])
+    assert torch.isnan(k_cache[:, :, pos + 1:]).all() and torch.isnan(v_cache[:, :, pos + 1:]).all()
+    if scratch.tickets is not None:
+        assert int(scratch.tickets.abs().sum()) == 0  # every ticket back to zero for the next layer
+
+
+def test_splits_cover_the_cache_for_any_length():
+    """Split counts that do not divide the cache and caches shorter than the splits asked for."""
+    for max_len, splits in [(100, 3), (17, 4), (300, 7)]:
+        q, k, v, k_cache, v_cache = _case(2, 1, 32, max_len, torch.float32, seed=max_len)
+        pos = max_len - 1
+        expected = reference_attention(q, k, v, k_cache, v_cache, pos, 0.2)
+        out = decode_attention(q, k, v, k_cache, v_cache, torch.tensor([pos]), 0.2, AttentionScratch(),
+                               splits=splits)
+        assert float((out.double() - expected).norm() / expected.norm()) < 1e-5, (max_len, splits)
+
+
+def test_bad_shapes_are_refused():
+    q, k, v, k_cache, v_cache = _case(4, 2, 16, 32, torch.float32, 0)
+    with pytest.raises(ValueError, match="one token"):
+        decode_attention(q.expand(2, -1, -1, -1), k, v, k_cache, v_cache, torch.tensor([3]), 1.0, AttentionScratch())
+    with pytest.raises(ValueError, match="heads"):
+        decode_attention(q[:, :3], k, v, k_cache, v_cache, torch.tensor([3]), 1.0, AttentionScratch())
+
+
+@pytest.fixture
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=320, max_position_embeddings=512)
+    return LlamaForCausalLM(config).eval()
+
+
+def _hf_decode(model, prompt, steps, extra=()):
+    """Greedy logits through HF's own dynamic cache: the reference."""
+    from backends import torch_generation
+    step = torch_generation._default_forward(model)
+    out = []
+    with torch.inference_mode():
+        logits, cache = step(torch.tensor([prompt]), None)
+        out.append(logits[0, -1])
+        for _ in range(steps):
+            logits, cache = step(torch.tensor([[int(out[-1].argmax())]]), cache)
+            out.append(logits[0, -1])
+        if extra:
+            logits, cache = step(torch.tensor([list(extra)]), cache)
+            out.append(logits[0, -1])
+    return torch.stack(out)
+
+
+def test_a_model_decodes_through_the_routed_attention_like_hf(tiny_llama):
+    """The static-cache decoder with every attention module routed to the kernel gives HF's logits,
+    also for a multi-token step after routed steps (the HF cache's own length is kept in step)."""
+    from backends.gptq.cuda_graph import GraphDecoder
+    prompt = [5, 17, 42, 7, 99, 3, 250, 11]
+    extra = (8, 9, 10)
+    reference = _hf_decode(tiny_llama, prompt, 6, extra)
+
+    routed = copy.deepcopy(tiny_llama)
+    assert route_decode_attention(routed, device_types=("cpu",)) == 2
+    route = routed.model.layers[0].self_attn.forward.decode_route
+    decoder = GraphDecoder(routed, torch.device("cpu"), max_len=96)  # 96: two splits of 64 on CPU
+    got = []
+    with torch.inference_mode():
+        logits, state = decoder.step(torch.tensor([prompt]), None)
+        got.append(logits[0, -1])
+        assert route.calls == 0  # the prompt went through HF
+        for _ in range(6):
+            logits, state = decoder.step(torch.tensor([[int(got[-1].argmax())]]), state)
+            got.append(logits[0, -1])
+        assert route.calls == 6 * 2  # every decoding step of both layers went through the kernel
+        logits, state = decoder.step(torch.tensor([list(extra)]), state)
+        got.append(logits[0, -1])
+    got = torch.stack(got)
+    assert float((got - reference).norm() / reference.norm()) < 1e-5
+    assert torch.equal(got.argmax(-1), reference.argmax(-1))
+    # routing again adds device types to the same route instead of wrapping twice
+    assert route_decode_attention(routed, device_types=("meta",)) == 2
+    assert routed.model.layers[0].self_attn.forward.decode_route is route and "meta" in route.device_types
+
+
+def test_other_devices_and_architectures_keep_the_hf_attention(tiny_llama):
+    from backends.gptq.cuda_graph import GraphDecoder
+    route_decode_attention(tiny_llama)  # CUDA only
+    route = tiny_llama.model.layers[0].self_attn.forward.decode_route
+    decoder = GraphDecoder(tiny_llama, torch.device("cpu"), max_len=32)
+    with torch.inference_mode():
+        _, state = decoder.step(torch.tensor([[1, 2, 3]]), None)
+        decoder.step(torch.tensor([[4]]), state)
+    assert route.calls == 0
+
+    class OtherAttention(torch.nn.Module):
+        pass
+    model = torch.nn.Sequential(OtherAttention())
+    assert route_decode_attention(model) == 0
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
