@@ -20,7 +20,9 @@ log = logging.getLogger(__name__)
 
 BLOCK = 64                 # cache positions per tile
 PROGRAMS_PER_SM = 4        # split long caches until the launch has about this many programs per SM
-ROUTED_CLASSES = ("LlamaAttention", "MistralAttention", "Qwen2Attention")
+# architectures whose attention is exactly: projections, rotary by the modeling module's
+# apply_rotary_pos_emb, softmax(q k^T * scaling) v over all earlier positions, o_proj
+ROUTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
 def split_count(max_len: int, q_heads: int, device) -> int:
@@ -134,12 +136,13 @@ def route_decode_attention(model, device_types=("cuda",)) -> int:
     forward otherwise. Returns how many modules were routed (0 for other architectures).
     Route before a GraphDecoder of this model captures its graph: a graph replays the kernels it was
     captured with, and HF's own cache bookkeeping does not see the routed steps' writes."""
+    if str(getattr(getattr(model, "config", None), "model_type", "")).lower() not in ROUTED_MODEL_TYPES:
+        return 0
     route = DecodeAttentionRoute(device_types)
     count = 0
-    for module in model.modules():
-        if type(module).__name__ not in ROUTED_CLASSES:
-            continue
-        if any(hasattr(module, name) for name in ("q_norm", "k_norm", "sinks")):
+    for decoder_layer in getattr(getattr(model, "model", None), "layers", ()):
+        module = getattr(decoder_layer, "self_attn", None)
+        if module is None or any(hasattr(module, name) for name in ("q_norm", "k_norm", "sinks")):
             continue  # extra attention features the kernel does not have
         if not all(hasattr(module, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling")):
             continue

@@ -143,10 +143,10 @@ def test_other_devices_and_architectures_keep_the_hf_attention(tiny_llama):
         decoder.step(torch.tensor([[4]]), state)
     assert route.calls == 0
 
-    class OtherAttention(torch.nn.Module):
-        pass
-    model = torch.nn.Sequential(OtherAttention())
-    assert route_decode_attention(model) == 0
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    other = Qwen3ForCausalLM(Qwen3Config(hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=320))
+    assert route_decode_attention(other) == 0  # Qwen3 normalises q and k: its attention is not routed
 
 
 if __name__ == "__main__":
