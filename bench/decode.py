@@ -167,6 +167,7 @@ def smoke_main(args) -> None:
             tokens.append(int(logits[0, -1].argmax()))
             logits, cache = step(torch.tensor([[tokens[-1]]], device="cuda"), cache)
         full = backend.model(input_ids=torch.tensor([tokens], device="cuda"), use_cache=False).logits[0].float()
+    route = getattr(backend.model.model.layers[0].self_attn.forward, "decode_route", None)
     ref = full[len(ids) - 1: len(ids) - 1 + len(got)]
     got = torch.stack(got)
     err = float((got - ref).norm() / ref.norm())
@@ -176,7 +177,8 @@ def smoke_main(args) -> None:
              f"Command: `python -m bench.decode --smoke {' '.join(a for a in sys.argv[1:] if a != '--smoke')}`. "
              f"Random LLaMA ({args.layers} layers, 7B widths, vocab 49152), RTN {args.bits}-bit g{args.group}, loaded "
              f"through the registry's gptq backend with default options (float16, CUDA graphs, autotune), "
-             f"attention kernel {'on' if args.attention_kernel else 'off'}. "
+             f"attention kernel {'on' if args.attention_kernel else 'off'} "
+             f"({route.calls if route else 0} routed calls from Python). "
              f"Layer paths: {', '.join(paths)}. Chat: {len(chunks) - 1} chunks, finish reason "
              f"{chunks[-1].finish_reason}. Memory report: GPU {report.gpu_mb:.0f} MB, {report.bits_per_weight:.2f} "
              f"bits/weight. Graph decoding vs full forward over the same 24 steps: logits rel err {err:.1e}, top-1 "
@@ -305,7 +307,9 @@ def main(argv=None):
         ttft_ms=ttft_k * 1e3, tok_s=tps_k, tokens=n_k, peak_gb=torch.cuda.max_memory_allocated() / 1e9,
         graph=kernel_decoder.graph is not None)
     kernel_logits = _step_logits(model, prompt, 24, GraphDecoder(model, device, max_len).step, device)
-    attention_check = dict(modules=routed, rel_err=float((kernel_logits - hf_logits).norm() / hf_logits.norm()),
+    route = model.model.layers[0].self_attn.forward.decode_route if routed else None
+    attention_check = dict(modules=routed, routed_calls=route.calls if route else 0,
+                           rel_err=float((kernel_logits - hf_logits).norm() / hf_logits.norm()),
                            top1=float((kernel_logits.argmax(-1) == hf_logits.argmax(-1)).float().mean()))
     print("attention kernel vs HF attention (24 graph steps):", attention_check, flush=True)
     # the profile below shows the routed engine: the model cannot go back, and the first decoder's graph
@@ -328,7 +332,8 @@ def main(argv=None):
           f"Same weights: prefill logits of gptq vs fp16 differ by {logit_err:.1e} (relative), top-1 agrees on "
           f"{top1*100:.0f}% of the {args.prompt} positions; greedy continuations (first 32 tokens, common prefix): "
           + ", ".join(f"{k} {v*100:.0f}%" for k, v in diag.items()) + f". Norms fused by torch.compile: {fused}; rotary compiled: {rotary}; sibling projections fused into one launch: {groups} groups. "
-          f"Attention kernel ({attention_check['modules']} modules routed) against the HF attention over 24 graph-decoded "
+          f"Attention kernel ({attention_check['modules']} modules routed, {attention_check['routed_calls']} routed calls "
+          f"from Python, i.e. eager steps and captures) against the HF attention over 24 graph-decoded "
           f"steps: logits rel err {attention_check['rel_err']:.1e}, top-1 agreement {attention_check['top1'] * 100:.0f}%.", "",
           "| engine | decode tok/s | x fp16 | % of limit | TTFT ms | peak GPU GB |", "| --- | --- | --- | --- | --- | --- |"]
     base = results["transformers fp16 (eager)"]["tok_s"]

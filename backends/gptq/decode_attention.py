@@ -123,7 +123,7 @@ class DecodeAttentionRoute:
             return False
         layer = layers[index]
         keys = getattr(layer, "keys", None)
-        if (not getattr(layer, "is_initialized", False) or getattr(layer, "is_sliding", False)
+        if (getattr(layer, "is_initialized", True) is False or getattr(layer, "is_sliding", False)
                 or not hasattr(layer, "max_cache_len") or not isinstance(keys, torch.Tensor) or keys.dim() != 4):
             return False  # only a plain static cache has fixed slots by position
         window = getattr(module, "sliding_window", None)
