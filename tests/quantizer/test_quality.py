@@ -16,11 +16,12 @@ from quantizer.settings import QuantizeSettings
 
 CALIB = dict(calib="c4", nsamples=16, seqlen=256)
 # With this little calibration data (4096 tokens, a few of them attention-sink tokens with activations
-# ~500x the rest) plain GPTQ overfits the Hessian; capping the sink tokens' weight (token_clip) and a
-# higher damp fix that (bench/RESULTS.md has the table). RTN uses the same grid.
-GPTQ_OPTIONS = dict(token_clip=4.0, damp=0.1)
+# ~500x the rest) plain GPTQ overfits the Hessian. At 3 bits capping the sink tokens' weight
+# (token_clip) and a higher damp fix that; at 4 bits act-order with static groups (the Quantize tab's
+# default) does, where token_clip + damp 0.1 does not (bench/RESULTS.md has both tables). RTN uses the
+# same grid.
+GPTQ_OPTIONS = {4: dict(act_order=True, static_groups=True), 3: dict(token_clip=4.0, damp=0.1)}
 EVAL_SEQLEN, EVAL_WINDOWS = 256, 8
-GAP_RATIO_4BIT = 0.8
 MB = 2 ** 20
 
 
@@ -53,7 +54,7 @@ def runs(default_hf_model, artifacts_dir, c4_path, wikitext_path, transformers_b
     try:
         for bits in (4, 3):
             for method in ("rtn", "gptq"):
-                extra = GPTQ_OPTIONS if method == "gptq" else {}
+                extra = GPTQ_OPTIONS[bits] if method == "gptq" else {}
                 job = start_quantize(jobs, models_dir, source.name, f"{bits}bit-{method}",
                                      QuantizeSettings(bits=bits, group_size=128, method=method, **CALIB, **extra))
                 job.wait()
@@ -65,7 +66,7 @@ def runs(default_hf_model, artifacts_dir, c4_path, wikitext_path, transformers_b
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("bits, max_gap_ratio", [(4, GAP_RATIO_4BIT), (3, 0.6)])
+@pytest.mark.parametrize("bits, max_gap_ratio", [(4, 0.8), (3, 0.6)])  # measured: 0.71 and 0.42
 def test_gptq_beats_rtn(runs, bits, max_gap_ratio):
     fp, out = runs
     rtn_ppl, gptq_ppl = out[bits, "rtn"][0], out[bits, "gptq"][0]

@@ -14,8 +14,10 @@ import torch
 assert os.environ.get("TRITON_INTERPRET") == "1", "run through test_decode_attention.py"
 
 from backends.gptq.attention_kernel import INTERPRETED  # noqa: E402
+from backends import torch_generation  # noqa: E402
 from backends.gptq.decode_attention import (AttentionScratch, decode_attention,  # noqa: E402
                                             reference_attention, route_decode_attention)
+from tests.backends.gptq.support import greedy_logits  # noqa: E402
 
 
 def test_the_kernel_is_interpreted():
@@ -85,47 +87,20 @@ def tiny_llama():
     return LlamaForCausalLM(config).eval()
 
 
-def _hf_decode(model, prompt, steps, extra=()):
-    """Greedy logits through HF's own dynamic cache: the reference."""
-    from backends import torch_generation
-    step = torch_generation._default_forward(model)
-    out = []
-    with torch.inference_mode():
-        logits, cache = step(torch.tensor([prompt]), None)
-        out.append(logits[0, -1])
-        for _ in range(steps):
-            logits, cache = step(torch.tensor([[int(out[-1].argmax())]]), cache)
-            out.append(logits[0, -1])
-        if extra:
-            logits, cache = step(torch.tensor([list(extra)]), cache)
-            out.append(logits[0, -1])
-    return torch.stack(out)
-
-
 def test_a_model_decodes_through_the_routed_attention_like_hf(tiny_llama):
     """The static-cache decoder with every attention module routed to the kernel gives HF's logits,
     also for a multi-token step after routed steps (the HF cache's own length is kept in step)."""
     from backends.gptq.cuda_graph import GraphDecoder
     prompt = [5, 17, 42, 7, 99, 3, 250, 11]
     extra = (8, 9, 10)
-    reference = _hf_decode(tiny_llama, prompt, 6, extra)
+    reference = greedy_logits(torch_generation._default_forward(tiny_llama), prompt, 6, extra)  # HF's dynamic cache
 
     routed = copy.deepcopy(tiny_llama)
     assert route_decode_attention(routed, device_types=("cpu",)) == 2
     route = routed.model.layers[0].self_attn.forward.decode_route
     decoder = GraphDecoder(routed, torch.device("cpu"), max_len=96)  # 96: two splits of 64 on CPU
-    got = []
-    with torch.inference_mode():
-        logits, state = decoder.step(torch.tensor([prompt]), None)
-        got.append(logits[0, -1])
-        assert route.calls == 0  # the prompt went through HF
-        for _ in range(6):
-            logits, state = decoder.step(torch.tensor([[int(got[-1].argmax())]]), state)
-            got.append(logits[0, -1])
-        assert route.calls == 6 * 2  # every decoding step of both layers went through the kernel
-        logits, state = decoder.step(torch.tensor([list(extra)]), state)
-        got.append(logits[0, -1])
-    got = torch.stack(got)
+    got = greedy_logits(decoder.step, prompt, 6, extra)
+    assert route.calls == 6 * 2  # every single-token step of both layers went through the kernel, prompts not
     assert float((got - reference).norm() / reference.norm()) < 1e-5
     assert torch.equal(got.argmax(-1), reference.argmax(-1))
     # routing again adds device types to the same route instead of wrapping twice

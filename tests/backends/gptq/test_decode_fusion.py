@@ -10,6 +10,7 @@ import torch
 
 from backends import torch_generation
 from backends.gptq.cuda_graph import fuse_norms, fuse_rotary
+from tests.backends.gptq.support import greedy_logits
 
 
 @pytest.fixture
@@ -26,15 +27,7 @@ def tiny_llama(monkeypatch):
 
 
 def _decode_logits(model, prompt, steps):
-    step = torch_generation._default_forward(model)
-    out = []
-    with torch.inference_mode():
-        logits, cache = step(torch.tensor([prompt]), None)
-        out.append(logits[0, -1])
-        for _ in range(steps):
-            logits, cache = step(torch.tensor([[int(out[-1].argmax())]]), cache)
-            out.append(logits[0, -1])
-    return torch.stack(out)
+    return greedy_logits(torch_generation._default_forward(model), prompt, steps)
 
 
 def test_compiled_norms_and_rotary_decode_like_the_eager_model(tiny_llama):

@@ -1,0 +1,42 @@
+"""Helpers shared by the gptq backend's tests: greedy decoding logits through a step function, and
+running a cases file in a fresh interpreter under TRITON_INTERPRET=1."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def greedy_logits(step, prompt, steps, extra=()) -> torch.Tensor:
+    """The last-position logits of the prompt and of `steps` greedy steps through step(ids, cache),
+    then of one multi-token step of `extra` tokens when given."""
+    out = []
+    with torch.inference_mode():
+        logits, cache = step(torch.tensor([list(prompt)]), None)
+        out.append(logits[0, -1])
+        for _ in range(steps):
+            logits, cache = step(torch.tensor([[int(out[-1].argmax())]]), cache)
+            out.append(logits[0, -1])
+        if extra:
+            logits, cache = step(torch.tensor([list(extra)]), cache)
+            out.append(logits[0, -1])
+    return torch.stack(out)
+
+
+def run_under_interpreter(cases: Path, min_passed: int) -> None:
+    """Run a pytest file in a fresh interpreter with TRITON_INTERPRET=1: triton decides between
+    compiling and interpreting when a kernel is first imported, and other tests of the session may
+    already have imported it in compile mode. Every case must pass, none skipped."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(cases)],
+                            cwd=REPO, env=env, capture_output=True, text=True)
+    tail = f"exit status {result.returncode}\n" + result.stdout[-6000:] + result.stderr[-2000:]
+    assert result.returncode == 0, tail
+    summary = result.stdout.strip().splitlines()[-1]
+    assert " passed" in summary and "skipped" not in summary and "failed" not in summary, summary
+    assert int(summary.split(" passed")[0].split()[-1]) >= min_passed, summary  # every case really ran
