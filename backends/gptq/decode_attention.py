@@ -19,6 +19,7 @@ import torch
 log = logging.getLogger(__name__)
 
 BLOCK = 64                 # cache positions per tile
+VERIFY_TOLERANCE = 1e-2    # relative error of the first routed step against torch (fp16: ~1e-3)
 PROGRAMS_PER_SM = 4        # split long caches until the launch has about this many programs per SM
 # architectures whose attention is exactly: projections, rotary by the modeling module's
 # apply_rotary_pos_emb, softmax(q k^T * scaling) v over all earlier positions, o_proj
@@ -103,12 +104,33 @@ def reference_attention(q, k, v, k_cache, v_cache, pos: int, scaling: float) -> 
 
 class DecodeAttentionRoute:
     """What the routed attention modules share: the device types to take the kernel on and the
-    split workspace. `calls` counts the routed forwards run from Python (a graph replay adds none)."""
+    split workspace. `calls` counts the routed forwards run from Python (a graph replay adds none).
+    The first routed step is checked against torch; a device whose kernel gets it wrong (or fails to
+    compile it) is dropped from `device_types`, so decoding there goes on through the HF attention."""
 
     def __init__(self, device_types=("cuda",)):
         self.device_types = set(device_types)
         self.scratch = AttentionScratch()
         self.calls = 0
+        self.verified: set[str] = set()
+
+    def verify(self, q, k, v, keys, values, position_ids, scaling, out) -> str | None:
+        """None when `out` (the kernel's result for this step) matches torch, else what is wrong.
+        Runs once per device type, outside graph capture (it reads the position on the host)."""
+        device = q.device
+        if device.type in self.verified or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            return None
+        expected = reference_attention(q, k, v, keys, values, int(position_ids.reshape(-1)[0]), scaling)
+        err = float((out.double() - expected).norm() / expected.norm().clamp_min(1e-30))
+        if not math.isfinite(err) or err > VERIFY_TOLERANCE:
+            return f"relative error {err:.2g} against torch"
+        self.verified.add(device.type)
+        return None
+
+    def disable(self, device: torch.device, problem: str) -> None:
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+        log.warning("decode attention kernel off on %s (%s): decoding goes through the HF attention", name, problem)
+        self.device_types.discard(device.type)
 
     def applies(self, module, hidden_states, cache, position_ids) -> bool:
         if hidden_states is None or hidden_states.device.type not in self.device_types:
@@ -172,8 +194,18 @@ def _routed_forward(module, original, route: DecodeAttentionRoute):
         cos, sin = embeddings
         q, k = rotary_module.apply_rotary_pos_emb(q, k, cos, sin)  # looked up per call: may be compiled
         layer = cache.layers[module.layer_idx]
-        out = decode_attention(q, k, v, layer.keys, layer.values, position_ids.reshape(1), module.scaling,
-                               route.scratch)
+        try:
+            out = decode_attention(q, k, v, layer.keys, layer.values, position_ids.reshape(1), module.scaling,
+                                   route.scratch)
+            problem = route.verify(q, k, v, layer.keys, layer.values, position_ids, module.scaling, out)
+        except Exception as exc:  # e.g. a Triton compile error on this GPU: never worse than no kernel
+            if hidden_states.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise
+            problem = f"{type(exc).__name__}: {exc}"
+        if problem:
+            # the kernel may have written k, v at the token's slot; HF's path writes the same values there
+            route.disable(hidden_states.device, problem)
+            return original(*args, **kwargs)
         route.calls += 1
         return module.o_proj(out.reshape(1, 1, -1)), None
 

@@ -108,6 +108,33 @@ def test_a_model_decodes_through_the_routed_attention_like_hf(tiny_llama):
     assert routed.model.layers[0].self_attn.forward.decode_route is route and "meta" in route.device_types
 
 
+@pytest.mark.parametrize("fault", ["wrong", "raises"])
+def test_a_kernel_that_fails_its_first_check_hands_back_to_hf(tiny_llama, monkeypatch, caplog, fault):
+    """A device whose kernel computes wrong numbers (or fails to compile) on the first routed step is
+    dropped from the route, and decoding there gives HF's logits all the same."""
+    import backends.gptq.decode_attention as module
+    from backends.gptq.cuda_graph import GraphDecoder
+    prompt = [5, 17, 42, 7, 99, 3]
+    reference = greedy_logits(torch_generation._default_forward(tiny_llama), prompt, 4, (8, 9))
+    real = module.decode_attention
+
+    def faulty(*args, **kwargs):
+        out = real(*args, **kwargs)  # writes the cache as the kernel does
+        if fault == "raises":
+            raise RuntimeError("PTX compile failed")
+        return out * 0.5
+
+    monkeypatch.setattr(module, "decode_attention", faulty)
+    routed = copy.deepcopy(tiny_llama)
+    route_decode_attention(routed, device_types=("cpu",))
+    route = routed.model.layers[0].self_attn.forward.decode_route
+    got = greedy_logits(GraphDecoder(routed, torch.device("cpu"), max_len=64).step, prompt, 4, (8, 9))
+    assert "cpu" not in route.device_types and route.calls == 0
+    assert "decode attention kernel off on cpu" in caplog.text
+    assert ("PTX compile failed" if fault == "raises" else "relative error") in caplog.text
+    assert float((got - reference).norm() / reference.norm()) < 1e-5
+
+
 def test_other_devices_and_architectures_keep_the_hf_attention(tiny_llama):
     from backends.gptq.cuda_graph import GraphDecoder
     route_decode_attention(tiny_llama)  # CUDA only
