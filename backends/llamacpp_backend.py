@@ -133,6 +133,7 @@ class LlamaCppBackend(Backend):
         budget = min(params.max_new_tokens, n_ctx - n_prompt)
         if params.seed is not None:
             self.llm.set_seed(int(params.seed))
+        self._prime(ids)
         decoder = IncrementalDecoder(lambda t: self.llm.detokenize(t).decode("utf-8", errors="replace"))
         stops = StopStringFilter(params.stop)
         generated, reason = 0, "length"
@@ -161,6 +162,32 @@ class LlamaCppBackend(Backend):
         if tail and reason != "stop":
             yield GenerationChunk(tail, n_prompt, generated)
         yield GenerationChunk("", n_prompt, generated, finished=True, finish_reason=reason)
+
+    def _prime(self, ids: list[int]) -> None:
+        """Leave the KV cache holding exactly ids[:-1] (reusing what it already holds of them), so that
+        llama-cpp-python's generate always evaluates the prompt's last token on its own. Why: generate
+        reuses a cached prefix, and then evaluates the last token alone instead of inside the prompt's
+        batch; llama.cpp's batched and single-token kernels round differently, and on the default model
+        that flips a near-tie (the same request answered "The capital of France is Paris." once and
+        "La femme de France..." the next time, seeded sampling too). One path for both: the same
+        request gives the same answer, whatever the cache held before."""
+        llm = self.llm
+        prefix = ids[:-1]
+        cached = list(llm._input_ids[: llm.n_tokens])
+        keep = 0
+        for a, b in zip(cached, prefix):
+            if a != b:
+                break
+            keep += 1
+        if keep < llm.n_tokens:
+            if keep == 0 or not llm._ctx.kv_cache_seq_rm(-1, keep, -1):
+                llm.reset()
+                llm._ctx.kv_cache_clear()
+                keep = 0
+            else:
+                llm.n_tokens = keep
+        if keep < len(prefix):
+            llm.eval(prefix[keep:])
 
     def _is_end_of_generation(self, token: int) -> bool:
         import llama_cpp

@@ -34,6 +34,18 @@ def test_greedy_answers_paris_deterministically(llamacpp_backend):
     assert chunks[-1].generated_tokens == sum(1 for c in chunks if not c.finished)
 
 
+def test_an_answer_does_not_depend_on_what_the_cache_held(llamacpp_backend):
+    """llama.cpp's batched and single-token kernels round differently; the backend evaluates a prompt
+    the same way whether the KV cache is empty, holds this prompt, or holds another conversation."""
+    params = dict(temperature=0.8, top_p=0.9, top_k=40, seed=3, max_new_tokens=12)
+    llamacpp_backend.llm.reset()
+    fresh = _reply(llamacpp_backend, QUESTION, **params)[0]
+    again = _reply(llamacpp_backend, QUESTION, **params)[0]                       # prompt cached
+    _reply(llamacpp_backend, [SYSTEM, {"role": "user", "content": "Name a fruit."}], max_new_tokens=4)
+    after_other = _reply(llamacpp_backend, QUESTION, **params)[0]                # shares only the system turn
+    assert fresh and fresh == again == after_other, (fresh, again, after_other)
+
+
 def test_stop_event_ends_stream_within_one_token(llamacpp_backend):
     stop = threading.Event()
     chunks, produced = [], 0
