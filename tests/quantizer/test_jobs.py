@@ -15,13 +15,13 @@ from quantizer.pipeline import Cancelled
 
 def test_progress_result_and_memory_series():
     jobs = JobManager(sample_interval=0.05)
-    step_bytes = 40 * 2 ** 20
+    step_bytes = 60 * 2 ** 20
 
     def work(job):
         blocks = []
         for i in range(5):
             # a fresh private anonymous mapping (what tensors live in), written through, so the
-            # process's own memory really rises by 40 MB a step (malloc could hand back pages freed by
+            # process's own memory really rises by 60 MB a step (malloc could hand back pages freed by
             # earlier tests, leaving it flat; Python's default mmap(-1) is shared memory, not counted
             # as the process's anonymous memory)
             block = mmap.mmap(-1, step_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -44,8 +44,13 @@ def test_progress_result_and_memory_series():
         assert key in snap["samples"][0]
     # the anonymous part, not all of RSS: on a loaded machine the kernel may evict file pages (mapped
     # libraries, mmapped weights of earlier tests) mid-job, and RSS then falls by more than the job adds
+    # Other threads of the test process (servers of earlier tests) allocate and free too: seen here,
+    # -46 MB between the first two samples. So the rise is taken from the lowest sample before the
+    # peak, and 300 MB are allocated to see a rise of more than 180 MB.
     series = [round(s["anon_mb"]) for s in snap["samples"]]
-    assert job.peak("anon_mb") - series[0] > 120, f"anonymous MB per sample: {series}"
+    top = series.index(max(series))
+    assert max(series) - min(series[: top + 1]) > 180, f"anonymous MB per sample: {series}"
+    assert round(job.peak("anon_mb")) == max(series)
     assert job.peak("rss_mb") > 0 and all(s["anon_mb"] <= s["rss_mb"] + 1 for s in snap["samples"])
 
 
