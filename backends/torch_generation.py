@@ -108,6 +108,23 @@ def _default_forward(model):
     return step
 
 
+def greedy_logits(step, prompt_ids: Sequence[int], steps: int, device=None, extra: Sequence[int] = ()) -> torch.Tensor:
+    """Float logits at the last position of the prompt and of `steps` greedy steps through
+    step(input_ids, cache) (this module's step protocol), then of one multi-token step of `extra`
+    when given: how decoding paths (static cache, graphs, routed kernels) are compared to each other."""
+    out = []
+    with torch.inference_mode():
+        logits, cache = step(torch.tensor([list(prompt_ids)], device=device), None)
+        out.append(logits[0, -1].float())
+        for _ in range(steps):
+            logits, cache = step(torch.tensor([[int(out[-1].argmax())]], device=device), cache)
+            out.append(logits[0, -1].float())
+        if extra:
+            logits, cache = step(torch.tensor([list(extra)], device=device), cache)
+            out.append(logits[0, -1].float())
+    return torch.stack(out)
+
+
 def token_logprobs(model, ids: Sequence[int], device: torch.device, chunk: int = 4096) -> list[float]:
     """log p(ids[i] | ids[:i]) for i >= 1 from one forward pass over the sequence."""
     if len(ids) < 2:

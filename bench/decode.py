@@ -167,7 +167,8 @@ def smoke_main(args) -> None:
             tokens.append(int(logits[0, -1].argmax()))
             logits, cache = step(torch.tensor([[tokens[-1]]], device="cuda"), cache)
         full = backend.model(input_ids=torch.tensor([tokens], device="cuda"), use_cache=False).logits[0].float()
-    route = getattr(backend.model.model.layers[0].self_attn.forward, "decode_route", None)
+    from backends.gptq.decode_attention import decode_route
+    route = decode_route(backend.model)
     ref = full[len(ids) - 1: len(ids) - 1 + len(got)]
     got = torch.stack(got)
     err = float((got - ref).norm() / ref.norm())
@@ -297,8 +298,8 @@ def main(argv=None):
 
     # the same model with the decoding attention routed through our kernel (cache write + attention in
     # one launch per layer): same weights, same run; its logits against the HF attention's, step by step
-    from backends.gptq.decode_attention import route_decode_attention
-    hf_logits = _step_logits(model, prompt, 24, GraphDecoder(model, device, max_len).step, device)
+    from backends.gptq.decode_attention import decode_route, route_decode_attention
+    hf_logits = torch_generation.greedy_logits(GraphDecoder(model, device, max_len).step, prompt, 23, device)
     routed = route_decode_attention(model)
     kernel_decoder = GraphDecoder(model, device, max_len)
     run_generation(model, prompt, 16, kernel_decoder.step, device)
@@ -306,8 +307,8 @@ def main(argv=None):
     results["gptq (static cache + CUDA graph + attention kernel)"] = dict(
         ttft_ms=ttft_k * 1e3, tok_s=tps_k, tokens=n_k, peak_gb=torch.cuda.max_memory_allocated() / 1e9,
         graph=kernel_decoder.graph is not None)
-    kernel_logits = _step_logits(model, prompt, 24, GraphDecoder(model, device, max_len).step, device)
-    route = model.model.layers[0].self_attn.forward.decode_route if routed else None
+    kernel_logits = torch_generation.greedy_logits(GraphDecoder(model, device, max_len).step, prompt, 23, device)
+    route = decode_route(model)
     attention_check = dict(modules=routed, routed_calls=route.calls if route else 0,
                            rel_err=float((kernel_logits - hf_logits).norm() / hf_logits.norm()),
                            top1=float((kernel_logits.argmax(-1) == hf_logits.argmax(-1)).float().mean()))
@@ -462,27 +463,10 @@ def _agree(a, b) -> float:
     return n / len(b)
 
 
-def _step_logits(model, prompt, n, forward, device) -> torch.Tensor:
-    """The float logits of n greedy decoding steps after the prompt (prompt logits first)."""
-    out = []
-    with torch.inference_mode():
-        logits, cache = forward(torch.tensor([prompt], device=device), None)
-        for _ in range(n):
-            out.append(logits[0, -1].float())
-            logits, cache = forward(torch.tensor([[int(out[-1].argmax())]], device=device), cache)
-    return torch.stack(out)
-
-
 def _greedy_tokens(model, prompt, n, forward, device):
-    out = []
+    """The n greedy tokens after the prompt through `forward` (HF's dynamic cache when None)."""
     step = forward or torch_generation._default_forward(model)
-    with torch.inference_mode():
-        logits, cache = step(torch.tensor([prompt], device=device), None)
-        for _ in range(n):
-            tok = int(logits[0, -1].argmax())
-            out.append(tok)
-            logits, cache = step(torch.tensor([[tok]], device=device), cache)
-    return out
+    return torch_generation.greedy_logits(step, prompt, n - 1, device).argmax(-1).tolist()
 
 
 if __name__ == "__main__":

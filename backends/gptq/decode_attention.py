@@ -15,6 +15,9 @@ import math
 import sys
 
 import torch
+import triton
+
+from backends.gptq.kernel_runtime import SplitScratch, sm_count
 
 log = logging.getLogger(__name__)
 
@@ -28,32 +31,12 @@ ROUTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 def split_count(max_len: int, q_heads: int, device) -> int:
     """Splits of the cache per head: enough programs to fill the GPU, never a split under one tile."""
-    sms = (torch.cuda.get_device_properties(device).multi_processor_count
-           if torch.device(device).type == "cuda" else 2)
     tiles = -(-max_len // BLOCK)
-    return max(1, min(tiles, (PROGRAMS_PER_SM * sms) // max(q_heads, 1)))
-
-
-class AttentionScratch:
-    """The fp32 partials and per-head tickets of split launches. Tickets return to zero after every
-    launch, so one buffer serves every layer. Grown only outside graph capture: a decoder's eager
-    step sizes it before a graph is captured."""
-
-    def __init__(self):
-        self.ws: torch.Tensor | None = None
-        self.tickets: torch.Tensor | None = None
-
-    def get(self, ws_numel: int, heads: int, device):
-        device = torch.device(device)
-        if self.ws is None or self.ws.numel() < ws_numel or self.ws.device != device:
-            self.ws = torch.empty(max(ws_numel, 1 << 12), dtype=torch.float32, device=device)
-        if self.tickets is None or self.tickets.numel() < heads or self.tickets.device != device:
-            self.tickets = torch.zeros(max(heads, 256), dtype=torch.int32, device=device)
-        return self.ws, self.tickets
+    return max(1, min(tiles, (PROGRAMS_PER_SM * sm_count(device)) // max(q_heads, 1)))
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                     v_cache: torch.Tensor, pos: torch.Tensor, scaling: float, scratch: AttentionScratch,
+                     v_cache: torch.Tensor, pos: torch.Tensor, scaling: float, scratch: SplitScratch,
                      splits: int | None = None) -> torch.Tensor:
     """q [1, Hq, 1, D], k and v [1, Hkv, 1, D], caches [1, Hkv, L, D], pos a one-element integer tensor
     on the same device. Writes k and v at position pos of the caches and returns the attention output
@@ -73,7 +56,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     per_split = -(-max_len // splits)
     chunk = -(-per_split // BLOCK) * BLOCK  # whole tiles per split
     splits = -(-max_len // chunk)
-    d_p2 = triton_next_power_of_2(dim)
+    d_p2 = triton.next_power_of_2(dim)
     out = torch.empty(1, 1, hq, dim, dtype=q.dtype, device=q.device)
     if splits > 1:
         ws, tickets = scratch.get(hq * splits * (d_p2 + 2), hq, q.device)
@@ -84,12 +67,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
         q.stride(1), k.stride(1), v.stride(1), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(1), v_cache.stride(2),
         GROUP=hq // hkv, D=dim, D_P2=d_p2, BLOCK=BLOCK, SPLITS=splits,
-        SPLITS_P2=triton_next_power_of_2(splits), num_warps=4)
+        SPLITS_P2=triton.next_power_of_2(splits), num_warps=4)
     return out
-
-
-def triton_next_power_of_2(n: int) -> int:
-    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
 
 
 def reference_attention(q, k, v, k_cache, v_cache, pos: int, scaling: float) -> torch.Tensor:
@@ -110,7 +89,7 @@ class DecodeAttentionRoute:
 
     def __init__(self, device_types=("cuda",)):
         self.device_types = set(device_types)
-        self.scratch = AttentionScratch()
+        self.scratch = SplitScratch()  # the split-K matmuls' partials-and-tickets buffer, same protocol
         self.calls = 0
         self.verified: set[str] = set()
 
@@ -150,6 +129,15 @@ class DecodeAttentionRoute:
             return False  # only a plain static cache has fixed slots by position
         window = getattr(module, "sliding_window", None)
         return window is None or keys.shape[2] <= window
+
+
+def decode_route(model) -> DecodeAttentionRoute | None:
+    """The route shared by the model's routed attention modules (None when none is routed)."""
+    for decoder_layer in getattr(getattr(model, "model", None), "layers", ()):
+        route = getattr(getattr(getattr(decoder_layer, "self_attn", None), "forward", None), "decode_route", None)
+        if route is not None:
+            return route
+    return None
 
 
 def route_decode_attention(model, device_types=("cuda",)) -> int:

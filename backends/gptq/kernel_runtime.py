@@ -7,6 +7,7 @@ dequantize + cuBLAS), split-K needs a zeroed fp32 buffer, and the choice is kept
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -21,6 +22,19 @@ log = logging.getLogger(__name__)
 FUSED_MAX_M = 64
 TUNER_VERSION = 2  # 2: timed over cold (HBM-resident) weight copies
 VERIFY_TOLERANCE = 1e-2  # relative error of a tuned candidate against dequantize + cuBLAS (fp16: ~1e-3)
+
+
+def sm_count(device) -> int:
+    """Streaming multiprocessors of a CUDA device (2 elsewhere: launch-size heuristics need a number)."""
+    if device is None or torch.device(device).type != "cuda":
+        return 2
+    return _cuda_sm_count(torch.device(device).index if torch.device(device).index is not None
+                          else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def values_per_block(bits: int) -> int:
@@ -160,7 +174,8 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
 
 
 class SplitScratch:
-    """The fp32 partials and per-column-tile tickets of split-K launches. Tickets return to zero after
+    """The fp32 partials and per-column-tile tickets of split-K launches (and the per-head ones of the
+    decoding attention kernel, which merges its splits the same way). Tickets return to zero after
     every launch, so one buffer serves every layer (launches on one stream never overlap). Grown only
     outside graph capture: the decoder's eager steps size it before capturing."""
 
@@ -275,8 +290,7 @@ class KernelRuntime:
 
     def candidates(self, M: int, layer: KernelLayer, device=None, dtype=torch.float16) -> list[GemmConfig]:
         """Configs worth trying, the heuristic default first."""
-        sms = (torch.cuda.get_device_properties(device).multi_processor_count
-               if device is not None and torch.device(device).type == "cuda" else 2)
+        sms = sm_count(device)
         bks = valid_block_ks(layer)
         bucket = self.m_bucket(M)
         dequant = GemmConfig(path="dequant")

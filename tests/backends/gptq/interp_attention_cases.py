@@ -15,9 +15,10 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "run through test_decode_atten
 
 from backends.gptq.attention_kernel import INTERPRETED  # noqa: E402
 from backends import torch_generation  # noqa: E402
-from backends.gptq.decode_attention import (AttentionScratch, decode_attention,  # noqa: E402
-                                            reference_attention, route_decode_attention)
-from tests.backends.gptq.support import greedy_logits  # noqa: E402
+from backends.gptq.decode_attention import (decode_attention, decode_route, reference_attention,  # noqa: E402
+                                            route_decode_attention)
+from backends.gptq.kernel_runtime import SplitScratch  # noqa: E402
+from backends.torch_generation import greedy_logits  # noqa: E402
 
 
 def test_the_kernel_is_interpreted():
@@ -43,7 +44,7 @@ def test_kernel_matches_the_reference(dtype, hq, hkv, dim, pos, splits):
     k_cache[:, :, pos:] = float("nan")  # the token's slot and everything after: never read
     v_cache[:, :, pos:] = float("nan")
     before_k, before_v = k_cache.clone(), v_cache.clone()
-    scratch = AttentionScratch()
+    scratch = SplitScratch()
     scaling = dim ** -0.5
     out = decode_attention(q, k, v, k_cache, v_cache, torch.tensor([pos]), scaling, scratch, splits=splits)
     expected = reference_attention(q, k, v, before_k, before_v, pos, scaling)
@@ -65,7 +66,7 @@ def test_splits_cover_the_cache_for_any_length():
         q, k, v, k_cache, v_cache = _case(2, 1, 32, max_len, torch.float32, seed=max_len)
         pos = max_len - 1
         expected = reference_attention(q, k, v, k_cache, v_cache, pos, 0.2)
-        out = decode_attention(q, k, v, k_cache, v_cache, torch.tensor([pos]), 0.2, AttentionScratch(),
+        out = decode_attention(q, k, v, k_cache, v_cache, torch.tensor([pos]), 0.2, SplitScratch(),
                                splits=splits)
         assert float((out.double() - expected).norm() / expected.norm()) < 1e-5, (max_len, splits)
 
@@ -73,9 +74,9 @@ def test_splits_cover_the_cache_for_any_length():
 def test_bad_shapes_are_refused():
     q, k, v, k_cache, v_cache = _case(4, 2, 16, 32, torch.float32, 0)
     with pytest.raises(ValueError, match="one token"):
-        decode_attention(q.expand(2, -1, -1, -1), k, v, k_cache, v_cache, torch.tensor([3]), 1.0, AttentionScratch())
+        decode_attention(q.expand(2, -1, -1, -1), k, v, k_cache, v_cache, torch.tensor([3]), 1.0, SplitScratch())
     with pytest.raises(ValueError, match="heads"):
-        decode_attention(q[:, :3], k, v, k_cache, v_cache, torch.tensor([3]), 1.0, AttentionScratch())
+        decode_attention(q[:, :3], k, v, k_cache, v_cache, torch.tensor([3]), 1.0, SplitScratch())
 
 
 @pytest.fixture
@@ -93,19 +94,19 @@ def test_a_model_decodes_through_the_routed_attention_like_hf(tiny_llama):
     from backends.gptq.cuda_graph import GraphDecoder
     prompt = [5, 17, 42, 7, 99, 3, 250, 11]
     extra = (8, 9, 10)
-    reference = greedy_logits(torch_generation._default_forward(tiny_llama), prompt, 6, extra)  # HF's dynamic cache
+    reference = greedy_logits(torch_generation._default_forward(tiny_llama), prompt, 6, extra=extra)  # HF's dynamic cache
 
     routed = copy.deepcopy(tiny_llama)
     assert route_decode_attention(routed, device_types=("cpu",)) == 2
-    route = routed.model.layers[0].self_attn.forward.decode_route
+    route = decode_route(routed)
     decoder = GraphDecoder(routed, torch.device("cpu"), max_len=96)  # 96: two splits of 64 on CPU
-    got = greedy_logits(decoder.step, prompt, 6, extra)
+    got = greedy_logits(decoder.step, prompt, 6, extra=extra)
     assert route.calls == 6 * 2  # every single-token step of both layers went through the kernel, prompts not
     assert float((got - reference).norm() / reference.norm()) < 1e-5
     assert torch.equal(got.argmax(-1), reference.argmax(-1))
     # routing again adds device types to the same route instead of wrapping twice
     assert route_decode_attention(routed, device_types=("meta",)) == 2
-    assert routed.model.layers[0].self_attn.forward.decode_route is route and "meta" in route.device_types
+    assert decode_route(routed) is route and "meta" in route.device_types
 
 
 @pytest.mark.parametrize("fault", ["wrong", "raises"])
@@ -115,7 +116,7 @@ def test_a_kernel_that_fails_its_first_check_hands_back_to_hf(tiny_llama, monkey
     import backends.gptq.decode_attention as module
     from backends.gptq.cuda_graph import GraphDecoder
     prompt = [5, 17, 42, 7, 99, 3]
-    reference = greedy_logits(torch_generation._default_forward(tiny_llama), prompt, 4, (8, 9))
+    reference = greedy_logits(torch_generation._default_forward(tiny_llama), prompt, 4, extra=(8, 9))
     real = module.decode_attention
 
     def faulty(*args, **kwargs):
@@ -127,8 +128,8 @@ def test_a_kernel_that_fails_its_first_check_hands_back_to_hf(tiny_llama, monkey
     monkeypatch.setattr(module, "decode_attention", faulty)
     routed = copy.deepcopy(tiny_llama)
     route_decode_attention(routed, device_types=("cpu",))
-    route = routed.model.layers[0].self_attn.forward.decode_route
-    got = greedy_logits(GraphDecoder(routed, torch.device("cpu"), max_len=64).step, prompt, 4, (8, 9))
+    route = decode_route(routed)
+    got = greedy_logits(GraphDecoder(routed, torch.device("cpu"), max_len=64).step, prompt, 4, extra=(8, 9))
     assert "cpu" not in route.device_types and route.calls == 0
     assert "decode attention kernel off on cpu" in caplog.text
     assert ("PTX compile failed" if fault == "raises" else "relative error") in caplog.text
@@ -138,7 +139,7 @@ def test_a_kernel_that_fails_its_first_check_hands_back_to_hf(tiny_llama, monkey
 def test_other_devices_and_architectures_keep_the_hf_attention(tiny_llama):
     from backends.gptq.cuda_graph import GraphDecoder
     route_decode_attention(tiny_llama)  # CUDA only
-    route = tiny_llama.model.layers[0].self_attn.forward.decode_route
+    route = decode_route(tiny_llama)
     decoder = GraphDecoder(tiny_llama, torch.device("cpu"), max_len=32)
     with torch.inference_mode():
         _, state = decoder.step(torch.tensor([[1, 2, 3]]), None)

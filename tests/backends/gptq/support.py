@@ -1,5 +1,4 @@
-"""Helpers shared by the gptq backend's tests: greedy decoding logits through a step function, and
-running a cases file in a fresh interpreter under TRITON_INTERPRET=1."""
+"""Running a cases file of the gptq backend's tests in a fresh interpreter under TRITON_INTERPRET=1."""
 from __future__ import annotations
 
 import os
@@ -7,25 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
 
 REPO = Path(__file__).resolve().parents[3]
-
-
-def greedy_logits(step, prompt, steps, extra=()) -> torch.Tensor:
-    """The last-position logits of the prompt and of `steps` greedy steps through step(ids, cache),
-    then of one multi-token step of `extra` tokens when given."""
-    out = []
-    with torch.inference_mode():
-        logits, cache = step(torch.tensor([list(prompt)]), None)
-        out.append(logits[0, -1])
-        for _ in range(steps):
-            logits, cache = step(torch.tensor([[int(out[-1].argmax())]]), cache)
-            out.append(logits[0, -1])
-        if extra:
-            logits, cache = step(torch.tensor([list(extra)]), cache)
-            out.append(logits[0, -1])
-    return torch.stack(out)
 
 
 def run_under_interpreter(cases: Path, min_passed: int) -> None:

@@ -10,7 +10,6 @@ import torch
 
 from backends import torch_generation
 from backends.gptq.cuda_graph import fuse_norms, fuse_rotary
-from tests.backends.gptq.support import greedy_logits
 
 
 @pytest.fixture
@@ -27,7 +26,7 @@ def tiny_llama(monkeypatch):
 
 
 def _decode_logits(model, prompt, steps):
-    return greedy_logits(torch_generation._default_forward(model), prompt, steps)
+    return torch_generation.greedy_logits(torch_generation._default_forward(model), prompt, steps)
 
 
 def test_compiled_norms_and_rotary_decode_like_the_eager_model(tiny_llama):
