@@ -92,6 +92,23 @@ def test_fused_kernel_matches_float64_reference(kr, bits, gs, act):
                 assert err < 1e-2, f"M={M} {dtype} {cfg}: relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
+@pytest.mark.parametrize("bits,gs,act", [(4, 32, False), (2, 32, True)])
+def test_half2_kernel_prefetch_depths(kr, bits, gs, act, prefetch):
+    """Words loaded 0, 1 or 2 tiles ahead, with splits of several tiles (prefetches that run past a
+    split's end must read nothing) and of one tile, give the reference result."""
+    from backends.gptq.quant_linear import make_kernel_layer
+    packed, ref_w = _layer(bits, gs, act, seed=40 + bits + prefetch)
+    layer = make_kernel_layer(*packed, bits, gs, "gptq_v2", "cpu")
+    x = torch.randn(1, K, generator=torch.Generator().manual_seed(prefetch)).half()
+    ref = x.double() @ ref_w
+    for split in (1, 2, 5):  # K = 160: 5 tiles of 32 rows (a tile never straddles a group of 32)
+        cfg = kr.GemmConfig("fused", 1, 32, 32, split, 4, mode=4, prefetch=prefetch)
+        y = kr.launch_fused(x, layer, cfg, out=torch.full((1, N), float("nan"), dtype=torch.float16))
+        assert not torch.isnan(y).any(), cfg
+        assert _rel(y, ref) < 1e-2, cfg
+
+
 @pytest.mark.parametrize("bits,gs,act", [(4, 128, True), (3, 32, False), (2, 64, True), (8, -1, False)])
 def test_dequantize_kernel_and_prefill_path(kr, bits, gs, act):
     from backends.gptq.quant_linear import make_kernel_layer
