@@ -28,12 +28,14 @@ POINTERS = {"x_ptr": "*fp16", "xp_ptr": "*i32", "qw_ptr": "*i32", "s_ptr": "*fp1
 ALIGNED = ("N", "K", "Kw", "group_size")  # what Triton specializes at launch for the usual shapes
 
 
-def compile_cubin(kernel, constexprs: dict, arch: int, warps: int) -> bytes:
+def compile_cubin(kernel, constexprs: dict, arch: int, warps: int, types: dict | None = None) -> bytes:
+    """The kernel compiled for sm_<arch> by Triton's own toolchain (no GPU or driver needed); `types`
+    overrides the argument types (pointers of POINTERS, i32 otherwise)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     names = list(inspect.signature(kernel.fn).parameters)
-    signature = {n: POINTERS.get(n, "i32") for n in names}
+    signature = {n: (types or {}).get(n, POINTERS.get(n, "i32")) for n in names}
     signature.update({k: "constexpr" for k in constexprs})
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
              if n.endswith("_ptr") or n in ALIGNED or n.startswith("stride")}

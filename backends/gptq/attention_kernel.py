@@ -18,7 +18,7 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 LOG2E = 1.4426950408889634
-NEG = -1.0e30  # finite "minus infinity": exp2(NEG - m) is 0 and never NaN
+NEG = tl.constexpr(-1.0e30)  # a constexpr: compiled kernels read no other globals; finite "minus infinity": exp2(NEG - m) is 0 and never NaN
 
 
 @triton.jit

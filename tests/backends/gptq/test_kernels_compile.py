@@ -1,0 +1,52 @@
+"""Every Triton kernel compiles for the GPUs we target (sm_80, sm_90) with Triton's own toolchain, on a
+machine without a GPU. Why: the interpreter (the CPU tests' way of running kernels) accepts things the
+compiler rejects: a module-level float read inside a kernel ran fine interpreted and failed to compile
+on an H200 (the decoding attention kernel then fell back to the HF attention)."""
+from __future__ import annotations
+
+import pytest
+
+from bench.kernel_sass import compile_cubin
+
+ATTENTION_TYPES = {"q_ptr": "*fp16", "kn_ptr": "*fp16", "vn_ptr": "*fp16", "kc_ptr": "*fp16", "vc_ptr": "*fp16",
+                   "pos_ptr": "*i64", "out_ptr": "*fp16", "ws_ptr": "*fp32", "ticket_ptr": "*i32",
+                   "scale_log2": "fp32"}
+
+
+def _kernels():
+    from backends.gptq import attention_kernel as ak
+    from backends.gptq import triton_kernels as tk
+    if tk.INTERPRETED:
+        pytest.skip("TRITON_INTERPRET=1 is set: kernels are interpreted, not compiled, in this process")
+    gemm = dict(SPLIT=True, HAS_BIAS=True, HAS_PERM=True, INTERLEAVED=True, BLOCK_N=64)
+    return [
+        ("gemv half2 4-bit prefetch %d" % pf, tk.gptq_gemv_h2_kernel,
+         dict(BITS=4, KB=16, BLOCK_N=64, HAS_PERM=False, SPLIT=True, HAS_BIAS=False, USE_ASM=True, PREFETCH=pf))
+        for pf in (0, 1, 2)
+    ] + [
+        ("gemv half2 2-bit act-order", tk.gptq_gemv_h2_kernel,
+         dict(BITS=2, KB=8, BLOCK_N=128, HAS_PERM=True, SPLIT=False, HAS_BIAS=True, USE_ASM=True, PREFETCH=1)),
+        ("gemv prefetching 3-bit", tk.gptq_gemv_kernel,
+         dict(BITS=3, VPB=32, KB=4, BLOCK_N=128, HAS_PERM=True, SPLIT=True, HAS_BIAS=True, INTERLEAVED=False)),
+        ("gemm mode 2 M=16 4-bit", tk.gptq_gemm_kernel, dict(BITS=4, VPB=8, KB=16, BLOCK_M=16, MODE=2, **gemm)),
+        ("gemm mode 0 M=1 8-bit", tk.gptq_gemm_kernel,
+         dict(BITS=8, VPB=4, KB=32, BLOCK_M=1, MODE=0, **{**gemm, "INTERLEAVED": False})),
+        ("dequantize 3-bit", tk.gptq_dequant_kernel,
+         dict(BITS=3, VPB=32, KB=2, BLOCK_N=128, HAS_PERM=True, INTERLEAVED=False)),
+        ("decoding attention", ak.decode_attention_kernel,
+         dict(GROUP=4, D=128, D_P2=128, BLOCK=64, SPLITS=4, SPLITS_P2=4)),
+    ]
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_every_kernel_compiles_for_the_gpu(arch):
+    failures = []
+    for name, kernel, constexprs in _kernels():
+        try:
+            cubin = compile_cubin(kernel, constexprs, arch, warps=4, types=ATTENTION_TYPES)
+        except Exception as exc:  # the compiler's message says what is wrong
+            failures.append(f"{name}: {type(exc).__name__}: {str(exc)[:400]}")
+            continue
+        if len(cubin) < 1000:
+            failures.append(f"{name}: a {len(cubin)}-byte cubin")
+    assert not failures, "\n".join(failures)
