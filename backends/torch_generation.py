@@ -108,16 +108,21 @@ def _default_forward(model):
     return step
 
 
-def greedy_logits(step, prompt_ids: Sequence[int], steps: int, device=None, extra: Sequence[int] = ()) -> torch.Tensor:
+def greedy_logits(step, prompt_ids: Sequence[int], steps: int, device=None, extra: Sequence[int] = (),
+                  tokens: Sequence[int] | None = None) -> torch.Tensor:
     """Float logits at the last position of the prompt and of `steps` greedy steps through
     step(input_ids, cache) (this module's step protocol), then of one multi-token step of `extra`
-    when given: how decoding paths (static cache, graphs, routed kernels) are compared to each other."""
+    when given: how decoding paths (static cache, graphs, routed kernels) are compared to each other.
+    `tokens` feeds those tokens instead of each step's argmax (teacher forcing): on near-flat logits
+    (random weights) two correct paths pick different tokens after a rounding difference, and their
+    logits are only comparable on the same inputs."""
     out = []
     with torch.inference_mode():
         logits, cache = step(torch.tensor([list(prompt_ids)], device=device), None)
         out.append(logits[0, -1].float())
-        for _ in range(steps):
-            logits, cache = step(torch.tensor([[int(out[-1].argmax())]], device=device), cache)
+        for i in range(steps):
+            token = int(tokens[i]) if tokens is not None else int(out[-1].argmax())
+            logits, cache = step(torch.tensor([[token]], device=device), cache)
             out.append(logits[0, -1].float())
         if extra:
             logits, cache = step(torch.tensor([list(extra)], device=device), cache)

@@ -24,7 +24,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from backends.gptq.kernel_runtime import (GemmConfig, KernelRuntime, cold_copies, graph_time_ms,  # noqa: E402
-                                          sm_count)
+                                          sm_count, valid_block_ks)
 from bench.kernels import random_layer  # noqa: E402
 
 DECODE_SHAPES = "4096x12288,4096x4096,4096x22016,11008x4096"
@@ -73,7 +73,7 @@ def main(argv=None):
         reference = runtime.run(x, layer, GemmConfig(path="dequant")).float()
         results = []
         start = time.time()
-        grid = itertools.product((32, 64, 128), (128, 256, 512), (4, 8), (1, 2))
+        grid = itertools.product((32, 64, 128, 256), valid_block_ks(layer, (64, 128)), (2, 4, 8), (1, 2))
         for bn, bk, warps, prefetch in grid:
             if time.time() - start > args.budget_s:
                 print("(grid budget reached)", flush=True)

@@ -15,7 +15,10 @@ case "${1:-decode}" in
     # correctness first: the backend on CUDA with the attention kernel (graph decoding vs a full forward)
     timeout 150 python -m bench.decode --smoke --layers 2 --attention-kernel --tokenizer "$TOK" --out "$OUT" 2>&1 | tee "$OUT/smoke.log"
     # 7B-shaped decode: fp16, gptq graph, gptq graph + attention kernel, in one run; kernel table of the last
-    timeout 380 python -m bench.decode --profile --new 128 --repeats 2 --out "$OUT" 2>&1 | tee "$OUT/decode.log"
+    timeout 300 python -m bench.decode --profile --new 128 --repeats 2 --out "$OUT" 2>&1 | tee "$OUT/decode.log"
+    # the M = 1 kernel targets (4-bit against fp16 and copy bandwidth, 2/3-bit in proportion, act-order)
+    timeout 200 python -m bench.kernels --shapes 4096x11008,8192x28672 --cases 4g128,4g128a,3g128,2g64 --m 1 \
+      --out "$OUT" 2>&1 | tee "$OUT/kernels.log"
     ;;
   sweep)
     timeout 540 python -m bench.gemv_sweep --budget-s 100 2>&1 | tee "$OUT/sweep.log"

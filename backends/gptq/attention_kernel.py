@@ -55,13 +55,14 @@ def decode_attention_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, pos_ptr, out_
         p = off + offs
         pmask = p < end
         tile_mask = pmask[:, None] & dmask[None, :]
+        # both tiles are requested before either is used: one memory round trip per tile, not two
         k = tl.load(kc_ptr + kvh * stride_kch + p[:, None] * stride_kcl + d[None, :], mask=tile_mask, other=0.0)
+        v = tl.load(vc_ptr + kvh * stride_vch + p[:, None] * stride_vcl + d[None, :], mask=tile_mask, other=0.0)
         scores = tl.sum(k.to(tl.float32) * q[None, :], axis=1)
         scores = tl.where(pmask, scores, NEG)
         m_new = tl.maximum(m, tl.max(scores, axis=0))
         alpha = tl.exp2(m - m_new)
         weights = tl.exp2(scores - m_new)
-        v = tl.load(vc_ptr + kvh * stride_vch + p[:, None] * stride_vcl + d[None, :], mask=tile_mask, other=0.0)
         l = l * alpha + tl.sum(weights, axis=0)
         acc = acc * alpha + tl.sum(weights[:, None] * v.to(tl.float32), axis=0)
         m = m_new

@@ -30,9 +30,9 @@ class GPTQBackend(TransformersBackend):
                        "CPU: keep layers dequantized in RAM (fast) - auto when they fit"),
             OptionSpec("cuda_graphs", "bool", True, help="CUDA: static KV cache + CUDA graph decoding"),
             OptionSpec("autotune", "bool", True, help="CUDA: measure kernel configs per shape (cached on disk)"),
-            OptionSpec("attention_kernel", "bool", False,
+            OptionSpec("attention_kernel", "bool", True,
                        help="CUDA graphs: each decoding step's cache write + attention as one Triton launch per "
-                            "layer instead of HF's six (checked on CPU, not yet timed on a GPU)"),
+                            "layer instead of HF's six (7B on an H200: 325 -> 386 tok/s)"),
         ),
     )
 
@@ -65,10 +65,11 @@ class GPTQBackend(TransformersBackend):
             from backends.gptq.fusion import fuse_siblings
             fuse_siblings(loaded.model, self.runtime)  # q/k/v and gate/up as one launch each
             if options.get("cuda_graphs", True):
-                from backends.gptq.cuda_graph import fuse_norms, fuse_rotary
+                from backends.gptq.cuda_graph import fuse_gated_activation, fuse_norms, fuse_rotary
                 fuse_norms(loaded.model)  # one kernel per norm instead of ~6: matters once graphs remove launches
                 fuse_rotary(loaded.model)  # one kernel for q and k instead of ~12
-                if options.get("attention_kernel", False):
+                fuse_gated_activation(loaded.model)  # silu(gate) * up in one kernel instead of two
+                if options.get("attention_kernel", True):
                     from backends.gptq.decode_attention import route_decode_attention
                     route_decode_attention(loaded.model)
         self._decoder = None

@@ -83,6 +83,38 @@ def fuse_rotary(model, device_types=("cuda",)) -> bool:
     return True
 
 
+def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.silu(gate) * up
+
+
+def fuse_gated_activation(model, device_types=("cuda",)) -> int:
+    """Route the SiLU-gated MLPs (LLaMA's down(silu(gate(x)) * up(x))) through one compiled kernel for
+    silu(gate) * up when decoding, instead of two launches per layer (silu, then mul: ~100 us of a 7B
+    decoding step on an H200, bench/RESULTS.md). Returns how many MLPs were routed."""
+    try:
+        compiled = torch.compile(_silu_mul, dynamic=False)
+    except Exception as exc:
+        log.warning("torch.compile unavailable, the MLP activation stays eager: %s", exc)
+        return 0
+    count = 0
+    for module in model.modules():
+        if not all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+            continue
+        if not isinstance(module.act_fn, torch.nn.SiLU) and type(module.act_fn).__name__ != "SiLUActivation":
+            continue
+        original = module.forward
+
+        def forward(x, _m=module, _original=original):
+            if not _decoding(x, device_types):
+                return _original(x)
+            return _m.down_proj(compiled(_m.gate_proj(x), _m.up_proj(x)))
+
+        forward.__wrapped__ = original
+        module.forward = forward
+        count += 1
+    return count
+
+
 class GraphDecoder:
     """Prefill runs eagerly; the first decode step runs eagerly too (it warms up kernel tuning), the
     second captures the graph, later ones replay it. The cache length is fixed per instance."""

@@ -20,7 +20,7 @@ import torch
 log = logging.getLogger(__name__)
 
 FUSED_MAX_M = 64
-TUNER_VERSION = 2  # 2: timed over cold (HBM-resident) weight copies
+TUNER_VERSION = 3  # 2: timed over cold (HBM-resident) weight copies; 3: more half2 GEMV tiles
 VERIFY_TOLERANCE = 1e-2  # relative error of a tuned candidate against dequantize + cuBLAS (fp16: ~1e-3)
 
 
@@ -309,14 +309,20 @@ class KernelRuntime:
             targets = (2 * sms, 8 * sms)
         modes = [m for m in self.modes(bucket, layer, dtype) if self.allowed_modes is None or m in self.allowed_modes]
         for mode in modes:
-            for bn, bk, warps in tiles:
+            mode_tiles, mode_targets = tiles, targets
+            if mode == 4:
+                # narrow tiles on 2 warps (and wide ones on 2 warps with many splits) won on every 7B
+                # decoding shape of an H200 sweep (bench/gemv_sweep.py, bench/RESULTS.md): 5-12% faster
+                mode_tiles = [(32, 128, 2), (256, 64, 2), (64, 128, 4)] + tiles
+                mode_targets = (4 * sms, 8 * sms, 16 * sms)
+            for bn, bk, warps in mode_tiles:
                 if mode == 2 and bucket > 1:  # one tl.dot per value slot needs >= 16 blocks per tile
                     bk = max(bk, 16 * values_per_block(layer.bits))
                 if bk not in bks:
                     bk = min(bks, key=lambda b: abs(b - bk))
                 if mode == 2 and bucket > 1 and bk // values_per_block(layer.bits) < 16:
                     continue
-                for target in targets:
+                for target in mode_targets:
                     cfg = GemmConfig("fused", bucket if bucket > 1 else 1, bn, bk,
                                      _split_for(layer, bn, bk, target), warps, mode=mode)
                     if cfg not in out:

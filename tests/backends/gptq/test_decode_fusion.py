@@ -1,4 +1,4 @@
-"""The decoding step's compiled norms and rotary (backends/gptq/cuda_graph.py), run here on CPU through
+"""The decoding step's compiled norms, rotary and MLP activation (backends/gptq/cuda_graph.py), run here on CPU through
 `device_types=("cpu",)`: the same torch.compile path CUDA takes, checked against the eager model."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from backends import torch_generation
-from backends.gptq.cuda_graph import fuse_norms, fuse_rotary
+from backends.gptq.cuda_graph import fuse_gated_activation, fuse_norms, fuse_rotary
 
 
 @pytest.fixture
@@ -41,6 +41,7 @@ def test_compiled_norms_and_rotary_decode_like_the_eager_model(tiny_llama):
     wrapper = module.apply_rotary_pos_emb
     assert wrapper is not original and wrapper.__wrapped__ is original
     assert fuse_rotary(fused, device_types=("cpu",)) and module.apply_rotary_pos_emb is wrapper  # wrapped once
+    assert fuse_gated_activation(fused, device_types=("cpu",)) == 2  # one per layer
 
     torch._dynamo.reset()
     from torch._dynamo.utils import counters
@@ -49,7 +50,8 @@ def test_compiled_norms_and_rotary_decode_like_the_eager_model(tiny_llama):
         fused(input_ids=torch.tensor([prompt]))
     assert counters["stats"]["unique_graphs"] == 0  # a prompt stays eager: no compile per prompt length
     got = _decode_logits(fused, prompt, 4)
-    assert counters["stats"]["unique_graphs"] >= 2, dict(counters["stats"])  # norm and rotary really compiled
+    # norm, rotary and silu(gate) * up really compiled
+    assert counters["stats"]["unique_graphs"] >= 3, dict(counters["stats"])
     assert float((got - reference).norm() / reference.norm()) < 1e-5
     assert torch.equal(got.argmax(-1), reference.argmax(-1))
 
@@ -66,6 +68,7 @@ def test_prompts_and_other_devices_keep_the_eager_functions(tiny_llama):
     assert all(torch.equal(a, b) for a, b in zip(module.apply_rotary_pos_emb(q, k, cos, sin),
                                                   original(q, k, cos, sin)))
     assert fuse_norms(model) == 5
+    assert fuse_gated_activation(model) == 2
     model(input_ids=torch.tensor([[1, 2, 3]]))  # a prompt on CPU
     assert counters["stats"]["unique_graphs"] == 0  # nothing was compiled for CPU tensors
     # a second call adds its device types to the one wrapper
