@@ -119,16 +119,18 @@ class GraphDecoder:
     """Prefill runs eagerly; the first decode step runs eagerly too (it warms up kernel tuning), the
     second captures the graph, later ones replay it. The cache length is fixed per instance."""
 
-    def __init__(self, model, device: torch.device, max_len: int, use_graph: bool = True):
+    def __init__(self, model, device: torch.device, max_len: int, use_graph: bool = True, step_capture=None):
         self.model, self.device, self.max_len = model, device, max_len
-        self.use_graph = use_graph and device.type == "cuda"
+        # step_capture(warm_up, fn, device) -> an object whose replay() runs fn's work again and returns
+        # its output: CudaGraphStep on CUDA (tests on CPU pass a stand-in that re-runs fn)
+        self.step_capture = step_capture or (CudaGraphStep if device.type == "cuda" else None)
+        self.use_graph = use_graph and self.step_capture is not None
         self.cache = None
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.graph = None
         self.pos = 0
         self.eager_steps = 0
         self.static_ids = torch.zeros(1, 1, dtype=torch.long, device=device)
         self.static_pos = torch.zeros(1, dtype=torch.long, device=device)
-        self.static_logits: torch.Tensor | None = None
 
     def _new_cache(self):
         from transformers import StaticCache
@@ -176,25 +178,43 @@ class GraphDecoder:
         if self.graph is None:
             self._capture()
         if self.graph is not None:
-            self.graph.replay()
-            logits = self.static_logits
+            logits = self.graph.replay()
         else:
             logits = self._forward(input_ids, self.static_pos.clone())
         self.pos += 1
         return logits, self
 
     def _capture(self) -> None:
+        def warm_up():
+            self._forward(self.static_ids, self.static_pos)
+            # the warm-up step advanced the cache's own position counter (transformers >= 5.x writes at
+            # cumulative_length, not at cache_position): put it back, or every replay writes one slot
+            # ahead of the position its mask and rotary use
+            self._sync_cache_length()
+
         try:
-            stream = torch.cuda.Stream(self.device)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):  # a warm-up on the side stream, as torch recommends
-                self._forward(self.static_ids, self.static_pos)
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self.static_logits = self._forward(self.static_ids, self.static_pos)
-            self.graph = graph
+            self.graph = self.step_capture(warm_up, lambda: self._forward(self.static_ids, self.static_pos),
+                                           self.device)
         except Exception as exc:  # a model whose step cannot be captured still decodes, eagerly
             log.warning("CUDA graph capture failed, decoding eagerly: %s", exc)
             self.graph = None
             self.use_graph = False
+
+
+class CudaGraphStep:
+    """fn captured into a CUDA graph after warm_up() ran on a side stream (as torch recommends);
+    replay() replays it and returns fn's output tensor, which every replay rewrites in place."""
+
+    def __init__(self, warm_up, fn, device: torch.device):
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            warm_up()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.output = fn()
+
+    def replay(self) -> torch.Tensor:
+        self.graph.replay()
+        return self.output

@@ -109,6 +109,23 @@ def test_a_model_decodes_through_the_routed_attention_like_hf(tiny_llama):
     assert decode_route(routed) is route and "meta" in route.device_types
 
 
+def test_replayed_routed_steps_decode_like_hf(tiny_llama):
+    """The routed attention captured and replayed (a CPU stand-in for the CUDA graph that re-runs the
+    step), then a multi-token step through HF's attention: HF's logits throughout."""
+    from backends.gptq.cuda_graph import GraphDecoder
+    from tests.backends.gptq.support import ReplayByRerun
+    prompt = [5, 17, 42, 7, 99, 3, 250, 11]
+    reference = greedy_logits(torch_generation._default_forward(tiny_llama), prompt, 6, extra=(8, 9, 10))
+    routed = copy.deepcopy(tiny_llama)
+    route_decode_attention(routed, device_types=("cpu",))
+    captured = []
+    decoder = GraphDecoder(routed, torch.device("cpu"), max_len=96,
+                           step_capture=lambda *a: captured.append(ReplayByRerun(*a)) or captured[-1])
+    got = greedy_logits(decoder.step, prompt, 6, extra=(8, 9, 10))
+    assert len(captured) == 1 and captured[0].replays == 5
+    assert float((got - reference).norm() / reference.norm()) < 1e-5
+
+
 @pytest.mark.parametrize("fault", ["wrong", "raises"])
 def test_a_kernel_that_fails_its_first_check_hands_back_to_hf(tiny_llama, monkeypatch, caplog, fault):
     """A device whose kernel computes wrong numbers (or fails to compile) on the first routed step is

@@ -1,4 +1,5 @@
-"""Running a cases file of the gptq backend's tests in a fresh interpreter under TRITON_INTERPRET=1."""
+"""Helpers of the gptq backend's tests: running a cases file in a fresh interpreter under TRITON_INTERPRET=1, and a
+CPU stand-in for a captured CUDA graph."""
 from __future__ import annotations
 
 import os
@@ -22,3 +23,16 @@ def run_under_interpreter(cases: Path, min_passed: int) -> None:
     summary = result.stdout.strip().splitlines()[-1]
     assert " passed" in summary and "skipped" not in summary and "failed" not in summary, summary
     assert int(summary.split(" passed")[0].split()[-1]) >= min_passed, summary  # every case really ran
+
+
+class ReplayByRerun:
+    """CPU stand-in for CudaGraphStep (which needs a GPU): the same calls in the same order."""
+
+    def __init__(self, warm_up, fn, device):
+        warm_up()
+        self.fn = fn
+        self.replays = 0
+
+    def replay(self):
+        self.replays += 1
+        return self.fn()
