@@ -14,6 +14,8 @@ case "${1:-decode}" in
   decode)
     # correctness first: the backend on CUDA with the attention kernel (graph decoding vs a full forward)
     timeout 150 python -m bench.decode --smoke --layers 2 --attention-kernel --tokenizer "$TOK" --out "$OUT" 2>&1 | tee "$OUT/smoke.log"
+    # every cached decoding path (HF attention eager and in a graph, our attention kernel) against a full forward
+    timeout 120 python -m bench.decode_paths --layers 4 2>&1 | tee "$OUT/paths.log"
     # 7B-shaped decode: fp16, gptq graph, gptq graph + attention kernel, in one run; kernel table of the last
     timeout 300 python -m bench.decode --profile --new 128 --repeats 2 --out "$OUT" 2>&1 | tee "$OUT/decode.log"
     # the M = 1 kernel targets (4-bit against fp16 and copy bandwidth, 2/3-bit in proportion, act-order)
