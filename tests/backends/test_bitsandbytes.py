@@ -7,6 +7,7 @@ import logging
 import math
 
 import pytest
+import torch
 
 from backends.base import BackendError, SamplingParams
 from backends.registry import create_backend
@@ -76,8 +77,13 @@ def test_cuda_refused_clearly_without_a_gpu(default_hf_model):
 def test_nf4_chat_memory_and_perplexity(nf4, transformers_backend, eval_text, fp_ppl):
     assert "Paris" in _answer(nf4)
     report = nf4.memory_report()
-    # 4-bit codes + one float32 absmax per 64 weights = 4.5 bits
-    assert report.bits_per_weight == pytest.approx(4.5, abs=0.01)
+    # 4-bit codes + one absmax per 64 weights: float32 (4.5 bits), or bfloat16 (4.25) once bitsandbytes
+    # >= 0.50.2 has repacked the layer for its CPU kernel on the first forward pass
+    import bitsandbytes as bnb
+    layer = next(m for m in nf4.model.modules() if isinstance(m, bnb.nn.Linear4bit))
+    absmax = layer.weight.quant_state.absmax
+    assert absmax.dtype in (torch.float32, torch.bfloat16), absmax.dtype
+    assert report.bits_per_weight == pytest.approx(4 + absmax.element_size() * 8 / 64, abs=0.01)
     fp_report = transformers_backend.memory_report()
     assert report.ram_mb < 0.5 * fp_report.ram_mb
     assert report.file_mb == pytest.approx(fp_report.file_mb)
