@@ -41,21 +41,54 @@ def values_per_block(bits: int) -> int:
     return 32 if bits == 3 else 32 // bits
 
 
-INTERLEAVED_BITS = (2, 4)
+INTERLEAVED_BITS = (2, 3, 4)
+
+
+def hi_plane_bit(j: int) -> int:
+    """Bit of the hi-plane word that holds the third bit of value j (0..31) of a 3-bit block, in the
+    planes order of `interleave_pairs`: pair P = j // 2 in half j % 2, P's group of four (P // 4) at
+    offset 0, 1, 8 or 9, so one shift per group (<< 2, << 1, >> 6, >> 7) brings a pair's two bits to
+    fp16 mantissa bit 2r + 2 (r = P % 4), just above its two low bits."""
+    pair, half = j // 2, j % 2
+    group = pair // 4
+    return (group % 2) + 8 * (group // 2) + 2 * (pair % 4) + 16 * half
 
 
 def interleave_pairs(qweight: torch.Tensor, bits: int) -> torch.Tensor:
     """Re-order the values inside each packed word so values 2p and 2p+1 sit in the low and high
     16-bit halves at bit p * bits. Same bytes, same rows: the half2 matrix-vector kernel turns a pair
-    into two fp16 numbers with one instruction, and the fp16 activations pair up as they lie in memory."""
+    into two fp16 numbers with one instruction, and the fp16 activations pair up as they lie in memory.
+    3 bits: each block of 32 values (3 words) becomes two words of its low 2 bits in the 2-bit pair order
+    (values 0-15, then 16-31) and one word of its third bits (see hi_plane_bit): a 3-bit value then
+    straddles no word, and a pair costs one more `lop3` than at 2 or 4 bits."""
     if bits not in INTERLEAVED_BITS:
         raise ValueError(f"pair interleaving is for {INTERLEAVED_BITS}-bit words, not {bits}")
+    if bits == 3:
+        return _split_planes3(qweight)
     words = qweight.to(torch.int64) & 0xFFFFFFFF
     out = torch.zeros_like(words)
     mask = (1 << bits) - 1
     for j in range(32 // bits):
         out |= ((words >> (j * bits)) & mask) << ((j % 2) * 16 + (j // 2) * bits)
-    return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
+    return _as_int32(out)
+
+
+def _as_int32(words: torch.Tensor) -> torch.Tensor:
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def _split_planes3(qweight: torch.Tensor) -> torch.Tensor:
+    from backends.gptq import format as fmt
+    K, N = qweight.shape[0] * 32 // 3, qweight.shape[1]
+    blocks = fmt.unpack_qweight(qweight, 3, K).to(torch.int64).view(K // 32, 32, N)
+    lo, hi = blocks & 3, blocks >> 2
+    a, b, h = (torch.zeros(K // 32, N, dtype=torch.int64, device=qweight.device) for _ in range(3))
+    for j in range(16):
+        a |= lo[:, j] << ((j % 2) * 16 + (j // 2) * 2)
+        b |= lo[:, 16 + j] << ((j % 2) * 16 + (j // 2) * 2)
+    for j in range(32):
+        h |= hi[:, j] << hi_plane_bit(j)
+    return _as_int32(torch.stack([a, b, h], 1).view(K // 32 * 3, N))
 
 
 @dataclass
@@ -70,7 +103,7 @@ class KernelLayer:
     K: int
     N: int
     group_size: int              # rows per group in sorted order; K when there is one group
-    interleaved: bool = False    # 2/4-bit words in the pair order of `interleave_pairs`
+    interleaved: bool = False    # 2/3/4-bit words in the half2 kernel's order of `interleave_pairs`
 
     @property
     def Kw(self) -> int:
@@ -91,7 +124,7 @@ class GemmConfig:
     num_warps: int = 4
     num_stages: int = 2
     mode: int = 2              # 0 per word (3-D), 1 per row, 2 unrolled value slots, 3 prefetching GEMV (M=1),
-    #                            4 half2 GEMV (M=1, fp16, 2/4-bit interleaved words)
+    #                            4 half2 GEMV (M=1, fp16, 2/3/4-bit interleaved words)
     gather_x: bool = False     # act-order: permute the activations once (one gather) and run the perm-free
     #                            kernel, instead of each program loading x through perm (scattered reads)
     prefetch: int = 1          # mode 4: K tiles of words loaded ahead of the one in use (0: Triton's pipelining)
@@ -147,6 +180,15 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
         if M != 1 or x2d.dtype != torch.float16 or not layer.interleaved:
             raise ValueError("the half2 matrix-vector kernel (mode 4) takes one fp16 row and interleaved words")
         x_row = x2d if x2d.is_contiguous() else x2d.contiguous()
+        if layer.bits == 3:
+            from backends.gptq.triton_kernels import gptq_gemv_h2_3bit_kernel
+            gptq_gemv_h2_3bit_kernel[(n_tiles, split)](
+                x_row, x_row.view(torch.int32), layer.qweight, layer.scales, layer.zeros, perm, out,
+                bias if bias is not None else out, ws, tickets, layer.N, layer.K, layer.Kw, layer.group_size, per,
+                split, KB=cfg.block_k // 32, BLOCK_N=cfg.block_n, HAS_PERM=has_perm, SPLIT=split > 1,
+                HAS_BIAS=bias is not None, USE_ASM=not INTERPRETED, num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages)
+            return out
         gptq_gemv_h2_kernel[(n_tiles, split)](
             x_row, x_row.view(torch.int32), layer.qweight, layer.scales, layer.zeros, perm, out,
             bias if bias is not None else out, ws, tickets, layer.N, layer.K, layer.Kw, layer.group_size, per, split,
@@ -165,6 +207,8 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
             SPLIT=split > 1, HAS_BIAS=bias is not None, INTERLEAVED=layer.interleaved,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return out
+    if cfg.mode == 2 and cfg.block_m == 1 and layer.bits == 3 and layer.interleaved:
+        raise ValueError("the unrolled kernel's M = 1 form (mode 2) reads 3-bit words in the checkpoint's order")
     gptq_gemm_kernel[(n_tiles, split)](
         x2d, layer.qweight, layer.scales, layer.zeros, perm, out, bias if bias is not None else out, ws, tickets,
         M, layer.N, layer.K, layer.Kw, x2d.stride(0), out.stride(0), layer.group_size, per, split,
@@ -282,12 +326,12 @@ class KernelRuntime:
         """Unpacking modes worth trying, the untuned default first. The half2 kernel (mode 4) is only
         taken when the tuner has measured it (and checked its output) on the GPU in use."""
         if bucket == 1:
-            if dtype == torch.float16 and layer.interleaved:
-                return (3, 4, 0, 2)
-            return (3, 0, 2)
-        if dtype == torch.float16:
-            return (2, 0, 1)
-        return (0, 1)
+            modes = (3, 4, 0, 2) if dtype == torch.float16 and layer.interleaved else (3, 0, 2)
+        else:
+            modes = (2, 0, 1) if dtype == torch.float16 else (0, 1)
+        if bucket == 1 and layer.bits == 3 and layer.interleaved:  # mode 2's M = 1 form reads checkpoint order
+            modes = tuple(m for m in modes if m != 2)
+        return modes
 
     def candidates(self, M: int, layer: KernelLayer, device=None, dtype=torch.float16) -> list[GemmConfig]:
         """Configs worth trying, the heuristic default first."""

@@ -27,7 +27,14 @@ def _unpack_tile(qw_ptr, N, Kw, kb0, offs_n, mask_n,
     """Codes [KB, VPB, BLOCK_N] (uint32) of value blocks kb0 .. kb0+KB-1, each word loaded once. A block
     is the run of values that fills whole words: 32/BITS values in one word, or 32 in 3 words (3 bits)."""
     offs_kb = kb0 + tl.arange(0, KB)
-    if BITS == 3:
+    if BITS == 3 and INTERLEAVED:
+        row = offs_kb * 3
+        m = (row[:, None] < Kw) & mask_n[None, :]
+        p = qw_ptr + row[:, None] * N + offs_n[None, :]
+        v = _planes3(tl.load(p, mask=m, other=0).to(tl.uint32, bitcast=True),
+                     tl.load(p + N, mask=m, other=0).to(tl.uint32, bitcast=True),
+                     tl.load(p + 2 * N, mask=m, other=0).to(tl.uint32, bitcast=True))
+    elif BITS == 3:
         row = offs_kb * 3
         m = (row[:, None] < Kw) & mask_n[None, :]
         p = qw_ptr + row[:, None] * N + offs_n[None, :]
@@ -52,6 +59,26 @@ def _unpack_tile(qw_ptr, N, Kw, kb0, offs_n, mask_n,
 
 
 @triton.jit
+def _hi_plane_shift(j):
+    """kernel_runtime.hi_plane_bit of value j (0..31) of a 3-bit block."""
+    pair = j // 2
+    group = pair // 4
+    return ((group % 2) + 8 * (group // 2) + 2 * (pair % 4) + 16 * (j % 2)).to(tl.uint32)
+
+
+@triton.jit
+def _planes3(w0, w1, w2):
+    """Codes [KB, 32, BLOCK_N] of 3-bit blocks in the planes order of kernel_runtime.interleave_pairs:
+    low 2 bits of values 0-15 in w0 and 16-31 in w1 (2-bit pair order), third bits in w2."""
+    j = tl.arange(0, 32)
+    i = j % 16
+    lo_shift = ((i % 2) * 16 + (i // 2) * 2).to(tl.uint32)[None, :, None]
+    lo = tl.where((j < 16)[None, :, None], w0[:, None, :], w1[:, None, :])
+    hi = (w2[:, None, :] >> _hi_plane_shift(j)[None, :, None]) & 1
+    return ((lo >> lo_shift) & 3) | (hi << 2)
+
+
+@triton.jit
 def _slot_shift(j, BITS: tl.constexpr, INTERLEAVED: tl.constexpr):
     """Bit offset (uint32) of value j of a word: j * BITS in the checkpoint's order; in the interleaved
     order of `interleave_pairs` values 2p and 2p+1 sit in the low and high halves, at bit p * BITS."""
@@ -68,7 +95,16 @@ def _unpack_rows(qw_ptr, N, K, k0, offs_n, mask_n, BITS: tl.constexpr, BLOCK_K: 
     loaded once per value it holds (the repeats hit L1), but no reshape is needed for tl.dot."""
     offs_k = k0 + tl.arange(0, BLOCK_K)
     m = (offs_k < K)[:, None] & mask_n[None, :]
-    if BITS == 3:
+    if BITS == 3 and INTERLEAVED:
+        block = offs_k // 32
+        j = offs_k % 32
+        i = j % 16
+        lo = tl.load(qw_ptr + (block * 3 + j // 16)[:, None] * N + offs_n[None, :], mask=m, other=0)
+        hi = tl.load(qw_ptr + (block * 3 + 2)[:, None] * N + offs_n[None, :], mask=m, other=0)
+        lo = (lo.to(tl.uint32, bitcast=True) >> ((i % 2) * 16 + (i // 2) * 2).to(tl.uint32)[:, None]) & 3
+        hi = (hi.to(tl.uint32, bitcast=True) >> _hi_plane_shift(j)[:, None]) & 1
+        v = lo | (hi << 2)
+    elif BITS == 3:
         p = (offs_k % 32) * 3
         row = (offs_k // 32) * 3 + p // 32
         sh = (p % 32).to(tl.uint32)[:, None]
@@ -156,33 +192,50 @@ def _unrolled_tile(acc2, x_ptr, src_base, mask_kb, qw_ptr, N, Kw, kb0, offs_n, m
         w2 = w0
     corr = tl.sum(tl.zeros([KB], dtype=tl.float32), axis=0)
     for j in tl.static_range(VPB):
-        if INTERLEAVED:
-            bit = (j % 2) * 16 + (j // 2) * BITS
-        else:
-            bit = BITS * j
-        widx = bit // 32
-        pos = bit % 32
-        if widx == 0:
-            lo = w0
-            hi = w1
-        elif widx == 1:
-            lo = w1
-            hi = w2
-        else:
-            lo = w2
-            hi = w2
-        k = src_base + j  # [KB]
-        if HAS_PERM:
-            k = tl.load(perm_ptr + k, mask=mask_kb, other=0)
-        if BLOCK_M == 1:
-            xj = tl.load(x_ptr + k, mask=mask_kb, other=0).to(tl.float32)
-            acc2 += _window_field(lo, hi, pos, BITS) * xj[:, None]
-            corr += _window_offset(pos, BITS) * tl.sum(xj, axis=0)
-        else:
-            q = (_field(lo, hi, pos, BITS, 0) | 0x6400).to(tl.uint16).to(tl.float16, bitcast=True)
+        if BITS == 3 and INTERLEAVED:  # planes order (M > 1 only): low bits of j, then its third bit
+            i = j % 16
+            pair = j // 2
+            hpos = (pair // 4) % 2 + 8 * (pair // 8) + 2 * (pair % 4) + 16 * (j % 2)
+            if j < 16:
+                q3 = _field(w0, w0, (i % 2) * 16 + (i // 2) * 2, 2, 0)
+            else:
+                q3 = _field(w1, w1, (i % 2) * 16 + (i // 2) * 2, 2, 0)
+            q3 = q3 | _field(w2, w2, hpos, 1, 2)
+            k = src_base + j
+            if HAS_PERM:
+                k = tl.load(perm_ptr + k, mask=mask_kb, other=0)
+            q = (q3 | 0x6400).to(tl.uint16).to(tl.float16, bitcast=True)
             xj = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
                          mask=mask_m[:, None] & mask_kb[None, :], other=0)
             acc2 = tl.dot(xj, q, acc2)
+        else:
+            if INTERLEAVED:
+                bit = (j % 2) * 16 + (j // 2) * BITS
+            else:
+                bit = BITS * j
+            widx = bit // 32
+            pos = bit % 32
+            if widx == 0:
+                lo = w0
+                hi = w1
+            elif widx == 1:
+                lo = w1
+                hi = w2
+            else:
+                lo = w2
+                hi = w2
+            k = src_base + j  # [KB]
+            if HAS_PERM:
+                k = tl.load(perm_ptr + k, mask=mask_kb, other=0)
+            if BLOCK_M == 1:
+                xj = tl.load(x_ptr + k, mask=mask_kb, other=0).to(tl.float32)
+                acc2 += _window_field(lo, hi, pos, BITS) * xj[:, None]
+                corr += _window_offset(pos, BITS) * tl.sum(xj, axis=0)
+            else:
+                q = (_field(lo, hi, pos, BITS, 0) | 0x6400).to(tl.uint16).to(tl.float16, bitcast=True)
+                xj = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
+                             mask=mask_m[:, None] & mask_kb[None, :], other=0)
+                acc2 = tl.dot(xj, q, acc2)
     return acc2, corr
 
 
@@ -310,7 +363,9 @@ def _load_words(qw_ptr, N, kb0, offs_n, mask_n, row_end, BITS: tl.constexpr, KB:
 @triton.jit
 def _unpack_words(w0, w1, w2, BITS: tl.constexpr, VPB: tl.constexpr, INTERLEAVED: tl.constexpr):
     """Codes [KB, VPB, BLOCK_N] (uint32) from the word tiles of _load_words."""
-    if BITS == 3:
+    if BITS == 3 and INTERLEAVED:
+        v = _planes3(w0, w1, w2)
+    elif BITS == 3:
         pos = tl.arange(0, 32) * 3
         widx = (pos // 32)[None, :, None]
         sh = (pos % 32).to(tl.uint32)[None, :, None]
@@ -617,6 +672,180 @@ def gptq_gemv_h2_kernel(x_ptr, xp_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, 
             x7 = _x_pair(xp_ptr, x_ptr, perm_ptr, rows, mask_r, 7, PPW, HAS_PERM)
             r = _dot_word2(w, x0, x1, x2, x3, x4, x5, x6, x7, z, USE_ASM)
         acc2 += r * s[None, :]
+    acc = tl.sum(acc2, axis=0)
+    offs_m = tl.arange(0, 1)
+    _finish(acc[None, :], out_ptr, bias_ptr, ws_ptr, ticket_ptr, offs_m, offs_n, offs_m < 1, mask_n, 1, N, N,
+            pid_n, pid_k, nsplit, SPLIT, HAS_BIAS)
+
+
+@triton.jit
+def _pair3_term(w, h, xp, zf, P: tl.constexpr):
+    """Portable form of one 3-bit pair's product (planes order, P = 0..15 within its block): fp32."""
+    r: tl.constexpr = P % 8
+    v_lo = ((w >> (2 * r)) & 3) | (((h >> _hi_plane_shift(2 * P)) & 1) << 2)
+    v_hi = ((w >> (16 + 2 * r)) & 3) | (((h >> _hi_plane_shift(2 * P + 1)) & 1) << 2)
+    x_lo = (xp & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    x_hi = ((xp >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    return x_lo * (v_lo.to(tl.float32) - zf) + x_hi * (v_hi.to(tl.float32) - zf)
+
+
+@triton.jit
+def _dot_block3(w0, w1, h, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15, z, USE_ASM: tl.constexpr):
+    """sum_j x_j (q_j - z) over the 32 values of each 3-bit block in the planes order (w0, w1: low bits
+    of values 0-15 and 16-31 in the 2-bit pair order; h: third bits, see kernel_runtime.hi_plane_bit).
+    Per pair: a `lop3` for the low bits and the fp16 exponent, a `lop3` that ors in the third bit, the
+    same fix-up as at 2 bits (the value now spans mantissa bits 2r..2r+2), one fma; two fp16 sums
+    (values 0-15 and 16-31) added in fp32."""
+    if USE_ASM:
+        zf = z.to(tl.float32)
+        zz = (z + 0x6400) * 0x10001                # 1024 + z
+        m4 = _half2(-(256.0 + zf))                 # -(1024/4 + z)
+        m16 = _half2(-(64.0 + zf))
+        m64 = _half2(-(16.0 + zf))
+        return tl.inline_asm_elementwise(
+            "{\n"
+            ".reg .b32 t0, t1, g0, g1, g2, g3, q, a, b, c1, c2, c3;\n"
+            ".reg .b16 lo, hi;\n"
+            ".reg .f32 f0, f1, f2, f3;\n"
+            "mov.b32 c1, 0x34003400;\n"
+            "mov.b32 c2, 0x2C002C00;\n"
+            "mov.b32 c3, 0x24002400;\n"
+            "shr.u32 t0, $1, 8;\n"
+            "shr.u32 t1, $2, 8;\n"
+            "shl.b32 g0, $3, 2;\n"
+            "shl.b32 g1, $3, 1;\n"
+            "shr.u32 g2, $3, 6;\n"
+            "shr.u32 g3, $3, 7;\n"
+            "lop3.b32 q, $1, 0x00030003, 0x64006400, 0xea;\n"
+            "lop3.b32 q, g0, 0x00040004, q, 0xea;\n"
+            "sub.f16x2 q, q, $20;\n"
+            "mul.f16x2 a, q, $4;\n"
+            "lop3.b32 q, $1, 0x000c000c, 0x64006400, 0xea;\n"
+            "lop3.b32 q, g0, 0x00100010, q, 0xea;\n"
+            "fma.rn.f16x2 q, q, c1, $21;\n"
+            "fma.rn.f16x2 a, q, $5, a;\n"
+            "lop3.b32 q, $1, 0x00300030, 0x64006400, 0xea;\n"
+            "lop3.b32 q, g0, 0x00400040, q, 0xea;\n"
+            "fma.rn.f16x2 q, q, c2, $22;\n"
+            "fma.rn.f16x2 a, q, $6, a;\n"
+            "lop3.b32 q, $1, 0x00c000c0, 0x64006400, 0xea;\n"
+            "lop3.b32 q, g0, 0x01000100, q, 0xea;\n"
+            "fma.rn.f16x2 q, q, c3, $23;\n"
+            "fma.rn.f16x2 a, q, $7, a;\n"
+            "lop3.b32 q, t0, 0x00030003, 0x64006400, 0xea;\n"
+            "lop3.b32 q, g1, 0x00040004, q, 0xea;\n"
+            "sub.f16x2 q, q, $20;\n"
+            "fma.rn.f16x2 a, q, $8, a;\n"
+            "lop3.b32 q, t0, 0x000c000c, 0x64006400, 0xea;\n"
+            "lop3.b32 q, g1, 0x00100010, q, 0xea;\n"
+            "fma.rn.f16x2 q, q, c1, $21;\n"
+            "fma.rn.f16x2 a, q, $9, a;\n"
+            "lop3.b32 q, t0, 0x00300030, 0x64006400, 0xea;\n"
+            "lop3.b32 q, g1, 0x00400040, q, 0xea;\n"
+            "fma.rn.f16x2 q, q, c2, $22;\n"
+            "fma.rn.f16x2 a, q, $10, a;\n"
+            "lop3.b32 q, t0, 0x00c000c0, 0x64006400, 0xea;\n"
+            "lop3.b32 q, g1, 0x01000100, q, 0xea;\n"
+            "fma.rn.f16x2 q, q, c3, $23;\n"
+            "fma.rn.f16x2 a, q, $11, a;\n"
+            "lop3.b32 q, $2, 0x00030003, 0x64006400, 0xea;\n"
+            "lop3.b32 q, g2, 0x00040004, q, 0xea;\n"
+            "sub.f16x2 q, q, $20;\n"
+            "mul.f16x2 b, q, $12;\n"
+            "lop3.b32 q, $2, 0x000c000c, 0x64006400, 0xea;\n"
+            "lop3.b32 q, g2, 0x00100010, q, 0xea;\n"
+            "fma.rn.f16x2 q, q, c1, $21;\n"
+            "fma.rn.f16x2 b, q, $13, b;\n"
+            "lop3.b32 q, $2, 0x00300030, 0x64006400, 0xea;\n"
+            "lop3.b32 q, g2, 0x00400040, q, 0xea;\n"
+            "fma.rn.f16x2 q, q, c2, $22;\n"
+            "fma.rn.f16x2 b, q, $14, b;\n"
+            "lop3.b32 q, $2, 0x00c000c0, 0x64006400, 0xea;\n"
+            "lop3.b32 q, g2, 0x01000100, q, 0xea;\n"
+            "fma.rn.f16x2 q, q, c3, $23;\n"
+            "fma.rn.f16x2 b, q, $15, b;\n"
+            "lop3.b32 q, t1, 0x00030003, 0x64006400, 0xea;\n"
+            "lop3.b32 q, g3, 0x00040004, q, 0xea;\n"
+            "sub.f16x2 q, q, $20;\n"
+            "fma.rn.f16x2 b, q, $16, b;\n"
+            "lop3.b32 q, t1, 0x000c000c, 0x64006400, 0xea;\n"
+            "lop3.b32 q, g3, 0x00100010, q, 0xea;\n"
+            "fma.rn.f16x2 q, q, c1, $21;\n"
+            "fma.rn.f16x2 b, q, $17, b;\n"
+            "lop3.b32 q, t1, 0x00300030, 0x64006400, 0xea;\n"
+            "lop3.b32 q, g3, 0x00400040, q, 0xea;\n"
+            "fma.rn.f16x2 q, q, c2, $22;\n"
+            "fma.rn.f16x2 b, q, $18, b;\n"
+            "lop3.b32 q, t1, 0x00c000c0, 0x64006400, 0xea;\n"
+            "lop3.b32 q, g3, 0x01000100, q, 0xea;\n"
+            "fma.rn.f16x2 q, q, c3, $23;\n"
+            "fma.rn.f16x2 b, q, $19, b;\n"
+            "mov.b32 {lo, hi}, a;\n"
+            "cvt.f32.f16 f0, lo;\n"
+            "cvt.f32.f16 f1, hi;\n"
+            "mov.b32 {lo, hi}, b;\n"
+            "cvt.f32.f16 f2, lo;\n"
+            "cvt.f32.f16 f3, hi;\n"
+            "add.f32 f0, f0, f1;\n"
+            "add.f32 f2, f2, f3;\n"
+            "add.f32 $0, f0, f2;\n"
+            "}",
+            "=f,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
+            [w0, tl.broadcast_to(w1, w0.shape), tl.broadcast_to(h, w0.shape), tl.broadcast_to(x0, w0.shape), tl.broadcast_to(x1, w0.shape), tl.broadcast_to(x2, w0.shape), tl.broadcast_to(x3, w0.shape), tl.broadcast_to(x4, w0.shape), tl.broadcast_to(x5, w0.shape), tl.broadcast_to(x6, w0.shape), tl.broadcast_to(x7, w0.shape), tl.broadcast_to(x8, w0.shape), tl.broadcast_to(x9, w0.shape), tl.broadcast_to(x10, w0.shape), tl.broadcast_to(x11, w0.shape), tl.broadcast_to(x12, w0.shape), tl.broadcast_to(x13, w0.shape), tl.broadcast_to(x14, w0.shape), tl.broadcast_to(x15, w0.shape),
+             tl.broadcast_to(zz, w0.shape), tl.broadcast_to(m4, w0.shape), tl.broadcast_to(m16, w0.shape),
+             tl.broadcast_to(m64, w0.shape)],
+            dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        zf = z.to(tl.float32)
+        return (_pair3_term(w0, h, x0, zf, 0) + _pair3_term(w0, h, x1, zf, 1) + _pair3_term(w0, h, x2, zf, 2)
+                + _pair3_term(w0, h, x3, zf, 3) + _pair3_term(w0, h, x4, zf, 4) + _pair3_term(w0, h, x5, zf, 5)
+                + _pair3_term(w0, h, x6, zf, 6) + _pair3_term(w0, h, x7, zf, 7) + _pair3_term(w1, h, x8, zf, 8)
+                + _pair3_term(w1, h, x9, zf, 9) + _pair3_term(w1, h, x10, zf, 10) + _pair3_term(w1, h, x11, zf, 11)
+                + _pair3_term(w1, h, x12, zf, 12) + _pair3_term(w1, h, x13, zf, 13)
+                + _pair3_term(w1, h, x14, zf, 14) + _pair3_term(w1, h, x15, zf, 15))
+
+
+@triton.jit
+def gptq_gemv_h2_3bit_kernel(x_ptr, xp_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, bias_ptr, ws_ptr, ticket_ptr,
+                             N, K, Kw, group_size, tiles_per_split, nsplit,
+                             KB: tl.constexpr, BLOCK_N: tl.constexpr, HAS_PERM: tl.constexpr,
+                             SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr):
+    """out[1, N] = x[1, K] @ W (+ bias) for fp16 x and 3-bit blocks in the planes order (_dot_block3);
+    KB blocks of 32 values (3 words each) per tile, the next tile's words loaded before the current one
+    is used, as in gptq_gemv_h2_kernel."""
+    BLOCK_K: tl.constexpr = KB * 32
+    pid_n, pid_k, offs_n, mask_n, t0, t_end = _program_tiles(N, tiles_per_split, BLOCK_N)
+    row_end = tl.minimum(Kw, t_end * KB * 3)
+    w0, w1, w2 = _load_words(qw_ptr, N, t0 * KB, offs_n, mask_n, row_end, 3, KB)
+    acc2 = tl.zeros([KB, BLOCK_N], dtype=tl.float32)
+    for t in range(t0, t_end):
+        blocks = t * KB + tl.arange(0, KB)
+        mask_r = blocks * 3 < row_end
+        n0, n1, n2 = _load_words(qw_ptr, N, (t + 1) * KB, offs_n, mask_n, row_end, 3, KB)
+        g = tl.minimum(t * BLOCK_K, K - 1) // group_size
+        s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32)
+        z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.uint32)[None, :]
+        x0 = _x_pair(xp_ptr, x_ptr, perm_ptr, blocks, mask_r, 0, 16, HAS_PERM)
+        x1 = _x_pair(xp_ptr, x_ptr, perm_ptr, blocks, mask_r, 1, 16, HAS_PERM)
+        x2 = _x_pair(xp_ptr, x_ptr, perm_ptr, blocks, mask_r, 2, 16, HAS_PERM)
+        x3 = _x_pair(xp_ptr, x_ptr, perm_ptr, blocks, mask_r, 3, 16, HAS_PERM)
+        x4 = _x_pair(xp_ptr, x_ptr, perm_ptr, blocks, mask_r, 4, 16, HAS_PERM)
+        x5 = _x_pair(xp_ptr, x_ptr, perm_ptr, blocks, mask_r, 5, 16, HAS_PERM)
+        x6 = _x_pair(xp_ptr, x_ptr, perm_ptr, blocks, mask_r, 6, 16, HAS_PERM)
+        x7 = _x_pair(xp_ptr, x_ptr, perm_ptr, blocks, mask_r, 7, 16, HAS_PERM)
+        x8 = _x_pair(xp_ptr, x_ptr, perm_ptr, blocks, mask_r, 8, 16, HAS_PERM)
+        x9 = _x_pair(xp_ptr, x_ptr, perm_ptr, blocks, mask_r, 9, 16, HAS_PERM)
+        x10 = _x_pair(xp_ptr, x_ptr, perm_ptr, blocks, mask_r, 10, 16, HAS_PERM)
+        x11 = _x_pair(xp_ptr, x_ptr, perm_ptr, blocks, mask_r, 11, 16, HAS_PERM)
+        x12 = _x_pair(xp_ptr, x_ptr, perm_ptr, blocks, mask_r, 12, 16, HAS_PERM)
+        x13 = _x_pair(xp_ptr, x_ptr, perm_ptr, blocks, mask_r, 13, 16, HAS_PERM)
+        x14 = _x_pair(xp_ptr, x_ptr, perm_ptr, blocks, mask_r, 14, 16, HAS_PERM)
+        x15 = _x_pair(xp_ptr, x_ptr, perm_ptr, blocks, mask_r, 15, 16, HAS_PERM)
+        r = _dot_block3(w0, w1, w2, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15, z, USE_ASM)
+        acc2 += r * s[None, :]
+        w0 = n0
+        w1 = n1
+        w2 = n2
     acc = tl.sum(acc2, axis=0)
     offs_m = tl.arange(0, 1)
     _finish(acc[None, :], out_ptr, bias_ptr, ws_ptr, ticket_ptr, offs_m, offs_n, offs_m < 1, mask_n, 1, N, N,

@@ -68,11 +68,13 @@ def test_fused_kernel_matches_float64_reference(kr, bits, gs, act):
             assert fused, "no fused config for a group size the kernel supports"
             # every unpacking mode; fp16 runs its fewest K splits, fp32 its most (workspace + tickets)
             modes = {c.mode for c in fused}
-            assert 0 in modes and (M > 1 or {2, 3} <= modes), modes
-            # 2/4-bit words are interleaved on load; fp16 decoding then has the half2 kernel (mode 4),
-            # here in its portable form (the interpreter cannot run its PTX)
-            assert layer.interleaved == (bits in (2, 4))
-            assert (4 in modes) == (M == 1 and dtype == torch.float16 and bits in (2, 4)), modes
+            # (the unrolled kernel's M = 1 form reads 3-bit words in the checkpoint's order, not in planes)
+            assert 0 in modes and (M > 1 or 3 in modes), modes
+            assert M > 1 or (2 in modes) == (bits != 3), modes
+            # 2/3/4-bit words are re-ordered on load; fp16 decoding then has the half2 kernels (mode 4),
+            # here in their portable form (the interpreter cannot run their PTX)
+            assert layer.interleaved == (bits in (2, 3, 4))
+            assert (4 in modes) == (M == 1 and dtype == torch.float16 and bits in (2, 3, 4)), modes
             pick = min if dtype == torch.float16 else max
             # act-order layers also run with the activations gathered once before a perm-free kernel
             kinds = {(c.mode, c.gather_x) for c in fused}
@@ -93,10 +95,11 @@ def test_fused_kernel_matches_float64_reference(kr, bits, gs, act):
 
 
 @pytest.mark.parametrize("prefetch", [0, 1, 2])
-@pytest.mark.parametrize("bits,gs,act", [(4, 32, False), (2, 32, True)])
+@pytest.mark.parametrize("bits,gs,act", [(4, 32, False), (2, 32, True), (3, 32, True)])
 def test_half2_kernel_prefetch_depths(kr, bits, gs, act, prefetch):
     """Words loaded 0, 1 or 2 tiles ahead, with splits of several tiles (prefetches that run past a
-    split's end must read nothing) and of one tile, give the reference result."""
+    split's end must read nothing) and of one tile, give the reference result. (The 3-bit half2 kernel
+    always loads one tile ahead: its case checks that kernel with act-order and splits.)"""
     from backends.gptq.quant_linear import make_kernel_layer
     packed, ref_w = _layer(bits, gs, act, seed=40 + bits + prefetch)
     layer = make_kernel_layer(*packed, bits, gs, "gptq_v2", "cpu")

@@ -211,6 +211,19 @@ def test_interleaved_words_hold_the_same_values(bits):
         interleave_pairs(fmt.pack_qweight(codes, 8), 8)
 
 
+def test_3bit_planes_hold_the_same_values():
+    """3-bit blocks split into two 2-bit pair-order words and a word of third bits keep every value."""
+    from backends.gptq.kernel_runtime import hi_plane_bit, interleave_pairs
+    codes = torch.randint(0, 8, (96, 24), generator=torch.Generator().manual_seed(3), dtype=torch.int32)
+    words = (interleave_pairs(fmt.pack_qweight(codes, 3), 3).long() & 0xFFFFFFFF).view(3, 3, 24)  # [block, word, N]
+    assert sorted(hi_plane_bit(j) for j in range(32)) == list(range(32))  # every bit of the word used once
+    for j in range(32):
+        i = j % 16
+        lo = (words[:, j // 16] >> ((i % 2) * 16 + (i // 2) * 2)) & 3
+        hi = (words[:, 2] >> hi_plane_bit(j)) & 1
+        assert torch.equal((lo | hi << 2).int(), codes[j::32]), j
+
+
 def test_runtime_can_be_limited_to_some_kernel_modes():
     """bench.kernels --modes: only the named unpacking modes are tried; none left means dequantize."""
     from backends.gptq.kernel_runtime import KernelRuntime

@@ -60,6 +60,8 @@ def run_ptx(asm: str, args: list[int]) -> float:
             regs[d] = val(ops[1])
         elif op == "shr.u32":
             regs[d] = (val(ops[1]) >> val(ops[2])) & 0xFFFFFFFF
+        elif op == "shl.b32":
+            regs[d] = (val(ops[1]) << val(ops[2])) & 0xFFFFFFFF
         elif op == "lop3.b32":
             a, b, c, lut = (val(t) for t in ops[1:5])
             out = 0
@@ -121,9 +123,34 @@ def test_asm_computes_the_dot_product_of_one_word(bits):
     assert worst < 4e-3, worst  # fp16 products and sums: a wrong mask or constant gives errors of order 1
 
 
+def test_asm_computes_the_dot_product_of_one_3bit_block():
+    """_dot_block3: 32 values as two 2-bit pair-order words and a word of third bits (hi_plane_bit)."""
+    from backends.gptq.kernel_runtime import hi_plane_bit
+    asm, constraints = asm_of("_dot_block3")
+    assert constraints.count("r") == 3 + 16 + 4  # words, x pairs, zero constants
+    rng = np.random.default_rng(3)
+    worst = 0.0
+    for trial in range(300):
+        q = [int(v) for v in rng.integers(0, 8, 32)]
+        z = int(rng.integers(0, 8))
+        if trial % 50 == 0:
+            q = [7 if trial % 100 else 0] * 32
+        x = rng.standard_normal(32).astype(np.float16) * np.float16(rng.choice([0.01, 1.0, 30.0]))
+        lo_a = interleaved_word([v & 3 for v in q[:16]], 2)
+        lo_b = interleaved_word([v & 3 for v in q[16:]], 2)
+        hi = sum((v >> 2) << hi_plane_bit(j) for j, v in enumerate(q))
+        xpairs = [pack_f16(x[2 * p], x[2 * p + 1]) for p in range(16)]
+        consts = [(z + 0x6400) * 0x10001, half2_of(-(256 + z)), half2_of(-(64 + z)), half2_of(-(16 + z))]
+        got = run_ptx(asm, [lo_a, lo_b, hi] + xpairs + consts)
+        exact = sum(float(x[j]) * (q[j] - z) for j in range(32))
+        scale = sum(abs(float(x[j]) * (q[j] - z)) for j in range(32)) + 1e-6
+        worst = max(worst, abs(got - exact) / scale)
+    assert worst < 4e-3, worst
+
+
 def test_fix_ups_are_exact_integers():
     """(1024 + q * 2^s) * 2^-s - (1024 * 2^-s + z) is exactly q - z in fp16 for every code, zero and shift used."""
-    for bits, shifts in ((4, (0, 4)), (2, (0, 2, 4, 6))):
+    for bits, shifts in ((4, (0, 4)), (2, (0, 2, 4, 6)), (3, (0, 2, 4, 6))):
         for s in shifts:
             for q in range(2 ** bits):
                 for z in range(2 ** bits):
