@@ -4,7 +4,7 @@ see whether the tuner's candidate list misses faster configs (a diagnostic for B
     python -m bench.gemv_sweep [--shapes 4096x12288,4096x4096,4096x22016,11008x4096] [--budget-s 300]
 
 For each shape (4-bit g128, M = 1, fp16): the tuner's pick among its candidates, then a grid of
-block_n x block_k x warps x prefetch x split (and num_stages around the best), each checked against
+block_n x block_k x warps x split (and num_stages around the best), each checked against
 dequantize + cuBLAS and timed like the tuner times (CUDA graph replays over cold weight copies). The
 baseline is a device-to-device copy of the same bytes timed the same way, in the same run.
 """
@@ -73,21 +73,20 @@ def main(argv=None):
         reference = runtime.run(x, layer, GemmConfig(path="dequant")).float()
         results = []
         start = time.time()
-        grid = itertools.product((32, 64, 128, 256), valid_block_ks(layer, (64, 128)), (2, 4, 8), (1, 2))
-        for bn, bk, warps, prefetch in grid:
+        grid = itertools.product((32, 64, 128, 256), valid_block_ks(layer, (64, 128)), (2, 4, 8))
+        for bn, bk, warps in grid:
             if time.time() - start > args.budget_s:
                 print("(grid budget reached)", flush=True)
                 break
             for split in splits_for(layer, bn, bk, sms):
-                cfg = GemmConfig("fused", 1, bn, bk, split, warps, 2, mode=4, prefetch=prefetch)
+                cfg = GemmConfig("fused", 1, bn, bk, split, warps, 2, mode=4)
                 ms = time_config(runtime, x, layer, copies, cfg, reference)
                 if ms is not None:
                     results.append((ms, cfg))
         results.sort(key=lambda r: r[0])
-        for ms, cfg in results[:3]:  # num_stages and prefetch 0 around the three best
-            for stages, prefetch in itertools.product((1, 2, 3, 4), (0, 1, 2)):
-                c2 = GemmConfig("fused", 1, cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_warps, stages,
-                                mode=4, prefetch=prefetch)
+        for ms, cfg in results[:3]:  # num_stages around the three best
+            for stages in (1, 3, 4):
+                c2 = GemmConfig("fused", 1, cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_warps, stages, mode=4)
                 if c2 == cfg:
                     continue
                 ms2 = time_config(runtime, x, layer, copies, c2, reference)
@@ -98,7 +97,7 @@ def main(argv=None):
               f"(us, x copy time, config):", flush=True)
         for ms, cfg in results[:12]:
             print(f"  {ms * 1e3:6.1f} us  {base / (ms * 1e3):5.2f}  bn{cfg.block_n} bk{cfg.block_k} s{cfg.split_k} "
-                  f"w{cfg.num_warps} st{cfg.num_stages} pf{cfg.prefetch}", flush=True)
+                  f"w{cfg.num_warps} st{cfg.num_stages}", flush=True)
         del copies, layer
         torch.cuda.empty_cache()
 

@@ -89,6 +89,9 @@ def main(argv=None) -> int:
         if bits in (2, 4):
             cases.append((f"{bits}-bit mode 4 (half2)", tk.gptq_gemv_h2_kernel,
                           dict(common, BITS=bits, USE_ASM=True), kb * vpb))
+        if bits == 3:
+            cases.append(("3-bit mode 4 (half2, planes)", tk.gptq_gemv_h2_3bit_kernel,
+                          dict(common, USE_ASM=True), kb * vpb))
     print(f"| kernel | weights per thread per tile | loop instructions per thread | per weight | top opcodes |")
     print("| --- | --- | --- | --- | --- |")
     with tempfile.TemporaryDirectory() as tmp:

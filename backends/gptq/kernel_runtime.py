@@ -127,7 +127,6 @@ class GemmConfig:
     #                            4 half2 GEMV (M=1, fp16, 2/3/4-bit interleaved words)
     gather_x: bool = False     # act-order: permute the activations once (one gather) and run the perm-free
     #                            kernel, instead of each program loading x through perm (scattered reads)
-    prefetch: int = 1          # mode 4: K tiles of words loaded ahead of the one in use (0: Triton's pipelining)
 
 
 def valid_block_ks(layer: KernelLayer, candidates=(32, 64, 128, 256, 512)) -> list[int]:
@@ -194,7 +193,7 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
             bias if bias is not None else out, ws, tickets, layer.N, layer.K, layer.Kw, layer.group_size, per, split,
             BITS=layer.bits, KB=cfg.block_k // (32 // layer.bits), BLOCK_N=cfg.block_n,
             HAS_PERM=has_perm, SPLIT=split > 1, HAS_BIAS=bias is not None,
-            USE_ASM=not INTERPRETED, PREFETCH=cfg.prefetch, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            USE_ASM=not INTERPRETED, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return out
     if cfg.mode == 3:
         from backends.gptq.triton_kernels import gptq_gemv_kernel

@@ -626,36 +626,20 @@ def gptq_gemv_h2_kernel(x_ptr, xp_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, 
                         N, K, Kw, group_size, tiles_per_split, nsplit,
                         BITS: tl.constexpr, KB: tl.constexpr, BLOCK_N: tl.constexpr,
                         HAS_PERM: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        USE_ASM: tl.constexpr, PREFETCH: tl.constexpr = 1):
-    """out[1, N] = x[1, K] @ W (+ bias) for fp16 x and 2/4-bit interleaved words (see above). The words
-    of the next PREFETCH tiles are loaded before the current one is used (register multi-buffering): a
-    short layer's programs run few tiles each, so the reads one program keeps in flight set the speed.
-    PREFETCH 0 leaves the loads to Triton's own pipelining (num_stages)."""
+                        USE_ASM: tl.constexpr):
+    """out[1, N] = x[1, K] @ W (+ bias) for fp16 x and 2/4-bit interleaved words (see above). The next
+    tile's words are loaded before the current one is used (register double-buffering)."""
     VPW: tl.constexpr = 32 // BITS
     PPW: tl.constexpr = VPW // 2
     BLOCK_K: tl.constexpr = KB * VPW
     pid_n, pid_k, offs_n, mask_n, t0, t_end = _program_tiles(N, tiles_per_split, BLOCK_N)
     row_end = tl.minimum(Kw, t_end * KB)
-    wa, _, _ = _load_words(qw_ptr, N, t0 * KB, offs_n, mask_n, row_end, BITS, KB)
-    if PREFETCH >= 2:
-        wb, _, _ = _load_words(qw_ptr, N, (t0 + 1) * KB, offs_n, mask_n, row_end, BITS, KB)
-    else:
-        wb = wa
+    w, _, _ = _load_words(qw_ptr, N, t0 * KB, offs_n, mask_n, row_end, BITS, KB)
     acc2 = tl.zeros([KB, BLOCK_N], dtype=tl.float32)  # reduced over rows once, after the loop
     for t in range(t0, t_end):
         rows = t * KB + tl.arange(0, KB)
         mask_r = rows < row_end
-        if PREFETCH == 0:
-            w, _, _ = _load_words(qw_ptr, N, t * KB, offs_n, mask_n, row_end, BITS, KB)
-        else:
-            w = wa
-        if PREFETCH >= 2:
-            w_next, _, _ = _load_words(qw_ptr, N, (t + 2) * KB, offs_n, mask_n, row_end, BITS, KB)
-            wa = wb
-            wb = w_next
-        elif PREFETCH == 1:
-            w_next, _, _ = _load_words(qw_ptr, N, (t + 1) * KB, offs_n, mask_n, row_end, BITS, KB)
-            wa = w_next
+        w_next, _, _ = _load_words(qw_ptr, N, (t + 1) * KB, offs_n, mask_n, row_end, BITS, KB)
         g = tl.minimum(t * BLOCK_K, K - 1) // group_size
         s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32)
         z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.uint32)[None, :]
@@ -672,10 +656,12 @@ def gptq_gemv_h2_kernel(x_ptr, xp_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, 
             x7 = _x_pair(xp_ptr, x_ptr, perm_ptr, rows, mask_r, 7, PPW, HAS_PERM)
             r = _dot_word2(w, x0, x1, x2, x3, x4, x5, x6, x7, z, USE_ASM)
         acc2 += r * s[None, :]
+        w = w_next
     acc = tl.sum(acc2, axis=0)
     offs_m = tl.arange(0, 1)
     _finish(acc[None, :], out_ptr, bias_ptr, ws_ptr, ticket_ptr, offs_m, offs_n, offs_m < 1, mask_n, 1, N, N,
             pid_n, pid_k, nsplit, SPLIT, HAS_BIAS)
+
 
 
 @triton.jit

@@ -20,12 +20,10 @@ def _kernels():
         pytest.skip("TRITON_INTERPRET=1 is set: kernels are interpreted, not compiled, in this process")
     gemm = dict(SPLIT=True, HAS_BIAS=True, HAS_PERM=True, INTERLEAVED=True, BLOCK_N=64)
     return [
-        ("gemv half2 4-bit prefetch %d" % pf, tk.gptq_gemv_h2_kernel,
-         dict(BITS=4, KB=16, BLOCK_N=64, HAS_PERM=False, SPLIT=True, HAS_BIAS=False, USE_ASM=True, PREFETCH=pf))
-        for pf in (0, 1, 2)
-    ] + [
+        ("gemv half2 4-bit", tk.gptq_gemv_h2_kernel,
+         dict(BITS=4, KB=16, BLOCK_N=64, HAS_PERM=False, SPLIT=True, HAS_BIAS=False, USE_ASM=True)),
         ("gemv half2 2-bit act-order", tk.gptq_gemv_h2_kernel,
-         dict(BITS=2, KB=8, BLOCK_N=128, HAS_PERM=True, SPLIT=False, HAS_BIAS=True, USE_ASM=True, PREFETCH=1)),
+         dict(BITS=2, KB=8, BLOCK_N=128, HAS_PERM=True, SPLIT=False, HAS_BIAS=True, USE_ASM=True)),
         ("gemv prefetching 3-bit", tk.gptq_gemv_kernel,
          dict(BITS=3, VPB=32, KB=4, BLOCK_N=128, HAS_PERM=True, SPLIT=True, HAS_BIAS=True, INTERLEAVED=False)),
         ("gemv half2 3-bit planes", tk.gptq_gemv_h2_3bit_kernel,
