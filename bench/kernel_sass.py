@@ -66,15 +66,24 @@ def opcode(text: str) -> str:
     return word.split(".")[0]
 
 
+def loop_body(kernel, constexprs: dict, arch: int = 90, warps: int = 4) -> list[str]:
+    """SASS instructions of the kernel's K loop, compiled for sm_<arch> (Triton's ptxas and cuobjdump)."""
+    import triton
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        cubin.write_bytes(compile_cubin(kernel, constexprs, arch, warps))
+        sass = subprocess.run([str(cuobjdump), "-sass", str(cubin)], capture_output=True, text=True).stdout
+    return main_loop(sass)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--block-n", type=int, default=256)
     ap.add_argument("--warps", type=int, default=4)
     args = ap.parse_args(argv)
-    import triton
     from backends.gptq import triton_kernels as tk
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     threads = 32 * args.warps
     cases = []
     for bits in (4, 2, 3, 8):
@@ -94,15 +103,11 @@ def main(argv=None) -> int:
                           dict(common, USE_ASM=True), kb * vpb))
     print(f"| kernel | weights per thread per tile | loop instructions per thread | per weight | top opcodes |")
     print("| --- | --- | --- | --- | --- |")
-    with tempfile.TemporaryDirectory() as tmp:
-        for title, kernel, const, block_k in cases:
-            cubin = Path(tmp) / "k.cubin"
-            cubin.write_bytes(compile_cubin(kernel, const, args.arch, args.warps))
-            sass = subprocess.run([str(cuobjdump), "-sass", str(cubin)], capture_output=True, text=True).stdout
-            body = main_loop(sass)
-            weights = block_k * args.block_n / threads
-            top = ", ".join(f"{op} {n}" for op, n in Counter(map(opcode, body)).most_common(6))
-            print(f"| {title} | {weights:.0f} | {len(body)} | {len(body) / weights:.2f} | {top} |", flush=True)
+    for title, kernel, const, block_k in cases:
+        body = loop_body(kernel, const, args.arch, args.warps)
+        weights = block_k * args.block_n / threads
+        top = ", ".join(f"{op} {n}" for op, n in Counter(map(opcode, body)).most_common(6))
+        print(f"| {title} | {weights:.0f} | {len(body)} | {len(body) / weights:.2f} | {top} |", flush=True)
     return 0
 
 
