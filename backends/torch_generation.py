@@ -46,9 +46,14 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
 def stream_generate(model, prompt_ids: list[int], params: SamplingParams, *,
                     eos_ids: set[int], decode: Callable[[Sequence[int]], str], device: torch.device,
                     context_length: int, stop_event: threading.Event | None = None,
-                    forward: Callable | None = None) -> Iterator[GenerationChunk]:
+                    forward: Callable | None = None, pipeline: bool | None = None) -> Iterator[GenerationChunk]:
     """Yield one GenerationChunk per produced token (text may be empty while a character is being
-    completed) and a final chunk with `finished=True` and the reason."""
+    completed) and a final chunk with `finished=True` and the reason.
+    `pipeline` (default: on for CUDA): greedy decoding launches the next step with the token still on
+    the device, before the host reads it, so the GPU does not wait for the host's per-token work (a
+    7B 4-bit step is ~2.3 ms of GPU time against ~0.13 ms of host work between steps). A reply that
+    ends on an end-of-sequence token or a stop string has computed one step more; on a CPU that step
+    would cost its full time, so the pipeline is off there."""
     params = params.validated()
     if not prompt_ids:
         raise BackendError("the prompt is empty")
@@ -67,6 +72,9 @@ def stream_generate(model, prompt_ids: list[int], params: SamplingParams, *,
     reason = "length"
     stops = StopStringFilter(params.stop)
     greedy = params.temperature <= 0 and params.repetition_penalty == 1.0
+    if pipeline is None:
+        pipeline = torch.device(device).type == "cuda"
+    pending = None  # the next step, launched before the host has read the token it is fed
     with torch.inference_mode():
         input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
         logits, cache = step(input_ids, None)
@@ -75,7 +83,10 @@ def stream_generate(model, prompt_ids: list[int], params: SamplingParams, *,
                 reason = "cancelled"
                 break
             if greedy:  # argmax where the logits are: one scalar crosses to the host, not the vocabulary
-                token = int(logits[0, -1].argmax())
+                token_on_device = logits[0, -1].argmax().reshape(1, 1)
+                if pipeline and generated + 1 < budget:
+                    pending = step(token_on_device, cache)
+                token = int(token_on_device)
             else:
                 row = logits[0, -1].float().cpu()
                 if params.repetition_penalty != 1.0:
@@ -94,7 +105,10 @@ def stream_generate(model, prompt_ids: list[int], params: SamplingParams, *,
                 break
             if generated >= budget:
                 break
-            logits, cache = step(torch.tensor([[token]], dtype=torch.long, device=device), cache)
+            if pending is not None:
+                (logits, cache), pending = pending, None
+            else:
+                logits, cache = step(torch.tensor([[token]], dtype=torch.long, device=device), cache)
     tail = stops.flush()
     if tail and reason != "stop":
         yield GenerationChunk(tail, n_prompt, generated)

@@ -42,3 +42,19 @@ def test_replayed_steps_match_a_full_forward(tiny_llama):
         assert float(err.max()) < 1e-4, err.tolist()
     # one capture; the first conversation's first step runs eagerly, every later step replays
     assert len(graphs) == 1 and graphs[0].replays == (len(forced) - 1) + len(forced)
+
+
+def test_pipelined_generation_through_replays(tiny_llama):
+    """stream_generate's pipelined greedy loop (the token fed to the next replay straight from the
+    device) gives the reply of the step-by-step loop through the same captured step."""
+    from backends.base import SamplingParams
+    replies = []
+    for pipeline in (False, True):
+        decoder = GraphDecoder(tiny_llama, torch.device("cpu"), max_len=64, step_capture=ReplayByRerun)
+        chunks = torch_generation.stream_generate(
+            tiny_llama, [5, 17, 42, 7, 99], SamplingParams(temperature=0.0, max_new_tokens=10), eos_ids=set(),
+            decode=lambda ids: ",".join(map(str, ids)), device=torch.device("cpu"), context_length=64,
+            forward=decoder.step, pipeline=pipeline)
+        replies.append("".join(c.text for c in chunks))
+        assert decoder.graph is not None and decoder.graph.replays == 8  # 10 tokens: prompt, eager step, 8 replays
+    assert replies[0] == replies[1] and replies[0].count(",") == 9

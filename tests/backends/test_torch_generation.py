@@ -1,0 +1,54 @@
+"""The generation loop shared by the torch backends: greedy decoding pipelined (the next step launched
+with the token still on the device, before the host reads it) gives the same tokens and stops at the same
+place as the step-by-step loop; it only computes one step more when the reply ends on EOS."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from backends import torch_generation
+from backends.base import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=320, max_position_embeddings=128)
+    return LlamaForCausalLM(config).eval()
+
+
+def _run(model, pipeline, max_new=12, eos=()):
+    calls = []
+    inner = torch_generation._default_forward(model)
+
+    def step(input_ids, cache):
+        calls.append(input_ids.reshape(-1).tolist())
+        return inner(input_ids, cache)
+
+    chunks = list(torch_generation.stream_generate(
+        model, [5, 17, 42, 7], SamplingParams(temperature=0.0, max_new_tokens=max_new), eos_ids=set(eos),
+        decode=lambda ids: "".join(chr(65 + i % 26) for i in ids), device=torch.device("cpu"),
+        context_length=128, forward=step, pipeline=pipeline))
+    return "".join(c.text for c in chunks), chunks[-1], calls
+
+
+def test_pipelined_greedy_gives_the_same_reply(tiny_llama):
+    text, last, calls = _run(tiny_llama, pipeline=False)
+    text_p, last_p, calls_p = _run(tiny_llama, pipeline=True)
+    assert text_p == text and len(text) == 12
+    assert (last_p.finish_reason, last_p.generated_tokens) == (last.finish_reason, last.generated_tokens) == ("length", 12)
+    assert calls_p == calls and len(calls) == 12  # the prompt and 11 steps: no step past the budget
+
+
+def test_pipelined_greedy_stops_on_eos_after_one_extra_step(tiny_llama):
+    _, _, calls = _run(tiny_llama, pipeline=False)
+    eos = calls[4][0]  # the 4th generated token (each step's input is the token before it)
+    if eos in [c[0] for c in calls[1:4]]:
+        pytest.fail("the random model repeats a token early; pick another seed")
+    text, last, calls_s = _run(tiny_llama, pipeline=False, eos=[eos])
+    text_p, last_p, calls_p = _run(tiny_llama, pipeline=True, eos=[eos])
+    assert text_p == text and len(text) == 3
+    assert last_p.finish_reason == last.finish_reason == "stop"
+    assert len(calls_s) == 4 and calls_p == calls_s + [[eos]]  # the step fed the EOS token ran, unused
