@@ -97,14 +97,18 @@ def test_fused_kernel_matches_float64_reference(kr, bits, gs, act):
 @pytest.mark.parametrize("bits,gs,act", [(4, 32, False), (2, 32, True), (3, 32, True)])
 def test_half2_kernels_with_splits(kr, bits, gs, act):
     """The half2 kernels over splits of several tiles (the words loaded ahead at a split's end must read
-    nothing) and of one tile give the reference result; at 3 bits with act-order too."""
+    nothing), of one tile, and more than eight splits give the reference result; 3 bits with act-order too."""
     from backends.gptq.quant_linear import make_kernel_layer
     packed, ref_w = _layer(bits, gs, act, seed=40 + bits)
     layer = make_kernel_layer(*packed, bits, gs, "gptq_v2", "cpu")
     x = torch.randn(1, K, generator=torch.Generator().manual_seed(bits)).half()
     ref = x.double() @ ref_w
-    for split in (1, 2, 5):  # K = 160: 5 tiles of 32 rows (a tile never straddles a group of 32)
-        cfg = kr.GemmConfig("fused", 1, 32, 32, split, 4, mode=4)
+    # K = 160: 5 tiles of 32 rows (a tile never straddles a group of 32); at 2 and 4 bits also 10 tiles of
+    # 16, split 10 ways (the last split sums the partials eight at a time: a second chunk)
+    configs = [kr.GemmConfig("fused", 1, 32, 32, split, 4, mode=4) for split in (1, 2, 5)]
+    if bits != 3:
+        configs += [kr.GemmConfig("fused", 1, 32, 16, 10, 4, mode=mode) for mode in (3, 4)]
+    for cfg in configs:
         y = kr.launch_fused(x, layer, cfg, out=torch.full((1, N), float("nan"), dtype=torch.float16))
         assert not torch.isnan(y).any(), cfg
         assert _rel(y, ref) < 1e-2, cfg
