@@ -22,21 +22,41 @@ NEG = tl.constexpr(-1.0e30)  # a constexpr: compiled kernels read no other globa
 
 
 @triton.jit
+def _rotated(x_ptr, cos_ptr, sin_ptr, d, dmask, D: tl.constexpr, ROTARY: tl.constexpr):
+    """x[d] (float32), times cos plus rotate_half(x) times sin when ROTARY: rotate_half(x)[d] is
+    -x[d + D/2] in the first half and x[d - D/2] in the second."""
+    x = tl.load(x_ptr + d, mask=dmask, other=0.0).to(tl.float32)
+    if ROTARY:
+        half: tl.constexpr = D // 2
+        partner = tl.load(x_ptr + (d + half) % D, mask=dmask, other=0.0).to(tl.float32)
+        partner = tl.where(d < half, -partner, partner)
+        c = tl.load(cos_ptr + d, mask=dmask, other=0.0).to(tl.float32)
+        sn = tl.load(sin_ptr + d, mask=dmask, other=0.0).to(tl.float32)
+        x = x * c + partner * sn
+    return x
+
+
+@triton.jit
 def decode_attention_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, pos_ptr, out_ptr, ws_ptr, ticket_ptr,
-                            scale_log2, chunk, stride_qh, stride_knh, stride_vnh,
+                            cos_ptr, sin_ptr, scale_log2, chunk, stride_qh, stride_knh, stride_vnh,
                             stride_kch, stride_kcl, stride_vch, stride_vcl,
                             GROUP: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr, BLOCK: tl.constexpr,
-                            SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr):
+                            SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, ROTARY: tl.constexpr = False):
     """Program (h, s): query head h over cache positions [s * chunk, min((s + 1) * chunk, pos));
-    split 0 also takes the new token (position pos) and writes it to the cache for its kv head."""
+    split 0 also takes the new token (position pos) and writes it to the cache for its kv head.
+    ROTARY: q and the new k arrive before the rotary embedding, which is applied here (LLaMA's
+    x * cos + rotate_half(x) * sin, cos and sin of the token's position, [D] each): one launch less."""
     h = tl.program_id(0)
     s = tl.program_id(1)
     kvh = h // GROUP
     pos = tl.load(pos_ptr)
     d = tl.arange(0, D_P2)
     dmask = d < D
-    q = tl.load(q_ptr + h * stride_qh + d, mask=dmask, other=0.0).to(tl.float32) * scale_log2
-    kn = tl.load(kn_ptr + kvh * stride_knh + d, mask=dmask, other=0.0)
+    q = _rotated(q_ptr + h * stride_qh, cos_ptr, sin_ptr, d, dmask, D, ROTARY) * scale_log2
+    if ROTARY:
+        kn = _rotated(kn_ptr + kvh * stride_knh, cos_ptr, sin_ptr, d, dmask, D, ROTARY).to(kc_ptr.dtype.element_ty)
+    else:
+        kn = tl.load(kn_ptr + kvh * stride_knh + d, mask=dmask, other=0.0)
     vn = tl.load(vn_ptr + kvh * stride_vnh + d, mask=dmask, other=0.0)
     first = s == 0
     if first & (h % GROUP == 0):

@@ -24,8 +24,9 @@ log = logging.getLogger(__name__)
 BLOCK = 64                 # cache positions per tile
 VERIFY_TOLERANCE = 1e-2    # relative error of the first routed step against torch (fp16: ~1e-3)
 PROGRAMS_PER_SM = 4        # split long caches until the launch has about this many programs per SM
-# architectures whose attention is exactly: projections, rotary by the modeling module's
-# apply_rotary_pos_emb, softmax(q k^T * scaling) v over all earlier positions, o_proj
+# architectures whose attention is exactly: projections, LLaMA's rotate-half rotary embedding (applied
+# in the kernel when cos/sin hold head_dim values, else by the modeling module's apply_rotary_pos_emb),
+# softmax(q k^T * scaling) v over all earlier positions, o_proj
 ROUTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
@@ -37,10 +38,13 @@ def split_count(max_len: int, q_heads: int, device) -> int:
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                      v_cache: torch.Tensor, pos: torch.Tensor, scaling: float, scratch: SplitScratch,
-                     splits: int | None = None) -> torch.Tensor:
+                     splits: int | None = None, rotary: tuple[torch.Tensor, torch.Tensor] | None = None
+                     ) -> torch.Tensor:
     """q [1, Hq, 1, D], k and v [1, Hkv, 1, D], caches [1, Hkv, L, D], pos a one-element integer tensor
     on the same device. Writes k and v at position pos of the caches and returns the attention output
-    [1, 1, Hq, D] over positions 0..pos (no mask: everything before the token is visible)."""
+    [1, 1, Hq, D] over positions 0..pos (no mask: everything before the token is visible).
+    rotary=(cos, sin), D values each for this position: q and k are given before LLaMA's rotary
+    embedding, which the kernel applies (and the cache receives the rotated k)."""
     from backends.gptq.attention_kernel import LOG2E, decode_attention_kernel
     _, hq, _, dim = q.shape
     hkv, max_len = k_cache.shape[1], k_cache.shape[2]
@@ -57,24 +61,41 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     chunk = -(-per_split // BLOCK) * BLOCK  # whole tiles per split
     splits = -(-max_len // chunk)
     d_p2 = triton.next_power_of_2(dim)
+    if rotary is not None:
+        cos, sin = (t.reshape(-1) for t in rotary)
+        if cos.numel() != dim or sin.numel() != dim or dim % 2 or cos.stride(0) != 1 or sin.stride(0) != 1:
+            raise ValueError(f"rotary cos/sin must hold head_dim = {dim} contiguous values, got {tuple(rotary[0].shape)}")
+    else:
+        cos = sin = q  # unused pointers
     out = torch.empty(1, 1, hq, dim, dtype=q.dtype, device=q.device)
     if splits > 1:
         ws, tickets = scratch.get(hq * splits * (d_p2 + 2), hq, q.device)
     else:
         ws = tickets = out
     decode_attention_kernel[(hq, splits)](
-        q, k, v, k_cache, v_cache, pos, out, ws, tickets, float(scaling) * LOG2E, chunk,
+        q, k, v, k_cache, v_cache, pos, out, ws, tickets, cos, sin, float(scaling) * LOG2E, chunk,
         q.stride(1), k.stride(1), v.stride(1), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(1), v_cache.stride(2),
         GROUP=hq // hkv, D=dim, D_P2=d_p2, BLOCK=BLOCK, SPLITS=splits,
-        SPLITS_P2=triton.next_power_of_2(splits), num_warps=4)
+        SPLITS_P2=triton.next_power_of_2(splits), ROTARY=rotary is not None, num_warps=4)
     return out
 
 
-def reference_attention(q, k, v, k_cache, v_cache, pos: int, scaling: float) -> torch.Tensor:
-    """The same step in plain torch (float64): what the kernel must match."""
-    keys = torch.cat([k_cache[:, :, :pos], k], 2).double()
-    values = torch.cat([v_cache[:, :, :pos], v], 2).double()
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """LLaMA's rotary embedding x * cos + rotate_half(x) * sin in float64, cos/sin of D values."""
+    half = x.shape[-1] // 2
+    x = x.double()
+    rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
+    return x * cos.double().reshape(-1) + rotated * sin.double().reshape(-1)
+
+
+def reference_attention(q, k, v, k_cache, v_cache, pos: int, scaling: float, rotary=None) -> torch.Tensor:
+    """The same step in plain torch (float64): what the kernel must match (q and k rotated first when
+    rotary=(cos, sin) is given, as the kernel does)."""
+    if rotary is not None:
+        q, k = rotate(q, *rotary), rotate(k, *rotary)
+    keys = torch.cat([k_cache[:, :, :pos].double(), k.double()], 2)
+    values = torch.cat([v_cache[:, :, :pos].double(), v.double()], 2)
     group = q.shape[1] // keys.shape[1]
     keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
     weights = torch.softmax((q.double() @ keys.transpose(-1, -2)) * scaling, -1)
@@ -93,13 +114,13 @@ class DecodeAttentionRoute:
         self.calls = 0
         self.verified: set[str] = set()
 
-    def verify(self, q, k, v, keys, values, position_ids, scaling, out) -> str | None:
+    def verify(self, q, k, v, keys, values, position_ids, scaling, out, rotary=None) -> str | None:
         """None when `out` (the kernel's result for this step) matches torch, else what is wrong.
         Runs once per device type, outside graph capture (it reads the position on the host)."""
         device = q.device
         if device.type in self.verified or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
             return None
-        expected = reference_attention(q, k, v, keys, values, int(position_ids.reshape(-1)[0]), scaling)
+        expected = reference_attention(q, k, v, keys, values, int(position_ids.reshape(-1)[0]), scaling, rotary)
         err = float((out.double() - expected).norm() / expected.norm().clamp_min(1e-30))
         if not math.isfinite(err) or err > VERIFY_TOLERANCE:
             return f"relative error {err:.2g} against torch"
@@ -180,12 +201,16 @@ def _routed_forward(module, original, route: DecodeAttentionRoute):
         k = module.k_proj(hidden_states).view(1, 1, -1, dim).transpose(1, 2)
         v = module.v_proj(hidden_states).view(1, 1, -1, dim).transpose(1, 2)
         cos, sin = embeddings
-        q, k = rotary_module.apply_rotary_pos_emb(q, k, cos, sin)  # looked up per call: may be compiled
+        rotary = None
+        if cos.numel() == dim and sin.numel() == dim and cos.stride(-1) == 1 and sin.stride(-1) == 1:
+            rotary = (cos, sin)  # LLaMA's rotary applied inside the kernel: one launch less per layer
+        else:
+            q, k = rotary_module.apply_rotary_pos_emb(q, k, cos, sin)  # looked up per call: may be compiled
         layer = cache.layers[module.layer_idx]
         try:
             out = decode_attention(q, k, v, layer.keys, layer.values, position_ids.reshape(1), module.scaling,
-                                   route.scratch)
-            problem = route.verify(q, k, v, layer.keys, layer.values, position_ids, module.scaling, out)
+                                   route.scratch, rotary=rotary)
+            problem = route.verify(q, k, v, layer.keys, layer.values, position_ids, module.scaling, out, rotary)
         except Exception as exc:  # e.g. a Triton compile error on this GPU: never worse than no kernel
             if hidden_states.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
                 raise

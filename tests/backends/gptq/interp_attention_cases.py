@@ -60,6 +60,30 @@ def test_kernel_matches_the_reference(dtype, hq, hkv, dim, pos, splits):
         assert int(scratch.tickets.abs().sum()) == 0  # every ticket back to zero for the next layer
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("hq, hkv, dim, pos, splits", [(4, 4, 16, 0, 1), (6, 2, 64, 70, 3), (3, 1, 80, 200, 4)])
+def test_rotary_inside_the_kernel(dtype, hq, hkv, dim, pos, splits):
+    """q and k given before the rotary embedding, cos/sin of the position: the kernel rotates both,
+    attends, and writes the rotated key to the cache."""
+    from backends.gptq.decode_attention import rotate
+    q, k, v, k_cache, v_cache = _case(hq, hkv, dim, 256, dtype, seed=dim + pos)
+    angle = torch.linspace(0.1, 3.0, dim // 2) * (pos + 1)
+    cos, sin = (torch.cat([f(angle), f(angle)]).to(dtype).view(1, 1, dim) for f in (torch.cos, torch.sin))
+    k_cache[:, :, pos:] = float("nan")
+    before_k, before_v = k_cache.clone(), v_cache.clone()
+    out = decode_attention(q, k, v, k_cache, v_cache, torch.tensor([pos]), dim ** -0.5, SplitScratch(),
+                           splits=splits, rotary=(cos, sin))
+    expected = reference_attention(q, k, v, before_k, before_v, pos, dim ** -0.5, rotary=(cos, sin))
+    err = float((out.double() - expected).norm() / expected.norm())
+    assert err < (2e-3 if dtype == torch.float16 else 1e-5), err
+    stored = k_cache[:, :, pos].double()
+    assert float((stored - rotate(k, cos, sin)[:, :, 0]).abs().max()) < (1e-2 if dtype == torch.float16 else 1e-5)
+    assert not torch.allclose(stored, k[:, :, 0].double())  # really rotated
+    with pytest.raises(ValueError, match="rotary"):
+        decode_attention(q, k, v, k_cache, v_cache, torch.tensor([pos]), 1.0, SplitScratch(),
+                         rotary=(cos[..., :-2], sin[..., :-2]))
+
+
 def test_splits_cover_the_cache_for_any_length():
     """Split counts that do not divide the cache and caches shorter than the splits asked for."""
     for max_len, splits in [(100, 3), (17, 4), (300, 7)]:

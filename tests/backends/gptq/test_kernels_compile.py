@@ -10,6 +10,7 @@ from bench.kernel_sass import compile_cubin
 
 ATTENTION_TYPES = {"q_ptr": "*fp16", "kn_ptr": "*fp16", "vn_ptr": "*fp16", "kc_ptr": "*fp16", "vc_ptr": "*fp16",
                    "pos_ptr": "*i64", "out_ptr": "*fp16", "ws_ptr": "*fp32", "ticket_ptr": "*i32",
+                   "cos_ptr": "*fp16", "sin_ptr": "*fp16",
                    "scale_log2": "fp32"}
 
 
@@ -41,6 +42,8 @@ def _kernels():
          dict(BITS=3, VPB=32, KB=2, BLOCK_N=128, HAS_PERM=True, INTERLEAVED=True)),
         ("decoding attention", ak.decode_attention_kernel,
          dict(GROUP=4, D=128, D_P2=128, BLOCK=64, SPLITS=4, SPLITS_P2=4)),
+        ("decoding attention with rotary", ak.decode_attention_kernel,
+         dict(GROUP=1, D=80, D_P2=128, BLOCK=64, SPLITS=1, SPLITS_P2=1, ROTARY=True)),
     ]
 
 
