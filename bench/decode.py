@@ -187,8 +187,8 @@ def smoke_main(args) -> None:
              f"{chunks[-1].finish_reason}. Memory report: GPU {report.gpu_mb:.0f} MB, {report.bits_per_weight:.2f} "
              f"bits/weight. Graph decoding vs full forward over the same 24 steps: logits rel err {err:.1e}, top-1 "
              f"agreement {top1 * 100:.0f}%; graph captured: {backend._decoder.graph is not None}. Decoding attention "
-             f"kernel alone against float64 at positions 0-255 split 1-7 ways (32 heads over 8 kv heads, head 128, "
-             f"cache 256): worst rel err {max(kernel_err.values()):.1e}.", ""]
+             f"kernel alone against float64 at positions 0-255 split 1-7 ways, with and without the rotary inside "
+             f"(32 heads over 8 kv heads, head 128, cache 256): worst rel err {max(kernel_err.values()):.1e}.", ""]
     text = "\n".join(lines) + "\n"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -218,11 +218,14 @@ def attention_kernel_errors() -> dict:
             kc, vc = (torch.randn(1, hkv, length, dim, device="cuda", generator=g).half() for _ in range(2))
             kc[:, :, pos:] = float("nan")  # slots at and after the token: never read
             vc[:, :, pos:] = float("nan")
-            expected = reference_attention(q, k, v, kc, vc, pos, dim ** -0.5)
-            got = decode_attention(q, k, v, kc, vc, torch.tensor([pos], device="cuda"), dim ** -0.5, scratch,
-                                   splits=splits)
-            err = float((got.double() - expected).norm() / expected.norm())
-            errors[(pos, splits)] = err if err == err else float("inf")
+            angle = torch.linspace(0.1, 3.0, dim // 2, device="cuda") * (pos + 1)
+            rotary = tuple(torch.cat([f(angle), f(angle)]).half() for f in (torch.cos, torch.sin))
+            for rot in (None, rotary):  # rotary applied inside the kernel, as the routed attention does
+                expected = reference_attention(q, k, v, kc, vc, pos, dim ** -0.5, rot)
+                got = decode_attention(q, k, v, kc.clone(), vc.clone(), torch.tensor([pos], device="cuda"),
+                                       dim ** -0.5, scratch, splits=splits, rotary=rot)
+                err = float((got.double() - expected).norm() / expected.norm())
+                errors[(pos, splits, rot is not None)] = err if err == err else float("inf")
     return errors
 
 
