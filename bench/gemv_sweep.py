@@ -23,8 +23,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from backends.gptq.kernel_runtime import (GemmConfig, KernelRuntime, cold_copies, graph_time_ms,  # noqa: E402
-                                          sm_count, valid_block_ks)
+from backends.gptq.kernel_runtime import (GemmConfig, KernelRuntime, _split_for, cold_copies,  # noqa: E402
+                                          graph_time_ms, sm_count, valid_block_ks)
 from bench.kernels import random_layer  # noqa: E402
 
 DECODE_SHAPES = "4096x12288,4096x4096,4096x22016,11008x4096"
@@ -40,14 +40,8 @@ def copy_us(nbytes: int) -> float:
 
 
 def splits_for(layer, block_n, block_k, sms) -> list[int]:
-    n_tiles = -(-layer.N // block_n)
-    k_tiles = -(-layer.K // block_k)
-    out = set()
-    for f in (0.5, 1, 2, 3, 4, 6, 8, 12, 16):
-        s = max(1, min(k_tiles, round(f * sms / n_tiles)))
-        per = -(-k_tiles // s)
-        out.add(-(-k_tiles // per))
-    return sorted(out)
+    """The split counts the tuner's heuristic gives for 0.5 to 16 programs per SM."""
+    return sorted({_split_for(layer, block_n, block_k, round(f * sms)) for f in (0.5, 1, 2, 3, 4, 6, 8, 12, 16)})
 
 
 def main(argv=None):

@@ -95,13 +95,10 @@ def main(argv=None) -> int:
         gemm = dict(common, BITS=bits, VPB=vpb, BLOCK_M=1, INTERLEAVED=bits in (2, 4))
         cases.append((f"{bits}-bit mode 0 (3-D unpack)", tk.gptq_gemm_kernel, dict(gemm, MODE=0), kb * vpb))
         cases.append((f"{bits}-bit mode 2 (unrolled slots)", tk.gptq_gemm_kernel, dict(gemm, MODE=2), kb * vpb))
-        if bits in (2, 4):
-            cases.append((f"{bits}-bit mode 4 (half2)", tk.gptq_gemv_h2_kernel,
+        if bits != 8:
+            cases.append((f"{bits}-bit mode 4 (half2{', planes' if bits == 3 else ''})", tk.gptq_gemv_h2_kernel,
                           dict(common, BITS=bits, USE_ASM=True), kb * vpb))
-        if bits == 3:
-            cases.append(("3-bit mode 4 (half2, planes)", tk.gptq_gemv_h2_3bit_kernel,
-                          dict(common, USE_ASM=True), kb * vpb))
-    print(f"| kernel | weights per thread per tile | loop instructions per thread | per weight | top opcodes |")
+    print("| kernel | weights per thread per tile | loop instructions per thread | per weight | top opcodes |")
     print("| --- | --- | --- | --- | --- |")
     for title, kernel, const, block_k in cases:
         body = loop_body(kernel, const, args.arch, args.warps)

@@ -1,4 +1,4 @@
-"""Shared fixtures: the real default model (set up by `./start.sh test` / `python -m webui.default_model`)
+"""Shared fixtures: a tiny random LLaMA, the real default model (set up by `./start.sh test` / `python -m webui.default_model`)
 and the shared data folder. Tests that need data skip with a clear reason when it is absent."""
 from __future__ import annotations
 
@@ -21,6 +21,18 @@ def pytest_configure(config):
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+@pytest.fixture
+def tiny_llama():
+    """A random 2-layer LLaMA (GQA, 320 tokens) for tests of decoding paths: built fresh per test, so a
+    test may route or fuse its modules in place."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=320, max_position_embeddings=512)
+    return LlamaForCausalLM(config).eval()
 
 
 @pytest.fixture(scope="session")

@@ -123,7 +123,9 @@ class GraphDecoder:
         self.model, self.device, self.max_len = model, device, max_len
         # step_capture(warm_up, fn, device) -> an object whose replay() runs fn's work again and returns
         # its output: CudaGraphStep on CUDA (tests on CPU pass a stand-in that re-runs fn)
-        self.step_capture = step_capture or (CudaGraphStep if device.type == "cuda" else None)
+        if step_capture is None and device.type == "cuda":
+            step_capture = CudaGraphStep
+        self.step_capture = step_capture
         self.use_graph = use_graph and self.step_capture is not None
         self.cache = None
         self.graph = None

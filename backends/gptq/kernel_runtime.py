@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from backends.gptq import format as fmt
+
 log = logging.getLogger(__name__)
 
 FUSED_MAX_M = 64
@@ -78,7 +80,6 @@ def _as_int32(words: torch.Tensor) -> torch.Tensor:
 
 
 def _split_planes3(qweight: torch.Tensor) -> torch.Tensor:
-    from backends.gptq import format as fmt
     K, N = qweight.shape[0] * 32 // 3, qweight.shape[1]
     blocks = fmt.unpack_qweight(qweight, 3, K).to(torch.int64).view(K // 32, 32, N)
     lo, hi = blocks & 3, blocks >> 2
@@ -179,19 +180,10 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
         if M != 1 or x2d.dtype != torch.float16 or not layer.interleaved:
             raise ValueError("the half2 matrix-vector kernel (mode 4) takes one fp16 row and interleaved words")
         x_row = x2d if x2d.is_contiguous() else x2d.contiguous()
-        if layer.bits == 3:
-            from backends.gptq.triton_kernels import gptq_gemv_h2_3bit_kernel
-            gptq_gemv_h2_3bit_kernel[(n_tiles, split)](
-                x_row, x_row.view(torch.int32), layer.qweight, layer.scales, layer.zeros, perm, out,
-                bias if bias is not None else out, ws, tickets, layer.N, layer.K, layer.Kw, layer.group_size, per,
-                split, KB=cfg.block_k // 32, BLOCK_N=cfg.block_n, HAS_PERM=has_perm, SPLIT=split > 1,
-                HAS_BIAS=bias is not None, USE_ASM=not INTERPRETED, num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages)
-            return out
         gptq_gemv_h2_kernel[(n_tiles, split)](
             x_row, x_row.view(torch.int32), layer.qweight, layer.scales, layer.zeros, perm, out,
             bias if bias is not None else out, ws, tickets, layer.N, layer.K, layer.Kw, layer.group_size, per, split,
-            BITS=layer.bits, KB=cfg.block_k // (32 // layer.bits), BLOCK_N=cfg.block_n,
+            BITS=layer.bits, KB=kb, BLOCK_N=cfg.block_n,
             HAS_PERM=has_perm, SPLIT=split > 1, HAS_BIAS=bias is not None,
             USE_ASM=not INTERPRETED, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return out

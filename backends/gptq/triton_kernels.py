@@ -194,7 +194,7 @@ def _unrolled_tile(acc2, x_ptr, src_base, mask_kb, qw_ptr, N, Kw, kb0, offs_n, m
     for j in tl.static_range(VPB):
         if BITS == 3 and INTERLEAVED:  # planes order (M > 1 only): low bits of j, then its third bit
             i = j % 16
-            pair = j // 2
+            pair = j // 2  # hpos: kernel_runtime.hi_plane_bit(j), a constant here as the shifts need
             hpos = (pair // 4) % 2 + 8 * (pair // 8) + 2 * (pair % 4) + 16 * (j % 2)
             if j < 16:
                 q3 = _field(w0, w0, (i % 2) * 16 + (i // 2) * 2, 2, 0)
@@ -558,14 +558,18 @@ def _dot_word4(w, x0, x1, x2, x3, z, USE_ASM: tl.constexpr):
 
 
 @triton.jit
+def _fixups_2bit(z):
+    """The fix-up operands of values at mantissa bits 0, 2, 4, 6 (2-bit fields, and 3-bit values whose
+    low two bits sit there): 1024 + z in both halves, and -(1024 / 2^b + z) for b = 2, 4, 6."""
+    zf = z.to(tl.float32)
+    return (z + 0x6400) * 0x10001, _half2(-(256.0 + zf)), _half2(-(64.0 + zf)), _half2(-(16.0 + zf))
+
+
+@triton.jit
 def _dot_word2(w, x0, x1, x2, x3, x4, x5, x6, x7, z, USE_ASM: tl.constexpr):
     """sum_j x_j (q_j - z) over the 16 values of each interleaved 2-bit word w (fp32)."""
     if USE_ASM:
-        zf = z.to(tl.float32)
-        zz = (z + 0x6400) * 0x10001                # 1024 + z
-        m4 = _half2(-(256.0 + zf))                 # -(1024/4 + z)
-        m16 = _half2(-(64.0 + zf))
-        m64 = _half2(-(16.0 + zf))
+        zz, m4, m16, m64 = _fixups_2bit(z)
         return tl.inline_asm_elementwise(
             "{\n"
             ".reg .b32 t, q, a, c1, c2, c3;\n"
@@ -638,41 +642,57 @@ def gptq_gemv_h2_kernel(x_ptr, xp_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, 
                         BITS: tl.constexpr, KB: tl.constexpr, BLOCK_N: tl.constexpr,
                         HAS_PERM: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
                         USE_ASM: tl.constexpr):
-    """out[1, N] = x[1, K] @ W (+ bias) for fp16 x and 2/4-bit interleaved words (see above). The next
-    tile's words are loaded before the current one is used (register double-buffering)."""
-    VPW: tl.constexpr = 32 // BITS
-    PPW: tl.constexpr = VPW // 2
-    BLOCK_K: tl.constexpr = KB * VPW
+    """out[1, N] = x[1, K] @ W (+ bias) for fp16 x and 2/3/4-bit words in the half2 order (see above and
+    _dot_block3), KB value blocks per tile (a block: one word, or three at 3 bits). The next tile's words
+    are loaded before the current one is used (register double-buffering). The 3-bit words w1, w2 are
+    unused at 2 and 4 bits, so the compiler drops them from the loop."""
+    VPB: tl.constexpr = 32 if BITS == 3 else 32 // BITS
+    WPB: tl.constexpr = 3 if BITS == 3 else 1
+    PPB: tl.constexpr = VPB // 2
+    BLOCK_K: tl.constexpr = KB * VPB
     pid_n, pid_k, offs_n, mask_n, t0, t_end = _program_tiles(N, tiles_per_split, BLOCK_N)
-    row_end = tl.minimum(Kw, t_end * KB)
-    w, _, _ = _load_words(qw_ptr, N, t0 * KB, offs_n, mask_n, row_end, BITS, KB)
+    row_end = tl.minimum(Kw, t_end * KB * WPB)
+    w0, w1, w2 = _load_words(qw_ptr, N, t0 * KB, offs_n, mask_n, row_end, BITS, KB)
     acc2 = tl.zeros([KB, BLOCK_N], dtype=tl.float32)  # reduced over rows once, after the loop
     for t in range(t0, t_end):
-        rows = t * KB + tl.arange(0, KB)
-        mask_r = rows < row_end
-        w_next, _, _ = _load_words(qw_ptr, N, (t + 1) * KB, offs_n, mask_n, row_end, BITS, KB)
+        blocks = t * KB + tl.arange(0, KB)
+        mask_r = blocks * WPB < row_end
+        n0, n1, n2 = _load_words(qw_ptr, N, (t + 1) * KB, offs_n, mask_n, row_end, BITS, KB)
         g = tl.minimum(t * BLOCK_K, K - 1) // group_size
         s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32)
         z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.uint32)[None, :]
-        x0 = _x_pair(xp_ptr, x_ptr, perm_ptr, rows, mask_r, 0, PPW, HAS_PERM)
-        x1 = _x_pair(xp_ptr, x_ptr, perm_ptr, rows, mask_r, 1, PPW, HAS_PERM)
-        x2 = _x_pair(xp_ptr, x_ptr, perm_ptr, rows, mask_r, 2, PPW, HAS_PERM)
-        x3 = _x_pair(xp_ptr, x_ptr, perm_ptr, rows, mask_r, 3, PPW, HAS_PERM)
+        x0 = _x_pair(xp_ptr, x_ptr, perm_ptr, blocks, mask_r, 0, PPB, HAS_PERM)
+        x1 = _x_pair(xp_ptr, x_ptr, perm_ptr, blocks, mask_r, 1, PPB, HAS_PERM)
+        x2 = _x_pair(xp_ptr, x_ptr, perm_ptr, blocks, mask_r, 2, PPB, HAS_PERM)
+        x3 = _x_pair(xp_ptr, x_ptr, perm_ptr, blocks, mask_r, 3, PPB, HAS_PERM)
         if BITS == 4:
-            r = _dot_word4(w, x0, x1, x2, x3, z, USE_ASM)
+            r = _dot_word4(w0, x0, x1, x2, x3, z, USE_ASM)
         else:
-            x4 = _x_pair(xp_ptr, x_ptr, perm_ptr, rows, mask_r, 4, PPW, HAS_PERM)
-            x5 = _x_pair(xp_ptr, x_ptr, perm_ptr, rows, mask_r, 5, PPW, HAS_PERM)
-            x6 = _x_pair(xp_ptr, x_ptr, perm_ptr, rows, mask_r, 6, PPW, HAS_PERM)
-            x7 = _x_pair(xp_ptr, x_ptr, perm_ptr, rows, mask_r, 7, PPW, HAS_PERM)
-            r = _dot_word2(w, x0, x1, x2, x3, x4, x5, x6, x7, z, USE_ASM)
+            x4 = _x_pair(xp_ptr, x_ptr, perm_ptr, blocks, mask_r, 4, PPB, HAS_PERM)
+            x5 = _x_pair(xp_ptr, x_ptr, perm_ptr, blocks, mask_r, 5, PPB, HAS_PERM)
+            x6 = _x_pair(xp_ptr, x_ptr, perm_ptr, blocks, mask_r, 6, PPB, HAS_PERM)
+            x7 = _x_pair(xp_ptr, x_ptr, perm_ptr, blocks, mask_r, 7, PPB, HAS_PERM)
+            if BITS == 2:
+                r = _dot_word2(w0, x0, x1, x2, x3, x4, x5, x6, x7, z, USE_ASM)
+            else:
+                x8 = _x_pair(xp_ptr, x_ptr, perm_ptr, blocks, mask_r, 8, PPB, HAS_PERM)
+                x9 = _x_pair(xp_ptr, x_ptr, perm_ptr, blocks, mask_r, 9, PPB, HAS_PERM)
+                x10 = _x_pair(xp_ptr, x_ptr, perm_ptr, blocks, mask_r, 10, PPB, HAS_PERM)
+                x11 = _x_pair(xp_ptr, x_ptr, perm_ptr, blocks, mask_r, 11, PPB, HAS_PERM)
+                x12 = _x_pair(xp_ptr, x_ptr, perm_ptr, blocks, mask_r, 12, PPB, HAS_PERM)
+                x13 = _x_pair(xp_ptr, x_ptr, perm_ptr, blocks, mask_r, 13, PPB, HAS_PERM)
+                x14 = _x_pair(xp_ptr, x_ptr, perm_ptr, blocks, mask_r, 14, PPB, HAS_PERM)
+                x15 = _x_pair(xp_ptr, x_ptr, perm_ptr, blocks, mask_r, 15, PPB, HAS_PERM)
+                r = _dot_block3(w0, w1, w2, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15,
+                                z, USE_ASM)
         acc2 += r * s[None, :]
-        w = w_next
+        w0 = n0
+        w1 = n1
+        w2 = n2
     acc = tl.sum(acc2, axis=0)
     offs_m = tl.arange(0, 1)
     _finish(acc[None, :], out_ptr, bias_ptr, ws_ptr, ticket_ptr, offs_m, offs_n, offs_m < 1, mask_n, 1, N, N,
             pid_n, pid_k, nsplit, SPLIT, HAS_BIAS)
-
 
 
 @triton.jit
@@ -694,11 +714,7 @@ def _dot_block3(w0, w1, h, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12
     same fix-up as at 2 bits (the value now spans mantissa bits 2r..2r+2), one fma; two fp16 sums
     (values 0-15 and 16-31) added in fp32."""
     if USE_ASM:
-        zf = z.to(tl.float32)
-        zz = (z + 0x6400) * 0x10001                # 1024 + z
-        m4 = _half2(-(256.0 + zf))                 # -(1024/4 + z)
-        m16 = _half2(-(64.0 + zf))
-        m64 = _half2(-(16.0 + zf))
+        zz, m4, m16, m64 = _fixups_2bit(z)
         return tl.inline_asm_elementwise(
             "{\n"
             ".reg .b32 t0, t1, g0, g1, g2, g3, q, a, b, c1, c2, c3;\n"
@@ -800,53 +816,6 @@ def _dot_block3(w0, w1, h, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12
                 + _pair3_term(w1, h, x9, zf, 9) + _pair3_term(w1, h, x10, zf, 10) + _pair3_term(w1, h, x11, zf, 11)
                 + _pair3_term(w1, h, x12, zf, 12) + _pair3_term(w1, h, x13, zf, 13)
                 + _pair3_term(w1, h, x14, zf, 14) + _pair3_term(w1, h, x15, zf, 15))
-
-
-@triton.jit
-def gptq_gemv_h2_3bit_kernel(x_ptr, xp_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, bias_ptr, ws_ptr, ticket_ptr,
-                             N, K, Kw, group_size, tiles_per_split, nsplit,
-                             KB: tl.constexpr, BLOCK_N: tl.constexpr, HAS_PERM: tl.constexpr,
-                             SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr):
-    """out[1, N] = x[1, K] @ W (+ bias) for fp16 x and 3-bit blocks in the planes order (_dot_block3);
-    KB blocks of 32 values (3 words each) per tile, the next tile's words loaded before the current one
-    is used, as in gptq_gemv_h2_kernel."""
-    BLOCK_K: tl.constexpr = KB * 32
-    pid_n, pid_k, offs_n, mask_n, t0, t_end = _program_tiles(N, tiles_per_split, BLOCK_N)
-    row_end = tl.minimum(Kw, t_end * KB * 3)
-    w0, w1, w2 = _load_words(qw_ptr, N, t0 * KB, offs_n, mask_n, row_end, 3, KB)
-    acc2 = tl.zeros([KB, BLOCK_N], dtype=tl.float32)
-    for t in range(t0, t_end):
-        blocks = t * KB + tl.arange(0, KB)
-        mask_r = blocks * 3 < row_end
-        n0, n1, n2 = _load_words(qw_ptr, N, (t + 1) * KB, offs_n, mask_n, row_end, 3, KB)
-        g = tl.minimum(t * BLOCK_K, K - 1) // group_size
-        s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32)
-        z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.uint32)[None, :]
-        x0 = _x_pair(xp_ptr, x_ptr, perm_ptr, blocks, mask_r, 0, 16, HAS_PERM)
-        x1 = _x_pair(xp_ptr, x_ptr, perm_ptr, blocks, mask_r, 1, 16, HAS_PERM)
-        x2 = _x_pair(xp_ptr, x_ptr, perm_ptr, blocks, mask_r, 2, 16, HAS_PERM)
-        x3 = _x_pair(xp_ptr, x_ptr, perm_ptr, blocks, mask_r, 3, 16, HAS_PERM)
-        x4 = _x_pair(xp_ptr, x_ptr, perm_ptr, blocks, mask_r, 4, 16, HAS_PERM)
-        x5 = _x_pair(xp_ptr, x_ptr, perm_ptr, blocks, mask_r, 5, 16, HAS_PERM)
-        x6 = _x_pair(xp_ptr, x_ptr, perm_ptr, blocks, mask_r, 6, 16, HAS_PERM)
-        x7 = _x_pair(xp_ptr, x_ptr, perm_ptr, blocks, mask_r, 7, 16, HAS_PERM)
-        x8 = _x_pair(xp_ptr, x_ptr, perm_ptr, blocks, mask_r, 8, 16, HAS_PERM)
-        x9 = _x_pair(xp_ptr, x_ptr, perm_ptr, blocks, mask_r, 9, 16, HAS_PERM)
-        x10 = _x_pair(xp_ptr, x_ptr, perm_ptr, blocks, mask_r, 10, 16, HAS_PERM)
-        x11 = _x_pair(xp_ptr, x_ptr, perm_ptr, blocks, mask_r, 11, 16, HAS_PERM)
-        x12 = _x_pair(xp_ptr, x_ptr, perm_ptr, blocks, mask_r, 12, 16, HAS_PERM)
-        x13 = _x_pair(xp_ptr, x_ptr, perm_ptr, blocks, mask_r, 13, 16, HAS_PERM)
-        x14 = _x_pair(xp_ptr, x_ptr, perm_ptr, blocks, mask_r, 14, 16, HAS_PERM)
-        x15 = _x_pair(xp_ptr, x_ptr, perm_ptr, blocks, mask_r, 15, 16, HAS_PERM)
-        r = _dot_block3(w0, w1, w2, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15, z, USE_ASM)
-        acc2 += r * s[None, :]
-        w0 = n0
-        w1 = n1
-        w2 = n2
-    acc = tl.sum(acc2, axis=0)
-    offs_m = tl.arange(0, 1)
-    _finish(acc[None, :], out_ptr, bias_ptr, ws_ptr, ticket_ptr, offs_m, offs_n, offs_m < 1, mask_n, 1, N, N,
-            pid_n, pid_k, nsplit, SPLIT, HAS_BIAS)
 
 
 # triton decided when decorating whether these kernels run compiled or on its CPU interpreter

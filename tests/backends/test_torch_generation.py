@@ -10,15 +10,6 @@ from backends import torch_generation
 from backends.base import SamplingParams
 
 
-@pytest.fixture(scope="module")
-def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=320, max_position_embeddings=128)
-    return LlamaForCausalLM(config).eval()
-
-
 def _run(model, pipeline, max_new=12, eos=()):
     calls = []
     inner = torch_generation._default_forward(model)

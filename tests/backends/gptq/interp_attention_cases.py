@@ -103,15 +103,6 @@ def test_bad_shapes_are_refused():
         decode_attention(q[:, :3], k, v, k_cache, v_cache, torch.tensor([3]), 1.0, SplitScratch())
 
 
-@pytest.fixture
-def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=320, max_position_embeddings=512)
-    return LlamaForCausalLM(config).eval()
-
-
 def test_a_model_decodes_through_the_routed_attention_like_hf(tiny_llama):
     """The static-cache decoder with every attention module routed to the kernel gives HF's logits,
     also for a multi-token step after routed steps (the HF cache's own length is kept in step)."""
@@ -137,14 +128,14 @@ def test_replayed_routed_steps_decode_like_hf(tiny_llama):
     """The routed attention captured and replayed (a CPU stand-in for the CUDA graph that re-runs the
     step), then a multi-token step through HF's attention: HF's logits throughout."""
     from backends.gptq.cuda_graph import GraphDecoder
-    from tests.backends.gptq.support import ReplayByRerun
+    from tests.backends.gptq.support import CaptureLog
     prompt = [5, 17, 42, 7, 99, 3, 250, 11]
     reference = greedy_logits(torch_generation._default_forward(tiny_llama), prompt, 6, extra=(8, 9, 10))
     routed = copy.deepcopy(tiny_llama)
     route_decode_attention(routed, device_types=("cpu",))
-    captured = []
+    captured = CaptureLog()
     decoder = GraphDecoder(routed, torch.device("cpu"), max_len=96,
-                           step_capture=lambda *a: captured.append(ReplayByRerun(*a)) or captured[-1])
+                           step_capture=captured)
     got = greedy_logits(decoder.step, prompt, 6, extra=(8, 9, 10))
     assert len(captured) == 1 and captured[0].replays == 5
     assert float((got - reference).norm() / reference.norm()) < 1e-5

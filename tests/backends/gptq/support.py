@@ -36,3 +36,11 @@ class ReplayByRerun:
     def replay(self):
         self.replays += 1
         return self.fn()
+
+
+class CaptureLog(list):
+    """A step_capture that keeps every ReplayByRerun it makes, so a test can count captures and replays."""
+
+    def __call__(self, warm_up, fn, device):
+        self.append(ReplayByRerun(warm_up, fn, device))
+        return self[-1]

@@ -13,12 +13,8 @@ from backends.gptq.cuda_graph import fuse_gated_activation, fuse_norms, fuse_rot
 
 
 @pytest.fixture
-def tiny_llama(monkeypatch):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=320, max_position_embeddings=128)
-    model = LlamaForCausalLM(config).eval()
+def llama_and_module(tiny_llama, monkeypatch):
+    model = tiny_llama
     module = sys.modules[type(model).__module__]
     # fuse_rotary wraps the modeling module's function for the whole process: restore it afterwards
     monkeypatch.setattr(module, "apply_rotary_pos_emb", module.apply_rotary_pos_emb)
@@ -29,8 +25,8 @@ def _decode_logits(model, prompt, steps):
     return torch_generation.greedy_logits(torch_generation._default_forward(model), prompt, steps)
 
 
-def test_compiled_norms_and_rotary_decode_like_the_eager_model(tiny_llama):
-    model, module = tiny_llama
+def test_compiled_norms_and_rotary_decode_like_the_eager_model(llama_and_module):
+    model, module = llama_and_module
     original = module.apply_rotary_pos_emb
     prompt = [5, 17, 42, 7, 99, 3]
     reference = _decode_logits(model, prompt, 4)
@@ -56,8 +52,8 @@ def test_compiled_norms_and_rotary_decode_like_the_eager_model(tiny_llama):
     assert torch.equal(got.argmax(-1), reference.argmax(-1))
 
 
-def test_prompts_and_other_devices_keep_the_eager_functions(tiny_llama):
-    model, module = tiny_llama
+def test_prompts_and_other_devices_keep_the_eager_functions(llama_and_module):
+    model, module = llama_and_module
     original = module.apply_rotary_pos_emb
     assert fuse_rotary(model)  # default: CUDA only
     torch._dynamo.reset()

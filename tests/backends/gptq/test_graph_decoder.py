@@ -5,21 +5,11 @@ at cumulative_length); left advanced, every replay wrote its key and value one s
 its mask and rotary use (7B on an H200: logits 43% off a full forward after two graph steps)."""
 from __future__ import annotations
 
-import pytest
 import torch
 
 from backends import torch_generation
 from backends.gptq.cuda_graph import GraphDecoder
-from tests.backends.gptq.support import ReplayByRerun
-
-
-@pytest.fixture(scope="module")
-def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=320, max_position_embeddings=128)
-    return LlamaForCausalLM(config).eval()
+from tests.backends.gptq.support import CaptureLog, ReplayByRerun
 
 
 def test_replayed_steps_match_a_full_forward(tiny_llama):
@@ -29,13 +19,8 @@ def test_replayed_steps_match_a_full_forward(tiny_llama):
     with torch.inference_mode():
         full = tiny_llama(input_ids=torch.tensor([tokens]), use_cache=False).logits[0].float()
     reference = full[len(prompt) - 1:]
-    graphs = []
-
-    def capture(warm_up, fn, device):
-        graphs.append(ReplayByRerun(warm_up, fn, device))
-        return graphs[-1]
-
-    decoder = GraphDecoder(tiny_llama, torch.device("cpu"), max_len=64, step_capture=capture)
+    graphs = CaptureLog()
+    decoder = GraphDecoder(tiny_llama, torch.device("cpu"), max_len=64, step_capture=graphs)
     for _ in range(2):  # a second conversation reuses the cache and the captured step
         got = torch_generation.greedy_logits(decoder.step, prompt, len(forced), tokens=forced)
         err = (got - reference).norm(dim=-1) / reference.norm(dim=-1)

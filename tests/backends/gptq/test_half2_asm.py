@@ -97,29 +97,36 @@ def half2_of(value: float) -> int:
     return pack_f16(np.float16(value), np.float16(value))
 
 
+def worst_relative_error(asm: str, bits: int, values: int, words, seed: int) -> float:
+    """Worst |asm - exact| / sum |x (q - z)| over 300 random blocks of `values` codes (and blocks at the
+    code extremes); words(q) packs a block into the asm's word operands, which precede the x pairs."""
+    rng = np.random.default_rng(seed)
+    worst = 0.0
+    for trial in range(300):
+        q = [int(v) for v in rng.integers(0, 2 ** bits, values)]
+        z = int(rng.integers(0, 2 ** bits))
+        if trial % 50 == 0:  # edges: all codes at the extremes
+            q = [2 ** bits - 1 if trial % 100 else 0] * values
+        x = rng.standard_normal(values).astype(np.float16) * np.float16(rng.choice([0.01, 1.0, 30.0]))
+        xpairs = [pack_f16(x[2 * p], x[2 * p + 1]) for p in range(values // 2)]
+        zz = (z + 0x6400) * 0x10001
+        if bits == 4:
+            consts = [zz, half2_of(-(64 + z))]
+        else:  # 2 bits, and the low two bits of 3-bit values: fields at mantissa bits 0, 2, 4, 6
+            consts = [zz, half2_of(-(256 + z)), half2_of(-(64 + z)), half2_of(-(16 + z))]
+        got = run_ptx(asm, words(q) + xpairs + consts)
+        exact = sum(float(x[j]) * (q[j] - z) for j in range(values))
+        scale = sum(abs(float(x[j]) * (q[j] - z)) for j in range(values)) + 1e-6
+        worst = max(worst, abs(got - exact) / scale)
+    return worst
+
+
 @pytest.mark.parametrize("bits", [4, 2])
 def test_asm_computes_the_dot_product_of_one_word(bits):
     asm, constraints = asm_of("_dot_word4" if bits == 4 else "_dot_word2")
     per_word, pairs = 32 // bits, 16 // bits
     assert constraints.count("r") == 1 + pairs + (2 if bits == 4 else 4)  # word, x pairs, zero constants
-    rng = np.random.default_rng(bits)
-    worst = 0.0
-    for trial in range(300):
-        q = [int(v) for v in rng.integers(0, 2 ** bits, per_word)]
-        z = int(rng.integers(0, 2 ** bits))
-        if trial % 50 == 0:  # edges: all codes at the extremes
-            q = [2 ** bits - 1 if trial % 100 else 0] * per_word
-        x = rng.standard_normal(per_word).astype(np.float16) * np.float16(rng.choice([0.01, 1.0, 30.0]))
-        xpairs = [pack_f16(x[2 * p], x[2 * p + 1]) for p in range(pairs)]
-        zz = (z + 0x6400) * 0x10001
-        if bits == 4:
-            consts = [zz, half2_of(-(64 + z))]
-        else:
-            consts = [zz, half2_of(-(256 + z)), half2_of(-(64 + z)), half2_of(-(16 + z))]
-        got = run_ptx(asm, [interleaved_word(q, bits)] + xpairs + consts)
-        exact = sum(float(x[j]) * (q[j] - z) for j in range(per_word))
-        scale = sum(abs(float(x[j]) * (q[j] - z)) for j in range(per_word)) + 1e-6
-        worst = max(worst, abs(got - exact) / scale)
+    worst = worst_relative_error(asm, bits, per_word, lambda q: [interleaved_word(q, bits)], seed=bits)
     assert worst < 4e-3, worst  # fp16 products and sums: a wrong mask or constant gives errors of order 1
 
 
@@ -128,23 +135,12 @@ def test_asm_computes_the_dot_product_of_one_3bit_block():
     from backends.gptq.kernel_runtime import hi_plane_bit
     asm, constraints = asm_of("_dot_block3")
     assert constraints.count("r") == 3 + 16 + 4  # words, x pairs, zero constants
-    rng = np.random.default_rng(3)
-    worst = 0.0
-    for trial in range(300):
-        q = [int(v) for v in rng.integers(0, 8, 32)]
-        z = int(rng.integers(0, 8))
-        if trial % 50 == 0:
-            q = [7 if trial % 100 else 0] * 32
-        x = rng.standard_normal(32).astype(np.float16) * np.float16(rng.choice([0.01, 1.0, 30.0]))
-        lo_a = interleaved_word([v & 3 for v in q[:16]], 2)
-        lo_b = interleaved_word([v & 3 for v in q[16:]], 2)
-        hi = sum((v >> 2) << hi_plane_bit(j) for j, v in enumerate(q))
-        xpairs = [pack_f16(x[2 * p], x[2 * p + 1]) for p in range(16)]
-        consts = [(z + 0x6400) * 0x10001, half2_of(-(256 + z)), half2_of(-(64 + z)), half2_of(-(16 + z))]
-        got = run_ptx(asm, [lo_a, lo_b, hi] + xpairs + consts)
-        exact = sum(float(x[j]) * (q[j] - z) for j in range(32))
-        scale = sum(abs(float(x[j]) * (q[j] - z)) for j in range(32)) + 1e-6
-        worst = max(worst, abs(got - exact) / scale)
+
+    def planes(q):
+        return [interleaved_word([v & 3 for v in q[:16]], 2), interleaved_word([v & 3 for v in q[16:]], 2),
+                sum((v >> 2) << hi_plane_bit(j) for j, v in enumerate(q))]
+
+    worst = worst_relative_error(asm, 3, 32, planes, seed=3)
     assert worst < 4e-3, worst
 
 

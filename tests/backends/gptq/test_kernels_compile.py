@@ -27,8 +27,8 @@ def _kernels():
          dict(BITS=2, KB=8, BLOCK_N=128, HAS_PERM=True, SPLIT=False, HAS_BIAS=True, USE_ASM=True)),
         ("gemv prefetching 3-bit", tk.gptq_gemv_kernel,
          dict(BITS=3, VPB=32, KB=4, BLOCK_N=128, HAS_PERM=True, SPLIT=True, HAS_BIAS=True, INTERLEAVED=False)),
-        ("gemv half2 3-bit planes", tk.gptq_gemv_h2_3bit_kernel,
-         dict(KB=4, BLOCK_N=64, HAS_PERM=True, SPLIT=True, HAS_BIAS=False, USE_ASM=True)),
+        ("gemv half2 3-bit planes", tk.gptq_gemv_h2_kernel,
+         dict(BITS=3, KB=4, BLOCK_N=64, HAS_PERM=True, SPLIT=True, HAS_BIAS=False, USE_ASM=True)),
         ("gemv prefetching 3-bit planes", tk.gptq_gemv_kernel,
          dict(BITS=3, VPB=32, KB=4, BLOCK_N=128, HAS_PERM=False, SPLIT=True, HAS_BIAS=False, INTERLEAVED=True)),
         ("gemm mode 2 M=16 3-bit planes", tk.gptq_gemm_kernel, dict(BITS=3, VPB=32, KB=16, BLOCK_M=16, MODE=2, **gemm)),
@@ -73,9 +73,6 @@ def test_half2_loop_stays_short(bits, limit):
     if tk.INTERPRETED:
         pytest.skip("TRITON_INTERPRET=1 is set: kernels are interpreted, not compiled, in this process")
     common = dict(BLOCK_N=256, HAS_PERM=False, SPLIT=True, HAS_BIAS=False, USE_ASM=True)
-    if bits == 3:
-        body = loop_body(tk.gptq_gemv_h2_3bit_kernel, dict(common, KB=4))
-    else:
-        body = loop_body(tk.gptq_gemv_h2_kernel, dict(common, BITS=bits, KB=128 // (32 // bits)))
+    body = loop_body(tk.gptq_gemv_h2_kernel, dict(common, BITS=bits, KB=4 if bits == 3 else 128 // (32 // bits)))
     per_weight = len(body) / (128 * 256 / 128)
     assert 1.0 < per_weight < limit, f"{bits}-bit half2 loop: {per_weight:.2f} SASS instructions per weight"
