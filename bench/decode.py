@@ -243,6 +243,9 @@ def main(argv=None):
     ap.add_argument("--attention-kernel", action="store_true",
                     help="--smoke/--profile-only: route decoding attention through our kernel (the full run "
                          "measures with and without it)")
+    ap.add_argument("--pdl", action="store_true",
+                    help="also decode with programmatic dependent launches (sm_90+): measured, not the backend's "
+                         "default (no gain on an H200, bench/RESULTS.md)")
     ap.add_argument("--cpu", action="store_true", help="CPU comparison on the default model instead")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--smoke", action="store_true", help="GPU check of the GPTQBackend class (see smoke_main)")
@@ -351,6 +354,22 @@ def main(argv=None):
     # the profile below shows the routed engine: the model cannot go back, and the first decoder's graph
     # was captured before routing (a graph must be captured after the route, see route_decode_attention)
     decoder, tps = kernel_decoder, tps_k
+    from backends.gptq.kernel_runtime import pdl_supported
+    if args.pdl and pdl_supported(device):
+        # the same engine with programmatic dependent launches (a new graph: launches are captured as made)
+        runtime.pdl = route.pdl = True
+        pdl_decoder = GraphDecoder(model, device, max_len)
+        run_generation(model, prompt, 16, pdl_decoder.step, device)
+        ttft_p, tps_p, n_p = run_generation(model, prompt, args.new, pdl_decoder.step, device)
+        results["gptq (graph + attention kernel + PDL)"] = dict(
+            ttft_ms=ttft_p * 1e3, tok_s=tps_p, tokens=n_p, peak_gb=torch.cuda.max_memory_allocated() / 1e9,
+            graph=pdl_decoder.graph is not None)
+        pdl_logits = torch_generation.greedy_logits(GraphDecoder(model, device, max_len).step, prompt, 23, device,
+                                                    tokens=hf_logits.argmax(-1).tolist())
+        attention_check["pdl_vs_no_pdl_rel_err"] = float((pdl_logits - kernel_logits).norm() / kernel_logits.norm())
+        print("PDL vs no PDL logits (24 graph steps, same tokens): rel err "
+              f"{attention_check['pdl_vs_no_pdl_rel_err']:.1e}", flush=True)
+        decoder, tps = pdl_decoder, tps_p
 
     q_bytes = sum(l.kernel.nbytes() for l in loaded.quant_layers.values() if l.kernel is not None)
     q_bytes += sum({id(l.group): l.group.kernel.nbytes() for l in loaded.quant_layers.values()
@@ -388,7 +407,7 @@ def main(argv=None):
     shutil.rmtree(folder, ignore_errors=True)
     if args.profile:  # last: a failing diagnostic must not cost the benchmark's numbers
         table = profile_table(decoder, prompt, device, tps)
-        (out / "decode.md").write_text(text + f"\nWhere a decoding step's GPU time goes (gptq, graph, attention kernel):\n\n{table}")
+        (out / "decode.md").write_text(text + f"\nWhere a decoding step's GPU time goes (gptq, graph, attention kernel{' + PDL' if runtime.pdl else ''}):\n\n{table}")
         print(table)
 
 
@@ -420,14 +439,16 @@ def fuse_for_decoding(model, runtime, args):
     groups = 0 if args.no_fuse_siblings else fuse_siblings(model, runtime)
     if getattr(args, "attention_kernel", False):
         from backends.gptq.decode_attention import route_decode_attention
-        route_decode_attention(model)
+        route_decode_attention(model, pdl=runtime.pdl)
     return norms, rotary, groups
 
 
 def profile_only(args, folder: Path, prompt, device) -> None:
     """The gptq engine alone, set up as main() sets it up, then the kernel table of its decoding step."""
     from backends.gptq.cuda_graph import GraphDecoder
+    from backends.gptq.kernel_runtime import pdl_supported
     _, model, runtime = load_gptq(folder, device)
+    runtime.pdl = bool(args.pdl) and pdl_supported(device)
     fuse_for_decoding(model, runtime, args)
     decoder = GraphDecoder(model, device, cache_len(args))
     run_generation(model, prompt, 16, decoder.step, device)

@@ -2,6 +2,7 @@
 see whether the tuner's candidate list misses faster configs (a diagnostic for BENCH.md section 1).
 
     python -m bench.gemv_sweep [--shapes 4096x12288,4096x4096,4096x22016,11008x4096] [--budget-s 300]
+    python -m bench.gemv_sweep --mode 5 --m 16 --shapes 4096x11008,8192x28672   # the tensor-core kernel
 
 For each shape (4-bit g128, M = 1, fp16): the tuner's pick among its candidates, then a grid of
 block_n x block_k x warps x split (and num_stages around the best), each checked against
@@ -48,6 +49,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default=DECODE_SHAPES)
     ap.add_argument("--budget-s", type=float, default=100.0, help="stop the grid of a shape after this long")
+    ap.add_argument("--mode", type=int, default=4, choices=(4, 5), help="4: half2 GEMV; 5: half2 + tensor cores")
+    ap.add_argument("--m", type=int, default=1, help="rows of x (mode 4: 1)")
     args = ap.parse_args(argv)
     sms = sm_count("cuda")
     print(torch.cuda.get_device_name(), "SMs", sms, flush=True)
@@ -55,32 +58,40 @@ def main(argv=None):
         K, N = map(int, shape.split("x"))
         _, layer = random_layer(K, N, 4, 128, False, seed=K + N)
         runtime = KernelRuntime(tune=True)
-        x = torch.randn(1, K, device="cuda", dtype=torch.float16)
+        x = torch.randn(args.m, K, device="cuda", dtype=torch.float16)
+        block_m = 1 if args.mode == 4 else max(16, runtime.m_bucket(args.m))
+        main_stages, around = (2, (1, 3, 4)) if args.mode == 4 else (3, (2, 4, 5))
         copies = cold_copies(layer, "cuda")
         base = copy_us(layer.nbytes())
         # read-only bound: a copy reads and writes, the kernel only reads, so report both
-        print(f"\n== {K}x{N} 4-bit g128 M=1: {layer.nbytes() / 1e6:.1f} MB, copy of the same bytes {base:.1f} us "
+        print(f"\n== {K}x{N} 4-bit g128 M={args.m} mode {args.mode}: {layer.nbytes() / 1e6:.1f} MB, copy of the same bytes {base:.1f} us "
               f"(read+write {2 * layer.nbytes() / base / 1e3:.0f} GB/s)", flush=True)
-        cands = runtime.candidates(1, layer, x.device, x.dtype)
+        cands = runtime.candidates(args.m, layer, x.device, x.dtype)
         tuned, tuned_ms = runtime.fastest(x, layer, cands)
         print(f"tuner pick: {tuned_ms * 1e3:.1f} us  {tuned}", flush=True)
         reference = runtime.run(x, layer, GemmConfig(path="dequant")).float()
         results = []
         start = time.time()
-        grid = itertools.product((32, 64, 128, 256), valid_block_ks(layer, (64, 128)), (2, 4, 8))
+        if args.mode == 4:
+            grid = itertools.product((32, 64, 128, 256), valid_block_ks(layer, (64, 128)), (2, 4, 8))
+        else:  # wide tiles first: at M = 16 each column tile reads all of x once more
+            grid = itertools.product((128, 64, 256), valid_block_ks(layer, (64, 128, 256)), (4, 8))
         for bn, bk, warps in grid:
             if time.time() - start > args.budget_s:
                 print("(grid budget reached)", flush=True)
                 break
-            for split in splits_for(layer, bn, bk, sms):
-                cfg = GemmConfig("fused", 1, bn, bk, split, warps, 2, mode=4)
+            splits = splits_for(layer, bn, bk, sms) if args.mode == 4 else sorted(
+                {_split_for(layer, bn, bk, f * sms) for f in (1, 2, 4, 8)})
+            for split in splits:
+                cfg = GemmConfig("fused", block_m, bn, bk, split, warps, main_stages, mode=args.mode)
                 ms = time_config(runtime, x, layer, copies, cfg, reference)
                 if ms is not None:
                     results.append((ms, cfg))
         results.sort(key=lambda r: r[0])
         for ms, cfg in results[:3]:  # num_stages around the three best
-            for stages in (1, 3, 4):
-                c2 = GemmConfig("fused", 1, cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_warps, stages, mode=4)
+            for stages in around:
+                c2 = GemmConfig("fused", block_m, cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_warps, stages,
+                                mode=args.mode)
                 if c2 == cfg:
                     continue
                 ms2 = time_config(runtime, x, layer, copies, c2, reference)

@@ -2,6 +2,9 @@
 # The pending GPU measurements of issue #4, for a session's device runs (device time is scarce: logs
 # under $OUT). Run from the repo root on the GPU machine:
 #   bash bench/gpu_session.sh decode     smoke check with the attention kernel + 7B decode (carry .gpu_carry)
+#   bash bench/gpu_session.sh pdl        the same with programmatic dependent launches, and the read floor
+#   bash bench/gpu_session.sh m16        the half2 tensor-core kernel against the other modes at M = 1 and 16
+#   bash bench/gpu_session.sh sweep16    the tensor-core kernel's launch-parameter sweep at M = 16
 #   bash bench/gpu_session.sh sweep      the half2 GEMV launch-parameter sweep on the 7B decoding shapes
 # Prepare here:  mkdir -p .gpu_carry/tok && cp models/SmolLM2-135M-Instruct/{tokenizer.json,tokenizer_config.json} .gpu_carry/tok/
 #                echo /.gpu_carry/ >> .git/info/exclude
@@ -21,6 +24,23 @@ case "${1:-decode}" in
     # the M = 1 kernel targets (4-bit against fp16 and copy bandwidth, 2/3-bit in proportion, act-order)
     timeout 200 python -m bench.kernels --shapes 4096x11008,8192x28672 --cases 4g128,4g128a,3g128,2g64 --m 1 \
       --out "$OUT" 2>&1 | tee "$OUT/kernels.log"
+    ;;
+  pdl)
+    # programmatic dependent launches: the M = 1 kernels back to back with and without PDL next to a
+    # plain read of the same bytes, then 7B decode with and without PDL
+    timeout 200 python -m bench.kernels --shapes 4096x11008,8192x28672 --cases 4g128,3g128,2g64 --m 1 --pdl --floor \
+      --out "$OUT" 2>&1 | tee "$OUT/kernels.log"
+    timeout 270 python -m bench.decode --profile --new 128 --repeats 2 --pdl --out "$OUT" 2>&1 | tee "$OUT/decode.log"
+    ;;
+  m16)
+    # the half2 tensor-core kernel (mode 5): each mode's best at M = 1 and 16, then 7B decode with the tuner free to pick it
+    timeout 320 python -m bench.kernels --shapes 4096x11008,8192x28672 --cases 4g128,2g64 --m 1,16 --per-mode \
+      --out "$OUT" 2>&1 | tee "$OUT/kernels.log"
+    timeout 240 python -m bench.decode --profile --new 128 --repeats 1 --out "$OUT" 2>&1 | tee "$OUT/decode.log"
+    ;;
+  sweep16)
+    # launch parameters of the half2 tensor-core kernel at M = 16
+    timeout 330 python -m bench.gemv_sweep --mode 5 --m 16 --shapes 4096x11008,8192x28672 --budget-s 70 2>&1 | tee "$OUT/sweep16.log"
     ;;
   sweep)
     timeout 540 python -m bench.gemv_sweep --budget-s 100 2>&1 | tee "$OUT/sweep.log"

@@ -31,17 +31,25 @@ ALIGNED = ("N", "K", "Kw", "group_size")  # what Triton specializes at launch fo
 def compile_cubin(kernel, constexprs: dict, arch: int, warps: int, types: dict | None = None) -> bytes:
     """The kernel compiled for sm_<arch> by Triton's own toolchain (no GPU or driver needed); `types`
     overrides the argument types (pointers of POINTERS, i32 otherwise)."""
+    return compile_asm(kernel, constexprs, arch, warps, types)["cubin"]
+
+
+def compile_asm(kernel, constexprs: dict, arch: int, warps: int, types: dict | None = None) -> dict:
+    """Every stage compile_cubin produces, by name ("ptx", "cubin", ...)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    names = list(inspect.signature(kernel.fn).parameters)
+    params = inspect.signature(kernel.fn).parameters
+    names = list(params)
+    constexprs = {**{n: p.default for n, p in params.items() if p.default is not inspect.Parameter.empty},
+                  **constexprs}  # defaulted parameters are constexprs (PDL, ROTARY): as a launch specializes them
     signature = {n: (types or {}).get(n, POINTERS.get(n, "i32")) for n in names}
     signature.update({k: "constexpr" for k in constexprs})
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
              if n.endswith("_ptr") or n in ALIGNED or n.startswith("stride")}
     src = ASTSource(fn=kernel, signature=signature, attrs=attrs,
                     constexprs={(names.index(k),): v for k, v in constexprs.items()})
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps}).asm["cubin"]
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps}).asm
 
 
 def main_loop(sass: str) -> list[str]:
@@ -98,6 +106,12 @@ def main(argv=None) -> int:
         if bits != 8:
             cases.append((f"{bits}-bit mode 4 (half2{', planes' if bits == 3 else ''})", tk.gptq_gemv_h2_kernel,
                           dict(common, BITS=bits, USE_ASM=True), kb * vpb))
+    # 16 rows (M = 16): the unrolled kernel on tensor cores against the half2 tensor-core kernel (4-bit)
+    m16 = dict(KB=16, BLOCK_N=args.block_n, HAS_PERM=False, SPLIT=True, HAS_BIAS=False, BLOCK_M=16)
+    cases.append(("4-bit mode 2, 16 rows (unrolled slots, tensor cores)", tk.gptq_gemm_kernel,
+                  dict(m16, BITS=4, VPB=8, INTERLEAVED=True, MODE=2), 128))
+    cases.append(("4-bit mode 5, 16 rows (half2 unpack, tensor cores)", tk.gptq_gemm_h2_kernel,
+                  dict(m16, USE_ASM=True), 128))
     print("| kernel | weights per thread per tile | loop instructions per thread | per weight | top opcodes |")
     print("| --- | --- | --- | --- | --- |")
     for title, kernel, const, block_k in cases:

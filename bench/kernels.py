@@ -26,7 +26,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from backends.gptq import format as fmt  # noqa: E402
-from backends.gptq.kernel_runtime import KernelRuntime, graph_time_ms, launch_fused  # noqa: E402
+from backends.gptq.kernel_runtime import KernelRuntime, graph_time_ms, launch_fused, pdl_supported  # noqa: E402
 from backends.gptq.quant_linear import make_kernel_layer  # noqa: E402
 
 SHAPES = "4096x4096,4096x11008,11008x4096,8192x28672,28672x8192"
@@ -48,6 +48,49 @@ def copy_bandwidth() -> float:
     ms = median_ms(lambda: b.copy_(a))
     del a, b
     return 2 * n * 2 / (ms * 1e-3)
+
+
+def read_floor_ms(nbytes: int) -> float:
+    """The fastest a kernel can read `nbytes` once (no arithmetic, contiguous chunks, 16-byte loads): the
+    best of a few grid and tile sizes, timed like the kernels (graph replays over cold copies). The
+    bandwidth a matrix-vector kernel can hope for at this size, launch and ramp-up included."""
+    import triton
+    words = -(-nbytes // 4)
+    copies = max(2, math.ceil(4 * L2_BYTES / nbytes))
+    bufs = [torch.randint(0, 2**31 - 1, (words,), device="cuda", dtype=torch.int32) for _ in range(copies)]
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    best = float("inf")
+    for per_sm in (2, 4, 8, 16):
+        for block in (1024, 2048, 4096):
+            programs = sms * per_sm
+            per = -(-words // programs)
+            per = -(-per // block) * block
+            out = torch.empty(-(-words // per), device="cuda", dtype=torch.int32)
+            grid = (out.numel(),)
+            ms = graph_time_ms(lambda i: _read_kernel[grid](bufs[i % copies], out, words, per, BLOCK=block,
+                                                             num_warps=4), calls=max(copies, 8))
+            best = min(best, ms)
+    del bufs
+    return best
+
+
+def _jit_read_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def read_kernel(src, out, n, per, BLOCK: tl.constexpr):
+        start = tl.program_id(0) * per
+        end = tl.minimum(start + per, n)
+        acc = tl.zeros([BLOCK], dtype=tl.int32)
+        for off in range(start, end, BLOCK):
+            idx = off + tl.arange(0, BLOCK)
+            acc ^= tl.load(src + idx, mask=idx < end, other=0)
+        tl.store(out + tl.program_id(0), tl.xor_sum(acc, 0))
+    return read_kernel
+
+
+_read_kernel = _jit_read_kernel()
 
 
 def random_layer(K, N, bits, gs, act, seed):
@@ -83,7 +126,7 @@ def per_mode_times(x, layer, runtime) -> dict:
     return out
 
 
-def run_case(K, N, bits, gs, act, Ms, runtime, bw, seed, per_mode=False):
+def run_case(K, N, bits, gs, act, Ms, runtime, bw, seed, per_mode=False, pdl=False, floor=False):
     rows = []
     packed, layer = random_layer(K, N, bits, gs, act, seed)
     w64 = fmt.dequantize(*packed, bits, "gptq", dtype=torch.float64)
@@ -115,7 +158,18 @@ def run_case(K, N, bits, gs, act, Ms, runtime, bw, seed, per_mode=False):
         q_ms = graph_time_ms(lambda i: runtime.run(x, layers[i % copies], cfg), calls=calls)
         f_ms = graph_time_ms(lambda i: x @ dense[i % fcopies], calls=calls)
         moved = qbytes + M * K * 2 + M * N * 2
-        rows.append(dict(K=K, N=N, bits=bits, group=gs, act_order=act, M=M, ms=q_ms, fp16_ms=f_ms,
+        extra = {}
+        if pdl and cfg.path == "fused" and cfg.mode == 4:
+            # back to back as programmatic dependent launches: each call's weight reads start while the
+            # previous call finishes (checked first on fresh inputs, poisoned output)
+            out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.float16)
+            y = launch_fused(xc, layer, cfg, out=out, scratch=runtime.scratch, pdl=True)
+            extra["pdl_rel_err"] = rel_err(y, ref)
+            extra["pdl_ms"] = graph_time_ms(lambda i: launch_fused(x, layers[i % copies], cfg, scratch=runtime.scratch,
+                                                                   pdl=True), calls=calls)
+        if floor:
+            extra["floor_ms"] = read_floor_ms(moved)
+        rows.append(dict(K=K, N=N, bits=bits, group=gs, act_order=act, M=M, ms=q_ms, fp16_ms=f_ms, **extra,
                          speedup=f_ms / q_ms, gbps=moved / (q_ms * 1e-3) / 1e9,
                          copy_frac=moved / (q_ms * 1e-3) / bw, fp16_gbps=(K * N * 2 + M * K * 2 + M * N * 2) / (f_ms * 1e-3) / 1e9,
                          rel_err=err, nan=nan, config=cfg.__dict__))
@@ -124,6 +178,9 @@ def run_case(K, N, bits, gs, act, Ms, runtime, bw, seed, per_mode=False):
               f"x{r['speedup']:5.2f}  {r['gbps']:7.0f} GB/s {r['copy_frac']*100:5.1f}% copy  err {err:.1e}"
               f"{' NaN!' if nan else ''}  {cfg.path} m{cfg.mode}{' gx' if cfg.gather_x else ''} bn{cfg.block_n} bk{cfg.block_k} s{cfg.split_k} w{cfg.num_warps} st{cfg.num_stages}",
               flush=True)
+        if extra:
+            print("      " + "  ".join(f"{k} {v * 1e3:.1f}us" if k.endswith("_ms") else f"{k} {v:.1e}"
+                                     for k, v in extra.items()), flush=True)
     del layers, dense, w64, w16
     torch.cuda.empty_cache()
     return rows
@@ -155,6 +212,16 @@ def markdown(rows, bw, args, device) -> str:
                      f"{r['ms']*1e3:.1f} | {r['fp16_ms']*1e3:.1f} | {r['speedup']:.2f} | {r['gbps']:.0f} | "
                      f"{r['copy_frac']*100:.0f} | {r['rel_err']:.1e} | {c['path']} m{c.get('mode', '-')} n{c['block_n']} "
                      f"k{c['block_k']} s{c['split_k']} w{c['num_warps']} |")
+    extras = [r for r in rows if "pdl_ms" in r or "floor_ms" in r]
+    if extras:
+        lines += ["", "Launch overlap and the read floor (same run): PDL = the same config back to back as programmatic "
+                  "dependent launches; floor = the fastest a plain read of the same bytes runs (best of a few grids).",
+                  "", "| K x N | bits | group | act | M | gptq us | with PDL us | read floor us | gptq / floor | PDL / floor |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in extras:
+            p, f = r.get("pdl_ms", float("nan")), r.get("floor_ms", float("nan"))
+            lines.append(f"| {r['K']}x{r['N']} | {r['bits']} | {r['group']} | {'yes' if r['act_order'] else 'no'} | {r['M']} | "
+                         f"{r['ms']*1e3:.1f} | {p*1e3:.1f} | {f*1e3:.1f} | {r['ms']/f:.2f} | {p/f:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -167,6 +234,8 @@ def main(argv=None):
     ap.add_argument("--no-tune", action="store_true")
     ap.add_argument("--modes", default="", help="only these fused-kernel modes, e.g. 4,3 (default: all)")
     ap.add_argument("--per-mode", action="store_true", help="also time the best config of every mode")
+    ap.add_argument("--pdl", action="store_true", help="also time the half2 kernel as programmatic dependent launches")
+    ap.add_argument("--floor", action="store_true", help="also time a plain read of the same bytes")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench.kernels needs a CUDA GPU")
@@ -183,9 +252,10 @@ def main(argv=None):
         K, N = (int(v) for v in shape.split("x"))
         for j, case in enumerate(args.cases.split(",")):
             bits, gs, act = CASES[case]
-            rows += run_case(K, N, bits, gs, act, Ms, runtime, bw, seed=100 * i + j, per_mode=args.per_mode)
+            rows += run_case(K, N, bits, gs, act, Ms, runtime, bw, seed=100 * i + j, per_mode=args.per_mode,
+                             pdl=args.pdl and pdl_supported("cuda"), floor=args.floor)
     print(f"total {time.time() - t0:.0f} s")
-    bad = [r for r in rows if r["rel_err"] >= 1e-2 or r["nan"]]
+    bad = [r for r in rows if r["rel_err"] >= 1e-2 or r["nan"] or not r.get("pdl_rel_err", 0) < 1e-2]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "kernels.json").write_text(json.dumps({"device": device, "copy_bw": bw, "rows": rows}, indent=1))

@@ -17,6 +17,8 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from backends.gptq.triton_kernels import gdc_launch_dependents, gdc_wait
+
 LOG2E = 1.4426950408889634
 NEG = tl.constexpr(-1.0e30)  # a constexpr: compiled kernels read no other globals; finite "minus infinity": exp2(NEG - m) is 0 and never NaN
 
@@ -41,11 +43,17 @@ def decode_attention_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, pos_ptr, out_
                             cos_ptr, sin_ptr, scale_log2, chunk, stride_qh, stride_knh, stride_vnh,
                             stride_kch, stride_kcl, stride_vch, stride_vcl,
                             GROUP: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr, BLOCK: tl.constexpr,
-                            SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, ROTARY: tl.constexpr = False):
+                            SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, ROTARY: tl.constexpr = False,
+                            PDL: tl.constexpr = False):
     """Program (h, s): query head h over cache positions [s * chunk, min((s + 1) * chunk, pos));
     split 0 also takes the new token (position pos) and writes it to the cache for its kv head.
     ROTARY: q and the new k arrive before the rotary embedding, which is applied here (LLaMA's
-    x * cos + rotate_half(x) * sin, cos and sin of the token's position, [D] each): one launch less."""
+    x * cos + rotate_half(x) * sin, cos and sin of the token's position, [D] each): one launch less.
+    PDL (programmatic dependent launch): wait for the previous kernel (q, k, v's producer) first, then
+    let the next kernel (the output projection) start reading its weights while this one runs."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     h = tl.program_id(0)
     s = tl.program_id(1)
     kvh = h // GROUP

@@ -38,13 +38,14 @@ def split_count(max_len: int, q_heads: int, device) -> int:
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                      v_cache: torch.Tensor, pos: torch.Tensor, scaling: float, scratch: SplitScratch,
-                     splits: int | None = None, rotary: tuple[torch.Tensor, torch.Tensor] | None = None
-                     ) -> torch.Tensor:
+                     splits: int | None = None, rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     pdl: bool = False) -> torch.Tensor:
     """q [1, Hq, 1, D], k and v [1, Hkv, 1, D], caches [1, Hkv, L, D], pos a one-element integer tensor
     on the same device. Writes k and v at position pos of the caches and returns the attention output
     [1, 1, Hq, D] over positions 0..pos (no mask: everything before the token is visible).
     rotary=(cos, sin), D values each for this position: q and k are given before LLaMA's rotary
-    embedding, which the kernel applies (and the cache receives the rotated k)."""
+    embedding, which the kernel applies (and the cache receives the rotated k).
+    pdl: launch as a programmatic dependent launch (sm_90+, see kernel_runtime.pdl_supported)."""
     from backends.gptq.attention_kernel import LOG2E, decode_attention_kernel
     _, hq, _, dim = q.shape
     hkv, max_len = k_cache.shape[1], k_cache.shape[2]
@@ -77,7 +78,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
         q.stride(1), k.stride(1), v.stride(1), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(1), v_cache.stride(2),
         GROUP=hq // hkv, D=dim, D_P2=d_p2, BLOCK=BLOCK, SPLITS=splits,
-        SPLITS_P2=triton.next_power_of_2(splits), ROTARY=rotary is not None, num_warps=4)
+        SPLITS_P2=triton.next_power_of_2(splits), ROTARY=rotary is not None, PDL=pdl, num_warps=4,
+        **({"launch_pdl": True} if pdl else {}))
     return out
 
 
@@ -108,8 +110,9 @@ class DecodeAttentionRoute:
     The first routed step is checked against torch; a device whose kernel gets it wrong (or fails to
     compile it) is dropped from `device_types`, so decoding there goes on through the HF attention."""
 
-    def __init__(self, device_types=("cuda",)):
+    def __init__(self, device_types=("cuda",), pdl: bool = False):
         self.device_types = set(device_types)
+        self.pdl = pdl  # launch the kernel as a programmatic dependent launch (sm_90+ only)
         self.scratch = SplitScratch()  # the split-K matmuls' partials-and-tickets buffer, same protocol
         self.calls = 0
         self.verified: set[str] = set()
@@ -161,7 +164,7 @@ def decode_route(model) -> DecodeAttentionRoute | None:
     return None
 
 
-def route_decode_attention(model, device_types=("cuda",)) -> int:
+def route_decode_attention(model, device_types=("cuda",), pdl: bool = False) -> int:
     """Give every LLaMA-family attention module of `model` a forward that runs single-token steps
     over a static cache through decode_attention (position from `position_ids`), and the original
     forward otherwise. Returns how many modules were routed (0 for other architectures).
@@ -169,7 +172,7 @@ def route_decode_attention(model, device_types=("cuda",)) -> int:
     captured with, and HF's own cache bookkeeping does not see the routed steps' writes."""
     if str(getattr(getattr(model, "config", None), "model_type", "")).lower() not in ROUTED_MODEL_TYPES:
         return 0
-    route = DecodeAttentionRoute(device_types)
+    route = DecodeAttentionRoute(device_types, pdl)
     count = 0
     for decoder_layer in getattr(getattr(model, "model", None), "layers", ()):
         module = getattr(decoder_layer, "self_attn", None)
@@ -179,6 +182,7 @@ def route_decode_attention(model, device_types=("cuda",)) -> int:
             continue
         if getattr(module.forward, "decode_route", None) is not None:
             module.forward.decode_route.device_types.update(device_types)  # routed before: add device types
+            module.forward.decode_route.pdl = pdl
             count += 1
             continue
         module.forward = _routed_forward(module, module.forward, route)
@@ -209,7 +213,7 @@ def _routed_forward(module, original, route: DecodeAttentionRoute):
         layer = cache.layers[module.layer_idx]
         try:
             out = decode_attention(q, k, v, layer.keys, layer.values, position_ids.reshape(1), module.scaling,
-                                   route.scratch, rotary=rotary)
+                                   route.scratch, rotary=rotary, pdl=route.pdl)
             problem = route.verify(q, k, v, layer.keys, layer.values, position_ids, module.scaling, out, rotary)
         except Exception as exc:  # e.g. a Triton compile error on this GPU: never worse than no kernel
             if hidden_states.device.type == "cuda" and torch.cuda.is_current_stream_capturing():

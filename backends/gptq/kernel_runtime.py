@@ -8,6 +8,7 @@ dequantize + cuBLAS), split-K needs a zeroed fp32 buffer, and the choice is kept
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import math
@@ -22,7 +23,7 @@ from backends.gptq import format as fmt
 log = logging.getLogger(__name__)
 
 FUSED_MAX_M = 64
-TUNER_VERSION = 3  # 2: timed over cold (HBM-resident) weight copies; 3: more half2 GEMV tiles
+TUNER_VERSION = 4  # 2: timed over cold (HBM-resident) weight copies; 3: more half2 GEMV tiles; 4: mode 5
 VERIFY_TOLERANCE = 1e-2  # relative error of a tuned candidate against dequantize + cuBLAS (fp16: ~1e-3)
 
 
@@ -32,6 +33,16 @@ def sm_count(device) -> int:
         return 2
     return _cuda_sm_count(torch.device(device).index if torch.device(device).index is not None
                           else torch.cuda.current_device())
+
+
+def pdl_supported(device) -> bool:
+    """Whether kernels on `device` can be launched as programmatic dependent launches: a kernel may
+    start (and read its constant weights) while the previous one finishes. Needs sm_90+ and a Triton
+    with grid dependency control."""
+    from backends.gptq.triton_kernels import INTERPRETED, gdc_wait
+    if gdc_wait is None or INTERPRETED or device is None or torch.device(device).type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(torch.device(device))[0] >= 9
 
 
 @functools.lru_cache(maxsize=None)
@@ -125,7 +136,8 @@ class GemmConfig:
     num_warps: int = 4
     num_stages: int = 2
     mode: int = 2              # 0 per word (3-D), 1 per row, 2 unrolled value slots, 3 prefetching GEMV (M=1),
-    #                            4 half2 GEMV (M=1, fp16, 2/3/4-bit interleaved words)
+    #                            4 half2 GEMV (M=1, fp16, 2/3/4-bit interleaved words),
+    #                            5 half2 unpack + tensor cores (1 < M <= 64, fp16, 4-bit interleaved words)
     gather_x: bool = False     # act-order: permute the activations once (one gather) and run the perm-free
     #                            kernel, instead of each program loading x through perm (scattered reads)
 
@@ -151,8 +163,11 @@ def _split_for(layer: KernelLayer, block_n: int, block_k: int, target_programs: 
 
 
 def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: torch.Tensor | None = None,
-                 bias: torch.Tensor | None = None, scratch: "SplitScratch | None" = None) -> torch.Tensor:
-    """y[M, N] = x2d @ W (+ bias), written into `out` when given (every element is written)."""
+                 bias: torch.Tensor | None = None, scratch: "SplitScratch | None" = None,
+                 pdl: bool = False) -> torch.Tensor:
+    """y[M, N] = x2d @ W (+ bias), written into `out` when given (every element is written).
+    pdl: the half2 matrix-vector kernel (mode 4) is launched as a programmatic dependent launch
+    (only where pdl_supported): its weight reads start while the previous kernel finishes."""
     from backends.gptq.triton_kernels import gptq_gemm_kernel
     M = x2d.shape[0]
     if M > cfg.block_m:
@@ -185,7 +200,19 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
             bias if bias is not None else out, ws, tickets, layer.N, layer.K, layer.Kw, layer.group_size, per, split,
             BITS=layer.bits, KB=kb, BLOCK_N=cfg.block_n,
             HAS_PERM=has_perm, SPLIT=split > 1, HAS_BIAS=bias is not None,
-            USE_ASM=not INTERPRETED, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            USE_ASM=not INTERPRETED, PDL=pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **({"launch_pdl": True} if pdl else {}))
+        return out
+    if cfg.mode == 5:
+        from backends.gptq.triton_kernels import INTERPRETED, gptq_gemm_h2_kernel
+        if x2d.dtype != torch.float16 or not layer.interleaved or layer.bits != 4:
+            raise ValueError("the half2 tensor-core kernel (mode 5) takes fp16 rows and interleaved 4-bit words")
+        gptq_gemm_h2_kernel[(n_tiles, split)](
+            x2d, layer.qweight, layer.scales, layer.zeros, perm, out, bias if bias is not None else out, ws, tickets,
+            M, layer.N, layer.K, layer.Kw, x2d.stride(0), out.stride(0), layer.group_size, per, split,
+            KB=kb, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_PERM=has_perm,
+            SPLIT=split > 1, HAS_BIAS=bias is not None, USE_ASM=not INTERPRETED,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return out
     if cfg.mode == 3:
         from backends.gptq.triton_kernels import gptq_gemv_kernel
@@ -247,8 +274,10 @@ class KernelRuntime:
     """Runs GPTQ matmuls on CUDA for one loaded model: picks (and, when `tune`, measures) a config per
     shape, and owns the reusable fp16 buffer of the dequantize + cuBLAS path."""
 
-    def __init__(self, tune: bool = True, cache_file: Path | None = None, modes: tuple[int, ...] | None = None):
+    def __init__(self, tune: bool = True, cache_file: Path | None = None, modes: tuple[int, ...] | None = None,
+                 pdl: bool = False):
         self.tune = tune
+        self.pdl = pdl  # programmatic dependent launches of the matrix-vector kernel (check pdl_supported)
         self.cache_file = cache_file
         self.allowed_modes = modes  # restrict the fused kernel's unpacking modes (benchmarks, debugging)
         self.configs: dict[str, GemmConfig] = {}
@@ -269,7 +298,7 @@ class KernelRuntime:
     def run(self, x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, bias: torch.Tensor | None = None,
             out: torch.Tensor | None = None) -> torch.Tensor:
         if cfg.path == "fused":
-            return launch_fused(x2d, layer, cfg, out=out, bias=bias, scratch=self.scratch)
+            return launch_fused(x2d, layer, cfg, out=out, bias=bias, scratch=self.scratch, pdl=self.pdl)
         w = self.workspace(layer.K * layer.N, x2d.dtype, x2d.device)[: layer.K * layer.N].view(layer.K, layer.N)
         launch_dequant(layer, w)  # rows in original order: x needs no permutation
         y = x2d @ w if bias is None else torch.addmm(bias.to(x2d.dtype), x2d, w)
@@ -316,10 +345,15 @@ class KernelRuntime:
     def modes(bucket: int, layer: KernelLayer, dtype) -> tuple[int, ...]:
         """Unpacking modes worth trying, the untuned default first. The half2 kernel (mode 4) is only
         taken when the tuner has measured it (and checked its output) on the GPU in use."""
+        half2 = dtype == torch.float16 and layer.interleaved
         if bucket == 1:
-            modes = (3, 4, 0, 2) if dtype == torch.float16 and layer.interleaved else (3, 0, 2)
+            modes = (3, 4, 0, 2) if half2 else (3, 0, 2)
         else:
             modes = (2, 0, 1) if dtype == torch.float16 else (0, 1)
+            if half2 and layer.bits == 4:
+                # the half2 tensor-core kernel leads: 1.7-1.8x faster than mode 2 at M = 16 on an H200
+                # (bench/RESULTS.md); at 2 bits it lost to mode 0 there, and at M = 1 to mode 4
+                modes = (5, 2, 0, 1)
         if bucket == 1 and layer.bits == 3 and layer.interleaved:  # mode 2's M = 1 form reads checkpoint order
             modes = tuple(m for m in modes if m != 2)
         return modes
@@ -350,6 +384,10 @@ class KernelRuntime:
                 # decoding shape of an H200 sweep (bench/gemv_sweep.py, bench/RESULTS.md): 5-12% faster
                 mode_tiles = [(32, 128, 2), (256, 64, 2), (64, 128, 4)] + tiles
                 mode_targets = (4 * sms, 8 * sms, 16 * sms)
+            if mode == 5:  # the best of an H200 sweep at M = 16 (bench/gemv_sweep.py --mode 5) first
+                mode_tiles = [(64, 128, 4), (128, 128, 8), (128, 128, 4), (256, 128, 4)]
+                mode_targets = (4 * sms, 8 * sms)  # 2-4 splits won there
+            stages = (3, 4) if mode == 5 else (2,)  # its loads feed tl.dot: Triton pipelines them (cp.async)
             for bn, bk, warps in mode_tiles:
                 if mode == 2 and bucket > 1:  # one tl.dot per value slot needs >= 16 blocks per tile
                     bk = max(bk, 16 * values_per_block(layer.bits))
@@ -357,9 +395,9 @@ class KernelRuntime:
                     bk = min(bks, key=lambda b: abs(b - bk))
                 if mode == 2 and bucket > 1 and bk // values_per_block(layer.bits) < 16:
                     continue
-                for target in mode_targets:
-                    cfg = GemmConfig("fused", bucket if bucket > 1 else 1, bn, bk,
-                                     _split_for(layer, bn, bk, target), warps, mode=mode)
+                for target, st in itertools.product(mode_targets, stages):
+                    cfg = GemmConfig("fused", bucket, bn, bk, _split_for(layer, bn, bk, target), warps,
+                                     num_stages=st, mode=mode)
                     if cfg not in out:
                         out.append(cfg)
         if layer.perm is not None:

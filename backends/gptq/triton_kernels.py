@@ -20,6 +20,11 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+try:  # programmatic dependent launch (sm_90+): see gptq_gemv_h2_kernel's PDL
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # an older Triton: kernels are only ever launched with PDL=False
+    gdc_launch_dependents = gdc_wait = None
+
 
 @triton.jit
 def _unpack_tile(qw_ptr, N, Kw, kb0, offs_n, mask_n,
@@ -641,11 +646,14 @@ def gptq_gemv_h2_kernel(x_ptr, xp_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, 
                         N, K, Kw, group_size, tiles_per_split, nsplit,
                         BITS: tl.constexpr, KB: tl.constexpr, BLOCK_N: tl.constexpr,
                         HAS_PERM: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        USE_ASM: tl.constexpr):
+                        USE_ASM: tl.constexpr, PDL: tl.constexpr = False):
     """out[1, N] = x[1, K] @ W (+ bias) for fp16 x and 2/3/4-bit words in the half2 order (see above and
     _dot_block3), KB value blocks per tile (a block: one word, or three at 3 bits). The next tile's words
     are loaded before the current one is used (register double-buffering). The 3-bit words w1, w2 are
-    unused at 2 and 4 bits, so the compiler drops them from the loop."""
+    unused at 2 and 4 bits, so the compiler drops them from the loop.
+    PDL (launched as a programmatic dependent launch, sm_90+): the first tile's words, constants, are
+    requested before waiting for the previous kernel, so this kernel's start overlaps that one's tail;
+    x, the output and the split scratch are touched only after the wait."""
     VPB: tl.constexpr = 32 if BITS == 3 else 32 // BITS
     WPB: tl.constexpr = 3 if BITS == 3 else 1
     PPB: tl.constexpr = VPB // 2
@@ -653,6 +661,9 @@ def gptq_gemv_h2_kernel(x_ptr, xp_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, 
     pid_n, pid_k, offs_n, mask_n, t0, t_end = _program_tiles(N, tiles_per_split, BLOCK_N)
     row_end = tl.minimum(Kw, t_end * KB * WPB)
     w0, w1, w2 = _load_words(qw_ptr, N, t0 * KB, offs_n, mask_n, row_end, BITS, KB)
+    if PDL:
+        gdc_wait()  # the previous kernel (x's producer, the scratch's last user) has finished
+        gdc_launch_dependents()  # the next kernel may start its own weight reads now
     acc2 = tl.zeros([KB, BLOCK_N], dtype=tl.float32)  # reduced over rows once, after the loop
     for t in range(t0, t_end):
         blocks = t * KB + tl.arange(0, KB)
@@ -692,6 +703,81 @@ def gptq_gemv_h2_kernel(x_ptr, xp_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, 
     acc = tl.sum(acc2, axis=0)
     offs_m = tl.arange(0, 1)
     _finish(acc[None, :], out_ptr, bias_ptr, ws_ptr, ticket_ptr, offs_m, offs_n, offs_m < 1, mask_n, 1, N, N,
+            pid_n, pid_k, nsplit, SPLIT, HAS_BIAS)
+
+
+@triton.jit
+def _pair4_h(w, zz, z, P: tl.constexpr, USE_ASM: tl.constexpr):
+    """Values 2P and 2P+1 of each half2-ordered 4-bit word minus the zero, as two fp16 tensors (exact
+    small integers). PTX: one `lop3` puts both fields into fp16 mantissas over the exponent of 1024 and
+    one `sub.f16x2` removes 1024 + z from both; zz holds 1024 + z in both halves."""
+    if USE_ASM:
+        return tl.inline_asm_elementwise(
+            "{\n.reg .b32 t, q;\n"
+            f"shr.u32 t, $2, {4 * P};\n"
+            "lop3.b32 q, t, 0x000f000f, 0x64006400, 0xea;\n"
+            "sub.f16x2 q, q, $3;\n"
+            "mov.b32 {$0, $1}, q;\n}",
+            "=h,=h,r,r", [w, zz], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
+    else:
+        lo = ((w >> (4 * P)) & 15).to(tl.int32) - z
+        hi = ((w >> (16 + 4 * P)) & 15).to(tl.int32) - z
+        return lo.to(tl.float16), hi.to(tl.float16)
+
+
+@triton.jit
+def _weight_tile4_h(w, z, USE_ASM: tl.constexpr):
+    """The [8 * KB, BLOCK_N] fp16 tile (q - z), rows in natural order, of half2-ordered 4-bit words
+    w [KB, BLOCK_N]: the value pairs stacked by tl.join (value j = i + 2c + 4d of a word lands at
+    join indices (i, c, d), innermost first), then moved in front of the columns."""
+    zz = tl.broadcast_to(((z + 0x6400) * 0x10001)[None, :], w.shape)
+    zb = tl.broadcast_to(z.to(tl.int32)[None, :], w.shape)
+    v0, v1 = _pair4_h(w, zz, zb, 0, USE_ASM)
+    v2, v3 = _pair4_h(w, zz, zb, 1, USE_ASM)
+    v4, v5 = _pair4_h(w, zz, zb, 2, USE_ASM)
+    v6, v7 = _pair4_h(w, zz, zb, 3, USE_ASM)
+    t8 = tl.join(tl.join(tl.join(v0, v1), tl.join(v2, v3)), tl.join(tl.join(v4, v5), tl.join(v6, v7)))
+    return tl.reshape(tl.permute(t8, (0, 4, 3, 2, 1)), (w.shape[0] * 8, w.shape[1]))
+
+
+@triton.jit
+def gptq_gemm_h2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, bias_ptr, ws_ptr, ticket_ptr,
+                        M, N, K, Kw, stride_xm, stride_om, group_size, tiles_per_split, nsplit,
+                        KB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        HAS_PERM: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        USE_ASM: tl.constexpr):
+    """out[M, N] (+)= x[M, K] @ W for 2 <= M <= BLOCK_M (fp16) and 4-bit words in the half2 order:
+    per tile, a `lop3` and a `sub.f16x2` turn each value pair into fp16 (q - z) and one tl.dot runs
+    the tile on the tensor cores; the group's scale multiplies the tile's product (one group per
+    tile). Triton pipelines the tile loads through shared memory (cp.async, num_stages).
+    Why: the unrolled kernel (mode 2) unpacks with ~5 instructions per weight; this one was 1.7-1.8x
+    faster at M = 16 on an H200 (bench/RESULTS.md). At 2 bits the same scheme lost to mode 0 there."""
+    BLOCK_K: tl.constexpr = KB * 8
+    pid_n, pid_k, offs_n, mask_n, t0, t_end = _program_tiles(N, tiles_per_split, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    kb = t0 * KB + tl.arange(0, KB)
+    offs_k = t0 * BLOCK_K + tl.arange(0, BLOCK_K)
+    w_ptrs = qw_ptr + kb[:, None] * N + offs_n[None, :]  # advanced by a tile per step: no per-step products
+    x_rows = x_ptr + offs_m[:, None] * stride_xm
+    for t in range(t0, t_end):
+        w = tl.load(w_ptrs, mask=(kb[:, None] < Kw) & mask_n[None, :], other=0).to(tl.uint32, bitcast=True)
+        mask_k = offs_k < K
+        if HAS_PERM:
+            x = tl.load(x_rows + tl.load(perm_ptr + offs_k, mask=mask_k, other=0)[None, :],
+                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        else:
+            x = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        g = tl.minimum(t * BLOCK_K, K - 1) // group_size
+        s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32)
+        z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.uint32)
+        w_ptrs += KB * N
+        kb += KB
+        offs_k += BLOCK_K
+        tile = _weight_tile4_h(w, z, USE_ASM)
+        acc += tl.dot(x.to(tl.float16), tile, out_dtype=tl.float32) * s[None, :]
+    _finish(acc, out_ptr, bias_ptr, ws_ptr, ticket_ptr, offs_m, offs_n, mask_m, mask_n, M, N, stride_om,
             pid_n, pid_k, nsplit, SPLIT, HAS_BIAS)
 
 
