@@ -726,10 +726,10 @@ def _pair4_h(w, zz, z, P: tl.constexpr, USE_ASM: tl.constexpr):
 
 
 @triton.jit
-def _weight_tile4_h(w, z, USE_ASM: tl.constexpr):
+def _weight_tile4_h(w, z, USE_ASM: tl.constexpr, TRANSPOSED: tl.constexpr):
     """The [8 * KB, BLOCK_N] fp16 tile (q - z), rows in natural order, of half2-ordered 4-bit words
-    w [KB, BLOCK_N]: the value pairs stacked by tl.join (value j = i + 2c + 4d of a word lands at
-    join indices (i, c, d), innermost first), then moved in front of the columns."""
+    w [KB, BLOCK_N] ([BLOCK_N, 8 * KB] when TRANSPOSED): the value pairs stacked by tl.join (value
+    j = i + 2c + 4d of a word lands at join indices (i, c, d), innermost first), then moved in place."""
     zz = tl.broadcast_to(((z + 0x6400) * 0x10001)[None, :], w.shape)
     zb = tl.broadcast_to(z.to(tl.int32)[None, :], w.shape)
     v0, v1 = _pair4_h(w, zz, zb, 0, USE_ASM)
@@ -737,7 +737,10 @@ def _weight_tile4_h(w, z, USE_ASM: tl.constexpr):
     v4, v5 = _pair4_h(w, zz, zb, 2, USE_ASM)
     v6, v7 = _pair4_h(w, zz, zb, 3, USE_ASM)
     t8 = tl.join(tl.join(tl.join(v0, v1), tl.join(v2, v3)), tl.join(tl.join(v4, v5), tl.join(v6, v7)))
-    return tl.reshape(tl.permute(t8, (0, 4, 3, 2, 1)), (w.shape[0] * 8, w.shape[1]))
+    if TRANSPOSED:
+        return tl.reshape(tl.permute(t8, (1, 0, 4, 3, 2)), (w.shape[1], w.shape[0] * 8))
+    else:
+        return tl.reshape(tl.permute(t8, (0, 4, 3, 2, 1)), (w.shape[0] * 8, w.shape[1]))
 
 
 @triton.jit
@@ -745,38 +748,47 @@ def gptq_gemm_h2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, bias_ptr
                         M, N, K, Kw, stride_xm, stride_om, group_size, tiles_per_split, nsplit,
                         KB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         HAS_PERM: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        USE_ASM: tl.constexpr):
+                        USE_ASM: tl.constexpr, TRANSPOSED: tl.constexpr = False):
     """out[M, N] (+)= x[M, K] @ W for 2 <= M <= BLOCK_M (fp16) and 4-bit words in the half2 order:
     per tile, a `lop3` and a `sub.f16x2` turn each value pair into fp16 (q - z) and one tl.dot runs
     the tile on the tensor cores; the group's scale multiplies the tile's product (one group per
     tile). Triton pipelines the tile loads through shared memory (cp.async, num_stages).
     Why: the unrolled kernel (mode 2) unpacks with ~5 instructions per weight; this one was 1.7-1.8x
-    faster at M = 16 on an H200 (bench/RESULTS.md). At 2 bits the same scheme lost to mode 0 there."""
+    faster at M = 16 on an H200 (bench/RESULTS.md). At 2 bits the same scheme lost to mode 0 there.
+    TRANSPOSED (mode 6) computes out^T = W^T x^T: the weight tile is the MMA's first operand, whose
+    register fragments hold two consecutive k of one column, as each unpacked pair does (no operand
+    shuffles; on sm_90 Triton may issue wgmma), and the x tile is the narrow second one."""
     BLOCK_K: tl.constexpr = KB * 8
     pid_n, pid_k, offs_n, mask_n, t0, t_end = _program_tiles(N, tiles_per_split, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if TRANSPOSED:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     kb = t0 * KB + tl.arange(0, KB)
     offs_k = t0 * BLOCK_K + tl.arange(0, BLOCK_K)
     w_ptrs = qw_ptr + kb[:, None] * N + offs_n[None, :]  # advanced by a tile per step: no per-step products
-    x_rows = x_ptr + offs_m[:, None] * stride_xm
+    x_rows = x_ptr + offs_m * stride_xm
     for t in range(t0, t_end):
         w = tl.load(w_ptrs, mask=(kb[:, None] < Kw) & mask_n[None, :], other=0).to(tl.uint32, bitcast=True)
         mask_k = offs_k < K
-        if HAS_PERM:
-            x = tl.load(x_rows + tl.load(perm_ptr + offs_k, mask=mask_k, other=0)[None, :],
-                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        else:
-            x = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        cols = tl.load(perm_ptr + offs_k, mask=mask_k, other=0) if HAS_PERM else offs_k
         g = tl.minimum(t * BLOCK_K, K - 1) // group_size
         s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32)
         z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.uint32)
         w_ptrs += KB * N
         kb += KB
         offs_k += BLOCK_K
-        tile = _weight_tile4_h(w, z, USE_ASM)
-        acc += tl.dot(x.to(tl.float16), tile, out_dtype=tl.float32) * s[None, :]
+        tile = _weight_tile4_h(w, z, USE_ASM, TRANSPOSED)
+        if TRANSPOSED:
+            xt = tl.load(x_rows[None, :] + cols[:, None], mask=mask_m[None, :] & mask_k[:, None], other=0.0)
+            acc += tl.dot(tile, xt.to(tl.float16), out_dtype=tl.float32) * s[:, None]
+        else:
+            x = tl.load(x_rows[:, None] + cols[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            acc += tl.dot(x.to(tl.float16), tile, out_dtype=tl.float32) * s[None, :]
+    if TRANSPOSED:
+        acc = tl.trans(acc)
     _finish(acc, out_ptr, bias_ptr, ws_ptr, ticket_ptr, offs_m, offs_n, mask_m, mask_n, M, N, stride_om,
             pid_n, pid_k, nsplit, SPLIT, HAS_BIAS)
 
