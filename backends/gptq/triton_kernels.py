@@ -181,6 +181,47 @@ def _window_offset(pos: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
+def _unrolled_slot(acc2, corr, w0, w1, w2, x_ptr, src_base, mask_kb, offs_m, mask_m, stride_xm, perm_ptr,
+                   j: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, HAS_PERM: tl.constexpr,
+                   INTERLEAVED: tl.constexpr):
+    """Value slot j of _unrolled_tile. Its own function so the bit positions are constexprs: Triton 3.6
+    turns a name bound to a plain int into a tensor (the shifts would not be constants, and
+    _window_field's `if` would not compile), and an annotated constexpr cannot be rebound in an
+    unrolled loop."""
+    k = src_base + j  # [KB]
+    if HAS_PERM:
+        k = tl.load(perm_ptr + k, mask=mask_kb, other=0)
+    if (BITS == 3) & INTERLEAVED:  # planes order (M > 1 only): low bits of j, then its third bit
+        i: tl.constexpr = j % 16
+        pair: tl.constexpr = j // 2  # hpos: kernel_runtime.hi_plane_bit(j)
+        hpos: tl.constexpr = (pair // 4) % 2 + 8 * (pair // 8) + 2 * (pair % 4) + 16 * (j % 2)
+        if j < 16:
+            q3 = _field(w0, w0, (i % 2) * 16 + (i // 2) * 2, 2, 0)
+        else:
+            q3 = _field(w1, w1, (i % 2) * 16 + (i // 2) * 2, 2, 0)
+        q = ((q3 | _field(w2, w2, hpos, 1, 2)) | 0x6400).to(tl.uint16).to(tl.float16, bitcast=True)
+        xj = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=mask_m[:, None] & mask_kb[None, :],
+                     other=0)
+        acc2 = tl.dot(xj, q, acc2)
+    else:
+        bit: tl.constexpr = (j % 2) * 16 + (j // 2) * BITS if INTERLEAVED else BITS * j
+        widx: tl.constexpr = bit // 32
+        pos: tl.constexpr = bit % 32
+        lo = w0 if widx == 0 else (w1 if widx == 1 else w2)
+        hi = w1 if widx == 0 else w2
+        if BLOCK_M == 1:
+            xj = tl.load(x_ptr + k, mask=mask_kb, other=0).to(tl.float32)
+            acc2 += _window_field(lo, hi, pos, BITS) * xj[:, None]
+            corr += _window_offset(pos, BITS) * tl.sum(xj, axis=0)
+        else:
+            q = (_field(lo, hi, pos, BITS, 0) | 0x6400).to(tl.uint16).to(tl.float16, bitcast=True)
+            xj = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
+                         mask=mask_m[:, None] & mask_kb[None, :], other=0)
+            acc2 = tl.dot(xj, q, acc2)
+    return acc2, corr
+
+
+@triton.jit
 def _unrolled_tile(acc2, x_ptr, src_base, mask_kb, qw_ptr, N, Kw, kb0, offs_n, mask_n, offs_m, mask_m, stride_xm,
                    BITS: tl.constexpr, VPB: tl.constexpr, KB: tl.constexpr, BLOCK_M: tl.constexpr,
                    HAS_PERM: tl.constexpr, perm_ptr, INTERLEAVED: tl.constexpr):
@@ -197,50 +238,8 @@ def _unrolled_tile(acc2, x_ptr, src_base, mask_kb, qw_ptr, N, Kw, kb0, offs_n, m
         w2 = w0
     corr = tl.sum(tl.zeros([KB], dtype=tl.float32), axis=0)
     for j in tl.static_range(VPB):
-        if BITS == 3 and INTERLEAVED:  # planes order (M > 1 only): low bits of j, then its third bit
-            i = j % 16
-            pair = j // 2  # hpos: kernel_runtime.hi_plane_bit(j), a constant here as the shifts need
-            hpos = (pair // 4) % 2 + 8 * (pair // 8) + 2 * (pair % 4) + 16 * (j % 2)
-            if j < 16:
-                q3 = _field(w0, w0, (i % 2) * 16 + (i // 2) * 2, 2, 0)
-            else:
-                q3 = _field(w1, w1, (i % 2) * 16 + (i // 2) * 2, 2, 0)
-            q3 = q3 | _field(w2, w2, hpos, 1, 2)
-            k = src_base + j
-            if HAS_PERM:
-                k = tl.load(perm_ptr + k, mask=mask_kb, other=0)
-            q = (q3 | 0x6400).to(tl.uint16).to(tl.float16, bitcast=True)
-            xj = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
-                         mask=mask_m[:, None] & mask_kb[None, :], other=0)
-            acc2 = tl.dot(xj, q, acc2)
-        else:
-            if INTERLEAVED:
-                bit = (j % 2) * 16 + (j // 2) * BITS
-            else:
-                bit = BITS * j
-            widx = bit // 32
-            pos = bit % 32
-            if widx == 0:
-                lo = w0
-                hi = w1
-            elif widx == 1:
-                lo = w1
-                hi = w2
-            else:
-                lo = w2
-                hi = w2
-            k = src_base + j  # [KB]
-            if HAS_PERM:
-                k = tl.load(perm_ptr + k, mask=mask_kb, other=0)
-            if BLOCK_M == 1:
-                xj = tl.load(x_ptr + k, mask=mask_kb, other=0).to(tl.float32)
-                acc2 += _window_field(lo, hi, pos, BITS) * xj[:, None]
-                corr += _window_offset(pos, BITS) * tl.sum(xj, axis=0)
-            else:
-                q = (_field(lo, hi, pos, BITS, 0) | 0x6400).to(tl.uint16).to(tl.float16, bitcast=True)
-                xj = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
-                             mask=mask_m[:, None] & mask_kb[None, :], other=0)
-                acc2 = tl.dot(xj, q, acc2)
+        acc2, corr = _unrolled_slot(acc2, corr, w0, w1, w2, x_ptr, src_base, mask_kb, offs_m, mask_m, stride_xm,
+                                    perm_ptr, j, BITS, BLOCK_M, HAS_PERM, INTERLEAVED)
     return acc2, corr
 
 

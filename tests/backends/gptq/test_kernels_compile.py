@@ -1,7 +1,11 @@
 """Every Triton kernel compiles for the GPUs we target (sm_80, sm_90) with Triton's own toolchain, on a
 machine without a GPU. Why: the interpreter (the CPU tests' way of running kernels) accepts things the
 compiler rejects: a module-level float read inside a kernel ran fine interpreted and failed to compile
-on an H200 (the decoding attention kernel then fell back to the HF attention)."""
+on an H200 (the decoding attention kernel then fell back to the HF attention).
+Triton versions differ too: the GPU machine's 3.6 turned a plain-int name into a tensor where 3.9 keeps
+a constant (mode 2 at M = 1 did not compile there). To check another version without installing it:
+`pip download triton==3.6.0 --no-deps`, unzip the wheel into DIR, `chmod +x DIR/triton/backends/nvidia/bin/*`,
+then `PYTHONPATH=DIR .venv/bin/python -m pytest tests/backends/gptq/test_kernels_compile.py`."""
 from __future__ import annotations
 
 import pytest
@@ -44,6 +48,9 @@ def _kernels():
         ("gemm half2 tensor cores W^T x^T M=32 act-order", tk.gptq_gemm_h2_kernel,
          dict(KB=8, BLOCK_M=32, BLOCK_N=64, HAS_PERM=True, SPLIT=True, HAS_BIAS=False, USE_ASM=True,
               TRANSPOSED=True)),
+        ("gemm mode 2 M=1 4-bit", tk.gptq_gemm_kernel, dict(BITS=4, VPB=8, KB=16, BLOCK_M=1, MODE=2, **gemm)),
+        ("gemm mode 2 M=1 3-bit", tk.gptq_gemm_kernel,
+         dict(BITS=3, VPB=32, KB=4, BLOCK_M=1, MODE=2, **{**gemm, "INTERLEAVED": False})),
         ("gemm mode 0 M=1 8-bit", tk.gptq_gemm_kernel,
          dict(BITS=8, VPB=4, KB=32, BLOCK_M=1, MODE=0, **{**gemm, "INTERLEAVED": False})),
         ("dequantize 3-bit", tk.gptq_dequant_kernel,
