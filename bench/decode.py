@@ -338,12 +338,8 @@ def main(argv=None):
     from backends.gptq.decode_attention import decode_route, route_decode_attention
     hf_logits = torch_generation.greedy_logits(GraphDecoder(model, device, max_len).step, prompt, 23, device)
     routed = route_decode_attention(model)
-    kernel_decoder = GraphDecoder(model, device, max_len)
-    run_generation(model, prompt, 16, kernel_decoder.step, device)
-    ttft_k, tps_k, n_k = run_generation(model, prompt, args.new, kernel_decoder.step, device)
-    results["gptq (static cache + CUDA graph + attention kernel)"] = dict(
-        ttft_ms=ttft_k * 1e3, tok_s=tps_k, tokens=n_k, peak_gb=torch.cuda.max_memory_allocated() / 1e9,
-        graph=kernel_decoder.graph is not None)
+    kernel_decoder, results["gptq (static cache + CUDA graph + attention kernel)"] = graph_decoding(
+        model, prompt, args.new, device, max_len)
     kernel_logits = torch_generation.greedy_logits(GraphDecoder(model, device, max_len).step, prompt, 23, device,
                                                    tokens=hf_logits.argmax(-1).tolist())  # the same inputs
     route = decode_route(model)
@@ -353,23 +349,19 @@ def main(argv=None):
     print("attention kernel vs HF attention (24 graph steps):", attention_check, flush=True)
     # the profile below shows the routed engine: the model cannot go back, and the first decoder's graph
     # was captured before routing (a graph must be captured after the route, see route_decode_attention)
-    decoder, tps = kernel_decoder, tps_k
+    decoder, tps = kernel_decoder, results["gptq (static cache + CUDA graph + attention kernel)"]["tok_s"]
     from backends.gptq.kernel_runtime import pdl_supported
     if args.pdl and pdl_supported(device):
         # the same engine with programmatic dependent launches (a new graph: launches are captured as made)
         runtime.pdl = route.pdl = True
-        pdl_decoder = GraphDecoder(model, device, max_len)
-        run_generation(model, prompt, 16, pdl_decoder.step, device)
-        ttft_p, tps_p, n_p = run_generation(model, prompt, args.new, pdl_decoder.step, device)
-        results["gptq (graph + attention kernel + PDL)"] = dict(
-            ttft_ms=ttft_p * 1e3, tok_s=tps_p, tokens=n_p, peak_gb=torch.cuda.max_memory_allocated() / 1e9,
-            graph=pdl_decoder.graph is not None)
+        pdl_decoder, results["gptq (graph + attention kernel + PDL)"] = graph_decoding(
+            model, prompt, args.new, device, max_len)
         pdl_logits = torch_generation.greedy_logits(GraphDecoder(model, device, max_len).step, prompt, 23, device,
                                                     tokens=hf_logits.argmax(-1).tolist())
         attention_check["pdl_vs_no_pdl_rel_err"] = float((pdl_logits - kernel_logits).norm() / kernel_logits.norm())
         print("PDL vs no PDL logits (24 graph steps, same tokens): rel err "
               f"{attention_check['pdl_vs_no_pdl_rel_err']:.1e}", flush=True)
-        decoder, tps = pdl_decoder, tps_p
+        decoder, tps = pdl_decoder, results["gptq (graph + attention kernel + PDL)"]["tok_s"]
 
     q_bytes = sum(l.kernel.nbytes() for l in loaded.quant_layers.values() if l.kernel is not None)
     q_bytes += sum({id(l.group): l.group.kernel.nbytes() for l in loaded.quant_layers.values()
@@ -409,6 +401,17 @@ def main(argv=None):
         table = profile_table(decoder, prompt, device, tps)
         (out / "decode.md").write_text(text + f"\nWhere a decoding step's GPU time goes (gptq, graph, attention kernel{' + PDL' if runtime.pdl else ''}):\n\n{table}")
         print(table)
+
+
+def graph_decoding(model, prompt, new: int, device, max_len: int):
+    """A fresh GraphDecoder of the model as it is now (a graph replays the launches it captured), warmed
+    up, then timed over `new` tokens: (decoder, result row)."""
+    from backends.gptq.cuda_graph import GraphDecoder
+    decoder = GraphDecoder(model, device, max_len)
+    run_generation(model, prompt, 16, decoder.step, device)
+    ttft, tps, n = run_generation(model, prompt, new, decoder.step, device)
+    return decoder, dict(ttft_ms=ttft * 1e3, tok_s=tps, tokens=n, peak_gb=torch.cuda.max_memory_allocated() / 1e9,
+                         graph=decoder.graph is not None)
 
 
 def cache_len(args) -> int:

@@ -54,7 +54,6 @@ def read_floor_ms(nbytes: int) -> float:
     """The fastest a kernel can read `nbytes` once (no arithmetic, contiguous chunks, 16-byte loads): the
     best of a few grid and tile sizes, timed like the kernels (graph replays over cold copies). The
     bandwidth a matrix-vector kernel can hope for at this size, launch and ramp-up included."""
-    import triton
     words = -(-nbytes // 4)
     copies = max(2, math.ceil(4 * L2_BYTES / nbytes))
     bufs = [torch.randint(0, 2**31 - 1, (words,), device="cuda", dtype=torch.int32) for _ in range(copies)]
