@@ -23,7 +23,7 @@ from backends.gptq import format as fmt
 log = logging.getLogger(__name__)
 
 FUSED_MAX_M = 64
-TUNER_VERSION = 4  # 2: timed over cold (HBM-resident) weight copies; 3: more half2 GEMV tiles; 4: mode 5
+TUNER_VERSION = 4  # 2: timed over cold (HBM-resident) weight copies; 3: more half2 GEMV tiles; 4: modes 5, 6
 VERIFY_TOLERANCE = 1e-2  # relative error of a tuned candidate against dequantize + cuBLAS (fp16: ~1e-3)
 
 
