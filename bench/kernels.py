@@ -175,7 +175,7 @@ def run_case(K, N, bits, gs, act, Ms, runtime, bw, seed, per_mode=False, pdl=Fal
         r = rows[-1]
         print(f"{K:>6}x{N:<6} b{bits} g{gs:<4}{'a' if act else ' '} M={M:<5} {q_ms*1e3:9.1f}us  fp16 {f_ms*1e3:9.1f}us "
               f"x{r['speedup']:5.2f}  {r['gbps']:7.0f} GB/s {r['copy_frac']*100:5.1f}% copy  err {err:.1e}"
-              f"{' NaN!' if nan else ''}  {cfg.path} m{cfg.mode}{' gx' if cfg.gather_x else ''} bn{cfg.block_n} bk{cfg.block_k} s{cfg.split_k} w{cfg.num_warps} st{cfg.num_stages}",
+              f"{' NaN!' if nan else ''}  {cfg.path} m{cfg.mode}{' gx' if cfg.gather_x else ''}{' sx' if cfg.stage_x else ''} bn{cfg.block_n} bk{cfg.block_k} s{cfg.split_k} w{cfg.num_warps} st{cfg.num_stages}",
               flush=True)
         if extra:
             print("      " + "  ".join(f"{k} {v * 1e3:.1f}us" if k.endswith("_ms") else f"{k} {v:.1e}"
@@ -209,7 +209,8 @@ def markdown(rows, bw, args, device) -> str:
         c = r["config"]
         lines.append(f"| {r['K']}x{r['N']} | {r['bits']} | {r['group']} | {'yes' if r['act_order'] else 'no'} | {r['M']} | "
                      f"{r['ms']*1e3:.1f} | {r['fp16_ms']*1e3:.1f} | {r['speedup']:.2f} | {r['gbps']:.0f} | "
-                     f"{r['copy_frac']*100:.0f} | {r['rel_err']:.1e} | {c['path']} m{c.get('mode', '-')} n{c['block_n']} "
+                     f"{r['copy_frac']*100:.0f} | {r['rel_err']:.1e} | {c['path']} m{c.get('mode', '-')}"
+                     f"{' gx' if c.get('gather_x') else ''}{' sx' if c.get('stage_x') else ''} n{c['block_n']} "
                      f"k{c['block_k']} s{c['split_k']} w{c['num_warps']} |")
     extras = [r for r in rows if "pdl_ms" in r or "floor_ms" in r]
     if extras:

@@ -23,7 +23,7 @@ from backends.gptq import format as fmt
 log = logging.getLogger(__name__)
 
 FUSED_MAX_M = 64
-TUNER_VERSION = 4  # 2: timed over cold (HBM-resident) weight copies; 3: more half2 GEMV tiles; 4: modes 5, 6
+TUNER_VERSION = 5  # 2: timed over cold weight copies; 3: more half2 GEMV tiles; 4: modes 5, 6; 5: stage_x
 VERIFY_TOLERANCE = 1e-2  # relative error of a tuned candidate against dequantize + cuBLAS (fp16: ~1e-3)
 
 
@@ -141,6 +141,8 @@ class GemmConfig:
     #                            6 the same with the weight tile as the MMA's first operand (W^T x^T)
     gather_x: bool = False     # act-order: permute the activations once (one gather) and run the perm-free
     #                            kernel, instead of each program loading x through perm (scattered reads)
+    stage_x: bool = False      # act-order, mode 4: each program gathers its split's slice of x once into a
+    #                            scratch row at its start (no extra launch, no per-tile gathers)
 
 
 def valid_block_ks(layer: KernelLayer, candidates=(32, 64, 128, 256, 512)) -> list[int]:
@@ -161,6 +163,11 @@ def _split_for(layer: KernelLayer, block_n: int, block_k: int, target_programs: 
     split = max(1, min(k_tiles, target_programs // max(n_tiles, 1)))
     per = -(-k_tiles // split)
     return -(-k_tiles // per)
+
+
+def _rows_per_split(layer: KernelLayer, cfg: GemmConfig) -> int:
+    k_tiles = -(-layer.K // cfg.block_k)
+    return -(-k_tiles // cfg.split_k) * cfg.block_k
 
 
 def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: torch.Tensor | None = None,
@@ -196,11 +203,14 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
         if M != 1 or x2d.dtype != torch.float16 or not layer.interleaved:
             raise ValueError("the half2 matrix-vector kernel (mode 4) takes one fp16 row and interleaved words")
         x_row = x2d if x2d.is_contiguous() else x2d.contiguous()
+        # stage_x: the split's rows rounded up to a power of two (a Triton block size)
+        stage = 1 << (per * cfg.block_k - 1).bit_length() if has_perm and cfg.stage_x else 0
+        pairs = (scratch or SplitScratch()).x_row(layer.K, x2d.device) if stage else x_row
         gptq_gemv_h2_kernel[(n_tiles, split)](
-            x_row, x_row.view(torch.int32), layer.qweight, layer.scales, layer.zeros, perm, out,
+            x_row, pairs.view(torch.int32), layer.qweight, layer.scales, layer.zeros, perm, out,
             bias if bias is not None else out, ws, tickets, layer.N, layer.K, layer.Kw, layer.group_size, per, split,
-            BITS=layer.bits, KB=kb, BLOCK_N=cfg.block_n,
-            HAS_PERM=has_perm, SPLIT=split > 1, HAS_BIAS=bias is not None,
+            BITS=layer.bits, KB=kb, BLOCK_N=cfg.block_n, STAGE_X=stage,
+            HAS_PERM=has_perm and not stage, SPLIT=split > 1, HAS_BIAS=bias is not None,
             USE_ASM=not INTERPRETED, PDL=pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             **({"launch_pdl": True} if pdl else {}))
         return out
@@ -246,6 +256,15 @@ class SplitScratch:
     def __init__(self):
         self.ws: torch.Tensor | None = None
         self.tickets: torch.Tensor | None = None
+        self._x_row: torch.Tensor | None = None
+
+    def x_row(self, numel: int, device) -> torch.Tensor:
+        """An fp16 row for the activations in sorted order (stage_x), padded to whole int32 pairs."""
+        numel += numel % 2
+        row = self._x_row
+        if row is None or row.numel() < numel or row.device != torch.device(device):
+            self._x_row = row = torch.empty(max(numel, 1 << 14), dtype=torch.float16, device=device)
+        return row
 
     def get(self, ws_numel: int, n_tiles: int, device):
         if self.ws is None or self.ws.numel() < ws_numel or self.ws.device != torch.device(device):
@@ -403,9 +422,12 @@ class KernelRuntime:
                         out.append(cfg)
         if layer.perm is not None:
             # act-order: also try gathering x once. For M > 1 the per-program scattered loads of x cost
-            # far more than one gather launch, so the gathered configs lead; at M = 1 the tuner decides.
+            # far more than one gather launch, so the gathered configs lead; at M = 1 the tuner decides,
+            # also between that and each program staging its own slice (mode 4, slices up to 4096 rows)
             gathered = [replace(c, gather_x=True) for c in out if bucket > 1 or c.mode in (3, 4)]
-            out = gathered + out if bucket > 1 else out + gathered
+            staged = [replace(c, stage_x=True) for c in out
+                      if bucket == 1 and c.mode == 4 and _rows_per_split(layer, c) <= 4096]
+            out = gathered + out if bucket > 1 else out + gathered + staged
         if bucket >= 32 or not out:
             out.append(dequant)
         return out

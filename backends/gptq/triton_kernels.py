@@ -645,14 +645,18 @@ def gptq_gemv_h2_kernel(x_ptr, xp_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, 
                         N, K, Kw, group_size, tiles_per_split, nsplit,
                         BITS: tl.constexpr, KB: tl.constexpr, BLOCK_N: tl.constexpr,
                         HAS_PERM: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        USE_ASM: tl.constexpr, PDL: tl.constexpr = False):
+                        USE_ASM: tl.constexpr, PDL: tl.constexpr = False, STAGE_X: tl.constexpr = 0):
     """out[1, N] = x[1, K] @ W (+ bias) for fp16 x and 2/3/4-bit words in the half2 order (see above and
     _dot_block3), KB value blocks per tile (a block: one word, or three at 3 bits). The next tile's words
     are loaded before the current one is used (register double-buffering). The 3-bit words w1, w2 are
     unused at 2 and 4 bits, so the compiler drops them from the loop.
     PDL (launched as a programmatic dependent launch, sm_90+): the first tile's words, constants, are
     requested before waiting for the previous kernel, so this kernel's start overlaps that one's tail;
-    x, the output and the split scratch are touched only after the wait."""
+    x, the output and the split scratch are touched only after the wait.
+    STAGE_X (act-order, a power of two >= the split's rows): the program first gathers x[perm] for its
+    split's rows in one go into the row that xp_ptr points to (sorted order; every program of the split
+    writes the same values), then reads pairs from there as without act-order: two dependent loads per
+    program instead of per tile, and no separate gather launch."""
     VPB: tl.constexpr = 32 if BITS == 3 else 32 // BITS
     WPB: tl.constexpr = 3 if BITS == 3 else 1
     PPB: tl.constexpr = VPB // 2
@@ -663,6 +667,12 @@ def gptq_gemv_h2_kernel(x_ptr, xp_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, 
     if PDL:
         gdc_wait()  # the previous kernel (x's producer, the scratch's last user) has finished
         gdc_launch_dependents()  # the next kernel may start its own weight reads now
+    if STAGE_X:
+        ks = t0 * BLOCK_K + tl.arange(0, STAGE_X)
+        kmask = ks < tl.minimum(t_end * BLOCK_K, K)
+        xv = tl.load(x_ptr + tl.load(perm_ptr + ks, mask=kmask, other=0), mask=kmask, other=0)
+        tl.store(xp_ptr.to(tl.pointer_type(tl.float16), bitcast=True) + ks, xv, mask=kmask)
+        tl.debug_barrier()  # the block's stores are visible to all its threads before the pairs are read
     acc2 = tl.zeros([KB, BLOCK_N], dtype=tl.float32)  # reduced over rows once, after the loop
     for t in range(t0, t_end):
         blocks = t * KB + tl.arange(0, KB)

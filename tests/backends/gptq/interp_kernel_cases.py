@@ -79,11 +79,13 @@ def test_fused_kernel_matches_float64_reference(kr, bits, gs, act):
             assert (5 in modes) == (6 in modes) == (M > 1 and dtype == torch.float16 and bits == 4), modes
             assert 5 not in modes or fused[0].mode == 5, fused[0]
             pick = min if dtype == torch.float16 else max
-            # act-order layers also run with the activations gathered once before a perm-free kernel
-            kinds = {(c.mode, c.gather_x) for c in fused}
-            assert any(gather for _, gather in kinds) == (layer.perm is not None), kinds
+            # act-order layers also run with the activations gathered once before a perm-free kernel,
+            # and (half2 decoding) with each program staging its slice of them at its start
+            kinds = {(c.mode, c.gather_x, c.stage_x) for c in fused}
+            assert any(gather for _, gather, _ in kinds) == (layer.perm is not None), kinds
+            assert any(stage for _, _, stage in kinds) == (layer.perm is not None and 4 in modes), kinds
             assert M == 1 or layer.perm is None or fused[0].gather_x  # M > 1: the gather leads
-            picks = {pick([c for c in fused if (c.mode, c.gather_x) == kind], key=lambda c: c.split_k)
+            picks = {pick([c for c in fused if (c.mode, c.gather_x, c.stage_x) == kind], key=lambda c: c.split_k)
                      for kind in kinds}
             assert dtype == torch.float16 or any(c.split_k > 1 for c in picks)
             for cfg in picks:
@@ -109,10 +111,15 @@ def test_half2_kernels_with_splits(kr, bits, gs, act):
     # K = 160: 5 tiles of 32 rows (a tile never straddles a group of 32); at 2 and 4 bits also 10 tiles of
     # 16, split 10 ways (the last split sums the partials eight at a time: a second chunk)
     configs = [kr.GemmConfig("fused", 1, 32, 32, split, 4, mode=4) for split in (1, 2, 5)]
+    if act:  # each program gathers its split's slice of x once (one split, two, five)
+        configs += [kr.GemmConfig("fused", 1, 32, 32, split, 4, mode=4, stage_x=True) for split in (1, 2, 5)]
     if bits != 3:
         configs += [kr.GemmConfig("fused", 1, 32, 16, 10, 4, mode=mode) for mode in (3, 4)]
+    scratch = kr.SplitScratch()
     for cfg in configs:
-        y = kr.launch_fused(x, layer, cfg, out=torch.full((1, N), float("nan"), dtype=torch.float16))
+        scratch.x_row(K, "cpu").fill_(float("nan"))  # a staged slice must be written by the kernel itself
+        y = kr.launch_fused(x, layer, cfg, out=torch.full((1, N), float("nan"), dtype=torch.float16),
+                            scratch=scratch)
         assert not torch.isnan(y).any(), cfg
         assert _rel(y, ref) < 1e-2, cfg
 

@@ -27,6 +27,8 @@ def _kernels():
          dict(BITS=4, KB=16, BLOCK_N=64, HAS_PERM=False, SPLIT=True, HAS_BIAS=False, USE_ASM=True)),
         ("gemv half2 2-bit act-order", tk.gptq_gemv_h2_kernel,
          dict(BITS=2, KB=8, BLOCK_N=128, HAS_PERM=True, SPLIT=False, HAS_BIAS=True, USE_ASM=True)),
+        ("gemv half2 4-bit act-order, x staged per program", tk.gptq_gemv_h2_kernel,
+         dict(BITS=4, KB=16, BLOCK_N=64, HAS_PERM=False, SPLIT=True, HAS_BIAS=False, USE_ASM=True, STAGE_X=1024)),
         ("gemv prefetching 3-bit", tk.gptq_gemv_kernel,
          dict(BITS=3, VPB=32, KB=4, BLOCK_N=128, HAS_PERM=True, SPLIT=True, HAS_BIAS=True, INTERLEAVED=False)),
         ("gemv half2 3-bit planes", tk.gptq_gemv_h2_kernel,
