@@ -33,8 +33,8 @@ case "${1:-decode}" in
     timeout 270 python -m bench.decode --profile --new 128 --repeats 2 --pdl --out "$OUT" 2>&1 | tee "$OUT/decode.log"
     ;;
   m16)
-    # the half2 tensor-core kernel (mode 5): each mode's best at M = 1 and 16, then 7B decode with the tuner free to pick it
-    timeout 320 python -m bench.kernels --shapes 4096x11008,8192x28672 --cases 4g128,2g64 --m 1,16 --per-mode \
+    # the half2 tensor-core kernels (modes 5, 6) and act-order staging (sx): each mode's best at M = 1 and 16, then 7B decode
+    timeout 320 python -m bench.kernels --shapes 4096x11008,8192x28672 --cases 4g128,4g128a,2g64 --m 1,16 --per-mode \
       --out "$OUT" 2>&1 | tee "$OUT/kernels.log"
     timeout 240 python -m bench.decode --profile --new 128 --repeats 1 --out "$OUT" 2>&1 | tee "$OUT/decode.log"
     ;;

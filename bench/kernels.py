@@ -141,7 +141,8 @@ def run_case(K, N, bits, gs, act, Ms, runtime, bw, seed, per_mode=False, pdl=Fal
         cfg = runtime.config_for(x, layer)
         if per_mode:
             for mode, (ms, best) in sorted(per_mode_times(x, layer, runtime).items()):
-                print(f"    mode {mode}: {ms * 1e3:7.1f} us (cold copies)  bn{best.block_n} bk{best.block_k} "
+                print(f"    mode {mode}: {ms * 1e3:7.1f} us (cold copies){' gx' if best.gather_x else ''}"
+                      f"{' sx' if best.stage_x else ''}  bn{best.block_n} bk{best.block_k} "
                       f"s{best.split_k} w{best.num_warps} st{best.num_stages}", flush=True)
         # correctness on fresh inputs, poisoned output
         xc = torch.randn(M, K, device="cuda", dtype=torch.float16)
