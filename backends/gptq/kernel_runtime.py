@@ -165,9 +165,10 @@ def _split_for(layer: KernelLayer, block_n: int, block_k: int, target_programs: 
     return -(-k_tiles // per)
 
 
-def _rows_per_split(layer: KernelLayer, cfg: GemmConfig) -> int:
+def _tiles_per_split(layer: KernelLayer, cfg: GemmConfig) -> int:
+    """K tiles of one split (the last split may have fewer)."""
     k_tiles = -(-layer.K // cfg.block_k)
-    return -(-k_tiles // cfg.split_k) * cfg.block_k
+    return -(-k_tiles // cfg.split_k)
 
 
 def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: torch.Tensor | None = None,
@@ -183,7 +184,7 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
     vpb = values_per_block(layer.bits)
     kb = cfg.block_k // vpb
     k_tiles = -(-layer.K // cfg.block_k)
-    per = -(-k_tiles // cfg.split_k)
+    per = _tiles_per_split(layer, cfg)
     split = -(-k_tiles // per)
     n_tiles = -(-layer.N // cfg.block_n)
     if out is None:
@@ -205,7 +206,7 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
         x_row = x2d if x2d.is_contiguous() else x2d.contiguous()
         # stage_x: the split's rows rounded up to a power of two (a Triton block size)
         stage = 1 << (per * cfg.block_k - 1).bit_length() if has_perm and cfg.stage_x else 0
-        pairs = (scratch or SplitScratch()).x_row(layer.K, x2d.device) if stage else x_row
+        pairs = (scratch or SplitScratch()).sorted_x(layer.K, x2d.device) if stage else x_row
         gptq_gemv_h2_kernel[(n_tiles, split)](
             x_row, pairs.view(torch.int32), layer.qweight, layer.scales, layer.zeros, perm, out,
             bias if bias is not None else out, ws, tickets, layer.N, layer.K, layer.Kw, layer.group_size, per, split,
@@ -249,21 +250,23 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
 
 class SplitScratch:
     """The fp32 partials and per-column-tile tickets of split-K launches (and the per-head ones of the
-    decoding attention kernel, which merges its splits the same way). Tickets return to zero after
+    decoding attention kernel, which merges its splits the same way), and the sorted-activation row
+    of stage_x. Tickets return to zero after
     every launch, so one buffer serves every layer (launches on one stream never overlap). Grown only
     outside graph capture: the decoder's eager steps size it before capturing."""
 
     def __init__(self):
         self.ws: torch.Tensor | None = None
         self.tickets: torch.Tensor | None = None
-        self._x_row: torch.Tensor | None = None
+        self._sorted_x: torch.Tensor | None = None
 
-    def x_row(self, numel: int, device) -> torch.Tensor:
-        """An fp16 row for the activations in sorted order (stage_x), padded to whole int32 pairs."""
+    def sorted_x(self, numel: int, device) -> torch.Tensor:
+        """The fp16 row that stage_x programs gather the activations into (sorted order), padded to
+        whole int32 pairs; each program writes and reads only its own split's slice."""
         numel += numel % 2
-        row = self._x_row
+        row = self._sorted_x
         if row is None or row.numel() < numel or row.device != torch.device(device):
-            self._x_row = row = torch.empty(max(numel, 1 << 14), dtype=torch.float16, device=device)
+            self._sorted_x = row = torch.empty(max(numel, 1 << 14), dtype=torch.float16, device=device)
         return row
 
     def get(self, ws_numel: int, n_tiles: int, device):
@@ -426,7 +429,7 @@ class KernelRuntime:
             # also between that and each program staging its own slice (mode 4, slices up to 4096 rows)
             gathered = [replace(c, gather_x=True) for c in out if bucket > 1 or c.mode in (3, 4)]
             staged = [replace(c, stage_x=True) for c in out
-                      if bucket == 1 and c.mode == 4 and _rows_per_split(layer, c) <= 4096]
+                      if bucket == 1 and c.mode == 4 and _tiles_per_split(layer, c) * c.block_k <= 4096]
             out = gathered + out if bucket > 1 else out + gathered + staged
         if bucket >= 32 or not out:
             out.append(dequant)

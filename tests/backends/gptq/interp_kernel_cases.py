@@ -117,7 +117,7 @@ def test_half2_kernels_with_splits(kr, bits, gs, act):
         configs += [kr.GemmConfig("fused", 1, 32, 16, 10, 4, mode=mode) for mode in (3, 4)]
     scratch = kr.SplitScratch()
     for cfg in configs:
-        scratch.x_row(K, "cpu").fill_(float("nan"))  # a staged slice must be written by the kernel itself
+        scratch.sorted_x(K, "cpu").fill_(float("nan"))  # a staged slice must be written by the kernel itself
         y = kr.launch_fused(x, layer, cfg, out=torch.full((1, N), float("nan"), dtype=torch.float16),
                             scratch=scratch)
         assert not torch.isnan(y).any(), cfg
@@ -244,3 +244,18 @@ def test_tuner_never_picks_a_wrong_kernel(kr, monkeypatch):
     monkeypatch.setattr(runtime, "run", lambda x2d, layer, cfg, bias=None, out=None:
                         real_run(x2d, layer, cfg, bias, out) * (1.5 if cfg.path == "fused" else 1.0))
     assert runtime._measure(x, layer, candidates).path == "dequant"
+
+
+def test_read_floor_kernel_reads_every_word():
+    """bench.kernels --floor times this plain read as what any kernel can reach: it must read every
+    word of its chunk once (xor of the chunk), including a short last chunk."""
+    import functools
+    import operator
+
+    from bench.kernels import _read_kernel
+    src = torch.randint(0, 2**31 - 1, (10000,), dtype=torch.int32, generator=torch.Generator().manual_seed(3))
+    per = 4096
+    out = torch.full((3,), -1, dtype=torch.int32)
+    _read_kernel[(3,)](src, out, src.numel(), per, BLOCK=1024)
+    expected = [functools.reduce(operator.xor, src[i * per:(i + 1) * per].tolist()) for i in range(3)]
+    assert out.tolist() == expected
