@@ -6,6 +6,7 @@
 #   bash bench/gpu_session.sh m16        the half2 tensor-core kernel against the other modes at M = 1 and 16
 #   bash bench/gpu_session.sh sweep16    the tensor-core kernel's launch-parameter sweep at M = 16
 #   bash bench/gpu_session.sh sweep      the half2 GEMV launch-parameter sweep on the 7B decoding shapes
+#   bash bench/gpu_session.sh targets    7B decode, then the M = 1 targets next to the read floor (no smoke check)
 # Prepare here:  mkdir -p .gpu_carry/tok && cp models/SmolLM2-135M-Instruct/{tokenizer.json,tokenizer_config.json} .gpu_carry/tok/
 #                echo /.gpu_carry/ >> .git/info/exclude
 set -uo pipefail
@@ -37,6 +38,11 @@ case "${1:-decode}" in
     timeout 320 python -m bench.kernels --shapes 4096x11008,8192x28672 --cases 4g128,4g128a,2g64 --m 1,16 --per-mode \
       --out "$OUT" 2>&1 | tee "$OUT/kernels.log"
     timeout 240 python -m bench.decode --profile --new 128 --repeats 1 --out "$OUT" 2>&1 | tee "$OUT/decode.log"
+    ;;
+  targets)
+    timeout 280 python -m bench.decode --profile --new 128 --repeats 2 --out "$OUT" 2>&1 | tee "$OUT/decode.log"
+    timeout 280 python -m bench.kernels --shapes 4096x11008,8192x28672 --cases 4g128,4g128a,3g128,2g64 --m 1 --floor \
+      --out "$OUT" 2>&1 | tee "$OUT/kernels.log"
     ;;
   sweep16)
     # launch parameters of the half2 tensor-core kernel at M = 16
