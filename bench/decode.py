@@ -350,6 +350,21 @@ def main(argv=None):
     # the profile below shows the routed engine: the model cannot go back, and the first decoder's graph
     # was captured before routing (a graph must be captured after the route, see route_decode_attention)
     decoder, tps = kernel_decoder, results["gptq (static cache + CUDA graph + attention kernel)"]["tok_s"]
+    # then each residual add inside the norm that follows it (what the backend does): same run, same tokens
+    from backends.gptq.cuda_graph import fuse_residual_norms
+    attention_check["residual_layers"] = fuse_residual_norms(model)
+    if attention_check["residual_layers"]:
+        decoder, results["gptq (graph + attention kernel + adds in the norms)"] = graph_decoding(
+            model, prompt, args.new, device, max_len)
+        tps = results["gptq (graph + attention kernel + adds in the norms)"]["tok_s"]
+        residual_logits = torch_generation.greedy_logits(GraphDecoder(model, device, max_len).step, prompt, 23, device,
+                                                         tokens=hf_logits.argmax(-1).tolist())
+        attention_check["residual_vs_separate_rel_err"] = float((residual_logits - kernel_logits).norm()
+                                                                / kernel_logits.norm())
+        attention_check["residual_top1"] = float((residual_logits.argmax(-1) == kernel_logits.argmax(-1)).float().mean())
+        print("adds in the norms vs separate adds (24 graph steps, same tokens): rel err "
+              f"{attention_check['residual_vs_separate_rel_err']:.1e}, top-1 {attention_check['residual_top1']:.2f}",
+              flush=True)
     from backends.gptq.kernel_runtime import pdl_supported
     if args.pdl and pdl_supported(device):
         # the same engine with programmatic dependent launches (a new graph: launches are captured as made)
@@ -399,7 +414,7 @@ def main(argv=None):
     shutil.rmtree(folder, ignore_errors=True)
     if args.profile:  # last: a failing diagnostic must not cost the benchmark's numbers
         table = profile_table(decoder, prompt, device, tps)
-        (out / "decode.md").write_text(text + f"\nWhere a decoding step's GPU time goes (gptq, graph, attention kernel{' + PDL' if runtime.pdl else ''}):\n\n{table}")
+        (out / "decode.md").write_text(text + f"\nWhere a decoding step's GPU time goes (gptq, graph, attention kernel{', adds in the norms' if attention_check.get('residual_layers') else ''}{' + PDL' if runtime.pdl else ''}):\n\n{table}")
         print(table)
 
 
@@ -443,6 +458,9 @@ def fuse_for_decoding(model, runtime, args):
     if getattr(args, "attention_kernel", False):
         from backends.gptq.decode_attention import route_decode_attention
         route_decode_attention(model, pdl=runtime.pdl)
+        if not args.no_fuse_norms:
+            from backends.gptq.cuda_graph import fuse_residual_norms
+            fuse_residual_norms(model)
     return norms, rotary, groups
 
 

@@ -112,8 +112,6 @@ def main(argv=None) -> int:
                   dict(m16, BITS=4, VPB=8, INTERLEAVED=True, MODE=2), 128))
     cases.append(("4-bit mode 5, 16 rows (half2 unpack, tensor cores)", tk.gptq_gemm_h2_kernel,
                   dict(m16, USE_ASM=True), 128))
-    cases.append(("4-bit mode 6, 16 rows (mode 5 as W^T x^T)", tk.gptq_gemm_h2_kernel,
-                  dict(m16, USE_ASM=True, TRANSPOSED=True), 128))
     print("| kernel | weights per thread per tile | loop instructions per thread | per weight | top opcodes |")
     print("| --- | --- | --- | --- | --- |")
     for title, kernel, const, block_k in cases:

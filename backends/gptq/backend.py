@@ -65,8 +65,10 @@ class GPTQBackend(TransformersBackend):
             from backends.gptq.fusion import fuse_siblings
             fuse_siblings(loaded.model, self.runtime)  # q/k/v and gate/up as one launch each
             if options.get("cuda_graphs", True):
-                from backends.gptq.cuda_graph import fuse_gated_activation, fuse_norms, fuse_rotary
+                from backends.gptq.cuda_graph import (fuse_gated_activation, fuse_norms, fuse_residual_norms,
+                                                      fuse_rotary)
                 fuse_norms(loaded.model)  # one kernel per norm instead of ~6: matters once graphs remove launches
+                fuse_residual_norms(loaded.model)  # each residual add inside the norm after it
                 fuse_rotary(loaded.model)  # one kernel for q and k instead of ~12
                 fuse_gated_activation(loaded.model)  # silu(gate) * up in one kernel instead of two
                 if options.get("attention_kernel", True):

@@ -23,7 +23,7 @@ from backends.gptq import format as fmt
 log = logging.getLogger(__name__)
 
 FUSED_MAX_M = 64
-TUNER_VERSION = 5  # 2: timed over cold weight copies; 3: more half2 GEMV tiles; 4: modes 5, 6; 5: stage_x
+TUNER_VERSION = 6  # 2: cold weight copies; 3: more half2 GEMV tiles; 4: modes 5, 6; 5: stage_x; 6: mode 6 gone
 VERIFY_TOLERANCE = 1e-2  # relative error of a tuned candidate against dequantize + cuBLAS (fp16: ~1e-3)
 
 
@@ -137,8 +137,8 @@ class GemmConfig:
     num_stages: int = 2
     mode: int = 2              # 0 per word (3-D), 1 per row, 2 unrolled value slots, 3 prefetching GEMV (M=1),
     #                            4 half2 GEMV (M=1, fp16, 2/3/4-bit interleaved words),
-    #                            5 half2 unpack + tensor cores (1 < M <= 64, fp16, 4-bit interleaved words),
-    #                            6 the same with the weight tile as the MMA's first operand (W^T x^T)
+    #                            5 half2 unpack + tensor cores (1 < M <= 64, fp16, 4-bit interleaved words)
+    #                            (6, W^T x^T on the tensor cores, lost to 5 on an H100 and was removed)
     gather_x: bool = False     # act-order: permute the activations once (one gather) and run the perm-free
     #                            kernel, instead of each program loading x through perm (scattered reads)
     stage_x: bool = False      # act-order, mode 4: each program gathers its split's slice of x once into a
@@ -215,15 +215,15 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
             USE_ASM=not INTERPRETED, PDL=pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             **({"launch_pdl": True} if pdl else {}))
         return out
-    if cfg.mode in (5, 6):
+    if cfg.mode == 5:
         from backends.gptq.triton_kernels import INTERPRETED, gptq_gemm_h2_kernel
         if x2d.dtype != torch.float16 or not layer.interleaved or layer.bits != 4:
-            raise ValueError("the half2 tensor-core kernels (modes 5, 6) take fp16 rows and interleaved 4-bit words")
+            raise ValueError("the half2 tensor-core kernel (mode 5) takes fp16 rows and interleaved 4-bit words")
         gptq_gemm_h2_kernel[(n_tiles, split)](
             x2d, layer.qweight, layer.scales, layer.zeros, perm, out, bias if bias is not None else out, ws, tickets,
             M, layer.N, layer.K, layer.Kw, x2d.stride(0), out.stride(0), layer.group_size, per, split,
             KB=kb, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_PERM=has_perm,
-            SPLIT=split > 1, HAS_BIAS=bias is not None, USE_ASM=not INTERPRETED, TRANSPOSED=cfg.mode == 6,
+            SPLIT=split > 1, HAS_BIAS=bias is not None, USE_ASM=not INTERPRETED,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return out
     if cfg.mode == 3:
@@ -376,7 +376,7 @@ class KernelRuntime:
             if half2 and layer.bits == 4:
                 # the half2 tensor-core kernel leads: 1.7-1.8x faster than mode 2 at M = 16 on an H200
                 # (bench/RESULTS.md); at 2 bits it lost to mode 0 there, and at M = 1 to mode 4
-                modes = (5, 2, 0, 1, 6)  # 6: fewer instructions per weight (bench.kernel_sass), not yet timed
+                modes = (5, 2, 0, 1)
         if bucket == 1 and layer.bits == 3 and layer.interleaved:  # mode 2's M = 1 form reads checkpoint order
             modes = tuple(m for m in modes if m != 2)
         return modes
@@ -407,10 +407,10 @@ class KernelRuntime:
                 # decoding shape of an H200 sweep (bench/gemv_sweep.py, bench/RESULTS.md): 5-12% faster
                 mode_tiles = [(32, 128, 2), (256, 64, 2), (64, 128, 4)] + tiles
                 mode_targets = (4 * sms, 8 * sms, 16 * sms)
-            if mode in (5, 6):  # the best of an H200 sweep at M = 16 (bench/gemv_sweep.py --mode 5) first
+            if mode == 5:  # the best of an H200 sweep at M = 16 (bench/gemv_sweep.py --mode 5) first
                 mode_tiles = [(64, 128, 4), (128, 128, 8), (128, 128, 4), (256, 128, 4)]
                 mode_targets = (4 * sms, 8 * sms)  # 2-4 splits won there
-            stages = (3, 4) if mode in (5, 6) else (2,)  # loads feeding tl.dot: Triton pipelines them (cp.async)
+            stages = (3, 4) if mode == 5 else (2,)  # loads feeding tl.dot: Triton pipelines them (cp.async)
             for bn, bk, warps in mode_tiles:
                 if mode == 2 and bucket > 1:  # one tl.dot per value slot needs >= 16 blocks per tile
                     bk = max(bk, 16 * values_per_block(layer.bits))

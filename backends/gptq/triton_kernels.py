@@ -735,9 +735,9 @@ def _pair4_h(w, zz, z, P: tl.constexpr, USE_ASM: tl.constexpr):
 
 
 @triton.jit
-def _weight_tile4_h(w, z, USE_ASM: tl.constexpr, TRANSPOSED: tl.constexpr):
+def _weight_tile4_h(w, z, USE_ASM: tl.constexpr):
     """The [8 * KB, BLOCK_N] fp16 tile (q - z), rows in natural order, of half2-ordered 4-bit words
-    w [KB, BLOCK_N] ([BLOCK_N, 8 * KB] when TRANSPOSED): the value pairs stacked by tl.join (value
+    w [KB, BLOCK_N]: the value pairs stacked by tl.join (value
     j = i + 2c + 4d of a word lands at join indices (i, c, d), innermost first), then moved in place."""
     zz = tl.broadcast_to(((z + 0x6400) * 0x10001)[None, :], w.shape)
     zb = tl.broadcast_to(z.to(tl.int32)[None, :], w.shape)
@@ -746,10 +746,7 @@ def _weight_tile4_h(w, z, USE_ASM: tl.constexpr, TRANSPOSED: tl.constexpr):
     v4, v5 = _pair4_h(w, zz, zb, 2, USE_ASM)
     v6, v7 = _pair4_h(w, zz, zb, 3, USE_ASM)
     t8 = tl.join(tl.join(tl.join(v0, v1), tl.join(v2, v3)), tl.join(tl.join(v4, v5), tl.join(v6, v7)))
-    if TRANSPOSED:
-        return tl.reshape(tl.permute(t8, (1, 0, 4, 3, 2)), (w.shape[1], w.shape[0] * 8))
-    else:
-        return tl.reshape(tl.permute(t8, (0, 4, 3, 2, 1)), (w.shape[0] * 8, w.shape[1]))
+    return tl.reshape(tl.permute(t8, (0, 4, 3, 2, 1)), (w.shape[0] * 8, w.shape[1]))
 
 
 @triton.jit
@@ -757,24 +754,20 @@ def gptq_gemm_h2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, bias_ptr
                         M, N, K, Kw, stride_xm, stride_om, group_size, tiles_per_split, nsplit,
                         KB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         HAS_PERM: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        USE_ASM: tl.constexpr, TRANSPOSED: tl.constexpr = False):
+                        USE_ASM: tl.constexpr):
     """out[M, N] (+)= x[M, K] @ W for 2 <= M <= BLOCK_M (fp16) and 4-bit words in the half2 order:
     per tile, a `lop3` and a `sub.f16x2` turn each value pair into fp16 (q - z) and one tl.dot runs
     the tile on the tensor cores; the group's scale multiplies the tile's product (one group per
     tile). Triton pipelines the tile loads through shared memory (cp.async, num_stages).
     Why: the unrolled kernel (mode 2) unpacks with ~5 instructions per weight; this one was 1.7-1.8x
     faster at M = 16 on an H200 (bench/RESULTS.md). At 2 bits the same scheme lost to mode 0 there.
-    TRANSPOSED (mode 6) computes out^T = W^T x^T: the weight tile is the MMA's first operand, whose
-    register fragments hold two consecutive k of one column, as each unpacked pair does (no operand
-    shuffles; on sm_90 Triton may issue wgmma), and the x tile is the narrow second one."""
+    Computing W^T x^T instead (the unpacked pairs as the MMA's first operand: fewer instructions per
+    weight) ran 1.6-1.8x slower on an H100 (bench/RESULTS.md, 2026-12-02 18:38) and was removed."""
     BLOCK_K: tl.constexpr = KB * 8
     pid_n, pid_k, offs_n, mask_n, t0, t_end = _program_tiles(N, tiles_per_split, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
-    if TRANSPOSED:
-        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    else:
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     kb = t0 * KB + tl.arange(0, KB)
     offs_k = t0 * BLOCK_K + tl.arange(0, BLOCK_K)
     w_ptrs = qw_ptr + kb[:, None] * N + offs_n[None, :]  # advanced by a tile per step: no per-step products
@@ -789,15 +782,9 @@ def gptq_gemm_h2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, bias_ptr
         w_ptrs += KB * N
         kb += KB
         offs_k += BLOCK_K
-        tile = _weight_tile4_h(w, z, USE_ASM, TRANSPOSED)
-        if TRANSPOSED:
-            xt = tl.load(x_rows[None, :] + cols[:, None], mask=mask_m[None, :] & mask_k[:, None], other=0.0)
-            acc += tl.dot(tile, xt.to(tl.float16), out_dtype=tl.float32) * s[:, None]
-        else:
-            x = tl.load(x_rows[:, None] + cols[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            acc += tl.dot(x.to(tl.float16), tile, out_dtype=tl.float32) * s[None, :]
-    if TRANSPOSED:
-        acc = tl.trans(acc)
+        tile = _weight_tile4_h(w, z, USE_ASM)
+        x = tl.load(x_rows[:, None] + cols[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        acc += tl.dot(x.to(tl.float16), tile, out_dtype=tl.float32) * s[None, :]
     _finish(acc, out_ptr, bias_ptr, ws_ptr, ticket_ptr, offs_m, offs_n, mask_m, mask_n, M, N, stride_om,
             pid_n, pid_k, nsplit, SPLIT, HAS_BIAS)
 

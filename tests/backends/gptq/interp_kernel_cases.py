@@ -75,8 +75,9 @@ def test_fused_kernel_matches_float64_reference(kr, bits, gs, act):
             # here in their portable form (the interpreter cannot run their PTX)
             assert layer.interleaved == (bits in (2, 3, 4))
             assert (4 in modes) == (M == 1 and dtype == torch.float16 and bits in (2, 3, 4)), modes
-            # and, for M > 1, the half2 tensor-core kernels (mode 5 first; 6 with W^T x^T) for 4 bits
-            assert (5 in modes) == (6 in modes) == (M > 1 and dtype == torch.float16 and bits == 4), modes
+            # and, for M > 1, the half2 tensor-core kernel (mode 5, first) for 4 bits
+            assert (5 in modes) == (M > 1 and dtype == torch.float16 and bits == 4), modes
+            assert 6 not in modes  # removed: it lost to mode 5 on an H100
             assert 5 not in modes or fused[0].mode == 5, fused[0]
             pick = min if dtype == torch.float16 else max
             # act-order layers also run with the activations gathered once before a perm-free kernel,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from backends import torch_generation
-from backends.gptq.cuda_graph import fuse_gated_activation, fuse_norms, fuse_rotary
+from backends.gptq.cuda_graph import fuse_gated_activation, fuse_norms, fuse_residual_norms, fuse_rotary
 
 
 @pytest.fixture
@@ -73,3 +73,42 @@ def test_prompts_and_other_devices_keep_the_eager_functions(llama_and_module):
     got = module.apply_rotary_pos_emb(q, k, cos, sin)
     assert counters["stats"]["unique_graphs"] == 1
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, original(q, k, cos, sin)))
+
+
+def test_residual_adds_fused_into_the_norms_decode_like_the_eager_model(tiny_llama):
+    model = tiny_llama
+    prompt = [5, 17, 42, 7, 99, 3]
+    reference = _decode_logits(model, prompt, 4)
+    fused = copy.deepcopy(model)
+    assert fuse_norms(fused, device_types=("cpu",)) == 5
+    assert fuse_residual_norms(fused, device_types=("cpu",)) == 2  # both layers
+    routed = fused.model.layers[0].forward
+    assert fuse_residual_norms(fused, device_types=("cpu",)) == 2 and fused.model.layers[0].forward is routed  # once
+    # count the norm modules' own calls: the fused path computes every norm but the first layer's
+    # input norm inside the add kernels, so none of the others may run while decoding
+    calls = {}
+    layers = fused.model.layers
+    norms = {"input0": layers[0].input_layernorm, "input1": layers[1].input_layernorm,
+             "post0": layers[0].post_attention_layernorm, "post1": layers[1].post_attention_layernorm}
+    for name, norm in norms.items():
+        norm.register_forward_hook(lambda *_, _n=name: calls.__setitem__(_n, calls.get(_n, 0) + 1))
+    final_calls = []
+    inner_final = fused.model.norm.forward.__wrapped__
+    fused.model.norm.forward.__defaults__ = ((lambda x: final_calls.append(1) or inner_final(x)),)
+    with torch.inference_mode():
+        fused(input_ids=torch.tensor([prompt]))  # a prompt: the layers' own forward, every norm runs
+    assert calls == {"input0": 1, "input1": 1, "post0": 1, "post1": 1} and final_calls == [1]
+    calls.clear(), final_calls.clear()
+    torch._dynamo.reset()
+    got = _decode_logits(fused, prompt, 4)  # a prompt, then 4 one-token steps
+    assert calls == {"input0": 5, "input1": 1, "post0": 1, "post1": 1} and final_calls == [1]
+    assert float((got - reference).norm() / reference.norm()) < 1e-5
+    assert torch.equal(got.argmax(-1), reference.argmax(-1))
+
+
+def test_residual_fusion_leaves_unknown_layers_alone(tiny_llama):
+    class OtherLayer(torch.nn.Module):
+        pass
+    tiny_llama.model.layers.append(OtherLayer())
+    assert fuse_residual_norms(tiny_llama, device_types=("cpu",)) == 0
+    assert "forward" not in vars(tiny_llama.model.layers[0])  # the class forward, not routed

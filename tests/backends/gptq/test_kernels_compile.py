@@ -42,12 +42,6 @@ def _kernels():
          dict(KB=16, BLOCK_M=16, BLOCK_N=128, HAS_PERM=False, SPLIT=True, HAS_BIAS=True, USE_ASM=True)),
         ("gemm half2 tensor cores M=64 act-order", tk.gptq_gemm_h2_kernel,
          dict(KB=8, BLOCK_M=64, BLOCK_N=64, HAS_PERM=True, SPLIT=False, HAS_BIAS=False, USE_ASM=True)),
-        ("gemm half2 tensor cores W^T x^T M=16", tk.gptq_gemm_h2_kernel,
-         dict(KB=16, BLOCK_M=16, BLOCK_N=128, HAS_PERM=False, SPLIT=True, HAS_BIAS=True, USE_ASM=True,
-              TRANSPOSED=True)),
-        ("gemm half2 tensor cores W^T x^T M=32 act-order", tk.gptq_gemm_h2_kernel,
-         dict(KB=8, BLOCK_M=32, BLOCK_N=64, HAS_PERM=True, SPLIT=True, HAS_BIAS=False, USE_ASM=True,
-              TRANSPOSED=True)),
         ("gemm mode 2 M=1 4-bit", tk.gptq_gemm_kernel, dict(BITS=4, VPB=8, KB=16, BLOCK_M=1, MODE=2, **gemm)),
         ("gemm mode 2 M=1 3-bit", tk.gptq_gemm_kernel,
          dict(BITS=3, VPB=32, KB=4, BLOCK_M=1, MODE=2, **{**gemm, "INTERLEAVED": False})),
@@ -64,20 +58,17 @@ def _kernels():
     ]
 
 
-@pytest.mark.parametrize("transposed,block_n,limit", [(False, 64, 5.4), (True, 128, 3.5)],
-                         ids=["mode5-n64", "mode6-n128"])
-def test_tensor_core_kernel_loop_stays_short(transposed, block_n, limit):
-    """The half2 tensor-core kernels at 16 rows, 128 rows per tile, 4 warps: SASS instructions per
-    weight and thread in the K loop, about 10% above today's counts (mode 5 at 64 columns, the config
-    an H200 sweep picked: 4.88; mode 6 at 128 columns: 3.16; the unrolled mode 2 compiles to 6.86 at
-    64). The tile's unpacking and its trip into the tensor-core operands are the kernels' whole cost
-    besides the loads. A count, not a timing."""
+def test_tensor_core_kernel_loop_stays_short(block_n=64, limit=5.4):
+    """The half2 tensor-core kernel at 16 rows, 128 rows per tile, 4 warps: SASS instructions per
+    weight and thread in the K loop, about 10% above today's count (4.88 at 64 columns, the config an
+    H200 sweep picked; the unrolled mode 2 compiles to 6.86 at 64). The tile's unpacking and its trip
+    into the tensor-core operands are the kernel's whole cost besides the loads. A count, not a timing."""
     from bench.kernel_sass import loop_body
     from backends.gptq import triton_kernels as tk
     if tk.INTERPRETED:
         pytest.skip("TRITON_INTERPRET=1 is set: kernels are interpreted, not compiled, in this process")
     body = loop_body(tk.gptq_gemm_h2_kernel, dict(KB=16, BLOCK_M=16, BLOCK_N=block_n, HAS_PERM=False, SPLIT=True,
-                                                  HAS_BIAS=False, USE_ASM=True, TRANSPOSED=transposed))
+                                                  HAS_BIAS=False, USE_ASM=True))
     per_weight = len(body) / (128 * block_n / 128)
     assert any("MMA" in op for op in body), "no tensor-core instruction in the loop"
     assert 2.0 < per_weight < limit, f"loop: {per_weight:.2f} SASS instructions per weight and thread"
