@@ -350,21 +350,24 @@ def main(argv=None):
     # the profile below shows the routed engine: the model cannot go back, and the first decoder's graph
     # was captured before routing (a graph must be captured after the route, see route_decode_attention)
     decoder, tps = kernel_decoder, results["gptq (static cache + CUDA graph + attention kernel)"]["tok_s"]
-    # then each residual add inside the norm that follows it (what the backend does): same run, same tokens
-    from backends.gptq.cuda_graph import fuse_residual_norms
+    # then each residual add inside the norm that follows it (what the backend does), compiled by
+    # torch.compile and through our kernel: same run, logits on the same tokens as the separate adds
+    from backends.gptq.cuda_graph import fuse_residual_norms, residual_route
     attention_check["residual_layers"] = fuse_residual_norms(model)
-    if attention_check["residual_layers"]:
-        decoder, results["gptq (graph + attention kernel + adds in the norms)"] = graph_decoding(
-            model, prompt, args.new, device, max_len)
-        tps = results["gptq (graph + attention kernel + adds in the norms)"]["tok_s"]
+    for use_kernel, label in ((False, "torch.compile"), (True, "Triton kernel")):
+        if not attention_check["residual_layers"]:
+            break
+        residual_route(model).use_kernel = use_kernel
+        row = f"gptq (graph + attention kernel + adds in the norms, {label})"
+        decoder, results[row] = graph_decoding(model, prompt, args.new, device, max_len)
+        tps = results[row]["tok_s"]
         residual_logits = torch_generation.greedy_logits(GraphDecoder(model, device, max_len).step, prompt, 23, device,
                                                          tokens=hf_logits.argmax(-1).tolist())
-        attention_check["residual_vs_separate_rel_err"] = float((residual_logits - kernel_logits).norm()
-                                                                / kernel_logits.norm())
-        attention_check["residual_top1"] = float((residual_logits.argmax(-1) == kernel_logits.argmax(-1)).float().mean())
-        print("adds in the norms vs separate adds (24 graph steps, same tokens): rel err "
-              f"{attention_check['residual_vs_separate_rel_err']:.1e}, top-1 {attention_check['residual_top1']:.2f}",
-              flush=True)
+        err = float((residual_logits - kernel_logits).norm() / kernel_logits.norm())
+        top1 = float((residual_logits.argmax(-1) == kernel_logits.argmax(-1)).float().mean())
+        attention_check[f"residual_{label}"] = dict(rel_err=err, top1=top1)
+        print(f"adds in the norms ({label}) vs separate adds (24 graph steps, same tokens): rel err {err:.1e}, "
+              f"top-1 {top1:.2f}", flush=True)
     from backends.gptq.kernel_runtime import pdl_supported
     if args.pdl and pdl_supported(device):
         # the same engine with programmatic dependent launches (a new graph: launches are captured as made)

@@ -126,24 +126,47 @@ def _add_rms_norm(residual: torch.Tensor, delta: torch.Tensor, weight: torch.Ten
 _PRE_NORM_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
 
 
-class _NormHandoff:
+class ResidualRoute:
     """What a layer's last fused add-and-norm leaves for the next norm: the sum the layer returns and
     that sum already normalised with the next norm's weight. The next norm takes it only when it gets
-    that very tensor, so anything else (a prompt, another caller) is normalised as usual."""
-    __slots__ = ("total", "normed")
+    that very tensor, so anything else (a prompt, another caller) is normalised as usual. use_kernel:
+    add and norm through the Triton kernel (norm_kernel.py) where it applies, else torch.compile's."""
+    __slots__ = ("total", "normed", "use_kernel", "compiled")
 
-    def __init__(self):
+    def __init__(self, compiled):
         self.total = self.normed = None
+        self.use_kernel, self.compiled = True, compiled
 
     def take(self, x: torch.Tensor):
         return self.normed if x is self.total else None
 
+    def norm(self, x: torch.Tensor, norm):
+        """norm(x) alone (the first layer's input norm), through the kernel where it applies."""
+        from backends.gptq import norm_kernel
+        if self.use_kernel and norm_kernel.supports(x, norm.weight):
+            return norm_kernel.add_rms_norm(x, None, norm.weight, norm.variance_epsilon)[1]
+        return norm(x)
+
+    def add_norm(self, residual: torch.Tensor, delta: torch.Tensor, norm):
+        from backends.gptq import norm_kernel
+        if (self.use_kernel and norm_kernel.supports(residual, norm.weight) and delta.is_contiguous()
+                and delta.shape == residual.shape and delta.dtype == residual.dtype):
+            return norm_kernel.add_rms_norm(residual, delta, norm.weight, norm.variance_epsilon)
+        return self.compiled(residual, delta, norm.weight, norm.variance_epsilon)
+
+
+def residual_route(model) -> ResidualRoute | None:
+    """The route of a model whose residual adds fuse_residual_norms routed (None when not routed)."""
+    for layer in getattr(getattr(model, "model", model), "layers", ()):
+        return getattr(layer.forward, "residual_route", None)
+    return None
+
 
 def fuse_residual_norms(model, device_types=("cuda",)) -> int:
     """Route each pre-norm decoder layer's two residual adds through the norm that follows them when
-    decoding: add + post-attention norm as one compiled kernel, and the closing add + the next layer's
-    input norm (or the model's final norm) as another. Why: on an H100 the 64 separate adds of a 7B
-    step cost 83 us of 2.5 ms plus their launch gaps (bench/RESULTS.md). Returns how many layers were
+    decoding: add + post-attention norm as one kernel, and the closing add + the next layer's input
+    norm (or the model's final norm) as another. Why: on an H100 the 64 separate adds of a 7B step
+    cost 83 us of 2.5 ms plus their launch gaps (bench/RESULTS.md). Returns how many layers were
     routed; prompts and other devices run the layers' own forward."""
     inner = getattr(model, "model", model)
     layers = list(getattr(inner, "layers", ()))
@@ -154,14 +177,14 @@ def fuse_residual_norms(model, device_types=("cuda",)) -> int:
             or not all(type(l).__name__ in _PRE_NORM_LAYERS and norm_ok(l.input_layernorm)
                        and norm_ok(l.post_attention_layernorm) for l in layers)):
         return 0
-    if all(getattr(l.forward, "residual_fused", False) for l in layers):  # routed before
+    if all(getattr(l.forward, "residual_route", None) is not None for l in layers):  # routed before
         return len(layers)
     try:
         compiled = torch.compile(_add_rms_norm, dynamic=False)
     except Exception as exc:
         log.warning("torch.compile unavailable, residual adds stay separate: %s", exc)
         return 0
-    handoff = _NormHandoff()
+    route = ResidualRoute(compiled)
     next_norms = [l.input_layernorm for l in layers[1:]] + [final_norm]
     for layer, next_norm in zip(layers, next_norms):
         original = layer.forward
@@ -169,21 +192,20 @@ def fuse_residual_norms(model, device_types=("cuda",)) -> int:
         def forward(hidden_states, *args, _l=layer, _next=next_norm, _original=original, **kwargs):
             if args or not _decoding(hidden_states, device_types):
                 return _original(hidden_states, *args, **kwargs)
-            normed = handoff.take(hidden_states)
+            normed = route.take(hidden_states)
             if normed is None:
-                normed = _l.input_layernorm(hidden_states)
+                normed = route.norm(hidden_states, _l.input_layernorm)
             attn_out, _ = _l.self_attn(hidden_states=normed, **kwargs)
-            post = _l.post_attention_layernorm
-            total, normed = compiled(hidden_states, attn_out, post.weight, post.variance_epsilon)
-            handoff.total, handoff.normed = compiled(total, _l.mlp(normed), _next.weight, _next.variance_epsilon)
-            return handoff.total
+            total, normed = route.add_norm(hidden_states, attn_out, _l.post_attention_layernorm)
+            route.total, route.normed = route.add_norm(total, _l.mlp(normed), _next)
+            return route.total
 
-        forward.__wrapped__, forward.residual_fused = original, True
+        forward.__wrapped__, forward.residual_route = original, route
         layer.forward = forward
     norm_forward = final_norm.forward
 
     def final_forward(x, _original=norm_forward):
-        normed = handoff.take(x)
+        normed = route.take(x)
         return _original(x) if normed is None else normed
 
     final_forward.__wrapped__ = norm_forward

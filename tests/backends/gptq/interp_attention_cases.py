@@ -186,3 +186,57 @@ def test_other_devices_and_architectures_keep_the_hf_attention(tiny_llama):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+# -- the residual add + RMSNorm kernel (norm_kernel.py) -------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rows, width", [(1, 64), (1, 80), (3, 96), (1, 4096)])
+@pytest.mark.parametrize("with_delta", [True, False])
+def test_add_rms_norm_kernel_matches_the_hf_norm(dtype, rows, width, with_delta):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from backends.gptq import norm_kernel
+    g = torch.Generator().manual_seed(rows * width)
+    residual = (torch.randn(1, rows, width, generator=g) * 3).to(dtype)
+    delta = torch.randn(1, rows, width, generator=g).to(dtype) if with_delta else None
+    module = LlamaRMSNorm(width, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        module.weight.copy_(torch.rand(width, generator=g) + 0.5)
+    assert norm_kernel.supports(residual, module.weight)
+    total, normed = norm_kernel.add_rms_norm(residual, delta, module.weight, module.variance_epsilon)
+    expected_total = residual + delta if with_delta else residual
+    assert torch.equal(total, expected_total)  # the dtype's own add: one rounding
+    with torch.no_grad():
+        expected = module(expected_total)
+    assert normed.dtype == dtype and normed.shape == residual.shape
+    assert float((normed.float() - expected.float()).abs().max()) <= (2e-3 if dtype == torch.float16 else 1e-5)
+    # against float64
+    t = expected_total.double()
+    ref = module.weight.double() * t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + 1e-5)
+    assert float((normed.double() - ref).norm() / ref.norm()) < (1e-3 if dtype == torch.float16 else 1e-6)
+
+
+def test_add_rms_norm_kernel_refuses_what_it_would_compute_differently():
+    from backends.gptq import norm_kernel
+    x = torch.randn(1, 1, 64, dtype=torch.float16)
+    assert not norm_kernel.supports(x, torch.ones(64))  # fp32 weight: HF's output would be fp32
+    assert not norm_kernel.supports(x, torch.ones(32, dtype=torch.float16))
+    assert not norm_kernel.supports(torch.randn(1, 64, 2).transpose(1, 2), torch.ones(64))
+
+
+def test_a_model_decodes_through_the_residual_kernel_like_the_eager_model(tiny_llama, monkeypatch):
+    from backends.gptq import norm_kernel
+    from backends.gptq.cuda_graph import fuse_residual_norms, residual_route
+    prompt = [5, 17, 42, 7, 99, 3]
+    reference = greedy_logits(torch_generation._default_forward(tiny_llama), prompt, 4)
+    fused = copy.deepcopy(tiny_llama)
+    assert fuse_residual_norms(fused, device_types=("cpu",)) == 2
+    assert residual_route(fused).use_kernel
+    calls = []
+    kernel = norm_kernel.add_rms_norm
+    monkeypatch.setattr(norm_kernel, "add_rms_norm", lambda *a: calls.append(a[1] is None) or kernel(*a))
+    got = greedy_logits(torch_generation._default_forward(fused), prompt, 4)
+    # per one-token step: the first input norm alone, then two adds per layer; the prompt runs eagerly
+    assert calls == [True, False, False, False, False] * 4
+    assert float((got - reference).norm() / reference.norm()) < 1e-5
+    assert torch.equal(got.argmax(-1), reference.argmax(-1))

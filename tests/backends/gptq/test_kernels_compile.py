@@ -13,11 +13,14 @@ from bench.kernel_sass import compile_cubin
 ATTENTION_TYPES = {"q_ptr": "*fp16", "kn_ptr": "*fp16", "vn_ptr": "*fp16", "kc_ptr": "*fp16", "vc_ptr": "*fp16",
                    "pos_ptr": "*i64", "out_ptr": "*fp16", "ws_ptr": "*fp32", "ticket_ptr": "*i32",
                    "cos_ptr": "*fp16", "sin_ptr": "*fp16",
-                   "scale_log2": "fp32"}
+                   "scale_log2": "fp32",
+                   "res_ptr": "*fp16", "delta_ptr": "*fp16", "w_ptr": "*fp16", "total_ptr": "*fp16",
+                   "normed_ptr": "*fp16", "eps": "fp32"}
 
 
 def _kernels():
     from backends.gptq import attention_kernel as ak
+    from backends.gptq import norm_kernel as nk
     from backends.gptq import triton_kernels as tk
     if tk.INTERPRETED:
         pytest.skip("TRITON_INTERPRET=1 is set: kernels are interpreted, not compiled, in this process")
@@ -55,6 +58,8 @@ def _kernels():
          dict(GROUP=4, D=128, D_P2=128, BLOCK=64, SPLITS=4, SPLITS_P2=4)),
         ("decoding attention with rotary", ak.decode_attention_kernel,
          dict(GROUP=1, D=80, D_P2=128, BLOCK=64, SPLITS=1, SPLITS_P2=1, ROTARY=True)),
+        ("residual add + RMSNorm", nk.add_rms_norm_kernel, dict(BLOCK=4096, HAS_DELTA=True)),
+        ("RMSNorm", nk.add_rms_norm_kernel, dict(BLOCK=2048, HAS_DELTA=False)),
     ]
 
 
