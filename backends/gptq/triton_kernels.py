@@ -762,7 +762,7 @@ def gptq_gemm_h2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, bias_ptr
     Why: the unrolled kernel (mode 2) unpacks with ~5 instructions per weight; this one was 1.7-1.8x
     faster at M = 16 on an H200 (bench/RESULTS.md). At 2 bits the same scheme lost to mode 0 there.
     Computing W^T x^T instead (the unpacked pairs as the MMA's first operand: fewer instructions per
-    weight) ran 1.6-1.8x slower on an H100 (bench/RESULTS.md, 2026-12-02 18:38) and was removed."""
+    weight) ran 1.3-1.6x slower on an H100 (bench/RESULTS.md, 2026-12-02 18:38) and was removed."""
     BLOCK_K: tl.constexpr = KB * 8
     pid_n, pid_k, offs_n, mask_n, t0, t_end = _program_tiles(N, tiles_per_split, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
