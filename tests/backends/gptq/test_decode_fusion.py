@@ -112,3 +112,23 @@ def test_residual_fusion_leaves_unknown_layers_alone(tiny_llama):
     tiny_llama.model.layers.append(OtherLayer())
     assert fuse_residual_norms(tiny_llama, device_types=("cpu",)) == 0
     assert "forward" not in vars(tiny_llama.model.layers[0])  # the class forward, not routed
+
+
+@pytest.mark.parametrize("arch", ["Mistral", "Qwen2", "Qwen3"])
+def test_residual_fusion_on_the_other_pre_norm_architectures(arch):
+    import transformers
+    torch.manual_seed(0)
+    config = getattr(transformers, f"{arch}Config")(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=320, max_position_embeddings=512, head_dim=16)
+    model = getattr(transformers, f"{arch}ForCausalLM")(config).eval()
+    prompt = [5, 17, 42, 7, 99, 3]
+    reference = _decode_logits(model, prompt, 4)
+    assert fuse_residual_norms(model, device_types=("cpu",)) == 2
+    calls = []
+    model.model.layers[1].post_attention_layernorm.register_forward_hook(lambda *_: calls.append(1))
+    torch._dynamo.reset()
+    got = _decode_logits(model, prompt, 4)
+    assert len(calls) == 1  # the prompt's; the one-token steps normalised inside the fused add
+    assert float((got - reference).norm() / reference.norm()) < 1e-5
+    assert torch.equal(got.argmax(-1), reference.argmax(-1))
