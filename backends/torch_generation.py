@@ -115,10 +115,30 @@ def stream_generate(model, prompt_ids: list[int], params: SamplingParams, *,
     yield GenerationChunk("", n_prompt, generated, finished=True, finish_reason=reason)
 
 
+def cache_keyword(model) -> str:
+    """The name a model's forward takes its KV cache under: `cache` from transformers 5.2x on, where
+    `past_key_values` is deprecated (removed in 5.40), `past_key_values` before (5.17 has no `cache`)."""
+    import inspect
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def returned_cache(out):
+    """The KV cache a forward returned, under whichever name this transformers gives it."""
+    import dataclasses
+    names = {f.name for f in dataclasses.fields(out)} if dataclasses.is_dataclass(out) else set(out.keys())
+    return getattr(out, "cache") if "cache" in names else out.past_key_values
+
+
 def _default_forward(model):
+    keyword = cache_keyword(model)
+
     def step(input_ids, cache):
-        out = model(input_ids=input_ids, past_key_values=cache, use_cache=True)
-        return out.logits, out.past_key_values
+        out = model(input_ids=input_ids, use_cache=True, **{keyword: cache})
+        return out.logits, returned_cache(out)
     return step
 
 

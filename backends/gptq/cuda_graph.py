@@ -229,6 +229,8 @@ class GraphDecoder:
         self.graph = None
         self.pos = 0
         self.eager_steps = 0
+        from backends.torch_generation import cache_keyword
+        self.cache_keyword = cache_keyword(model)
         self.static_ids = torch.zeros(1, 1, dtype=torch.long, device=device)
         self.static_pos = torch.zeros(1, dtype=torch.long, device=device)
 
@@ -240,7 +242,7 @@ class GraphDecoder:
         # positions go in both spellings: transformers up to ~5.20 places cache writes by cache_position,
         # later ones derive positions from the cache unless position_ids is given; the routed decode
         # attention (decode_attention.py) reads the token's position from position_ids
-        out = self.model(input_ids=ids, past_key_values=self.cache, cache_position=positions,
+        out = self.model(input_ids=ids, **{self.cache_keyword: self.cache}, cache_position=positions,
                          position_ids=positions.view(1, -1), use_cache=True, logits_to_keep=1)
         return out.logits
 

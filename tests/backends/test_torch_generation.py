@@ -43,3 +43,33 @@ def test_pipelined_greedy_stops_on_eos_after_one_extra_step(tiny_llama):
     assert text_p == text and len(text) == 3
     assert last_p.finish_reason == last.finish_reason == "stop"
     assert len(calls_s) == 4 and calls_p == calls_s + [[eos]]  # the step fed the EOS token ran, unused
+
+
+def test_the_cache_goes_under_the_installed_transformers_own_name(tiny_llama):
+    """transformers 5.2x renamed the forward's `past_key_values` to `cache` (the old name goes in 5.40;
+    5.17, on the GPU machine, has only the old one): the loop must use the model's own name and read the
+    returned cache without a deprecation warning, or it breaks on the next upgrade."""
+    import inspect
+    import logging
+    import warnings
+    keyword = torch_generation.cache_keyword(tiny_llama)
+    assert keyword in inspect.signature(tiny_llama.forward).parameters
+    step = torch_generation._default_forward(tiny_llama)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("transformers").addHandler(handler)
+    once = getattr(logging.Logger, "warning_once", None)  # transformers warns once per process:
+    if hasattr(once, "cache_clear"):  # forget earlier tests' warnings so this one sees its own
+        once.cache_clear()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            with torch.inference_mode():
+                logits, cache = step(torch.tensor([[5, 17, 42]]), None)
+                logits2, cache2 = step(torch.tensor([[7]]), cache)
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert not [r for r in records if "deprecated" in r.getMessage()], [r.getMessage() for r in records]
+    assert cache2 is cache and cache.get_seq_length() == 4  # the cache was carried, not rebuilt
+    assert logits2.shape == (1, 1, 320)
