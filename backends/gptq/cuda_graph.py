@@ -8,12 +8,14 @@ The step follows torch_generation's protocol: step(input_ids, cache) -> (logits,
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 
 from backends.base import BackendError
 
 log = logging.getLogger(__name__)
+VERIFY_TOLERANCE = 1e-2  # relative error of the add + norm kernel's first call against torch (fp16: ~1e-3)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -130,29 +132,57 @@ class ResidualRoute:
     """What a layer's last fused add-and-norm leaves for the next norm: the sum the layer returns and
     that sum already normalised with the next norm's weight. The next norm takes it only when it gets
     that very tensor, so anything else (a prompt, another caller) is normalised as usual. use_kernel:
-    add and norm through the Triton kernel (norm_kernel.py) where it applies, else torch.compile's."""
-    __slots__ = ("total", "normed", "use_kernel", "compiled")
+    add and norm through the Triton kernel (norm_kernel.py) where it applies, else torch.compile's; the
+    kernel's first call on each device type is checked against torch, and a kernel that computes
+    wrong numbers there (or fails to compile) is switched off, as the attention route does."""
+    __slots__ = ("total", "normed", "use_kernel", "compiled", "verified")
 
     def __init__(self, compiled):
         self.total = self.normed = None
         self.use_kernel, self.compiled = True, compiled
+        self.verified: set[str] = set()
 
     def take(self, x: torch.Tensor):
         return self.normed if x is self.total else None
 
     def norm(self, x: torch.Tensor, norm):
         """norm(x) alone (the first layer's input norm), through the kernel where it applies."""
-        from backends.gptq import norm_kernel
-        if self.use_kernel and norm_kernel.supports(x, norm.weight):
+        if self._kernel_applies(x, None, norm):
+            from backends.gptq import norm_kernel
             return norm_kernel.add_rms_norm(x, None, norm.weight, norm.variance_epsilon)[1]
         return norm(x)
 
     def add_norm(self, residual: torch.Tensor, delta: torch.Tensor, norm):
-        from backends.gptq import norm_kernel
-        if (self.use_kernel and norm_kernel.supports(residual, norm.weight) and delta.is_contiguous()
-                and delta.shape == residual.shape and delta.dtype == residual.dtype):
+        if self._kernel_applies(residual, delta, norm):
+            from backends.gptq import norm_kernel
             return norm_kernel.add_rms_norm(residual, delta, norm.weight, norm.variance_epsilon)
         return self.compiled(residual, delta, norm.weight, norm.variance_epsilon)
+
+    def _kernel_applies(self, residual: torch.Tensor, delta: torch.Tensor | None, norm) -> bool:
+        from backends.gptq import norm_kernel
+        if not (self.use_kernel and norm_kernel.supports(residual, norm.weight)):
+            return False
+        if delta is not None and not (delta.is_contiguous() and delta.shape == residual.shape
+                                      and delta.dtype == residual.dtype):
+            return False
+        device = residual.device.type
+        if device in self.verified or (device == "cuda" and torch.cuda.is_current_stream_capturing()):
+            return True
+        try:
+            total, normed = norm_kernel.add_rms_norm(residual, delta, norm.weight, norm.variance_epsilon)
+            want_total, want = (_add_rms_norm(residual, delta, norm.weight, norm.variance_epsilon) if delta is not None
+                                else (residual, _rms_norm(residual, norm.weight, norm.variance_epsilon)))
+            err = max(float((got.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
+                      for got, ref in ((total, want_total), (normed, want)))
+            problem = None if math.isfinite(err) and err <= VERIFY_TOLERANCE else f"relative error {err:.2g}"
+        except Exception as exc:  # e.g. the kernel does not compile for this GPU
+            problem = f"{type(exc).__name__}: {exc}"
+        if problem is not None:
+            log.warning("add + RMSNorm kernel off (%s): residual adds go through torch.compile", problem)
+            self.use_kernel = False
+            return False
+        self.verified.add(device)
+        return True
 
 
 def residual_route(model) -> ResidualRoute | None:

@@ -236,7 +236,48 @@ def test_a_model_decodes_through_the_residual_kernel_like_the_eager_model(tiny_l
     kernel = norm_kernel.add_rms_norm
     monkeypatch.setattr(norm_kernel, "add_rms_norm", lambda *a: calls.append(a[1] is None) or kernel(*a))
     got = greedy_logits(torch_generation._default_forward(fused), prompt, 4)
-    # per one-token step: the first input norm alone, then two adds per layer; the prompt runs eagerly
-    assert calls == [True, False, False, False, False] * 4
+    # the first call's check against torch (the first input norm), then per one-token step: the first
+    # input norm alone and two adds per layer; the prompt runs eagerly
+    assert calls == [True] + [True, False, False, False, False] * 4
     assert float((got - reference).norm() / reference.norm()) < 1e-5
     assert torch.equal(got.argmax(-1), reference.argmax(-1))
+
+
+@pytest.mark.parametrize("fault", ["wrong", "raises"])
+def test_a_residual_kernel_that_fails_its_first_check_hands_back_to_torch(tiny_llama, monkeypatch, caplog, fault):
+    """An add + norm kernel that computes wrong numbers (or fails to compile) on its first call is
+    switched off, and decoding gives the eager model's logits all the same."""
+    from backends.gptq import norm_kernel
+    from backends.gptq.cuda_graph import fuse_residual_norms, residual_route
+    prompt = [5, 17, 42, 7, 99, 3]
+    reference = greedy_logits(torch_generation._default_forward(tiny_llama), prompt, 4)
+    real = norm_kernel.add_rms_norm
+
+    def faulty(residual, delta, weight, eps):
+        if fault == "raises":
+            raise RuntimeError("PTX compile failed")
+        total, normed = real(residual, delta, weight, eps)
+        return total, normed * 0.5
+
+    monkeypatch.setattr(norm_kernel, "add_rms_norm", faulty)
+    fused = copy.deepcopy(tiny_llama)
+    assert fuse_residual_norms(fused, device_types=("cpu",)) == 2
+    got = greedy_logits(torch_generation._default_forward(fused), prompt, 4)
+    assert not residual_route(fused).use_kernel
+    assert "add + RMSNorm kernel off" in caplog.text
+    assert ("PTX compile failed" if fault == "raises" else "relative error") in caplog.text
+    assert float((got - reference).norm() / reference.norm()) < 1e-5
+
+
+def test_the_residual_kernel_is_checked_once_then_trusted(tiny_llama, monkeypatch):
+    from backends.gptq import norm_kernel
+    from backends.gptq.cuda_graph import fuse_residual_norms, residual_route
+    fused = copy.deepcopy(tiny_llama)
+    fuse_residual_norms(fused, device_types=("cpu",))
+    calls = []
+    real = norm_kernel.add_rms_norm
+    monkeypatch.setattr(norm_kernel, "add_rms_norm", lambda *a: calls.append(1) or real(*a))
+    greedy_logits(torch_generation._default_forward(fused), [5, 17, 42], 3)
+    route = residual_route(fused)
+    assert route.use_kernel and route.verified == {"cpu"}
+    assert len(calls) == 1 + 5 * 3  # the one check, then the first norm and four adds per one-token step
