@@ -8,14 +8,14 @@ The step follows torch_generation's protocol: step(input_ids, cache) -> (logits,
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 
 from backends.base import BackendError
+from backends.gptq import norm_kernel
+from backends.gptq.kernel_runtime import disagreement
 
 log = logging.getLogger(__name__)
-VERIFY_TOLERANCE = 1e-2  # relative error of the add + norm kernel's first call against torch (fp16: ~1e-3)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -148,18 +148,15 @@ class ResidualRoute:
     def norm(self, x: torch.Tensor, norm):
         """norm(x) alone (the first layer's input norm), through the kernel where it applies."""
         if self._kernel_applies(x, None, norm):
-            from backends.gptq import norm_kernel
             return norm_kernel.add_rms_norm(x, None, norm.weight, norm.variance_epsilon)[1]
         return norm(x)
 
     def add_norm(self, residual: torch.Tensor, delta: torch.Tensor, norm):
         if self._kernel_applies(residual, delta, norm):
-            from backends.gptq import norm_kernel
             return norm_kernel.add_rms_norm(residual, delta, norm.weight, norm.variance_epsilon)
         return self.compiled(residual, delta, norm.weight, norm.variance_epsilon)
 
     def _kernel_applies(self, residual: torch.Tensor, delta: torch.Tensor | None, norm) -> bool:
-        from backends.gptq import norm_kernel
         if not (self.use_kernel and norm_kernel.supports(residual, norm.weight)):
             return False
         if delta is not None and not (delta.is_contiguous() and delta.shape == residual.shape
@@ -172,9 +169,7 @@ class ResidualRoute:
             total, normed = norm_kernel.add_rms_norm(residual, delta, norm.weight, norm.variance_epsilon)
             want_total, want = (_add_rms_norm(residual, delta, norm.weight, norm.variance_epsilon) if delta is not None
                                 else (residual, _rms_norm(residual, norm.weight, norm.variance_epsilon)))
-            err = max(float((got.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
-                      for got, ref in ((total, want_total), (normed, want)))
-            problem = None if math.isfinite(err) and err <= VERIFY_TOLERANCE else f"relative error {err:.2g}"
+            problem = disagreement(total, want_total) or disagreement(normed, want)
         except Exception as exc:  # e.g. the kernel does not compile for this GPU
             problem = f"{type(exc).__name__}: {exc}"
         if problem is not None:

@@ -10,7 +10,7 @@ import pytest
 
 from bench.kernel_sass import compile_cubin
 
-ATTENTION_TYPES = {"q_ptr": "*fp16", "kn_ptr": "*fp16", "vn_ptr": "*fp16", "kc_ptr": "*fp16", "vc_ptr": "*fp16",
+KERNEL_ARG_TYPES = {"q_ptr": "*fp16", "kn_ptr": "*fp16", "vn_ptr": "*fp16", "kc_ptr": "*fp16", "vc_ptr": "*fp16",
                    "pos_ptr": "*i64", "out_ptr": "*fp16", "ws_ptr": "*fp32", "ticket_ptr": "*i32",
                    "cos_ptr": "*fp16", "sin_ptr": "*fp16",
                    "scale_log2": "fp32",
@@ -96,7 +96,7 @@ def test_every_kernel_compiles_for_the_gpu(arch):
     failures = []
     for name, kernel, constexprs in _kernels() + (_pdl_kernels() if arch >= 90 else []):
         try:
-            cubin = compile_cubin(kernel, constexprs, arch, warps=4, types=ATTENTION_TYPES)
+            cubin = compile_cubin(kernel, constexprs, arch, warps=4, types=KERNEL_ARG_TYPES)
         except Exception as exc:  # the compiler's message says what is wrong
             failures.append(f"{name}: {type(exc).__name__}: {str(exc)[:400]}")
             continue
