@@ -18,6 +18,7 @@ import os
 import shutil
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import torch
@@ -39,9 +40,19 @@ def llama7b_config(layers: int):
                        max_position_embeddings=2048, tie_word_embeddings=False)
 
 
-def build_checkpoint(config, folder: Path, bits: int, group: int, seed: int = 0):
-    """Random fp16 model on the GPU, RTN-quantized layer by layer into a GPTQ checkpoint at `folder`;
-    returns the fp16 model with its linears replaced by the dequantized weights (the baseline)."""
+def act_order_seed(name: str) -> int:
+    """The act-order perm seed of a projection: siblings that read one input (q/k/v, gate/up) share it,
+    as a GPTQ checkpoint's do (they are quantized against one Hessian)."""
+    base = name[: -len(".weight")] if name.endswith(".weight") else name
+    for proj, shared in (("k_proj", "q_proj"), ("v_proj", "q_proj"), ("up_proj", "gate_proj")):
+        base = base.replace(proj, shared)
+    return zlib.crc32(base.encode())
+
+
+def build_checkpoint(config, folder: Path, bits: int, group: int, seed: int = 0, act_order: bool = False):
+    """Random fp16 model on the GPU, RTN-quantized layer by layer into a GPTQ checkpoint at `folder`
+    (act_order: rows grouped in a random order per layer, shared by siblings, desc_act set); returns
+    the fp16 model with its linears replaced by the dequantized weights (the baseline)."""
     from safetensors.torch import save_file
     from transformers import LlamaForCausalLM
     torch.manual_seed(seed)
@@ -55,7 +66,8 @@ def build_checkpoint(config, folder: Path, bits: int, group: int, seed: int = 0)
         for name, p in model.named_parameters():
             if LINEAR_RE.match(name):
                 base = name[: -len(".weight")]
-                codes, zeros, scales, g_idx = rtn_quantize(p.data, bits, group, sym=True)
+                codes, zeros, scales, g_idx = rtn_quantize(p.data, bits, group, sym=True,
+                                                           act_order_seed=act_order_seed(name) if act_order else None)
                 tensors[base + ".qweight"] = fmt.pack_qweight(codes, bits).cpu()
                 tensors[base + ".qzeros"] = fmt.pack_qzeros(zeros, bits, "gptq").cpu()
                 tensors[base + ".scales"] = scales.cpu()
@@ -68,7 +80,7 @@ def build_checkpoint(config, folder: Path, bits: int, group: int, seed: int = 0)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     base = config.to_dict()
-    fmt.write_quantize_config(folder, fmt.QuantizeConfig(bits=bits, group_size=group, sym=True,
+    fmt.write_quantize_config(folder, fmt.QuantizeConfig(bits=bits, group_size=group, sym=True, desc_act=act_order,
                                                          meta={"quantizer": ["gptq-webui-rtn"]}), base)
     return model
 
@@ -148,7 +160,7 @@ def smoke_main(args) -> None:
     config.vocab_size = 49152  # the tokenizer's
     folder = Path(args.ckpt)
     shutil.rmtree(folder, ignore_errors=True)
-    fp16 = build_checkpoint(config, folder, args.bits, args.group)
+    fp16 = build_checkpoint(config, folder, args.bits, args.group, act_order=args.act_order)
     del fp16
     torch.cuda.empty_cache()
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
@@ -240,6 +252,10 @@ def main(argv=None):
     ap.add_argument("--ckpt", default="/tmp/gptq-webui-bench-7b")
     ap.add_argument("--no-fuse-norms", action="store_true", help="neither compiled norms, rotary nor MLP activation")
     ap.add_argument("--no-fuse-siblings", action="store_true")
+    ap.add_argument("--act-order", action="store_true",
+                    help="an act-order checkpoint (random perms, shared by q/k/v and by gate/up, as GPTQ's are)")
+    ap.add_argument("--no-act-order-rewrites", action="store_true",
+                    help="act-order: every gather inside the kernels (no act_order.py rewrites)")
     ap.add_argument("--attention-kernel", action="store_true",
                     help="--smoke/--profile-only: route decoding attention through our kernel (the full run "
                          "measures with and without it)")
@@ -269,7 +285,7 @@ def main(argv=None):
     folder = Path(args.ckpt)
     shutil.rmtree(folder, ignore_errors=True)
     t = time.time()
-    fp16 = build_checkpoint(config, folder, args.bits, args.group)
+    fp16 = build_checkpoint(config, folder, args.bits, args.group, act_order=args.act_order)
     print(f"built and quantized in {time.time() - t:.0f} s", flush=True)
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, config.vocab_size, (args.prompt,), generator=g).tolist()
@@ -354,6 +370,9 @@ def main(argv=None):
     # torch.compile and through our kernel: same run, logits on the same tokens as the separate adds
     from backends.gptq.cuda_graph import fuse_residual_norms, residual_route
     attention_check["residual_layers"] = fuse_residual_norms(model)
+    if args.act_order and not args.no_act_order_rewrites:
+        from backends.gptq.act_order import presort_norm_outputs
+        attention_check["sorted_norms"] = presort_norm_outputs(model)
     for use_kernel, label in ((False, "torch.compile"), (True, "Triton kernel")):
         if not attention_check["residual_layers"]:
             break
@@ -449,10 +468,14 @@ def load_gptq(folder: Path, device):
 
 
 def fuse_for_decoding(model, runtime, args):
-    """The backend's decoding fusions, each unless switched off: (norms compiled, rotary compiled,
-    sibling groups fused)."""
+    """The backend's decoding fusions (GPTQBackend._build_model), each unless switched off: (norms
+    compiled, rotary compiled, sibling groups fused)."""
+    from backends.gptq import act_order
     from backends.gptq.cuda_graph import fuse_gated_activation, fuse_norms, fuse_rotary
     from backends.gptq.fusion import fuse_siblings
+    rewrites = not getattr(args, "no_act_order_rewrites", False)
+    if rewrites:
+        act_order.fold_mlp_orders(model)
     norms = 0 if args.no_fuse_norms else fuse_norms(model)
     rotary = False if args.no_fuse_norms else fuse_rotary(model)
     if not args.no_fuse_norms:
@@ -464,6 +487,8 @@ def fuse_for_decoding(model, runtime, args):
         if not args.no_fuse_norms:
             from backends.gptq.cuda_graph import fuse_residual_norms
             fuse_residual_norms(model)
+            if rewrites:
+                act_order.presort_norm_outputs(model)
     return norms, rotary, groups
 
 

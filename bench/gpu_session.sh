@@ -7,6 +7,8 @@
 #   bash bench/gpu_session.sh sweep16    the tensor-core kernel's launch-parameter sweep at M = 16
 #   bash bench/gpu_session.sh sweep      the half2 GEMV launch-parameter sweep on the 7B decoding shapes
 #   bash bench/gpu_session.sh targets    7B decode, then the M = 1 targets next to the read floor (no smoke check)
+#   bash bench/gpu_session.sh actorder   smoke check of the backend on an act-order checkpoint, then 7B decode
+#                                        with and without act-order (bench.act_order)
 # Prepare here:  mkdir -p .gpu_carry/tok && cp models/SmolLM2-135M-Instruct/{tokenizer.json,tokenizer_config.json} .gpu_carry/tok/
 #                echo /.gpu_carry/ >> .git/info/exclude
 set -uo pipefail
@@ -43,6 +45,10 @@ case "${1:-decode}" in
     timeout 280 python -m bench.decode --profile --new 128 --repeats 2 --out "$OUT" 2>&1 | tee "$OUT/decode.log"
     timeout 280 python -m bench.kernels --shapes 4096x11008,8192x28672 --cases 4g128,4g128a,3g128,2g64 --m 1 --floor \
       --out "$OUT" 2>&1 | tee "$OUT/kernels.log"
+    ;;
+  actorder)
+    timeout 150 python -m bench.decode --smoke --layers 2 --attention-kernel --act-order --tokenizer "$TOK" --out "$OUT" 2>&1 | tee "$OUT/smoke.log"
+    timeout 420 python -m bench.act_order --out "$OUT" 2>&1 | tee "$OUT/act_order.log"
     ;;
   sweep16)
     # launch parameters of the half2 tensor-core kernel at M = 16

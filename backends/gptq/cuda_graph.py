@@ -12,7 +12,7 @@ import logging
 import torch
 
 from backends.base import BackendError
-from backends.gptq import norm_kernel
+from backends.gptq import act_order, norm_kernel
 from backends.gptq.kernel_runtime import disagreement
 
 log = logging.getLogger(__name__)
@@ -134,29 +134,40 @@ class ResidualRoute:
     that very tensor, so anything else (a prompt, another caller) is normalised as usual. use_kernel:
     add and norm through the Triton kernel (norm_kernel.py) where it applies, else torch.compile's; the
     kernel's first call on each device type is checked against torch, and a kernel that computes
-    wrong numbers there (or fails to compile) is switched off, as the attention route does."""
-    __slots__ = ("total", "normed", "use_kernel", "compiled", "verified")
+    wrong numbers there (or fails to compile) is switched off, as the attention route does.
+    orders: norm module -> the act-order perm its readers share (act_order.presort_norm_outputs); the
+    kernel writes that norm's output in that order and marks it (act_order.mark_sorted)."""
+    __slots__ = ("total", "normed", "use_kernel", "compiled", "verified", "orders")
 
     def __init__(self, compiled):
         self.total = self.normed = None
         self.use_kernel, self.compiled = True, compiled
         self.verified: set[str] = set()
+        self.orders: dict = {}
 
     def take(self, x: torch.Tensor):
         return self.normed if x is self.total else None
 
     def norm(self, x: torch.Tensor, norm):
         """norm(x) alone (the first layer's input norm), through the kernel where it applies."""
-        if self._kernel_applies(x, None, norm):
-            return norm_kernel.add_rms_norm(x, None, norm.weight, norm.variance_epsilon)[1]
+        order = self.orders.get(norm)
+        if self._kernel_applies(x, None, norm, order):
+            return self._marked(norm_kernel.add_rms_norm(x, None, norm.weight, norm.variance_epsilon, order)[1],
+                                order)
         return norm(x)
 
     def add_norm(self, residual: torch.Tensor, delta: torch.Tensor, norm):
-        if self._kernel_applies(residual, delta, norm):
-            return norm_kernel.add_rms_norm(residual, delta, norm.weight, norm.variance_epsilon)
+        order = self.orders.get(norm)
+        if self._kernel_applies(residual, delta, norm, order):
+            total, normed = norm_kernel.add_rms_norm(residual, delta, norm.weight, norm.variance_epsilon, order)
+            return total, self._marked(normed, order)
         return self.compiled(residual, delta, norm.weight, norm.variance_epsilon)
 
-    def _kernel_applies(self, residual: torch.Tensor, delta: torch.Tensor | None, norm) -> bool:
+    @staticmethod
+    def _marked(normed: torch.Tensor, order):
+        return act_order.mark_sorted(normed, order) if order is not None else normed
+
+    def _kernel_applies(self, residual: torch.Tensor, delta: torch.Tensor | None, norm, order=None) -> bool:
         if not (self.use_kernel and norm_kernel.supports(residual, norm.weight)):
             return False
         if delta is not None and not (delta.is_contiguous() and delta.shape == residual.shape
@@ -165,10 +176,12 @@ class ResidualRoute:
         device = residual.device.type
         if device in self.verified or (device == "cuda" and torch.cuda.is_current_stream_capturing()):
             return True
-        try:
-            total, normed = norm_kernel.add_rms_norm(residual, delta, norm.weight, norm.variance_epsilon)
+        try:  # the first call checks the kernel against torch, in the column order it will write
+            total, normed = norm_kernel.add_rms_norm(residual, delta, norm.weight, norm.variance_epsilon, order)
             want_total, want = (_add_rms_norm(residual, delta, norm.weight, norm.variance_epsilon) if delta is not None
                                 else (residual, _rms_norm(residual, norm.weight, norm.variance_epsilon)))
+            if order is not None:
+                want = want[..., order.long()]
             problem = disagreement(total, want_total) or disagreement(normed, want)
         except Exception as exc:  # e.g. the kernel does not compile for this GPU
             problem = f"{type(exc).__name__}: {exc}"

@@ -9,6 +9,8 @@ fused; everything else keeps its own launch.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
@@ -26,13 +28,21 @@ class FusedGroup:
         self._key = None
         self._x = None
         self._out = None
+        self._sorted_kernel = None
 
-    def output(self, x2d: torch.Tensor, index: int) -> torch.Tensor:
+    def output(self, x2d: torch.Tensor, index: int, presorted: bool = False) -> torch.Tensor:
+        """Sibling `index`'s columns of x2d @ W; presorted: x2d's columns are already in the kernel's
+        row order (act_order.py), so the kernel runs without its gather."""
         # the same input: same storage (kept alive by self._x, so no other tensor can take its
         # address), same in-place version, same shape
-        key = (x2d.data_ptr(), _version(x2d), tuple(x2d.shape), x2d.dtype)
+        key = (x2d.data_ptr(), _version(x2d), tuple(x2d.shape), x2d.dtype, presorted)
         if self._key != key or self._x is None:
-            self._out = self.runtime.matmul(x2d, self.kernel, self.bias)
+            kernel = self.kernel
+            if presorted:
+                if self._sorted_kernel is None:
+                    self._sorted_kernel = replace(kernel, perm=None)
+                kernel = self._sorted_kernel
+            self._out = self.runtime.matmul(x2d, kernel, self.bias)
             self._key, self._x = key, x2d
         start, stop = self.offsets[index]
         out = self._out[:, start:stop]

@@ -6,6 +6,9 @@ twice, 2.8 us per call on an H100 (65 calls, 180 us of a 2.4 ms 7B decoding step
 The arithmetic follows LLaMA's RMSNorm exactly: the sum is rounded to the model's dtype before its
 statistics (as `residual + hidden_states` is in the HF layer), the statistics are fp32, and the
 weight multiplies the normalised row after it is rounded back to the model's dtype.
+With `order` (act-order, see act_order.py) the normalised row is written in that order of its columns,
+normed[i] = norm(total)[order[i]], so the projections that read it need no gather of their own; the
+sum keeps its natural order (it is the residual stream).
 """
 from __future__ import annotations
 
@@ -18,9 +21,11 @@ MAX_WIDTH = 16384  # one row per program: wider rows would spill registers (LLaM
 
 
 @triton.jit
-def add_rms_norm_kernel(res_ptr, delta_ptr, w_ptr, total_ptr, normed_ptr, H, eps,
-                        BLOCK: tl.constexpr, HAS_DELTA: tl.constexpr):
-    """total = residual + delta (when HAS_DELTA; else the residual is the row), normed = w * norm(total)."""
+def add_rms_norm_kernel(res_ptr, delta_ptr, w_ptr, order_ptr, total_ptr, normed_ptr, H, eps,
+                        BLOCK: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_ORDER: tl.constexpr = False):
+    """total = residual + delta (when HAS_DELTA; else the residual is the row), normed = w * norm(total);
+    HAS_ORDER: normed[i] is column order[i]'s value (the row is gathered again from memory, where it
+    sits in cache, and the sum recomputed with the same rounding)."""
     row = tl.program_id(0).to(tl.int64) * H
     offs = tl.arange(0, BLOCK)
     mask = offs < H
@@ -31,8 +36,16 @@ def add_rms_norm_kernel(res_ptr, delta_ptr, w_ptr, total_ptr, normed_ptr, H, eps
         tl.store(total_ptr + row + offs, x, mask=mask)
     h = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(h * h, axis=0) / H + eps)
+    cols = offs
+    if HAS_ORDER:
+        cols = tl.load(order_ptr + offs, mask=mask, other=0)
+        xo = tl.load(res_ptr + row + cols, mask=mask, other=0.0)
+        if HAS_DELTA:
+            do = tl.load(delta_ptr + row + cols, mask=mask, other=0.0)
+            xo = (xo.to(tl.float32) + do.to(tl.float32)).to(xo.dtype)
+        h = xo.to(tl.float32)
     n = (h * rstd).to(x.dtype)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
     tl.store(normed_ptr + row + offs, (w.to(tl.float32) * n.to(tl.float32)).to(x.dtype), mask=mask)
 
 
@@ -44,15 +57,20 @@ def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and x.is_contiguous() and weight.dim() == 1 and x.shape[-1] == weight.numel() <= MAX_WIDTH)
 
 
-def add_rms_norm(residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float):
+def add_rms_norm(residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                 order: torch.Tensor | None = None):
     """(residual + delta, RMSNorm of it with `weight`), or (residual, its RMSNorm) when delta is None;
-    new tensors of residual's shape and dtype."""
+    new tensors of residual's shape and dtype. `order` (int32, a permutation of the columns, on the
+    row's device): the RMSNorm comes out with its columns in that order."""
     width = residual.shape[-1]
     rows = residual.numel() // width
     block = triton.next_power_of_2(width)
     normed = torch.empty_like(residual)
     total = torch.empty_like(residual) if delta is not None else residual
-    add_rms_norm_kernel[(rows,)](residual, delta if delta is not None else residual, weight, total, normed,
+    if order is not None and (order.dtype != torch.int32 or order.numel() != width):
+        raise ValueError(f"the column order must be {width} int32 indices")
+    add_rms_norm_kernel[(rows,)](residual, delta if delta is not None else residual, weight,
+                                 order if order is not None else weight, total, normed,
                                  width, float(eps), BLOCK=block, HAS_DELTA=delta is not None,
-                                 num_warps=max(1, min(16, block // 256)))
+                                 HAS_ORDER=order is not None, num_warps=max(1, min(16, block // 256)))
     return total, normed

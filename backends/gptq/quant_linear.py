@@ -8,11 +8,14 @@
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from backends.gptq import format as fmt
+from backends.gptq.act_order import column_order, natural_order
 from backends.gptq.kernel_runtime import INTERLEAVED_BITS, KernelLayer, KernelRuntime, interleave_pairs
 
 
@@ -68,6 +71,11 @@ class QuantLinear(nn.Module):
         self.packed: tuple | None = None   # (qweight, qzeros, scales, g_idx, checkpoint_format) on CPU
         self.group = None                  # fusion.FusedGroup when fused with its siblings (CUDA)
         self.group_index = 0
+        # act_order.py's rewrites (CUDA): outputs stored in this order of the checkpoint's columns, and
+        # the act-order perm whose gather now happens before this layer (its input arrives sorted)
+        self.output_order: torch.Tensor | None = None
+        self.input_order: torch.Tensor | None = None
+        self._sorted_kernel: KernelLayer | None = None
         self.register_buffer("weight_cache", None, persistent=False)  # [N, K] dequantized, CPU path
         self.register_buffer("bias", None, persistent=False)
 
@@ -98,6 +106,40 @@ class QuantLinear(nn.Module):
         self.group, self.group_index = group, index
         self.kernel = None
 
+    def input_perm(self) -> torch.Tensor | None:
+        """The act-order perm this layer's kernel gathers its input by (None: none, or no kernel)."""
+        kernel = self.group.kernel if self.group is not None else self.kernel
+        return kernel.perm if kernel is not None else None
+
+    def share_input_perm(self, perm: torch.Tensor) -> None:
+        """Hold `perm` (equal to the own one) as the perm object, so a row sorted by it is recognised."""
+        if self.group is not None:
+            self.group.kernel.perm = perm
+        elif self.kernel is not None:
+            self.kernel.perm = perm
+        self._sorted_kernel = None
+
+    def reorder_outputs(self, order: torch.Tensor) -> None:
+        """Store the output columns in `order` (y[..., i] is the checkpoint's column order[i]); see
+        act_order.fold_mlp_orders, which makes the consumer of these outputs expect that order."""
+        k, idx = self.kernel, order.long()
+        self.kernel = replace(k, qweight=k.qweight.index_select(1, idx).contiguous(),
+                              scales=k.scales.index_select(1, idx).contiguous(),
+                              zeros=k.zeros.index_select(1, idx).contiguous())
+        if self.bias is not None:
+            self.bias = self.bias.index_select(0, idx)
+        self.output_order = order
+
+    def take_sorted_inputs(self) -> None:
+        """From now on the input arrives in the kernel's row order (act_order.fold_mlp_orders): no gather."""
+        self.input_order = self.kernel.perm
+        self.kernel = replace(self.kernel, perm=None)
+
+    def _kernel_for_sorted_input(self) -> KernelLayer:
+        if self._sorted_kernel is None:
+            self._sorted_kernel = replace(self.kernel, perm=None)
+        return self._sorted_kernel
+
     @property
     def path(self) -> str:
         if self.group is not None:
@@ -116,10 +158,14 @@ class QuantLinear(nn.Module):
             return fmt.dequantize(qweight, qzeros, scales, g_idx, self.bits, cf, dtype=dtype).t().contiguous()
         from backends.gptq.kernel_runtime import launch_dequant
         k = self.kernel if self.group is None else self.group.kernel
+        if self.input_order is not None:  # rows back in the checkpoint's order
+            k = replace(k, perm=self.input_order)
         w = launch_dequant(k, torch.empty(k.K, k.N, device=k.qweight.device, dtype=torch.float32))
         if self.group is not None:
             start, stop = self.group.offsets[self.group_index]
             w = w[:, start:stop]
+        if self.output_order is not None:  # columns back in the checkpoint's order
+            w = natural_order(w, self.output_order)
         return w.t().to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -127,14 +173,19 @@ class QuantLinear(nn.Module):
             return F.linear(x, self.weight_cache, self.bias)
         if self.kernel is None and self.group is None:
             return F.linear(x, self.dense_weight(x.dtype), self.bias)
+        order = column_order(x)  # a norm that wrote its row in act-order (act_order.py)
+        presorted = order is not None and order is self.input_perm()
+        if order is not None and not presorted:  # sorted for another reader: back to natural order
+            x = natural_order(x, order)
         shape = x.shape
         x2d = x.reshape(-1, shape[-1])
         if not x2d.is_contiguous():
             x2d = x2d.contiguous()
         if self.group is not None:
-            y = self.group.output(x2d, self.group_index)
+            y = self.group.output(x2d, self.group_index, presorted)
         else:
-            y = self.runtime.matmul(x2d, self.kernel, self.bias)
+            kernel = self._kernel_for_sorted_input() if presorted else self.kernel
+            y = self.runtime.matmul(x2d, kernel, self.bias)
         return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
