@@ -30,12 +30,13 @@ if str(REPO) not in sys.path:
 
 from backends import torch_generation  # noqa: E402
 from bench.decode import (build_checkpoint, fuse_for_decoding, git_commit, graph_decoding,  # noqa: E402
-                          llama7b_config, load_gptq)
+                          llama7b_config, load_gptq, profile_table)
 
 
-def engine(folder: Path, device, rewrites: bool):
-    """The checkpoint loaded and fused as GPTQBackend does on CUDA: (model, runtime)."""
-    _, model, runtime = load_gptq(folder, device)
+def engine(folder: Path, device, rewrites: bool, tuner_cache: Path):
+    """The checkpoint loaded and fused as GPTQBackend does on CUDA: (model, runtime). The engines share
+    one tuner cache: the same shape gets the same kernel config in each."""
+    _, model, runtime = load_gptq(folder, device, tuner_cache)
     flags = SimpleNamespace(no_fuse_norms=False, no_fuse_siblings=False, attention_kernel=True,
                             no_act_order_rewrites=not rewrites)
     fuse_for_decoding(model, runtime, flags)
@@ -67,6 +68,7 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=2, help="timed generations per engine (the best counts)")
     ap.add_argument("--ckpt", default="/tmp/gptq-webui-bench-ao")
     ap.add_argument("--out", default="bench/out")
+    ap.add_argument("--profile", action="store_true", help="also each engine's kernel table (bench.decode's)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench.act_order needs a CUDA GPU")
@@ -75,7 +77,7 @@ def main(argv=None) -> None:
     config = llama7b_config(args.layers)
     prompt = torch.randint(0, config.vocab_size, (args.prompt,), generator=torch.Generator().manual_seed(1)).tolist()
     max_len = -(-(args.prompt + args.new + 1) // 256) * 256
-    rows, logits = [], {}
+    rows, logits, profiles = [], {}, []
     for label, act, rewrites in (("no act-order", False, True), ("act-order, gathers in the kernels", True, False),
                                  ("act-order, rewritten (the backend)", True, True)):
         folder = Path(args.ckpt) / ("ao" if act else "plain")
@@ -85,12 +87,15 @@ def main(argv=None) -> None:
             del del_fp16
             torch.cuda.empty_cache()
             print(f"{folder.name}: built in {time.time() - t:.0f} s", flush=True)
-        model, runtime = engine(folder, device, rewrites)
+        model, runtime = engine(folder, device, rewrites, Path(args.ckpt) / "tuner.json")
         gathers = gathers_per_step(model, runtime, prompt, device, max_len)
         best = 0.0
         for _ in range(args.repeats):
-            _, row = graph_decoding(model, prompt, args.new, device, max_len)
+            decoder, row = graph_decoding(model, prompt, args.new, device, max_len)
             best = max(best, row["tok_s"])
+        if args.profile:
+            profiles.append(f"{label}:\n\n" + profile_table(decoder, prompt, device, best))
+            print(profiles[-1], flush=True)
         if act:
             feed = logits.get("tokens")
             out = torch_generation.greedy_logits(GraphDecoder(model, device, max_len).step, prompt, 23, device,
@@ -99,7 +104,7 @@ def main(argv=None) -> None:
             logits[label] = out
         rows.append((label, best, gathers))
         print(f"{label}: {best:.1f} tok/s, {gathers} gathering launches per step", flush=True)
-        del model, runtime
+        del model, runtime, decoder
         torch.cuda.empty_cache()
     a, b = logits["act-order, gathers in the kernels"], logits["act-order, rewritten (the backend)"]
     err = float((b - a).norm() / a.norm())
@@ -114,7 +119,7 @@ def main(argv=None) -> None:
           f"{top1 * 100:.0f}%.", "",
           "| engine | decode tok/s | x no act-order | gathering launches per step |", "| --- | --- | --- | --- |"]
     md += [f"| {label} | {tps:.1f} | {tps / base:.3f} | {g} |" for label, tps, g in rows]
-    text = "\n".join(md) + "\n"
+    text = "\n".join(md) + "\n" + "".join("\n" + p for p in profiles)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "act_order.md").write_text(text)

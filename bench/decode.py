@@ -166,9 +166,11 @@ def smoke_main(args) -> None:
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         if (tok / name).exists():
             shutil.copy2(tok / name, folder / name)
+    print(f"checkpoint built ({'act-order' if args.act_order else 'no act-order'})", flush=True)
     backend = create_backend("gptq")
     backend.load(folder, backend.validate_options({"device": "cuda", "attention_kernel": args.attention_kernel}))
     paths = sorted({layer.path for layer in backend.quant_layers.values()})
+    print(f"loaded: {paths}", flush=True)
     chunks = list(backend.chat([{"role": "user", "content": "Hello there"}], SP(max_new_tokens=24)))
     report = backend.memory_report()
     # graph-replayed decoding logits against one full forward over the same tokens
@@ -456,12 +458,13 @@ def cache_len(args) -> int:
     return -(-(args.prompt + args.new + 1) // 256) * 256
 
 
-def load_gptq(folder: Path, device):
+def load_gptq(folder: Path, device, tuner_cache: Path | None = None):
     """The checkpoint through the gptq backend's loader with a tuning kernel runtime, as the backend
-    loads it on CUDA: (loaded, model, runtime)."""
+    loads it on CUDA (tuner_cache: the configs file, shared by engines of one run): (loaded, model,
+    runtime)."""
     from backends.gptq.kernel_runtime import KernelRuntime
     from backends.gptq.loader import load_checkpoint
-    runtime = KernelRuntime(tune=True)
+    runtime = KernelRuntime(tune=True, cache_file=tuner_cache)
     loaded = load_checkpoint(folder, device, torch.float16, runtime=runtime)
     runtime.reserve_workspace([l.kernel for l in loaded.quant_layers.values()], torch.float16, device)
     return loaded, loaded.model.eval(), runtime

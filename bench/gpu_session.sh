@@ -47,8 +47,8 @@ case "${1:-decode}" in
       --out "$OUT" 2>&1 | tee "$OUT/kernels.log"
     ;;
   actorder)
-    timeout 150 python -m bench.decode --smoke --layers 2 --attention-kernel --act-order --tokenizer "$TOK" --out "$OUT" 2>&1 | tee "$OUT/smoke.log"
-    timeout 420 python -m bench.act_order --out "$OUT" 2>&1 | tee "$OUT/act_order.log"
+    timeout 270 python -m bench.decode --smoke --layers 2 --attention-kernel --act-order --tokenizer "$TOK" --out "$OUT" 2>&1 | tee "$OUT/smoke.log"
+    timeout 300 python -m bench.act_order --profile --out "$OUT" 2>&1 | tee "$OUT/act_order.log"
     ;;
   sweep16)
     # launch parameters of the half2 tensor-core kernel at M = 16

@@ -97,6 +97,6 @@ def presort_norm_outputs(model) -> int:
         for norm, readers in pairs:
             order = shared_input_order(readers)
             if order is not None:
-                route.orders[norm] = order
+                route.orders[norm] = (order, norm.weight.detach().index_select(0, order.long()).contiguous())
                 count += 1
     return count

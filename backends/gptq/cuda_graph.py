@@ -135,8 +135,9 @@ class ResidualRoute:
     add and norm through the Triton kernel (norm_kernel.py) where it applies, else torch.compile's; the
     kernel's first call on each device type is checked against torch, and a kernel that computes
     wrong numbers there (or fails to compile) is switched off, as the attention route does.
-    orders: norm module -> the act-order perm its readers share (act_order.presort_norm_outputs); the
-    kernel writes that norm's output in that order and marks it (act_order.mark_sorted)."""
+    orders: norm module -> (the act-order perm its readers share, the norm's weight in that order), from
+    act_order.presort_norm_outputs; the kernel writes that norm's output in that order and marks it
+    (act_order.mark_sorted)."""
     __slots__ = ("total", "normed", "use_kernel", "compiled", "verified", "orders")
 
     def __init__(self, compiled):
@@ -150,16 +151,17 @@ class ResidualRoute:
 
     def norm(self, x: torch.Tensor, norm):
         """norm(x) alone (the first layer's input norm), through the kernel where it applies."""
-        order = self.orders.get(norm)
+        order, ordered_weight = self.orders.get(norm, (None, None))
         if self._kernel_applies(x, None, norm, order):
-            return self._marked(norm_kernel.add_rms_norm(x, None, norm.weight, norm.variance_epsilon, order)[1],
-                                order)
+            normed = norm_kernel.add_rms_norm(x, None, norm.weight, norm.variance_epsilon, order, ordered_weight)[1]
+            return self._marked(normed, order)
         return norm(x)
 
     def add_norm(self, residual: torch.Tensor, delta: torch.Tensor, norm):
-        order = self.orders.get(norm)
+        order, ordered_weight = self.orders.get(norm, (None, None))
         if self._kernel_applies(residual, delta, norm, order):
-            total, normed = norm_kernel.add_rms_norm(residual, delta, norm.weight, norm.variance_epsilon, order)
+            total, normed = norm_kernel.add_rms_norm(residual, delta, norm.weight, norm.variance_epsilon, order,
+                                                     ordered_weight)
             return total, self._marked(normed, order)
         return self.compiled(residual, delta, norm.weight, norm.variance_epsilon)
 

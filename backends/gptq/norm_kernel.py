@@ -24,8 +24,10 @@ MAX_WIDTH = 16384  # one row per program: wider rows would spill registers (LLaM
 def add_rms_norm_kernel(res_ptr, delta_ptr, w_ptr, order_ptr, total_ptr, normed_ptr, H, eps,
                         BLOCK: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_ORDER: tl.constexpr = False):
     """total = residual + delta (when HAS_DELTA; else the residual is the row), normed = w * norm(total);
-    HAS_ORDER: normed[i] is column order[i]'s value (the row is gathered again from memory, where it
-    sits in cache, and the sum recomputed with the same rounding)."""
+    HAS_ORDER: normed[i] is column order[i]'s value, and w_ptr holds the weight in that order. The
+    row is reordered where it sits (tl.gather, through shared memory). Gathering it from memory
+    instead, 4096 scattered reads by one program on one SM, made act-order 7B decoding slower than
+    leaving the gathers in the matrix-vector kernels (400 against 418 tok/s on an H200, bench/RESULTS.md)."""
     row = tl.program_id(0).to(tl.int64) * H
     offs = tl.arange(0, BLOCK)
     mask = offs < H
@@ -36,16 +38,10 @@ def add_rms_norm_kernel(res_ptr, delta_ptr, w_ptr, order_ptr, total_ptr, normed_
         tl.store(total_ptr + row + offs, x, mask=mask)
     h = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(h * h, axis=0) / H + eps)
-    cols = offs
-    if HAS_ORDER:
-        cols = tl.load(order_ptr + offs, mask=mask, other=0)
-        xo = tl.load(res_ptr + row + cols, mask=mask, other=0.0)
-        if HAS_DELTA:
-            do = tl.load(delta_ptr + row + cols, mask=mask, other=0.0)
-            xo = (xo.to(tl.float32) + do.to(tl.float32)).to(xo.dtype)
-        h = xo.to(tl.float32)
     n = (h * rstd).to(x.dtype)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    if HAS_ORDER:
+        n = tl.gather(n, tl.load(order_ptr + offs, mask=mask, other=0), axis=0)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
     tl.store(normed_ptr + row + offs, (w.to(tl.float32) * n.to(tl.float32)).to(x.dtype), mask=mask)
 
 
@@ -58,10 +54,11 @@ def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def add_rms_norm(residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
-                 order: torch.Tensor | None = None):
+                 order: torch.Tensor | None = None, ordered_weight: torch.Tensor | None = None):
     """(residual + delta, RMSNorm of it with `weight`), or (residual, its RMSNorm) when delta is None;
     new tensors of residual's shape and dtype. `order` (int32, a permutation of the columns, on the
-    row's device): the RMSNorm comes out with its columns in that order."""
+    row's device): the RMSNorm comes out with its columns in that order; `ordered_weight`, weight[order],
+    saves computing it per call."""
     width = residual.shape[-1]
     rows = residual.numel() // width
     block = triton.next_power_of_2(width)
@@ -69,6 +66,8 @@ def add_rms_norm(residual: torch.Tensor, delta: torch.Tensor | None, weight: tor
     total = torch.empty_like(residual) if delta is not None else residual
     if order is not None and (order.dtype != torch.int32 or order.numel() != width):
         raise ValueError(f"the column order must be {width} int32 indices")
+    if order is not None:
+        weight = ordered_weight if ordered_weight is not None else weight.index_select(0, order.long())
     add_rms_norm_kernel[(rows,)](residual, delta if delta is not None else residual, weight,
                                  order if order is not None else weight, total, normed,
                                  width, float(eps), BLOCK=block, HAS_DELTA=delta is not None,

@@ -79,6 +79,8 @@ def test_the_norm_kernel_writes_its_row_in_the_given_order(dtype, rows, width, w
     assert torch.equal(total_o, total)  # the residual stream keeps its natural order
     assert torch.equal(normed_o, normed[..., order.long()])  # the same numbers, to the bit, reordered
     assert not torch.equal(normed_o, normed)
+    ordered_weight = weight[order.long()]  # what the route passes, computed once
+    assert torch.equal(norm_kernel.add_rms_norm(residual, delta, weight, 1e-5, order, ordered_weight)[1], normed_o)
 
 
 def test_the_norm_kernel_refuses_a_wrong_order():

@@ -253,10 +253,10 @@ def test_a_residual_kernel_that_fails_its_first_check_hands_back_to_torch(tiny_l
     reference = greedy_logits(torch_generation._default_forward(tiny_llama), prompt, 4)
     real = norm_kernel.add_rms_norm
 
-    def faulty(residual, delta, weight, eps, order=None):
+    def faulty(residual, delta, weight, eps, *order):
         if fault == "raises":
             raise RuntimeError("PTX compile failed")
-        total, normed = real(residual, delta, weight, eps, order)
+        total, normed = real(residual, delta, weight, eps, *order)
         return total, normed * 0.5
 
     monkeypatch.setattr(norm_kernel, "add_rms_norm", faulty)
