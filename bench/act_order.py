@@ -12,7 +12,6 @@ The rewritten engine's logits are compared with the gathering one's on the same 
 steps): the rewrites are exact up to fp32 summation order.
 
     python -m bench.act_order [--layers 32] [--new 128] [--out DIR] [--ckpt /tmp/ckpt-ao]
-    python -m bench.act_order --kernels    # the norm and attention kernels with and without an order
 """
 from __future__ import annotations
 
@@ -61,48 +60,6 @@ def gathers_per_step(model, runtime, prompt, device, max_len) -> int:
     return sum(seen)
 
 
-def kernels_main() -> None:
-    """The two producers that write sorted rows, at 7B widths, with and without an order: the output
-    must be the natural one reordered, bit for bit; time per call from graph replays."""
-    from backends.gptq import norm_kernel
-    from backends.gptq.decode_attention import decode_attention
-    from backends.gptq.kernel_runtime import SplitScratch, graph_time_ms
-    device = torch.device("cuda")
-    g = torch.Generator(device=device).manual_seed(0)
-    order = torch.randperm(4096, device=device, generator=g).to(torch.int32)
-    where = torch.argsort(order).to(torch.int32)
-    res, delta = (torch.randn(1, 1, 4096, device=device, generator=g).half() for _ in range(2))
-    weight = torch.rand(4096, device=device, generator=g).half() + 0.5
-    ordered_weight = weight[order.long()]
-    q = torch.randn(1, 32, 1, 128, device=device, generator=g).half()
-    k, v = (torch.randn(1, 32, 1, 128, device=device, generator=g).half() for _ in range(2))
-    caches = [torch.randn(1, 32, 2048, 128, device=device, generator=g).half() for _ in range(2)]
-    pos = torch.tensor([1500], device=device)
-    scratch = SplitScratch()
-    cases = {
-        "add + RMSNorm": (lambda: norm_kernel.add_rms_norm(res, delta, weight, 1e-5)[1],
-                          lambda: norm_kernel.add_rms_norm(res, delta, weight, 1e-5, order, ordered_weight)[1]),
-        "decoding attention (pos 1500 of 2048)": (
-            lambda: decode_attention(q, k, v, *caches, pos, 0.088, scratch),
-            lambda: decode_attention(q, k, v, *caches, pos, 0.088, scratch, where=where)),
-    }
-    lines = [f"### Act-order producers - {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} - "
-             f"{torch.cuda.get_device_name()} - commit {git_commit()}", "",
-             "Command: `python -m bench.act_order --kernels`. fp16, width 4096; attention 32 heads of 128.", "",
-             "| kernel | natural us | in order us | ratio | output = natural reordered |", "| --- | --- | --- | --- | --- |"]
-    ok = True
-    for name, (natural, ordered) in cases.items():
-        same = torch.equal(ordered().reshape(-1), natural().reshape(-1)[order.long()])
-        ok &= same
-        t_nat = graph_time_ms(lambda _: natural()) * 1e3
-        t_ord = graph_time_ms(lambda _: ordered()) * 1e3
-        lines.append(f"| {name} | {t_nat:.2f} | {t_ord:.2f} | {t_ord / t_nat:.2f} | {'yes' if same else 'NO'} |")
-    text = "\n".join(lines) + "\n"
-    print(text, flush=True)
-    if not ok:
-        sys.exit("a producer's ordered output differs from its natural output reordered")
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=int, default=32)
@@ -112,10 +69,7 @@ def main(argv=None) -> None:
     ap.add_argument("--ckpt", default="/tmp/gptq-webui-bench-ao")
     ap.add_argument("--out", default="bench/out")
     ap.add_argument("--profile", action="store_true", help="also each engine's kernel table (bench.decode's)")
-    ap.add_argument("--kernels", action="store_true", help="only the norm and attention kernels, see kernels_main")
     args = ap.parse_args(argv)
-    if args.kernels:
-        return kernels_main()
     if not torch.cuda.is_available():
         sys.exit("bench.act_order needs a CUDA GPU")
     from backends.gptq.cuda_graph import GraphDecoder
