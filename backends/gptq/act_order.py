@@ -12,8 +12,10 @@ dependent reads at each program's start: +13-15% over the same checkpoint withou
   order and marks the tensor (`mark_sorted`); a QuantLinear whose perm is that very order then skips
   its gather (`presort_norm_outputs`, cuda_graph.ResidualRoute).
 
-o_proj keeps its gather: its input is the attention output, whose columns belong to heads, and no
-column order of v_proj can give another order across heads.
+o_proj keeps its gather: its input is the attention output, whose columns belong to heads, so no
+reordering of v_proj's weights can give it another order across heads. (The attention kernel could
+write its output in that order: commit 2ff6fdc, reverted until it is timed on a GPU.) Prompts keep
+the gathers of q/k/v, o_proj and gate/up: one per launch, spread over the prompt's rows.
 """
 from __future__ import annotations
 
@@ -43,7 +45,7 @@ def natural_order(t: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _quant_kernel_layers(layers) -> bool:
+def _unfused_kernel_layers(layers) -> bool:
     from backends.gptq.quant_linear import QuantLinear
     return all(isinstance(l, QuantLinear) and l.kernel is not None and l.group is None for l in layers)
 
@@ -56,7 +58,7 @@ def fold_mlp_orders(model) -> int:
         if type(module).__name__ not in GATED_MLPS:
             continue
         gate, up, down = (getattr(module, n, None) for n in ("gate_proj", "up_proj", "down_proj"))
-        if not _quant_kernel_layers((gate, up, down)) or down.kernel.perm is None:
+        if not _unfused_kernel_layers((gate, up, down)) or down.kernel.perm is None:
             continue
         order = down.kernel.perm
         gate.reorder_outputs(order)
