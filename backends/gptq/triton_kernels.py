@@ -244,13 +244,32 @@ def _unrolled_tile(acc2, x_ptr, src_base, mask_kb, qw_ptr, N, Kw, kb0, offs_n, m
 
 
 @triton.jit
-def _program_tiles(N, tiles_per_split, BLOCK_N: tl.constexpr):
-    """This program's output columns (grid axis 0) and the K tiles of its split (grid axis 1)."""
+def _program_tiles(N, K, tiles_per_split, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This program's output columns (grid axis 0) and the K tiles of its split (grid axis 1), never
+    past the last tile of K (the last split may be shorter)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     t0 = pid_k * tiles_per_split
-    return pid_n, pid_k, offs_n, offs_n < N, t0, t0 + tiles_per_split
+    return pid_n, pid_k, offs_n, offs_n < N, t0, tl.minimum(t0 + tiles_per_split, tl.cdiv(K, BLOCK_K))
+
+
+@triton.jit
+def _first_group(t0, K, group_size, BLOCK_K: tl.constexpr):
+    """The group of K tile t0, the tiles left in it (t0 included) and the tiles per group, so the loop
+    steps the group with _next_group instead of dividing by the runtime group size on every tile
+    (~20 instructions per tile on the GPU). A tile never straddles groups: BLOCK_K divides the group
+    size, or one group covers K."""
+    per_group = tl.where(group_size >= K, 1 << 30, group_size // BLOCK_K)
+    return t0 // per_group, per_group - t0 % per_group, per_group
+
+
+@triton.jit
+def _next_group(g, left, per_group):
+    """The group and tiles left after one more tile (see _first_group)."""
+    left = left - 1
+    done = left == 0
+    return tl.where(done, g + 1, g), tl.where(done, per_group, left)
 
 
 @triton.jit
@@ -264,18 +283,19 @@ def gptq_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, bias_ptr, w
     unpacked: 0 per word into a 3-D tile (reshaped for tl.dot), 1 per row (repeated word loads),
     2 unrolled over the value slots of a word with constant shifts (fp16 activations for M > 1)."""
     BLOCK_K: tl.constexpr = KB * VPB
-    pid_n, pid_k, offs_n, mask_n, t0, t_end = _program_tiles(N, tiles_per_split, BLOCK_N)
+    pid_n, pid_k, offs_n, mask_n, t0, t_end = _program_tiles(N, K, tiles_per_split, BLOCK_N, BLOCK_K)
     offs_m = tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
     if BLOCK_M == 1:
         acc1 = tl.zeros([BLOCK_N], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    g, left, per_group = _first_group(t0, K, group_size, BLOCK_K)
     for t in range(t0, t_end):
         k0 = t * BLOCK_K
-        g = tl.minimum(k0, K - 1) // group_size  # tiles past K only meet masked (zero) activations
         s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32)
         z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32)
+        g, left = _next_group(g, left, per_group)
         if MODE == 2:
             src_base = k0 + tl.arange(0, KB) * VPB
             mask_kb = src_base < K  # K is a multiple of VPB: a block is all in or all out
@@ -398,17 +418,18 @@ def gptq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, bias_ptr, w
     tile of reads in flight instead of waiting for memory once per tile."""
     BLOCK_K: tl.constexpr = KB * VPB
     WPB: tl.constexpr = 3 if BITS == 3 else 1
-    pid_n, pid_k, offs_n, mask_n, t0, t_end = _program_tiles(N, tiles_per_split, BLOCK_N)
+    pid_n, pid_k, offs_n, mask_n, t0, t_end = _program_tiles(N, K, tiles_per_split, BLOCK_N, BLOCK_K)
     row_end = tl.minimum(Kw, t_end * KB * WPB)
     in_blk = tl.arange(0, KB)[:, None] * VPB + tl.arange(0, VPB)[None, :]
     w0, w1, w2 = _load_words(qw_ptr, N, t0 * KB, offs_n, mask_n, row_end, BITS, KB)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    g, left, per_group = _first_group(t0, K, group_size, BLOCK_K)
     for t in range(t0, t_end):
         n0, n1, n2 = _load_words(qw_ptr, N, (t + 1) * KB, offs_n, mask_n, row_end, BITS, KB)
         k0 = t * BLOCK_K
-        g = tl.minimum(k0, K - 1) // group_size
         s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32)
         z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32)
+        g, left = _next_group(g, left, per_group)
         offs_k = k0 + in_blk
         mask_k = offs_k < K
         if HAS_PERM:
@@ -661,7 +682,7 @@ def gptq_gemv_h2_kernel(x_ptr, xp_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, 
     WPB: tl.constexpr = 3 if BITS == 3 else 1
     PPB: tl.constexpr = VPB // 2
     BLOCK_K: tl.constexpr = KB * VPB
-    pid_n, pid_k, offs_n, mask_n, t0, t_end = _program_tiles(N, tiles_per_split, BLOCK_N)
+    pid_n, pid_k, offs_n, mask_n, t0, t_end = _program_tiles(N, K, tiles_per_split, BLOCK_N, BLOCK_K)
     row_end = tl.minimum(Kw, t_end * KB * WPB)
     w0, w1, w2 = _load_words(qw_ptr, N, t0 * KB, offs_n, mask_n, row_end, BITS, KB)
     if PDL:
@@ -674,13 +695,14 @@ def gptq_gemv_h2_kernel(x_ptr, xp_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, 
         tl.store(xp_ptr.to(tl.pointer_type(tl.float16), bitcast=True) + ks, xv, mask=kmask)
         tl.debug_barrier()  # the block's stores are visible to all its threads before the pairs are read
     acc2 = tl.zeros([KB, BLOCK_N], dtype=tl.float32)  # reduced over rows once, after the loop
+    g, left, per_group = _first_group(t0, K, group_size, BLOCK_K)
     for t in range(t0, t_end):
         blocks = t * KB + tl.arange(0, KB)
         mask_r = blocks * WPB < row_end
         n0, n1, n2 = _load_words(qw_ptr, N, (t + 1) * KB, offs_n, mask_n, row_end, BITS, KB)
-        g = tl.minimum(t * BLOCK_K, K - 1) // group_size
         s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32)
         z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.uint32)[None, :]
+        g, left = _next_group(g, left, per_group)
         x0 = _x_pair(xp_ptr, x_ptr, perm_ptr, blocks, mask_r, 0, PPB, HAS_PERM)
         x1 = _x_pair(xp_ptr, x_ptr, perm_ptr, blocks, mask_r, 1, PPB, HAS_PERM)
         x2 = _x_pair(xp_ptr, x_ptr, perm_ptr, blocks, mask_r, 2, PPB, HAS_PERM)
@@ -764,22 +786,23 @@ def gptq_gemm_h2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, bias_ptr
     Computing W^T x^T instead (the unpacked pairs as the MMA's first operand: fewer instructions per
     weight) ran 1.3-1.6x slower on an H100 (bench/RESULTS.md, 2026-12-02 18:38) and was removed."""
     BLOCK_K: tl.constexpr = KB * 8
-    pid_n, pid_k, offs_n, mask_n, t0, t_end = _program_tiles(N, tiles_per_split, BLOCK_N)
+    pid_n, pid_k, offs_n, mask_n, t0, t_end = _program_tiles(N, K, tiles_per_split, BLOCK_N, BLOCK_K)
     offs_m = tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     kb = t0 * KB + tl.arange(0, KB)
     offs_k = t0 * BLOCK_K + tl.arange(0, BLOCK_K)
-    w_ptrs = qw_ptr + kb[:, None] * N + offs_n[None, :]  # advanced by a tile per step: no per-step products
+    w_tile = qw_ptr + tl.arange(0, KB)[:, None] * N + offs_n[None, :]  # + a scalar per step: 16-byte loads
     x_rows = x_ptr + offs_m * stride_xm
+    g, left, per_group = _first_group(t0, K, group_size, BLOCK_K)
     for t in range(t0, t_end):
-        w = tl.load(w_ptrs, mask=(kb[:, None] < Kw) & mask_n[None, :], other=0).to(tl.uint32, bitcast=True)
+        w = tl.load(w_tile + t * KB * N, mask=(kb[:, None] < Kw) & mask_n[None, :], other=0)
+        w = w.to(tl.uint32, bitcast=True)
         mask_k = offs_k < K
         cols = tl.load(perm_ptr + offs_k, mask=mask_k, other=0) if HAS_PERM else offs_k
-        g = tl.minimum(t * BLOCK_K, K - 1) // group_size
         s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32)
         z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.uint32)
-        w_ptrs += KB * N
+        g, left = _next_group(g, left, per_group)
         kb += KB
         offs_k += BLOCK_K
         tile = _weight_tile4_h(w, z, USE_ASM)
