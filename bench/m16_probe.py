@@ -38,7 +38,7 @@ from bench.kernels import random_layer, read_floor_ms  # noqa: E402
 def probe_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, ticket_ptr,
                  M, N, K, Kw, stride_xm, stride_om, group_size, tiles_per_split, nsplit,
                  KB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-                 X_ONCE: tl.constexpr, NO_W: tl.constexpr, NO_REDUCTION: tl.constexpr):
+                 X_ONCE: tl.constexpr = False, NO_W: tl.constexpr = False, NO_REDUCTION: tl.constexpr = False):
     """gptq_gemm_h2_kernel without perm and bias, with the switches of the module docstring."""
     BLOCK_K: tl.constexpr = KB * 8
     pid_n, pid_k, offs_n, mask_n, t0, t_end = _program_tiles(N, K, tiles_per_split, BLOCK_N, BLOCK_K)
