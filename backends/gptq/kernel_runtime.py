@@ -23,7 +23,8 @@ from backends.gptq import format as fmt
 log = logging.getLogger(__name__)
 
 FUSED_MAX_M = 64
-TUNER_VERSION = 6  # 2: cold weight copies; 3: more half2 GEMV tiles; 4: modes 5, 6; 5: stage_x; 6: mode 6 gone
+TUNER_VERSION = 7  # 2: cold weight copies; 3: more half2 GEMV tiles; 4: modes 5, 6; 5: stage_x; 6: mode 6 gone;
+#                     7: half2 kernels without bounds masks on whole tiles and without a division per tile
 VERIFY_TOLERANCE = 1e-2  # relative error of a kernel's output against its torch reference (fp16: ~1e-3)
 
 
@@ -179,6 +180,12 @@ def _tiles_per_split(layer: KernelLayer, cfg: GemmConfig) -> int:
     return -(-k_tiles // cfg.split_k)
 
 
+def whole_tiles(layer: KernelLayer, cfg: GemmConfig) -> bool:
+    """Every tile of the config lies inside the matrix (the usual LLM shapes), so the half2 kernels
+    run without bounds masks (EVEN): 5-14% fewer instructions in their loops (sm_90 SASS)."""
+    return layer.N % cfg.block_n == 0 and layer.K % cfg.block_k == 0
+
+
 def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: torch.Tensor | None = None,
                  bias: torch.Tensor | None = None, scratch: "SplitScratch | None" = None,
                  pdl: bool = False) -> torch.Tensor:
@@ -207,6 +214,7 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
     else:
         ws = tickets = out
     perm = layer.perm if layer.perm is not None else layer.qweight  # dummy pointer when unused
+    even = whole_tiles(layer, cfg)
     if cfg.mode == 4:
         from backends.gptq.triton_kernels import INTERPRETED, gptq_gemv_h2_kernel
         if M != 1 or x2d.dtype != torch.float16 or not layer.interleaved:
@@ -220,7 +228,7 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
             bias if bias is not None else out, ws, tickets, layer.N, layer.K, layer.Kw, layer.group_size, per, split,
             BITS=layer.bits, KB=kb, BLOCK_N=cfg.block_n, STAGE_X=stage,
             HAS_PERM=has_perm and not stage, SPLIT=split > 1, HAS_BIAS=bias is not None,
-            USE_ASM=not INTERPRETED, PDL=pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            USE_ASM=not INTERPRETED, PDL=pdl, EVEN=even, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             **({"launch_pdl": True} if pdl else {}))
         return out
     if cfg.mode == 5:
@@ -231,7 +239,7 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
             x2d, layer.qweight, layer.scales, layer.zeros, perm, out, bias if bias is not None else out, ws, tickets,
             M, layer.N, layer.K, layer.Kw, x2d.stride(0), out.stride(0), layer.group_size, per, split,
             KB=kb, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_PERM=has_perm,
-            SPLIT=split > 1, HAS_BIAS=bias is not None, USE_ASM=not INTERPRETED,
+            SPLIT=split > 1, HAS_BIAS=bias is not None, USE_ASM=not INTERPRETED, EVEN=even,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return out
     if cfg.mode == 3:

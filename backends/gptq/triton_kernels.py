@@ -365,11 +365,23 @@ def gptq_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, bias_ptr, w
 
 
 @triton.jit
-def _load_words(qw_ptr, N, kb0, offs_n, mask_n, row_end, BITS: tl.constexpr, KB: tl.constexpr):
+def _load_words(qw_ptr, N, kb0, offs_n, mask_n, row_end, BITS: tl.constexpr, KB: tl.constexpr,
+                EVEN: tl.constexpr = False):
     """The words of value blocks kb0 .. kb0+KB-1 as uint32 [KB, BLOCK_N] tiles (three for 3 bits),
-    zero past row_end (the end of this program's split, so prefetching never reads the next split)."""
+    zero past row_end (the end of this program's split, so prefetching never reads the next split).
+    EVEN: every row and column is inside the matrix (the caller guarantees it): no masks."""
     offs_kb = kb0 + tl.arange(0, KB)
-    if BITS == 3:
+    if EVEN:
+        WPB: tl.constexpr = 3 if BITS == 3 else 1
+        p = qw_ptr + (offs_kb * WPB)[:, None] * N + offs_n[None, :]
+        w0 = tl.load(p).to(tl.uint32, bitcast=True)
+        if BITS == 3:
+            w1 = tl.load(p + N).to(tl.uint32, bitcast=True)
+            w2 = tl.load(p + 2 * N).to(tl.uint32, bitcast=True)
+        else:
+            w1 = w0
+            w2 = w0
+    elif BITS == 3:
         row = offs_kb * 3
         m = (row[:, None] < row_end) & mask_n[None, :]
         p = qw_ptr + row[:, None] * N + offs_n[None, :]
@@ -666,7 +678,8 @@ def gptq_gemv_h2_kernel(x_ptr, xp_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, 
                         N, K, Kw, group_size, tiles_per_split, nsplit,
                         BITS: tl.constexpr, KB: tl.constexpr, BLOCK_N: tl.constexpr,
                         HAS_PERM: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        USE_ASM: tl.constexpr, PDL: tl.constexpr = False, STAGE_X: tl.constexpr = 0):
+                        USE_ASM: tl.constexpr, PDL: tl.constexpr = False, STAGE_X: tl.constexpr = 0,
+                        EVEN: tl.constexpr = False):
     """out[1, N] = x[1, K] @ W (+ bias) for fp16 x and 2/3/4-bit words in the half2 order (see above and
     _dot_block3), KB value blocks per tile (a block: one word, or three at 3 bits). The next tile's words
     are loaded before the current one is used (register double-buffering). The 3-bit words w1, w2 are
@@ -684,7 +697,7 @@ def gptq_gemv_h2_kernel(x_ptr, xp_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, 
     BLOCK_K: tl.constexpr = KB * VPB
     pid_n, pid_k, offs_n, mask_n, t0, t_end = _program_tiles(N, K, tiles_per_split, BLOCK_N, BLOCK_K)
     row_end = tl.minimum(Kw, t_end * KB * WPB)
-    w0, w1, w2 = _load_words(qw_ptr, N, t0 * KB, offs_n, mask_n, row_end, BITS, KB)
+    w0, w1, w2 = _load_words(qw_ptr, N, t0 * KB, offs_n, mask_n, row_end, BITS, KB, EVEN)
     if PDL:
         gdc_wait()  # the previous kernel (x's producer, the scratch's last user) has finished
         gdc_launch_dependents()  # the next kernel may start its own weight reads now
@@ -698,10 +711,17 @@ def gptq_gemv_h2_kernel(x_ptr, xp_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, 
     g, left, per_group = _first_group(t0, K, group_size, BLOCK_K)
     for t in range(t0, t_end):
         blocks = t * KB + tl.arange(0, KB)
-        mask_r = blocks * WPB < row_end
-        n0, n1, n2 = _load_words(qw_ptr, N, (t + 1) * KB, offs_n, mask_n, row_end, BITS, KB)
-        s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32)
-        z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.uint32)[None, :]
+        if EVEN:  # no masks: the last step loads its own tile again instead of a masked next one
+            mask_r = tl.full([KB], True, tl.int1)  # folded away by the compiler
+            n0, n1, n2 = _load_words(qw_ptr, N, tl.minimum(t + 1, t_end - 1) * KB, offs_n, mask_n, row_end,
+                                     BITS, KB, EVEN)
+            s = tl.load(s_ptr + g * N + offs_n).to(tl.float32)
+            z = tl.load(z_ptr + g * N + offs_n).to(tl.uint32)[None, :]
+        else:
+            mask_r = blocks * WPB < row_end
+            n0, n1, n2 = _load_words(qw_ptr, N, (t + 1) * KB, offs_n, mask_n, row_end, BITS, KB)
+            s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32)
+            z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.uint32)[None, :]
         g, left = _next_group(g, left, per_group)
         x0 = _x_pair(xp_ptr, x_ptr, perm_ptr, blocks, mask_r, 0, PPB, HAS_PERM)
         x1 = _x_pair(xp_ptr, x_ptr, perm_ptr, blocks, mask_r, 1, PPB, HAS_PERM)
@@ -776,7 +796,7 @@ def gptq_gemm_h2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, bias_ptr
                         M, N, K, Kw, stride_xm, stride_om, group_size, tiles_per_split, nsplit,
                         KB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         HAS_PERM: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        USE_ASM: tl.constexpr):
+                        USE_ASM: tl.constexpr, EVEN: tl.constexpr = False):
     """out[M, N] (+)= x[M, K] @ W for 2 <= M <= BLOCK_M (fp16) and 4-bit words in the half2 order:
     per tile, a `lop3` and a `sub.f16x2` turn each value pair into fp16 (q - z) and one tl.dot runs
     the tile on the tensor cores; the group's scale multiplies the tile's product (one group per
@@ -796,17 +816,25 @@ def gptq_gemm_h2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, bias_ptr
     x_rows = x_ptr + offs_m * stride_xm
     g, left, per_group = _first_group(t0, K, group_size, BLOCK_K)
     for t in range(t0, t_end):
-        w = tl.load(w_tile + t * KB * N, mask=(kb[:, None] < Kw) & mask_n[None, :], other=0)
+        if EVEN:
+            w = tl.load(w_tile + t * KB * N)
+            cols = tl.load(perm_ptr + offs_k) if HAS_PERM else offs_k
+            s = tl.load(s_ptr + g * N + offs_n).to(tl.float32)
+            z = tl.load(z_ptr + g * N + offs_n).to(tl.uint32)
+        else:
+            w = tl.load(w_tile + t * KB * N, mask=(kb[:, None] < Kw) & mask_n[None, :], other=0)
+            cols = tl.load(perm_ptr + offs_k, mask=offs_k < K, other=0) if HAS_PERM else offs_k
+            s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32)
+            z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.uint32)
         w = w.to(tl.uint32, bitcast=True)
-        mask_k = offs_k < K
-        cols = tl.load(perm_ptr + offs_k, mask=mask_k, other=0) if HAS_PERM else offs_k
-        s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32)
-        z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.uint32)
         g, left = _next_group(g, left, per_group)
+        tile = _weight_tile4_h(w, z, USE_ASM)
+        if EVEN:
+            x = tl.load(x_rows[:, None] + cols[None, :], mask=mask_m[:, None], other=0.0)
+        else:
+            x = tl.load(x_rows[:, None] + cols[None, :], mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
         kb += KB
         offs_k += BLOCK_K
-        tile = _weight_tile4_h(w, z, USE_ASM)
-        x = tl.load(x_rows[:, None] + cols[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         acc += tl.dot(x.to(tl.float16), tile, out_dtype=tl.float32) * s[None, :]
     _finish(acc, out_ptr, bias_ptr, ws_ptr, ticket_ptr, offs_m, offs_n, mask_m, mask_n, M, N, stride_om,
             pid_n, pid_k, nsplit, SPLIT, HAS_BIAS)

@@ -111,11 +111,14 @@ def test_half2_kernels_with_splits(kr, bits, gs, act):
     ref = x.double() @ ref_w
     # K = 160: 5 tiles of 32 rows (a tile never straddles a group of 32); at 2 and 4 bits also 10 tiles of
     # 16, split 10 ways (the last split sums the partials eight at a time: a second chunk)
-    configs = [kr.GemmConfig("fused", 1, 32, 32, split, 4, mode=4) for split in (1, 2, 5)]
+    # 32 columns per tile: whole tiles (the kernel runs without bounds masks); 128: a partial tile (masks)
+    configs = [kr.GemmConfig("fused", 1, bn, 32, split, 4, mode=4) for split in (1, 2, 5) for bn in (32, 128)]
     if act:  # each program gathers its split's slice of x once (one split, two, five)
-        configs += [kr.GemmConfig("fused", 1, 32, 32, split, 4, mode=4, stage_x=True) for split in (1, 2, 5)]
+        configs += [kr.GemmConfig("fused", 1, bn, 32, split, 4, mode=4, stage_x=True)
+                    for split in (1, 2, 5) for bn in (32, 128)]
     if bits != 3:
         configs += [kr.GemmConfig("fused", 1, 32, 16, 10, 4, mode=mode) for mode in (3, 4)]
+    assert {kr.whole_tiles(layer, c) for c in configs} == {True, False}
     scratch = kr.SplitScratch()
     for cfg in configs:
         scratch.sorted_x(K, "cpu").fill_(float("nan"))  # a staged slice must be written by the kernel itself
@@ -123,6 +126,28 @@ def test_half2_kernels_with_splits(kr, bits, gs, act):
                             scratch=scratch)
         assert not torch.isnan(y).any(), cfg
         assert _rel(y, ref) < 1e-2, cfg
+
+
+@pytest.mark.parametrize("act", [False, True], ids=["plain", "actorder"])
+def test_tensor_core_kernel_whole_and_partial_tiles(kr, act):
+    """The half2 tensor-core kernel (mode 5) at 3 and 16 rows, over 1, 2 and 5 splits, with whole tiles
+    (no bounds masks) and with a partial column tile or a short last K tile (masks)."""
+    from backends.gptq.quant_linear import make_kernel_layer
+    packed, ref_w = _layer(4, 32, act, seed=60 + act)
+    layer = make_kernel_layer(*packed, 4, 32, "gptq_v2", "cpu")
+    configs = [kr.GemmConfig("fused", 16, bn, 32, split, 4, mode=5) for split in (1, 2, 5) for bn in (32, 128)]
+    short_k = make_kernel_layer(*_layer(4, -1, False, seed=62)[0], 4, -1, "gptq_v2", "cpu")
+    assert kr.whole_tiles(layer, configs[0]) and not kr.whole_tiles(layer, configs[1])
+    assert not kr.whole_tiles(short_k, kr.GemmConfig("fused", 16, 32, 64, 2, 4, mode=5))  # 160 = 2.5 x 64
+    cases = [(layer, ref_w, c) for c in configs]
+    cases.append((short_k, _layer(4, -1, False, seed=62)[1], kr.GemmConfig("fused", 16, 32, 64, 2, 4, mode=5)))
+    gen = torch.Generator().manual_seed(61)
+    for lay, ref_weights, cfg in cases:
+        for M in (3, 16):
+            x = torch.randn(M, K, generator=gen).half()
+            y = kr.launch_fused(x, lay, cfg, out=torch.full((M, N), float("nan"), dtype=torch.float16))
+            assert not torch.isnan(y).any(), cfg
+            assert _rel(y, x.double() @ ref_weights) < 1e-2, (M, cfg)
 
 
 @pytest.mark.parametrize("bits,gs,act", [(4, 128, True), (3, 32, False), (2, 64, True), (8, -1, False)])
