@@ -146,7 +146,7 @@ class GemmConfig:
     num_stages: int = 2
     mode: int = 2              # 0 per word (3-D), 1 per row, 2 unrolled value slots, 3 prefetching GEMV (M=1),
     #                            4 half2 GEMV (M=1, fp16, 2/3/4-bit interleaved words),
-    #                            5 half2 unpack + tensor cores (1 < M <= 64, fp16, 4-bit interleaved words)
+    #                            5 half2 unpack + tensor cores (1 < M <= 64, fp16, 2/3/4-bit interleaved words)
     #                            (6, W^T x^T on the tensor cores, lost to 5 on an H100 and was removed)
     gather_x: bool = False     # act-order: permute the activations once (one gather) and run the perm-free
     #                            kernel, instead of each program loading x through perm (scattered reads)
@@ -233,13 +233,14 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
         return out
     if cfg.mode == 5:
         from backends.gptq.triton_kernels import INTERPRETED, gptq_gemm_h2_kernel
-        if x2d.dtype != torch.float16 or not layer.interleaved or layer.bits != 4:
-            raise ValueError("the half2 tensor-core kernel (mode 5) takes fp16 rows and interleaved 4-bit words")
+        if x2d.dtype != torch.float16 or not layer.interleaved or kb < 2:
+            raise ValueError("the half2 tensor-core kernel (mode 5) takes fp16 rows and interleaved 2/3/4-bit "
+                             "words, at least 2 value blocks per column of a tile")
         gptq_gemm_h2_kernel[(n_tiles, split)](
             x2d, layer.qweight, layer.scales, layer.zeros, perm, out, bias if bias is not None else out, ws, tickets,
             M, layer.N, layer.K, layer.Kw, x2d.stride(0), out.stride(0), layer.group_size, per, split,
             KB=kb, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_PERM=has_perm,
-            SPLIT=split > 1, HAS_BIAS=bias is not None, USE_ASM=not INTERPRETED, EVEN=even,
+            SPLIT=split > 1, HAS_BIAS=bias is not None, USE_ASM=not INTERPRETED, EVEN=even, BITS=layer.bits,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return out
     if cfg.mode == 3:
@@ -391,8 +392,10 @@ class KernelRuntime:
             modes = (2, 0, 1) if dtype == torch.float16 else (0, 1)
             if half2 and layer.bits == 4:
                 # the half2 tensor-core kernel leads: 1.7-1.8x faster than mode 2 at M = 16 on an H200
-                # (bench/RESULTS.md); at 2 bits it lost to mode 0 there, and at M = 1 to mode 4
+                # (bench/RESULTS.md); at M = 1 it loses to mode 4
                 modes = (5, 2, 0, 1)
+            elif half2:  # its 2- and 3-bit forms (two and four tiles per block): the tuner decides
+                modes = (2, 0, 1, 5)
         if bucket == 1 and layer.bits == 3 and layer.interleaved:  # mode 2's M = 1 form reads checkpoint order
             modes = tuple(m for m in modes if m != 2)
         return modes
@@ -433,6 +436,8 @@ class KernelRuntime:
                 if bk not in bks:
                     bk = min(bks, key=lambda b: abs(b - bk))
                 if mode == 2 and bucket > 1 and bk // values_per_block(layer.bits) < 16:
+                    continue
+                if mode == 5 and bk // values_per_block(layer.bits) < 2:  # a dot needs 16 rows per tile
                     continue
                 for target, st in itertools.product(mode_targets, stages):
                     cfg = GemmConfig("fused", bucket, bn, bk, _split_for(layer, bn, bk, target), warps,

@@ -557,9 +557,8 @@ def _half2(v):
 def _dot_word4(w, x0, x1, x2, x3, z, USE_ASM: tl.constexpr):
     """sum_j x_j (q_j - z) over the 8 values of each interleaved 4-bit word w (fp32)."""
     if USE_ASM:
-        zf = z.to(tl.float32)
         zz = (z + 0x6400) * 0x10001                # 1024 + z, both halves
-        m16 = _half2(-(64.0 + zf))                 # -(1024/16 + z)
+        m16 = (0xD400 + 16 * z) * 0x10001          # -(1024/16 + z) (see _fixups_2bit)
         return tl.inline_asm_elementwise(
             "{\n"
             ".reg .b32 t, q0, q1, q2, q3, a, c;\n"
@@ -597,9 +596,18 @@ def _dot_word4(w, x0, x1, x2, x3, z, USE_ASM: tl.constexpr):
 @triton.jit
 def _fixups_2bit(z):
     """The fix-up operands of values at mantissa bits 0, 2, 4, 6 (2-bit fields, and 3-bit values whose
-    low two bits sit there): 1024 + z in both halves, and -(1024 / 2^b + z) for b = 2, 4, 6."""
-    zf = z.to(tl.float32)
-    return (z + 0x6400) * 0x10001, _half2(-(256.0 + zf)), _half2(-(64.0 + zf)), _half2(-(16.0 + zf))
+    low two bits sit there): 1024 + z in both halves, and -(1024 / 2^b + z) for b = 2, 4, 6. Built as
+    fp16 bit patterns with integer ops (no float conversions in the loop): the exponent of 1024 / 2^b
+    and z in units of its ulp, exact for z < 16 (integers_as_fp16 in the tests)."""
+    z = z.to(tl.uint32)
+    return ((z + 0x6400) * 0x10001, (0xDC00 + 4 * z) * 0x10001, (0xD400 + 16 * z) * 0x10001,
+            (0xCC00 + 64 * z) * 0x10001)
+
+
+@triton.jit
+def _minus_1024_minus(z):
+    """-(1024 + z) in both fp16 halves (z < 1024), the fix-up of a tensor-core pair at mantissa bit 0."""
+    return (0xE400 + z.to(tl.uint32)) * 0x10001
 
 
 @triton.jit
@@ -777,18 +785,133 @@ def _pair4_h(w, zz, z, P: tl.constexpr, USE_ASM: tl.constexpr):
 
 
 @triton.jit
+def _pair2_h(w, fix, zb, P: tl.constexpr, USE_ASM: tl.constexpr):
+    """Values 2P and 2P+1 of each half2-ordered 2-bit word minus the zero, as two fp16 tensors (exact
+    small integers). PTX: a `lop3` puts both fields (bits 2P of each half) into fp16 mantissas over the
+    exponent of 1024, so they read 1024 + q * 4^r (r = P % 4; P >= 4 shifts the word by a byte first);
+    one fma by 4^-r with `fix` = -(1024 / 4^r + z) leaves q - z."""
+    if USE_ASM:
+        return tl.inline_asm_elementwise(
+            "{\n.reg .b32 t, q, c;\n"
+            f"shr.u32 t, $2, {8 * (P // 4)};\n"
+            f"lop3.b32 q, t, {0x00030003 << (2 * (P % 4))}, 0x64006400, 0xea;\n"
+            f"mov.b32 c, {(0x3C00 - 0x800 * (P % 4)) * 0x10001};\n"
+            "fma.rn.f16x2 q, q, c, $3;\n"
+            "mov.b32 {$0, $1}, q;\n}",
+            "=h,=h,r,r", [w, fix], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
+    else:
+        lo = ((w >> (2 * P)) & 3).to(tl.int32) - zb
+        hi = ((w >> (16 + 2 * P)) & 3).to(tl.int32) - zb
+        return lo.to(tl.float16), hi.to(tl.float16)
+
+
+@triton.jit
+def _stack8(v0, v1, v2, v3, v4, v5, v6, v7):
+    """The [8 * KB, BLOCK_N] tile whose row 8 kb + j holds v_j[kb]: the tensors stacked by tl.join (value
+    j = i + 2c + 4d lands at join indices (i, c, d), innermost first), then moved in place. Triton maps
+    this onto the tensor cores' operand registers without a trip through shared memory (8 consecutive
+    k per thread, as one 4-bit word holds them)."""
+    t8 = tl.join(tl.join(tl.join(v0, v1), tl.join(v2, v3)), tl.join(tl.join(v4, v5), tl.join(v6, v7)))
+    return tl.reshape(tl.permute(t8, (0, 4, 3, 2, 1)), (v0.shape[0] * 8, v0.shape[1]))
+
+
+@triton.jit
 def _weight_tile4_h(w, z, USE_ASM: tl.constexpr):
     """The [8 * KB, BLOCK_N] fp16 tile (q - z), rows in natural order, of half2-ordered 4-bit words
-    w [KB, BLOCK_N]: the value pairs stacked by tl.join (value
-    j = i + 2c + 4d of a word lands at join indices (i, c, d), innermost first), then moved in place."""
+    w [KB, BLOCK_N]."""
     zz = tl.broadcast_to(((z + 0x6400) * 0x10001)[None, :], w.shape)
     zb = tl.broadcast_to(z.to(tl.int32)[None, :], w.shape)
     v0, v1 = _pair4_h(w, zz, zb, 0, USE_ASM)
     v2, v3 = _pair4_h(w, zz, zb, 1, USE_ASM)
     v4, v5 = _pair4_h(w, zz, zb, 2, USE_ASM)
     v6, v7 = _pair4_h(w, zz, zb, 3, USE_ASM)
-    t8 = tl.join(tl.join(tl.join(v0, v1), tl.join(v2, v3)), tl.join(tl.join(v4, v5), tl.join(v6, v7)))
-    return tl.reshape(tl.permute(t8, (0, 4, 3, 2, 1)), (w.shape[0] * 8, w.shape[1]))
+    return _stack8(v0, v1, v2, v3, v4, v5, v6, v7)
+
+
+@triton.jit
+def _weight_tiles2_h(w, z, USE_ASM: tl.constexpr):
+    """Two [8 * KB, BLOCK_N] fp16 tiles (q - z) of half2-ordered 2-bit words w [KB, BLOCK_N]: values
+    0-7 of each word (row 8 kb + j is value 16 kb + j of the tile) and values 8-15. Two tiles of eight
+    rather than one of sixteen: a 16-value stack went through shared memory (bench/RESULTS.md)."""
+    _, m4, m16, m64 = _fixups_2bit(z)
+    zz = tl.broadcast_to(_minus_1024_minus(z)[None, :], w.shape)
+    m4 = tl.broadcast_to(m4[None, :], w.shape)
+    m16 = tl.broadcast_to(m16[None, :], w.shape)
+    m64 = tl.broadcast_to(m64[None, :], w.shape)
+    zb = tl.broadcast_to(z.to(tl.int32)[None, :], w.shape)
+    v0, v1 = _pair2_h(w, zz, zb, 0, USE_ASM)
+    v2, v3 = _pair2_h(w, m4, zb, 1, USE_ASM)
+    v4, v5 = _pair2_h(w, m16, zb, 2, USE_ASM)
+    v6, v7 = _pair2_h(w, m64, zb, 3, USE_ASM)
+    a = _stack8(v0, v1, v2, v3, v4, v5, v6, v7)
+    v0, v1 = _pair2_h(w, zz, zb, 4, USE_ASM)
+    v2, v3 = _pair2_h(w, m4, zb, 5, USE_ASM)
+    v4, v5 = _pair2_h(w, m16, zb, 6, USE_ASM)
+    v6, v7 = _pair2_h(w, m64, zb, 7, USE_ASM)
+    return a, _stack8(v0, v1, v2, v3, v4, v5, v6, v7)
+
+
+@triton.jit
+def _pair3_h(lo, hi, fix, zb, R: tl.constexpr, USE_ASM: tl.constexpr):
+    """Values 2R and 2R+1 of a group of eight of a 3-bit block (planes order) minus the zero, as two
+    fp16 tensors: lo holds their low two bits at bit 2R of each half, hi their third bits at 2R + 2
+    (the block's third-bit word shifted per group, see kernel_runtime.hi_plane_bit). PTX: a `lop3` for
+    the low bits and the exponent of 1024, a `lop3` that ors in the third bit, an fma by 4^-R with
+    `fix` = -(1024 / 4^R + z)."""
+    if USE_ASM:
+        return tl.inline_asm_elementwise(
+            "{\n.reg .b32 q, c;\n"
+            f"lop3.b32 q, $2, {0x00030003 << (2 * R)}, 0x64006400, 0xea;\n"
+            f"lop3.b32 q, $3, {0x00040004 << (2 * R)}, q, 0xea;\n"
+            f"mov.b32 c, {(0x3C00 - 0x800 * R) * 0x10001};\n"
+            "fma.rn.f16x2 q, q, c, $4;\n"
+            "mov.b32 {$0, $1}, q;\n}",
+            "=h,=h,r,r,r", [lo, hi, fix], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
+    else:
+        v_lo = ((lo >> (2 * R)) & 3) | (((hi >> (2 * R + 2)) & 1) << 2)
+        v_hi = ((lo >> (16 + 2 * R)) & 3) | (((hi >> (18 + 2 * R)) & 1) << 2)
+        return (v_lo.to(tl.int32) - zb).to(tl.float16), (v_hi.to(tl.int32) - zb).to(tl.float16)
+
+
+@triton.jit
+def _group3_tile(lo, hi, zz, m4, m16, m64, zb, USE_ASM: tl.constexpr):
+    """The [8 * KB, BLOCK_N] tile of one group of eight values of 3-bit blocks (see _pair3_h)."""
+    v0, v1 = _pair3_h(lo, hi, zz, zb, 0, USE_ASM)
+    v2, v3 = _pair3_h(lo, hi, m4, zb, 1, USE_ASM)
+    v4, v5 = _pair3_h(lo, hi, m16, zb, 2, USE_ASM)
+    v6, v7 = _pair3_h(lo, hi, m64, zb, 3, USE_ASM)
+    return _stack8(v0, v1, v2, v3, v4, v5, v6, v7)
+
+
+@triton.jit
+def _weight_tiles3_h(w0, w1, w2, z, USE_ASM: tl.constexpr):
+    """Four [8 * KB, BLOCK_N] fp16 tiles (q - z) of 3-bit blocks in the planes order (w0, w1: low bits of
+    values 0-15 and 16-31 in the 2-bit pair order, w2: third bits): values 0-7, 8-15, 16-23 and 24-31
+    of every block."""
+    _, m4, m16, m64 = _fixups_2bit(z)
+    zz = tl.broadcast_to(_minus_1024_minus(z)[None, :], w0.shape)
+    m4 = tl.broadcast_to(m4[None, :], w0.shape)
+    m16 = tl.broadcast_to(m16[None, :], w0.shape)
+    m64 = tl.broadcast_to(m64[None, :], w0.shape)
+    zb = tl.broadcast_to(z.to(tl.int32)[None, :], w0.shape)
+    a = _group3_tile(w0, w2 << 2, zz, m4, m16, m64, zb, USE_ASM)
+    b = _group3_tile(w0 >> 8, w2 << 1, zz, m4, m16, m64, zb, USE_ASM)
+    c = _group3_tile(w1, w2 >> 6, zz, m4, m16, m64, zb, USE_ASM)
+    d = _group3_tile(w1 >> 8, w2 >> 7, zz, m4, m16, m64, zb, USE_ASM)
+    return a, b, c, d
+
+
+@triton.jit
+def _x_tile(x_rows, perm_ptr, offs_k, mask_m, K, EVEN: tl.constexpr, HAS_PERM: tl.constexpr):
+    """x[:, offs_k] (through perm with act-order) as [BLOCK_M, len(offs_k)], zero past K."""
+    if EVEN:
+        cols = tl.load(perm_ptr + offs_k) if HAS_PERM else offs_k
+        return tl.load(x_rows[:, None] + cols[None, :], mask=mask_m[:, None], other=0.0).to(tl.float16)
+    else:
+        mask_k = offs_k < K
+        cols = tl.load(perm_ptr + offs_k, mask=mask_k, other=0) if HAS_PERM else offs_k
+        return tl.load(x_rows[:, None] + cols[None, :], mask=mask_m[:, None] & mask_k[None, :],
+                       other=0.0).to(tl.float16)
 
 
 @triton.jit
@@ -796,46 +919,68 @@ def gptq_gemm_h2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, bias_ptr
                         M, N, K, Kw, stride_xm, stride_om, group_size, tiles_per_split, nsplit,
                         KB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         HAS_PERM: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        USE_ASM: tl.constexpr, EVEN: tl.constexpr = False):
-    """out[M, N] (+)= x[M, K] @ W for 2 <= M <= BLOCK_M (fp16) and 4-bit words in the half2 order:
-    per tile, a `lop3` and a `sub.f16x2` turn each value pair into fp16 (q - z) and one tl.dot runs
-    the tile on the tensor cores; the group's scale multiplies the tile's product (one group per
-    tile). Triton pipelines the tile loads through shared memory (cp.async, num_stages).
+                        USE_ASM: tl.constexpr, EVEN: tl.constexpr = False, BITS: tl.constexpr = 4):
+    """out[M, N] (+)= x[M, K] @ W for 2 <= M <= BLOCK_M (fp16) and 4-, 2- or 3-bit words in the half2
+    order, KB value blocks (a word; three words at 3 bits) per K tile: a `lop3` and an fp16x2 sub or fma
+    (plus a `lop3` for the third bit at 3 bits) turn each value pair into fp16 (q - z), stacked into
+    tiles of eight values per block that tl.dot runs on the tensor cores; the group's scale multiplies
+    the tile's product (one group per tile). Triton pipelines the tile loads through shared memory
+    (cp.async, num_stages). A block gives one such tile at 4 bits, two at 2 (values 0-7 and 8-15 of
+    each word) and four at 3, each with its own slice of x: a 16-value stack went through shared
+    memory instead of staying in registers (bench/RESULTS.md).
     Why: the unrolled kernel (mode 2) unpacks with ~5 instructions per weight; this one was 1.7-1.8x
-    faster at M = 16 on an H200 (bench/RESULTS.md). At 2 bits the same scheme lost to mode 0 there.
-    Computing W^T x^T instead (the unpacked pairs as the MMA's first operand: fewer instructions per
-    weight) ran 1.3-1.6x slower on an H100 (bench/RESULTS.md, 2026-12-02 18:38) and was removed."""
-    BLOCK_K: tl.constexpr = KB * 8
+    faster at M = 16 and 4 bits on an H200 (bench/RESULTS.md). Computing W^T x^T instead (the unpacked
+    pairs as the MMA's first operand) ran 1.3-1.6x slower on an H100 (2026-12-02 18:38), removed."""
+    VPB: tl.constexpr = 32 if BITS == 3 else 32 // BITS
+    WPB: tl.constexpr = 3 if BITS == 3 else 1
+    BLOCK_K: tl.constexpr = KB * VPB
     pid_n, pid_k, offs_n, mask_n, t0, t_end = _program_tiles(N, K, tiles_per_split, BLOCK_N, BLOCK_K)
     offs_m = tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    kb = t0 * KB + tl.arange(0, KB)
-    offs_k = t0 * BLOCK_K + tl.arange(0, BLOCK_K)
-    w_tile = qw_ptr + tl.arange(0, KB)[:, None] * N + offs_n[None, :]  # + a scalar per step: 16-byte loads
+    rows = (t0 * KB + tl.arange(0, KB)) * WPB  # the first word row of each block of the tile
+    # K of row i of a tile of eight values per block: 4 bits: i; else value i % 8 of block i // 8
+    if BITS == 4:
+        offs_k = t0 * BLOCK_K + tl.arange(0, BLOCK_K)
+    else:
+        offs_k = t0 * BLOCK_K + (tl.arange(0, KB * 8) // 8) * VPB + tl.arange(0, KB * 8) % 8
+    w_tile = qw_ptr + (tl.arange(0, KB) * WPB)[:, None] * N + offs_n[None, :]  # + a scalar per step
     x_rows = x_ptr + offs_m * stride_xm
     g, left, per_group = _first_group(t0, K, group_size, BLOCK_K)
     for t in range(t0, t_end):
+        w_at = w_tile + t * KB * WPB * N
         if EVEN:
-            w = tl.load(w_tile + t * KB * N)
-            cols = tl.load(perm_ptr + offs_k) if HAS_PERM else offs_k
+            w0 = tl.load(w_at).to(tl.uint32, bitcast=True)
+            if BITS == 3:
+                w1 = tl.load(w_at + N).to(tl.uint32, bitcast=True)
+                w2 = tl.load(w_at + 2 * N).to(tl.uint32, bitcast=True)
             s = tl.load(s_ptr + g * N + offs_n).to(tl.float32)
             z = tl.load(z_ptr + g * N + offs_n).to(tl.uint32)
         else:
-            w = tl.load(w_tile + t * KB * N, mask=(kb[:, None] < Kw) & mask_n[None, :], other=0)
-            cols = tl.load(perm_ptr + offs_k, mask=offs_k < K, other=0) if HAS_PERM else offs_k
+            wmask = (rows[:, None] < Kw) & mask_n[None, :]
+            w0 = tl.load(w_at, mask=wmask, other=0).to(tl.uint32, bitcast=True)
+            if BITS == 3:
+                w1 = tl.load(w_at + N, mask=wmask, other=0).to(tl.uint32, bitcast=True)
+                w2 = tl.load(w_at + 2 * N, mask=wmask, other=0).to(tl.uint32, bitcast=True)
             s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32)
             z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.uint32)
-        w = w.to(tl.uint32, bitcast=True)
         g, left = _next_group(g, left, per_group)
-        tile = _weight_tile4_h(w, z, USE_ASM)
-        if EVEN:
-            x = tl.load(x_rows[:, None] + cols[None, :], mask=mask_m[:, None], other=0.0)
+        x = _x_tile(x_rows, perm_ptr, offs_k, mask_m, K, EVEN, HAS_PERM)
+        if BITS == 4:
+            part = tl.dot(x, _weight_tile4_h(w0, z, USE_ASM), out_dtype=tl.float32)
+        elif BITS == 2:
+            tile_a, tile_b = _weight_tiles2_h(w0, z, USE_ASM)
+            part = tl.dot(x, tile_a, out_dtype=tl.float32)
+            part = tl.dot(_x_tile(x_rows, perm_ptr, offs_k + 8, mask_m, K, EVEN, HAS_PERM), tile_b, part)
         else:
-            x = tl.load(x_rows[:, None] + cols[None, :], mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
-        kb += KB
+            tile_a, tile_b, tile_c, tile_d = _weight_tiles3_h(w0, w1, w2, z, USE_ASM)
+            part = tl.dot(x, tile_a, out_dtype=tl.float32)
+            part = tl.dot(_x_tile(x_rows, perm_ptr, offs_k + 8, mask_m, K, EVEN, HAS_PERM), tile_b, part)
+            part = tl.dot(_x_tile(x_rows, perm_ptr, offs_k + 16, mask_m, K, EVEN, HAS_PERM), tile_c, part)
+            part = tl.dot(_x_tile(x_rows, perm_ptr, offs_k + 24, mask_m, K, EVEN, HAS_PERM), tile_d, part)
+        rows += KB * WPB
         offs_k += BLOCK_K
-        acc += tl.dot(x.to(tl.float16), tile, out_dtype=tl.float32) * s[None, :]
+        acc += part * s[None, :]
     _finish(acc, out_ptr, bias_ptr, ws_ptr, ticket_ptr, offs_m, offs_n, mask_m, mask_n, M, N, stride_om,
             pid_n, pid_k, nsplit, SPLIT, HAS_BIAS)
 

@@ -32,15 +32,15 @@ def kr():
         os.environ["TRITON_INTERPRET"] = old
 
 
-def _layer(bits, gs, act, seed, checkpoint_format="gptq_v2"):
+def _layer(bits, gs, act, seed, checkpoint_format="gptq_v2", rows=K):
     gen = torch.Generator().manual_seed(seed)
-    G = fmt.num_groups(K, gs)
-    codes = torch.randint(0, 2**bits, (K, N), generator=gen, dtype=torch.int32)
+    G = fmt.num_groups(rows, gs)
+    codes = torch.randint(0, 2**bits, (rows, N), generator=gen, dtype=torch.int32)
     zeros = torch.randint(1, 2**bits, (G, N), generator=gen, dtype=torch.int32)
     scales = (torch.rand(G, N, generator=gen) * 0.05 + 0.005).half()
-    g_idx = fmt.default_g_idx(K, gs)
+    g_idx = fmt.default_g_idx(rows, gs)
     if act:
-        g_idx = g_idx[torch.randperm(K, generator=gen)]
+        g_idx = g_idx[torch.randperm(rows, generator=gen)]
     qw, qz = fmt.pack_qweight(codes, bits), fmt.pack_qzeros(zeros, bits, checkpoint_format)
     ref_w = fmt.dequantize(qw, qz, scales, g_idx, bits, checkpoint_format, dtype=torch.float64)
     return (qw, qz, scales, g_idx), ref_w
@@ -75,10 +75,12 @@ def test_fused_kernel_matches_float64_reference(kr, bits, gs, act):
             # here in their portable form (the interpreter cannot run their PTX)
             assert layer.interleaved == (bits in (2, 3, 4))
             assert (4 in modes) == (M == 1 and dtype == torch.float16 and bits in (2, 3, 4)), modes
-            # and, for M > 1, the half2 tensor-core kernel (mode 5, first) for 4 bits
-            assert (5 in modes) == (M > 1 and dtype == torch.float16 and bits == 4), modes
+            # and, for M > 1, the half2 tensor-core kernel (mode 5, first at 4 bits) for 2, 3 and 4 bits
+            # (at 3 bits a tile needs two 32-value blocks: not with groups of 32)
+            assert (5 in modes) == (M > 1 and dtype == torch.float16 and bits in (2, 3, 4)
+                                    and not (bits == 3 and gs == 32)), modes
             assert 6 not in modes  # removed: it lost to mode 5 on an H100
-            assert 5 not in modes or fused[0].mode == 5, fused[0]
+            assert 5 not in modes or bits != 4 or fused[0].mode == 5, fused[0]
             pick = min if dtype == torch.float16 else max
             # act-order layers also run with the activations gathered once before a perm-free kernel,
             # and (half2 decoding) with each program staging its slice of them at its start
@@ -129,22 +131,27 @@ def test_half2_kernels_with_splits(kr, bits, gs, act):
 
 
 @pytest.mark.parametrize("act", [False, True], ids=["plain", "actorder"])
-def test_tensor_core_kernel_whole_and_partial_tiles(kr, act):
+@pytest.mark.parametrize("bits", [4, 2, 3])
+def test_tensor_core_kernel_whole_and_partial_tiles(kr, act, bits):
     """The half2 tensor-core kernel (mode 5) at 3 and 16 rows, over 1, 2 and 5 splits, with whole tiles
-    (no bounds masks) and with a partial column tile or a short last K tile (masks)."""
+    (no bounds masks) and with a partial column tile or a short last K tile (masks); 4 bits (one tile
+    of eight values per word), 2 bits (two: values 0-7 and 8-15 of each word) and 3 bits (four per
+    32-value block of three words; two blocks per tile at least, so K = 128 with groups of 64)."""
     from backends.gptq.quant_linear import make_kernel_layer
-    packed, ref_w = _layer(4, 32, act, seed=60 + act)
-    layer = make_kernel_layer(*packed, 4, 32, "gptq_v2", "cpu")
-    configs = [kr.GemmConfig("fused", 16, bn, 32, split, 4, mode=5) for split in (1, 2, 5) for bn in (32, 128)]
-    short_k = make_kernel_layer(*_layer(4, -1, False, seed=62)[0], 4, -1, "gptq_v2", "cpu")
+    gs, bk, rows = (64, 64, 128) if bits == 3 else (32, 32, K)
+    packed, ref_w = _layer(bits, gs, act, seed=60 + act + bits, rows=rows)
+    layer = make_kernel_layer(*packed, bits, gs, "gptq_v2", "cpu")
+    configs = [kr.GemmConfig("fused", 16, bn, bk, split, 4, mode=5) for split in (1, 2, 5) for bn in (32, 128)]
+    short_packed, short_ref = _layer(bits, -1, False, seed=62 + bits)
+    short_k = make_kernel_layer(*short_packed, bits, -1, "gptq_v2", "cpu")
     assert kr.whole_tiles(layer, configs[0]) and not kr.whole_tiles(layer, configs[1])
     assert not kr.whole_tiles(short_k, kr.GemmConfig("fused", 16, 32, 64, 2, 4, mode=5))  # 160 = 2.5 x 64
     cases = [(layer, ref_w, c) for c in configs]
-    cases.append((short_k, _layer(4, -1, False, seed=62)[1], kr.GemmConfig("fused", 16, 32, 64, 2, 4, mode=5)))
+    cases.append((short_k, short_ref, kr.GemmConfig("fused", 16, 32, 64, 2, 4, mode=5)))
     gen = torch.Generator().manual_seed(61)
     for lay, ref_weights, cfg in cases:
         for M in (3, 16):
-            x = torch.randn(M, K, generator=gen).half()
+            x = torch.randn(M, lay.K, generator=gen).half()
             y = kr.launch_fused(x, lay, cfg, out=torch.full((M, N), float("nan"), dtype=torch.float16))
             assert not torch.isnan(y).any(), cfg
             assert _rel(y, x.double() @ ref_weights) < 1e-2, (M, cfg)

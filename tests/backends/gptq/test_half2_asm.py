@@ -34,9 +34,10 @@ def pack_f16(lo, hi) -> int:
     return int(a[0]) | (int(a[1]) << 16)
 
 
-def run_ptx(asm: str, args: list[int]) -> float:
-    """Execute the straight-line PTX `asm` with $1.. = args (32-bit words); return $0 as float32."""
-    regs: dict[str, object] = {f"${i + 1}": a & 0xFFFFFFFF for i, a in enumerate(args)}
+def run_ptx(asm: str, args: list[int], outputs: int = 1):
+    """Execute the straight-line PTX `asm` with $1.. = args (32-bit words) after `outputs` output
+    operands; return $0 as float32 (or the outputs' values when there are several)."""
+    regs: dict[str, object] = {f"${i + outputs}": a & 0xFFFFFFFF for i, a in enumerate(args)}
 
     def val(tok: str):
         tok = tok.strip()
@@ -50,7 +51,7 @@ def run_ptx(asm: str, args: list[int]) -> float:
             continue
         op, _, rest = line.partition(" ")
         if op == "mov.b32" and rest.lstrip().startswith("{"):
-            dst, src = re.match(r"\{\s*(\w+),\s*(\w+)\s*\},\s*(\S+)", rest.strip()).group(1, 2), rest.split(",")[-1]
+            dst, src = re.match(r"\{\s*([\w$]+),\s*([\w$]+)\s*\},\s*(\S+)", rest.strip()).group(1, 2), rest.split(",")[-1]
             word = val(src)
             regs[dst[0]], regs[dst[1]] = f16_pair(word)
             continue
@@ -83,6 +84,8 @@ def run_ptx(asm: str, args: list[int]) -> float:
             regs[d] = np.float32(np.float32(val(ops[1])) + np.float32(val(ops[2])))
         else:
             raise AssertionError(f"instruction the test interpreter does not know: {line}")
+    if outputs > 1:
+        return [float(regs[f"${i}"]) for i in range(outputs)]
     return float(regs["$0"])
 
 
@@ -142,6 +145,69 @@ def test_asm_computes_the_dot_product_of_one_3bit_block():
 
     worst = worst_relative_error(asm, 3, 32, planes, seed=3)
     assert worst < 4e-3, worst
+
+
+def asm_for_pair(function: str, P: int) -> str:
+    """The asm text of the tensor-core kernel's pair unpacker `function` for pair P: its f-strings
+    evaluated as Triton does when P is a constexpr."""
+    tree = ast.parse(SOURCE.read_text())
+    fn = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == function)
+    call = next(n for n in ast.walk(fn) if isinstance(n, ast.Call) and getattr(n.func, "attr", "") == "inline_asm_elementwise")
+    return eval(compile(ast.Expression(call.args[0]), str(SOURCE), "eval"), {"P": P, "R": P})
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_pair_unpackers_give_exact_codes_minus_zero(bits):
+    """_pair4_h / _pair2_h (the 16-row tensor-core kernel's unpacking): for every pair of a word, every
+    zero and random codes, the two fp16 outputs are exactly q - z (a wrong mask, shift or fix-up constant
+    gives another integer)."""
+    function, pairs = ("_pair4_h", 4) if bits == 4 else ("_pair2_h", 8)
+    rng = np.random.default_rng(bits)
+    for P in range(pairs):
+        asm = asm_for_pair(function, P)
+        for _ in range(60):
+            q = [int(v) for v in rng.integers(0, 2 ** bits, 32 // bits)]
+            z = int(rng.integers(0, 2 ** bits))
+            r = P % 4
+            fix = (z + 0x6400) * 0x10001 if bits == 4 else half2_of(-(1024 / 4 ** r + z))
+            lo, hi = run_ptx(asm, [interleaved_word(q, bits), fix], outputs=2)
+            assert (lo, hi) == (q[2 * P] - z, q[2 * P + 1] - z), (P, q, z)
+
+
+def test_3bit_pair_unpacker_gives_exact_codes_minus_zero():
+    """_pair3_h: each of the four groups of eight values of a 3-bit block (planes order), fed as the
+    kernel feeds it (the low-bit word, shifted by a byte for the second group of a word, and the
+    third-bit word shifted per group), gives exactly q - z for both values of every pair."""
+    from backends.gptq.kernel_runtime import hi_plane_bit
+    rng = np.random.default_rng(3)
+    mask = 0xFFFFFFFF
+    for _ in range(40):
+        q = [int(v) for v in rng.integers(0, 8, 32)]
+        z = int(rng.integers(0, 8))
+        w0 = interleaved_word([v & 3 for v in q[:16]], 2)
+        w1 = interleaved_word([v & 3 for v in q[16:]], 2)
+        h = sum((v >> 2) << hi_plane_bit(j) for j, v in enumerate(q))
+        groups = [(w0, (h << 2) & mask), (w0 >> 8, (h << 1) & mask), (w1, h >> 6), (w1 >> 8, h >> 7)]
+        for group, (lo, hi) in enumerate(groups):
+            for R in range(4):
+                got = run_ptx(asm_for_pair("_pair3_h", R), [lo, hi, half2_of(-(1024 / 4 ** R + z))], outputs=2)
+                j = 8 * group + 2 * R
+                assert got == [q[j] - z, q[j + 1] - z], (group, R, q, z)
+
+
+def test_fix_up_bit_patterns_match_fp16():
+    """_fixups_2bit and _minus_1024_minus build -(1024 / 4^r + z) as integer bit patterns: equal to the
+    fp16 value for every zero a 2/3/4-bit checkpoint can hold (0..15)."""
+    for z in range(16):
+        assert (z + 0x6400) * 0x10001 == half2_of(1024 + z)
+        assert (0xE400 + z) * 0x10001 == half2_of(-(1024 + z))
+        assert (0xDC00 + 4 * z) * 0x10001 == half2_of(-(256 + z))
+        assert (0xD400 + 16 * z) * 0x10001 == half2_of(-(64 + z))
+        assert (0xCC00 + 64 * z) * 0x10001 == half2_of(-(16 + z))
+    source = SOURCE.read_text()  # the kernels build exactly these
+    for text in ("(z + 0x6400) * 0x10001", "(0xDC00 + 4 * z) * 0x10001", "(0xD400 + 16 * z) * 0x10001",
+                 "(0xCC00 + 64 * z) * 0x10001", "(0xE400 + z.to(tl.uint32)) * 0x10001"):
+        assert text in source, text
 
 
 def test_fix_ups_are_exact_integers():
