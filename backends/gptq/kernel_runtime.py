@@ -390,12 +390,11 @@ class KernelRuntime:
             modes = (3, 4, 0, 2) if half2 else (3, 0, 2)
         else:
             modes = (2, 0, 1) if dtype == torch.float16 else (0, 1)
-            if half2 and layer.bits == 4:
-                # the half2 tensor-core kernel leads: 1.7-1.8x faster than mode 2 at M = 16 on an H200
-                # (bench/RESULTS.md); at M = 1 it loses to mode 4
+            if half2:
+                # the half2 tensor-core kernel leads: at M = 16 on an H200 1.7-1.8x faster than mode 2
+                # at 4 bits, 1.8-2.3x faster than mode 0 at 2 and 3 bits (bench/RESULTS.md); at M = 1
+                # it loses to mode 4
                 modes = (5, 2, 0, 1)
-            elif half2:  # its 2- and 3-bit forms (two and four tiles per block): the tuner decides
-                modes = (2, 0, 1, 5)
         if bucket == 1 and layer.bits == 3 and layer.interleaved:  # mode 2's M = 1 form reads checkpoint order
             modes = tuple(m for m in modes if m != 2)
         return modes
