@@ -104,14 +104,18 @@ def main(argv=None) -> int:
         cases.append((f"{bits}-bit mode 0 (3-D unpack)", tk.gptq_gemm_kernel, dict(gemm, MODE=0), kb * vpb))
         cases.append((f"{bits}-bit mode 2 (unrolled slots)", tk.gptq_gemm_kernel, dict(gemm, MODE=2), kb * vpb))
         if bits != 8:
-            cases.append((f"{bits}-bit mode 4 (half2{', planes' if bits == 3 else ''})", tk.gptq_gemv_h2_kernel,
-                          dict(common, BITS=bits, USE_ASM=True), kb * vpb))
-    # 16 rows (M = 16): the unrolled kernel on tensor cores against the half2 tensor-core kernel (4-bit)
+            for even in (False, True):
+                cases.append((f"{bits}-bit mode 4 (half2{', planes' if bits == 3 else ''}"
+                              f"{', whole tiles' if even else ''})", tk.gptq_gemv_h2_kernel,
+                              dict(common, BITS=bits, USE_ASM=True, EVEN=even), kb * vpb))
+    # 16 rows (M = 16): the unrolled kernel on tensor cores against the half2 tensor-core kernel
     m16 = dict(KB=16, BLOCK_N=args.block_n, HAS_PERM=False, SPLIT=True, HAS_BIAS=False, BLOCK_M=16)
     cases.append(("4-bit mode 2, 16 rows (unrolled slots, tensor cores)", tk.gptq_gemm_kernel,
                   dict(m16, BITS=4, VPB=8, INTERLEAVED=True, MODE=2), 128))
-    cases.append(("4-bit mode 5, 16 rows (half2 unpack, tensor cores)", tk.gptq_gemm_h2_kernel,
-                  dict(m16, USE_ASM=True), 128))
+    for bits, kb in ((4, 16), (2, 8), (3, 4)):
+        for even in (False, True):
+            cases.append((f"{bits}-bit mode 5, 16 rows (half2 unpack, tensor cores{', whole tiles' if even else ''})",
+                          tk.gptq_gemm_h2_kernel, dict(m16, KB=kb, BITS=bits, USE_ASM=True, EVEN=even), 128))
     print("| kernel | weights per thread per tile | loop instructions per thread | per weight | top opcodes |")
     print("| --- | --- | --- | --- | --- |")
     for title, kernel, const, block_k in cases:
