@@ -239,6 +239,26 @@ def test_runtime_can_be_limited_to_some_kernel_modes():
     assert [c.path for c in KernelRuntime(modes=(1,)).candidates(1, layer)] == ["dequant"]
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_tuner_keeps_one_fallback_per_mode_beside_the_tensor_core_kernel(bits):
+    """From 2 to 64 rows the tensor-core kernel (mode 5) leads with its grid of launch parameters; the
+    other modes keep one config each (a fallback), and one row keeps every mode's grid."""
+    from backends.gptq.kernel_runtime import KernelRuntime
+    from backends.gptq.quant_linear import make_kernel_layer
+    K, N = 512, 256
+    codes = torch.randint(0, 2**bits, (K, N), generator=torch.Generator().manual_seed(bits), dtype=torch.int32)
+    zeros = torch.full((K // 128, N), 1, dtype=torch.int32)
+    layer = make_kernel_layer(fmt.pack_qweight(codes, bits), fmt.pack_qzeros(zeros, bits, "gptq"),
+                              torch.full((K // 128, N), 0.01, dtype=torch.float16), None, bits, 128, "gptq", "cpu")
+    for M in (16, 64):
+        fused = [c for c in KernelRuntime().candidates(M, layer) if c.path == "fused"]
+        per_mode = {m: sum(c.mode == m for c in fused) for m in {c.mode for c in fused}}
+        assert fused[0].mode == 5 and per_mode[5] > 4, per_mode
+        assert len(per_mode) > 1 and all(n == 1 for m, n in per_mode.items() if m != 5), per_mode
+    one_row = [c for c in KernelRuntime().candidates(1, layer) if c.path == "fused"]
+    assert sum(c.mode == 4 for c in one_row) > 4 and sum(c.mode == 0 for c in one_row) > 1
+
+
 def test_tuner_copies_enough_weights_to_time_them_cold():
     """The tuner times over copies that together exceed twice the L2 (a decoding step reads weights
     from memory, not cache), within a quarter of free memory; none off CUDA."""
