@@ -105,7 +105,8 @@ def main(argv=None) -> int:
         x = torch.randn(args.m, K, device="cuda", dtype=torch.float16)
         copies = cold_copies(layer, "cuda")
         calls = max(10, 2 * len(copies))
-        dense = [torch.randn(K, N, device="cuda", dtype=torch.float16) for _ in range(max(2, math.ceil(200e6 / (K * N * 2))))]
+        dense_copies = max(2, math.ceil(200e6 / (K * N * 2)))  # more than the L2 holds, as for the weights
+        dense = [torch.randn(K, N, device="cuda", dtype=torch.float16) for _ in range(dense_copies)]
         fp16_us = graph_time_ms(lambda i: x @ dense[i % len(dense)], calls=max(calls, len(dense))) * 1e3
         floor_us = read_floor_ms(layer.nbytes()) * 1e3
         cands = [c for c in runtime.candidates(args.m, layer, x.device, x.dtype) if c.path == "fused" and c.mode == 5]

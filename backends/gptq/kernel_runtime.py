@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 
 FUSED_MAX_M = 64
 TUNER_VERSION = 7  # 2: cold weight copies; 3: more half2 GEMV tiles; 4: modes 5, 6; 5: stage_x; 6: mode 6 gone;
-#                     7: half2 kernels without bounds masks on whole tiles and without a division per tile
+#                     7: half2 kernels without bounds masks on whole tiles and without a division per tile,
+#                        the tensor-core kernel at 2 and 3 bits
 VERIFY_TOLERANCE = 1e-2  # relative error of a kernel's output against its torch reference (fp16: ~1e-3)
 
 

@@ -598,14 +598,14 @@ def _fixups_2bit(z):
     """The fix-up operands of values at mantissa bits 0, 2, 4, 6 (2-bit fields, and 3-bit values whose
     low two bits sit there): 1024 + z in both halves, and -(1024 / 2^b + z) for b = 2, 4, 6. Built as
     fp16 bit patterns with integer ops (no float conversions in the loop): the exponent of 1024 / 2^b
-    and z in units of its ulp, exact for z < 16 (integers_as_fp16 in the tests)."""
+    and z in units of its ulp, exact for z < 16 (test_fix_up_bit_patterns_match_fp16)."""
     z = z.to(tl.uint32)
     return ((z + 0x6400) * 0x10001, (0xDC00 + 4 * z) * 0x10001, (0xD400 + 16 * z) * 0x10001,
             (0xCC00 + 64 * z) * 0x10001)
 
 
 @triton.jit
-def _minus_1024_minus(z):
+def _negative_1024_plus_z(z):
     """-(1024 + z) in both fp16 halves (z < 1024), the fix-up of a tensor-core pair at mantissa bit 0."""
     return (0xE400 + z.to(tl.uint32)) * 0x10001
 
@@ -834,7 +834,7 @@ def _weight_tiles2_h(w, z, USE_ASM: tl.constexpr):
     0-7 of each word (row 8 kb + j is value 16 kb + j of the tile) and values 8-15. Two tiles of eight
     rather than one of sixteen: a 16-value stack went through shared memory (bench/RESULTS.md)."""
     _, m4, m16, m64 = _fixups_2bit(z)
-    zz = tl.broadcast_to(_minus_1024_minus(z)[None, :], w.shape)
+    zz = tl.broadcast_to(_negative_1024_plus_z(z)[None, :], w.shape)
     m4 = tl.broadcast_to(m4[None, :], w.shape)
     m16 = tl.broadcast_to(m16[None, :], w.shape)
     m64 = tl.broadcast_to(m64[None, :], w.shape)
@@ -889,7 +889,7 @@ def _weight_tiles3_h(w0, w1, w2, z, USE_ASM: tl.constexpr):
     values 0-15 and 16-31 in the 2-bit pair order, w2: third bits): values 0-7, 8-15, 16-23 and 24-31
     of every block."""
     _, m4, m16, m64 = _fixups_2bit(z)
-    zz = tl.broadcast_to(_minus_1024_minus(z)[None, :], w0.shape)
+    zz = tl.broadcast_to(_negative_1024_plus_z(z)[None, :], w0.shape)
     m4 = tl.broadcast_to(m4[None, :], w0.shape)
     m16 = tl.broadcast_to(m16[None, :], w0.shape)
     m64 = tl.broadcast_to(m64[None, :], w0.shape)

@@ -16,11 +16,17 @@ import pytest
 SOURCE = Path(__file__).resolve().parents[3] / "backends" / "gptq" / "triton_kernels.py"
 
 
-def asm_of(function: str) -> tuple[str, str]:
-    """(asm text, constraints) of the inline_asm_elementwise call inside `function`."""
+def _asm_call(function: str) -> ast.Call:
+    """The inline_asm_elementwise call inside `function` of triton_kernels.py."""
     tree = ast.parse(SOURCE.read_text())
     fn = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == function)
-    call = next(n for n in ast.walk(fn) if isinstance(n, ast.Call) and getattr(n.func, "attr", "") == "inline_asm_elementwise")
+    return next(n for n in ast.walk(fn)
+                if isinstance(n, ast.Call) and getattr(n.func, "attr", "") == "inline_asm_elementwise")
+
+
+def asm_of(function: str) -> tuple[str, str]:
+    """(asm text, constraints) of the inline_asm_elementwise call inside `function`."""
+    call = _asm_call(function)
     return call.args[0].value, call.args[1].value
 
 
@@ -150,10 +156,8 @@ def test_asm_computes_the_dot_product_of_one_3bit_block():
 def asm_for_pair(function: str, P: int) -> str:
     """The asm text of the tensor-core kernel's pair unpacker `function` for pair P: its f-strings
     evaluated as Triton does when P is a constexpr."""
-    tree = ast.parse(SOURCE.read_text())
-    fn = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == function)
-    call = next(n for n in ast.walk(fn) if isinstance(n, ast.Call) and getattr(n.func, "attr", "") == "inline_asm_elementwise")
-    return eval(compile(ast.Expression(call.args[0]), str(SOURCE), "eval"), {"P": P, "R": P})
+    text = ast.Expression(_asm_call(function).args[0])
+    return eval(compile(text, str(SOURCE), "eval"), {"P": P, "R": P})
 
 
 @pytest.mark.parametrize("bits", [4, 2])
@@ -196,7 +200,7 @@ def test_3bit_pair_unpacker_gives_exact_codes_minus_zero():
 
 
 def test_fix_up_bit_patterns_match_fp16():
-    """_fixups_2bit and _minus_1024_minus build -(1024 / 4^r + z) as integer bit patterns: equal to the
+    """_fixups_2bit and _negative_1024_plus_z build -(1024 / 4^r + z) as integer bit patterns: equal to the
     fp16 value for every zero a 2/3/4-bit checkpoint can hold (0..15)."""
     for z in range(16):
         assert (z + 0x6400) * 0x10001 == half2_of(1024 + z)
