@@ -448,7 +448,12 @@ class KernelRuntime:
             # the tensor-core kernel won every 2-64-row case measured, by 1.7-2.3x (H100, H200:
             # bench/RESULTS.md): the other modes stay as one fallback config each (a GPU or compiler
             # that rejects mode 5 still gets a kernel) instead of grids that only cost tuning time
-            out = [c for i, c in enumerate(out) if c.mode == 5 or all(o.mode != c.mode for o in out[:i])]
+            kept, fallbacks = [], set()
+            for c in out:
+                if c.mode == 5 or c.mode not in fallbacks:
+                    kept.append(c)
+                    fallbacks.add(c.mode)
+            out = kept
         if layer.perm is not None:
             # act-order: also try gathering x once. For M > 1 the per-program scattered loads of x cost
             # far more than one gather launch, so the gathered configs lead; at M = 1 the tuner decides,

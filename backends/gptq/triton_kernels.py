@@ -370,30 +370,34 @@ def _load_words(qw_ptr, N, kb0, offs_n, mask_n, row_end, BITS: tl.constexpr, KB:
     """The words of value blocks kb0 .. kb0+KB-1 as uint32 [KB, BLOCK_N] tiles (three for 3 bits),
     zero past row_end (the end of this program's split, so prefetching never reads the next split).
     EVEN: every row and column is inside the matrix (the caller guarantees it): no masks."""
-    offs_kb = kb0 + tl.arange(0, KB)
+    WPB: tl.constexpr = 3 if BITS == 3 else 1
+    # a loop-invariant tile of offsets plus one scalar per step: fewer address instructions in the loop
+    p = (qw_ptr + (tl.arange(0, KB) * WPB)[:, None] * N + offs_n[None, :]) + kb0 * WPB * N
     if EVEN:
-        WPB: tl.constexpr = 3 if BITS == 3 else 1
-        p = qw_ptr + (offs_kb * WPB)[:, None] * N + offs_n[None, :]
         w0 = tl.load(p).to(tl.uint32, bitcast=True)
         if BITS == 3:
             w1 = tl.load(p + N).to(tl.uint32, bitcast=True)
             w2 = tl.load(p + 2 * N).to(tl.uint32, bitcast=True)
-        else:
-            w1 = w0
-            w2 = w0
-    elif BITS == 3:
-        row = offs_kb * 3
-        m = (row[:, None] < row_end) & mask_n[None, :]
-        p = qw_ptr + row[:, None] * N + offs_n[None, :]
-        w0 = tl.load(p, mask=m, other=0).to(tl.uint32, bitcast=True)
-        w1 = tl.load(p + N, mask=m, other=0).to(tl.uint32, bitcast=True)
-        w2 = tl.load(p + 2 * N, mask=m, other=0).to(tl.uint32, bitcast=True)
     else:
-        m = (offs_kb[:, None] < row_end) & mask_n[None, :]
-        w0 = tl.load(qw_ptr + offs_kb[:, None] * N + offs_n[None, :], mask=m, other=0).to(tl.uint32, bitcast=True)
+        m = (((kb0 + tl.arange(0, KB)) * WPB)[:, None] < row_end) & mask_n[None, :]
+        w0 = tl.load(p, mask=m, other=0).to(tl.uint32, bitcast=True)
+        if BITS == 3:
+            w1 = tl.load(p + N, mask=m, other=0).to(tl.uint32, bitcast=True)
+            w2 = tl.load(p + 2 * N, mask=m, other=0).to(tl.uint32, bitcast=True)
+    if BITS != 3:  # unused at 2 and 4 bits: the compiler drops them
         w1 = w0
         w2 = w0
     return w0, w1, w2
+
+
+@triton.jit
+def _scale_zero(s_ptr, z_ptr, g, N, offs_n, mask_n, EVEN: tl.constexpr):
+    """Group g's scales (fp32) and zeros (uint32) of the tile's columns; unmasked on whole tiles."""
+    if EVEN:
+        return tl.load(s_ptr + g * N + offs_n).to(tl.float32), tl.load(z_ptr + g * N + offs_n).to(tl.uint32)
+    else:
+        s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32)
+        return s, tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.uint32)
 
 
 @triton.jit
@@ -723,13 +727,11 @@ def gptq_gemv_h2_kernel(x_ptr, xp_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, 
             mask_r = tl.full([KB], True, tl.int1)  # folded away by the compiler
             n0, n1, n2 = _load_words(qw_ptr, N, tl.minimum(t + 1, t_end - 1) * KB, offs_n, mask_n, row_end,
                                      BITS, KB, EVEN)
-            s = tl.load(s_ptr + g * N + offs_n).to(tl.float32)
-            z = tl.load(z_ptr + g * N + offs_n).to(tl.uint32)[None, :]
         else:
             mask_r = blocks * WPB < row_end
             n0, n1, n2 = _load_words(qw_ptr, N, (t + 1) * KB, offs_n, mask_n, row_end, BITS, KB)
-            s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32)
-            z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.uint32)[None, :]
+        s, z = _scale_zero(s_ptr, z_ptr, g, N, offs_n, mask_n, EVEN)
+        z = z[None, :]
         g, left = _next_group(g, left, per_group)
         x0 = _x_pair(xp_ptr, x_ptr, perm_ptr, blocks, mask_r, 0, PPB, HAS_PERM)
         x1 = _x_pair(xp_ptr, x_ptr, perm_ptr, blocks, mask_r, 1, PPB, HAS_PERM)
@@ -829,16 +831,21 @@ def _weight_tile4_h(w, z, USE_ASM: tl.constexpr):
 
 
 @triton.jit
+def _tile_fixups(z, shape):
+    """The fix-up operands of the 2/3-bit tensor-core tiles, broadcast to the word tile's shape:
+    -(1024 / 4^r + z) for r = 0..3 (see _fixups_2bit), and z itself for the portable form."""
+    _, m4, m16, m64 = _fixups_2bit(z)
+    return (tl.broadcast_to(_negative_1024_plus_z(z)[None, :], shape), tl.broadcast_to(m4[None, :], shape),
+            tl.broadcast_to(m16[None, :], shape), tl.broadcast_to(m64[None, :], shape),
+            tl.broadcast_to(z.to(tl.int32)[None, :], shape))
+
+
+@triton.jit
 def _weight_tiles2_h(w, z, USE_ASM: tl.constexpr):
     """Two [8 * KB, BLOCK_N] fp16 tiles (q - z) of half2-ordered 2-bit words w [KB, BLOCK_N]: values
     0-7 of each word (row 8 kb + j is value 16 kb + j of the tile) and values 8-15. Two tiles of eight
     rather than one of sixteen: a 16-value stack went through shared memory (bench/RESULTS.md)."""
-    _, m4, m16, m64 = _fixups_2bit(z)
-    zz = tl.broadcast_to(_negative_1024_plus_z(z)[None, :], w.shape)
-    m4 = tl.broadcast_to(m4[None, :], w.shape)
-    m16 = tl.broadcast_to(m16[None, :], w.shape)
-    m64 = tl.broadcast_to(m64[None, :], w.shape)
-    zb = tl.broadcast_to(z.to(tl.int32)[None, :], w.shape)
+    zz, m4, m16, m64, zb = _tile_fixups(z, w.shape)
     v0, v1 = _pair2_h(w, zz, zb, 0, USE_ASM)
     v2, v3 = _pair2_h(w, m4, zb, 1, USE_ASM)
     v4, v5 = _pair2_h(w, m16, zb, 2, USE_ASM)
@@ -888,12 +895,7 @@ def _weight_tiles3_h(w0, w1, w2, z, USE_ASM: tl.constexpr):
     """Four [8 * KB, BLOCK_N] fp16 tiles (q - z) of 3-bit blocks in the planes order (w0, w1: low bits of
     values 0-15 and 16-31 in the 2-bit pair order, w2: third bits): values 0-7, 8-15, 16-23 and 24-31
     of every block."""
-    _, m4, m16, m64 = _fixups_2bit(z)
-    zz = tl.broadcast_to(_negative_1024_plus_z(z)[None, :], w0.shape)
-    m4 = tl.broadcast_to(m4[None, :], w0.shape)
-    m16 = tl.broadcast_to(m16[None, :], w0.shape)
-    m64 = tl.broadcast_to(m64[None, :], w0.shape)
-    zb = tl.broadcast_to(z.to(tl.int32)[None, :], w0.shape)
+    zz, m4, m16, m64, zb = _tile_fixups(z, w0.shape)
     a = _group3_tile(w0, w2 << 2, zz, m4, m16, m64, zb, USE_ASM)
     b = _group3_tile(w0 >> 8, w2 << 1, zz, m4, m16, m64, zb, USE_ASM)
     c = _group3_tile(w1, w2 >> 6, zz, m4, m16, m64, zb, USE_ASM)
@@ -932,38 +934,21 @@ def gptq_gemm_h2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, bias_ptr
     faster at M = 16 and 4 bits on an H200 (bench/RESULTS.md). Computing W^T x^T instead (the unpacked
     pairs as the MMA's first operand) ran 1.3-1.6x slower on an H100 (2026-12-02 18:38), removed."""
     VPB: tl.constexpr = 32 if BITS == 3 else 32 // BITS
-    WPB: tl.constexpr = 3 if BITS == 3 else 1
     BLOCK_K: tl.constexpr = KB * VPB
     pid_n, pid_k, offs_n, mask_n, t0, t_end = _program_tiles(N, K, tiles_per_split, BLOCK_N, BLOCK_K)
     offs_m = tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    rows = (t0 * KB + tl.arange(0, KB)) * WPB  # the first word row of each block of the tile
     # K of row i of a tile of eight values per block: 4 bits: i; else value i % 8 of block i // 8
     if BITS == 4:
         offs_k = t0 * BLOCK_K + tl.arange(0, BLOCK_K)
     else:
         offs_k = t0 * BLOCK_K + (tl.arange(0, KB * 8) // 8) * VPB + tl.arange(0, KB * 8) % 8
-    w_tile = qw_ptr + (tl.arange(0, KB) * WPB)[:, None] * N + offs_n[None, :]  # + a scalar per step
     x_rows = x_ptr + offs_m * stride_xm
     g, left, per_group = _first_group(t0, K, group_size, BLOCK_K)
     for t in range(t0, t_end):
-        w_at = w_tile + t * KB * WPB * N
-        if EVEN:
-            w0 = tl.load(w_at).to(tl.uint32, bitcast=True)
-            if BITS == 3:
-                w1 = tl.load(w_at + N).to(tl.uint32, bitcast=True)
-                w2 = tl.load(w_at + 2 * N).to(tl.uint32, bitcast=True)
-            s = tl.load(s_ptr + g * N + offs_n).to(tl.float32)
-            z = tl.load(z_ptr + g * N + offs_n).to(tl.uint32)
-        else:
-            wmask = (rows[:, None] < Kw) & mask_n[None, :]
-            w0 = tl.load(w_at, mask=wmask, other=0).to(tl.uint32, bitcast=True)
-            if BITS == 3:
-                w1 = tl.load(w_at + N, mask=wmask, other=0).to(tl.uint32, bitcast=True)
-                w2 = tl.load(w_at + 2 * N, mask=wmask, other=0).to(tl.uint32, bitcast=True)
-            s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32)
-            z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.uint32)
+        w0, w1, w2 = _load_words(qw_ptr, N, t * KB, offs_n, mask_n, Kw, BITS, KB, EVEN)
+        s, z = _scale_zero(s_ptr, z_ptr, g, N, offs_n, mask_n, EVEN)
         g, left = _next_group(g, left, per_group)
         x = _x_tile(x_rows, perm_ptr, offs_k, mask_m, K, EVEN, HAS_PERM)
         if BITS == 4:
@@ -978,7 +963,6 @@ def gptq_gemm_h2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, bias_ptr
             part = tl.dot(_x_tile(x_rows, perm_ptr, offs_k + 8, mask_m, K, EVEN, HAS_PERM), tile_b, part)
             part = tl.dot(_x_tile(x_rows, perm_ptr, offs_k + 16, mask_m, K, EVEN, HAS_PERM), tile_c, part)
             part = tl.dot(_x_tile(x_rows, perm_ptr, offs_k + 24, mask_m, K, EVEN, HAS_PERM), tile_d, part)
-        rows += KB * WPB
         offs_k += BLOCK_K
         acc += part * s[None, :]
     _finish(acc, out_ptr, bias_ptr, ws_ptr, ticket_ptr, offs_m, offs_n, mask_m, mask_n, M, N, stride_om,
