@@ -768,42 +768,24 @@ def gptq_gemv_h2_kernel(x_ptr, xp_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, 
 
 
 @triton.jit
-def _pair4_h(w, zz, z, P: tl.constexpr, USE_ASM: tl.constexpr):
-    """Values 2P and 2P+1 of each half2-ordered 4-bit word minus the zero, as two fp16 tensors (exact
-    small integers). PTX: one `lop3` puts both fields into fp16 mantissas over the exponent of 1024 and
-    one `sub.f16x2` removes 1024 + z from both; zz holds 1024 + z in both halves."""
-    if USE_ASM:
-        return tl.inline_asm_elementwise(
-            "{\n.reg .b32 t, q;\n"
-            f"shr.u32 t, $2, {4 * P};\n"
-            "lop3.b32 q, t, 0x000f000f, 0x64006400, 0xea;\n"
-            "sub.f16x2 q, q, $3;\n"
-            "mov.b32 {$0, $1}, q;\n}",
-            "=h,=h,r,r", [w, zz], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
-    else:
-        lo = ((w >> (4 * P)) & 15).to(tl.int32) - z
-        hi = ((w >> (16 + 4 * P)) & 15).to(tl.int32) - z
-        return lo.to(tl.float16), hi.to(tl.float16)
-
-
-@triton.jit
-def _pair2_h(w, fix, zb, P: tl.constexpr, USE_ASM: tl.constexpr):
-    """Values 2P and 2P+1 of each half2-ordered 2-bit word minus the zero, as two fp16 tensors (exact
-    small integers). PTX: a `lop3` puts both fields (bits 2P of each half) into fp16 mantissas over the
-    exponent of 1024, so they read 1024 + q * 4^r (r = P % 4; P >= 4 shifts the word by a byte first);
-    one fma by 4^-r with `fix` = -(1024 / 4^r + z) leaves q - z."""
+def _pair_h(w, fix, zb, P: tl.constexpr, BITS: tl.constexpr, USE_ASM: tl.constexpr):
+    """Values 2P and 2P+1 of each half2-ordered 4- or 2-bit word minus the zero, as two fp16 tensors
+    (exact small integers). Their fields sit at bit BITS * P of each half: the word is shifted by whole
+    bytes, then a `lop3` puts both fields into fp16 mantissas at bit r (their offset in the byte) over
+    the exponent of 1024, so they read 1024 + q * 2^r, and one fma by 2^-r with `fix` =
+    -(1024 / 2^r + z) leaves q - z."""
     if USE_ASM:
         return tl.inline_asm_elementwise(
             "{\n.reg .b32 t, q, c;\n"
-            f"shr.u32 t, $2, {8 * (P // 4)};\n"
-            f"lop3.b32 q, t, {0x00030003 << (2 * (P % 4))}, 0x64006400, 0xea;\n"
-            f"mov.b32 c, {(0x3C00 - 0x800 * (P % 4)) * 0x10001};\n"
+            f"shr.u32 t, $2, {BITS * P - BITS * P % 8};\n"
+            f"lop3.b32 q, t, {(((1 << BITS) - 1) << (BITS * P % 8)) * 0x10001}, 0x64006400, 0xea;\n"
+            f"mov.b32 c, {(0x3C00 - 0x400 * (BITS * P % 8)) * 0x10001};\n"
             "fma.rn.f16x2 q, q, c, $3;\n"
             "mov.b32 {$0, $1}, q;\n}",
             "=h,=h,r,r", [w, fix], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
     else:
-        lo = ((w >> (2 * P)) & 3).to(tl.int32) - zb
-        hi = ((w >> (16 + 2 * P)) & 3).to(tl.int32) - zb
+        lo = ((w >> (BITS * P)) & ((1 << BITS) - 1)).to(tl.int32) - zb
+        hi = ((w >> (16 + BITS * P)) & ((1 << BITS) - 1)).to(tl.int32) - zb
         return lo.to(tl.float16), hi.to(tl.float16)
 
 
@@ -818,21 +800,8 @@ def _stack8(v0, v1, v2, v3, v4, v5, v6, v7):
 
 
 @triton.jit
-def _weight_tile4_h(w, z, USE_ASM: tl.constexpr):
-    """The [8 * KB, BLOCK_N] fp16 tile (q - z), rows in natural order, of half2-ordered 4-bit words
-    w [KB, BLOCK_N]."""
-    zz = tl.broadcast_to(((z + 0x6400) * 0x10001)[None, :], w.shape)
-    zb = tl.broadcast_to(z.to(tl.int32)[None, :], w.shape)
-    v0, v1 = _pair4_h(w, zz, zb, 0, USE_ASM)
-    v2, v3 = _pair4_h(w, zz, zb, 1, USE_ASM)
-    v4, v5 = _pair4_h(w, zz, zb, 2, USE_ASM)
-    v6, v7 = _pair4_h(w, zz, zb, 3, USE_ASM)
-    return _stack8(v0, v1, v2, v3, v4, v5, v6, v7)
-
-
-@triton.jit
 def _tile_fixups(z, shape):
-    """The fix-up operands of the 2/3-bit tensor-core tiles, broadcast to the word tile's shape:
+    """The fix-up operands of the tensor-core tiles, broadcast to the word tile's shape:
     -(1024 / 4^r + z) for r = 0..3 (see _fixups_2bit), and z itself for the portable form."""
     _, m4, m16, m64 = _fixups_2bit(z)
     return (tl.broadcast_to(_negative_1024_plus_z(z)[None, :], shape), tl.broadcast_to(m4[None, :], shape),
@@ -841,20 +810,32 @@ def _tile_fixups(z, shape):
 
 
 @triton.jit
+def _weight_tile4_h(w, z, USE_ASM: tl.constexpr):
+    """The [8 * KB, BLOCK_N] fp16 tile (q - z), rows in natural order, of half2-ordered 4-bit words
+    w [KB, BLOCK_N]."""
+    zz, _, m16, _, zb = _tile_fixups(z, w.shape)  # pairs at bit 0 and 4 of a byte
+    v0, v1 = _pair_h(w, zz, zb, 0, 4, USE_ASM)
+    v2, v3 = _pair_h(w, m16, zb, 1, 4, USE_ASM)
+    v4, v5 = _pair_h(w, zz, zb, 2, 4, USE_ASM)
+    v6, v7 = _pair_h(w, m16, zb, 3, 4, USE_ASM)
+    return _stack8(v0, v1, v2, v3, v4, v5, v6, v7)
+
+
+@triton.jit
 def _weight_tiles2_h(w, z, USE_ASM: tl.constexpr):
     """Two [8 * KB, BLOCK_N] fp16 tiles (q - z) of half2-ordered 2-bit words w [KB, BLOCK_N]: values
     0-7 of each word (row 8 kb + j is value 16 kb + j of the tile) and values 8-15. Two tiles of eight
     rather than one of sixteen: a 16-value stack went through shared memory (bench/RESULTS.md)."""
     zz, m4, m16, m64, zb = _tile_fixups(z, w.shape)
-    v0, v1 = _pair2_h(w, zz, zb, 0, USE_ASM)
-    v2, v3 = _pair2_h(w, m4, zb, 1, USE_ASM)
-    v4, v5 = _pair2_h(w, m16, zb, 2, USE_ASM)
-    v6, v7 = _pair2_h(w, m64, zb, 3, USE_ASM)
+    v0, v1 = _pair_h(w, zz, zb, 0, 2, USE_ASM)
+    v2, v3 = _pair_h(w, m4, zb, 1, 2, USE_ASM)
+    v4, v5 = _pair_h(w, m16, zb, 2, 2, USE_ASM)
+    v6, v7 = _pair_h(w, m64, zb, 3, 2, USE_ASM)
     a = _stack8(v0, v1, v2, v3, v4, v5, v6, v7)
-    v0, v1 = _pair2_h(w, zz, zb, 4, USE_ASM)
-    v2, v3 = _pair2_h(w, m4, zb, 5, USE_ASM)
-    v4, v5 = _pair2_h(w, m16, zb, 6, USE_ASM)
-    v6, v7 = _pair2_h(w, m64, zb, 7, USE_ASM)
+    v0, v1 = _pair_h(w, zz, zb, 4, 2, USE_ASM)
+    v2, v3 = _pair_h(w, m4, zb, 5, 2, USE_ASM)
+    v4, v5 = _pair_h(w, m16, zb, 6, 2, USE_ASM)
+    v6, v7 = _pair_h(w, m64, zb, 7, 2, USE_ASM)
     return a, _stack8(v0, v1, v2, v3, v4, v5, v6, v7)
 
 
@@ -923,7 +904,7 @@ def gptq_gemm_h2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, bias_ptr
                         HAS_PERM: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
                         USE_ASM: tl.constexpr, EVEN: tl.constexpr = False, BITS: tl.constexpr = 4):
     """out[M, N] (+)= x[M, K] @ W for 2 <= M <= BLOCK_M (fp16) and 4-, 2- or 3-bit words in the half2
-    order, KB value blocks (a word; three words at 3 bits) per K tile: a `lop3` and an fp16x2 sub or fma
+    order, KB value blocks (a word; three words at 3 bits) per K tile: a `lop3` and an fp16x2 fma
     (plus a `lop3` for the third bit at 3 bits) turn each value pair into fp16 (q - z), stacked into
     tiles of eight values per block that tl.dot runs on the tensor cores; the group's scale multiplies
     the tile's product (one group per tile). Triton pipelines the tile loads through shared memory

@@ -153,27 +153,27 @@ def test_asm_computes_the_dot_product_of_one_3bit_block():
     assert worst < 4e-3, worst
 
 
-def asm_for_pair(function: str, P: int) -> str:
-    """The asm text of the tensor-core kernel's pair unpacker `function` for pair P: its f-strings
-    evaluated as Triton does when P is a constexpr."""
+def asm_for_pair(function: str, P: int, **constexprs) -> str:
+    """The asm text of the tensor-core kernel's pair unpacker `function` for pair P (and its other
+    constexprs): its f-strings evaluated as Triton does when they are constexprs."""
     text = ast.Expression(_asm_call(function).args[0])
-    return eval(compile(text, str(SOURCE), "eval"), {"P": P, "R": P})
+    return eval(compile(text, str(SOURCE), "eval"), {"P": P, "R": P, **constexprs})
 
 
 @pytest.mark.parametrize("bits", [4, 2])
 def test_pair_unpackers_give_exact_codes_minus_zero(bits):
-    """_pair4_h / _pair2_h (the 16-row tensor-core kernel's unpacking): for every pair of a word, every
-    zero and random codes, the two fp16 outputs are exactly q - z (a wrong mask, shift or fix-up constant
-    gives another integer)."""
-    function, pairs = ("_pair4_h", 4) if bits == 4 else ("_pair2_h", 8)
+    """_pair_h at 4 and 2 bits (the 16-row tensor-core kernel's unpacking): for every pair of a word,
+    every zero and random codes, the two fp16 outputs are exactly q - z (a wrong mask, shift or fix-up
+    constant gives another integer)."""
+    pairs = 16 // bits
     rng = np.random.default_rng(bits)
     for P in range(pairs):
-        asm = asm_for_pair(function, P)
+        asm = asm_for_pair("_pair_h", P, BITS=bits)
         for _ in range(60):
             q = [int(v) for v in rng.integers(0, 2 ** bits, 32 // bits)]
             z = int(rng.integers(0, 2 ** bits))
-            r = P % 4
-            fix = (z + 0x6400) * 0x10001 if bits == 4 else half2_of(-(1024 / 4 ** r + z))
+            r = bits * P % 8  # the pair's bit within its byte
+            fix = half2_of(-(1024 / 2 ** r + z))
             lo, hi = run_ptx(asm, [interleaved_word(q, bits), fix], outputs=2)
             assert (lo, hi) == (q[2 * P] - z, q[2 * P + 1] - z), (P, q, z)
 

@@ -86,9 +86,9 @@ def _kernels():
 def test_tensor_core_kernel_loop_stays_short(bits, even, limit, block_n=64):
     """The half2 tensor-core kernel at 16 rows, 128 rows per tile, 4 warps: SASS instructions per
     weight and thread in the K loop, about 10% above today's count at 64 columns, the config an H200
-    sweep picked: 4-bit 4.59 with bounds masks, 4.11 on whole tiles (EVEN, the usual shapes; 4.88 before
-    the group index stopped dividing; the unrolled mode 2 compiles to 6.86); 2-bit 3.48 and 3-bit 4.72 on
-    whole tiles. On an H200 the 4-bit kernel at 16 rows runs 1.7x slower than its own weight reads even
+    sweep picked: 4-bit 4.42 with bounds masks, 3.80 on whole tiles (EVEN, the usual shapes; 4.88 before
+    the group index stopped dividing and the pair unpacker shifted by whole bytes; the unrolled mode 2
+    compiles to 6.86); 2-bit 3.42 and 3-bit 4.72 on whole tiles. On an H200 the 4-bit kernel at 16 rows runs 1.7x slower than its own weight reads even
     with no weights loaded at all (bench.m16_probe): its instructions, not memory, are its cost. A count,
     not a timing."""
     from bench.kernel_sass import loop_body
