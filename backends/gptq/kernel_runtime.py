@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from backends.gptq import format as fmt
+from backends.gptq.parallel_compile import compile_all, launcher
 
 log = logging.getLogger(__name__)
 
@@ -189,10 +190,11 @@ def whole_tiles(layer: KernelLayer, cfg: GemmConfig) -> bool:
 
 def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: torch.Tensor | None = None,
                  bias: torch.Tensor | None = None, scratch: "SplitScratch | None" = None,
-                 pdl: bool = False) -> torch.Tensor:
+                 pdl: bool = False, compile_only: bool = False) -> torch.Tensor:
     """y[M, N] = x2d @ W (+ bias), written into `out` when given (every element is written).
     pdl: the half2 matrix-vector kernel (mode 4) is launched as a programmatic dependent launch
-    (only where pdl_supported): its weight reads start while the previous kernel finishes."""
+    (only where pdl_supported): its weight reads start while the previous kernel finishes.
+    compile_only: compile the kernel for this call without running it (parallel_compile.compile_all)."""
     from backends.gptq.triton_kernels import gptq_gemm_kernel
     M = x2d.shape[0]
     if M > cfg.block_m:
@@ -224,7 +226,7 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
         # stage_x: the split's rows rounded up to a power of two (a Triton block size)
         stage = 1 << (per * cfg.block_k - 1).bit_length() if has_perm and cfg.stage_x else 0
         pairs = (scratch or SplitScratch()).sorted_x(layer.K, x2d.device) if stage else x_row
-        gptq_gemv_h2_kernel[(n_tiles, split)](
+        launcher(gptq_gemv_h2_kernel, (n_tiles, split), compile_only)(
             x_row, pairs.view(torch.int32), layer.qweight, layer.scales, layer.zeros, perm, out,
             bias if bias is not None else out, ws, tickets, layer.N, layer.K, layer.Kw, layer.group_size, per, split,
             BITS=layer.bits, KB=kb, BLOCK_N=cfg.block_n, STAGE_X=stage,
@@ -237,7 +239,7 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
         if x2d.dtype != torch.float16 or not layer.interleaved or kb < 2:
             raise ValueError("the half2 tensor-core kernel (mode 5) takes fp16 rows and interleaved 2/3/4-bit "
                              "words, at least 2 value blocks per column of a tile")
-        gptq_gemm_h2_kernel[(n_tiles, split)](
+        launcher(gptq_gemm_h2_kernel, (n_tiles, split), compile_only)(
             x2d, layer.qweight, layer.scales, layer.zeros, perm, out, bias if bias is not None else out, ws, tickets,
             M, layer.N, layer.K, layer.Kw, x2d.stride(0), out.stride(0), layer.group_size, per, split,
             KB=kb, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_PERM=has_perm,
@@ -248,7 +250,7 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
         from backends.gptq.triton_kernels import gptq_gemv_kernel
         if M != 1:
             raise ValueError("the prefetching matrix-vector kernel (mode 3) takes one row")
-        gptq_gemv_kernel[(n_tiles, split)](
+        launcher(gptq_gemv_kernel, (n_tiles, split), compile_only)(
             x2d, layer.qweight, layer.scales, layer.zeros, perm, out, bias if bias is not None else out, ws,
             tickets, layer.N, layer.K, layer.Kw, layer.group_size, per, split,
             BITS=layer.bits, VPB=vpb, KB=kb, BLOCK_N=cfg.block_n, HAS_PERM=has_perm,
@@ -257,7 +259,7 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
         return out
     if cfg.mode == 2 and cfg.block_m == 1 and layer.bits == 3 and layer.interleaved:
         raise ValueError("the unrolled kernel's M = 1 form (mode 2) reads 3-bit words in the checkpoint's order")
-    gptq_gemm_kernel[(n_tiles, split)](
+    launcher(gptq_gemm_kernel, (n_tiles, split), compile_only)(
         x2d, layer.qweight, layer.scales, layer.zeros, perm, out, bias if bias is not None else out, ws, tickets,
         M, layer.N, layer.K, layer.Kw, x2d.stride(0), out.stride(0), layer.group_size, per, split,
         BITS=layer.bits, VPB=vpb, KB=kb, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
@@ -316,8 +318,11 @@ class KernelRuntime:
     shape, and owns the reusable fp16 buffer of the dequantize + cuBLAS path."""
 
     def __init__(self, tune: bool = True, cache_file: Path | None = None, modes: tuple[int, ...] | None = None,
-                 pdl: bool = False):
+                 pdl: bool = False, compile_workers: int | None = None):
         self.tune = tune
+        # threads that compile a shape's candidates at once before they are timed (None: one per core,
+        # parallel_compile.default_workers; 1: one by one, as each is first launched)
+        self.compile_workers = compile_workers
         self.pdl = pdl  # programmatic dependent launches of the matrix-vector kernel (check pdl_supported)
         self.cache_file = cache_file
         self.allowed_modes = modes  # restrict the fused kernel's unpacking modes (benchmarks, debugging)
@@ -478,6 +483,7 @@ class KernelRuntime:
         reference_cfg = GemmConfig(path="dequant")
         probe = torch.randn(x2d.shape, device=x2d.device).to(x2d.dtype)
         reference = self.run(probe, layer, reference_cfg).float()
+        self.precompile(x2d, layer, candidates)
         best, best_ms = reference_cfg, float("inf")
         copies = cold_copies(layer, x2d.device)
         for cfg in candidates:
@@ -495,6 +501,15 @@ class KernelRuntime:
             if ms < best_ms:
                 best, best_ms = cfg, ms
         return best, best_ms
+
+    def precompile(self, x2d: torch.Tensor, layer: KernelLayer, candidates) -> int:
+        """Compile the fused candidates side by side (parallel_compile) before they are timed one by
+        one; returns how many were queued. Only where tuning runs: on CUDA, outside graph capture."""
+        if self.compile_workers == 1 or not x2d.is_cuda:
+            return 0
+        fused = [c for c in candidates if c.path == "fused"]
+        return compile_all((functools.partial(launch_fused, x2d, layer, c, scratch=self.scratch, pdl=self.pdl,
+                                              compile_only=True) for c in fused), self.compile_workers)
 
     def _save(self) -> None:
         if self.cache_file is None:
