@@ -119,6 +119,9 @@ class Backend(abc.ABC):
 
     name: ClassVar[str]
     capabilities: ClassVar[Capabilities]
+    # what the user should know about this load (a relabelled checkpoint, weights left in host memory):
+    # engines set their own list in load(); the Models tab shows it
+    load_warnings: Sequence[str] = ()
 
     # -- lifecycle -------------------------------------------------------------------------
     @classmethod

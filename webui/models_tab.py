@@ -130,7 +130,8 @@ class ModelsTab:
             gr.Warning(f"Could not load {name}: {type(exc).__name__}: {exc}")
             return f"**Could not load {name}:** {type(exc).__name__}: {exc}", *self._loaded_updates()
         loaded = self.ctx.manager.get(model_id)
-        return (f"Loaded **{model_id}** in {loaded.load_seconds:.1f} s. Chat with it in the Chat tab.",
+        notes = "".join(f"\n\nNote: {w}" for w in loaded.backend.load_warnings)
+        return (f"Loaded **{model_id}** in {loaded.load_seconds:.1f} s. Chat with it in the Chat tab.{notes}",
                 *self._loaded_updates(model_id))
 
     def _loaded_updates(self, selected: str | None = None):

@@ -30,6 +30,10 @@ class GPTQBackend(TransformersBackend):
                        "CPU: keep layers dequantized in RAM (fast) - auto when they fit"),
             OptionSpec("cuda_graphs", "bool", True, help="CUDA: static KV cache + CUDA graph decoding"),
             OptionSpec("autotune", "bool", True, help="CUDA: measure kernel configs per shape (cached on disk)"),
+            OptionSpec("gpu_layers", "int", -1, minimum=-1,
+                       help="CUDA: decoder layers whose packed weights stay on the GPU, from the first; the rest "
+                            "stay in host memory and are read over PCIe (models larger than the GPU). "
+                            "-1 = as many as fit"),
             OptionSpec("attention_kernel", "bool", True,
                        help="CUDA graphs: each decoding step's cache write + attention as one Triton launch per "
                             "layer instead of HF's six (7B on an H200: 325 -> 386 tok/s)"),
@@ -54,7 +58,9 @@ class GPTQBackend(TransformersBackend):
             self.runtime = KernelRuntime(tune=bool(options.get("autotune", True)),
                                          cache_file=default_cache_file(self.device))
         cache = {"auto": None, "on": True, "off": False}[options.get("cpu_cache", "auto") or "auto"]
-        loaded = load_checkpoint(path, self.device, dtype, runtime=self.runtime, cache_dequantized=cache)
+        gpu_layers = int(options.get("gpu_layers", -1)) if self.device.type == "cuda" else None
+        loaded = load_checkpoint(path, self.device, dtype, runtime=self.runtime, cache_dequantized=cache,
+                                 gpu_layers=gpu_layers)
         self.quant_config = loaded.config
         self.checkpoint_format = loaded.checkpoint_format
         self.load_warnings = loaded.warnings

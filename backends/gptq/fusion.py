@@ -14,6 +14,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from backends.gptq import offload
 from backends.gptq.kernel_runtime import KernelLayer, KernelRuntime
 
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -65,6 +66,8 @@ def _compatible(layers) -> bool:
         return False
     for l in layers[1:]:
         k = l.kernel
+        if offload.on_host(k.qweight) != offload.on_host(first.qweight):
+            return False
         if (k.bits, k.K, k.group_size, k.interleaved) != (first.bits, first.K, first.group_size, first.interleaved):
             return False
         if (k.perm is None) != (first.perm is None) or (k.perm is not None and not torch.equal(k.perm, first.perm)):
@@ -83,7 +86,8 @@ def fuse_siblings(model: nn.Module, runtime: KernelRuntime) -> int:
             if not all(isinstance(l, QuantLinear) for l in layers) or not _compatible(layers):
                 continue
             kernels = [l.kernel for l in layers]
-            cat = KernelLayer(qweight=torch.cat([k.qweight for k in kernels], 1).contiguous(),
+            codes = torch.cat([k.qweight for k in kernels], 1).contiguous()
+            cat = KernelLayer(qweight=offload.like(kernels[0].qweight, codes),
                               scales=torch.cat([k.scales for k in kernels], 1).contiguous(),
                               zeros=torch.cat([k.zeros for k in kernels], 1).contiguous(),
                               perm=kernels[0].perm, bits=kernels[0].bits, K=kernels[0].K,

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from backends.gptq import format as fmt
+from backends.gptq import offload
 from backends.gptq.parallel_compile import compile_all, launcher
 
 log = logging.getLogger(__name__)
@@ -371,8 +372,10 @@ class KernelRuntime:
         return 0  # large: dequantize + cuBLAS
 
     def key(self, x2d: torch.Tensor, layer: KernelLayer) -> str:
+        # codes in host memory (offload.py) are read over PCIe: tuned apart from the same shape on the GPU
+        host = "-host" if layer.qweight.device.type == "cpu" else ""
         return (f"m{self.m_bucket(x2d.shape[0])}-k{layer.K}-n{layer.N}-b{layer.bits}-g{layer.group_size}"
-                f"-p{int(layer.perm is not None)}-{str(x2d.dtype).split('.')[-1]}")
+                f"-p{int(layer.perm is not None)}-{str(x2d.dtype).split('.')[-1]}{host}")
 
     def config_for(self, x2d: torch.Tensor, layer: KernelLayer) -> GemmConfig:
         key = self.key(x2d, layer)
@@ -541,8 +544,8 @@ def cold_copies(layer: KernelLayer, device, max_copies: int = 16, l2_bytes: int 
     n = min(max_copies, math.ceil(2 * l2_bytes / size))
     n = max(1, min(n, int(free_bytes * 0.25 // size)))
 
-    def clone(t):
-        return None if t is None else t.clone()
+    def clone(t):  # offloaded codes are copied to pinned host memory too (offload.py)
+        return None if t is None else offload.like(t, t.clone())
 
     return [layer] + [replace(layer, qweight=clone(layer.qweight), scales=clone(layer.scales),
                               zeros=clone(layer.zeros), perm=clone(layer.perm)) for _ in range(n - 1)]

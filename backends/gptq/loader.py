@@ -11,6 +11,7 @@ Order of work, so that a bad checkpoint fails fast and nothing large is allocate
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from torch import nn
 
 from backends.base import BackendError
 from backends.gptq import format as fmt
+from backends.gptq import offload
 from backends.gptq.kernel_runtime import KernelRuntime
 from backends.gptq.quant_linear import QuantLinear
 
@@ -40,6 +42,7 @@ class LoadedCheckpoint:
     checkpoint_format: str
     warnings: list[str] = field(default_factory=list)
     quant_layers: dict[str, QuantLinear] = field(default_factory=dict)
+    host_layers: list[int] = field(default_factory=list)  # decoder layers whose codes stay in host memory
 
 
 def read_headers(files: list[Path]) -> dict[str, TensorInfo]:
@@ -131,7 +134,10 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def load_checkpoint(folder: Path, device: torch.device, dtype: torch.dtype, runtime: KernelRuntime | None = None,
-                    cache_dequantized: bool | None = None) -> LoadedCheckpoint:
+                    cache_dequantized: bool | None = None, gpu_layers: int | None = None) -> LoadedCheckpoint:
+    """gpu_layers (CUDA): how many decoder layers, from the first, keep their packed codes on the GPU;
+    the others' stay in pinned host memory, where the kernels read them (offload.py). -1: as many as
+    fit in the free GPU memory, less room for the KV cache and activations. None: all on the GPU."""
     folder = Path(folder)
     qc = fmt.read_quantize_config(folder)
     files = fmt.find_weight_files(folder, qc)
@@ -152,6 +158,13 @@ def load_checkpoint(folder: Path, device: torch.device, dtype: torch.dtype, runt
 
     if cache_dequantized is None:
         cache_dequantized = _dense_fits(modules, quant_names, dtype)
+    host_layers: set[int] = set()
+    if device.type == "cuda" and gpu_layers is not None and gpu_layers >= 0:
+        host_layers = {i for i in map(offload.decoder_layer_index, quant_names) if i is not None and i >= gpu_layers}
+    elif device.type == "cuda" and gpu_layers is not None:
+        largest = max(modules[n].in_features * modules[n].out_features for n in quant_names)
+        budget = offload.free_for_weights(device, offload.reserve_bytes(model.config, dtype, largest))
+        host_layers = set(_plan_offload(quant_names, headers, qc, dtype, budget))
 
     handles: dict = {}
     warnings: list[str] = []
@@ -175,7 +188,8 @@ def load_checkpoint(folder: Path, device: torch.device, dtype: torch.dtype, runt
         layer = QuantLinear.from_packed(
             name, t["qweight"], t["qzeros"], t["scales"], g_idx, t.get("bias"), bits=qc.bits,
             group_size=qc.group_size, checkpoint_format=checkpoint_format, device=device, dtype=dtype,
-            runtime=runtime, cache_dequantized=cache_dequantized)
+            runtime=runtime, cache_dequantized=cache_dequantized,
+            codes_on_host=offload.decoder_layer_index(name) in host_layers)
         _set_submodule(model, name, layer)
         layers[name] = layer
 
@@ -190,8 +204,41 @@ def load_checkpoint(folder: Path, device: torch.device, dtype: torch.dtype, runt
     _tie_or_check(model, folder)
     model.to(device)
     handles.clear()
+    if host_layers:
+        host_gb = sum(l.kernel.qweight.numel() * 4 for l in layers.values()
+                      if l.kernel is not None and offload.on_host(l.kernel.qweight)) / 1e9
+        total = len({offload.decoder_layer_index(n) for n in quant_names} - {None})
+        warnings.append(f"{len(host_layers)} of {total} decoder layers keep their packed weights in host memory "
+                        f"({host_gb:.1f} GB, read over PCIe at every token), so decoding runs at the speed of that "
+                        "link: free GPU memory (or raise gpu_layers) to keep more on the GPU")
+        log.warning("%s: %s", folder.name, warnings[-1])
     return LoadedCheckpoint(model=model, config=qc, checkpoint_format=checkpoint_format, warnings=warnings,
-                            quant_layers=layers)
+                            quant_layers=layers, host_layers=sorted(host_layers))
+
+
+def _plan_offload(quant_names: list[str], headers: dict, qc, dtype: torch.dtype, budget: int) -> list[int]:
+    """Which decoder layers keep their codes on the host so the weights take at most `budget` bytes
+    of GPU memory (offload.plan_host_layers), from the header sizes: codes per decoder layer; everything else as the GPU will hold it (floats in the model's
+    dtype, zeros one byte each, act-order perms as int32)."""
+    width = torch.finfo(dtype).bits // 8
+    per_layer: dict[int, int] = {}
+    other = 0
+    for key, info in headers.items():
+        base, _, suffix = key.rpartition(".")
+        numel = math.prod(info.shape)
+        if base in quant_names and suffix == "qweight":
+            index = offload.decoder_layer_index(base)
+            if index is not None:
+                per_layer[index] = per_layer.get(index, 0) + offload.codes_bytes(info.shape)
+                continue
+            other += offload.codes_bytes(info.shape)
+        elif base in quant_names and suffix == "qzeros":
+            other += numel * 32 // qc.bits
+        elif info.dtype.startswith(("F", "BF")):
+            other += numel * width
+        else:
+            other += numel * 4
+    return offload.plan_host_layers(per_layer, other, budget)
 
 
 def _tie_or_check(model: nn.Module, folder: Path) -> None:

@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from backends.gptq import format as fmt
+from backends.gptq import offload
 from backends.gptq.act_order import column_order, natural_order
 from backends.gptq.kernel_runtime import INTERLEAVED_BITS, KernelLayer, KernelRuntime, interleave_pairs
 
@@ -35,8 +36,10 @@ def sort_by_group(g_idx: torch.Tensor, K: int, group_size: int) -> tuple[torch.T
 
 
 def make_kernel_layer(qweight, qzeros, scales, g_idx, bits: int, group_size: int, checkpoint_format: str,
-                      device) -> KernelLayer | None:
-    """The kernel form of a layer, or None when its groups cannot be made contiguous."""
+                      device, codes_on_host: bool = False) -> KernelLayer | None:
+    """The kernel form of a layer, or None when its groups cannot be made contiguous. codes_on_host:
+    the packed codes end in pinned host memory, where the kernels read them (offload.py); they are
+    prepared on `device` first, like every other layer's."""
     K, N = qweight.shape[0] * 32 // bits, qweight.shape[1]
     if g_idx is None:
         g_idx = fmt.default_g_idx(K, group_size)
@@ -54,7 +57,10 @@ def make_kernel_layer(qweight, qzeros, scales, g_idx, bits: int, group_size: int
     interleaved = bits in INTERLEAVED_BITS
     if interleaved:
         qweight = interleave_pairs(qweight, bits)
-    return KernelLayer(qweight=qweight.contiguous(), scales=scales.to(device=device, dtype=torch.float16).contiguous(),
+    qweight = qweight.contiguous()
+    if codes_on_host:
+        qweight = offload.to_host(qweight)
+    return KernelLayer(qweight=qweight, scales=scales.to(device=device, dtype=torch.float16).contiguous(),
                        zeros=zeros.to(torch.uint8).contiguous(), perm=perm, bits=bits, K=K, N=N,
                        group_size=rows, interleaved=interleaved)
 
@@ -82,14 +88,15 @@ class QuantLinear(nn.Module):
     @classmethod
     def from_packed(cls, name: str, qweight, qzeros, scales, g_idx, bias, *, bits: int, group_size: int,
                     checkpoint_format: str, device: torch.device, dtype: torch.dtype,
-                    runtime: KernelRuntime | None = None, cache_dequantized: bool = True) -> "QuantLinear":
+                    runtime: KernelRuntime | None = None, cache_dequantized: bool = True,
+                    codes_on_host: bool = False) -> "QuantLinear":
         K, N = qweight.shape[0] * 32 // bits, qweight.shape[1]
         layer = cls(K, N, bits, group_size, name)
         if bias is not None:
             layer.bias = bias.to(device=device, dtype=dtype)
         if device.type == "cuda":
             layer.kernel = make_kernel_layer(qweight, qzeros, scales, g_idx, bits, group_size,
-                                             checkpoint_format, device)
+                                             checkpoint_format, device, codes_on_host)
             layer.runtime = runtime
             if layer.kernel is None:  # uneven groups: no fast path, keep the dense weight
                 cache_dequantized = True
@@ -123,7 +130,8 @@ class QuantLinear(nn.Module):
         """Store the output columns in `order` (y[..., i] is the checkpoint's column order[i]); see
         act_order.fold_mlp_orders, which makes the consumer of these outputs expect that order."""
         k, idx = self.kernel, order.long()
-        self.kernel = replace(k, qweight=k.qweight.index_select(1, idx).contiguous(),
+        codes = k.qweight.index_select(1, idx.to(k.qweight.device)).contiguous()
+        self.kernel = replace(k, qweight=offload.like(k.qweight, codes),
                               scales=k.scales.index_select(1, idx).contiguous(),
                               zeros=k.zeros.index_select(1, idx).contiguous())
         if self.bias is not None:
@@ -160,7 +168,7 @@ class QuantLinear(nn.Module):
         k = self.kernel if self.group is None else self.group.kernel
         if self.input_order is not None:  # rows back in the checkpoint's order
             k = replace(k, perm=self.input_order)
-        w = launch_dequant(k, torch.empty(k.K, k.N, device=k.qweight.device, dtype=torch.float32))
+        w = launch_dequant(k, torch.empty(k.K, k.N, device=k.scales.device, dtype=torch.float32))
         if self.group is not None:
             start, stop = self.group.offsets[self.group_index]
             w = w[:, start:stop]
