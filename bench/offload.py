@@ -13,6 +13,7 @@ tokens/s, the codes read from the host per token, and the host read rate the dec
 from __future__ import annotations
 
 import argparse
+import gc
 import shutil
 import sys
 import time
@@ -59,6 +60,9 @@ def host_read_bandwidth(nbytes: int = 2**30) -> float:
 def decode_with(folder: Path, gpu_layers: int, args, prompt) -> dict:
     from backends.gptq.loader import load_checkpoint
     runtime = KernelRuntime(tune=True)
+    gc.collect()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
     t = time.perf_counter()
     loaded = load_checkpoint(folder, torch.device("cuda"), torch.float16, runtime=runtime, gpu_layers=gpu_layers)
     load_s = time.perf_counter() - t
@@ -69,7 +73,7 @@ def decode_with(folder: Path, gpu_layers: int, args, prompt) -> dict:
     kernels = {id(k): k for k in ((l.group.kernel if l.group is not None else l.kernel)
                                   for l in loaded.quant_layers.values())}.values()
     host_bytes = sum(k.qweight.numel() * 4 for k in kernels if offload.on_host(k.qweight))
-    gpu_gb = torch.cuda.memory_allocated() / 1e9
+    gpu_gb = (torch.cuda.memory_allocated() - before) / 1e9  # this load's weights and buffers
     _, row = graph_decoding(model, prompt, args.new, torch.device("cuda"), 256)
     del model, loaded
     torch.cuda.empty_cache()
@@ -104,7 +108,7 @@ def main(argv=None) -> int:
              f"random weights, RTN 4-bit g128; prompt 64 tokens, {args.new} new, greedy, CUDA graph decoding with "
              f"the attention kernel. Same run: pinned host -> GPU copy {copy_bw / 1e9:.1f} GB/s, a kernel reading "
              f"pinned host memory in place {read_bw / 1e9:.1f} GB/s.", "",
-             "| gpu_layers | codes on the host GB | GPU GB after load | decode tok/s | x all on the GPU | "
+             "| gpu_layers | codes on the host GB | GPU GB of the load | decode tok/s | x all on the GPU | "
              "host read rate GB/s | % of the in-place read | load s |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         rate = ratio = ""

@@ -205,11 +205,12 @@ def load_checkpoint(folder: Path, device: torch.device, dtype: torch.dtype, runt
     model.to(device)
     handles.clear()
     if host_layers:
-        host_gb = sum(l.kernel.qweight.numel() * 4 for l in layers.values()
-                      if l.kernel is not None and offload.on_host(l.kernel.qweight)) / 1e9
+        host_bytes = sum(l.kernel.qweight.numel() * 4 for l in layers.values()
+                         if l.kernel is not None and offload.on_host(l.kernel.qweight))
+        size = f"{host_bytes / 1e9:.1f} GB" if host_bytes >= 1e9 else f"{host_bytes / 1e6:.0f} MB"
         total = len({offload.decoder_layer_index(n) for n in quant_names} - {None})
         warnings.append(f"{len(host_layers)} of {total} decoder layers keep their packed weights in host memory "
-                        f"({host_gb:.1f} GB, read over PCIe at every token), so decoding runs at the speed of that "
+                        f"({size}, read over PCIe at every token), so decoding runs at the speed of that "
                         "link: free GPU memory (or raise gpu_layers) to keep more on the GPU")
         log.warning("%s: %s", folder.name, warnings[-1])
     return LoadedCheckpoint(model=model, config=qc, checkpoint_format=checkpoint_format, warnings=warnings,
