@@ -158,13 +158,7 @@ def load_checkpoint(folder: Path, device: torch.device, dtype: torch.dtype, runt
 
     if cache_dequantized is None:
         cache_dequantized = _dense_fits(modules, quant_names, dtype)
-    host_layers: set[int] = set()
-    if device.type == "cuda" and gpu_layers is not None and gpu_layers >= 0:
-        host_layers = {i for i in map(offload.decoder_layer_index, quant_names) if i is not None and i >= gpu_layers}
-    elif device.type == "cuda" and gpu_layers is not None:
-        largest = max(modules[n].in_features * modules[n].out_features for n in quant_names)
-        budget = offload.free_for_weights(device, offload.reserve_bytes(model.config, dtype, largest))
-        host_layers = set(_plan_offload(quant_names, headers, qc, dtype, budget))
+    host_layers = _host_layers(gpu_layers, device, model, modules, quant_names, headers, qc, dtype)
 
     handles: dict = {}
     warnings: list[str] = []
@@ -217,10 +211,23 @@ def load_checkpoint(folder: Path, device: torch.device, dtype: torch.dtype, runt
                             quant_layers=layers, host_layers=sorted(host_layers))
 
 
+def _host_layers(gpu_layers: int | None, device: torch.device, model, modules: dict, quant_names: list[str],
+                 headers: dict, qc, dtype: torch.dtype) -> set[int]:
+    """The decoder layers whose codes stay in host memory (see load_checkpoint's gpu_layers)."""
+    if device.type != "cuda" or gpu_layers is None:
+        return set()
+    if gpu_layers >= 0:
+        return {i for i in map(offload.decoder_layer_index, quant_names) if i is not None and i >= gpu_layers}
+    largest = max(modules[n].in_features * modules[n].out_features for n in quant_names)
+    budget = offload.free_for_weights(device, offload.reserve_bytes(model.config, dtype, largest))
+    return set(_plan_offload(quant_names, headers, qc, dtype, budget))
+
+
 def _plan_offload(quant_names: list[str], headers: dict, qc, dtype: torch.dtype, budget: int) -> list[int]:
-    """Which decoder layers keep their codes on the host so the weights take at most `budget` bytes
-    of GPU memory (offload.plan_host_layers), from the header sizes: codes per decoder layer; everything else as the GPU will hold it (floats in the model's
-    dtype, zeros one byte each, act-order perms as int32)."""
+    """Which decoder layers keep their codes on the host so that the weights take at most `budget`
+    bytes of GPU memory (offload.plan_host_layers), from the header sizes: the codes of each decoder
+    layer, and everything else as the GPU will hold it (floats in the model's dtype, zeros one byte
+    each, act-order perms as int32)."""
     width = torch.finfo(dtype).bits // 8
     per_layer: dict[int, int] = {}
     other = 0

@@ -1,7 +1,7 @@
-"""Models larger than the GPU: the packed codes of the last decoder layers stay in pinned host memory,
-and the same Triton kernels read them there, over PCIe, at every token.
+"""Models larger than the GPU: the packed codes of the last decoder layers stay in page-locked host
+memory, and the same Triton kernels read them there, over PCIe, at every token.
 
-Why in place: pinned host memory is mapped into the GPU's address space (unified addressing), so a
+Why in place: page-locked host memory is mapped into the GPU's address space (unified addressing), so a
 kernel reads it with ordinary loads. The alternatives cost more for the same bytes: copying each
 layer onto the GPU before its forward (accelerate's offload hooks) moves the same bytes plus a
 staging buffer and a wait per layer, and computing those layers on the CPU is slower still. Read in
@@ -21,6 +21,8 @@ from backends.base import BackendError
 LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 RESERVE_TOKENS = 4096   # KV cache kept free for this many tokens (or the context, when shorter)
 RESERVE_MARGIN = 2**30  # activations, CUDA graph pools, cuBLAS and Triton workspaces
+PAGE = 4096
+HOST_MARK = "_gptq_host_registration"  # attribute of offloaded codes: their registration (see to_host)
 
 
 def decoder_layer_index(name: str) -> int | None:
@@ -63,10 +65,6 @@ def free_for_weights(device: torch.device, reserve: int) -> int:
     """Bytes the weights may take on the GPU: what is free on the device less `reserve`."""
     free, _ = torch.cuda.mem_get_info(device)
     return free - reserve
-
-
-PAGE = 4096
-HOST_MARK = "_gptq_host_registration"
 
 
 class _Registration:
