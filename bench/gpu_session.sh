@@ -9,6 +9,9 @@
 #   bash bench/gpu_session.sh targets    7B decode, then the M = 1 targets next to the read floor (no smoke check)
 #   bash bench/gpu_session.sh actorder   smoke check of the backend on an act-order checkpoint, then 7B decode
 #                                        with and without act-order (bench.act_order)
+#   bash bench/gpu_session.sh tune       cold tuning, candidates compiled one by one against side by side
+#   bash bench/gpu_session.sh offload    the offload CUDA tests, then 7B decode with layers' codes in host memory
+#   bash bench/gpu_session.sh cycles     GPU memory left after load / chat / unload cycles through the backend
 # Prepare here:  mkdir -p .gpu_carry/tok && cp models/SmolLM2-135M-Instruct/{tokenizer.json,tokenizer_config.json} .gpu_carry/tok/
 #                echo /.gpu_carry/ >> .git/info/exclude
 set -uo pipefail
@@ -49,6 +52,16 @@ case "${1:-decode}" in
   actorder)
     timeout 270 python -m bench.decode --smoke --layers 2 --attention-kernel --act-order --tokenizer "$TOK" --out "$OUT" 2>&1 | tee "$OUT/smoke.log"
     timeout 300 python -m bench.act_order --profile --out "$OUT" 2>&1 | tee "$OUT/act_order.log"
+    ;;
+  tune)
+    timeout 330 python -m bench.tune_time --m 1,16 2>&1 | tee "$OUT/tune_time.log"
+    ;;
+  offload)
+    timeout 200 python -m pytest -q -p no:cacheprovider tests/backends/gptq/test_offload.py -k "offloaded or to_host" 2>&1 | tee "$OUT/offload_tests.log"
+    timeout 360 python -m bench.offload --gpu-layers 32,16,0 --new 64 --out "$OUT" 2>&1 | tee "$OUT/offload.log"
+    ;;
+  cycles)
+    timeout 200 python -m bench.load_cycles --cycles 4 --tokenizer "$TOK" 2>&1 | tee "$OUT/cycles.log"
     ;;
   sweep16)
     # launch parameters of the half2 tensor-core kernel at M = 16
