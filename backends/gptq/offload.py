@@ -19,8 +19,11 @@ import torch
 from backends.base import BackendError
 
 LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-RESERVE_TOKENS = 4096   # KV cache kept free for this many tokens (or the context, when shorter)
-RESERVE_MARGIN = 2**30  # activations, CUDA graph pools, cuBLAS and Triton workspaces
+# GPU memory left beside the weights when gpu_layers is automatic: the KV cache of this many tokens (or
+# the context, when shorter) and a margin (activations, graph pools, cuBLAS and Triton workspaces). Kept
+# moderate so a model that fits runs at full speed: a 7B 4-bit model still loads whole on an 8 GB GPU.
+RESERVE_TOKENS = 2048
+RESERVE_MARGIN = 2**29
 PAGE = 4096
 HOST_MARK = "_gptq_host_registration"  # attribute of offloaded codes: their registration (see to_host)
 

@@ -36,9 +36,12 @@ def test_decoder_layer_index():
 def test_reserve_counts_the_kv_cache_the_prefill_buffer_and_a_margin():
     from transformers import LlamaConfig
     config = LlamaConfig(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                         max_position_embeddings=2048)
-    kv = 2 * 32 * 8 * 128 * 2048 * 2  # the context (2048) is shorter than RESERVE_TOKENS
+                         max_position_embeddings=1024)
+    kv = 2 * 32 * 8 * 128 * 1024 * 2  # the context (1024) is shorter than RESERVE_TOKENS
     assert offload.reserve_bytes(config, torch.float16, 11008 * 4096) == kv + 11008 * 4096 * 2 + offload.RESERVE_MARGIN
+    # a 7B model without grouped kv heads: about 1.6 GB, so its 3.9 GB of 4-bit weights fit an 8 GB GPU
+    seven_b = LlamaConfig(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, max_position_embeddings=4096)
+    assert 1.5e9 < offload.reserve_bytes(seven_b, torch.float16, 11008 * 4096) < 1.8e9
 
 
 @pytest.fixture(scope="module")
