@@ -458,14 +458,14 @@ def cache_len(args) -> int:
     return -(-(args.prompt + args.new + 1) // 256) * 256
 
 
-def load_gptq(folder: Path, device, tuner_cache: Path | None = None):
+def load_gptq(folder: Path, device, tuner_cache: Path | None = None, gpu_layers: int | None = None):
     """The checkpoint through the gptq backend's loader with a tuning kernel runtime, as the backend
-    loads it on CUDA (tuner_cache: the configs file, shared by engines of one run): (loaded, model,
-    runtime)."""
+    loads it on CUDA (tuner_cache: the configs file, shared by engines of one run; gpu_layers: see
+    load_checkpoint): (loaded, model, runtime)."""
     from backends.gptq.kernel_runtime import KernelRuntime
     from backends.gptq.loader import load_checkpoint
     runtime = KernelRuntime(tune=True, cache_file=tuner_cache)
-    loaded = load_checkpoint(folder, device, torch.float16, runtime=runtime)
+    loaded = load_checkpoint(folder, device, torch.float16, runtime=runtime, gpu_layers=gpu_layers)
     runtime.reserve_workspace([l.kernel for l in loaded.quant_layers.values()], torch.float16, device)
     return loaded, loaded.model.eval(), runtime
 

@@ -57,19 +57,26 @@ def read_floor_ms(nbytes: int) -> float:
     words = -(-nbytes // 4)
     copies = max(2, math.ceil(4 * L2_BYTES / nbytes))
     bufs = [torch.randint(0, 2**31 - 1, (words,), device="cuda", dtype=torch.int32) for _ in range(copies)]
+    best = best_read_ms(bufs, per_sms=(2, 4, 8, 16), blocks=(1024, 2048, 4096), calls=max(copies, 8))
+    del bufs
+    return best
+
+
+def best_read_ms(bufs: list, per_sms, blocks, calls: int, reps: int = 10) -> float:
+    """ms per read of one of `bufs` (int32 words, equal sizes, on the GPU or in page-locked host memory)
+    by the read-only kernel, the best of the grids `per_sms` programs per SM x `blocks` words per step."""
+    words = bufs[0].numel()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     best = float("inf")
-    for per_sm in (2, 4, 8, 16):
-        for block in (1024, 2048, 4096):
-            programs = sms * per_sm
-            per = -(-words // programs)
+    for per_sm in per_sms:
+        for block in blocks:
+            per = -(-words // (sms * per_sm))
             per = -(-per // block) * block
             out = torch.empty(-(-words // per), device="cuda", dtype=torch.int32)
             grid = (out.numel(),)
-            ms = graph_time_ms(lambda i: _read_kernel[grid](bufs[i % copies], out, words, per, BLOCK=block,
-                                                             num_warps=4), calls=max(copies, 8))
+            ms = graph_time_ms(lambda i: _read_kernel[grid](bufs[i % len(bufs)], out, words, per, BLOCK=block,
+                                                             num_warps=4), calls=calls, reps=reps)
             best = min(best, ms)
-    del bufs
     return best
 
 

@@ -27,9 +27,10 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from backends.gptq import offload  # noqa: E402
-from backends.gptq.kernel_runtime import KernelRuntime, graph_time_ms  # noqa: E402
-from bench.decode import build_checkpoint, fuse_for_decoding, git_commit, graph_decoding, llama7b_config  # noqa: E402
-from bench.kernels import _read_kernel  # noqa: E402
+from backends.gptq.kernel_runtime import graph_time_ms  # noqa: E402
+from bench.decode import (build_checkpoint, fuse_for_decoding, git_commit, graph_decoding, llama7b_config,  # noqa: E402
+                          load_gptq)
+from bench.kernels import best_read_ms  # noqa: E402
 
 
 def h2d_copy_bandwidth(nbytes: int = 2**30) -> float:
@@ -41,33 +42,18 @@ def h2d_copy_bandwidth(nbytes: int = 2**30) -> float:
 
 
 def host_read_bandwidth(nbytes: int = 2**30) -> float:
-    """Bytes per second of the best grid of a Triton kernel that reads pinned host memory in place."""
-    words = nbytes // 4
-    host = offload.to_host(torch.randint(0, 2**31 - 1, (words,), dtype=torch.int32))
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    best = float("inf")
-    for per_sm in (4, 16, 64):
-        for block in (1024, 4096):
-            per = -(-words // (sms * per_sm))
-            per = -(-per // block) * block
-            out = torch.empty(-(-words // per), device="cuda", dtype=torch.int32)
-            ms = graph_time_ms(lambda i: _read_kernel[(out.numel(),)](host, out, words, per, BLOCK=block, num_warps=4),
-                               calls=2, reps=3)
-            best = min(best, ms)
-    return nbytes / (best * 1e-3)
+    """Bytes per second of the best grid of a Triton kernel that reads page-locked host memory in place."""
+    host = offload.to_host(torch.randint(0, 2**31 - 1, (nbytes // 4,), dtype=torch.int32))
+    return nbytes / (best_read_ms([host], per_sms=(4, 16, 64), blocks=(1024, 4096), calls=2, reps=3) * 1e-3)
 
 
 def decode_with(folder: Path, gpu_layers: int, args, prompt) -> dict:
-    from backends.gptq.loader import load_checkpoint
-    runtime = KernelRuntime(tune=True)
     gc.collect()
     torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated()
     t = time.perf_counter()
-    loaded = load_checkpoint(folder, torch.device("cuda"), torch.float16, runtime=runtime, gpu_layers=gpu_layers)
+    loaded, model, runtime = load_gptq(folder, torch.device("cuda"), gpu_layers=gpu_layers)
     load_s = time.perf_counter() - t
-    model = loaded.model.eval()
-    runtime.reserve_workspace([l.kernel for l in loaded.quant_layers.values()], torch.float16, "cuda")
     fuse_for_decoding(model, runtime, SimpleNamespace(no_fuse_norms=False, no_fuse_siblings=False,
                                                      attention_kernel=True, no_act_order_rewrites=False))
     kernels = {id(k): k for k in ((l.group.kernel if l.group is not None else l.kernel)

@@ -44,7 +44,6 @@ class GPTQBackend(TransformersBackend):
         super().__init__()
         self.quant_config = None
         self.checkpoint_format = None
-        self.load_warnings: list[str] = []
         self.quant_layers: dict = {}
         self.runtime = None
         self._decoder = None

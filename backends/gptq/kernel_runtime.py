@@ -373,7 +373,7 @@ class KernelRuntime:
 
     def key(self, x2d: torch.Tensor, layer: KernelLayer) -> str:
         # codes in host memory (offload.py) are read over PCIe: tuned apart from the same shape on the GPU
-        host = "-host" if layer.qweight.device.type == "cpu" else ""
+        host = "-host" if offload.on_host(layer.qweight) else ""
         return (f"m{self.m_bucket(x2d.shape[0])}-k{layer.K}-n{layer.N}-b{layer.bits}-g{layer.group_size}"
                 f"-p{int(layer.perm is not None)}-{str(x2d.dtype).split('.')[-1]}{host}")
 

@@ -156,3 +156,30 @@ def test_to_host_locks_the_copy_in_place_without_rounding_and_kernels_read_it():
     assert offload.on_host(host) and not offload.on_host(src)
     moved = offload.like(host, host[:, None].repeat(1, 2).contiguous())  # a CPU op's result is locked again
     assert offload.on_host(moved) and torch.equal(moved[:, 1], src)
+
+
+def test_host_codes_are_tuned_apart_and_never_fused_with_gpu_codes():
+    """Residence is part of the tuner's key (PCIe-bound layers pick their own configs) and of sibling
+    fusion's compatibility (one launch reads one kind of memory). Residence is what offload.on_host
+    reports: here a CPU tensor carrying the mark to_host gives (no CUDA on this machine)."""
+    from backends.gptq.fusion import _compatible
+    from backends.gptq.kernel_runtime import KernelRuntime
+    from backends.gptq.quant_linear import QuantLinear, make_kernel_layer
+
+    def layer(host: bool) -> QuantLinear:
+        codes = torch.randint(0, 16, (256, 64), dtype=torch.int32)
+        kernel = make_kernel_layer(fmt.pack_qweight(codes, 4), fmt.pack_qzeros(torch.full((2, 64), 8), 4, "gptq"),
+                                   torch.ones(2, 64, dtype=torch.float16), None, 4, 128, "gptq", torch.device("cpu"))
+        if host:
+            setattr(kernel.qweight, offload.HOST_MARK, object())
+        linear = QuantLinear(256, 64, 4, 128)
+        linear.kernel = kernel
+        return linear
+
+    gpu, host = layer(False), layer(True)
+    assert offload.on_host(host.kernel.qweight) and not offload.on_host(gpu.kernel.qweight)
+    x = torch.zeros(1, 256, dtype=torch.float16)
+    runtime = KernelRuntime(tune=False)
+    assert runtime.key(x, host.kernel) == runtime.key(x, gpu.kernel) + "-host"
+    assert _compatible([gpu, layer(False)]) and _compatible([host, layer(True)])
+    assert not _compatible([gpu, host]) and not _compatible([host, gpu])
