@@ -12,6 +12,8 @@
 #   bash bench/gpu_session.sh tune       cold tuning, candidates compiled one by one against side by side
 #   bash bench/gpu_session.sh offload    the offload CUDA tests, then 7B decode with layers' codes in host memory
 #   bash bench/gpu_session.sh cycles     GPU memory left after load / chat / unload cycles through the backend
+#   bash bench/gpu_session.sh gluon      the Gluon tensor-core kernel's CUDA tests, then each mode at 16 rows
+#   bash bench/gpu_session.sh graphs     load cycles, the backend smoke check and 7B decode (graph capture)
 # Prepare here:  mkdir -p .gpu_carry/tok && cp models/SmolLM2-135M-Instruct/{tokenizer.json,tokenizer_config.json} .gpu_carry/tok/
 #                echo /.gpu_carry/ >> .git/info/exclude
 set -uo pipefail
@@ -62,6 +64,20 @@ case "${1:-decode}" in
     ;;
   cycles)
     timeout 200 python -m bench.load_cycles --cycles 4 --tokenizer "$TOK" 2>&1 | tee "$OUT/cycles.log"
+    ;;
+  gluon)
+    # the Gluon tensor-core kernel (mode 7): its CUDA tests with the capture-stream and offload CUDA tests,
+    # then each mode's best at 16 rows next to fp16 and the read floor
+    timeout 240 python -m pytest -q -p no:cacheprovider tests/backends/gptq/test_gluon_mma.py \
+      tests/backends/gptq/test_graph_decoder.py tests/backends/gptq/test_offload.py 2>&1 | tee "$OUT/tests.log"
+    timeout 330 python -m bench.kernels --shapes 4096x11008,8192x28672 --cases 4g128,4g128a --m 16 --per-mode \
+      --floor --out "$OUT" 2>&1 | tee "$OUT/kernels.log"
+    ;;
+  graphs)
+    # graph decoding after the capture-stream change: memory over load cycles, the backend smoke check
+    timeout 200 python -m bench.load_cycles --cycles 4 --tokenizer "$TOK" 2>&1 | tee "$OUT/cycles.log"
+    timeout 200 python -m bench.decode --smoke --layers 2 --attention-kernel --tokenizer "$TOK" --out "$OUT" 2>&1 | tee "$OUT/smoke.log"
+    timeout 180 python -m bench.decode --profile --new 128 --repeats 1 --out "$OUT" 2>&1 | tee "$OUT/decode.log"
     ;;
   sweep16)
     # launch parameters of the half2 tensor-core kernel at M = 16

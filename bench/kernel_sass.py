@@ -47,8 +47,11 @@ def compile_asm(kernel, constexprs: dict, arch: int, warps: int, types: dict | N
     signature.update({k: "constexpr" for k in constexprs})
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
              if n.endswith("_ptr") or n in ALIGNED or n.startswith("stride")}
-    src = ASTSource(fn=kernel, signature=signature, attrs=attrs,
-                    constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    source = ASTSource
+    if type(kernel).__name__ == "GluonJITFunction":  # Gluon kernels (gluon_mma.py) have their own source type
+        from triton.experimental.gluon._runtime import GluonASTSource as source
+    src = source(fn=kernel, signature=signature, attrs=attrs,
+                 constexprs={(names.index(k),): v for k, v in constexprs.items()})
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps}).asm
 
 

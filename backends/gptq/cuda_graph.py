@@ -7,6 +7,7 @@ The step follows torch_generation's protocol: step(input_ids, cache) -> (logits,
 """
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -343,18 +344,33 @@ class GraphDecoder:
             self.use_graph = False
 
 
+def capture_stream(device: torch.device) -> torch.cuda.Stream:
+    """The one side stream per GPU on which every decoding graph warms up and is captured. Why one:
+    torch keeps a cuBLAS workspace (32 MiB on Hopper) for each stream cuBLAS has run on, for the life
+    of the process; a fresh stream per capture (every load, every growth of the static cache) kept
+    one more each time (bench/RESULTS.md, "32 MiB of cuBLAS workspace per graph capture")."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _stream_of_gpu(index)
+
+
+@functools.lru_cache(maxsize=None)
+def _stream_of_gpu(index: int) -> torch.cuda.Stream:
+    return torch.cuda.Stream(torch.device("cuda", index))
+
+
 class CudaGraphStep:
-    """fn captured into a CUDA graph after warm_up() ran on a side stream (as torch recommends);
-    replay() replays it and returns fn's output tensor, which every replay rewrites in place."""
+    """fn captured into a CUDA graph after warm_up() ran on the GPU's capture stream (a side stream, as
+    torch recommends); replay() replays it and returns fn's output tensor, which every replay rewrites
+    in place."""
 
     def __init__(self, warm_up, fn, device: torch.device):
-        stream = torch.cuda.Stream(device)
+        stream = capture_stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
             warm_up()
         torch.cuda.current_stream(device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, stream=stream):
             self.output = fn()
 
     def replay(self) -> torch.Tensor:

@@ -25,9 +25,9 @@ from backends.gptq.parallel_compile import compile_all, launcher
 log = logging.getLogger(__name__)
 
 FUSED_MAX_M = 64
-TUNER_VERSION = 7  # 2: cold weight copies; 3: more half2 GEMV tiles; 4: modes 5, 6; 5: stage_x; 6: mode 6 gone;
+TUNER_VERSION = 8  # 2: cold weight copies; 3: more half2 GEMV tiles; 4: modes 5, 6; 5: stage_x; 6: mode 6 gone;
 #                     7: half2 kernels without bounds masks on whole tiles and without a division per tile,
-#                        the tensor-core kernel at 2 and 3 bits
+#                        the tensor-core kernel at 2 and 3 bits; 8: mode 7 (Gluon)
 VERIFY_TOLERANCE = 1e-2  # relative error of a kernel's output against its torch reference (fp16: ~1e-3)
 
 
@@ -150,6 +150,8 @@ class GemmConfig:
     mode: int = 2              # 0 per word (3-D), 1 per row, 2 unrolled value slots, 3 prefetching GEMV (M=1),
     #                            4 half2 GEMV (M=1, fp16, 2/3/4-bit interleaved words),
     #                            5 half2 unpack + tensor cores (1 < M <= 64, fp16, 2/3/4-bit interleaved words)
+    #                            7 the same in Gluon with hand-chosen operand layouts (1 < M <= 16, fp16,
+    #                            4-bit interleaved words, whole tiles: gluon_mma.py)
     #                            (6, W^T x^T on the tensor cores, lost to 5 on an H100 and was removed)
     gather_x: bool = False     # act-order: permute the activations once (one gather) and run the perm-free
     #                            kernel, instead of each program loading x through perm (scattered reads)
@@ -187,6 +189,35 @@ def whole_tiles(layer: KernelLayer, cfg: GemmConfig) -> bool:
     """Every tile of the config lies inside the matrix (the usual LLM shapes), so the half2 kernels
     run without bounds masks (EVEN): 5-14% fewer instructions in their loops (sm_90 SASS)."""
     return layer.N % cfg.block_n == 0 and layer.K % cfg.block_k == 0
+
+
+def gluon_kernels_available() -> bool:
+    """Whether this Triton has Gluon and runs compiled (the interpreter cannot run Gluon kernels)."""
+    from backends.gptq import gluon_mma
+    from backends.gptq.triton_kernels import INTERPRETED
+    return gluon_mma.AVAILABLE and not INTERPRETED
+
+
+def _gluon_mma_candidates(layer: KernelLayer, bucket: int, bks: list[int], sms: int) -> list[GemmConfig]:
+    """Mode 7 configs: whole tiles only, and a split short enough that its slice of x fits the shared
+    memory budget of gluon_mma (at least two programs per SM)."""
+    from backends.gptq import gluon_mma
+    if bucket != gluon_mma.ROWS or layer.bits != 4 or not layer.interleaved:
+        return []
+    out = []
+    k_tiles_of = lambda bk: layer.K // bk
+    for bn, bk, warps in ((128, 128, 4), (64, 128, 4), (128, 64, 4), (256, 128, 8), (256, 64, 4)):
+        bk = max((b for b in bks if gluon_mma.CHUNK <= b <= bk), default=0)  # small groups: shorter tiles
+        if not bk or not gluon_mma.valid(bk, bn, warps) or layer.N % bn or layer.K % bk:
+            continue
+        most_tiles = gluon_mma.MAX_SHARED_BYTES // gluon_mma.shared_bytes(bk, 1)
+        for target in (4 * sms, 8 * sms):
+            split = max(_split_for(layer, bn, bk, target), -(-k_tiles_of(bk) // most_tiles))
+            per = -(-k_tiles_of(bk) // split)
+            cfg = GemmConfig("fused", bucket, bn, bk, -(-k_tiles_of(bk) // per), warps, num_stages=1, mode=7)
+            if gluon_mma.shared_bytes(bk, per) <= gluon_mma.MAX_SHARED_BYTES and cfg not in out:
+                out.append(cfg)
+    return out
 
 
 def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: torch.Tensor | None = None,
@@ -246,6 +277,18 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
             KB=kb, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_PERM=has_perm,
             SPLIT=split > 1, HAS_BIAS=bias is not None, USE_ASM=not INTERPRETED, EVEN=even, BITS=layer.bits,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return out
+    if cfg.mode == 7:
+        from backends.gptq import gluon_mma
+        if not gluon_mma.supports(x2d, layer, cfg) or has_perm:
+            raise ValueError("the Gluon tensor-core kernel (mode 7) takes 2-16 fp16 rows on CUDA, interleaved "
+                             "4-bit words in whole tiles, and act-order only through gather_x")
+        launcher(gluon_mma.gptq_mma4_kernel, (n_tiles, split), compile_only)(
+            x2d, layer.qweight, layer.scales, layer.zeros, out, bias if bias is not None else out, ws, tickets,
+            M, layer.N, layer.K, x2d.stride(0), out.stride(0), layer.group_size, per, split,
+            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, STAGED=gluon_mma.staged_tiles(per), SPLIT=split > 1,
+            HAS_BIAS=bias is not None, W_LAYOUT=gluon_mma.word_layout(cfg.block_k, cfg.block_n, cfg.num_warps),
+            num_warps=cfg.num_warps)
         return out
     if cfg.mode == 3:
         from backends.gptq.triton_kernels import gptq_gemv_kernel
@@ -404,6 +447,8 @@ class KernelRuntime:
                 # at 4 bits, 1.8-2.3x faster than mode 0 at 2 and 3 bits (bench/RESULTS.md); at M = 1
                 # it loses to mode 4
                 modes = (5, 2, 0, 1)
+                if layer.bits == 4 and gluon_kernels_available():
+                    modes = (5, 7, 2, 0, 1)  # mode 7: Gluon, only where measured (not yet the default)
         if bucket == 1 and layer.bits == 3 and layer.interleaved:  # mode 2's M = 1 form reads checkpoint order
             modes = tuple(m for m in modes if m != 2)
         return modes
@@ -437,6 +482,9 @@ class KernelRuntime:
             if mode == 5:  # the best of an H200 sweep at M = 16 (bench/gemv_sweep.py --mode 5) first
                 mode_tiles = [(64, 128, 4), (128, 128, 8), (128, 128, 4), (256, 128, 4)]
                 mode_targets = (4 * sms, 8 * sms)  # 2-4 splits won there
+            if mode == 7:
+                out += _gluon_mma_candidates(layer, bucket, bks, sms)
+                continue
             stages = (3, 4) if mode == 5 else (2,)  # loads feeding tl.dot: Triton pipelines them (cp.async)
             for bn, bk, warps in mode_tiles:
                 if mode == 2 and bucket > 1:  # one tl.dot per value slot needs >= 16 blocks per tile
@@ -458,7 +506,7 @@ class KernelRuntime:
             # that rejects mode 5 still gets a kernel) instead of grids that only cost tuning time
             kept, fallbacks = [], set()
             for c in out:
-                if c.mode == 5 or c.mode not in fallbacks:
+                if c.mode in (5, 7) or c.mode not in fallbacks:
                     kept.append(c)
                     fallbacks.add(c.mode)
             out = kept

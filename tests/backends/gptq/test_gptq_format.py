@@ -243,7 +243,7 @@ def test_runtime_can_be_limited_to_some_kernel_modes():
 def test_tuner_keeps_one_fallback_per_mode_beside_the_tensor_core_kernel(bits):
     """From 2 to 64 rows the tensor-core kernel (mode 5) leads with its grid of launch parameters; the
     other modes keep one config each (a fallback), and one row keeps every mode's grid."""
-    from backends.gptq.kernel_runtime import KernelRuntime
+    from backends.gptq.kernel_runtime import KernelRuntime, gluon_kernels_available
     from backends.gptq.quant_linear import make_kernel_layer
     K, N = 512, 256
     codes = torch.randint(0, 2**bits, (K, N), generator=torch.Generator().manual_seed(bits), dtype=torch.int32)
@@ -254,7 +254,9 @@ def test_tuner_keeps_one_fallback_per_mode_beside_the_tensor_core_kernel(bits):
         fused = [c for c in KernelRuntime().candidates(M, layer) if c.path == "fused"]
         per_mode = {m: sum(c.mode == m for c in fused) for m in {c.mode for c in fused}}
         assert fused[0].mode == 5 and per_mode[5] > 4, per_mode
-        assert len(per_mode) > 1 and all(n == 1 for m, n in per_mode.items() if m != 5), per_mode
+        assert len(per_mode) > 1 and all(n == 1 for m, n in per_mode.items() if m not in (5, 7)), per_mode
+        # the Gluon kernel (mode 7): 4-bit, up to 16 rows, its own grid; never without Gluon
+        assert (7 in per_mode) == (bits == 4 and M == 16 and gluon_kernels_available()), per_mode
     one_row = [c for c in KernelRuntime().candidates(1, layer) if c.path == "fused"]
     assert sum(c.mode == 4 for c in one_row) > 4 and sum(c.mode == 0 for c in one_row) > 1
 

@@ -5,6 +5,7 @@ at cumulative_length); left advanced, every replay wrote its key and value one s
 its mask and rotary use (7B on an H200: logits 43% off a full forward after two graph steps)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from backends import torch_generation
@@ -43,3 +44,24 @@ def test_pipelined_generation_through_replays(tiny_llama):
         replies.append("".join(c.text for c in chunks))
         assert decoder.graph is not None and decoder.graph.replays == 8  # 10 tokens: prompt, eager step, 8 replays
     assert replies[0] == replies[1] and replies[0].count(",") == 9
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (graph capture, cuBLAS workspaces)")
+def test_repeated_captures_keep_no_memory():
+    """Each load, and each growth of the static cache, captures a new decoding graph. torch keeps a cuBLAS
+    workspace (32 MiB on Hopper) per stream cuBLAS ran on; warming up on a fresh stream per capture kept
+    one more per capture. On the GPU's one capture stream, memory after a released capture is flat."""
+    from backends.gptq.cuda_graph import CudaGraphStep, capture_stream
+    device = torch.device("cuda")
+    a = torch.randn(64, 256, device=device, dtype=torch.float16)
+    b = torch.randn(256, 512, device=device, dtype=torch.float16)
+    left = []
+    for _ in range(4):
+        step = CudaGraphStep(lambda: a @ b, lambda: a @ b, device)
+        a.add_(1.0 / 64)
+        assert torch.allclose(step.replay(), a @ b, rtol=1e-2, atol=1e-2)  # the replay reads the new a
+        del step
+        torch.cuda.synchronize()
+        left.append(torch.cuda.memory_allocated(device))
+    assert capture_stream(device) is capture_stream(torch.device("cuda", torch.cuda.current_device()))
+    assert left[1] == left[2] == left[3], left  # nothing more kept per capture after the first

@@ -101,12 +101,15 @@ def test_the_gpu_layers_option_is_validated_and_ignored_on_the_cpu(rtn_ckpt):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (host memory read by kernels)")
-def test_offloaded_layers_read_host_codes_and_give_the_same_tokens(tmp_path):
+@pytest.mark.parametrize("act_order", [False, True], ids=["plain", "act-order"])
+def test_offloaded_layers_read_host_codes_and_give_the_same_tokens(tmp_path, act_order):
     """A random 6-layer LLaMA, RTN 4-bit, loaded all on the GPU and with layers 2-5 reading their codes
     from host memory: fused siblings stay on the host, the rest on the GPU, and prefill logits and
-    CUDA-graph greedy decoding agree."""
+    CUDA-graph greedy decoding agree. With act-order, gate/up's columns are reordered for down_proj
+    (act_order.fold_mlp_orders) where they lie, and dense weights of host layers come out the same."""
     from transformers import LlamaConfig
 
+    from backends.gptq.act_order import fold_mlp_orders
     from backends.gptq.cuda_graph import GraphDecoder
     from backends.gptq.fusion import fuse_siblings
     from backends.gptq.kernel_runtime import KernelRuntime
@@ -115,16 +118,20 @@ def test_offloaded_layers_read_host_codes_and_give_the_same_tokens(tmp_path):
     config = LlamaConfig(hidden_size=512, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=8,
                          num_key_value_heads=4, vocab_size=2048, max_position_embeddings=512,
                          tie_word_embeddings=False)
-    build_checkpoint(config, tmp_path / "ckpt", bits=4, group=128)
+    build_checkpoint(config, tmp_path / "ckpt", bits=4, group=128, act_order=act_order)
     torch.cuda.empty_cache()
     prompt = torch.randint(0, 2048, (24,), generator=torch.Generator().manual_seed(0)).tolist()
-    logits, tokens = {}, {}
+    logits, tokens, dense = {}, {}, {}
     for gpu_layers in (None, 2):
         runtime = KernelRuntime(tune=True)
         loaded = load_checkpoint(tmp_path / "ckpt", torch.device("cuda"), torch.float16, runtime=runtime,
                                  gpu_layers=gpu_layers)
         model = loaded.model.eval()
+        assert fold_mlp_orders(model) == (6 if act_order else 0)
         assert fuse_siblings(model, runtime) == 12
+        dense[gpu_layers] = {n: loaded.quant_layers[n].dense_weight() for n in
+                             ("model.layers.3.self_attn.o_proj", "model.layers.3.mlp.down_proj",
+                              "model.layers.3.mlp.up_proj", "model.layers.1.mlp.gate_proj")}
         kernels = {n: (l.group.kernel if l.group is not None else l.kernel) for n, l in loaded.quant_layers.items()}
         host = {n for n, k in kernels.items() if offload.on_host(k.qweight)}
         if gpu_layers is None:
@@ -144,6 +151,8 @@ def test_offloaded_layers_read_host_codes_and_give_the_same_tokens(tmp_path):
     err = float((logits[2] - logits[None]).norm() / logits[None].norm())
     assert err < 2e-3, err
     assert tokens[2] == tokens[None]
+    for name, weight in dense[None].items():
+        assert torch.equal(dense[2][name], weight), name
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (host memory registration)")

@@ -1,0 +1,82 @@
+"""The Gluon tensor-core kernel (mode 7, backends/gptq/gluon_mma.py) against a float64 reference of the
+dequantized weights, on CUDA (Gluon kernels do not run on Triton's interpreter; their compile for sm_80
+and sm_90 and their SASS are checked without a GPU in test_kernels_compile.py). On CPU: which inputs the
+kernel takes and which configs the tuner offers it."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from backends.gptq import format as fmt
+from backends.gptq import gluon_mma
+from backends.gptq import kernel_runtime as kr
+from backends.gptq.quant_linear import make_kernel_layer
+
+
+def _layer(K, N, group, act, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    G = fmt.num_groups(K, group)
+    codes = torch.randint(0, 16, (K, N), generator=g, dtype=torch.int32)
+    zeros = torch.randint(1, 16, (G, N), generator=g, dtype=torch.int32)  # v1 stores z - 1
+    scales = (torch.rand(G, N, generator=g) * 0.02 + 0.002).half()
+    g_idx = fmt.default_g_idx(K, group)
+    if act:
+        g_idx = g_idx[torch.randperm(K, generator=g)]
+    qw, qz = fmt.pack_qweight(codes, 4), fmt.pack_qzeros(zeros, 4, "gptq")
+    ref = fmt.dequantize(qw, qz, scales, g_idx, 4, "gptq", dtype=torch.float64)  # [K, N]
+    return make_kernel_layer(qw, qz, scales, g_idx, 4, group, "gptq", device), ref
+
+
+def test_configs_offered_fit_the_kernel_and_the_shared_memory_budget():
+    layer, _ = _layer(4096, 1024, 128, False, "cpu", 0)
+    configs = kr._gluon_mma_candidates(layer, 16, kr.valid_block_ks(layer), sms=132)
+    assert configs and all(c.mode == 7 and c.block_m == 16 for c in configs)
+    for c in configs:
+        assert gluon_mma.valid(c.block_k, c.block_n, c.num_warps)
+        per = kr._tiles_per_split(layer, c)
+        assert gluon_mma.shared_bytes(c.block_k, per) <= gluon_mma.MAX_SHARED_BYTES
+        assert layer.N % c.block_n == 0 and layer.K % c.block_k == 0
+    assert kr._gluon_mma_candidates(layer, 32, kr.valid_block_ks(layer), 132) == []  # 16 rows at most
+    assert kr._gluon_mma_candidates(replace(layer, bits=3), 16, [128], 132) == []  # 4-bit only
+    small_groups, _ = _layer(1024, 512, 32, False, "cpu", 0)  # tiles of one 32-row group
+    assert {c.block_k for c in kr._gluon_mma_candidates(small_groups, 16, [32], 132)} == {32}
+
+
+def test_inputs_it_does_not_take_are_refused():
+    layer, _ = _layer(256, 128, 128, False, "cpu", 1)
+    cfg = kr.GemmConfig("fused", 16, 128, 128, 1, 4, 1, mode=7)
+    x = torch.zeros(4, 256, dtype=torch.float16)
+    assert not gluon_mma.supports(x, layer, cfg)  # not on CUDA
+    with pytest.raises(ValueError, match="mode 7"):
+        kr.launch_fused(x, layer, cfg)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Gluon kernels have no interpreter)")
+@pytest.mark.parametrize("K,N,group,act", [(4096, 1024, 128, False), (1024, 512, 32, False), (2048, 256, -1, False),
+                                           (1024, 768, 64, True), (11008, 256, 128, False)])
+def test_matches_float64_over_rows_splits_and_tiles(K, N, group, act):
+    if not gluon_mma.AVAILABLE:
+        pytest.skip("this Triton has no Gluon")
+    layer, ref = _layer(K, N, group, act, "cuda", K + N)
+    ref = ref.cuda()
+    runtime = kr.KernelRuntime(tune=False)
+    configs = kr._gluon_mma_candidates(layer, 16, kr.valid_block_ks(layer), kr.sm_count("cuda"))
+    configs += [kr.GemmConfig("fused", 16, 64, min(64, max(kr.valid_block_ks(layer))), 1, 4, 1, mode=7)]  # one split
+    if act:
+        configs = [replace(c, gather_x=True) for c in configs]
+    assert any(c.split_k > 1 for c in configs) and any(c.split_k == 1 for c in configs)
+    g = torch.Generator(device="cuda").manual_seed(7)
+    bias = torch.randn(N, generator=g, device="cuda").half()
+    for cfg in configs:
+        for M in (2, 3, 8, 16):
+            x = torch.randn(M, K, generator=g, device="cuda").half()
+            for with_bias in (False, True):
+                out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.float16)
+                y = kr.launch_fused(x, layer, cfg, out=out, bias=bias if with_bias else None,
+                                    scratch=runtime.scratch)
+                want = x.double() @ ref + (bias.double() if with_bias else 0)
+                assert not torch.isnan(y).any(), f"unwritten outputs with {cfg}, M={M}"
+                err = float((y.double() - want).norm() / want.norm())
+                assert err < 2e-3, f"{cfg} M={M} bias={with_bias}: rel err {err:.2e}"
