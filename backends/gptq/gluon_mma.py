@@ -13,8 +13,11 @@ bound by its own instructions at 16 rows. Here the layouts are chosen by hand, a
   checked to be free at compile time (`assert_trivial`).
 - The activations are staged once per program in shared memory in that same k order (each program
   reads only its split's slice of x), and the MMA reads them with `ldmatrix`: no register moves.
+- The words stream through a ring of tiles in shared memory (`cp.async`, several tiles in flight): with
+  one tile prefetched in registers instead, the kernel was no faster than mode 5 on an H200 (18.4
+  against 18.7 us at 4096x11008, 16 rows; 82.8 against 71.4 at 8192x28672), too few bytes in flight.
 
-sm_90 SASS (Triton 3.6, 128x128 tiles, 4 warps): 2.2 instructions per weight in the loop against 3.0
+sm_90 SASS (Triton 3.6, 128x128 tiles, 4 warps): 2.3 instructions per weight in the loop against 3.0
 for mode 5 (`python -m bench.kernel_sass`). 4-bit, fp16, whole tiles only; act-order through the
 runtime's one gather (GemmConfig.gather_x). Needs Triton's Gluon (3.5+); without it the mode is not
 offered (`AVAILABLE`).
@@ -26,7 +29,7 @@ import functools
 try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
     AVAILABLE = hasattr(gl, "DistributedLinearLayout") and hasattr(gl, "NVMMADistributedLayout")
 except ImportError:  # a Triton without Gluon: the mode is not offered
     AVAILABLE = False
@@ -73,13 +76,16 @@ def staged_tiles(tiles_per_split: int) -> int:
     return 1 << max(tiles_per_split - 1, 0).bit_length()
 
 
-def shared_bytes(block_k: int, tiles_per_split: int) -> int:
-    return staged_tiles(tiles_per_split) * ROWS * block_k * 2
+def shared_bytes(block_k: int, block_n: int, tiles_per_split: int, stages: int) -> int:
+    """Dynamic shared memory of one program: its staged x and its ring of word tiles."""
+    return staged_tiles(tiles_per_split) * ROWS * block_k * 2 + stages * block_k // 8 * block_n * 4
 
 
 if AVAILABLE:
-    # Triton 3.6 calls the CTA barrier thread_barrier, later versions barrier
+    # Triton 3.6 names: thread_barrier and async_copy_global_to_shared; later: barrier and async_load
     _cta_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
+    _async_load = (async_copy.async_load if hasattr(async_copy, "async_load")
+                   else async_copy.async_copy_global_to_shared)
 
     @gluon.jit
     def _pair(w, fix, P: gl.constexpr):
@@ -112,7 +118,8 @@ if AVAILABLE:
     def gptq_mma4_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, bias_ptr, ws_ptr, ticket_ptr,
                          M, N, K, stride_xm, stride_om, group_size, tiles_per_split, nsplit,
                          BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGED: gl.constexpr,
-                         SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr, W_LAYOUT: gl.constexpr):
+                         SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr, W_LAYOUT: gl.constexpr,
+                         STAGES: gl.constexpr = 4):
         """out[M, N] (+)= x[M, K] @ W for 2 <= M <= 16 fp16 rows and half2-ordered 4-bit words, the K tiles
         of this program's split (grid axis 1); whole tiles only. See the module docstring."""
         KW: gl.constexpr = BLOCK_K // 8
@@ -139,30 +146,46 @@ if AVAILABLE:
             xs.index(i).store(gl.reshape(xv, [16, BLOCK_K]))
         _cta_barrier()
 
-        r_w = gl.arange(0, KW, layout=gl.SliceLayout(1, W_LAYOUT))
+        # the words stream through a ring of STAGES tiles in shared memory (cp.async, STAGES - 1 tiles in
+        # flight while one is unpacked); each lane then reads its own words (W_LAYOUT) from it. The swizzle
+        # puts the four word rows a warp reads at once (lanes t) on different banks.
+        copy_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 4], threads_per_warp=[1, 32],
+                                                     warps_per_cta=[num_warps, 1], order=[1, 0])
+        ws_layout: gl.constexpr = gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=4, order=[1, 0])
+        ring = gl.allocate_shared_memory(gl.int32, [STAGES, KW, BLOCK_N], ws_layout)
+        r_c = gl.arange(0, KW, layout=gl.SliceLayout(1, copy_layout))
+        n_cp = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, copy_layout))
+        w_tile = qw_ptr + r_c[:, None] * N + n_cp[None, :]
+        for st in gl.static_range(STAGES - 1):  # tiles past the split's end reload its last (never read)
+            _async_load(ring.index(st), w_tile + gl.minimum(t0 + st, t_end - 1) * KW * N)
+            async_copy.commit_group()
+
         n_w = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, W_LAYOUT))
-        w_tile = qw_ptr + r_w[:, None] * N + n_w[None, :]
         n_c = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
         # the group steps with the tiles (a tile never straddles groups): no division per tile
         per_group = gl.where(group_size >= K, 1 << 30, group_size // BLOCK_K)
         g = t0 // per_group
         left = per_group - t0 % per_group
         acc = gl.zeros([16, BLOCK_N], gl.float32, mma)
-        w_next = gl.load(w_tile + t0 * KW * N)
         for t in range(t0, t_end):
-            w = w_next
-            # the next tile's words are in flight while this one is unpacked (the last reloads itself)
-            w_next = gl.load(w_tile + gl.minimum(t + 1, t_end - 1) * KW * N)
+            u = t - t0
+            async_copy.wait_group(STAGES - 2)  # this thread's copies of tile t have landed
+            _cta_barrier()  # everyone's have, and everyone is done with the stage refilled next
+            _async_load(ring.index((u + STAGES - 1) % STAGES),
+                                                   w_tile + gl.minimum(t + STAGES - 1, t_end - 1) * KW * N)
+            async_copy.commit_group()
+            w = ring.index(u % STAGES).load(W_LAYOUT)
             z = gl.load(z_ptr + g * N + n_w).to(gl.uint32)
             s = gl.load(s_ptr + g * N + n_c).to(gl.float32)
             zz = gl.broadcast(((0xE400 + z) * 0x10001)[None, :], w)[0]        # -(1024 + z) in both halves
             m16 = gl.broadcast(((0xD400 + 16 * z) * 0x10001)[None, :], w)[0]  # -(1024 / 16 + z)
             b = _b_operand(w.to(gl.uint32, bitcast=True), zz, m16, BLOCK_K, BLOCK_N, b_layout)
-            part = mma_v2(xs.index(t - t0).load(a_layout), b, gl.zeros([16, BLOCK_N], gl.float32, mma))
+            part = mma_v2(xs.index(u).load(a_layout), b, gl.zeros([16, BLOCK_N], gl.float32, mma))
             acc += part * s[None, :]
             left -= 1
             g = gl.where(left == 0, g + 1, g)
             left = gl.where(left == 0, per_group, left)
+        async_copy.wait_group(0)
 
         offs_m = gl.arange(0, 16, layout=gl.SliceLayout(1, mma))
         omask = (offs_m < M)[:, None] & (n_c < N)[None, :]

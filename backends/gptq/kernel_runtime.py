@@ -199,23 +199,26 @@ def gluon_kernels_available() -> bool:
 
 
 def _gluon_mma_candidates(layer: KernelLayer, bucket: int, bks: list[int], sms: int) -> list[GemmConfig]:
-    """Mode 7 configs: whole tiles only, and a split short enough that its slice of x fits the shared
-    memory budget of gluon_mma (at least two programs per SM)."""
+    """Mode 7 configs: whole tiles only, num_stages the tiles of the word ring, and a split short enough
+    that its slice of x and its ring fit the shared memory budget of gluon_mma (two programs per SM)."""
     from backends.gptq import gluon_mma
     if bucket != gluon_mma.ROWS or layer.bits != 4 or not layer.interleaved:
         return []
     out = []
     k_tiles_of = lambda bk: layer.K // bk
-    for bn, bk, warps in ((128, 128, 4), (64, 128, 4), (128, 64, 4), (256, 128, 8), (256, 64, 4)):
+    for bn, bk, warps in ((128, 128, 4), (64, 128, 4), (128, 64, 4), (256, 128, 8)):
         bk = max((b for b in bks if gluon_mma.CHUNK <= b <= bk), default=0)  # small groups: shorter tiles
         if not bk or not gluon_mma.valid(bk, bn, warps) or layer.N % bn or layer.K % bk:
             continue
-        most_tiles = gluon_mma.MAX_SHARED_BYTES // gluon_mma.shared_bytes(bk, 1)
-        for target in (4 * sms, 8 * sms):
+        for target, stages in itertools.product((4 * sms, 8 * sms), (4, 3)):
+            ring = gluon_mma.shared_bytes(bk, bn, 0, stages) - gluon_mma.shared_bytes(bk, bn, 0, 0)
+            most_tiles = (gluon_mma.MAX_SHARED_BYTES - ring) // gluon_mma.shared_bytes(bk, bn, 1, 0)
+            if most_tiles < 1:
+                continue
             split = max(_split_for(layer, bn, bk, target), -(-k_tiles_of(bk) // most_tiles))
             per = -(-k_tiles_of(bk) // split)
-            cfg = GemmConfig("fused", bucket, bn, bk, -(-k_tiles_of(bk) // per), warps, num_stages=1, mode=7)
-            if gluon_mma.shared_bytes(bk, per) <= gluon_mma.MAX_SHARED_BYTES and cfg not in out:
+            cfg = GemmConfig("fused", bucket, bn, bk, -(-k_tiles_of(bk) // per), warps, num_stages=stages, mode=7)
+            if gluon_mma.shared_bytes(bk, bn, per, stages) <= gluon_mma.MAX_SHARED_BYTES and cfg not in out:
                 out.append(cfg)
     return out
 
@@ -288,7 +291,7 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
             M, layer.N, layer.K, x2d.stride(0), out.stride(0), layer.group_size, per, split,
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, STAGED=gluon_mma.staged_tiles(per), SPLIT=split > 1,
             HAS_BIAS=bias is not None, W_LAYOUT=gluon_mma.word_layout(cfg.block_k, cfg.block_n, cfg.num_warps),
-            num_warps=cfg.num_warps)
+            STAGES=cfg.num_stages, num_warps=cfg.num_warps)
         return out
     if cfg.mode == 3:
         from backends.gptq.triton_kernels import gptq_gemv_kernel

@@ -36,7 +36,8 @@ def test_configs_offered_fit_the_kernel_and_the_shared_memory_budget():
     for c in configs:
         assert gluon_mma.valid(c.block_k, c.block_n, c.num_warps)
         per = kr._tiles_per_split(layer, c)
-        assert gluon_mma.shared_bytes(c.block_k, per) <= gluon_mma.MAX_SHARED_BYTES
+        assert c.num_stages in (3, 4)  # the ring of word tiles
+        assert gluon_mma.shared_bytes(c.block_k, c.block_n, per, c.num_stages) <= gluon_mma.MAX_SHARED_BYTES
         assert layer.N % c.block_n == 0 and layer.K % c.block_k == 0
     assert kr._gluon_mma_candidates(layer, 32, kr.valid_block_ks(layer), 132) == []  # 16 rows at most
     assert kr._gluon_mma_candidates(replace(layer, bits=3), 16, [128], 132) == []  # 4-bit only
@@ -63,10 +64,12 @@ def test_matches_float64_over_rows_splits_and_tiles(K, N, group, act):
     ref = ref.cuda()
     runtime = kr.KernelRuntime(tune=False)
     configs = kr._gluon_mma_candidates(layer, 16, kr.valid_block_ks(layer), kr.sm_count("cuda"))
-    configs += [kr.GemmConfig("fused", 16, 64, min(64, max(kr.valid_block_ks(layer))), 1, 4, 1, mode=7)]  # one split
+    bk = min(64, max(kr.valid_block_ks(layer)))
+    if gluon_mma.shared_bytes(bk, 64, K // bk, 2) <= gluon_mma.MAX_SHARED_BYTES:  # one split, two stages
+        configs += [kr.GemmConfig("fused", 16, 64, bk, 1, 4, 2, mode=7)]
     if act:
         configs = [replace(c, gather_x=True) for c in configs]
-    assert any(c.split_k > 1 for c in configs) and any(c.split_k == 1 for c in configs)
+    assert any(c.split_k > 1 for c in configs) and (K > 4096 or any(c.split_k == 1 for c in configs))
     g = torch.Generator(device="cuda").manual_seed(7)
     bias = torch.randn(N, generator=g, device="cuda").half()
     for cfg in configs:

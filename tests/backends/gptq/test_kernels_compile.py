@@ -27,7 +27,8 @@ def _gluon_kernels():
         ("gluon tensor cores M=16 4-bit, split, bias", gm.gptq_mma4_kernel,
          dict(BLOCK_N=128, BLOCK_K=128, STAGED=8, SPLIT=True, HAS_BIAS=True, W_LAYOUT=gm.word_layout(128, 128, 4))),
         ("gluon tensor cores M=16 4-bit, 64x64", gm.gptq_mma4_kernel,
-         dict(BLOCK_N=64, BLOCK_K=64, STAGED=1, SPLIT=False, HAS_BIAS=False, W_LAYOUT=gm.word_layout(64, 64, 4))),
+         dict(BLOCK_N=64, BLOCK_K=64, STAGED=1, SPLIT=False, HAS_BIAS=False, W_LAYOUT=gm.word_layout(64, 64, 4),
+              STAGES=3)),
     ]
 
 
@@ -119,8 +120,8 @@ def test_tensor_core_kernel_loop_stays_short(bits, even, limit, block_n=64):
 def test_gluon_tensor_core_kernel_loop_stays_short():
     """Mode 7 (gluon_mma.py) at 16 rows, 128x128 tiles, 4 warps: its operand layouts are ours, so the K loop
     has no register moves for the MMA operands (mode 5 has ~50 per 64 weights) and reads x with ldmatrix.
-    2.19-2.21 SASS instructions per weight and thread now (Triton 3.9 / 3.6) against mode 5's 3.0 at the
-    same tile; the limit is about 10% above. A count, not a timing."""
+    2.27 SASS instructions per weight and thread now (Triton 3.6) against mode 5's 3.0 at the same tile;
+    the limit is about 10% above. A count, not a timing."""
     from collections import Counter
 
     from bench.kernel_sass import loop_body, opcode
@@ -135,8 +136,8 @@ def test_gluon_tensor_core_kernel_loop_stays_short():
     ops = Counter(map(opcode, body))
     per_weight = len(body) / (128 * 128 / 128)
     assert ops["HMMA"] == 32 and ops["LDSM"] == 8, ops  # 2 x 4 n-tiles x 4 k-steps; x through ldmatrix
-    assert ops["MOV"] + ops["IMAD"] < 40 and ops["LDS"] == 0, ops
-    assert 1.5 < per_weight < 2.45, f"loop: {per_weight:.2f} SASS instructions per weight and thread"
+    assert ops["MOV"] + ops["IMAD"] < 40 and ops["LDS"] <= 20, ops  # LDS: each lane's 16 words from the ring
+    assert 1.5 < per_weight < 2.5, f"loop: {per_weight:.2f} SASS instructions per weight and thread"
 
 
 def _pdl_kernels():
