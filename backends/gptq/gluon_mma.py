@@ -136,16 +136,6 @@ if AVAILABLE:
         t0 = pid_k * tiles_per_split
         t_end = gl.minimum(t0 + tiles_per_split, K // BLOCK_K)
 
-        # this split's slice of x, staged once in the dot's k order: physical k = 32 c + 8 t + 2 p + h
-        xs = gl.allocate_shared_memory(gl.float16, [STAGED, 16, BLOCK_K], xs_layout)
-        rows = gl.arange(0, 16, layout=gl.SliceLayout(1, x_layout))
-        x_tile = x_ptr + rows[:, None] * stride_xm + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, x_layout))[None, :]
-        for i in range(0, t_end - t0):
-            xv = gl.load(x_tile + (t0 + i) * BLOCK_K, mask=(rows < M)[:, None], other=0.0)
-            xv = gl.permute(gl.reshape(xv, [16, BLOCK_K // 32, 4, 2, 2, 2]), [0, 1, 3, 4, 2, 5])
-            xs.index(i).store(gl.reshape(xv, [16, BLOCK_K]))
-        _cta_barrier()
-
         # the words stream through a ring of STAGES tiles in shared memory (cp.async, STAGES - 1 tiles in
         # flight while one is unpacked); each lane then reads its own words (W_LAYOUT) from it. The swizzle
         # puts the four word rows a warp reads at once (lanes t) on different banks.
@@ -159,6 +149,17 @@ if AVAILABLE:
         for st in gl.static_range(STAGES - 1):  # tiles past the split's end reload its last (never read)
             _async_load(ring.index(st), w_tile + gl.minimum(t0 + st, t_end - 1) * KW * N)
             async_copy.commit_group()
+
+        # this split's slice of x, staged once in the dot's k order (physical k = 32 c + 8 t + 2 p + h),
+        # while the first word tiles are on their way
+        xs = gl.allocate_shared_memory(gl.float16, [STAGED, 16, BLOCK_K], xs_layout)
+        rows = gl.arange(0, 16, layout=gl.SliceLayout(1, x_layout))
+        x_tile = x_ptr + rows[:, None] * stride_xm + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, x_layout))[None, :]
+        for i in range(0, t_end - t0):
+            xv = gl.load(x_tile + (t0 + i) * BLOCK_K, mask=(rows < M)[:, None], other=0.0)
+            xv = gl.permute(gl.reshape(xv, [16, BLOCK_K // 32, 4, 2, 2, 2]), [0, 1, 3, 4, 2, 5])
+            xs.index(i).store(gl.reshape(xv, [16, BLOCK_K]))
+        _cta_barrier()
 
         n_w = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, W_LAYOUT))
         n_c = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
