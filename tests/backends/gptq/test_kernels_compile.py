@@ -10,7 +10,7 @@ import pytest
 
 from bench.kernel_sass import compile_cubin
 
-KERNEL_ARG_TYPES = {"z_ptr": "*u8", "q_ptr": "*fp16", "kn_ptr": "*fp16", "vn_ptr": "*fp16", "kc_ptr": "*fp16", "vc_ptr": "*fp16",
+KERNEL_ARG_TYPES = {"z_ptr": "*u8", "perm_ptr": "*i32", "q_ptr": "*fp16", "kn_ptr": "*fp16", "vn_ptr": "*fp16", "kc_ptr": "*fp16", "vc_ptr": "*fp16",
                    "pos_ptr": "*i64", "out_ptr": "*fp16", "ws_ptr": "*fp32", "ticket_ptr": "*i32",
                    "cos_ptr": "*fp16", "sin_ptr": "*fp16",
                    "scale_log2": "fp32",
@@ -26,6 +26,9 @@ def _gluon_kernels():
     return [
         ("gluon tensor cores M=16 4-bit, split, bias", gm.gptq_mma4_kernel,
          dict(BLOCK_N=128, BLOCK_K=128, STAGED=8, SPLIT=True, HAS_BIAS=True, W_LAYOUT=gm.word_layout(128, 128, 4))),
+        ("gluon tensor cores M=16 4-bit, act-order", gm.gptq_mma4_kernel,
+         dict(BLOCK_N=128, BLOCK_K=128, STAGED=4, SPLIT=True, HAS_BIAS=False, HAS_PERM=True,
+              W_LAYOUT=gm.word_layout(128, 128, 4))),
         ("gluon tensor cores M=16 4-bit, 64x64", gm.gptq_mma4_kernel,
          dict(BLOCK_N=64, BLOCK_K=64, STAGED=1, SPLIT=False, HAS_BIAS=False, W_LAYOUT=gm.word_layout(64, 64, 4),
               STAGES=3)),
