@@ -3,6 +3,7 @@ see whether the tuner's candidate list misses faster configs (a diagnostic for B
 
     python -m bench.gemv_sweep [--shapes 4096x12288,4096x4096,4096x22016,11008x4096] [--budget-s 300]
     python -m bench.gemv_sweep --mode 5 --m 16 --shapes 4096x11008,8192x28672   # the tensor-core kernel
+    python -m bench.gemv_sweep --mode 7 --m 16 --shapes 4096x11008               # its Gluon form
 
 For each shape (4-bit g128, M = 1, fp16): the tuner's pick among its candidates, then a grid of
 block_n x block_k x warps x split (and num_stages around the best), each checked against
@@ -26,6 +27,7 @@ if str(REPO) not in sys.path:
 
 from backends.gptq.kernel_runtime import (GemmConfig, KernelRuntime, _split_for, cold_copies,  # noqa: E402
                                           graph_time_ms, sm_count, valid_block_ks)
+from backends.gptq import gluon_mma  # noqa: E402
 from bench.kernels import random_layer  # noqa: E402
 
 DECODE_SHAPES = "4096x12288,4096x4096,4096x22016,11008x4096"
@@ -49,7 +51,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default=DECODE_SHAPES)
     ap.add_argument("--budget-s", type=float, default=100.0, help="stop the grid of a shape after this long")
-    ap.add_argument("--mode", type=int, default=4, choices=(4, 5), help="4: half2 GEMV; 5: half2 + tensor cores")
+    ap.add_argument("--mode", type=int, default=4, choices=(4, 5, 7),
+                    help="4: half2 GEMV; 5: half2 + tensor cores; 7: the same in Gluon")
     ap.add_argument("--m", type=int, default=1, help="rows of x (mode 4: 1)")
     args = ap.parse_args(argv)
     sms = sm_count("cuda")
@@ -80,8 +83,10 @@ def main(argv=None):
             if time.time() - start > args.budget_s:
                 print("(grid budget reached)", flush=True)
                 break
+            if args.mode == 7 and not gluon_mma.valid(bk, bn, warps):
+                continue
             splits = splits_for(layer, bn, bk, sms) if args.mode == 4 else sorted(
-                {_split_for(layer, bn, bk, f * sms) for f in (1, 2, 4, 8)})
+                {_split_for(layer, bn, bk, f * sms) for f in ((1, 2, 4, 8, 16) if args.mode == 7 else (1, 2, 4, 8))})
             for split in splits:
                 cfg = GemmConfig("fused", block_m, bn, bk, split, warps, main_stages, mode=args.mode)
                 ms = time_config(runtime, x, layer, copies, cfg, reference)
