@@ -38,7 +38,7 @@ ROWS = 16  # one MMA tile of rows: 2 <= M <= 16
 CHUNK = 32  # values per chunk: four words of each column, one per lane t
 
 
-MAX_SHARED_BYTES = 96 * 1024  # the staged x of one program: two programs still fit an SM (227 KiB on sm_90)
+MAX_SHARED_BYTES = 96 * 1024  # one program's staged x and word ring: two programs still fit an SM (227 KiB)
 
 
 def supports(x2d, layer, cfg) -> bool:
@@ -156,12 +156,16 @@ if AVAILABLE:
         rows = gl.arange(0, 16, layout=gl.SliceLayout(1, x_layout))
         cols = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, x_layout))
         x_rows = x_ptr + rows[:, None] * stride_xm
-        for i in range(0, t_end - t0):
+        # unrolled (STAGED is a constexpr; tiles past the split are masked): the next tiles' loads are in
+        # flight while one is stored, instead of one L2 round trip per tile in a loop
+        for i in gl.static_range(STAGED):
             k0 = (t0 + i) * BLOCK_K
+            live = (rows < M)[:, None] & (cols < (t_end - t0 - i) * BLOCK_K)[None, :]
             if HAS_PERM:  # act-order: gathered here, once per program (no separate gather launch)
-                xv = gl.load(x_rows + gl.load(perm_ptr + k0 + cols)[None, :], mask=(rows < M)[:, None], other=0.0)
+                src = gl.load(perm_ptr + k0 + cols, mask=cols < (t_end - t0 - i) * BLOCK_K, other=0)
+                xv = gl.load(x_rows + src[None, :], mask=live, other=0.0)
             else:
-                xv = gl.load(x_rows + k0 + cols[None, :], mask=(rows < M)[:, None], other=0.0)
+                xv = gl.load(x_rows + k0 + cols[None, :], mask=live, other=0.0)
             xv = gl.permute(gl.reshape(xv, [16, BLOCK_K // 32, 4, 2, 2, 2]), [0, 1, 3, 4, 2, 5])
             xs.index(i).store(gl.reshape(xv, [16, BLOCK_K]))
         _cta_barrier()
@@ -203,8 +207,10 @@ if AVAILABLE:
             ticket = gl.atomic_add(ticket_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
             if ticket == nsplit - 1:
                 total = gl.zeros([16, BLOCK_N], gl.float32, mma)
-                for k in range(0, nsplit):
-                    total += gl.load(ws + k * M * N, mask=omask, other=0.0, cache_modifier=".cg")
+                for k0 in range(0, nsplit, 4):  # four partials per round trip
+                    for j in gl.static_range(4):
+                        total += gl.load(ws + (k0 + j) * M * N, mask=omask & (k0 + j < nsplit), other=0.0,
+                                         cache_modifier=".cg")
                 if HAS_BIAS:
                     total += gl.load(bias_ptr + n_c).to(gl.float32)[None, :]
                 gl.store(out_tile, total.to(gl.float16), mask=omask)
