@@ -18,8 +18,10 @@ bound by its own instructions at 16 rows. Here the layouts are chosen by hand, a
   against 18.7 us at 4096x11008, 16 rows; 82.8 against 71.4 at 8192x28672), too few bytes in flight.
 
 sm_90 SASS (Triton 3.6, 128x128 tiles, 4 warps): 2.3 instructions per weight in the loop against 3.0
-for mode 5 (`python -m bench.kernel_sass`). 4-bit, fp16, whole tiles only; act-order either
-gathers x while staging it (perm) or takes it gathered by the runtime (GemmConfig.gather_x). Needs Triton's Gluon (3.5+); without it the mode is not
+for mode 5 (`python -m bench.kernel_sass`). 4-bit, fp16, whole tiles only; act-order takes x gathered by the
+runtime (GemmConfig.gather_x). Gathering it while staging it instead was faster at 4 rows on an H200
+(18.5 against 23.3 us) but 2.5x slower at 16 (58.3 us: 16 rows of scattered loads per program), and the
+tuner keeps one config for all of 2-16 rows, so it was removed. Needs Triton's Gluon (3.5+); without it the mode is not
 offered (`AVAILABLE`).
 """
 from __future__ import annotations
@@ -115,11 +117,11 @@ if AVAILABLE:
         return gl.convert_layout(gl.reshape(t, [BLOCK_K, BLOCK_N]), B_LAYOUT, assert_trivial=True)
 
     @gluon.jit
-    def gptq_mma4_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, bias_ptr, ws_ptr, ticket_ptr,
+    def gptq_mma4_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, bias_ptr, ws_ptr, ticket_ptr,
                          M, N, K, stride_xm, stride_om, group_size, tiles_per_split, nsplit,
                          BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGED: gl.constexpr,
                          SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr, W_LAYOUT: gl.constexpr,
-                         STAGES: gl.constexpr = 4, HAS_PERM: gl.constexpr = False):
+                         STAGES: gl.constexpr = 3):
         """out[M, N] (+)= x[M, K] @ W for 2 <= M <= 16 fp16 rows and half2-ordered 4-bit words, the K tiles
         of this program's split (grid axis 1); whole tiles only. See the module docstring."""
         KW: gl.constexpr = BLOCK_K // 8
@@ -161,11 +163,7 @@ if AVAILABLE:
         for i in gl.static_range(STAGED):
             k0 = (t0 + i) * BLOCK_K
             live = (rows < M)[:, None] & (cols < (t_end - t0 - i) * BLOCK_K)[None, :]
-            if HAS_PERM:  # act-order: gathered here, once per program (no separate gather launch)
-                src = gl.load(perm_ptr + k0 + cols, mask=cols < (t_end - t0 - i) * BLOCK_K, other=0)
-                xv = gl.load(x_rows + src[None, :], mask=live, other=0.0)
-            else:
-                xv = gl.load(x_rows + k0 + cols[None, :], mask=live, other=0.0)
+            xv = gl.load(x_rows + k0 + cols[None, :], mask=live, other=0.0)
             xv = gl.permute(gl.reshape(xv, [16, BLOCK_K // 32, 4, 2, 2, 2]), [0, 1, 3, 4, 2, 5])
             xs.index(i).store(gl.reshape(xv, [16, BLOCK_K]))
         _cta_barrier()

@@ -285,15 +285,15 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
         return out
     if cfg.mode == 7:
         from backends.gptq import gluon_mma
-        if not gluon_mma.supports(x2d, layer, cfg):
-            raise ValueError("the Gluon tensor-core kernel (mode 7) takes 2-16 fp16 rows on CUDA and interleaved "
-                             "4-bit words in whole tiles")
+        if not gluon_mma.supports(x2d, layer, cfg) or has_perm:
+            raise ValueError("the Gluon tensor-core kernel (mode 7) takes 2-16 fp16 rows on CUDA, interleaved "
+                             "4-bit words in whole tiles, and act-order only through gather_x")
         launcher(gluon_mma.gptq_mma4_kernel, (n_tiles, split), compile_only)(
-            x2d, layer.qweight, layer.scales, layer.zeros, perm, out, bias if bias is not None else out, ws, tickets,
+            x2d, layer.qweight, layer.scales, layer.zeros, out, bias if bias is not None else out, ws, tickets,
             M, layer.N, layer.K, x2d.stride(0), out.stride(0), layer.group_size, per, split,
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, STAGED=gluon_mma.staged_tiles(per), SPLIT=split > 1,
             HAS_BIAS=bias is not None, W_LAYOUT=gluon_mma.word_layout(cfg.block_k, cfg.block_n, cfg.num_warps),
-            STAGES=cfg.num_stages, HAS_PERM=has_perm, num_warps=cfg.num_warps)
+            STAGES=cfg.num_stages, num_warps=cfg.num_warps)
         return out
     if cfg.mode == 3:
         from backends.gptq.triton_kernels import gptq_gemv_kernel
@@ -520,6 +520,7 @@ class KernelRuntime:
             # far more than one gather launch, so the gathered configs lead; at M = 1 the tuner decides,
             # also between that and each program staging its own slice (mode 4, slices up to 4096 rows)
             gathered = [replace(c, gather_x=True) for c in out if bucket > 1 or c.mode in (3, 4)]
+            out = [c for c in out if c.mode != 7]  # mode 7 reads sorted x only (gluon_mma.py)
             staged = [replace(c, stage_x=True) for c in out
                       if bucket == 1 and c.mode == 4 and _tiles_per_split(layer, c) * c.block_k <= 4096]
             out = gathered + out if bucket > 1 else out + gathered + staged

@@ -26,9 +26,9 @@ def _gluon_kernels():
     return [
         ("gluon tensor cores M=16 4-bit, split, bias", gm.gptq_mma4_kernel,
          dict(BLOCK_N=128, BLOCK_K=128, STAGED=8, SPLIT=True, HAS_BIAS=True, W_LAYOUT=gm.word_layout(128, 128, 4))),
-        ("gluon tensor cores M=16 4-bit, act-order", gm.gptq_mma4_kernel,
-         dict(BLOCK_N=128, BLOCK_K=128, STAGED=4, SPLIT=True, HAS_BIAS=False, HAS_PERM=True,
-              W_LAYOUT=gm.word_layout(128, 128, 4))),
+        ("gluon tensor cores M=16 4-bit, 64-row tiles, two-tile ring", gm.gptq_mma4_kernel,
+         dict(BLOCK_N=128, BLOCK_K=64, STAGED=4, SPLIT=True, HAS_BIAS=False, STAGES=2,
+              W_LAYOUT=gm.word_layout(64, 128, 4))),
         ("gluon tensor cores M=16 4-bit, 64x64", gm.gptq_mma4_kernel,
          dict(BLOCK_N=64, BLOCK_K=64, STAGED=1, SPLIT=False, HAS_BIAS=False, W_LAYOUT=gm.word_layout(64, 64, 4),
               STAGES=3)),
