@@ -2,8 +2,8 @@
 
 Why: the Triton tensor-core kernel (mode 5) leaves the operand layouts to the compiler, which gives both
 operands 8 consecutive k per thread once weights are unpacked in registers, then spends ~50 register
-moves per 64 weights lining the activations up for the MMA (bench/RESULTS.md, `bench.m16_probe`): it is
-bound by its own instructions at 16 rows. Here the layouts are chosen by hand, as Marlin does in CUDA:
+moves per 64 weights lining the activations up for the MMA (bench/RESULTS.md, `bench.m16_probe`). Here
+the layouts are chosen by hand, as Marlin does in CUDA:
 
 - Each lane (g, t) of a warp loads whole half2-ordered words (`kernel_runtime.interleave_pairs`): word
   row 4c + t of column 8 nb + g. A `lop3` and an fp16x2 fma turn each of its four value pairs into the
@@ -13,16 +13,14 @@ bound by its own instructions at 16 rows. Here the layouts are chosen by hand, a
   checked to be free at compile time (`assert_trivial`).
 - The activations are staged once per program in shared memory in that same k order (each program
   reads only its split's slice of x), and the MMA reads them with `ldmatrix`: no register moves.
-- The words stream through a ring of tiles in shared memory (`cp.async`, several tiles in flight): with
-  one tile prefetched in registers instead, the kernel was no faster than mode 5 on an H200 (18.4
-  against 18.7 us at 4096x11008, 16 rows; 82.8 against 71.4 at 8192x28672), too few bytes in flight.
+- The words stream through a ring of tiles in shared memory (`cp.async`).
 
-sm_90 SASS (Triton 3.6, 128x128 tiles, 4 warps): 2.3 instructions per weight in the loop against 3.0
-for mode 5 (`python -m bench.kernel_sass`). 4-bit, fp16, whole tiles only; act-order takes x gathered by the
-runtime (GemmConfig.gather_x). Gathering it while staging it instead was faster at 4 rows on an H200
-(18.5 against 23.3 us) but 2.5x slower at 16 (58.3 us: 16 rows of scattered loads per program), and the
-tuner keeps one config for all of 2-16 rows, so it was removed. Needs Triton's Gluon (3.5+); without it the mode is not
-offered (`AVAILABLE`).
+Measured on an H200 (bench/RESULTS.md, 2026-12-03): 2.27 SASS instructions per weight in the loop
+against mode 5's 3.0 at the same tile, but only 5-8% faster at 16 rows (10-15% at 4), so the tuner
+picks it at 4 bits while the 16-row bound lies elsewhere. 4-bit, fp16, whole tiles only. Act-order
+takes x gathered by the runtime (GemmConfig.gather_x): gathering it while staging it was faster at 4
+rows (18.5 against 23.3 us) but 2.5x slower at 16, and the tuner keeps one config for 2-16 rows. Needs
+Triton's Gluon (3.5+); without it the mode is not offered (`AVAILABLE`).
 """
 from __future__ import annotations
 
@@ -38,8 +36,6 @@ except ImportError:  # a Triton without Gluon: the mode is not offered
 
 ROWS = 16  # one MMA tile of rows: 2 <= M <= 16
 CHUNK = 32  # values per chunk: four words of each column, one per lane t
-
-
 MAX_SHARED_BYTES = 96 * 1024  # one program's staged x and word ring: two programs still fit an SM (227 KiB)
 
 
@@ -62,15 +58,18 @@ def word_layout(block_k: int, block_n: int, num_warps: int):
     mma.m16n8k16 (k_width 2) in the k order of the module docstring, one word per 8 values."""
     chunks, nb = block_k // CHUNK, block_n // (8 * num_warps)
     return gl.DistributedLinearLayout(
-        reg_bases=[[4 << i, 0] for i in range(_log2(chunks))] + [[0, (8 * num_warps) << i] for i in range(_log2(nb))],
+        reg_bases=([[4 << i, 0] for i in range(_log2(chunks))]
+                   + [[0, (8 * num_warps) << i] for i in range(_log2(nb))]),
         lane_bases=[[1, 0], [2, 0], [0, 1], [0, 2], [0, 4]],
         warp_bases=[[0, 8 << i] for i in range(_log2(num_warps))], block_bases=[], shape=[block_k // 8, block_n])
 
 
 def valid(block_k: int, block_n: int, num_warps: int) -> bool:
     """Tile shapes the layouts cover: whole chunks, and every warp owning whole 8-column MMA tiles."""
-    return (block_k % CHUNK == 0 and block_k & (block_k - 1) == 0 and block_n % (8 * num_warps) == 0
-            and (block_n // (8 * num_warps)) & (block_n // (8 * num_warps) - 1) == 0 and num_warps & (num_warps - 1) == 0)
+    per_warp = block_n // (8 * num_warps)
+    power_of_two = lambda n: n > 0 and n & (n - 1) == 0
+    return (block_k % CHUNK == 0 and power_of_two(block_k) and block_n % (8 * num_warps) == 0
+            and power_of_two(per_warp) and power_of_two(num_warps))
 
 
 def staged_tiles(tiles_per_split: int) -> int:
@@ -179,8 +178,7 @@ if AVAILABLE:
             u = t - t0
             async_copy.wait_group(STAGES - 2)  # this thread's copies of tile t have landed
             _cta_barrier()  # everyone's have, and everyone is done with the stage refilled next
-            _async_load(ring.index((u + STAGES - 1) % STAGES),
-                                                   w_tile + gl.minimum(t + STAGES - 1, t_end - 1) * KW * N)
+            _async_load(ring.index((u + STAGES - 1) % STAGES), w_tile + gl.minimum(t + STAGES - 1, t_end - 1) * KW * N)
             async_copy.commit_group()
             w = ring.index(u % STAGES).load(W_LAYOUT)
             z = gl.load(z_ptr + g * N + n_w).to(gl.uint32)
