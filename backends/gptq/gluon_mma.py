@@ -16,7 +16,7 @@ the layouts are chosen by hand, as Marlin does in CUDA:
 - The words stream through a ring of tiles in shared memory (`cp.async`).
 
 Measured on an H200 (bench/RESULTS.md, 2026-12-03): 2.27 SASS instructions per weight in the loop
-against mode 5's 3.0 at the same tile, but only 5-8% faster at 16 rows (10-15% at 4), so the tuner
+against mode 5's 3.0 at the same tile, but only 5-9% faster at 16 rows (10-15% at 4), so the tuner
 picks it at 4 bits while the 16-row bound lies elsewhere. 4-bit, fp16, whole tiles only. Act-order
 takes x gathered by the runtime (GemmConfig.gather_x): gathering it while staging it was faster at 4
 rows (18.5 against 23.3 us) but 2.5x slower at 16, and the tuner keeps one config for 2-16 rows. Needs
