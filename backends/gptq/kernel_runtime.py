@@ -207,12 +207,13 @@ def _gluon_mma_candidates(layer: KernelLayer, bucket: int, bks: list[int], sms: 
     out = []
     k_tiles_of = lambda bk: layer.K // bk
     # the best of an H200 sweep at 16 rows (bench.gemv_sweep --mode 7, bench/RESULTS.md) first: 128 columns,
-    # a two-tile ring, 6 splits of 4096 rows and 8 of 8192
+    # 6 splits of 4096 rows and 8 of 8192, and a ring of two tiles (it beat three and four in every
+    # shape's best configs, so deeper rings would only lengthen a new model's tuning)
     for bn, bk, warps in ((128, 128, 4), (128, 64, 4), (256, 128, 8)):
         bk = max((b for b in bks if gluon_mma.CHUNK <= b <= bk), default=0)  # small groups: shorter tiles
         if not bk or not gluon_mma.valid(bk, bn, warps) or layer.N % bn or layer.K % bk:
             continue
-        for target, stages in itertools.product((4 * sms, 8 * sms, 16 * sms), (2, 3)):
+        for target, stages in itertools.product((4 * sms, 8 * sms, 16 * sms), (2,)):
             ring = gluon_mma.shared_bytes(bk, bn, 0, stages) - gluon_mma.shared_bytes(bk, bn, 0, 0)
             most_tiles = (gluon_mma.MAX_SHARED_BYTES - ring) // gluon_mma.shared_bytes(bk, bn, 1, 0)
             if most_tiles < 1:

@@ -36,7 +36,7 @@ def test_configs_offered_fit_the_kernel_and_the_shared_memory_budget():
     for c in configs:
         assert gluon_mma.valid(c.block_k, c.block_n, c.num_warps)
         per = kr._tiles_per_split(layer, c)
-        assert c.num_stages in (2, 3)  # the ring of word tiles
+        assert c.num_stages == 2  # the ring of word tiles
         assert gluon_mma.shared_bytes(c.block_k, c.block_n, per, c.num_stages) <= gluon_mma.MAX_SHARED_BYTES
         assert layer.N % c.block_n == 0 and layer.K % c.block_k == 0
     assert kr._gluon_mma_candidates(layer, 32, kr.valid_block_ks(layer), 132) == []  # 16 rows at most
