@@ -20,8 +20,7 @@ against mode 5's 3.0 at the same tile, but only 5-9% faster at 16 rows (10-15% a
 picks it at 4 bits while the 16-row bound lies elsewhere. 4-bit, fp16, whole tiles only. Act-order
 takes x gathered by the runtime (GemmConfig.gather_x): gathering it while staging it was faster at 4
 rows (18.5 us; mode 5 after the gather 23.3) but 2.5x slower at 16, and the tuner keeps one config for
-2-16 rows. Needs
-Triton's Gluon (3.5+); without it the mode is not offered (`AVAILABLE`).
+2-16 rows. Needs Triton's Gluon (3.5+); without it the mode is not offered (`AVAILABLE`).
 """
 from __future__ import annotations
 
