@@ -55,6 +55,8 @@ def main(argv=None):
                     help="4: half2 GEMV; 5: half2 + tensor cores; 7: the same in Gluon")
     ap.add_argument("--m", type=int, default=1, help="rows of x (mode 4: 1)")
     args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench.gemv_sweep needs a CUDA GPU")
     sms = sm_count("cuda")
     print(torch.cuda.get_device_name(), "SMs", sms, flush=True)
     for shape in args.shapes.split(","):

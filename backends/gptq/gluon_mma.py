@@ -26,10 +26,14 @@ from __future__ import annotations
 
 import functools
 
+import torch
+
 try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
+
+    from backends.gptq.triton_kernels import _pair_h, _tile_fixups  # Triton functions Gluon calls as they are
     AVAILABLE = hasattr(gl, "DistributedLinearLayout") and hasattr(gl, "NVMMADistributedLayout")
 except ImportError:  # a Triton without Gluon: the mode is not offered
     AVAILABLE = False
@@ -41,7 +45,6 @@ MAX_SHARED_BYTES = 96 * 1024  # one program's staged x and word ring: two progra
 
 def supports(x2d, layer, cfg) -> bool:
     """The inputs this kernel takes (act-order only after the runtime's gather)."""
-    import torch
     return (AVAILABLE and x2d.is_cuda and x2d.dtype == torch.float16 and 2 <= x2d.shape[0] <= ROWS
             and layer.bits == 4 and layer.interleaved and valid(cfg.block_k, cfg.block_n, cfg.num_warps)
             and layer.N % cfg.block_n == 0 and layer.K % cfg.block_k == 0
@@ -82,6 +85,14 @@ def shared_bytes(block_k: int, block_n: int, tiles_per_split: int, stages: int) 
     return staged_tiles(tiles_per_split) * ROWS * block_k * 2 + stages * block_k // 8 * block_n * 4
 
 
+def most_tiles_per_split(block_k: int, block_n: int, stages: int) -> int:
+    """The longest split (in K tiles) whose program fits MAX_SHARED_BYTES; 0 when not even one does."""
+    tiles = 1
+    while shared_bytes(block_k, block_n, 2 * tiles, stages) <= MAX_SHARED_BYTES:
+        tiles *= 2
+    return tiles if shared_bytes(block_k, block_n, tiles, stages) <= MAX_SHARED_BYTES else 0
+
+
 if AVAILABLE:
     # Triton 3.6 names: thread_barrier and async_copy_global_to_shared; later: barrier and async_load
     _cta_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
@@ -89,27 +100,14 @@ if AVAILABLE:
                    else async_copy.async_copy_global_to_shared)
 
     @gluon.jit
-    def _pair(w, fix, P: gl.constexpr):
-        """Values 2P and 2P+1 of each half2-ordered 4-bit word minus the zero as two fp16 (exact small
-        integers): triton_kernels._pair_h's lop3 and fma."""
-        return gl.inline_asm_elementwise(
-            "{\n.reg .b32 t, q, c;\n"
-            f"shr.u32 t, $2, {4 * P - 4 * P % 8};\n"
-            f"lop3.b32 q, t, {(15 << (4 * P % 8)) * 0x10001}, 0x64006400, 0xea;\n"
-            f"mov.b32 c, {(0x3C00 - 0x400 * (4 * P % 8)) * 0x10001};\n"
-            "fma.rn.f16x2 q, q, c, $3;\n"
-            "mov.b32 {$0, $1}, q;\n}",
-            "=h,=h,r,r", [w, fix], dtype=(gl.float16, gl.float16), is_pure=True, pack=1)
-
-    @gluon.jit
-    def _b_operand(w, zz, m16, BLOCK_K: gl.constexpr, BLOCK_N: gl.constexpr, B_LAYOUT: gl.constexpr):
+    def _b_operand(w, zz, m16, zb, BLOCK_K: gl.constexpr, BLOCK_N: gl.constexpr, B_LAYOUT: gl.constexpr):
         """The MMA's B operand [BLOCK_K, BLOCK_N] (q - z, fp16) of words w [BLOCK_K // 8, BLOCK_N], k in the
-        dot's order. Joins, reshapes and the permute only rename registers: the final conversion is
-        asserted free."""
-        l0, h0 = _pair(w, zz, 0)
-        l1, h1 = _pair(w, m16, 1)
-        l2, h2 = _pair(w, zz, 2)
-        l3, h3 = _pair(w, m16, 3)
+        dot's order, unpacked by the half2 kernels' own pair unpacker. Joins, reshapes and the permute only
+        rename registers: the final conversion is asserted free."""
+        l0, h0 = _pair_h(w, zz, zb, 0, 4, True)
+        l1, h1 = _pair_h(w, m16, zb, 1, 4, True)
+        l2, h2 = _pair_h(w, zz, zb, 2, 4, True)
+        l3, h3 = _pair_h(w, m16, zb, 3, 4, True)
         t = gl.join(gl.join(gl.join(l0, h0), gl.join(l1, h1)), gl.join(gl.join(l2, h2), gl.join(l3, h3)))
         t = gl.reshape(t, [BLOCK_K // 32, 4, BLOCK_N, 2, 2, 2])  # (c, t, n, h, p & 1, p >> 1)
         t = gl.permute(t, [0, 5, 4, 1, 3, 2])  # k = 32 c + 16 (p >> 1) + 8 (p & 1) + 2 t + h
@@ -120,7 +118,7 @@ if AVAILABLE:
                          M, N, K, stride_xm, stride_om, group_size, tiles_per_split, nsplit,
                          BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGED: gl.constexpr,
                          SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr, W_LAYOUT: gl.constexpr,
-                         STAGES: gl.constexpr = 3):
+                         STAGES: gl.constexpr = 2):
         """out[M, N] (+)= x[M, K] @ W for 2 <= M <= 16 fp16 rows and half2-ordered 4-bit words, the K tiles
         of this program's split (grid axis 1); whole tiles only. See the module docstring."""
         KW: gl.constexpr = BLOCK_K // 8
@@ -181,11 +179,10 @@ if AVAILABLE:
             _async_load(ring.index((u + STAGES - 1) % STAGES), w_tile + gl.minimum(t + STAGES - 1, t_end - 1) * KW * N)
             async_copy.commit_group()
             w = ring.index(u % STAGES).load(W_LAYOUT)
-            z = gl.load(z_ptr + g * N + n_w).to(gl.uint32)
+            z = gl.load(z_ptr + g * N + n_w)
             s = gl.load(s_ptr + g * N + n_c).to(gl.float32)
-            zz = gl.broadcast(((0xE400 + z) * 0x10001)[None, :], w)[0]        # -(1024 + z) in both halves
-            m16 = gl.broadcast(((0xD400 + 16 * z) * 0x10001)[None, :], w)[0]  # -(1024 / 16 + z)
-            b = _b_operand(w.to(gl.uint32, bitcast=True), zz, m16, BLOCK_K, BLOCK_N, b_layout)
+            zz, _, m16, _, zb = _tile_fixups(z, w.shape)  # -(1024 + z) and -(1024 / 16 + z), both halves
+            b = _b_operand(w.to(gl.uint32, bitcast=True), zz, m16, zb, BLOCK_K, BLOCK_N, b_layout)
             part = mma_v2(xs.index(u).load(a_layout), b, gl.zeros([16, BLOCK_N], gl.float32, mma))
             acc += part * s[None, :]
             left -= 1

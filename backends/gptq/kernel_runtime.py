@@ -199,29 +199,28 @@ def gluon_kernels_available() -> bool:
 
 
 def _gluon_mma_candidates(layer: KernelLayer, bucket: int, bks: list[int], sms: int) -> list[GemmConfig]:
-    """Mode 7 configs: whole tiles only, num_stages the tiles of the word ring, and a split short enough
-    that its slice of x and its ring fit the shared memory budget of gluon_mma (two programs per SM)."""
+    """Mode 7 configs: whole tiles only, num_stages the tiles of the word ring, and splits short enough
+    that a program's slice of x and its ring fit the shared memory budget of gluon_mma."""
     from backends.gptq import gluon_mma
     if bucket != gluon_mma.ROWS or layer.bits != 4 or not layer.interleaved:
         return []
     out = []
-    k_tiles_of = lambda bk: layer.K // bk
     # the best of an H200 sweep at 16 rows (bench.gemv_sweep --mode 7, bench/RESULTS.md) first: 128 columns,
     # 6 splits of 4096 rows and 8 of 8192, and a ring of two tiles (it beat three and four in every
     # shape's best configs, so deeper rings would only lengthen a new model's tuning)
+    stages = 2
     for bn, bk, warps in ((128, 128, 4), (128, 64, 4), (256, 128, 8)):
         bk = max((b for b in bks if gluon_mma.CHUNK <= b <= bk), default=0)  # small groups: shorter tiles
         if not bk or not gluon_mma.valid(bk, bn, warps) or layer.N % bn or layer.K % bk:
             continue
-        for target, stages in itertools.product((4 * sms, 8 * sms, 16 * sms), (2,)):
-            ring = gluon_mma.shared_bytes(bk, bn, 0, stages) - gluon_mma.shared_bytes(bk, bn, 0, 0)
-            most_tiles = (gluon_mma.MAX_SHARED_BYTES - ring) // gluon_mma.shared_bytes(bk, bn, 1, 0)
-            if most_tiles < 1:
-                continue
-            split = max(_split_for(layer, bn, bk, target), -(-k_tiles_of(bk) // most_tiles))
-            per = -(-k_tiles_of(bk) // split)
-            cfg = GemmConfig("fused", bucket, bn, bk, -(-k_tiles_of(bk) // per), warps, num_stages=stages, mode=7)
-            if gluon_mma.shared_bytes(bk, bn, per, stages) <= gluon_mma.MAX_SHARED_BYTES and cfg not in out:
+        most_tiles = gluon_mma.most_tiles_per_split(bk, bn, stages)
+        if not most_tiles:
+            continue
+        k_tiles = layer.K // bk
+        for target in (4 * sms, 8 * sms, 16 * sms):
+            per = -(-k_tiles // max(_split_for(layer, bn, bk, target), -(-k_tiles // most_tiles)))
+            cfg = GemmConfig("fused", bucket, bn, bk, -(-k_tiles // per), warps, num_stages=stages, mode=7)
+            if cfg not in out:
                 out.append(cfg)
     return out
 

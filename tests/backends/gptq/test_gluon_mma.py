@@ -40,6 +40,10 @@ def test_configs_offered_fit_the_kernel_and_the_shared_memory_budget():
         assert gluon_mma.shared_bytes(c.block_k, c.block_n, per, c.num_stages) <= gluon_mma.MAX_SHARED_BYTES
         assert layer.N % c.block_n == 0 and layer.K % c.block_k == 0
     assert kr._gluon_mma_candidates(layer, 32, kr.valid_block_ks(layer), 132) == []  # 16 rows at most
+    # the longest split that fits: 16 staged tiles of 128 rows (64 KiB) beside a 16 KiB ring; 32 would not
+    assert gluon_mma.most_tiles_per_split(128, 128, 2) == 16
+    assert gluon_mma.shared_bytes(128, 128, 32, 2) > gluon_mma.MAX_SHARED_BYTES
+    assert gluon_mma.most_tiles_per_split(128, 128, 200) == 0  # a ring alone over the budget
     assert kr._gluon_mma_candidates(replace(layer, bits=3), 16, [128], 132) == []  # 4-bit only
     small_groups, _ = _layer(1024, 512, 32, False, "cpu", 0)  # tiles of one 32-row group
     assert {c.block_k for c in kr._gluon_mma_candidates(small_groups, 16, [32], 132)} == {32}
