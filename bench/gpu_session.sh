@@ -14,6 +14,7 @@
 #   bash bench/gpu_session.sh cycles     GPU memory left after load / chat / unload cycles through the backend
 #   bash bench/gpu_session.sh gluon      the Gluon tensor-core kernel's CUDA tests, then each mode at 16 rows
 #   bash bench/gpu_session.sh graphs     load cycles, the backend smoke check and 7B decode (graph capture)
+#   bash bench/gpu_session.sh ncu        Nsight Compute counters of the 16-row and M = 1 kernels (bench.ncu_profile)
 # Prepare here:  mkdir -p .gpu_carry/tok && cp models/SmolLM2-135M-Instruct/{tokenizer.json,tokenizer_config.json} .gpu_carry/tok/
 #                echo /.gpu_carry/ >> .git/info/exclude
 set -uo pipefail
@@ -78,6 +79,17 @@ case "${1:-decode}" in
     timeout 200 python -m bench.load_cycles --cycles 4 --tokenizer "$TOK" 2>&1 | tee "$OUT/cycles.log"
     timeout 200 python -m bench.decode --smoke --layers 2 --attention-kernel --tokenizer "$TOK" --out "$OUT" 2>&1 | tee "$OUT/smoke.log"
     timeout 180 python -m bench.decode --profile --new 128 --repeats 1 --out "$OUT" 2>&1 | tee "$OUT/decode.log"
+    ;;
+  ncu)
+    # hardware counters: throughput, occupancy and stall reasons of each tuner pick (CASES overrides)
+    CASES="${CASES:-8192x28672:4g128:16:7,4096x11008:4g128:16:7,8192x28672:4g128:16:5,4096x11008:4g128:1:4,8192x28672:4g128:1:4,8192x28672:2g64:1:4}"
+    REP=/tmp/gptq-prof; rm -f "$REP.ncu-rep"
+    timeout 420 ncu --clock-control none --profile-from-start off --set full --import-source no -f -o "$REP" \
+      python -m bench.ncu_profile --cases "$CASES" > "$OUT/ncu_run.log" 2>&1; echo "ncu exit $?"; tail -25 "$OUT/ncu_run.log"
+    python -m bench.ncu_profile --summarize "$REP.ncu-rep" 2>&1 | tee "$OUT/summary.txt"
+    ncu --import "$REP.ncu-rep" --page details > "$OUT/details.txt" 2>&1
+    ncu --import "$REP.ncu-rep" --page source --csv --print-source sass --kernel-name regex:mma4 --launch-count 1 \
+      > "$OUT/source_mma4.csv" 2>&1; echo "source page exit $? $(wc -l < "$OUT/source_mma4.csv") lines"
     ;;
   sweep16)
     # launch parameters of the half2 tensor-core kernel at M = 16

@@ -1,0 +1,114 @@
+"""Hardware counters of the GPTQ kernels (Nsight Compute), to find what bounds a kernel that neither
+instruction counts nor memory latency explain (BENCH.md section 1, bench/RESULTS.md).
+
+    ncu --clock-control none --profile-from-start off --set full -o /tmp/prof \\
+        python -m bench.ncu_profile --cases 8192x28672:4g128:16:7,4096x11008:4g128:1:4
+    python -m bench.ncu_profile --summarize /tmp/prof.ncu-rep > summary.txt
+
+Each case is SHAPE:CASE:M:MODE (CASE as in bench.kernels). The tuner picks the config among that mode's
+candidates first (outside the profiled range); then the picked config runs `--launches` times over cold
+weight copies inside cudaProfilerStart/Stop, so ncu (with --profile-from-start off) sees only those.
+`--summarize` reads a report with ncu's CLI and prints, per kernel: duration, DRAM / L2 / L1 / SM
+throughput, occupancy, issue rate and the warp stall reasons, largest first.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+# metric name (ncu raw page) -> label; the stall reasons are found by prefix
+METRICS = {
+    "gpu__time_duration.sum": "duration",
+    "dram__throughput.avg.pct_of_peak_sustained_elapsed": "DRAM %",
+    "dram__bytes_read.sum": "DRAM bytes read",
+    "lts__t_bytes.sum": "L2 bytes",
+    "lts__throughput.avg.pct_of_peak_sustained_elapsed": "L2 %",
+    "l1tex__throughput.avg.pct_of_peak_sustained_active": "L1 %",
+    "sm__throughput.avg.pct_of_peak_sustained_elapsed": "SM %",
+    "sm__warps_active.avg.pct_of_peak_sustained_active": "achieved occupancy %",
+    "launch__occupancy_limit_registers": "blocks/SM (registers)",
+    "launch__occupancy_limit_shared_mem": "blocks/SM (shared)",
+    "launch__registers_per_thread": "registers",
+    "launch__grid_size": "grid",
+    "smsp__issue_active.avg.pct_of_peak_sustained_active": "issue active %",
+    "smsp__warps_eligible.avg.per_cycle_active": "eligible warps/cycle",
+    "smsp__average_warp_latency_per_inst_issued.ratio": "cycles per issue (per warp)",
+    "sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active": "tensor pipe %",
+}
+STALL_PREFIX = "smsp__average_warps_issue_stalled_"
+STALL_SUFFIX = "_per_issue_active.ratio"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", default="8192x28672:4g128:16:7")
+    ap.add_argument("--launches", type=int, default=2)
+    ap.add_argument("--summarize", metavar="REPORT", help="print the summary of an .ncu-rep file and exit")
+    args = ap.parse_args(argv)
+    if args.summarize:
+        print(summarize(args.summarize))
+        return 0
+    import torch
+    if not torch.cuda.is_available():
+        sys.exit("bench.ncu_profile needs a CUDA GPU")
+    from backends.gptq.kernel_runtime import KernelRuntime, cold_copies
+    from bench.kernels import CASES, random_layer
+    for i, spec in enumerate(args.cases.split(",")):
+        shape, case, m, mode = spec.split(":")
+        K, N = map(int, shape.split("x"))
+        bits, gs, act = CASES[case]
+        _, layer = random_layer(K, N, bits, gs, act, seed=i)
+        runtime = KernelRuntime(tune=True, modes=(int(mode),))
+        x = torch.randn(int(m), K, device="cuda", dtype=torch.float16)
+        cands = runtime.candidates(x.shape[0], layer, x.device, x.dtype)
+        cfg, ms = runtime.fastest(x, layer, cands)
+        print(f"{spec}: {ms * 1e3:.1f} us (graph replays, cold copies)  {cfg}", flush=True)
+        copies = cold_copies(layer, "cuda")
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaProfilerStart()
+        for j in range(args.launches):
+            runtime.run(x, copies[(j + 1) % len(copies)], cfg)
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaProfilerStop()
+        del copies, layer
+        torch.cuda.empty_cache()
+    return 0
+
+
+def summarize(report: str) -> str:
+    raw = subprocess.run(["ncu", "--import", report, "--page", "raw", "--csv"], capture_output=True, text=True,
+                         check=True).stdout
+    rows = list(csv.reader(io.StringIO(raw)))
+    header, units, data = rows[0], rows[1], rows[2:]
+    col = {name: i for i, name in enumerate(header)}
+    lines = []
+    for row in data:
+        name = row[col["Kernel Name"]] if "Kernel Name" in col else row[4]
+        lines.append(f"== {name[:60]}  (grid {row[col['launch__grid_size']] if 'launch__grid_size' in col else '?'}, "
+                     f"block {row[col['launch__block_size']] if 'launch__block_size' in col else '?'})")
+        for metric, label in METRICS.items():
+            if metric in col:
+                lines.append(f"   {label:32s} {row[col[metric]]} {units[col[metric]]}")
+        stalls = []
+        for metric, i in col.items():
+            if metric.startswith(STALL_PREFIX) and metric.endswith(STALL_SUFFIX) and "_not_issued" not in metric:
+                try:
+                    stalls.append((float(row[i].replace(",", "")), metric[len(STALL_PREFIX):-len(STALL_SUFFIX)]))
+                except ValueError:
+                    pass
+        stalls.sort(reverse=True)
+        lines.append("   stalls (cycles per issued instruction): "
+                     + ", ".join(f"{reason} {value:.2f}" for value, reason in stalls[:9]))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
