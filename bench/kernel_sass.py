@@ -34,10 +34,8 @@ def compile_cubin(kernel, constexprs: dict, arch: int, warps: int, types: dict |
     return compile_asm(kernel, constexprs, arch, warps, types)["cubin"]
 
 
-def compile_asm(kernel, constexprs: dict, arch: int, warps: int, types: dict | None = None,
-                options: dict | None = None) -> dict:
-    """Every stage compile_cubin produces, by name ("ptx", "cubin", ...); `options` adds compile options
-    (maxnreg, as a launch passes them)."""
+def compile_asm(kernel, constexprs: dict, arch: int, warps: int, types: dict | None = None) -> dict:
+    """Every stage compile_cubin produces, by name ("ptx", "cubin", ...)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -54,27 +52,23 @@ def compile_asm(kernel, constexprs: dict, arch: int, warps: int, types: dict | N
         from triton.experimental.gluon._runtime import GluonASTSource as source
     src = source(fn=kernel, signature=signature, attrs=attrs,
                  constexprs={(names.index(k),): v for k, v in constexprs.items()})
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, **(options or {})}).asm
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps}).asm
 
 
-def loops(sass: str) -> list[list[str]]:
-    """Instructions of every backward-branch loop, outer loops holding their inner ones."""
+def main_loop(sass: str) -> list[str]:
+    """Instructions of the longest backward-branch loop (the K loop)."""
     ins = []
     for line in sass.splitlines():
         m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
         if m:
             ins.append((int(m.group(1), 16), m.group(2)))
-    out = []
+    best: list[str] = []
     for addr, text in ins:
         target = re.search(r"BRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", text) if "BRA" in text else None
         if target and int(target.group(1), 16) < addr:
-            out.append([t for a, t in ins if int(target.group(1), 16) <= a <= addr])
-    return out
-
-
-def main_loop(sass: str) -> list[str]:
-    """Instructions of the longest backward-branch loop (the K loop)."""
-    return max(loops(sass), key=len, default=[])
+            body = [t for a, t in ins if int(target.group(1), 16) <= a <= addr]
+            best = max(best, body, key=len)
+    return best
 
 
 def opcode(text: str) -> str:
@@ -85,19 +79,13 @@ def opcode(text: str) -> str:
 
 def loop_body(kernel, constexprs: dict, arch: int = 90, warps: int = 4) -> list[str]:
     """SASS instructions of the kernel's K loop, compiled for sm_<arch> (Triton's ptxas and cuobjdump)."""
-    return main_loop(sass_of(kernel, constexprs, arch, warps))
-
-
-def sass_of(kernel, constexprs: dict, arch: int = 90, warps: int = 4, options: dict | None = None) -> str:
-    """The kernel's SASS for sm_<arch> (Triton's ptxas and cuobjdump), and its register count line."""
     import triton
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "k.cubin"
-        cubin.write_bytes(compile_asm(kernel, constexprs, arch, warps, options=options)["cubin"])
+        cubin.write_bytes(compile_cubin(kernel, constexprs, arch, warps))
         sass = subprocess.run([str(cuobjdump), "-sass", str(cubin)], capture_output=True, text=True).stdout
-        usage = subprocess.run([str(cuobjdump), "-res-usage", str(cubin)], capture_output=True, text=True).stdout
-    return sass + "\n" + usage
+    return main_loop(sass)
 
 
 def main(argv=None) -> int:

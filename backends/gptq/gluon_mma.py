@@ -41,10 +41,6 @@ except ImportError:  # a Triton without Gluon: the mode is not offered
 ROWS = 16  # one MMA tile of rows: 2 <= M <= 16
 CHUNK = 32  # values per chunk: four words of each column, one per lane t
 MAX_SHARED_BYTES = 96 * 1024  # one program's staged x and word ring: two programs still fit an SM (227 KiB)
-# registers per thread: at 128 four 4-warp programs fit an SM (64 K registers). Looping over column tiles
-# puts the split-K epilogue inside the loop, which made ptxas take 130; capped, it takes ~110, no spills
-MAX_REGISTERS = 128
-PROGRAMS_PER_SM = 4  # one wave of looping programs: what the registers and a 48 KiB program's shared memory allow
 
 
 def supports(x2d, layer, cfg) -> bool:
@@ -85,8 +81,9 @@ def staged_tiles(tiles_per_split: int) -> int:
 
 
 def shared_bytes(block_k: int, block_n: int, tiles_per_split: int, stages: int) -> int:
-    """Dynamic shared memory of one program: its staged x and its ring of word tiles."""
-    return staged_tiles(tiles_per_split) * ROWS * block_k * 2 + stages * block_k // 8 * block_n * 4
+    """Dynamic shared memory of one program: its staged x, scales and zeros, and its ring of word tiles."""
+    staged = staged_tiles(tiles_per_split)
+    return staged * ROWS * block_k * 2 + staged * block_n * 3 + stages * block_k // 8 * block_n * 4
 
 
 def most_tiles_per_split(block_k: int, block_n: int, stages: int) -> int:
@@ -118,23 +115,13 @@ if AVAILABLE:
         return gl.convert_layout(gl.reshape(t, [BLOCK_K, BLOCK_N]), B_LAYOUT, assert_trivial=True)
 
     @gluon.jit
-    def _next_item(t, nt, t0, t_end, n_progs, last_nt):
-        """The K tile and column tile after (t, nt) in a program's order: its split's tiles of one column
-        tile, then the next column tile it owns; past its last, its last column tile again (loads there
-        are never read)."""
-        wrap = t + 1 == t_end
-        return gl.where(wrap, t0, t + 1), gl.where(wrap, gl.minimum(nt + n_progs, last_nt), nt)
-
-    @gluon.jit
     def gptq_mma4_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, bias_ptr, ws_ptr, ticket_ptr,
                          M, N, K, stride_xm, stride_om, group_size, tiles_per_split, nsplit,
                          BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGED: gl.constexpr,
                          SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr, W_LAYOUT: gl.constexpr,
                          STAGES: gl.constexpr = 2):
         """out[M, N] (+)= x[M, K] @ W for 2 <= M <= 16 fp16 rows and half2-ordered 4-bit words, the K tiles
-        of this program's split (grid axis 1); whole tiles only. See the module docstring. Grid axis 0 may
-        be shorter than the column tiles: each program then loops over every n_progs-th column tile, its x
-        staged once for all of them and its ring streaming on from one to the next."""
+        of this program's split (grid axis 1); whole tiles only. See the module docstring."""
         KW: gl.constexpr = BLOCK_K // 8
         num_warps: gl.constexpr = gl.num_warps()
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, num_warps],
@@ -144,13 +131,10 @@ if AVAILABLE:
         x_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[2, 16],
                                                   warps_per_cta=[num_warps, 1], order=[1, 0])
         xs_layout: gl.constexpr = gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0])
-        pid_p = gl.program_id(0)
-        n_progs = gl.num_programs(0)
+        pid_n = gl.program_id(0)
         pid_k = gl.program_id(1)
         t0 = pid_k * tiles_per_split
         t_end = gl.minimum(t0 + tiles_per_split, K // BLOCK_K)
-        n_tiles = N // BLOCK_N
-        last_nt = pid_p + (n_tiles - 1 - pid_p) // n_progs * n_progs
 
         # the words stream through a ring of STAGES tiles in shared memory (cp.async, STAGES - 1 tiles in
         # flight while one is unpacked); each lane then reads its own words (W_LAYOUT) from it. The swizzle
@@ -160,97 +144,75 @@ if AVAILABLE:
         ws_layout: gl.constexpr = gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=4, order=[1, 0])
         ring = gl.allocate_shared_memory(gl.int32, [STAGES, KW, BLOCK_N], ws_layout)
         r_c = gl.arange(0, KW, layout=gl.SliceLayout(1, copy_layout))
-        c_cp = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, copy_layout))
-        w_rows = qw_ptr + r_c[:, None] * N + c_cp[None, :]
-        pf_t = t0  # the next tile the ring loads
-        pf_nt = pid_p
-        for st in gl.static_range(STAGES - 1):
-            _async_load(ring.index(st), w_rows + pf_t * KW * N + pf_nt * BLOCK_N)
+        n_cp = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, copy_layout))
+        w_tile = qw_ptr + r_c[:, None] * N + n_cp[None, :]
+        for st in gl.static_range(STAGES - 1):  # tiles past the split's end reload its last (never read)
+            _async_load(ring.index(st), w_tile + gl.minimum(t0 + st, t_end - 1) * KW * N)
             async_copy.commit_group()
-            pf_t, pf_nt = _next_item(pf_t, pf_nt, t0, t_end, n_progs, last_nt)
-
-        # the scales and zeros of a tile are loaded one tile ahead, with its words: loaded in the step that
-        # used them, the zeros were a DRAM round trip that nothing hid (a quarter of the stall samples on
-        # an H200, Nsight Compute)
-        c_z = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, W_LAYOUT))
-        c_s = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
-        # the group steps with the tiles (a tile never straddles groups): no division per tile
-        per_group = gl.where(group_size >= K, 1 << 30, group_size // BLOCK_K)
-        g0 = t0 // per_group
-        left0 = per_group - t0 % per_group
-        g = g0
-        left = left0
-        z = gl.load(z_ptr + g * N + pid_p * BLOCK_N + c_z)
-        s = gl.load(s_ptr + g * N + pid_p * BLOCK_N + c_s)
 
         # this split's slice of x, staged once in the dot's k order (physical k = 32 c + 8 t + 2 p + h),
-        # while the first word tiles are on their way
+        # and each of its tiles' scales and zeros, while the first word tiles are on their way. Loaded in
+        # the loop instead, the zeros were a DRAM round trip per tile that nothing hid: a quarter of the
+        # kernel's stall samples sat on their first use (Nsight Compute, bench/RESULTS.md 2026-12-03)
         xs = gl.allocate_shared_memory(gl.float16, [STAGED, 16, BLOCK_K], xs_layout)
+        flat: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])  # per tile: one row
+        zs = gl.allocate_shared_memory(gl.uint8, [STAGED, BLOCK_N], flat)
+        ss = gl.allocate_shared_memory(gl.float16, [STAGED, BLOCK_N], flat)
         rows = gl.arange(0, 16, layout=gl.SliceLayout(1, x_layout))
         cols = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, x_layout))
         x_rows = x_ptr + rows[:, None] * stride_xm
-        # unrolled (STAGED is a constexpr; tiles past the split are masked): the next tiles' loads are in
-        # flight while one is stored, instead of one L2 round trip per tile in a loop
+        col_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1], threads_per_warp=[32],
+                                                    warps_per_cta=[num_warps], order=[0])
+        n_st = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=col_layout)
+        # unrolled (STAGED is a constexpr; tiles past the split are masked or repeat its last tile's group):
+        # the next tiles' loads are in flight while one is stored, instead of one round trip per tile
         for i in gl.static_range(STAGED):
             k0 = (t0 + i) * BLOCK_K
             live = (rows < M)[:, None] & (cols < (t_end - t0 - i) * BLOCK_K)[None, :]
             xv = gl.load(x_rows + k0 + cols[None, :], mask=live, other=0.0)
             xv = gl.permute(gl.reshape(xv, [16, BLOCK_K // 32, 4, 2, 2, 2]), [0, 1, 3, 4, 2, 5])
             xs.index(i).store(gl.reshape(xv, [16, BLOCK_K]))
+            # a tile never straddles groups (BLOCK_K divides the group size, or one group covers K)
+            g = gl.where(group_size >= K, 0, gl.minimum(k0, K - BLOCK_K) // group_size)
+            zs.index(i).store(gl.load(z_ptr + g * N + n_st))
+            ss.index(i).store(gl.load(s_ptr + g * N + n_st))
         _cta_barrier()
 
-        offs_m = gl.arange(0, 16, layout=gl.SliceLayout(1, mma))
-        u = 0  # tiles done: the ring's slot
-        for nt in range(pid_p, n_tiles, n_progs):
-            acc = gl.zeros([16, BLOCK_N], gl.float32, mma)
-            for t in range(t0, t_end):
-                async_copy.wait_group(STAGES - 2)  # this thread's copies of this tile have landed
-                _cta_barrier()  # everyone's have, and everyone is done with the stage refilled next
-                _async_load(ring.index((u + STAGES - 1) % STAGES), w_rows + pf_t * KW * N + pf_nt * BLOCK_N)
-                async_copy.commit_group()
-                pf_t, pf_nt = _next_item(pf_t, pf_nt, t0, t_end, n_progs, last_nt)
-                wrap = t + 1 == t_end
-                left -= 1
-                g = gl.where(wrap, g0, gl.where(left == 0, g + 1, g))
-                left = gl.where(wrap, left0, gl.where(left == 0, per_group, left))
-                nx_nt = gl.where(wrap, gl.minimum(nt + n_progs, last_nt), nt)
-                z_next = gl.load(z_ptr + g * N + nx_nt * BLOCK_N + c_z)
-                s_next = gl.load(s_ptr + g * N + nx_nt * BLOCK_N + c_s)
-                w = ring.index(u % STAGES).load(W_LAYOUT)
-                zz, _, m16, _, zb = _tile_fixups(z, w.shape)  # -(1024 + z) and -(1024 / 16 + z), both halves
-                b = _b_operand(w.to(gl.uint32, bitcast=True), zz, m16, zb, BLOCK_K, BLOCK_N, b_layout)
-                part = mma_v2(xs.index(t - t0).load(a_layout), b, gl.zeros([16, BLOCK_N], gl.float32, mma))
-                acc += part * s.to(gl.float32)[None, :]
-                z = z_next
-                s = s_next
-                u += 1
-            n_c = nt * BLOCK_N + c_s
-            _finish_tile(acc, offs_m, n_c, nt, pid_k, out_ptr, bias_ptr, ws_ptr, ticket_ptr, M, N, stride_om,
-                         nsplit, SPLIT, HAS_BIAS)
+        n_c = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
+        acc = gl.zeros([16, BLOCK_N], gl.float32, mma)
+        for t in range(t0, t_end):
+            u = t - t0
+            async_copy.wait_group(STAGES - 2)  # this thread's copies of tile t have landed
+            _cta_barrier()  # everyone's have, and everyone is done with the stage refilled next
+            _async_load(ring.index((u + STAGES - 1) % STAGES), w_tile + gl.minimum(t + STAGES - 1, t_end - 1) * KW * N)
+            async_copy.commit_group()
+            w = ring.index(u % STAGES).load(W_LAYOUT)
+            z = zs.index(u).load(gl.SliceLayout(0, W_LAYOUT))
+            s = ss.index(u).load(gl.SliceLayout(0, mma)).to(gl.float32)
+            zz, _, m16, _, zb = _tile_fixups(z, w.shape)  # -(1024 + z) and -(1024 / 16 + z), both halves
+            b = _b_operand(w.to(gl.uint32, bitcast=True), zz, m16, zb, BLOCK_K, BLOCK_N, b_layout)
+            part = mma_v2(xs.index(u).load(a_layout), b, gl.zeros([16, BLOCK_N], gl.float32, mma))
+            acc += part * s[None, :]
         async_copy.wait_group(0)
 
-    @gluon.jit
-    def _finish_tile(acc, offs_m, n_c, nt, pid_k, out_ptr, bias_ptr, ws_ptr, ticket_ptr, M, N, stride_om,
-                     nsplit, SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr):
-        """Column tile nt's output: stored as it is with one split; else this split's partial, and the last
-        split of the tile to arrive sums them all (as triton_kernels._finish)."""
+        offs_m = gl.arange(0, 16, layout=gl.SliceLayout(1, mma))
         omask = (offs_m < M)[:, None] & (n_c < N)[None, :]
         out_tile = out_ptr + offs_m[:, None] * stride_om + n_c[None, :]
-        if SPLIT:
+        if SPLIT:  # the last split of the column tile to arrive sums the partials (triton_kernels._finish)
             ws = ws_ptr + offs_m[:, None] * N + n_c[None, :]
             gl.store(ws + pid_k * M * N, acc, mask=omask)
             _cta_barrier()
-            ticket = gl.atomic_add(ticket_ptr + nt, 1, sem="acq_rel", scope="gpu")
+            ticket = gl.atomic_add(ticket_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
             if ticket == nsplit - 1:
-                total = gl.zeros_like(acc)
-                for k0 in range(0, nsplit, 2):  # two partials per round trip
-                    for j in gl.static_range(2):
+                total = gl.zeros([16, BLOCK_N], gl.float32, mma)
+                for k0 in range(0, nsplit, 4):  # four partials per round trip
+                    for j in gl.static_range(4):
                         total += gl.load(ws + (k0 + j) * M * N, mask=omask & (k0 + j < nsplit), other=0.0,
                                          cache_modifier=".cg")
                 if HAS_BIAS:
                     total += gl.load(bias_ptr + n_c).to(gl.float32)[None, :]
                 gl.store(out_tile, total.to(gl.float16), mask=omask)
-                gl.atomic_xchg(ticket_ptr + nt, 0, sem="relaxed", scope="gpu")
+                gl.atomic_xchg(ticket_ptr + pid_n, 0, sem="relaxed", scope="gpu")
         else:
             if HAS_BIAS:
                 acc += gl.load(bias_ptr + n_c).to(gl.float32)[None, :]

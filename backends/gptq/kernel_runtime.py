@@ -25,10 +25,9 @@ from backends.gptq.parallel_compile import compile_all, launcher
 log = logging.getLogger(__name__)
 
 FUSED_MAX_M = 64
-TUNER_VERSION = 9  # 2: cold weight copies; 3: more half2 GEMV tiles; 4: modes 5, 6; 5: stage_x; 6: mode 6 gone;
+TUNER_VERSION = 8  # 2: cold weight copies; 3: more half2 GEMV tiles; 4: modes 5, 6; 5: stage_x; 6: mode 6 gone;
 #                     7: half2 kernels without bounds masks on whole tiles and without a division per tile,
-#                        the tensor-core kernel at 2 and 3 bits; 8: mode 7 (Gluon); 9: mode 7 programs
-#                        looping over column tiles, scales and zeros loaded a tile ahead
+#                        the tensor-core kernel at 2 and 3 bits; 8: mode 7 (Gluon)
 VERIFY_TOLERANCE = 1e-2  # relative error of a kernel's output against its torch reference (fp16: ~1e-3)
 
 
@@ -158,8 +157,6 @@ class GemmConfig:
     #                            kernel, instead of each program loading x through perm (scattered reads)
     stage_x: bool = False      # act-order, mode 4: each program gathers its split's slice of x once into a
     #                            scratch row at its start (no extra launch, no per-tile gathers)
-    column_programs: int = 0   # mode 7: programs per split along N, each looping over every column_programs-th
-    #                            column tile with its x staged once (0: one program per column tile)
 
 
 def valid_block_ks(layer: KernelLayer, candidates=(32, 64, 128, 256, 512)) -> list[int]:
@@ -219,16 +216,12 @@ def _gluon_mma_candidates(layer: KernelLayer, bucket: int, bks: list[int], sms: 
         most_tiles = gluon_mma.most_tiles_per_split(bk, bn, stages)
         if not most_tiles:
             continue
-        k_tiles, n_tiles = layer.K // bk, layer.N // bn
+        k_tiles = layer.K // bk
         for target in (4 * sms, 8 * sms, 16 * sms):
             per = -(-k_tiles // max(_split_for(layer, bn, bk, target), -(-k_tiles // most_tiles)))
             cfg = GemmConfig("fused", bucket, bn, bk, -(-k_tiles // per), warps, num_stages=stages, mode=7)
-            # and one wave of programs that each loop over several column tiles (x staged once for them all,
-            # the ring streaming on): where one program per tile would take several waves
-            looped = replace(cfg, column_programs=-(-gluon_mma.PROGRAMS_PER_SM * sms // cfg.split_k))
-            for c in (cfg, looped) if looped.column_programs * 2 <= n_tiles else (cfg,):
-                if c not in out:
-                    out.append(c)
+            if cfg not in out:
+                out.append(cfg)
     return out
 
 
@@ -295,13 +288,12 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
         if not gluon_mma.supports(x2d, layer, cfg) or has_perm:
             raise ValueError("the Gluon tensor-core kernel (mode 7) takes 2-16 fp16 rows on CUDA, interleaved "
                              "4-bit words in whole tiles, and act-order only through gather_x")
-        programs = min(cfg.column_programs or n_tiles, n_tiles)
-        launcher(gluon_mma.gptq_mma4_kernel, (programs, split), compile_only)(
+        launcher(gluon_mma.gptq_mma4_kernel, (n_tiles, split), compile_only)(
             x2d, layer.qweight, layer.scales, layer.zeros, out, bias if bias is not None else out, ws, tickets,
             M, layer.N, layer.K, x2d.stride(0), out.stride(0), layer.group_size, per, split,
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, STAGED=gluon_mma.staged_tiles(per), SPLIT=split > 1,
             HAS_BIAS=bias is not None, W_LAYOUT=gluon_mma.word_layout(cfg.block_k, cfg.block_n, cfg.num_warps),
-            STAGES=cfg.num_stages, num_warps=cfg.num_warps, maxnreg=gluon_mma.MAX_REGISTERS)
+            STAGES=cfg.num_stages, num_warps=cfg.num_warps)
         return out
     if cfg.mode == 3:
         from backends.gptq.triton_kernels import gptq_gemv_kernel

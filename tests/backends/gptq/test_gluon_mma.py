@@ -47,18 +47,6 @@ def test_configs_offered_fit_the_kernel_and_the_shared_memory_budget():
     assert kr._gluon_mma_candidates(replace(layer, bits=3), 16, [128], 132) == []  # 4-bit only
     small_groups, _ = _layer(1024, 512, 32, False, "cpu", 0)  # tiles of one 32-row group
     assert {c.block_k for c in kr._gluon_mma_candidates(small_groups, 16, [32], 132)} == {32}
-    assert all(c.column_programs == 0 for c in configs)  # 8 column tiles: one program each is one wave
-
-
-def test_programs_loop_over_column_tiles_where_one_each_would_take_several_waves():
-    layer, _ = _layer(1024, 4096, 128, False, "cpu", 3)  # 32 column tiles of 128 on a 16-SM GPU
-    configs = kr._gluon_mma_candidates(layer, 16, kr.valid_block_ks(layer), sms=16)
-    looped = [c for c in configs if c.column_programs]
-    assert looped and all(c.num_stages == 2 for c in looped)
-    for c in looped:  # one wave of programs, each owning at least two column tiles
-        assert c.column_programs * c.split_k >= gluon_mma.PROGRAMS_PER_SM * 16
-        assert 2 * c.column_programs <= layer.N // c.block_n
-        assert replace(c, column_programs=0) in configs  # next to its one-program-per-tile form
 
 
 def test_act_order_is_offered_only_with_the_gather_first():
@@ -91,8 +79,6 @@ def test_matches_float64_over_rows_splits_and_tiles(K, N, group, act):
     bk = min(64, max(kr.valid_block_ks(layer)))
     if gluon_mma.shared_bytes(bk, 64, K // bk, 2) <= gluon_mma.MAX_SHARED_BYTES:  # one split, two stages
         configs += [kr.GemmConfig("fused", 16, 64, bk, 1, 4, 2, mode=7)]
-    # programs looping over column tiles: one program for them all, and a count that does not divide them
-    configs += [replace(c, column_programs=p) for c in configs[:2] for p in (1, 3)]
     if act:  # act-order: x gathered by the runtime first
         configs = [replace(c, gather_x=True) for c in configs]
     # split-K partials and, where its x and ring fit in shared memory, one split
