@@ -81,9 +81,8 @@ def staged_tiles(tiles_per_split: int) -> int:
 
 
 def shared_bytes(block_k: int, block_n: int, tiles_per_split: int, stages: int) -> int:
-    """Dynamic shared memory of one program: its staged x, scales and zeros, and its ring of word tiles."""
-    staged = staged_tiles(tiles_per_split)
-    return staged * ROWS * block_k * 2 + staged * block_n * 3 + stages * block_k // 8 * block_n * 4
+    """Dynamic shared memory of one program: its staged x and its ring of word tiles."""
+    return staged_tiles(tiles_per_split) * ROWS * block_k * 2 + stages * block_k // 8 * block_n * 4
 
 
 def most_tiles_per_split(block_k: int, block_n: int, stages: int) -> int:
@@ -151,34 +150,27 @@ if AVAILABLE:
             async_copy.commit_group()
 
         # this split's slice of x, staged once in the dot's k order (physical k = 32 c + 8 t + 2 p + h),
-        # and each of its tiles' scales and zeros, while the first word tiles are on their way. Loaded in
-        # the loop instead, the zeros were a DRAM round trip per tile that nothing hid: a quarter of the
-        # kernel's stall samples sat on their first use (Nsight Compute, bench/RESULTS.md 2026-12-03)
+        # while the first word tiles are on their way
         xs = gl.allocate_shared_memory(gl.float16, [STAGED, 16, BLOCK_K], xs_layout)
-        flat: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])  # per tile: one row
-        zs = gl.allocate_shared_memory(gl.uint8, [STAGED, BLOCK_N], flat)
-        ss = gl.allocate_shared_memory(gl.float16, [STAGED, BLOCK_N], flat)
         rows = gl.arange(0, 16, layout=gl.SliceLayout(1, x_layout))
         cols = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, x_layout))
         x_rows = x_ptr + rows[:, None] * stride_xm
-        col_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1], threads_per_warp=[32],
-                                                    warps_per_cta=[num_warps], order=[0])
-        n_st = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=col_layout)
-        # unrolled (STAGED is a constexpr; tiles past the split are masked or repeat its last tile's group):
-        # the next tiles' loads are in flight while one is stored, instead of one round trip per tile
+        # unrolled (STAGED is a constexpr; tiles past the split are masked): the next tiles' loads are in
+        # flight while one is stored, instead of one L2 round trip per tile in a loop
         for i in gl.static_range(STAGED):
             k0 = (t0 + i) * BLOCK_K
             live = (rows < M)[:, None] & (cols < (t_end - t0 - i) * BLOCK_K)[None, :]
             xv = gl.load(x_rows + k0 + cols[None, :], mask=live, other=0.0)
             xv = gl.permute(gl.reshape(xv, [16, BLOCK_K // 32, 4, 2, 2, 2]), [0, 1, 3, 4, 2, 5])
             xs.index(i).store(gl.reshape(xv, [16, BLOCK_K]))
-            # a tile never straddles groups (BLOCK_K divides the group size, or one group covers K)
-            g = gl.where(group_size >= K, 0, gl.minimum(k0, K - BLOCK_K) // group_size)
-            zs.index(i).store(gl.load(z_ptr + g * N + n_st))
-            ss.index(i).store(gl.load(s_ptr + g * N + n_st))
         _cta_barrier()
 
+        n_w = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, W_LAYOUT))
         n_c = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
+        # the group steps with the tiles (a tile never straddles groups): no division per tile
+        per_group = gl.where(group_size >= K, 1 << 30, group_size // BLOCK_K)
+        g = t0 // per_group
+        left = per_group - t0 % per_group
         acc = gl.zeros([16, BLOCK_N], gl.float32, mma)
         for t in range(t0, t_end):
             u = t - t0
@@ -187,12 +179,15 @@ if AVAILABLE:
             _async_load(ring.index((u + STAGES - 1) % STAGES), w_tile + gl.minimum(t + STAGES - 1, t_end - 1) * KW * N)
             async_copy.commit_group()
             w = ring.index(u % STAGES).load(W_LAYOUT)
-            z = zs.index(u).load(gl.SliceLayout(0, W_LAYOUT))
-            s = ss.index(u).load(gl.SliceLayout(0, mma)).to(gl.float32)
+            z = gl.load(z_ptr + g * N + n_w)
+            s = gl.load(s_ptr + g * N + n_c).to(gl.float32)
             zz, _, m16, _, zb = _tile_fixups(z, w.shape)  # -(1024 + z) and -(1024 / 16 + z), both halves
             b = _b_operand(w.to(gl.uint32, bitcast=True), zz, m16, zb, BLOCK_K, BLOCK_N, b_layout)
             part = mma_v2(xs.index(u).load(a_layout), b, gl.zeros([16, BLOCK_N], gl.float32, mma))
             acc += part * s[None, :]
+            left -= 1
+            g = gl.where(left == 0, g + 1, g)
+            left = gl.where(left == 0, per_group, left)
         async_copy.wait_group(0)
 
         offs_m = gl.arange(0, 16, layout=gl.SliceLayout(1, mma))

@@ -696,8 +696,8 @@ def gptq_gemv_h2_kernel(x_ptr, xp_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, 
     _dot_block3), KB value blocks per tile (a block: one word, or three at 3 bits). The next tile's words
     are loaded before the current one is used (register double-buffering). The 3-bit words w1, w2 are
     unused at 2 and 4 bits, so the compiler drops them from the loop.
-    PDL (launched as a programmatic dependent launch, sm_90+): the first tile's words, scales and zeros,
-    constants, are requested before waiting for the previous kernel, so this kernel's start overlaps that one's tail;
+    PDL (launched as a programmatic dependent launch, sm_90+): the first tile's words, constants, are
+    requested before waiting for the previous kernel, so this kernel's start overlaps that one's tail;
     x, the output and the split scratch are touched only after the wait.
     STAGE_X (act-order, a power of two >= the split's rows): the program first gathers x[perm] for its
     split's rows in one go into the row that xp_ptr points to (sorted order; every program of the split
@@ -710,11 +710,6 @@ def gptq_gemv_h2_kernel(x_ptr, xp_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, 
     pid_n, pid_k, offs_n, mask_n, t0, t_end = _program_tiles(N, K, tiles_per_split, BLOCK_N, BLOCK_K)
     row_end = tl.minimum(Kw, t_end * KB * WPB)
     w0, w1, w2 = _load_words(qw_ptr, N, t0 * KB, offs_n, mask_n, row_end, BITS, KB, EVEN)
-    g, left, per_group = _first_group(t0, K, group_size, BLOCK_K)
-    g_last = (t_end - 1) // per_group
-    # the scales and zeros are double-buffered like the words: loaded in the step that uses them, each
-    # tile's zeros were a DRAM round trip that nothing hid (as in mode 7, where Nsight Compute showed it)
-    s_next, z_next = _scale_zero(s_ptr, z_ptr, g, N, offs_n, mask_n, EVEN)
     if PDL:
         gdc_wait()  # the previous kernel (x's producer, the scratch's last user) has finished
         gdc_launch_dependents()  # the next kernel may start its own weight reads now
@@ -725,6 +720,7 @@ def gptq_gemv_h2_kernel(x_ptr, xp_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, 
         tl.store(xp_ptr.to(tl.pointer_type(tl.float16), bitcast=True) + ks, xv, mask=kmask)
         tl.debug_barrier()  # the block's stores are visible to all its threads before the pairs are read
     acc2 = tl.zeros([KB, BLOCK_N], dtype=tl.float32)  # reduced over rows once, after the loop
+    g, left, per_group = _first_group(t0, K, group_size, BLOCK_K)
     for t in range(t0, t_end):
         blocks = t * KB + tl.arange(0, KB)
         if EVEN:  # no masks: the last step loads its own tile again instead of a masked next one
@@ -734,10 +730,9 @@ def gptq_gemv_h2_kernel(x_ptr, xp_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, 
         else:
             mask_r = blocks * WPB < row_end
             n0, n1, n2 = _load_words(qw_ptr, N, (t + 1) * KB, offs_n, mask_n, row_end, BITS, KB)
-        s = s_next
-        z = z_next[None, :]
+        s, z = _scale_zero(s_ptr, z_ptr, g, N, offs_n, mask_n, EVEN)
+        z = z[None, :]
         g, left = _next_group(g, left, per_group)
-        s_next, z_next = _scale_zero(s_ptr, z_ptr, tl.minimum(g, g_last), N, offs_n, mask_n, EVEN)
         x0 = _x_pair(xp_ptr, x_ptr, perm_ptr, blocks, mask_r, 0, PPB, HAS_PERM)
         x1 = _x_pair(xp_ptr, x_ptr, perm_ptr, blocks, mask_r, 1, PPB, HAS_PERM)
         x2 = _x_pair(xp_ptr, x_ptr, perm_ptr, blocks, mask_r, 2, PPB, HAS_PERM)
