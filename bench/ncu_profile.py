@@ -28,6 +28,7 @@ if str(REPO) not in sys.path:
 METRICS = {
     "gpu__time_duration.sum": "duration",
     "dram__throughput.avg.pct_of_peak_sustained_elapsed": "DRAM %",
+    "gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed": "DRAM %",
     "dram__bytes_read.sum": "DRAM bytes read",
     "lts__t_bytes.sum": "L2 bytes",
     "lts__throughput.avg.pct_of_peak_sustained_elapsed": "L2 %",
@@ -84,14 +85,28 @@ def main(argv=None) -> int:
 
 
 def summarize(report: str) -> str:
-    raw = subprocess.run(["ncu", "--import", report, "--page", "raw", "--csv"], capture_output=True, text=True,
-                         check=True).stdout
+    """The summary of an .ncu-rep file (read with ncu's CLI, which must be on PATH)."""
+    try:
+        raw = subprocess.run(["ncu", "--import", report, "--page", "raw", "--csv"], capture_output=True,
+                             text=True, check=True).stdout
+    except FileNotFoundError:
+        sys.exit("bench.ncu_profile --summarize needs Nsight Compute's ncu on PATH")
+    except subprocess.CalledProcessError as exc:
+        sys.exit(f"ncu could not read {report}: {exc.stderr.strip()[-500:]}")
+    return summary_of_raw_csv(raw)
+
+
+def summary_of_raw_csv(raw: str) -> str:
+    """Per kernel of ncu's raw page (CSV: a header row, a units row, a row per kernel): the METRICS it has
+    and the stall reasons, largest first."""
     rows = list(csv.reader(io.StringIO(raw)))
+    if len(rows) < 3:
+        return "no kernel in the report (was the profiled range empty?)"
     header, units, data = rows[0], rows[1], rows[2:]
     col = {name: i for i, name in enumerate(header)}
     lines = []
     for row in data:
-        name = row[col["Kernel Name"]] if "Kernel Name" in col else row[4]
+        name = row[col["Kernel Name"]] if "Kernel Name" in col else "?"
         lines.append(f"== {name[:60]}  (grid {row[col['launch__grid_size']] if 'launch__grid_size' in col else '?'}, "
                      f"block {row[col['launch__block_size']] if 'launch__block_size' in col else '?'})")
         for metric, label in METRICS.items():
