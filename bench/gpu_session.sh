@@ -83,9 +83,12 @@ case "${1:-decode}" in
   ncu)
     # hardware counters: throughput, occupancy and stall reasons of each tuner pick (CASES overrides)
     CASES="${CASES:-8192x28672:4g128:16:7,4096x11008:4g128:16:7,8192x28672:4g128:16:5,4096x11008:4g128:1:4,8192x28672:4g128:1:4,8192x28672:2g64:1:4}"
-    REP=/tmp/gptq-prof; rm -f "$REP.ncu-rep"
+    REP=/tmp/gptq-prof; rm -f "$REP.ncu-rep" /tmp/gptq-picks.json
+    # the tuner's picks outside ncu (under it every launch is slowed and the picks change)
+    timeout 200 python -m bench.ncu_profile --cases "$CASES" --picks /tmp/gptq-picks.json --pick-only 2>&1 | tee "$OUT/picks.log"
     timeout 420 ncu --clock-control none --profile-from-start off --set full --import-source no -f -o "$REP" \
-      python -m bench.ncu_profile --cases "$CASES" > "$OUT/ncu_run.log" 2>&1; echo "ncu exit $?"; tail -25 "$OUT/ncu_run.log"
+      python -m bench.ncu_profile --cases "$CASES" --picks /tmp/gptq-picks.json > "$OUT/ncu_run.log" 2>&1
+    echo "ncu exit $?"; tail -25 "$OUT/ncu_run.log"
     python -m bench.ncu_profile --summarize "$REP.ncu-rep" 2>&1 | tee "$OUT/summary.txt"
     ncu --import "$REP.ncu-rep" --page details > "$OUT/details.txt" 2>&1
     ncu --import "$REP.ncu-rep" --page source --csv --print-source sass --kernel-name regex:mma4 --launch-count 1 \

@@ -1,13 +1,17 @@
 """Hardware counters of the GPTQ kernels (Nsight Compute), to find what bounds a kernel that neither
 instruction counts nor memory latency explain (BENCH.md section 1, bench/RESULTS.md).
 
+    python -m bench.ncu_profile --cases 8192x28672:4g128:16:7,4096x11008:4g128:1:4 --picks /tmp/picks.json --pick-only
     ncu --clock-control none --profile-from-start off --set full -o /tmp/prof \\
-        python -m bench.ncu_profile --cases 8192x28672:4g128:16:7,4096x11008:4g128:1:4
+        python -m bench.ncu_profile --cases 8192x28672:4g128:16:7,4096x11008:4g128:1:4 --picks /tmp/picks.json
     python -m bench.ncu_profile --summarize /tmp/prof.ncu-rep > summary.txt
 
 Each case is SHAPE:CASE:M:MODE (CASE as in bench.kernels). The tuner picks the config among that mode's
-candidates first (outside the profiled range); then the picked config runs `--launches` times over cold
-weight copies inside cudaProfilerStart/Stop, so ncu (with --profile-from-start off) sees only those.
+candidates: with --pick-only outside ncu, written to --picks, because under ncu every launch is slowed and
+its picks are not the ones a user gets (2026-12-03: a 12 us kernel timed 66 us there, and 2 of 3 picks
+changed). The profiling run reads the picks (or tunes itself when the file is missing), then runs each
+config `--launches` times over cold weight copies inside cudaProfilerStart/Stop, so ncu (with
+--profile-from-start off) sees only those.
 `--summarize` reads a report with ncu's CLI and prints, per kernel: duration, DRAM / L2 / L1 / SM
 throughput, occupancy, issue rate and the warp stall reasons, largest first.
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -52,16 +57,22 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default="8192x28672:4g128:16:7")
     ap.add_argument("--launches", type=int, default=2)
+    ap.add_argument("--picks", type=Path, help="JSON of each case's config: written with --pick-only, else read")
+    ap.add_argument("--pick-only", action="store_true", help="tune each case, write --picks and stop")
     ap.add_argument("--summarize", metavar="REPORT", help="print the summary of an .ncu-rep file and exit")
     args = ap.parse_args(argv)
     if args.summarize:
         print(summarize(args.summarize))
         return 0
+    if args.pick_only and not args.picks:
+        sys.exit("--pick-only writes its picks to --picks FILE")
     import torch
     if not torch.cuda.is_available():
         sys.exit("bench.ncu_profile needs a CUDA GPU")
-    from backends.gptq.kernel_runtime import KernelRuntime, cold_copies
+    from dataclasses import asdict
+    from backends.gptq.kernel_runtime import GemmConfig, KernelRuntime, cold_copies
     from bench.kernels import CASES, random_layer
+    picks = json.loads(args.picks.read_text()) if args.picks and args.picks.is_file() and not args.pick_only else {}
     for i, spec in enumerate(args.cases.split(",")):
         shape, case, m, mode = spec.split(":")
         K, N = map(int, shape.split("x"))
@@ -69,9 +80,15 @@ def main(argv=None) -> int:
         _, layer = random_layer(K, N, bits, gs, act, seed=i)
         runtime = KernelRuntime(tune=True, modes=(int(mode),))
         x = torch.randn(int(m), K, device="cuda", dtype=torch.float16)
-        cands = runtime.candidates(x.shape[0], layer, x.device, x.dtype)
-        cfg, ms = runtime.fastest(x, layer, cands)
-        print(f"{spec}: {ms * 1e3:.1f} us (graph replays, cold copies)  {cfg}", flush=True)
+        if spec in picks:
+            cfg = GemmConfig(**picks[spec])
+            print(f"{spec}: {cfg} (from {args.picks})", flush=True)
+        else:
+            cfg, ms = runtime.fastest(x, layer, runtime.candidates(x.shape[0], layer, x.device, x.dtype))
+            picks[spec] = asdict(cfg)
+            print(f"{spec}: {ms * 1e3:.1f} us (graph replays, cold copies)  {cfg}", flush=True)
+        if args.pick_only:
+            continue
         copies = cold_copies(layer, "cuda")
         torch.cuda.synchronize()
         torch.cuda.cudart().cudaProfilerStart()
@@ -81,6 +98,8 @@ def main(argv=None) -> int:
         torch.cuda.cudart().cudaProfilerStop()
         del copies, layer
         torch.cuda.empty_cache()
+    if args.pick_only:
+        args.picks.write_text(json.dumps(picks, indent=1))
     return 0
 
 
