@@ -259,7 +259,7 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
         from backends.gptq.triton_kernels import INTERPRETED, gptq_gemv_h2_kernel
         if M != 1 or x2d.dtype != torch.float16 or not layer.interleaved:
             raise ValueError("the half2 matrix-vector kernel (mode 4) takes one fp16 row and interleaved words")
-        x_row = x2d if x2d.is_contiguous() else x2d.contiguous()
+        x_row = aligned_row(x2d)
         # stage_x: the split's rows rounded up to a power of two (a Triton block size)
         stage = 1 << (per * cfg.block_k - 1).bit_length() if has_perm and cfg.stage_x else 0
         pairs = (scratch or SplitScratch()).sorted_x(layer.K, x2d.device) if stage else x_row
@@ -315,6 +315,13 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
         HAS_PERM=has_perm, SPLIT=split > 1, HAS_BIAS=bias is not None, MODE=cfg.mode,
         INTERLEAVED=layer.interleaved, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
+
+
+def aligned_row(x2d: torch.Tensor) -> torch.Tensor:
+    """x2d contiguous and 8-byte aligned: the half2 matrix-vector kernel reads x's pairs two at a time
+    (triton_kernels._x_pairs), and a row viewed at an odd 2-element offset would fault there."""
+    x_row = x2d if x2d.is_contiguous() else x2d.contiguous()
+    return x_row if x_row.data_ptr() % 8 == 0 else x_row.clone()
 
 
 class SplitScratch:

@@ -128,6 +128,13 @@ def test_half2_kernels_with_splits(kr, bits, gs, act):
                             scratch=scratch)
         assert not torch.isnan(y).any(), cfg
         assert _rel(y, ref) < 1e-2, cfg
+    # x viewed 2 values into a wider row: contiguous, but only 4-byte aligned; the kernel reads its pairs
+    # two at a time (8 bytes), so the runtime hands it an aligned copy
+    wide = torch.cat([torch.zeros(1, 2, dtype=torch.float16), x], dim=1)[:, 2:]
+    assert wide.is_contiguous() and wide.data_ptr() % 8 == 4
+    assert kr.aligned_row(wide).data_ptr() % 8 == 0 and torch.equal(kr.aligned_row(wide), x)
+    y = kr.launch_fused(wide, layer, configs[0], scratch=scratch)
+    assert _rel(y, ref) < 1e-2
 
 
 @pytest.mark.parametrize("act", [False, True], ids=["plain", "actorder"])
