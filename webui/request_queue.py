@@ -149,14 +149,20 @@ async def run_queued(queue: FairQueue, model_id: str, work: Callable[[threading.
     events: asyncio.Queue = asyncio.Queue()
     done = object()
     last: list[GenerationChunk] = []
+    failed: list[BaseException] = []
 
     def finish() -> None:
         queue.release(model_id)
         chunk = last[0] if last else None
+        if failed:  # the engine failed; the consumer re-raised its error and then set stop, which
+            reason = None  # alone cannot tell a failure from a cancellation (it raced this callback)
+        elif cancellation.stop.is_set() and not (chunk and chunk.finished):
+            reason = "cancelled"
+        else:
+            reason = chunk.finish_reason if chunk else None
         queue.finished.append(Finished(request_id, model_id, started - queued_at, time.perf_counter() - started,
                                        chunk.prompt_tokens if chunk else 0, chunk.generated_tokens if chunk else 0,
-                                       ("cancelled" if cancellation.stop.is_set() and not (chunk and chunk.finished)
-                                        else chunk.finish_reason if chunk else None)))
+                                       reason))
         events.put_nowait(done)
 
     def post(item) -> None:
@@ -171,6 +177,7 @@ async def run_queued(queue: FairQueue, model_id: str, work: Callable[[threading.
                 last[:] = [chunk]
                 post(chunk)
         except BaseException as exc:  # handed to the loop side, which decides what the client sees
+            failed.append(exc)
             post(exc)
         finally:
             try:

@@ -119,6 +119,41 @@ def test_run_queued_streams_in_order_and_re_raises_worker_errors():
     assert reasons == ["length", None]
 
 
+def test_a_failed_request_is_recorded_as_failed_when_its_consumer_raises_first():
+    """The consumer re-raises the worker's error and, leaving, sets stop; when that happens before the
+    worker's end is recorded (a race CI once lost), the record must still say the engine failed (None),
+    not that the client cancelled."""
+    class LateFinish(asyncio.SelectorEventLoop):
+        def call_soon_threadsafe(self, callback, *args, **kwargs):
+            if getattr(callback, "__name__", "") == "finish":  # from the worker thread, after its error
+                time.sleep(0.2)  # the loop meanwhile hands the error to the consumer, which raises
+            return super().call_soon_threadsafe(callback, *args, **kwargs)
+
+    def broken(stop):
+        yield GenerationChunk("x", 1, 1)
+        raise ValueError("engine exploded")
+
+    async def main():
+        queue, cancellation = FairQueue(), Cancellation()
+        with pytest.raises(ValueError, match="engine exploded"):
+            async for _ in run_queued(queue, "m", broken, cancellation):
+                pass
+        raised_with_stop_set = cancellation.stop.is_set()
+        for _ in range(100):
+            if queue.finished:
+                break
+            await asyncio.sleep(0.01)
+        return raised_with_stop_set, [f.finish_reason for f in queue.finished], queue.idle()
+
+    loop = LateFinish()
+    try:
+        stop_set, reasons, idle = loop.run_until_complete(asyncio.wait_for(main(), 30))
+    finally:
+        loop.close()
+    assert stop_set and idle  # the consumer had left (stop set) before the end was recorded
+    assert reasons == [None]
+
+
 def test_a_consumer_that_leaves_stops_the_worker_and_frees_the_slot():
     async def main():
         queue, seen_stop = FairQueue(), []
