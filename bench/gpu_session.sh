@@ -91,8 +91,12 @@ case "${1:-decode}" in
     echo "ncu exit $?"; tail -25 "$OUT/ncu_run.log"
     python -m bench.ncu_profile --summarize "$REP.ncu-rep" 2>&1 | tee "$OUT/summary.txt"
     ncu --import "$REP.ncu-rep" --page details > "$OUT/details.txt" 2>&1
-    ncu --import "$REP.ncu-rep" --page source --csv --print-source sass --kernel-name regex:mma4 --launch-count 1 \
-      > "$OUT/source_mma4.csv" 2>&1; echo "source page exit $? $(wc -l < "$OUT/source_mma4.csv") lines"
+    # where each kernel's stall samples sit (its first profiled launch): before, in and after its K loop
+    for k in gptq_mma4_kernel gptq_gemm_h2_kernel gptq_gemv_h2_kernel; do
+      ncu --import "$REP.ncu-rep" --page source --csv --print-source sass --kernel-name "$k" --launch-count 1 \
+        > "$OUT/source_$k.csv" 2>/dev/null && grep -q '^"Address"' "$OUT/source_$k.csv" || rm -f "$OUT/source_$k.csv"
+    done
+    python -m bench.ncu_profile --sources "$OUT"/source_*.csv 2>&1 | tee "$OUT/sources.txt"
     ;;
   sweep16)
     # launch parameters of the half2 tensor-core kernel at M = 16

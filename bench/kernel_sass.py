@@ -56,25 +56,37 @@ def compile_asm(kernel, constexprs: dict, arch: int, warps: int, types: dict | N
 
 
 def main_loop(sass: str) -> list[str]:
-    """Instructions of the longest backward-branch loop (the K loop)."""
+    """Instructions of the longest backward-branch loop (the K loop) of cuobjdump's SASS listing."""
     ins = []
     for line in sass.splitlines():
         m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
         if m:
             ins.append((int(m.group(1), 16), m.group(2)))
-    best: list[str] = []
-    for addr, text in ins:
+    start, end = longest_loop(ins)
+    return [text for _, text in ins[start:end]]
+
+
+def longest_loop(ins: list[tuple[int, str]]) -> tuple[int, int]:
+    """(first, past-last) index of the longest backward-branch loop in (address, instruction) pairs sorted
+    by address; (0, 0) without one. Also reads Nsight Compute's source page (bench.ncu_profile)."""
+    index = {addr: i for i, (addr, _) in enumerate(ins)}
+    best = (0, 0)
+    for i, (addr, text) in enumerate(ins):
         target = re.search(r"BRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", text) if "BRA" in text else None
-        if target and int(target.group(1), 16) < addr:
-            body = [t for a, t in ins if int(target.group(1), 16) <= a <= addr]
-            best = max(best, body, key=len)
+        if target and int(target.group(1), 16) < addr and int(target.group(1), 16) in index:
+            span = (index[int(target.group(1), 16)], i + 1)
+            best = max(best, span, key=lambda s: s[1] - s[0])
     return best
 
 
-def opcode(text: str) -> str:
+def mnemonic(text: str) -> str:
+    """The instruction's name with its modifiers (LDG.E.64), past any predicate."""
     parts = text.split()
-    word = parts[1] if parts[0].startswith("@") else parts[0]
-    return word.split(".")[0]
+    return parts[1] if parts[0].startswith("@") else parts[0]
+
+
+def opcode(text: str) -> str:
+    return mnemonic(text).split(".")[0]
 
 
 def loop_body(kernel, constexprs: dict, arch: int = 90, warps: int = 4) -> list[str]:

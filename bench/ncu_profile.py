@@ -13,7 +13,9 @@ changed). The profiling run reads the picks (or tunes itself when the file is mi
 config `--launches` times over cold weight copies inside cudaProfilerStart/Stop, so ncu (with
 --profile-from-start off) sees only those.
 `--summarize` reads a report with ncu's CLI and prints, per kernel: duration, DRAM / L2 / L1 / SM
-throughput, occupancy, issue rate and the warp stall reasons, largest first.
+throughput, occupancy, issue rate and the warp stall reasons, largest first. `--sources` reads ncu's
+per-instruction page of one kernel (`ncu --import R --page source --csv --print-source sass ...`) and
+prints where its stall samples sit: before, in and after its K loop, and the instructions holding most.
 """
 from __future__ import annotations
 
@@ -60,9 +62,15 @@ def main(argv=None) -> int:
     ap.add_argument("--picks", type=Path, help="JSON of each case's config: written with --pick-only, else read")
     ap.add_argument("--pick-only", action="store_true", help="tune each case, write --picks and stop")
     ap.add_argument("--summarize", metavar="REPORT", help="print the summary of an .ncu-rep file and exit")
+    ap.add_argument("--sources", nargs="+", type=Path, metavar="CSV",
+                    help="print where the stall samples of ncu's source pages sit, and exit")
     args = ap.parse_args(argv)
     if args.summarize:
         print(summarize(args.summarize))
+        return 0
+    if args.sources:
+        for page in args.sources:
+            print(f"== {page}\n{summary_of_source_csv(page.read_text())}")
         return 0
     if args.pick_only and not args.picks:
         sys.exit("--pick-only writes its picks to --picks FILE")
@@ -142,6 +150,35 @@ def summary_of_raw_csv(raw: str) -> str:
         stalls.sort(reverse=True)
         lines.append("   stalls (cycles per issued instruction): "
                      + ", ".join(f"{reason} {value:.2f}" for value, reason in stalls[:9]))
+    return "\n".join(lines)
+
+
+
+def summary_of_source_csv(raw: str, top: int = 8) -> str:
+    """Where one kernel's warp stall samples sit, from ncu's source page (CSV: a "Kernel Name" row, a
+    header row, a row per SASS instruction): the share before, in and after its longest loop (the K loop,
+    bench.kernel_sass.longest_loop), then the `top` instructions holding most, each with its main reason."""
+    from bench.kernel_sass import longest_loop
+    rows = list(csv.reader(io.StringIO(raw)))
+    header = next((r for r in rows if "Address" in r and "Source" in r), None)
+    if header is None:
+        return "not an ncu source page (no Address and Source columns)"
+    col = {name: i for i, name in enumerate(header)}
+    data = [r for r in rows[rows.index(header) + 1:] if len(r) == len(header)]
+    samples = [int(r[col["Warp Stall Sampling (All Samples)"]] or 0) for r in data]
+    total = sum(samples)
+    if not total:
+        return "no stall samples"
+    start, end = longest_loop([(int(r[col["Address"]], 16), r[col["Source"]].strip()) for r in data])
+    share = lambda a, b: 100 * sum(samples[a:b]) / total
+    lines = [f"   {total} samples: {share(0, start):.0f}% before the K loop, {share(start, end):.0f}% in it "
+             f"({end - start} instructions), {share(end, len(data)):.0f}% after"]
+    reasons = [name for name in header if name.startswith("stall_") and "(Not Issued)" not in name]
+    for i in sorted(range(len(data)), key=lambda i: -samples[i])[:top]:
+        main = max(reasons, key=lambda name: int(data[i][col[name]] or 0))
+        where = "loop" if start <= i < end else "before" if i < start else "after"
+        lines.append(f"   {100 * samples[i] / total:5.1f}%  {main[len('stall_'):]:<14s} {where:<6s} "
+                     f"{data[i][col['Source']].strip()}")
     return "\n".join(lines)
 
 

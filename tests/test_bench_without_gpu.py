@@ -44,3 +44,24 @@ def test_ncu_summary_reads_the_raw_page():
     assert out[1].startswith("gptq_gemv_h2_kernel")
     assert out[1].splitlines()[-1].endswith(": long_scoreboard 2.80, wait 0.77, barrier 0.19")
     assert "no kernel" in summary_of_raw_csv(",".join(header))
+
+
+def test_ncu_source_page_summary_splits_samples_around_the_k_loop():
+    """bench.ncu_profile --sources: the stall samples of ncu's per-instruction page, split before, in and
+    after the kernel's longest backward-branch loop, and the instructions holding most with their reason."""
+    from bench.ncu_profile import summary_of_source_csv
+    header = ["Address", "Source", "Warp Stall Sampling (All Samples)", "stall_long_sb", "stall_barrier",
+              "stall_long_sb (Not Issued)"]
+    code = [("0x7f00", "LDG.E R2, desc[UR4][R4.64]", 10, 10, 0, 99),   # before the loop
+            ("0x7f10", "LDS R6, [R8]", 5, 0, 5, 0),                     # loop start (the branch's target)
+            ("0x7f20", "IMAD R9, R2, R6, RZ", 60, 55, 5, 0),
+            ("0x7f30", "BRA 0x7f10", 5, 0, 5, 0),                       # loop end
+            ("0x7f40", "STG.E desc[UR4][R4.64], R9", 20, 0, 20, 0)]     # after
+    raw = "\n".join(",".join(f'"{v}"' for v in r) for r in
+                    [["Kernel Name", "k"], header] + [list(c) for c in code])
+    lines = summary_of_source_csv(raw, top=2).splitlines()
+    assert lines[0].split() == ["100", "samples:", "10%", "before", "the", "K", "loop,", "70%", "in", "it",
+                                "(3", "instructions),", "20%", "after"]
+    assert lines[1].split()[:3] == ["60.0%", "long_sb", "loop"] and lines[1].endswith("IMAD R9, R2, R6, RZ")
+    assert lines[2].split()[:3] == ["20.0%", "barrier", "after"]  # not-issued columns are not reasons
+    assert "no Address" in summary_of_source_csv("a,b\n1,2")

@@ -180,7 +180,7 @@ def test_half2_loop_stays_short(bits, even, limit):
     Why: at batch 1 these kernels are bound by issuing instructions about as much as by memory, and a
     harmless-looking change doubled as a regression once (an option's extra loop-carried tile: 4-bit
     3.09 -> 4.14 per weight, timed on an H200 before anyone noticed). A count, not a timing."""
-    from bench.kernel_sass import loop_body
+    from bench.kernel_sass import loop_body, mnemonic, opcode
     from backends.gptq import triton_kernels as tk
     if tk.INTERPRETED:
         pytest.skip("TRITON_INTERPRET=1 is set: kernels are interpreted, not compiled, in this process")
@@ -189,8 +189,7 @@ def test_half2_loop_stays_short(bits, even, limit):
     per_weight = len(body) / (128 * 256 / 128)
     assert 1.0 < per_weight < limit, f"{bits}-bit half2 loop: {per_weight:.2f} SASS instructions per weight"
     from collections import Counter
-    loads = Counter(ins.split()[1 if ins.startswith("@") else 0] for ins in body if ins.split()[
-        1 if ins.startswith("@") else 0].startswith("LDG"))
+    loads = Counter(mnemonic(ins) for ins in body if opcode(ins) == "LDG")
     assert loads["LDG.E"] <= 1 and loads["LDG.E.64"] > 0, loads  # not one 4-byte load per pair of x
 
 
