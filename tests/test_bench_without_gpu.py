@@ -65,3 +65,9 @@ def test_ncu_source_page_summary_splits_samples_around_the_k_loop():
     assert lines[1].split()[:3] == ["60.0%", "long_sb", "loop"] and lines[1].endswith("IMAD R9, R2, R6, RZ")
     assert lines[2].split()[:3] == ["20.0%", "barrier", "after"]  # not-issued columns are not reasons
     assert "no Address" in summary_of_source_csv("a,b\n1,2")
+
+
+def test_ncu_pick_only_needs_a_file_to_write_to():
+    result = subprocess.run([sys.executable, "-m", "bench.ncu_profile", "--pick-only"], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and result.stderr.strip().endswith("--pick-only writes its picks to --picks FILE")
