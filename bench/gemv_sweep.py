@@ -79,6 +79,9 @@ def main(argv=None):
         start = time.time()
         if args.mode == 4:
             grid = itertools.product((32, 64, 128, 256), valid_block_ks(layer, (64, 128)), (2, 4, 8))
+        elif args.mode == 7:  # 16-64 columns per warp (each warp reads all of x for its own columns)
+            grid = [(bn, bk, w) for bn, bk, w in itertools.product((64, 128, 32, 256), valid_block_ks(layer, (128, 64)),
+                                                                    (2, 4, 1, 8)) if 16 <= bn // w <= 64]
         else:  # wide tiles first: at M = 16 each column tile reads all of x once more
             grid = itertools.product((128, 64, 256), valid_block_ks(layer, (64, 128, 256)), (4, 8))
         for bn, bk, warps in grid:
@@ -95,7 +98,7 @@ def main(argv=None):
                 if ms is not None:
                     results.append((ms, cfg))
         results.sort(key=lambda r: r[0])
-        for ms, cfg in results[:3]:  # num_stages around the three best
+        for ms, cfg in results[:3] if args.mode != 7 else []:  # num_stages around the three best (mode 7 has none)
             for stages in around:
                 c2 = GemmConfig("fused", block_m, cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_warps, stages,
                                 mode=args.mode)

@@ -3,24 +3,25 @@
 Why: the Triton tensor-core kernel (mode 5) leaves the operand layouts to the compiler, which gives both
 operands 8 consecutive k per thread once weights are unpacked in registers, then spends ~50 register
 moves per 64 weights lining the activations up for the MMA (bench/RESULTS.md, `bench.m16_probe`). Here
-the layouts are chosen by hand, as Marlin does in CUDA:
+the layouts are chosen by hand, as Marlin does in CUDA, and both operands go from global memory
+straight into the registers the MMA reads:
 
 - Each lane (g, t) of a warp loads whole half2-ordered words (`kernel_runtime.interleave_pairs`): word
   row 4c + t of column 8 nb + g. A `lop3` and an fp16x2 fma turn each of its four value pairs into the
   two fp16 numbers q - z, and those pairs *are* that lane's B-operand registers of `mma.m16n8k16`, for
   a dot whose k order within each chunk of 32 values is 2t + h + 8 (p & 1) + 16 (p >> 1) (pair p, half
-  h). The sum over k does not care about its order; the layout conversion to the MMA operand is
-  checked to be free at compile time (`assert_trivial`).
-- The activations are staged once per program in shared memory in that same k order (each program
-  reads only its split's slice of x), and the MMA reads them with `ldmatrix`: no register moves.
-- The words stream through a ring of tiles in shared memory (`cp.async`).
+  h). The sum over k does not care about its order.
+- In that order, the A operand (x) of lane (g, t) is x[g and g + 8][32c + 8t .. 32c + 8t + 7]: eight
+  consecutive values of two rows, two 16-byte loads per chunk, read as int32 pairs. So x needs no
+  staging in shared memory and no permutation (the first form of this kernel staged each program's
+  slice of x in the permuted order and read it with ldmatrix; that staging, the shared memory it took
+  and the split count it forced made it 16% slower on the large shape: bench/RESULTS.md, 2026-12-03).
+- The next tile's words, x, zeros and scales are loaded before the current tile is used (register
+  double-buffering); no shared memory at all, so registers alone set the occupancy.
+Every layout conversion into the MMA operands is checked to be free at compile time (`assert_trivial`).
 
-Measured on an H200 (bench/RESULTS.md, 2026-12-03): 2.27 SASS instructions per weight in the loop
-against mode 5's 3.0 at the same tile, but only 5-9% faster at 16 rows (10-15% at 4), so the tuner
-picks it at 4 bits while the 16-row bound lies elsewhere. 4-bit, fp16, whole tiles only. Act-order
-takes x gathered by the runtime (GemmConfig.gather_x): gathering it while staging it was faster at 4
-rows (18.5 us; mode 5 after the gather 23.3) but 2.5x slower at 16, and the tuner keeps one config for
-2-16 rows. Needs Triton's Gluon (3.5+); without it the mode is not offered (`AVAILABLE`).
+4-bit, fp16, whole tiles only. Act-order takes x gathered by the runtime (GemmConfig.gather_x). Needs
+Triton's Gluon (3.5+); without it the mode is not offered (`AVAILABLE`).
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ import torch
 try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
     from backends.gptq.triton_kernels import _pair_h, _tile_fixups  # Triton functions Gluon calls as they are
     AVAILABLE = hasattr(gl, "DistributedLinearLayout") and hasattr(gl, "NVMMADistributedLayout")
@@ -40,7 +41,6 @@ except ImportError:  # a Triton without Gluon: the mode is not offered
 
 ROWS = 16  # one MMA tile of rows: 2 <= M <= 16
 CHUNK = 32  # values per chunk: four words of each column, one per lane t
-MAX_SHARED_BYTES = 96 * 1024  # one program's staged x and word ring: two programs still fit an SM (227 KiB)
 
 
 def supports(x2d, layer, cfg) -> bool:
@@ -67,6 +67,17 @@ def word_layout(block_k: int, block_n: int, num_warps: int):
         warp_bases=[[0, 8 << i] for i in range(_log2(num_warps))], block_bases=[], shape=[block_k // 8, block_n])
 
 
+@functools.lru_cache(maxsize=None)
+def x_layout(block_k: int, num_warps: int):
+    """x as int32 pairs [16, block_k // 2]: lane (g, t) holds rows g and g + 8, pairs 16 c + 4 t .. + 3 of
+    each chunk c (values 32 c + 8 t .. + 7): after _a_operand's renaming, the A operand of
+    mma.m16n8k16 in the dot's k order. Every warp holds the same values (its own columns need all of x)."""
+    return gl.DistributedLinearLayout(
+        reg_bases=[[0, 1], [0, 2], [8, 0]] + [[0, 16 << i] for i in range(_log2(block_k // CHUNK))],
+        lane_bases=[[0, 4], [0, 8], [1, 0], [2, 0], [4, 0]],
+        warp_bases=[[0, 0] for _ in range(_log2(num_warps))], block_bases=[], shape=[ROWS, block_k // 2])
+
+
 def valid(block_k: int, block_n: int, num_warps: int) -> bool:
     """Tile shapes the layouts cover: whole chunks, and every warp owning whole 8-column MMA tiles."""
     per_warp = block_n // (8 * num_warps)
@@ -75,29 +86,9 @@ def valid(block_k: int, block_n: int, num_warps: int) -> bool:
             and power_of_two(per_warp) and power_of_two(num_warps))
 
 
-def staged_tiles(tiles_per_split: int) -> int:
-    """K tiles of x staged in shared memory: the split's, rounded up to a power of two."""
-    return 1 << max(tiles_per_split - 1, 0).bit_length()
-
-
-def shared_bytes(block_k: int, block_n: int, tiles_per_split: int, stages: int) -> int:
-    """Dynamic shared memory of one program: its staged x and its ring of word tiles."""
-    return staged_tiles(tiles_per_split) * ROWS * block_k * 2 + stages * block_k // 8 * block_n * 4
-
-
-def most_tiles_per_split(block_k: int, block_n: int, stages: int) -> int:
-    """The longest split (in K tiles) whose program fits MAX_SHARED_BYTES; 0 when not even one does."""
-    tiles = 1
-    while shared_bytes(block_k, block_n, 2 * tiles, stages) <= MAX_SHARED_BYTES:
-        tiles *= 2
-    return tiles if shared_bytes(block_k, block_n, tiles, stages) <= MAX_SHARED_BYTES else 0
-
-
 if AVAILABLE:
-    # Triton 3.6 names: thread_barrier and async_copy_global_to_shared; later: barrier and async_load
+    # Triton 3.6 names it thread_barrier; later versions barrier
     _cta_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
-    _async_load = (async_copy.async_load if hasattr(async_copy, "async_load")
-                   else async_copy.async_copy_global_to_shared)
 
     @gluon.jit
     def _b_operand(w, zz, m16, zb, BLOCK_K: gl.constexpr, BLOCK_N: gl.constexpr, B_LAYOUT: gl.constexpr):
@@ -114,81 +105,78 @@ if AVAILABLE:
         return gl.convert_layout(gl.reshape(t, [BLOCK_K, BLOCK_N]), B_LAYOUT, assert_trivial=True)
 
     @gluon.jit
+    def _a_operand(xp, BLOCK_K: gl.constexpr, A_LAYOUT: gl.constexpr):
+        """The MMA's A operand [16, BLOCK_K] (fp16, k in the dot's order) of x pairs loaded in x_layout:
+        the split into halves, joins, reshapes and the permute only rename registers."""
+        lo = (xp & 0xFFFF).to(gl.int16).to(gl.float16, bitcast=True)
+        hi = (xp >> 16).to(gl.int16).to(gl.float16, bitcast=True)
+        t = gl.reshape(gl.join(lo, hi), [16, BLOCK_K // 32, 4, 2, 2, 2])  # (m, c, t, p >> 1, p & 1, h)
+        t = gl.permute(t, [0, 1, 3, 4, 2, 5])  # k = 32 c + 16 (p >> 1) + 8 (p & 1) + 2 t + h
+        return gl.convert_layout(gl.reshape(t, [16, BLOCK_K]), A_LAYOUT, assert_trivial=True)
+
+    @gluon.jit
+    def _tile_product(acc, w, xp, z, s, BLOCK_K: gl.constexpr, BLOCK_N: gl.constexpr, mma: gl.constexpr):
+        """acc + s * (x @ (q - z)) over one tile: words w, x pairs xp, the tile's zeros z and scales s."""
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+        b_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
+        zz, _, m16, _, zb = _tile_fixups(z, w.shape)  # -(1024 + z) and -(1024 / 16 + z), both halves
+        b = _b_operand(w.to(gl.uint32, bitcast=True), zz, m16, zb, BLOCK_K, BLOCK_N, b_layout)
+        part = mma_v2(_a_operand(xp, BLOCK_K, a_layout), b, gl.zeros([16, BLOCK_N], gl.float32, mma))
+        return acc + part * s.to(gl.float32)[None, :]
+
+    @gluon.jit
     def gptq_mma4_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, bias_ptr, ws_ptr, ticket_ptr,
                          M, N, K, stride_xm, stride_om, group_size, tiles_per_split, nsplit,
-                         BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGED: gl.constexpr,
-                         SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr, W_LAYOUT: gl.constexpr,
-                         STAGES: gl.constexpr = 2):
+                         BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, SPLIT: gl.constexpr,
+                         HAS_BIAS: gl.constexpr, W_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr):
         """out[M, N] (+)= x[M, K] @ W for 2 <= M <= 16 fp16 rows and half2-ordered 4-bit words, the K tiles
         of this program's split (grid axis 1); whole tiles only. See the module docstring."""
         KW: gl.constexpr = BLOCK_K // 8
         num_warps: gl.constexpr = gl.num_warps()
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, num_warps],
                                                       instr_shape=[16, 8])
-        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
-        b_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
-        x_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[2, 16],
-                                                  warps_per_cta=[num_warps, 1], order=[1, 0])
-        xs_layout: gl.constexpr = gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0])
         pid_n = gl.program_id(0)
         pid_k = gl.program_id(1)
         t0 = pid_k * tiles_per_split
         t_end = gl.minimum(t0 + tiles_per_split, K // BLOCK_K)
 
-        # the words stream through a ring of STAGES tiles in shared memory (cp.async, STAGES - 1 tiles in
-        # flight while one is unpacked); each lane then reads its own words (W_LAYOUT) from it. The swizzle
-        # puts the four word rows a warp reads at once (lanes t) on different banks.
-        copy_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 4], threads_per_warp=[1, 32],
-                                                     warps_per_cta=[num_warps, 1], order=[1, 0])
-        ws_layout: gl.constexpr = gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=4, order=[1, 0])
-        ring = gl.allocate_shared_memory(gl.int32, [STAGES, KW, BLOCK_N], ws_layout)
-        r_c = gl.arange(0, KW, layout=gl.SliceLayout(1, copy_layout))
-        n_cp = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, copy_layout))
-        w_tile = qw_ptr + r_c[:, None] * N + n_cp[None, :]
-        for st in gl.static_range(STAGES - 1):  # tiles past the split's end reload its last (never read)
-            _async_load(ring.index(st), w_tile + gl.minimum(t0 + st, t_end - 1) * KW * N)
-            async_copy.commit_group()
-
-        # this split's slice of x, staged once in the dot's k order (physical k = 32 c + 8 t + 2 p + h),
-        # while the first word tiles are on their way
-        xs = gl.allocate_shared_memory(gl.float16, [STAGED, 16, BLOCK_K], xs_layout)
-        rows = gl.arange(0, 16, layout=gl.SliceLayout(1, x_layout))
-        cols = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, x_layout))
-        x_rows = x_ptr + rows[:, None] * stride_xm
-        # unrolled (STAGED is a constexpr; tiles past the split are masked): the next tiles' loads are in
-        # flight while one is stored, instead of one L2 round trip per tile in a loop
-        for i in gl.static_range(STAGED):
-            k0 = (t0 + i) * BLOCK_K
-            live = (rows < M)[:, None] & (cols < (t_end - t0 - i) * BLOCK_K)[None, :]
-            xv = gl.load(x_rows + k0 + cols[None, :], mask=live, other=0.0)
-            xv = gl.permute(gl.reshape(xv, [16, BLOCK_K // 32, 4, 2, 2, 2]), [0, 1, 3, 4, 2, 5])
-            xs.index(i).store(gl.reshape(xv, [16, BLOCK_K]))
-        _cta_barrier()
-
+        r_w = gl.arange(0, KW, layout=gl.SliceLayout(1, W_LAYOUT))
         n_w = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, W_LAYOUT))
+        w_tile = qw_ptr + r_w[:, None] * N + n_w[None, :]
+        rows = gl.arange(0, 16, layout=gl.SliceLayout(1, X_LAYOUT))
+        pairs = gl.arange(0, BLOCK_K // 2, layout=gl.SliceLayout(0, X_LAYOUT))
+        x_tile = (x_ptr.to(gl.pointer_type(gl.int32), bitcast=True) + rows[:, None] * (stride_xm // 2)
+                  + pairs[None, :])
+        x_live = (rows < M)[:, None] & (pairs < BLOCK_K // 2)[None, :]
         n_c = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
+
         # the group steps with the tiles (a tile never straddles groups): no division per tile
         per_group = gl.where(group_size >= K, 1 << 30, group_size // BLOCK_K)
         g = t0 // per_group
         left = per_group - t0 % per_group
+        g_last = (t_end - 1) // per_group
+        w = gl.load(w_tile + t0 * KW * N)
+        xp = gl.load(x_tile + t0 * (BLOCK_K // 2), mask=x_live, other=0)
+        z = gl.load(z_ptr + g * N + n_w)
+        s = gl.load(s_ptr + g * N + n_c)
         acc = gl.zeros([16, BLOCK_N], gl.float32, mma)
         for t in range(t0, t_end):
-            u = t - t0
-            async_copy.wait_group(STAGES - 2)  # this thread's copies of tile t have landed
-            _cta_barrier()  # everyone's have, and everyone is done with the stage refilled next
-            _async_load(ring.index((u + STAGES - 1) % STAGES), w_tile + gl.minimum(t + STAGES - 1, t_end - 1) * KW * N)
-            async_copy.commit_group()
-            w = ring.index(u % STAGES).load(W_LAYOUT)
-            z = gl.load(z_ptr + g * N + n_w)
-            s = gl.load(s_ptr + g * N + n_c).to(gl.float32)
-            zz, _, m16, _, zb = _tile_fixups(z, w.shape)  # -(1024 + z) and -(1024 / 16 + z), both halves
-            b = _b_operand(w.to(gl.uint32, bitcast=True), zz, m16, zb, BLOCK_K, BLOCK_N, b_layout)
-            part = mma_v2(xs.index(u).load(a_layout), b, gl.zeros([16, BLOCK_N], gl.float32, mma))
-            acc += part * s[None, :]
+            # the next tile's operands are requested before this one is used (the last tile's are
+            # requested again at the end, never used)
+            tn = gl.minimum(t + 1, t_end - 1)
             left -= 1
             g = gl.where(left == 0, g + 1, g)
             left = gl.where(left == 0, per_group, left)
-        async_copy.wait_group(0)
+            gn = gl.minimum(g, g_last)
+            w_next = gl.load(w_tile + tn * KW * N)
+            x_next = gl.load(x_tile + tn * (BLOCK_K // 2), mask=x_live, other=0)
+            z_next = gl.load(z_ptr + gn * N + n_w)
+            s_next = gl.load(s_ptr + gn * N + n_c)
+            acc = _tile_product(acc, w, xp, z, s, BLOCK_K, BLOCK_N, mma)
+            w = w_next
+            xp = x_next
+            z = z_next
+            s = s_next
 
         offs_m = gl.arange(0, 16, layout=gl.SliceLayout(1, mma))
         omask = (offs_m < M)[:, None] & (n_c < N)[None, :]

@@ -25,9 +25,10 @@ from backends.gptq.parallel_compile import compile_all, launcher
 log = logging.getLogger(__name__)
 
 FUSED_MAX_M = 64
-TUNER_VERSION = 8  # 2: cold weight copies; 3: more half2 GEMV tiles; 4: modes 5, 6; 5: stage_x; 6: mode 6 gone;
+TUNER_VERSION = 9  # 2: cold weight copies; 3: more half2 GEMV tiles; 4: modes 5, 6; 5: stage_x; 6: mode 6 gone;
 #                     7: half2 kernels without bounds masks on whole tiles and without a division per tile,
-#                        the tensor-core kernel at 2 and 3 bits; 8: mode 7 (Gluon)
+#                        the tensor-core kernel at 2 and 3 bits; 8: mode 7 (Gluon);
+#                     9: mode 7 reads x and words straight into registers (other tiles and splits)
 VERIFY_TOLERANCE = 1e-2  # relative error of a kernel's output against its torch reference (fp16: ~1e-3)
 
 
@@ -199,27 +200,20 @@ def gluon_kernels_available() -> bool:
 
 
 def _gluon_mma_candidates(layer: KernelLayer, bucket: int, bks: list[int], sms: int) -> list[GemmConfig]:
-    """Mode 7 configs: whole tiles only, num_stages the tiles of the word ring, and splits short enough
-    that a program's slice of x and its ring fit the shared memory budget of gluon_mma."""
+    """Mode 7 configs: whole tiles only; 32 columns per warp and the split counts that won an H200 sweep."""
     from backends.gptq import gluon_mma
     if bucket != gluon_mma.ROWS or layer.bits != 4 or not layer.interleaved:
         return []
     out = []
-    # the best of an H200 sweep at 16 rows (bench.gemv_sweep --mode 7, bench/RESULTS.md) first: 128 columns,
-    # 6 splits of 4096 rows and 8 of 8192, and a ring of two tiles (it beat three and four in every
-    # shape's best configs, so deeper rings would only lengthen a new model's tuning)
-    stages = 2
-    for bn, bk, warps in ((128, 128, 4), (128, 64, 4), (256, 128, 8)):
+    # the best of an H200 sweep at 16 rows (bench/RESULTS.md, 2026-12-03): 128-row tiles, 32 columns per
+    # warp, about 8 programs per SM (2 splits of 8192x28672, 6 of 4096x11008); 1-4 warps within 3%
+    for bn, bk, warps in ((64, 128, 2), (128, 128, 4), (32, 128, 1)):
         bk = max((b for b in bks if gluon_mma.CHUNK <= b <= bk), default=0)  # small groups: shorter tiles
         if not bk or not gluon_mma.valid(bk, bn, warps) or layer.N % bn or layer.K % bk:
             continue
-        most_tiles = gluon_mma.most_tiles_per_split(bk, bn, stages)
-        if not most_tiles:
-            continue
-        k_tiles = layer.K // bk
-        for target in (4 * sms, 8 * sms, 16 * sms):
-            per = -(-k_tiles // max(_split_for(layer, bn, bk, target), -(-k_tiles // most_tiles)))
-            cfg = GemmConfig("fused", bucket, bn, bk, -(-k_tiles // per), warps, num_stages=stages, mode=7)
+        for target in (8 * sms, 4 * sms, 16 * sms):
+            cfg = GemmConfig("fused", bucket, bn, bk, _split_for(layer, bn, bk, target), warps, num_stages=1,
+                             mode=7)
             if cfg not in out:
                 out.append(cfg)
     return out
@@ -288,12 +282,13 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
         if not gluon_mma.supports(x2d, layer, cfg) or has_perm:
             raise ValueError("the Gluon tensor-core kernel (mode 7) takes 2-16 fp16 rows on CUDA, interleaved "
                              "4-bit words in whole tiles, and act-order only through gather_x")
+        x2d = paired_rows(x2d)
         launcher(gluon_mma.gptq_mma4_kernel, (n_tiles, split), compile_only)(
             x2d, layer.qweight, layer.scales, layer.zeros, out, bias if bias is not None else out, ws, tickets,
             M, layer.N, layer.K, x2d.stride(0), out.stride(0), layer.group_size, per, split,
-            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, STAGED=gluon_mma.staged_tiles(per), SPLIT=split > 1,
-            HAS_BIAS=bias is not None, W_LAYOUT=gluon_mma.word_layout(cfg.block_k, cfg.block_n, cfg.num_warps),
-            STAGES=cfg.num_stages, num_warps=cfg.num_warps)
+            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split > 1, HAS_BIAS=bias is not None,
+            W_LAYOUT=gluon_mma.word_layout(cfg.block_k, cfg.block_n, cfg.num_warps),
+            X_LAYOUT=gluon_mma.x_layout(cfg.block_k, cfg.num_warps), num_warps=cfg.num_warps)
         return out
     if cfg.mode == 3:
         from backends.gptq.triton_kernels import gptq_gemv_kernel
@@ -322,6 +317,15 @@ def aligned_row(x2d: torch.Tensor) -> torch.Tensor:
     (triton_kernels._x_pairs), and a row viewed at an odd 2-element offset would fault there."""
     x_row = x2d if x2d.is_contiguous() else x2d.contiguous()
     return x_row if x_row.data_ptr() % 8 == 0 else x_row.clone()
+
+
+def paired_rows(x2d: torch.Tensor) -> torch.Tensor:
+    """x2d with unit column stride, an even row stride and a 4-byte aligned start: the Gluon kernel
+    (gluon_mma.py) reads each row as int32 pairs; any other view is copied first."""
+    if x2d.stride(1) == 1 and x2d.stride(0) % 2 == 0 and x2d.data_ptr() % 4 == 0:
+        return x2d
+    x2d = x2d.contiguous()
+    return x2d if x2d.data_ptr() % 4 == 0 and x2d.shape[1] % 2 == 0 else x2d.clone()
 
 
 class SplitScratch:

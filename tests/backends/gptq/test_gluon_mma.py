@@ -29,24 +29,38 @@ def _layer(K, N, group, act, device, seed):
     return make_kernel_layer(qw, qz, scales, g_idx, 4, group, "gptq", device), ref
 
 
-def test_configs_offered_fit_the_kernel_and_the_shared_memory_budget():
+def test_configs_offered_fit_the_kernel():
     layer, _ = _layer(4096, 1024, 128, False, "cpu", 0)
     configs = kr._gluon_mma_candidates(layer, 16, kr.valid_block_ks(layer), sms=132)
     assert configs and all(c.mode == 7 and c.block_m == 16 for c in configs)
     for c in configs:
         assert gluon_mma.valid(c.block_k, c.block_n, c.num_warps)
-        per = kr._tiles_per_split(layer, c)
-        assert c.num_stages == 2  # the ring of word tiles
-        assert gluon_mma.shared_bytes(c.block_k, c.block_n, per, c.num_stages) <= gluon_mma.MAX_SHARED_BYTES
-        assert layer.N % c.block_n == 0 and layer.K % c.block_k == 0
+        assert c.block_n // c.num_warps == 32  # the sweep's winners: 32 columns per warp
+    # the untuned first choice: 64 columns on 2 warps, about 8 programs per SM
+    first = configs[0]
+    assert (first.block_n, first.block_k, first.num_warps) == (64, 128, 2)
+    assert first.split_k == kr._split_for(layer, 64, 128, 8 * 132)
+    assert any(c.split_k > 1 for c in configs) and any(c.split_k != first.split_k for c in configs)
     assert kr._gluon_mma_candidates(layer, 32, kr.valid_block_ks(layer), 132) == []  # 16 rows at most
-    # the longest split that fits: 16 staged tiles of 128 rows (64 KiB) beside a 16 KiB ring; 32 would not
-    assert gluon_mma.most_tiles_per_split(128, 128, 2) == 16
-    assert gluon_mma.shared_bytes(128, 128, 32, 2) > gluon_mma.MAX_SHARED_BYTES
-    assert gluon_mma.most_tiles_per_split(128, 128, 200) == 0  # a ring alone over the budget
     assert kr._gluon_mma_candidates(replace(layer, bits=3), 16, [128], 132) == []  # 4-bit only
-    small_groups, _ = _layer(1024, 512, 32, False, "cpu", 0)  # tiles of one 32-row group
+    small_groups = replace(layer, group_size=32)
     assert {c.block_k for c in kr._gluon_mma_candidates(small_groups, 16, [32], 132)} == {32}
+
+
+def test_rows_are_read_as_int32_pairs_only_where_aligned():
+    """The kernel reads x as int32 pairs: a view at an odd element offset, an odd row stride or a
+    transposed view is copied first; an aligned contiguous x is passed as it is (no copy per call)."""
+    x = torch.arange(4 * 66, dtype=torch.float16).reshape(4, 66)
+    assert kr.paired_rows(x) is x
+    odd_stride = torch.zeros(4, 65, dtype=torch.float16)[:, :64]
+    for view in (x[:, 1:65], odd_stride, x.t().contiguous().t()[:, :64]):
+        fixed = kr.paired_rows(view)
+        assert fixed.stride(1) == 1 and fixed.stride(0) % 2 == 0 and fixed.data_ptr() % 4 == 0
+        assert torch.equal(fixed, view)
+    offset = x.flatten()[1:].reshape(-1)[:4 * 64].reshape(4, 64)  # rows contiguous, start 2 bytes in
+    assert offset.data_ptr() % 4 == 2
+    fixed = kr.paired_rows(offset)
+    assert fixed.data_ptr() % 4 == 0 and torch.equal(fixed, offset)
 
 
 def test_act_order_is_offered_only_with_the_gather_first():
@@ -77,14 +91,11 @@ def test_matches_float64_over_rows_splits_and_tiles(K, N, group, act):
     runtime = kr.KernelRuntime(tune=False)
     configs = kr._gluon_mma_candidates(layer, 16, kr.valid_block_ks(layer), kr.sm_count("cuda"))
     bk = min(64, max(kr.valid_block_ks(layer)))
-    if gluon_mma.shared_bytes(bk, 64, K // bk, 2) <= gluon_mma.MAX_SHARED_BYTES:  # one split, two stages
-        configs += [kr.GemmConfig("fused", 16, 64, bk, 1, 4, 2, mode=7)]
+    # one split, and odd splits of 64-row tiles (the last split shorter than the others)
+    configs += [kr.GemmConfig("fused", 16, 64, bk, 1, 4, 1, mode=7), kr.GemmConfig("fused", 16, 32, bk, 3, 1, 1, mode=7)]
     if act:  # act-order: x gathered by the runtime first
         configs = [replace(c, gather_x=True) for c in configs]
-    # split-K partials and, where its x and ring fit in shared memory, one split
     assert any(c.split_k > 1 for c in configs)
-    one_split_fits = gluon_mma.shared_bytes(bk, 64, K // bk, 2) <= gluon_mma.MAX_SHARED_BYTES
-    assert any(c.split_k == 1 for c in configs) or not one_split_fits
     g = torch.Generator(device="cuda").manual_seed(7)
     bias = torch.randn(N, generator=g, device="cuda").half()
     for cfg in configs:
@@ -98,3 +109,20 @@ def test_matches_float64_over_rows_splits_and_tiles(K, N, group, act):
                 assert not torch.isnan(y).any(), f"unwritten outputs with {cfg}, M={M}"
                 err = float((y.double() - want).norm() / want.norm())
                 assert err < 2e-3, f"{cfg} M={M} bias={with_bias}: rel err {err:.2e}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Gluon kernels have no interpreter)")
+def test_a_view_of_x_two_bytes_off_alignment_gives_the_same_result():
+    """Rows read as int32 pairs: a view starting one element into a wider buffer is realigned first
+    (kernel_runtime.paired_rows), not read misaligned."""
+    if not gluon_mma.AVAILABLE:
+        pytest.skip("this Triton has no Gluon")
+    K, N = 1024, 256
+    layer, ref = _layer(K, N, 128, False, "cuda", 3)
+    wide = torch.randn(5, K + 2, device="cuda").half()
+    x = wide[:, 1:K + 1]
+    assert x.data_ptr() % 4 == 2
+    cfg = kr._gluon_mma_candidates(layer, 16, kr.valid_block_ks(layer), kr.sm_count("cuda"))[0]
+    y = kr.launch_fused(x, layer, cfg, scratch=kr.SplitScratch())
+    want = x.double() @ ref.cuda()
+    assert float((y.double() - want).norm() / want.norm()) < 2e-3
