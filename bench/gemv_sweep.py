@@ -79,9 +79,9 @@ def main(argv=None):
         start = time.time()
         if args.mode == 4:
             grid = itertools.product((32, 64, 128, 256), valid_block_ks(layer, (64, 128)), (2, 4, 8))
-        elif args.mode == 7:  # 16-64 columns per warp (each warp reads all of x for its own columns)
+        elif args.mode == 7:  # 16-128 columns per warp (each warp reads all of x for its own columns)
             grid = [(bn, bk, w) for bn, bk, w in itertools.product((64, 128, 32, 256), valid_block_ks(layer, (128, 64)),
-                                                                    (2, 4, 1, 8)) if 16 <= bn // w <= 64]
+                                                                    (2, 4, 1, 8)) if 16 <= bn // w <= 128]
         else:  # wide tiles first: at M = 16 each column tile reads all of x once more
             grid = itertools.product((128, 64, 256), valid_block_ks(layer, (64, 128, 256)), (4, 8))
         for bn, bk, warps in grid:

@@ -200,14 +200,15 @@ def gluon_kernels_available() -> bool:
 
 
 def _gluon_mma_candidates(layer: KernelLayer, bucket: int, bks: list[int], sms: int) -> list[GemmConfig]:
-    """Mode 7 configs: whole tiles only; 32 columns per warp and the split counts that won an H200 sweep."""
+    """Mode 7 configs: whole tiles only; 32-64 columns per warp and the split counts that won H200 sweeps."""
     from backends.gptq import gluon_mma
     if bucket != gluon_mma.ROWS or layer.bits != 4 or not layer.interleaved:
         return []
     out = []
-    # the best of an H200 sweep at 16 rows (bench/RESULTS.md, 2026-12-03): 128-row tiles, 32 columns per
-    # warp, about 8 programs per SM (2 splits of 8192x28672, 6 of 4096x11008); 1-4 warps within 3%
-    for bn, bk, warps in ((64, 128, 2), (128, 128, 4), (32, 128, 1)):
+    # the best of H200 sweeps at 16 rows (bench.gemv_sweep --mode 7, bench/RESULTS.md, 2026-12-03): 128-row
+    # tiles, 64 columns per warp first (on 8192x28672 52.9 us against 54.9-56.7 at 32 per warp: each
+    # warp reads all of x, so wider warps read less of it, at 232-241 registers), about 8 programs per SM
+    for bn, bk, warps in ((64, 128, 1), (128, 128, 2), (64, 128, 2), (32, 128, 1)):
         bk = max((b for b in bks if gluon_mma.CHUNK <= b <= bk), default=0)  # small groups: shorter tiles
         if not bk or not gluon_mma.valid(bk, bn, warps) or layer.N % bn or layer.K % bk:
             continue
