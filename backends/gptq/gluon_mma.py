@@ -23,7 +23,7 @@ Every layout conversion into the MMA operands is checked to be free at compile t
 Measured on an H200 (bench/RESULTS.md, 2026-12-03 15:05-16:05): at 16 rows 1.5-1.6x torch fp16 on
 4096x11008 and 2.0-2.1x on 8192x28672, best with 64 columns per warp (each warp reads all of x for its
 columns). Sharing x between warps through a cp.async ring, an L2 prefetch of the words and a contiguous
-panel layout of them were each no faster (commit 3e0d5b4 holds those variants).
+panel layout of them were each no faster (commit 9192b18 holds those variants).
 
 4-bit, fp16, whole tiles only. Act-order takes x gathered by the runtime (GemmConfig.gather_x). Needs
 Triton's Gluon (3.5+); without it the mode is not offered (`AVAILABLE`).
