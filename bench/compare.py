@@ -12,7 +12,6 @@ import argparse
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -58,11 +57,8 @@ def device_line() -> str:
 
 
 def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                              text=True, timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    from bench.provenance import tree_commit
+    return tree_commit(REPO)
 
 
 def record(table: str, notes: list[str], args: argparse.Namespace, argv: list[str]) -> None:

@@ -14,7 +14,6 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -194,15 +193,9 @@ def run_case(K, N, bits, gs, act, Ms, runtime, bw, seed, per_mode=False, pdl=Fal
 
 
 def git_commit() -> str:
-    """The commit measured; the device machine's copy of the tree has no .git, so GPTQ_WEBUI_COMMIT
-    (set by whoever launches the run) is used when given."""
-    if os.environ.get("GPTQ_WEBUI_COMMIT"):
-        return os.environ["GPTQ_WEBUI_COMMIT"]
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
-        return out.strip() or "?"
-    except OSError:
-        return "?"
+    """The commit measured (bench.provenance: marked -dirty when the tree differs from it)."""
+    from bench.provenance import tree_commit
+    return tree_commit(REPO)
 
 
 def markdown(rows, bw, args, device) -> str:

@@ -71,3 +71,27 @@ def test_ncu_pick_only_needs_a_file_to_write_to():
     result = subprocess.run([sys.executable, "-m", "bench.ncu_profile", "--pick-only"], cwd=REPO,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 1 and result.stderr.strip().endswith("--pick-only writes its picks to --picks FILE")
+
+
+def test_the_commit_stamp_says_when_the_tree_differs_from_it(tmp_path, monkeypatch):
+    """A benchmark's stamp names the commit and marks a tree whose tracked files differ from it: the GPU
+    machine's stale .git once stamped a run with a commit whose files were not the ones measured."""
+    import subprocess
+
+    from bench.provenance import tree_commit
+    monkeypatch.delenv("GPTQ_WEBUI_COMMIT", raising=False)
+    assert tree_commit(tmp_path) == "?"  # not a repository
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run(git + ["init", "-q"], cwd=tmp_path, check=True)
+    (tmp_path / "kernel.py").write_text("v = 1\n")
+    subprocess.run(git + ["add", "kernel.py"], cwd=tmp_path, check=True)
+    subprocess.run(git + ["commit", "-qm", "one"], cwd=tmp_path, check=True)
+    head = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=tmp_path, capture_output=True,
+                          text=True).stdout.strip()
+    assert tree_commit(tmp_path) == head
+    (tmp_path / "notes.txt").write_text("untracked files do not count\n")
+    assert tree_commit(tmp_path) == head
+    (tmp_path / "kernel.py").write_text("v = 2\n")
+    assert tree_commit(tmp_path) == f"{head}-dirty"
+    monkeypatch.setenv("GPTQ_WEBUI_COMMIT", "abc1234")
+    assert tree_commit(tmp_path) == "abc1234"
