@@ -110,7 +110,9 @@ if [[ $MODE == test ]]; then
     note "chromium is missing: browser tests will fail. Install it: sudo apt-get install -y chromium"
   fi
   step "Test suite"
-  exec "$PY" -m pytest -q -ra "$@" tests
+  # no trailing "tests": pytest.ini's testpaths gives the whole suite when no path is passed, and a
+  # path passed after `test` then runs alone (with "tests" appended it ran everything anyway)
+  exec "$PY" -m pytest -q -ra --durations=15 "$@"
 fi
 
 # -- 4. Start -------------------------------------------------------------------------------
