@@ -29,7 +29,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from backends import torch_generation  # noqa: E402
-from bench.decode import (build_checkpoint, fuse_for_decoding, git_commit, graph_decoding,  # noqa: E402
+from bench.provenance import tree_commit  # noqa: E402
+from bench.decode import (build_checkpoint, fuse_for_decoding, graph_decoding,  # noqa: E402
                           llama7b_config, load_gptq, profile_table)
 
 
@@ -111,7 +112,7 @@ def main(argv=None) -> None:
     top1 = float((b.argmax(-1) == a.argmax(-1)).float().mean())
     base = rows[0][1]
     md = [f"### Act-order end to end - {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} - "
-          f"{torch.cuda.get_device_name()} - commit {git_commit()}", "",
+          f"{torch.cuda.get_device_name()} - commit {tree_commit()}", "",
           f"Command: `python -m bench.act_order {' '.join(sys.argv[1:])}`. LLaMA-7B shape ({args.layers} layers), "
           f"random weights, RTN 4-bit g128 sym, the same weights with and without act-order; prompt {args.prompt}, "
           f"{args.new} new tokens, greedy, batch 1, best of {args.repeats}; torch {torch.__version__}. Rewritten "

@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench.provenance import tree_commit
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_MD = REPO / "bench" / "RESULTS.md"
 
@@ -56,17 +58,12 @@ def device_line() -> str:
             f"(torch threads {torch.get_num_threads()}), torch {torch.__version__}")
 
 
-def git_commit() -> str:
-    from bench.provenance import tree_commit
-    return tree_commit(REPO)
-
-
 def record(table: str, notes: list[str], args: argparse.Namespace, argv: list[str]) -> None:
     command = "python -m bench.compare " + " ".join(shlex.quote(a) for a in argv)
     lines = [f"\n## Side by side ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})", "",
              f"- device: {device_line()}, load average {os.getloadavg()[0]:.1f} at the end "
              "(shared machine: compare speeds within this table only)",
-             f"- commit: {git_commit()}", f"- command: `{command}`",
+             f"- commit: {tree_commit()}", f"- command: `{command}`",
              f"- perplexity: {args.text}, seqlen {args.seqlen}, "
              f"{'all windows' if not args.windows else f'first {args.windows} windows'}; speed: "
              f"{args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, greedy, "

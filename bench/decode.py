@@ -31,6 +31,7 @@ from backends import torch_generation  # noqa: E402
 from backends.base import SamplingParams  # noqa: E402
 from backends.gptq import format as fmt  # noqa: E402
 from backends.gptq.rtn import LINEAR_RE, rtn_quantize  # noqa: E402
+from bench.provenance import tree_commit  # noqa: E402
 
 
 def llama7b_config(layers: int):
@@ -99,11 +100,6 @@ def run_generation(model, prompt_ids, new_tokens, forward, device):
     return ttft, tps, len(stamps)
 
 
-def git_commit() -> str:
-    from bench.kernels import git_commit as commit
-    return commit()
-
-
 def cpu_main(args) -> None:
     """CPU: the gptq backend (torch path) against the transformers backend on the default model's fp
     weights, same machine, same run, alternating, median of repeats."""
@@ -129,7 +125,7 @@ def cpu_main(args) -> None:
     med = {k: statistics.median(v) for k, v in rates.items()}
     base = med["transformers fp32"]
     lines = [f"### Decode on CPU - {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} - "
-             f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()} - commit {git_commit()}", "",
+             f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()} - commit {tree_commit()}", "",
              f"Command: `python -m bench.decode --cpu {' '.join(a for a in sys.argv[1:] if a != '--cpu')}`. "
              f"SmolLM2-135M-Instruct, RTN {args.bits}-bit g{args.group}; greedy, {args.new} new tokens, chat prompt; "
              f"median of {args.repeats} alternating runs (shared machine).", "",
@@ -191,7 +187,7 @@ def smoke_main(args) -> None:
     err = float((got - ref).norm() / ref.norm())
     top1 = float((got.argmax(-1) == ref.argmax(-1)).float().mean())
     lines = [f"### GPTQBackend on CUDA (smoke) - {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} - "
-             f"{torch.cuda.get_device_name()} - commit {git_commit()}", "",
+             f"{torch.cuda.get_device_name()} - commit {tree_commit()}", "",
              f"Command: `python -m bench.decode --smoke {' '.join(a for a in sys.argv[1:] if a != '--smoke')}`. "
              f"Random LLaMA ({args.layers} layers, 7B widths, vocab 49152), RTN {args.bits}-bit g{args.group}, loaded "
              f"through the registry's gptq backend with default options (float16, CUDA graphs, autotune), "
@@ -409,7 +405,7 @@ def main(argv=None):
     per_token = q_bytes + other
     limit = bw / per_token
     fp16_limit = bw / fp16_bytes
-    md = [f"### Decode - {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} - {name} - commit {git_commit()}", "",
+    md = [f"### Decode - {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} - {name} - commit {tree_commit()}", "",
           f"Command: `python -m bench.decode {' '.join(sys.argv[1:])}`. LLaMA-7B shape ({args.layers} layers, hidden 4096, "
           f"intermediate 11008, vocab 32000), random weights, RTN {args.bits}-bit g{args.group}; prompt {args.prompt} "
           f"tokens, {args.new} new tokens, greedy, batch 1, after a warm-up generation; torch {torch.__version__}. "
@@ -509,7 +505,7 @@ def profile_only(args, folder: Path, prompt, device) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "profile.md").write_text(f"### Decode step profile - {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} - "
-                                    f"{torch.cuda.get_device_name()} - commit {git_commit()}\n\nCommand: "
+                                    f"{torch.cuda.get_device_name()} - commit {tree_commit()}\n\nCommand: "
                                     f"`python -m bench.decode {' '.join(sys.argv[1:])}`.\n\n{table}")
     print(table)
     shutil.rmtree(folder, ignore_errors=True)

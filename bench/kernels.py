@@ -27,6 +27,7 @@ if str(REPO) not in sys.path:
 from backends.gptq import format as fmt  # noqa: E402
 from backends.gptq.kernel_runtime import KernelRuntime, graph_time_ms, launch_fused, pdl_supported  # noqa: E402
 from backends.gptq.quant_linear import make_kernel_layer  # noqa: E402
+from bench.provenance import tree_commit  # noqa: E402
 
 SHAPES = "4096x4096,4096x11008,11008x4096,8192x28672,28672x8192"
 CASES = {"4g128": (4, 128, False), "4g128a": (4, 128, True), "3g128": (3, 128, False),
@@ -192,14 +193,8 @@ def run_case(K, N, bits, gs, act, Ms, runtime, bw, seed, per_mode=False, pdl=Fal
     return rows
 
 
-def git_commit() -> str:
-    """The commit measured (bench.provenance: marked -dirty when the tree differs from it)."""
-    from bench.provenance import tree_commit
-    return tree_commit(REPO)
-
-
 def markdown(rows, bw, args, device) -> str:
-    lines = [f"### Kernels - {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} - {device} - commit {git_commit()}",
+    lines = [f"### Kernels - {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} - {device} - commit {tree_commit()}",
              "", f"Command: `python -m bench.kernels {' '.join(sys.argv[1:])}`. torch {torch.__version__}, "
              f"triton {__import__('triton').__version__}. Copy bandwidth (read+write) this run: {bw/1e9:.0f} GB/s. "
              "Times are medians over replays of a CUDA graph of calls rotating over weight copies (no launch overhead); speedup = fp16 time / gptq time; "

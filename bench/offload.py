@@ -28,9 +28,10 @@ if str(REPO) not in sys.path:
 
 from backends.gptq import offload  # noqa: E402
 from backends.gptq.kernel_runtime import graph_time_ms  # noqa: E402
-from bench.decode import (build_checkpoint, fuse_for_decoding, git_commit, graph_decoding, llama7b_config,  # noqa: E402
+from bench.decode import (build_checkpoint, fuse_for_decoding, graph_decoding, llama7b_config,  # noqa: E402
                           load_gptq)
 from bench.kernels import best_read_ms  # noqa: E402
+from bench.provenance import tree_commit  # noqa: E402
 
 
 def h2d_copy_bandwidth(nbytes: int = 2**30) -> float:
@@ -89,7 +90,7 @@ def main(argv=None) -> int:
         print(rows[-1], flush=True)
     base = next((r for r in rows if r["host_gb"] == 0), None)
     lines = [f"### Offloaded decoding - {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} - "
-             f"{torch.cuda.get_device_name()} - commit {git_commit()}", "",
+             f"{torch.cuda.get_device_name()} - commit {tree_commit()}", "",
              f"Command: `python -m bench.offload {' '.join(sys.argv[1:])}`. LLaMA-7B shape ({args.layers} layers), "
              f"random weights, RTN 4-bit g128; prompt 64 tokens, {args.new} new, greedy, CUDA graph decoding with "
              f"the attention kernel. Same run: pinned host -> GPU copy {copy_bw / 1e9:.1f} GB/s, a kernel reading "

@@ -13,7 +13,6 @@ import datetime
 import json
 import platform
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from backends.registry import create_backend  # noqa: E402
+from bench.provenance import tree_commit  # noqa: E402
 from quantizer.evaluation import load_eval_text, perplexity  # noqa: E402
 from quantizer.pipeline import plan, run  # noqa: E402
 from quantizer.reference import DequantizedGPTQBackend  # noqa: E402
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     table = "\n".join(lines)
     print(table)
     if args.record:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        commit = tree_commit()
         header = (f"\n### Quantization quality ({datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC, {device} "
                   f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, commit {commit})\n"
                   f"Command: `python {' '.join(['bench/quantize_quality.py'] + (argv if argv is not None else sys.argv[1:]))}`\n"

@@ -15,7 +15,6 @@ import datetime
 import json
 import platform
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch  # noqa: E402
 from quantizer.jobs import JobManager  # noqa: E402
 from quantizer.service import start_quantize  # noqa: E402
 from quantizer.settings import QuantizeSettings  # noqa: E402
+from bench.provenance import tree_commit  # noqa: E402
 
 DEFAULT = "SmolLM2-135M-Instruct"
 RANDOM = "bench-random-7b"
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
     if args.record:  # header first, then each row as soon as it is measured (a killed run keeps its rows)
         device = (torch.cuda.get_device_name() if torch.cuda.is_available()
                   else f"CPU {platform.machine()}, {torch.get_num_threads()} threads")
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        commit = tree_commit()
         what = "7B-shaped random model" if args.random_7b else args.model
         header = (f"\n### Quantization speed and memory ({datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC, {device}, commit {commit})\n"
                   f"Command: `python bench/quantize_speed.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n"

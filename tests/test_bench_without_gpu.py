@@ -95,3 +95,14 @@ def test_the_commit_stamp_says_when_the_tree_differs_from_it(tmp_path, monkeypat
     assert tree_commit(tmp_path) == f"{head}-dirty"
     monkeypatch.setenv("GPTQ_WEBUI_COMMIT", "abc1234")
     assert tree_commit(tmp_path) == "abc1234"
+
+
+def test_every_benchmark_stamps_its_commit_through_provenance():
+    """One stamp for all reports: a benchmark asking git for HEAD itself would name a stale commit on the
+    GPU machine without saying so (bench.provenance)."""
+    stampers = [p for p in (REPO / "bench").glob("*.py") if "commit" in p.read_text() and p.name != "provenance.py"]
+    assert len(stampers) >= 7
+    for path in stampers:
+        source = path.read_text()
+        assert "rev-parse" not in source, path.name
+        assert "commit {tree_commit()}" in source or "commit: {tree_commit()}" in source or "= tree_commit()" in source, path.name
