@@ -366,27 +366,34 @@ def gptq_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, bias_ptr, w
 
 @triton.jit
 def _load_words(qw_ptr, N, kb0, offs_n, mask_n, row_end, BITS: tl.constexpr, KB: tl.constexpr,
-                EVEN: tl.constexpr = False):
-    """The words of value blocks kb0 .. kb0+KB-1 as uint32 [KB, BLOCK_N] tiles (three for 3 bits),
-    zero past row_end (the end of this program's split, so prefetching never reads the next split).
-    EVEN: every row and column is inside the matrix (the caller guarantees it): no masks."""
-    WPB: tl.constexpr = 3 if BITS == 3 else 1
+                EVEN: tl.constexpr = False, WPB: tl.constexpr = 0):
+    """The words of value blocks kb0 .. kb0+KB-1 as uint32 [KB, BLOCK_N] tiles, one per word of a block
+    (WPB words; by default three at 3 bits, else one), zero past row_end (the end of this program's split,
+    so prefetching never reads the next split). EVEN: every row and column is inside the matrix (the
+    caller guarantees it): no masks. Words a block does not have repeat w0 (the compiler drops them)."""
+    W: tl.constexpr = WPB if WPB else (3 if BITS == 3 else 1)
     # a loop-invariant tile of offsets plus one scalar per step: fewer address instructions in the loop
-    p = (qw_ptr + (tl.arange(0, KB) * WPB)[:, None] * N + offs_n[None, :]) + kb0 * WPB * N
+    p = (qw_ptr + (tl.arange(0, KB) * W)[:, None] * N + offs_n[None, :]) + kb0 * W * N
     if EVEN:
         w0 = tl.load(p).to(tl.uint32, bitcast=True)
-        if BITS == 3:
-            w1 = tl.load(p + N).to(tl.uint32, bitcast=True)
-            w2 = tl.load(p + 2 * N).to(tl.uint32, bitcast=True)
-    else:
-        m = (((kb0 + tl.arange(0, KB)) * WPB)[:, None] < row_end) & mask_n[None, :]
-        w0 = tl.load(p, mask=m, other=0).to(tl.uint32, bitcast=True)
-        if BITS == 3:
-            w1 = tl.load(p + N, mask=m, other=0).to(tl.uint32, bitcast=True)
-            w2 = tl.load(p + 2 * N, mask=m, other=0).to(tl.uint32, bitcast=True)
-    if BITS != 3:  # unused at 2 and 4 bits: the compiler drops them
         w1 = w0
         w2 = w0
+        if W >= 2:
+            w1 = tl.load(p + N).to(tl.uint32, bitcast=True)
+        if W == 3:
+            w2 = tl.load(p + 2 * N).to(tl.uint32, bitcast=True)
+    else:
+        first = (kb0 + tl.arange(0, KB)) * W
+        m = (first[:, None] < row_end) & mask_n[None, :]
+        w0 = tl.load(p, mask=m, other=0).to(tl.uint32, bitcast=True)
+        w1 = w0
+        w2 = w0
+        if W >= 2:  # a block's later words have their own bound (an odd number of 4-bit word rows)
+            w1 = tl.load(p + N, mask=((first + 1)[:, None] < row_end) & mask_n[None, :], other=0).to(
+                tl.uint32, bitcast=True)
+        if W == 3:
+            w2 = tl.load(p + 2 * N, mask=((first + 2)[:, None] < row_end) & mask_n[None, :], other=0).to(
+                tl.uint32, bitcast=True)
     return w0, w1, w2
 
 
@@ -535,10 +542,11 @@ def gptq_dequant_kernel(qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, N, K, Kw, group
 # A word in the interleaved order holds value pairs (2p, 2p+1) in its low and high 16-bit halves at bit
 # p * BITS. One `lop3` (w & mask) | 0x6400_6400 turns a pair into two fp16 numbers 1024 + q * 2^(p*BITS
 # mod 8) at once; one sub/fma makes them exact q - z; one fma multiplies them with the activation pair
-# (x[2p], x[2p+1]), which is simply the fp16 input read as int32. The products of one word are summed
-# in fp16 (at most 8 terms of |x| * |q - z|) and the two halves are added in fp32. That is ~2 instructions
-# per weight where the unpack-convert-fma route (gptq_gemv_kernel) needs ~4.5: the difference between
-# being bound by instructions and being bound by memory at 4 bits.
+# (x[2p], x[2p+1]), which is simply the fp16 input read as int32. The products of 16 values (two 4-bit
+# words, one 2-bit word; 32 at 3 bits) are summed in fp16, the two halves added in fp16, and the sum
+# converted once and scaled in fp32. That is ~2.3 instructions per weight where the unpack-convert-fma
+# route (gptq_gemv_kernel) needs ~6: the difference between being bound by instructions and being bound
+# by memory at 4 bits.
 
 @triton.jit
 def _pair_term(w, xp, zf, p: tl.constexpr, BITS: tl.constexpr):
@@ -558,8 +566,11 @@ def _half2(v):
 
 
 @triton.jit
-def _dot_word4(w, x0, x1, x2, x3, z, USE_ASM: tl.constexpr):
-    """sum_j x_j (q_j - z) over the 8 values of each interleaved 4-bit word w (fp32)."""
+def _dot_words4(we, wo, x0, x1, x2, x3, x4, x5, x6, x7, z, USE_ASM: tl.constexpr):
+    """sum_j x_j (q_j - z) over the 16 values of two consecutive interleaved 4-bit words of a column
+    (fp32): x0-x3 are word we's pairs, x4-x7 word wo's. One fp16 chain over both words (16 terms, as a
+    2-bit word's), whose halves are added in fp16 and converted once: the sum, the conversion and the
+    scale's fma cost 3 instructions per 16 weights (4 per 8 with a chain per word)."""
     if USE_ASM:
         zz = (z + 0x6400) * 0x10001                # 1024 + z, both halves
         m16 = (0xD400 + 16 * z) * 0x10001          # -(1024/16 + z) (see _fixups_2bit)
@@ -567,34 +578,49 @@ def _dot_word4(w, x0, x1, x2, x3, z, USE_ASM: tl.constexpr):
             "{\n"
             ".reg .b32 t, q0, q1, q2, q3, a, c;\n"
             ".reg .b16 lo, hi;\n"
-            ".reg .f32 f0, f1;\n"
             "mov.b32 c, 0x2C002C00;\n"
             "shr.u32 t, $1, 8;\n"
             "lop3.b32 q0, $1, 0x000f000f, 0x64006400, 0xea;\n"
             "lop3.b32 q1, $1, 0x00f000f0, 0x64006400, 0xea;\n"
             "lop3.b32 q2, t, 0x000f000f, 0x64006400, 0xea;\n"
             "lop3.b32 q3, t, 0x00f000f0, 0x64006400, 0xea;\n"
-            "sub.f16x2 q0, q0, $6;\n"
-            "fma.rn.f16x2 q1, q1, c, $7;\n"
-            "sub.f16x2 q2, q2, $6;\n"
-            "fma.rn.f16x2 q3, q3, c, $7;\n"
-            "mul.f16x2 a, q0, $2;\n"
-            "fma.rn.f16x2 a, q1, $3, a;\n"
-            "fma.rn.f16x2 a, q2, $4, a;\n"
-            "fma.rn.f16x2 a, q3, $5, a;\n"
+            "sub.f16x2 q0, q0, $11;\n"
+            "fma.rn.f16x2 q1, q1, c, $12;\n"
+            "sub.f16x2 q2, q2, $11;\n"
+            "fma.rn.f16x2 q3, q3, c, $12;\n"
+            "mul.f16x2 a, q0, $3;\n"
+            "fma.rn.f16x2 a, q1, $4, a;\n"
+            "fma.rn.f16x2 a, q2, $5, a;\n"
+            "fma.rn.f16x2 a, q3, $6, a;\n"
+            "shr.u32 t, $2, 8;\n"
+            "lop3.b32 q0, $2, 0x000f000f, 0x64006400, 0xea;\n"
+            "lop3.b32 q1, $2, 0x00f000f0, 0x64006400, 0xea;\n"
+            "lop3.b32 q2, t, 0x000f000f, 0x64006400, 0xea;\n"
+            "lop3.b32 q3, t, 0x00f000f0, 0x64006400, 0xea;\n"
+            "sub.f16x2 q0, q0, $11;\n"
+            "fma.rn.f16x2 q1, q1, c, $12;\n"
+            "sub.f16x2 q2, q2, $11;\n"
+            "fma.rn.f16x2 q3, q3, c, $12;\n"
+            "fma.rn.f16x2 a, q0, $7, a;\n"
+            "fma.rn.f16x2 a, q1, $8, a;\n"
+            "fma.rn.f16x2 a, q2, $9, a;\n"
+            "fma.rn.f16x2 a, q3, $10, a;\n"
             "mov.b32 {lo, hi}, a;\n"
-            "cvt.f32.f16 f0, lo;\n"
-            "cvt.f32.f16 f1, hi;\n"
-            "add.f32 $0, f0, f1;\n"
+            "add.rn.f16 lo, lo, hi;\n"
+            "cvt.f32.f16 $0, lo;\n"
             "}",
-            "=f,r,r,r,r,r,r,r",
-            [w, tl.broadcast_to(x0, w.shape), tl.broadcast_to(x1, w.shape), tl.broadcast_to(x2, w.shape),
-             tl.broadcast_to(x3, w.shape), tl.broadcast_to(zz, w.shape), tl.broadcast_to(m16, w.shape)],
+            "=f,r,r,r,r,r,r,r,r,r,r,r,r",
+            [we, wo, tl.broadcast_to(x0, we.shape), tl.broadcast_to(x1, we.shape), tl.broadcast_to(x2, we.shape),
+             tl.broadcast_to(x3, we.shape), tl.broadcast_to(x4, we.shape), tl.broadcast_to(x5, we.shape),
+             tl.broadcast_to(x6, we.shape), tl.broadcast_to(x7, we.shape), tl.broadcast_to(zz, we.shape),
+             tl.broadcast_to(m16, we.shape)],
             dtype=tl.float32, is_pure=True, pack=1)
     else:
         zf = z.to(tl.float32)
-        return (_pair_term(w, x0, zf, 0, 4) + _pair_term(w, x1, zf, 1, 4)
-                + _pair_term(w, x2, zf, 2, 4) + _pair_term(w, x3, zf, 3, 4))
+        return (_pair_term(we, x0, zf, 0, 4) + _pair_term(we, x1, zf, 1, 4)
+                + _pair_term(we, x2, zf, 2, 4) + _pair_term(we, x3, zf, 3, 4)
+                + _pair_term(wo, x4, zf, 0, 4) + _pair_term(wo, x5, zf, 1, 4)
+                + _pair_term(wo, x6, zf, 2, 4) + _pair_term(wo, x7, zf, 3, 4))
 
 
 @triton.jit
@@ -623,7 +649,6 @@ def _dot_word2(w, x0, x1, x2, x3, x4, x5, x6, x7, z, USE_ASM: tl.constexpr):
             "{\n"
             ".reg .b32 t, q, a, c1, c2, c3;\n"
             ".reg .b16 lo, hi;\n"
-            ".reg .f32 f0, f1;\n"
             "mov.b32 c1, 0x34003400;\n"
             "mov.b32 c2, 0x2C002C00;\n"
             "mov.b32 c3, 0x24002400;\n"
@@ -653,9 +678,8 @@ def _dot_word2(w, x0, x1, x2, x3, x4, x5, x6, x7, z, USE_ASM: tl.constexpr):
             "fma.rn.f16x2 q, q, c3, $13;\n"
             "fma.rn.f16x2 a, q, $9, a;\n"
             "mov.b32 {lo, hi}, a;\n"
-            "cvt.f32.f16 f0, lo;\n"
-            "cvt.f32.f16 f1, hi;\n"
-            "add.f32 $0, f0, f1;\n"
+            "add.rn.f16 lo, lo, hi;\n"
+            "cvt.f32.f16 $0, lo;\n"
             "}",
             "=f,r,r,r,r,r,r,r,r,r,r,r,r,r",
             [w, tl.broadcast_to(x0, w.shape), tl.broadcast_to(x1, w.shape), tl.broadcast_to(x2, w.shape),
@@ -706,9 +730,10 @@ def gptq_gemv_h2_kernel(x_ptr, xp_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, 
                         USE_ASM: tl.constexpr, PDL: tl.constexpr = False, STAGE_X: tl.constexpr = 0,
                         EVEN: tl.constexpr = False):
     """out[1, N] = x[1, K] @ W (+ bias) for fp16 x and 2/3/4-bit words in the half2 order (see above and
-    _dot_block3), KB value blocks per tile (a block: one word, or three at 3 bits). The next tile's words
-    are loaded before the current one is used (register double-buffering). The 3-bit words w1, w2 are
-    unused at 2 and 4 bits, so the compiler drops them from the loop.
+    _dot_block3), KB words per tile at 2 and 4 bits, KB blocks of three words at 3 bits; one fp16 chain
+    sums a block (one 2-bit word, two 4-bit words, three 3-bit words). The next tile's words are loaded
+    before the current one is used (register double-buffering). Words a block does not have (w1, w2 at
+    2 bits, w2 at 4) are dropped by the compiler.
     PDL (launched as a programmatic dependent launch, sm_90+): the first tile's words, constants, are
     requested before waiting for the previous kernel, so this kernel's start overlaps that one's tail;
     x, the output and the split scratch are touched only after the wait.
@@ -716,13 +741,15 @@ def gptq_gemv_h2_kernel(x_ptr, xp_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, 
     split's rows in one go into the row that xp_ptr points to (sorted order; every program of the split
     writes the same values), then reads pairs from there as without act-order: two dependent loads per
     program instead of per tile, and no separate gather launch."""
-    VPB: tl.constexpr = 32 if BITS == 3 else 32 // BITS
-    WPB: tl.constexpr = 3 if BITS == 3 else 1
+    # a block: the values one fp16 chain sums (3 bits: 32 values in three words; 4 bits: two words)
+    VPB: tl.constexpr = 32 if BITS == 3 else 64 // BITS if BITS == 4 else 32 // BITS
+    WPB: tl.constexpr = 3 if BITS == 3 else 2 if BITS == 4 else 1
+    NB: tl.constexpr = KB // 2 if BITS == 4 else KB  # blocks per tile (KB counts words at 4 bits)
     PPB: tl.constexpr = VPB // 2
-    BLOCK_K: tl.constexpr = KB * VPB
+    BLOCK_K: tl.constexpr = NB * VPB
     pid_n, pid_k, offs_n, mask_n, t0, t_end = _program_tiles(N, K, tiles_per_split, BLOCK_N, BLOCK_K)
-    row_end = tl.minimum(Kw, t_end * KB * WPB)
-    w0, w1, w2 = _load_words(qw_ptr, N, t0 * KB, offs_n, mask_n, row_end, BITS, KB, EVEN)
+    row_end = tl.minimum(Kw, t_end * NB * WPB)
+    w0, w1, w2 = _load_words(qw_ptr, N, t0 * NB, offs_n, mask_n, row_end, BITS, NB, EVEN, WPB)
     if PDL:
         gdc_wait()  # the previous kernel (x's producer, the scratch's last user) has finished
         gdc_launch_dependents()  # the next kernel may start its own weight reads now
@@ -732,24 +759,28 @@ def gptq_gemv_h2_kernel(x_ptr, xp_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, 
         xv = tl.load(x_ptr + tl.load(perm_ptr + ks, mask=kmask, other=0), mask=kmask, other=0)
         tl.store(xp_ptr.to(tl.pointer_type(tl.float16), bitcast=True) + ks, xv, mask=kmask)
         tl.debug_barrier()  # the block's stores are visible to all its threads before the pairs are read
-    acc2 = tl.zeros([KB, BLOCK_N], dtype=tl.float32)  # reduced over rows once, after the loop
+    acc2 = tl.zeros([NB, BLOCK_N], dtype=tl.float32)  # reduced over rows once, after the loop
     g, left, per_group = _first_group(t0, K, group_size, BLOCK_K)
     for t in range(t0, t_end):
-        blocks = t * KB + tl.arange(0, KB)
+        blocks = t * NB + tl.arange(0, NB)
         if EVEN:  # no masks: the last step loads its own tile again instead of a masked next one
-            mask_r = tl.full([KB], True, tl.int1)  # folded away by the compiler
-            n0, n1, n2 = _load_words(qw_ptr, N, tl.minimum(t + 1, t_end - 1) * KB, offs_n, mask_n, row_end,
-                                     BITS, KB, EVEN)
+            mask_r = tl.full([NB], True, tl.int1)  # folded away by the compiler
+            mask_w1 = mask_r
+            n0, n1, n2 = _load_words(qw_ptr, N, tl.minimum(t + 1, t_end - 1) * NB, offs_n, mask_n, row_end,
+                                     BITS, NB, EVEN, WPB)
         else:
             mask_r = blocks * WPB < row_end
-            n0, n1, n2 = _load_words(qw_ptr, N, (t + 1) * KB, offs_n, mask_n, row_end, BITS, KB)
+            mask_w1 = blocks * WPB + 1 < row_end  # 4 bits: the block's second word (Kw may be odd)
+            n0, n1, n2 = _load_words(qw_ptr, N, (t + 1) * NB, offs_n, mask_n, row_end, BITS, NB, False, WPB)
         s, z = _scale_zero(s_ptr, z_ptr, g, N, offs_n, mask_n, EVEN)
         z = z[None, :]
         g, left = _next_group(g, left, per_group)
         x0, x1 = _x_pairs(xp_ptr, x_ptr, perm_ptr, blocks, mask_r, 0, PPB, HAS_PERM)
         x2, x3 = _x_pairs(xp_ptr, x_ptr, perm_ptr, blocks, mask_r, 2, PPB, HAS_PERM)
         if BITS == 4:
-            r = _dot_word4(w0, x0, x1, x2, x3, z, USE_ASM)
+            x4, x5 = _x_pairs(xp_ptr, x_ptr, perm_ptr, blocks, mask_w1, 4, PPB, HAS_PERM)
+            x6, x7 = _x_pairs(xp_ptr, x_ptr, perm_ptr, blocks, mask_w1, 6, PPB, HAS_PERM)
+            r = _dot_words4(w0, w1, x0, x1, x2, x3, x4, x5, x6, x7, z, USE_ASM)
         else:
             x4, x5 = _x_pairs(xp_ptr, x_ptr, perm_ptr, blocks, mask_r, 4, PPB, HAS_PERM)
             x6, x7 = _x_pairs(xp_ptr, x_ptr, perm_ptr, blocks, mask_r, 6, PPB, HAS_PERM)
@@ -979,7 +1010,6 @@ def _dot_block3(w0, w1, h, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12
             "{\n"
             ".reg .b32 t0, t1, g0, g1, g2, g3, q, a, b, c1, c2, c3;\n"
             ".reg .b16 lo, hi;\n"
-            ".reg .f32 f0, f1, f2, f3;\n"
             "mov.b32 c1, 0x34003400;\n"
             "mov.b32 c2, 0x2C002C00;\n"
             "mov.b32 c3, 0x24002400;\n"
@@ -1053,15 +1083,10 @@ def _dot_block3(w0, w1, h, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12
             "lop3.b32 q, g3, 0x01000100, q, 0xea;\n"
             "fma.rn.f16x2 q, q, c3, $23;\n"
             "fma.rn.f16x2 b, q, $19, b;\n"
+            "add.rn.f16x2 a, a, b;\n"
             "mov.b32 {lo, hi}, a;\n"
-            "cvt.f32.f16 f0, lo;\n"
-            "cvt.f32.f16 f1, hi;\n"
-            "mov.b32 {lo, hi}, b;\n"
-            "cvt.f32.f16 f2, lo;\n"
-            "cvt.f32.f16 f3, hi;\n"
-            "add.f32 f0, f0, f1;\n"
-            "add.f32 f2, f2, f3;\n"
-            "add.f32 $0, f0, f2;\n"
+            "add.rn.f16 lo, lo, hi;\n"
+            "cvt.f32.f16 $0, lo;\n"
             "}",
             "=f,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
             [w0, tl.broadcast_to(w1, w0.shape), tl.broadcast_to(h, w0.shape), tl.broadcast_to(x0, w0.shape), tl.broadcast_to(x1, w0.shape), tl.broadcast_to(x2, w0.shape), tl.broadcast_to(x3, w0.shape), tl.broadcast_to(x4, w0.shape), tl.broadcast_to(x5, w0.shape), tl.broadcast_to(x6, w0.shape), tl.broadcast_to(x7, w0.shape), tl.broadcast_to(x8, w0.shape), tl.broadcast_to(x9, w0.shape), tl.broadcast_to(x10, w0.shape), tl.broadcast_to(x11, w0.shape), tl.broadcast_to(x12, w0.shape), tl.broadcast_to(x13, w0.shape), tl.broadcast_to(x14, w0.shape), tl.broadcast_to(x15, w0.shape),

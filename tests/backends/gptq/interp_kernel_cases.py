@@ -138,6 +138,28 @@ def test_half2_kernels_with_splits(kr, bits, gs, act):
 
 
 @pytest.mark.parametrize("act", [False, True], ids=["plain", "actorder"])
+def test_half2_4bit_kernel_with_an_odd_number_of_word_rows(kr, act):
+    """The 4-bit half2 kernel sums two words per fp16 chain. K = 136 is 17 word rows, so the last
+    chain has one word: the missing word and its activations must count as zero. x is a view into a
+    row poisoned with NaN past K, so reading x past K shows up in the output."""
+    from backends.gptq.quant_linear import make_kernel_layer
+    rows = 136
+    packed, ref_w = _layer(4, -1, act, seed=77, rows=rows)
+    layer = make_kernel_layer(*packed, 4, -1, "gptq_v2", "cpu")
+    buffer = torch.full((1, rows + 64), float("nan"), dtype=torch.float16)
+    buffer[:, :rows] = torch.randn(1, rows, generator=torch.Generator().manual_seed(5)).half()
+    x = buffer[:, :rows]
+    ref = x.double() @ ref_w
+    configs = [kr.GemmConfig("fused", 1, bn, bk, split, 4, mode=4) for split in (1, 2) for bn in (32, 64)
+               for bk in (32, 64)]
+    assert not any(kr.whole_tiles(layer, c) for c in configs)
+    for cfg in configs:
+        y = kr.launch_fused(x, layer, cfg, out=torch.full((1, N), float("nan"), dtype=torch.float16))
+        assert not torch.isnan(y).any(), cfg
+        assert _rel(y, ref) < 1e-2, (cfg, _rel(y, ref))
+
+
+@pytest.mark.parametrize("act", [False, True], ids=["plain", "actorder"])
 @pytest.mark.parametrize("bits", [4, 2, 3])
 def test_tensor_core_kernel_whole_and_partial_tiles(kr, act, bits):
     """The half2 tensor-core kernel (mode 5) at 3 and 16 rows, over 1, 2 and 5 splits, with whole tiles

@@ -84,6 +84,11 @@ def run_ptx(asm: str, args: list[int], outputs: int = 1):
                 exact = v[0] - v[1] if op.startswith("sub") else v[0] * v[1] if op.startswith("mul") else v[0] * v[1] + v[2]
                 halves.append(np.float16(exact))  # one rounding, as .rn specifies (float64 is exact here)
             regs[d] = pack_f16(*halves)
+        elif op == "add.rn.f16":  # one fp16 half (.b16 registers hold np.float16)
+            regs[d] = np.float16(float(val(ops[1])) + float(val(ops[2])))
+        elif op == "add.rn.f16x2":
+            a, b = f16_pair(val(ops[1])), f16_pair(val(ops[2]))
+            regs[d] = pack_f16(np.float16(float(a[0]) + float(b[0])), np.float16(float(a[1]) + float(b[1])))
         elif op == "cvt.f32.f16":
             regs[d] = np.float32(val(ops[1]))
         elif op == "add.f32":
@@ -130,13 +135,21 @@ def worst_relative_error(asm: str, bits: int, values: int, words, seed: int) -> 
     return worst
 
 
-@pytest.mark.parametrize("bits", [4, 2])
-def test_asm_computes_the_dot_product_of_one_word(bits):
-    asm, constraints = asm_of("_dot_word4" if bits == 4 else "_dot_word2")
-    per_word, pairs = 32 // bits, 16 // bits
-    assert constraints.count("r") == 1 + pairs + (2 if bits == 4 else 4)  # word, x pairs, zero constants
-    worst = worst_relative_error(asm, bits, per_word, lambda q: [interleaved_word(q, bits)], seed=bits)
+def test_asm_computes_the_dot_product_of_one_2bit_word():
+    asm, constraints = asm_of("_dot_word2")
+    assert constraints.count("r") == 1 + 8 + 4  # word, x pairs, zero constants
+    worst = worst_relative_error(asm, 2, 16, lambda q: [interleaved_word(q, 2)], seed=2)
     assert worst < 4e-3, worst  # fp16 products and sums: a wrong mask or constant gives errors of order 1
+
+
+def test_asm_computes_the_dot_product_of_two_4bit_words():
+    """_dot_words4: one fp16 chain over two consecutive words (values 0-7 in the first, 8-15 in the
+    second; swapped words or x pairs give errors of order 1)."""
+    asm, constraints = asm_of("_dot_words4")
+    assert constraints.count("r") == 2 + 8 + 2  # words, x pairs, zero constants
+    worst = worst_relative_error(asm, 4, 16, lambda q: [interleaved_word(q[:8], 4), interleaved_word(q[8:], 4)],
+                                 seed=4)
+    assert worst < 4e-3, worst
 
 
 def test_asm_computes_the_dot_product_of_one_3bit_block():
