@@ -78,7 +78,8 @@ def main(argv=None):
         results = []
         start = time.time()
         if args.mode == 4:
-            grid = itertools.product((32, 64, 128, 256), valid_block_ks(layer, (64, 128)), (2, 4, 8))
+            # wide tiles first: the tuner's picks on an H200 are 512 columns of 64 rows (2026-12-03)
+            grid = itertools.product((512, 256, 1024, 128, 64), valid_block_ks(layer, (64, 128, 32)), (4, 2, 8))
         elif args.mode == 7:  # 16-128 columns per warp (each warp reads all of x for its own columns)
             grid = [(bn, bk, w) for bn, bk, w in itertools.product((64, 128, 32, 256), valid_block_ks(layer, (128, 64)),
                                                                     (2, 4, 1, 8)) if 16 <= bn // w <= 128]

@@ -519,6 +519,14 @@ class KernelRuntime:
                                      num_stages=st, mode=mode)
                     if cfg not in out:
                         out.append(cfg)
+            if mode == 4:
+                # the two best of a wider H200 sweep on 8192x28672 (bench.gemv_sweep, 2026-12-03: 35.2 and
+                # 35.7 us against 36.8 for the best of the list above), at their programs per SM
+                for bn, bk, warps, per_sm in ((1024, 64, 8, 2), (512, 32, 4, 6)):
+                    cfg = GemmConfig("fused", bucket, bn, bk, _split_for(layer, bn, bk, per_sm * sms), warps,
+                                     num_stages=2, mode=mode)
+                    if bk in bks and cfg not in out:
+                        out.append(cfg)
         if bucket > 1 and any(c.mode == 5 for c in out):
             # the tensor-core kernel won every 2-64-row case measured, by 1.7-2.3x (H100, H200:
             # bench/RESULTS.md): the other modes stay as one fallback config each (a GPU or compiler
