@@ -133,11 +133,9 @@ if AVAILABLE:
     def gptq_mma4_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, bias_ptr, ws_ptr, ticket_ptr,
                          M, N, K, stride_xm, stride_om, group_size, tiles_per_split, nsplit,
                          BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, SPLIT: gl.constexpr,
-                         HAS_BIAS: gl.constexpr, W_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr,
-                         AHEAD: gl.constexpr = 1):
+                         HAS_BIAS: gl.constexpr, W_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr):
         """out[M, N] (+)= x[M, K] @ W for 2 <= M <= 16 fp16 rows and half2-ordered 4-bit words, the K tiles
-        of this program's split (grid axis 1); whole tiles only. See the module docstring. AHEAD: how many
-        tiles ahead of the one in use the operands are requested (1 or 2)."""
+        of this program's split (grid axis 1); whole tiles only. See the module docstring."""
         KW: gl.constexpr = BLOCK_K // 8
         num_warps: gl.constexpr = gl.num_warps()
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, num_warps],
@@ -166,21 +164,11 @@ if AVAILABLE:
         xp = gl.load(x_tile + t0 * (BLOCK_K // 2), mask=x_live, other=0)
         z = gl.load(z_ptr + g * N + n_w)
         s = gl.load(s_ptr + g * N + n_c)
-        if AHEAD == 2:  # tile t0 + 1's operands too; (g, left) then track the tile two ahead
-            left -= 1
-            g = gl.where(left == 0, g + 1, g)
-            left = gl.where(left == 0, per_group, left)
-            g1 = gl.minimum(g, g_last)
-            t1 = gl.minimum(t0 + 1, t_end - 1)
-            w1 = gl.load(w_tile + t1 * KW * N)
-            x1 = gl.load(x_tile + t1 * (BLOCK_K // 2), mask=x_live, other=0)
-            z1 = gl.load(z_ptr + g1 * N + n_w)
-            s1 = gl.load(s_ptr + g1 * N + n_c)
         acc = gl.zeros([16, BLOCK_N], gl.float32, mma)
         for t in range(t0, t_end):
-            # the operands AHEAD tiles on are requested before this tile is used (past the last tile the
-            # last tile's are requested again, never used)
-            tn = gl.minimum(t + AHEAD, t_end - 1)
+            # the next tile's operands are requested before this one is used (the last tile's are
+            # requested again at the end, never used)
+            tn = gl.minimum(t + 1, t_end - 1)
             left -= 1
             g = gl.where(left == 0, g + 1, g)
             left = gl.where(left == 0, per_group, left)
@@ -190,20 +178,10 @@ if AVAILABLE:
             z_next = gl.load(z_ptr + gn * N + n_w)
             s_next = gl.load(s_ptr + gn * N + n_c)
             acc = _tile_product(acc, w, xp, z, s, BLOCK_K, BLOCK_N, mma)
-            if AHEAD == 2:
-                w = w1
-                xp = x1
-                z = z1
-                s = s1
-                w1 = w_next
-                x1 = x_next
-                z1 = z_next
-                s1 = s_next
-            else:
-                w = w_next
-                xp = x_next
-                z = z_next
-                s = s_next
+            w = w_next
+            xp = x_next
+            z = z_next
+            s = s_next
 
         offs_m = gl.arange(0, 16, layout=gl.SliceLayout(1, mma))
         omask = (offs_m < M)[:, None] & (n_c < N)[None, :]

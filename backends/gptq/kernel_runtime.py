@@ -289,8 +289,7 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
             M, layer.N, layer.K, x2d.stride(0), out.stride(0), layer.group_size, per, split,
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split > 1, HAS_BIAS=bias is not None,
             W_LAYOUT=gluon_mma.word_layout(cfg.block_k, cfg.block_n, cfg.num_warps),
-            X_LAYOUT=gluon_mma.x_layout(cfg.block_k, cfg.num_warps), AHEAD=2 if cfg.num_stages == 2 else 1,
-            num_warps=cfg.num_warps)
+            X_LAYOUT=gluon_mma.x_layout(cfg.block_k, cfg.num_warps), num_warps=cfg.num_warps)
         return out
     if cfg.mode == 3:
         from backends.gptq.triton_kernels import gptq_gemv_kernel
