@@ -54,9 +54,12 @@ def runs(default_hf_model, artifacts_dir, c4_path, wikitext_path, transformers_b
     try:
         for bits in (4, 3):
             for method in ("rtn", "gptq"):
-                extra = GPTQ_OPTIONS[bits] if method == "gptq" else {}
+                # an RTN model does not depend on the calibration data (the job runs it only to report
+                # each layer's output error), so its jobs take a quarter of it: ~30 s less each
+                extra = GPTQ_OPTIONS[bits] if method == "gptq" else {"nsamples": CALIB["nsamples"] // 4}
                 job = start_quantize(jobs, models_dir, source.name, f"{bits}bit-{method}",
-                                     QuantizeSettings(bits=bits, group_size=128, method=method, **CALIB, **extra))
+                                     QuantizeSettings(bits=bits, group_size=128, method=method,
+                                                      **{**CALIB, **extra}))
                 job.wait()
                 assert job.status == "done", job.error
                 out[bits, method] = (_ppl(job.result.output, text), job)
