@@ -4,9 +4,10 @@ see whether the tuner's candidate list misses faster configs (a diagnostic for B
     python -m bench.gemv_sweep [--shapes 4096x12288,4096x4096,4096x22016,11008x4096] [--budget-s 300]
     python -m bench.gemv_sweep --mode 5 --m 16 --shapes 4096x11008,8192x28672   # the tensor-core kernel
     python -m bench.gemv_sweep --mode 7 --m 16 --shapes 4096x11008               # its Gluon form
+    python -m bench.gemv_sweep --bits 3 --shapes 8192x28672                     # 3-bit g128 (2-bit: g64)
 
-For each shape (4-bit g128, M = 1, fp16): the tuner's pick among its candidates, then a grid of
-block_n x block_k x warps x split (and num_stages around the best), each checked against
+For each shape (4-bit g128 unless --bits says otherwise, M = 1, fp16): the tuner's pick among its
+candidates, then a grid of block_n x block_k x warps x split (and num_stages around the best), each checked against
 dequantize + cuBLAS and timed like the tuner times (CUDA graph replays over cold weight copies). The
 baseline is a device-to-device copy of the same bytes timed the same way, in the same run.
 """
@@ -54,6 +55,8 @@ def main(argv=None):
     ap.add_argument("--mode", type=int, default=4, choices=(4, 5, 7),
                     help="4: half2 GEMV; 5: half2 + tensor cores; 7: the same in Gluon")
     ap.add_argument("--m", type=int, default=1, help="rows of x (mode 4: 1)")
+    ap.add_argument("--bits", type=int, default=4, choices=(2, 3, 4),
+                    help="mode 4 only; groups of 128 (64 at 2 bits, as EfficientQAT's w2g64)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench.gemv_sweep needs a CUDA GPU")
@@ -61,7 +64,10 @@ def main(argv=None):
     print(torch.cuda.get_device_name(), "SMs", sms, flush=True)
     for shape in args.shapes.split(","):
         K, N = map(int, shape.split("x"))
-        _, layer = random_layer(K, N, 4, 128, False, seed=K + N)
+        if args.bits != 4 and args.mode != 4:
+            sys.exit("--bits 2 and 3: mode 4 only (modes 5 and 7 are swept at 4 bits)")
+        group = 64 if args.bits == 2 else 128
+        _, layer = random_layer(K, N, args.bits, group, False, seed=K + N)
         runtime = KernelRuntime(tune=True)
         x = torch.randn(args.m, K, device="cuda", dtype=torch.float16)
         block_m = 1 if args.mode == 4 else max(16, runtime.m_bucket(args.m))
@@ -69,7 +75,7 @@ def main(argv=None):
         copies = cold_copies(layer, "cuda")
         base = copy_us(layer.nbytes())
         # read-only bound: a copy reads and writes, the kernel only reads, so report both
-        print(f"\n== {K}x{N} 4-bit g128 M={args.m} mode {args.mode}: {layer.nbytes() / 1e6:.1f} MB, copy of the same bytes {base:.1f} us "
+        print(f"\n== {K}x{N} {args.bits}-bit g{group} M={args.m} mode {args.mode}: {layer.nbytes() / 1e6:.1f} MB, copy of the same bytes {base:.1f} us "
               f"(read+write {2 * layer.nbytes() / base / 1e3:.0f} GB/s)", flush=True)
         cands = runtime.candidates(args.m, layer, x.device, x.dtype)
         tuned, tuned_ms = runtime.fastest(x, layer, cands)
