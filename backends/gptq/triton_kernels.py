@@ -543,10 +543,12 @@ def gptq_dequant_kernel(qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, N, K, Kw, group
 # p * BITS. One `lop3` (w & mask) | 0x6400_6400 turns a pair into two fp16 numbers 1024 + q * 2^(p*BITS
 # mod 8) at once; one sub/fma makes them exact q - z; one fma multiplies them with the activation pair
 # (x[2p], x[2p+1]), which is simply the fp16 input read as int32. The products of 16 values (two 4-bit
-# words, one 2-bit word; 32 at 3 bits) are summed in fp16, the two halves added in fp16, and the sum
-# converted once and scaled in fp32. That is ~2.3 instructions per weight where the unpack-convert-fma
-# route (gptq_gemv_kernel) needs ~6: the difference between being bound by instructions and being bound
-# by memory at 4 bits.
+# words, one 2-bit word; 32 at 3 bits) are summed in fp16x2, then the two halves are converted, added and
+# scaled in fp32. That is ~2.4 instructions per weight where the unpack-convert-fma route
+# (gptq_gemv_kernel) needs ~6: the difference between being bound by instructions and being bound by
+# memory at 4 bits. Headroom: an fp16 half sums at most 8 products at 4 bits (|q - z| <= 15), 8 at 2 bits,
+# 16 at 3 bits (|q - z| <= 7), so it holds 65504 for activations up to ~545 in every channel of a block;
+# adding the halves in fp16 too would save 2 instructions per 16 weights and halve that headroom.
 
 @triton.jit
 def _pair_term(w, xp, zf, p: tl.constexpr, BITS: tl.constexpr):
@@ -568,9 +570,9 @@ def _half2(v):
 @triton.jit
 def _dot_words4(we, wo, x0, x1, x2, x3, x4, x5, x6, x7, z, USE_ASM: tl.constexpr):
     """sum_j x_j (q_j - z) over the 16 values of two consecutive interleaved 4-bit words of a column
-    (fp32): x0-x3 are word we's pairs, x4-x7 word wo's. One fp16 chain over both words (16 terms, as a
-    2-bit word's), whose halves are added in fp16 and converted once: the sum, the conversion and the
-    scale's fma cost 3 instructions per 16 weights (4 per 8 with a chain per word)."""
+    (fp32): x0-x3 are word we's pairs, x4-x7 word wo's. One fp16x2 chain over both words (8 products per
+    half, as a 2-bit word's), so the halves' conversions, their sum and the scale's fma are paid once per
+    16 weights (5 instructions, against 4 per 8 with a chain per word)."""
     if USE_ASM:
         zz = (z + 0x6400) * 0x10001                # 1024 + z, both halves
         m16 = (0xD400 + 16 * z) * 0x10001          # -(1024/16 + z) (see _fixups_2bit)
@@ -578,6 +580,7 @@ def _dot_words4(we, wo, x0, x1, x2, x3, x4, x5, x6, x7, z, USE_ASM: tl.constexpr
             "{\n"
             ".reg .b32 t, q0, q1, q2, q3, a, c;\n"
             ".reg .b16 lo, hi;\n"
+            ".reg .f32 f0, f1;\n"
             "mov.b32 c, 0x2C002C00;\n"
             "shr.u32 t, $1, 8;\n"
             "lop3.b32 q0, $1, 0x000f000f, 0x64006400, 0xea;\n"
@@ -606,8 +609,9 @@ def _dot_words4(we, wo, x0, x1, x2, x3, x4, x5, x6, x7, z, USE_ASM: tl.constexpr
             "fma.rn.f16x2 a, q2, $9, a;\n"
             "fma.rn.f16x2 a, q3, $10, a;\n"
             "mov.b32 {lo, hi}, a;\n"
-            "add.rn.f16 lo, lo, hi;\n"
-            "cvt.f32.f16 $0, lo;\n"
+            "cvt.f32.f16 f0, lo;\n"
+            "cvt.f32.f16 f1, hi;\n"
+            "add.f32 $0, f0, f1;\n"
             "}",
             "=f,r,r,r,r,r,r,r,r,r,r,r,r",
             [we, wo, tl.broadcast_to(x0, we.shape), tl.broadcast_to(x1, we.shape), tl.broadcast_to(x2, we.shape),
@@ -649,6 +653,7 @@ def _dot_word2(w, x0, x1, x2, x3, x4, x5, x6, x7, z, USE_ASM: tl.constexpr):
             "{\n"
             ".reg .b32 t, q, a, c1, c2, c3;\n"
             ".reg .b16 lo, hi;\n"
+            ".reg .f32 f0, f1;\n"
             "mov.b32 c1, 0x34003400;\n"
             "mov.b32 c2, 0x2C002C00;\n"
             "mov.b32 c3, 0x24002400;\n"
@@ -678,8 +683,9 @@ def _dot_word2(w, x0, x1, x2, x3, x4, x5, x6, x7, z, USE_ASM: tl.constexpr):
             "fma.rn.f16x2 q, q, c3, $13;\n"
             "fma.rn.f16x2 a, q, $9, a;\n"
             "mov.b32 {lo, hi}, a;\n"
-            "add.rn.f16 lo, lo, hi;\n"
-            "cvt.f32.f16 $0, lo;\n"
+            "cvt.f32.f16 f0, lo;\n"
+            "cvt.f32.f16 f1, hi;\n"
+            "add.f32 $0, f0, f1;\n"
             "}",
             "=f,r,r,r,r,r,r,r,r,r,r,r,r,r",
             [w, tl.broadcast_to(x0, w.shape), tl.broadcast_to(x1, w.shape), tl.broadcast_to(x2, w.shape),
@@ -730,7 +736,7 @@ def gptq_gemv_h2_kernel(x_ptr, xp_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, 
                         USE_ASM: tl.constexpr, PDL: tl.constexpr = False, STAGE_X: tl.constexpr = 0,
                         EVEN: tl.constexpr = False):
     """out[1, N] = x[1, K] @ W (+ bias) for fp16 x and 2/3/4-bit words in the half2 order (see above and
-    _dot_block3), KB words per tile at 2 and 4 bits, KB blocks of three words at 3 bits; one fp16 chain
+    _dot_block3), KB words per tile at 2 and 4 bits, KB blocks of three words at 3 bits; one fp16x2 chain
     sums a block (one 2-bit word, two 4-bit words, three 3-bit words). The next tile's words are loaded
     before the current one is used (register double-buffering). Words a block does not have (w1, w2 at
     2 bits, w2 at 4) are dropped by the compiler.
@@ -741,7 +747,7 @@ def gptq_gemv_h2_kernel(x_ptr, xp_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, 
     split's rows in one go into the row that xp_ptr points to (sorted order; every program of the split
     writes the same values), then reads pairs from there as without act-order: two dependent loads per
     program instead of per tile, and no separate gather launch."""
-    # a block: the values one fp16 chain sums (3 bits: 32 values in three words; 4 bits: two words)
+    # a block: the values one fp16x2 chain sums (3 bits: 32 values in three words; 4 bits: two words)
     VPB: tl.constexpr = 32 if BITS == 3 else 64 // BITS if BITS == 4 else 32 // BITS
     WPB: tl.constexpr = 3 if BITS == 3 else 2 if BITS == 4 else 1
     NB: tl.constexpr = KB // 2 if BITS == 4 else KB  # blocks per tile (KB counts words at 4 bits)
@@ -1002,14 +1008,15 @@ def _dot_block3(w0, w1, h, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12
     """sum_j x_j (q_j - z) over the 32 values of each 3-bit block in the planes order (w0, w1: low bits
     of values 0-15 and 16-31 in the 2-bit pair order; h: third bits, see kernel_runtime.hi_plane_bit).
     Per pair: a `lop3` for the low bits and the fp16 exponent, a `lop3` that ors in the third bit, the
-    same fix-up as at 2 bits (the value now spans mantissa bits 2r..2r+2), one fma; two fp16 sums
-    (values 0-15 and 16-31) added in fp32."""
+    same fix-up as at 2 bits (the value now spans mantissa bits 2r..2r+2), one fma; two fp16x2 sums
+    (values 0-15 and 16-31) added in fp16x2 (16 products of |q - z| <= 7 per half), the halves in fp32."""
     if USE_ASM:
         zz, m4, m16, m64 = _fixups_2bit(z)
         return tl.inline_asm_elementwise(
             "{\n"
             ".reg .b32 t0, t1, g0, g1, g2, g3, q, a, b, c1, c2, c3;\n"
             ".reg .b16 lo, hi;\n"
+            ".reg .f32 f0, f1;\n"
             "mov.b32 c1, 0x34003400;\n"
             "mov.b32 c2, 0x2C002C00;\n"
             "mov.b32 c3, 0x24002400;\n"
@@ -1085,8 +1092,9 @@ def _dot_block3(w0, w1, h, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12
             "fma.rn.f16x2 b, q, $19, b;\n"
             "add.rn.f16x2 a, a, b;\n"
             "mov.b32 {lo, hi}, a;\n"
-            "add.rn.f16 lo, lo, hi;\n"
-            "cvt.f32.f16 $0, lo;\n"
+            "cvt.f32.f16 f0, lo;\n"
+            "cvt.f32.f16 f1, hi;\n"
+            "add.f32 $0, f0, f1;\n"
             "}",
             "=f,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
             [w0, tl.broadcast_to(w1, w0.shape), tl.broadcast_to(h, w0.shape), tl.broadcast_to(x0, w0.shape), tl.broadcast_to(x1, w0.shape), tl.broadcast_to(x2, w0.shape), tl.broadcast_to(x3, w0.shape), tl.broadcast_to(x4, w0.shape), tl.broadcast_to(x5, w0.shape), tl.broadcast_to(x6, w0.shape), tl.broadcast_to(x7, w0.shape), tl.broadcast_to(x8, w0.shape), tl.broadcast_to(x9, w0.shape), tl.broadcast_to(x10, w0.shape), tl.broadcast_to(x11, w0.shape), tl.broadcast_to(x12, w0.shape), tl.broadcast_to(x13, w0.shape), tl.broadcast_to(x14, w0.shape), tl.broadcast_to(x15, w0.shape),

@@ -166,6 +166,24 @@ def test_asm_computes_the_dot_product_of_one_3bit_block():
     assert worst < 4e-3, worst
 
 
+def test_4bit_chain_keeps_activation_outliers_finite():
+    """Activation outliers (x = 2000 in a few channels, as LLMs' down projections see) times the largest
+    code distance 15: two such products in one fp16 half reach 60000 (fp16 holds 65504), a third sits in
+    the other half. Each half sums 8 products and the halves are added in fp32, so the result is finite
+    and right; adding the halves in fp16 (90000) would give inf."""
+    asm, _ = asm_of("_dot_words4")
+    rng = np.random.default_rng(7)
+    q = [int(v) for v in rng.integers(0, 16, 16)]
+    q[0] = q[1] = q[2] = 15
+    x = rng.standard_normal(16).astype(np.float16)
+    x[0] = x[1] = x[2] = np.float16(2000)  # values 0 and 2 are in the low half, 1 in the high half
+    xpairs = [pack_f16(x[2 * p], x[2 * p + 1]) for p in range(8)]
+    consts = [(0 + 0x6400) * 0x10001, half2_of(-64.0)]  # z = 0
+    got = run_ptx(asm, [interleaved_word(q[:8], 4), interleaved_word(q[8:], 4)] + xpairs + consts)
+    exact = sum(float(x[j]) * q[j] for j in range(16))
+    assert np.isfinite(got) and abs(got - exact) / exact < 1e-3, (got, exact)
+
+
 def asm_for_pair(function: str, P: int, **constexprs) -> str:
     """The asm text of the tensor-core kernel's pair unpacker `function` for pair P (and its other
     constexprs): its f-strings evaluated as Triton does when they are constexprs."""
