@@ -543,12 +543,12 @@ def gptq_dequant_kernel(qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, N, K, Kw, group
 # p * BITS. One `lop3` (w & mask) | 0x6400_6400 turns a pair into two fp16 numbers 1024 + q * 2^(p*BITS
 # mod 8) at once; one sub/fma makes them exact q - z; one fma multiplies them with the activation pair
 # (x[2p], x[2p+1]), which is simply the fp16 input read as int32. The products of 16 values (two 4-bit
-# words, one 2-bit word; 32 at 3 bits) are summed in fp16x2, then the two halves are converted, added and
-# scaled in fp32. That is ~2.4 instructions per weight where the unpack-convert-fma route
-# (gptq_gemv_kernel) needs ~6: the difference between being bound by instructions and being bound by
-# memory at 4 bits. Headroom: an fp16 half sums at most 8 products at 4 bits (|q - z| <= 15), 8 at 2 bits,
-# 16 at 3 bits (|q - z| <= 7), so it holds 65504 for activations up to ~545 in every channel of a block;
-# adding the halves in fp16 too would save 2 instructions per 16 weights and halve that headroom.
+# words, one 2-bit word; 32 at 3 bits) are summed in fp16x2 and scaled in fp32 (the two halves added in
+# fp16 at 4 bits, in fp32 at 2 and 3). That is ~2.3 instructions per weight where the unpack-convert-fma
+# route (gptq_gemv_kernel) needs ~6: the difference between being bound by instructions and being bound
+# by memory at 4 bits. Headroom: the fp16 partial sums hold 65504, so a block overflows only where the
+# magnitudes of its products sum past that (at 4 bits, 16 products of |q - z| <= 15; one product alone
+# overflows at |x| > 4367 in any fp16 kernel).
 
 @triton.jit
 def _pair_term(w, xp, zf, p: tl.constexpr, BITS: tl.constexpr):
@@ -571,8 +571,10 @@ def _half2(v):
 def _dot_words4(we, wo, x0, x1, x2, x3, x4, x5, x6, x7, z, USE_ASM: tl.constexpr):
     """sum_j x_j (q_j - z) over the 16 values of two consecutive interleaved 4-bit words of a column
     (fp32): x0-x3 are word we's pairs, x4-x7 word wo's. One fp16x2 chain over both words (8 products per
-    half, as a 2-bit word's), so the halves' conversions, their sum and the scale's fma are paid once per
-    16 weights (5 instructions, against 4 per 8 with a chain per word)."""
+    half, as a 2-bit word's) whose halves are added in fp16 and converted once, so the sum, the conversion
+    and the scale's fma cost 3 instructions per 16 weights (4 per 8 with a chain per word). That last fp16
+    add was worth 3-5% on 8192x28672 on an H200 (bench/RESULTS.md, 2026-12-03); its cost is headroom: the
+    16 products' magnitudes must sum below 65504 (test_half2_asm has the outlier case)."""
     if USE_ASM:
         zz = (z + 0x6400) * 0x10001                # 1024 + z, both halves
         m16 = (0xD400 + 16 * z) * 0x10001          # -(1024/16 + z) (see _fixups_2bit)
@@ -580,7 +582,6 @@ def _dot_words4(we, wo, x0, x1, x2, x3, x4, x5, x6, x7, z, USE_ASM: tl.constexpr
             "{\n"
             ".reg .b32 t, q0, q1, q2, q3, a, c;\n"
             ".reg .b16 lo, hi;\n"
-            ".reg .f32 f0, f1;\n"
             "mov.b32 c, 0x2C002C00;\n"
             "shr.u32 t, $1, 8;\n"
             "lop3.b32 q0, $1, 0x000f000f, 0x64006400, 0xea;\n"
@@ -609,9 +610,8 @@ def _dot_words4(we, wo, x0, x1, x2, x3, x4, x5, x6, x7, z, USE_ASM: tl.constexpr
             "fma.rn.f16x2 a, q2, $9, a;\n"
             "fma.rn.f16x2 a, q3, $10, a;\n"
             "mov.b32 {lo, hi}, a;\n"
-            "cvt.f32.f16 f0, lo;\n"
-            "cvt.f32.f16 f1, hi;\n"
-            "add.f32 $0, f0, f1;\n"
+            "add.rn.f16 lo, lo, hi;\n"
+            "cvt.f32.f16 $0, lo;\n"
             "}",
             "=f,r,r,r,r,r,r,r,r,r,r,r,r",
             [we, wo, tl.broadcast_to(x0, we.shape), tl.broadcast_to(x1, we.shape), tl.broadcast_to(x2, we.shape),
