@@ -573,8 +573,10 @@ def _dot_words4(we, wo, x0, x1, x2, x3, x4, x5, x6, x7, z, USE_ASM: tl.constexpr
     (fp32): x0-x3 are word we's pairs, x4-x7 word wo's. One fp16x2 chain over both words (8 products per
     half, as a 2-bit word's) whose halves are added in fp16 and converted once, so the sum, the conversion
     and the scale's fma cost 3 instructions per 16 weights (4 per 8 with a chain per word). That last fp16
-    add was worth 3-5% on 8192x28672 on an H200 (bench/RESULTS.md, 2026-12-03); its cost is headroom: the
-    16 products' magnitudes must sum below 65504 (test_half2_asm has the outlier case)."""
+    add was worth 1-2% on 8192x28672 in a same-call A/B on an H200 (bench/RESULTS.md, 2026-12-03); its
+    cost is headroom: the 16 products' magnitudes must sum below 65504 (test_half2_asm has the outlier
+    case). The two words' steps are written out in full, as every asm here: one line per instruction, the
+    exact text the PTX-interpreter test runs."""
     if USE_ASM:
         zz = (z + 0x6400) * 0x10001                # 1024 + z, both halves
         m16 = (0xD400 + 16 * z) * 0x10001          # -(1024/16 + z) (see _fixups_2bit)

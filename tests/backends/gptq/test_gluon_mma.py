@@ -1,7 +1,7 @@
 """The Gluon tensor-core kernel (mode 7, backends/gptq/gluon_mma.py) against a float64 reference of the
 dequantized weights, on CUDA (Gluon kernels do not run on Triton's interpreter; their compile for sm_80
 and sm_90 and their SASS are checked without a GPU in test_kernels_compile.py). On CPU: which inputs the
-kernel takes and which configs the tuner offers it."""
+kernel takes and which configs the tuner offers it (and, next to them, the one-row kernel's wide tiles)."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -126,3 +126,17 @@ def test_a_view_of_x_two_bytes_off_alignment_gives_the_same_result():
     y = kr.launch_fused(x, layer, cfg, scratch=kr.SplitScratch())
     want = x.double() @ ref.cuda()
     assert float((y.double() - want).norm() / want.norm()) < 2e-3
+
+
+def test_one_row_candidates_include_the_wide_tiles_of_the_h200_sweep(monkeypatch):
+    """The two fastest half2 GEMV configs of the wider H200 sweep on 8192x28672 (bench.gemv_sweep,
+    bench/RESULTS.md 2026-12-03: 1024 columns on 8 warps at 2 programs per SM, 512 x 32 on 4 warps at 6)
+    are offered at one row, at the split counts that were timed (9 and 14), after the heuristic default."""
+    monkeypatch.setattr(kr, "sm_count", lambda device=None: 132)
+    small, _ = _layer(256, 128, 128, False, "cpu", 3)
+    layer = replace(small, K=8192, N=28672)
+    offered = kr.KernelRuntime().candidates(1, layer, dtype=torch.float16)
+    wide = kr.GemmConfig("fused", 1, 1024, 64, 9, 8, 2, mode=4)
+    narrow_k = kr.GemmConfig("fused", 1, 512, 32, 14, 4, 2, mode=4)
+    assert wide in offered and narrow_k in offered
+    assert offered.index(wide) > 0
