@@ -25,10 +25,11 @@ from backends.gptq.parallel_compile import compile_all, launcher
 log = logging.getLogger(__name__)
 
 FUSED_MAX_M = 64
-TUNER_VERSION = 9  # 2: cold weight copies; 3: more half2 GEMV tiles; 4: modes 5, 6; 5: stage_x; 6: mode 6 gone;
+TUNER_VERSION = 10 # 2: cold weight copies; 3: more half2 GEMV tiles; 4: modes 5, 6; 5: stage_x; 6: mode 6 gone;
 #                     7: half2 kernels without bounds masks on whole tiles and without a division per tile,
 #                        the tensor-core kernel at 2 and 3 bits; 8: mode 7 (Gluon);
-#                     9: mode 7 reads x and words straight into registers (other tiles and splits)
+#                     9: mode 7 reads x and words straight into registers (other tiles and splits);
+#                     10: mode 8 at one row
 VERIFY_TOLERANCE = 1e-2  # relative error of a kernel's output against its torch reference (fp16: ~1e-3)
 
 
@@ -153,6 +154,8 @@ class GemmConfig:
     #                            5 half2 unpack + tensor cores (1 < M <= 64, fp16, 2/3/4-bit interleaved words)
     #                            7 the same in Gluon with hand-chosen operand layouts (1 < M <= 16, fp16,
     #                            4-bit interleaved words, whole tiles: gluon_mma.py)
+    #                            8 weights as the tensor cores' A operand, unpacked without fix-ups (1 <= M <= 8,
+    #                            fp16, 2/4-bit interleaved words, whole tiles: gluon_gemv.py)
     #                            (6, W^T x^T on the tensor cores, lost to 5 on an H100 and was removed)
     gather_x: bool = False     # act-order: permute the activations once (one gather) and run the perm-free
     #                            kernel, instead of each program loading x through perm (scattered reads)
@@ -215,6 +218,24 @@ def _gluon_mma_candidates(layer: KernelLayer, bucket: int, bks: list[int], sms: 
         for target in (8 * sms, 4 * sms, 16 * sms):
             cfg = GemmConfig("fused", bucket, bn, bk, _split_for(layer, bn, bk, target), warps, num_stages=1,
                              mode=7)
+            if cfg not in out:
+                out.append(cfg)
+    return out
+
+
+def _gluon_gemv_candidates(layer: KernelLayer, bucket: int, bks: list[int], sms: int) -> list[GemmConfig]:
+    """Mode 8 configs (gluon_gemv.py): whole tiles; 64-128 columns per warp, the longest tile a group allows."""
+    from backends.gptq import gluon_gemv
+    if bucket != 1 or layer.bits not in gluon_gemv.BITS or not layer.interleaved:
+        return []
+    out = []
+    bk = max((b for b in bks if gluon_gemv.chunk(layer.bits) <= b <= 128), default=0)
+    for bn, warps in ((128, 1), (256, 2), (64, 1), (512, 4), (256, 4)):
+        if not bk or not gluon_gemv.valid(layer.bits, bk, bn, warps) or layer.N % bn or layer.K % bk:
+            continue
+        for target in (8 * sms, 4 * sms, 16 * sms):
+            cfg = GemmConfig("fused", bucket, bn, bk, _split_for(layer, bn, bk, target), warps, num_stages=1,
+                             mode=8)
             if cfg not in out:
                 out.append(cfg)
     return out
@@ -290,6 +311,19 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split > 1, HAS_BIAS=bias is not None,
             W_LAYOUT=gluon_mma.word_layout(cfg.block_k, cfg.block_n, cfg.num_warps),
             X_LAYOUT=gluon_mma.x_layout(cfg.block_k, cfg.num_warps), num_warps=cfg.num_warps)
+        return out
+    if cfg.mode == 8:
+        from backends.gptq import gluon_gemv
+        if not gluon_gemv.supports(x2d, layer, cfg) or has_perm:
+            raise ValueError("the Gluon matrix-vector kernel (mode 8) takes 1-8 fp16 rows on CUDA, interleaved "
+                             "2/4-bit words in whole tiles, and act-order only through gather_x")
+        x2d = paired_rows(x2d)
+        launcher(gluon_gemv.gptq_mma_t_kernel, (n_tiles, split), compile_only)(
+            x2d, layer.qweight, layer.scales, layer.zeros, out, bias if bias is not None else out, ws, tickets,
+            M, layer.N, layer.K, x2d.stride(0), out.stride(0), layer.group_size, per, split,
+            BITS=layer.bits, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split > 1, HAS_BIAS=bias is not None,
+            W_LAYOUT=gluon_gemv.word_layout(layer.bits, cfg.block_k, cfg.block_n, cfg.num_warps),
+            X_LAYOUT=gluon_gemv.x_layout(layer.bits, cfg.block_k, cfg.num_warps), num_warps=cfg.num_warps)
         return out
     if cfg.mode == 3:
         from backends.gptq.triton_kernels import gptq_gemv_kernel
@@ -457,6 +491,8 @@ class KernelRuntime:
         half2 = dtype == torch.float16 and layer.interleaved
         if bucket == 1:
             modes = (3, 4, 0, 2) if half2 else (3, 0, 2)
+            if half2 and layer.bits in (2, 4) and gluon_kernels_available():
+                modes = (3, 4, 8, 0, 2)  # mode 8 (Gluon, tensor cores): picked only where it measures faster
         else:
             modes = (2, 0, 1) if dtype == torch.float16 else (0, 1)
             if half2:
@@ -504,6 +540,9 @@ class KernelRuntime:
             if mode == 7:
                 out += _gluon_mma_candidates(layer, bucket, bks, sms)
                 continue
+            if mode == 8:
+                out += _gluon_gemv_candidates(layer, bucket, bks, sms)
+                continue
             stages = (3, 4) if mode == 5 else (2,)  # loads feeding tl.dot: Triton pipelines them (cp.async)
             for bn, bk, warps in mode_tiles:
                 if mode == 2 and bucket > 1:  # one tl.dot per value slot needs >= 16 blocks per tile
@@ -541,8 +580,8 @@ class KernelRuntime:
             # act-order: also try gathering x once. For M > 1 the per-program scattered loads of x cost
             # far more than one gather launch, so the gathered configs lead; at M = 1 the tuner decides,
             # also between that and each program staging its own slice (mode 4, slices up to 4096 rows)
-            gathered = [replace(c, gather_x=True) for c in out if bucket > 1 or c.mode in (3, 4)]
-            out = [c for c in out if c.mode != 7]  # mode 7 reads sorted x only (gluon_mma.py)
+            gathered = [replace(c, gather_x=True) for c in out if bucket > 1 or c.mode in (3, 4, 8)]
+            out = [c for c in out if c.mode not in (7, 8)]  # modes 7 and 8 read sorted x only
             staged = [replace(c, stage_x=True) for c in out
                       if bucket == 1 and c.mode == 4 and _tiles_per_split(layer, c) * c.block_k <= 4096]
             out = gathered + out if bucket > 1 else out + gathered + staged

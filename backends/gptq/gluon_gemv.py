@@ -1,0 +1,236 @@
+"""The 1-8-row 2/4-bit kernel (mode 8): the weights are the tensor cores' A operand, unpacked with one
+`and` per pair and no fix-up.
+
+Why: the half2 matrix-vector kernel (mode 4) spends three instructions per pair of weights: a `lop3` that
+puts both 4-bit fields into fp16 mantissas over the exponent of 1024, an fma that removes the 1024 and
+the zero, and the fp16x2 fma of the dot. At 2 and 3 bits that is what bounds it (2.2 and 2.8 SASS
+instructions per weight, bench/RESULTS.md). Here a pair costs a shift and an `and`:
+
+- The masked fields are read as fp16 bit patterns: an integer q in the mantissa with a zero exponent is
+  the subnormal q * 2^-24, exact. `mma.m16n8k16` multiplies them with x exactly and adds in fp32, so
+  sum(x q) * 2^-24 comes out without an offset to remove.
+- The zero point: sum(x (q - z)) = sum(x q) - z sum(x). sum(x) * 2^-24 comes from a second MMA of the
+  same x with an A operand of all ones (again subnormal ones), the same layout and a constant, so
+  each tile is s * (P - z Z) in fp32 per column.
+- The weights are the A operand (16 columns x 16 k per MMA, 8 weights per lane), x the B operand (16 k x
+  8 rows): up to 8 rows of x cost the same as one. Lane (g, t) loads word row 4c + t of columns g and
+  g + 8 of its 16-column tile; a word's pairs are that lane's A registers for a dot whose k order within
+  each chunk of four words is 2t + h + 8 (p & 1) + 16 (p >> 1) (pair p, half h), the order of
+  gluon_mma.py. x's B registers in that order are consecutive values, read as int32 pairs.
+
+Half2-ordered (`kernel_runtime.interleave_pairs`) 2- and 4-bit words, fp16, whole tiles only, a tile
+never straddling a group. Act-order reads x gathered by the runtime. Needs Triton's Gluon.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+    AVAILABLE = hasattr(gl, "DistributedLinearLayout") and hasattr(gl, "NVMMADistributedLayout")
+except ImportError:  # a Triton without Gluon: the mode is not offered
+    AVAILABLE = False
+
+ROWS = 8  # the MMA's n: rows of x per call
+BITS = (2, 4)
+
+
+def values_per_word(bits: int) -> int:
+    return 32 // bits
+
+
+def chunk(bits: int) -> int:
+    """k values per chunk: four words of a column, one per lane t."""
+    return 4 * values_per_word(bits)
+
+
+def _log2(n: int) -> int:
+    return n.bit_length() - 1
+
+
+def valid(bits: int, block_k: int, block_n: int, num_warps: int) -> bool:
+    """Tile shapes the layouts cover: whole chunks, every warp owning whole 16-column MMA tiles."""
+    per_warp = block_n // (16 * num_warps)
+    power_of_two = lambda n: n > 0 and n & (n - 1) == 0
+    return (bits in BITS and block_k % chunk(bits) == 0 and power_of_two(block_k)
+            and block_n % (16 * num_warps) == 0 and power_of_two(per_warp) and power_of_two(num_warps))
+
+
+def supports(x2d, layer, cfg) -> bool:
+    """The inputs this kernel takes (act-order only after the runtime's gather)."""
+    return (AVAILABLE and x2d.is_cuda and x2d.dtype == torch.float16 and 1 <= x2d.shape[0] <= ROWS
+            and layer.bits in BITS and layer.interleaved and valid(layer.bits, cfg.block_k, cfg.block_n, cfg.num_warps)
+            and layer.N % cfg.block_n == 0 and layer.K % cfg.block_k == 0
+            and (layer.group_size >= layer.K or layer.group_size % cfg.block_k == 0))
+
+
+@functools.lru_cache(maxsize=None)
+def word_layout(bits: int, block_k: int, block_n: int, num_warps: int):
+    """Words [block_n, block_k // values_per_word]: lane (g, t) of warp w holds word row 4c + t of columns
+    g and g + 8 of each of its 16-column tiles (tile i of warp w starts at 16 (i * num_warps + w))."""
+    kw = block_k // values_per_word(bits)
+    chunks, tiles = kw // 4, block_n // (16 * num_warps)
+    return gl.DistributedLinearLayout(
+        reg_bases=([[8, 0]] + [[0, 4 << i] for i in range(_log2(chunks))]
+                   + [[(16 * num_warps) << i, 0] for i in range(_log2(tiles))]),
+        lane_bases=[[0, 1], [0, 2], [1, 0], [2, 0], [4, 0]],
+        warp_bases=[[16 << i, 0] for i in range(_log2(num_warps))], block_bases=[], shape=[block_n, kw])
+
+
+@functools.lru_cache(maxsize=None)
+def x_layout(bits: int, block_k: int, num_warps: int):
+    """x as int32 pairs [block_k // 2, 8]: lane (g, t) holds row g's pairs of its word rows (pw pairs per
+    word, pw consecutive pairs per chunk); every warp holds all of it."""
+    pw = values_per_word(bits) // 2
+    chunks = block_k // chunk(bits)
+    return gl.DistributedLinearLayout(
+        reg_bases=[[1 << i, 0] for i in range(_log2(pw))] + [[(4 * pw) << i, 0] for i in range(_log2(chunks))],
+        lane_bases=[[pw, 0], [2 * pw, 0], [0, 1], [0, 2], [0, 4]],
+        warp_bases=[[0, 0] for _ in range(_log2(num_warps))], block_bases=[], shape=[block_k // 2, ROWS])
+
+
+@triton.jit
+def _pair_q(w, P: tl.constexpr, BITS: tl.constexpr):
+    """Values 2P and 2P+1 of each half2-ordered word as fp16 bit patterns q * 2^r * 2^-24 (subnormals,
+    exact): the word shifted by whole bytes, then masked, so each field stays at bit r = its offset in its
+    byte (x_scale divides the matching x by 2^r)."""
+    per_byte: tl.constexpr = 8 // BITS
+    return tl.inline_asm_elementwise(
+        "{\n.reg .b32 t;\n"
+        f"shr.u32 t, $2, {8 * (P // per_byte)};\n"
+        f"and.b32 t, t, {(((1 << BITS) - 1) << (BITS * (P % per_byte))) * 0x10001};\n"
+        "mov.b32 {$0, $1}, t;\n}",
+        "=h,=h,r", [w], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
+
+
+if AVAILABLE:
+    # Triton 3.6 names it thread_barrier; later versions barrier
+    _cta_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
+
+    @gluon.jit
+    def _a_operand(w, BITS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, A_LAYOUT: gl.constexpr):
+        """The MMA's A operand [BLOCK_N, BLOCK_K] (q * 2^-24, fp16) of words w [BLOCK_N, BLOCK_K // vpw], k in
+        the dot's order: joins, reshapes and the permute only rename registers (asserted)."""
+        l0, h0 = _pair_q(w, 0, BITS)
+        l1, h1 = _pair_q(w, 1, BITS)
+        l2, h2 = _pair_q(w, 2, BITS)
+        l3, h3 = _pair_q(w, 3, BITS)
+        t = gl.join(gl.join(gl.join(l0, h0), gl.join(l1, h1)), gl.join(gl.join(l2, h2), gl.join(l3, h3)))
+        if BITS == 4:
+            t = gl.reshape(t, [BLOCK_N, BLOCK_K // 32, 4, 2, 2, 2])  # (n, c, t, h, p & 1, p >> 1)
+            t = gl.permute(t, [0, 1, 5, 4, 2, 3])  # k = 32 c + 16 (p >> 1) + 8 (p & 1) + 2 t + h
+        else:
+            l4, h4 = _pair_q(w, 4, BITS)
+            l5, h5 = _pair_q(w, 5, BITS)
+            l6, h6 = _pair_q(w, 6, BITS)
+            l7, h7 = _pair_q(w, 7, BITS)
+            u = gl.join(gl.join(gl.join(l4, h4), gl.join(l5, h5)), gl.join(gl.join(l6, h6), gl.join(l7, h7)))
+            t = gl.reshape(gl.join(t, u), [BLOCK_N, BLOCK_K // 64, 4, 2, 2, 2, 2])  # (n, c, t, h, p0, p1, p2)
+            t = gl.permute(t, [0, 1, 6, 5, 4, 2, 3])  # k = 64 c + 16 (p >> 1) + 8 (p & 1) + 2 t + h
+        return gl.convert_layout(gl.reshape(t, [BLOCK_N, BLOCK_K]), A_LAYOUT, assert_trivial=True)
+
+    @gluon.jit
+    def _b_operand(xp, scale, BITS: gl.constexpr, BLOCK_K: gl.constexpr, B_LAYOUT: gl.constexpr):
+        """The MMA's B operand [BLOCK_K, 8] (fp16, k in the dot's order) of x pairs loaded in x_layout, each
+        pair divided by its weights' 2^r (`scale`, see _pair_q)."""
+        lo = (xp & 0xFFFF).to(gl.int16).to(gl.float16, bitcast=True) * scale
+        hi = (xp >> 16).to(gl.int16).to(gl.float16, bitcast=True) * scale
+        t = gl.join(lo, hi)  # (pair, m, h)
+        if BITS == 4:
+            t = gl.reshape(t, [BLOCK_K // 32, 4, 2, 2, 8, 2])  # (c, t, p >> 1, p & 1, m, h)
+            t = gl.permute(t, [0, 2, 3, 1, 5, 4])
+        else:
+            t = gl.reshape(t, [BLOCK_K // 64, 4, 2, 2, 2, 8, 2])  # (c, t, p2, p1, p0, m, h)
+            t = gl.permute(t, [0, 2, 3, 4, 1, 6, 5])
+        return gl.convert_layout(gl.reshape(t, [BLOCK_K, 8]), B_LAYOUT, assert_trivial=True)
+
+    @gluon.jit
+    def gptq_mma_t_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, bias_ptr, ws_ptr, ticket_ptr,
+                          M, N, K, stride_xm, stride_om, group_size, tiles_per_split, nsplit,
+                          BITS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, SPLIT: gl.constexpr,
+                          HAS_BIAS: gl.constexpr, W_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr):
+        """out[M, N] (+)= x[M, K] @ W for 1 <= M <= 8 fp16 rows and half2-ordered 2/4-bit words, the K tiles
+        of this program's split (grid axis 1); whole tiles only. See the module docstring."""
+        KW: gl.constexpr = BLOCK_K * BITS // 32
+        num_warps: gl.constexpr = gl.num_warps()
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[num_warps, 1],
+                                                      instr_shape=[16, 8])
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+        b_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
+        pid_n = gl.program_id(0)
+        pid_k = gl.program_id(1)
+        t0 = pid_k * tiles_per_split
+        t_end = gl.minimum(t0 + tiles_per_split, K // BLOCK_K)
+
+        r_w = gl.arange(0, KW, layout=gl.SliceLayout(0, W_LAYOUT))
+        n_w = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, W_LAYOUT))
+        w_tile = qw_ptr + r_w[None, :] * N + n_w[:, None]
+        pairs = gl.arange(0, BLOCK_K // 2, layout=gl.SliceLayout(1, X_LAYOUT))
+        rows = gl.arange(0, 8, layout=gl.SliceLayout(0, X_LAYOUT))
+        rows = gl.where(rows < M, rows, 0)  # rows past M repeat row 0: their outputs are never stored
+        x_tile = (x_ptr.to(gl.pointer_type(gl.int32), bitcast=True) + rows[None, :] * (stride_xm // 2)
+                  + pairs[:, None])
+        # pair p of a word holds its fields at bit r = BITS * (p % (8 // BITS)) of a byte: x / 2^r
+        x_scale = gl.exp2(-(BITS * (pairs % (8 // BITS))).to(gl.float32)).to(gl.float16)[:, None]
+        n_c = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
+        ONE: gl.constexpr = 0x11111111 if BITS == 4 else 0x55555555  # every field 1: the all-ones operand
+        ones = _a_operand(gl.full([BLOCK_N, KW], ONE, gl.int32, W_LAYOUT), BITS, BLOCK_N, BLOCK_K, a_layout)
+
+        per_group = gl.where(group_size >= K, 1 << 30, group_size // BLOCK_K)
+        g = t0 // per_group
+        left = per_group - t0 % per_group
+        g_last = (t_end - 1) // per_group
+        w = gl.load(w_tile + t0 * KW * N)
+        xp = gl.load(x_tile + t0 * (BLOCK_K // 2))
+        z = gl.load(z_ptr + g * N + n_c)
+        s = gl.load(s_ptr + g * N + n_c)
+        acc = gl.zeros([BLOCK_N, 8], gl.float32, mma)
+        for t in range(t0, t_end):
+            tn = gl.minimum(t + 1, t_end - 1)
+            left -= 1
+            g = gl.where(left == 0, g + 1, g)
+            left = gl.where(left == 0, per_group, left)
+            gn = gl.minimum(g, g_last)
+            w_next = gl.load(w_tile + tn * KW * N)
+            x_next = gl.load(x_tile + tn * (BLOCK_K // 2))
+            z_next = gl.load(z_ptr + gn * N + n_c)
+            s_next = gl.load(s_ptr + gn * N + n_c)
+            b = _b_operand(xp, x_scale, BITS, BLOCK_K, b_layout)
+            zero = gl.zeros([BLOCK_N, 8], gl.float32, mma)
+            part = mma_v2(_a_operand(w, BITS, BLOCK_N, BLOCK_K, a_layout), b, zero)
+            sums = mma_v2(ones, b, zero)
+            acc += s.to(gl.float32)[:, None] * (part - z.to(gl.float32)[:, None] * sums)
+            w = w_next
+            xp = x_next
+            z = z_next
+            s = s_next
+
+        acc = acc * 16777216.0  # the A operands' 2^-24
+        offs_m = gl.arange(0, 8, layout=gl.SliceLayout(0, mma))
+        omask = (offs_m < M)[None, :] & (n_c < N)[:, None]
+        out_tile = out_ptr + offs_m[None, :] * stride_om + n_c[:, None]
+        if SPLIT:  # the last split of the column tile to arrive sums the partials (triton_kernels._finish)
+            ws = ws_ptr + offs_m[None, :] * N + n_c[:, None]
+            gl.store(ws + pid_k * M * N, acc, mask=omask)
+            _cta_barrier()
+            ticket = gl.atomic_add(ticket_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+            if ticket == nsplit - 1:
+                total = gl.zeros([BLOCK_N, 8], gl.float32, mma)
+                for k0 in range(0, nsplit, 4):  # four partials per round trip
+                    for j in gl.static_range(4):
+                        total += gl.load(ws + (k0 + j) * M * N, mask=omask & (k0 + j < nsplit), other=0.0,
+                                         cache_modifier=".cg")
+                if HAS_BIAS:
+                    total += gl.load(bias_ptr + n_c).to(gl.float32)[:, None]
+                gl.store(out_tile, total.to(gl.float16), mask=omask)
+                gl.atomic_xchg(ticket_ptr + pid_n, 0, sem="relaxed", scope="gpu")
+        else:
+            if HAS_BIAS:
+                acc += gl.load(bias_ptr + n_c).to(gl.float32)[:, None]
+            gl.store(out_tile, acc.to(gl.float16), mask=omask)

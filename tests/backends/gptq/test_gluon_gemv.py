@@ -1,0 +1,129 @@
+"""The Gluon one-to-eight-row kernel (mode 8, backends/gptq/gluon_gemv.py) against a float64 reference of the
+dequantized weights, on CUDA (Gluon kernels have no interpreter; the compile for sm_90 and its loop are
+checked without a GPU in test_kernels_compile.py). On CPU: which inputs it takes, which configs the tuner
+offers it, and the unpacking arithmetic it relies on (fields read as fp16 subnormals)."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from backends.gptq import format as fmt
+from backends.gptq import gluon_gemv
+from backends.gptq import kernel_runtime as kr
+from backends.gptq.quant_linear import make_kernel_layer
+
+
+def _layer(K, N, bits, group, act, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    G = fmt.num_groups(K, group)
+    top = 1 << bits
+    codes = torch.randint(0, top, (K, N), generator=g, dtype=torch.int32)
+    zeros = torch.randint(1, top, (G, N), generator=g, dtype=torch.int32)  # v1 stores z - 1
+    scales = (torch.rand(G, N, generator=g) * 0.02 + 0.002).half()
+    g_idx = fmt.default_g_idx(K, group)
+    if act:
+        g_idx = g_idx[torch.randperm(K, generator=g)]
+    qw, qz = fmt.pack_qweight(codes, bits), fmt.pack_qzeros(zeros, bits, "gptq")
+    ref = fmt.dequantize(qw, qz, scales, g_idx, bits, "gptq", dtype=torch.float64)  # [K, N]
+    return make_kernel_layer(qw, qz, scales, g_idx, bits, group, "gptq", device), ref
+
+
+def _fields_as_subnormals(words: torch.Tensor, bits: int, pair: int) -> torch.Tensor:
+    """What _pair_q's shift and `and` leave, read as fp16 (the kernel's arithmetic, in torch)."""
+    per_byte = 8 // bits
+    shifted = (words.to(torch.int64) & 0xFFFFFFFF) >> (8 * (pair // per_byte))
+    masked = shifted & ((((1 << bits) - 1) << (bits * (pair % per_byte))) * 0x10001)
+    halves = torch.stack([masked & 0xFFFF, masked >> 16], -1).to(torch.int16)
+    return halves.view(torch.float16)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_masked_fields_read_as_fp16_are_the_codes_times_2_to_the_minus_24(bits):
+    """Every pair of every half2-ordered word unpacks to q * 2^r * 2^-24 exactly; x divided by 2^r (the
+    kernel's x_scale) brings every product to x q 2^-24."""
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 1 << bits, (32 // bits * 4, 64), generator=g, dtype=torch.int32)
+    words = kr.interleave_pairs(fmt.pack_qweight(codes, bits), bits)
+    per_word = 32 // bits
+    for p in range(per_word // 2):
+        got = _fields_as_subnormals(words, bits, p).double()
+        r = bits * (p % (8 // bits))
+        for h in (0, 1):
+            want = codes[2 * p + h::per_word].double() * 2.0 ** (r - 24)
+            assert torch.equal(got[..., h], want), f"pair {p} half {h}"
+
+
+def test_configs_offered_fit_the_kernel():
+    layer, _ = _layer(4096, 1024, 4, 128, False, "cpu", 0)
+    configs = kr._gluon_gemv_candidates(layer, 1, kr.valid_block_ks(layer), sms=132)
+    assert configs and all(c.mode == 8 and c.block_m == 1 for c in configs)
+    for c in configs:
+        assert gluon_gemv.valid(4, c.block_k, c.block_n, c.num_warps) and c.block_k == 128
+    assert any(c.split_k > 1 for c in configs)
+    two, _ = _layer(4096, 1024, 2, 64, False, "cpu", 0)
+    assert {c.block_k for c in kr._gluon_gemv_candidates(two, 1, kr.valid_block_ks(two), 132)} == {64}
+    assert kr._gluon_gemv_candidates(layer, 16, kr.valid_block_ks(layer), 132) == []  # one row only
+    three, _ = _layer(4096, 1024, 3, 128, False, "cpu", 0)
+    assert kr._gluon_gemv_candidates(three, 1, kr.valid_block_ks(three), 132) == []  # 2 and 4 bits
+
+
+def test_inputs_it_does_not_take_are_refused():
+    layer, _ = _layer(256, 128, 4, 128, False, "cpu", 1)
+    cfg = kr.GemmConfig("fused", 1, 128, 128, 1, 1, 1, mode=8)
+    x = torch.zeros(1, 256, dtype=torch.float16)
+    assert not gluon_gemv.supports(x, layer, cfg)  # not on CUDA
+    with pytest.raises(ValueError, match="mode 8"):
+        kr.launch_fused(x, layer, cfg)
+
+
+needs_gluon_gpu = pytest.mark.skipif(not torch.cuda.is_available(),
+                                     reason="needs a CUDA GPU (Gluon kernels have no interpreter)")
+
+
+@needs_gluon_gpu
+@pytest.mark.parametrize("K,N,bits,group,act", [(4096, 1024, 4, 128, False), (2048, 512, 2, 64, False),
+                                                (2048, 256, 4, -1, False), (1024, 768, 4, 64, True),
+                                                (11008, 256, 4, 128, False), (1024, 512, 2, 128, True)])
+def test_matches_float64_over_rows_splits_and_tiles(K, N, bits, group, act):
+    if not gluon_gemv.AVAILABLE:
+        pytest.skip("this Triton has no Gluon")
+    layer, ref = _layer(K, N, bits, group, act, "cuda", K + N + bits)
+    ref = ref.cuda()
+    runtime = kr.KernelRuntime(tune=False)
+    configs = kr._gluon_gemv_candidates(layer, 1, kr.valid_block_ks(layer), kr.sm_count("cuda"))
+    bk = min(gluon_gemv.chunk(bits), max(kr.valid_block_ks(layer)))
+    configs += [kr.GemmConfig("fused", 1, 64, bk, 1, 1, 1, mode=8),
+                kr.GemmConfig("fused", 1, 128, bk, 3, 2, 1, mode=8)]  # one split; odd splits
+    if act:
+        configs = [replace(c, gather_x=True) for c in configs]
+    assert configs and any(c.split_k > 1 for c in configs)
+    g = torch.Generator(device="cuda").manual_seed(7)
+    bias = torch.randn(N, generator=g, device="cuda").half()
+    for cfg in configs:
+        for M in (1, 3, 8):
+            x = torch.randn(M, K, generator=g, device="cuda").half()
+            x[:, ::7] *= 1e-3  # small activations: x / 2^r lands among fp16 subnormals
+            for with_bias in (False, True):
+                out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.float16)
+                y = kr.launch_fused(x, layer, cfg, out=out, bias=bias if with_bias else None,
+                                    scratch=runtime.scratch)
+                want = x.double() @ ref + (bias.double() if with_bias else 0)
+                assert not torch.isnan(y).any(), f"unwritten outputs with {cfg}, M={M}"
+                err = float((y.double() - want).norm() / want.norm())
+                assert err < 2e-3, f"{cfg} M={M} bias={with_bias}: rel err {err:.2e}"
+
+
+@needs_gluon_gpu
+def test_the_tuner_checks_and_may_pick_it_at_one_row():
+    """Mode 8 is among the one-row candidates on a GPU with Gluon, and whatever the tuner picks matches."""
+    if not gluon_gemv.AVAILABLE:
+        pytest.skip("this Triton has no Gluon")
+    layer, ref = _layer(4096, 2048, 4, 128, False, "cuda", 5)
+    runtime = kr.KernelRuntime(tune=True)
+    assert any(c.mode == 8 for c in runtime.candidates(1, layer, "cuda"))
+    x = torch.randn(1, 4096, device="cuda").half()
+    y = runtime.matmul(x, layer)
+    want = x.double() @ ref.cuda()
+    assert float((y.double() - want).norm() / want.norm()) < 2e-3
