@@ -37,7 +37,7 @@ try:
 except ImportError:  # a Triton without Gluon: the mode is not offered
     AVAILABLE = False
 
-ROWS = 8  # the MMA's n: rows of x per call
+ROWS = 16  # rows of x per call at most: 8 per MMA (its n), two MMAs per weight operand past 8 rows
 BITS = (2, 4)
 
 
@@ -84,15 +84,16 @@ def word_layout(bits: int, block_k: int, block_n: int, num_warps: int):
 
 
 @functools.lru_cache(maxsize=None)
-def x_layout(bits: int, block_k: int, num_warps: int):
-    """x as int32 pairs [block_k // 2, 8]: lane (g, t) holds row g's pairs of its word rows (pw pairs per
-    word, pw consecutive pairs per chunk); every warp holds all of it."""
+def x_layout(bits: int, block_k: int, num_warps: int, rows: int):
+    """x as int32 pairs [block_k // 2, rows] (8 or 16): lane (g, t) holds rows g (and g + 8) at the pairs of
+    its word rows (pw pairs per word, pw consecutive pairs per chunk); every warp holds all of it."""
     pw = values_per_word(bits) // 2
     chunks = block_k // chunk(bits)
     return gl.DistributedLinearLayout(
-        reg_bases=[[1 << i, 0] for i in range(_log2(pw))] + [[(4 * pw) << i, 0] for i in range(_log2(chunks))],
+        reg_bases=([[1 << i, 0] for i in range(_log2(pw))] + [[(4 * pw) << i, 0] for i in range(_log2(chunks))]
+                   + ([[0, 8]] if rows == 16 else [])),
         lane_bases=[[pw, 0], [2 * pw, 0], [0, 1], [0, 2], [0, 4]],
-        warp_bases=[[0, 0] for _ in range(_log2(num_warps))], block_bases=[], shape=[block_k // 2, ROWS])
+        warp_bases=[[0, 0] for _ in range(_log2(num_warps))], block_bases=[], shape=[block_k // 2, rows])
 
 
 @triton.jit
@@ -136,26 +137,27 @@ if AVAILABLE:
         return gl.convert_layout(gl.reshape(t, [BLOCK_N, BLOCK_K]), A_LAYOUT, assert_trivial=True)
 
     @gluon.jit
-    def _b_operand(xp, scale, BITS: gl.constexpr, BLOCK_K: gl.constexpr, B_LAYOUT: gl.constexpr):
-        """The MMA's B operand [BLOCK_K, 8] (fp16, k in the dot's order) of x pairs loaded in x_layout, each
+    def _b_operand(xp, scale, BITS: gl.constexpr, BLOCK_K: gl.constexpr, R: gl.constexpr, B_LAYOUT: gl.constexpr):
+        """The MMA's B operand [BLOCK_K, R] (fp16, k in the dot's order) of x pairs loaded in x_layout, each
         pair divided by its weights' 2^r (`scale`, see _pair_q)."""
         lo = (xp & 0xFFFF).to(gl.int16).to(gl.float16, bitcast=True) * scale
         hi = (xp >> 16).to(gl.int16).to(gl.float16, bitcast=True) * scale
         t = gl.join(lo, hi)  # (pair, m, h)
         if BITS == 4:
-            t = gl.reshape(t, [BLOCK_K // 32, 4, 2, 2, 8, 2])  # (c, t, p >> 1, p & 1, m, h)
+            t = gl.reshape(t, [BLOCK_K // 32, 4, 2, 2, R, 2])  # (c, t, p >> 1, p & 1, m, h)
             t = gl.permute(t, [0, 2, 3, 1, 5, 4])
         else:
-            t = gl.reshape(t, [BLOCK_K // 64, 4, 2, 2, 2, 8, 2])  # (c, t, p2, p1, p0, m, h)
+            t = gl.reshape(t, [BLOCK_K // 64, 4, 2, 2, 2, R, 2])  # (c, t, p2, p1, p0, m, h)
             t = gl.permute(t, [0, 2, 3, 4, 1, 6, 5])
-        return gl.convert_layout(gl.reshape(t, [BLOCK_K, 8]), B_LAYOUT, assert_trivial=True)
+        return gl.convert_layout(gl.reshape(t, [BLOCK_K, R]), B_LAYOUT, assert_trivial=True)
 
     @gluon.jit
     def gptq_mma_t_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, bias_ptr, ws_ptr, ticket_ptr,
                           M, N, K, stride_xm, stride_om, group_size, tiles_per_split, nsplit,
-                          BITS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, SPLIT: gl.constexpr,
+                          BITS: gl.constexpr, R: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+                          SPLIT: gl.constexpr,
                           HAS_BIAS: gl.constexpr, W_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr):
-        """out[M, N] (+)= x[M, K] @ W for 1 <= M <= 8 fp16 rows and half2-ordered 2/4-bit words, the K tiles
+        """out[M, N] (+)= x[M, K] @ W for 1 <= M <= R (8 or 16) fp16 rows and half2-ordered 2/4-bit words, the K tiles
         of this program's split (grid axis 1); whole tiles only. See the module docstring."""
         KW: gl.constexpr = BLOCK_K * BITS // 32
         num_warps: gl.constexpr = gl.num_warps()
@@ -172,7 +174,7 @@ if AVAILABLE:
         n_w = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, W_LAYOUT))
         w_tile = qw_ptr + r_w[None, :] * N + n_w[:, None]
         pairs = gl.arange(0, BLOCK_K // 2, layout=gl.SliceLayout(1, X_LAYOUT))
-        rows = gl.arange(0, 8, layout=gl.SliceLayout(0, X_LAYOUT))
+        rows = gl.arange(0, R, layout=gl.SliceLayout(0, X_LAYOUT))
         rows = gl.where(rows < M, rows, 0)  # rows past M repeat row 0: their outputs are never stored
         x_tile = (x_ptr.to(gl.pointer_type(gl.int32), bitcast=True) + rows[None, :] * (stride_xm // 2)
                   + pairs[:, None])
@@ -190,7 +192,7 @@ if AVAILABLE:
         xp = gl.load(x_tile + t0 * (BLOCK_K // 2))
         z = gl.load(z_ptr + g * N + n_c)
         s = gl.load(s_ptr + g * N + n_c)
-        acc = gl.zeros([BLOCK_N, 8], gl.float32, mma)
+        acc = gl.zeros([BLOCK_N, R], gl.float32, mma)
         for t in range(t0, t_end):
             tn = gl.minimum(t + 1, t_end - 1)
             left -= 1
@@ -201,8 +203,8 @@ if AVAILABLE:
             x_next = gl.load(x_tile + tn * (BLOCK_K // 2))
             z_next = gl.load(z_ptr + gn * N + n_c)
             s_next = gl.load(s_ptr + gn * N + n_c)
-            b = _b_operand(xp, x_scale, BITS, BLOCK_K, b_layout)
-            zero = gl.zeros([BLOCK_N, 8], gl.float32, mma)
+            b = _b_operand(xp, x_scale, BITS, BLOCK_K, R, b_layout)
+            zero = gl.zeros([BLOCK_N, R], gl.float32, mma)
             part = mma_v2(_a_operand(w, BITS, BLOCK_N, BLOCK_K, a_layout), b, zero)
             sums = mma_v2(ones, b, zero)
             acc += s.to(gl.float32)[:, None] * (part - z.to(gl.float32)[:, None] * sums)
@@ -212,7 +214,7 @@ if AVAILABLE:
             s = s_next
 
         acc = acc * 16777216.0  # the A operands' 2^-24
-        offs_m = gl.arange(0, 8, layout=gl.SliceLayout(0, mma))
+        offs_m = gl.arange(0, R, layout=gl.SliceLayout(0, mma))
         omask = (offs_m < M)[None, :] & (n_c < N)[:, None]
         out_tile = out_ptr + offs_m[None, :] * stride_om + n_c[:, None]
         if SPLIT:  # the last split of the column tile to arrive sums the partials (triton_kernels._finish)
@@ -221,7 +223,7 @@ if AVAILABLE:
             _cta_barrier()
             ticket = gl.atomic_add(ticket_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
             if ticket == nsplit - 1:
-                total = gl.zeros([BLOCK_N, 8], gl.float32, mma)
+                total = gl.zeros([BLOCK_N, R], gl.float32, mma)
                 for k0 in range(0, nsplit, 4):  # four partials per round trip
                     for j in gl.static_range(4):
                         total += gl.load(ws + (k0 + j) * M * N, mask=omask & (k0 + j < nsplit), other=0.0,

@@ -224,13 +224,15 @@ def _gluon_mma_candidates(layer: KernelLayer, bucket: int, bks: list[int], sms: 
 
 
 def _gluon_gemv_candidates(layer: KernelLayer, bucket: int, bks: list[int], sms: int) -> list[GemmConfig]:
-    """Mode 8 configs (gluon_gemv.py): whole tiles; 64-128 columns per warp, the longest tile a group allows."""
+    """Mode 8 configs (gluon_gemv.py): whole tiles, the longest a group allows; 64-128 columns per warp at one
+    row, 32-64 at 2-16 rows (16 rows take twice the accumulators: 209 registers at 64 columns, sm_90)."""
     from backends.gptq import gluon_gemv
-    if bucket != 1 or layer.bits not in gluon_gemv.BITS or not layer.interleaved:
+    if bucket not in (1, 16) or layer.bits not in gluon_gemv.BITS or not layer.interleaved:
         return []
     out = []
     bk = max((b for b in bks if gluon_gemv.chunk(layer.bits) <= b <= 128), default=0)
-    for bn, warps in ((128, 1), (256, 2), (64, 1), (512, 4), (256, 4)):
+    tiles = ((128, 1), (256, 2), (64, 1), (512, 4), (256, 4)) if bucket == 1 else ((64, 1), (128, 2), (32, 1), (256, 4))
+    for bn, warps in tiles:
         if not bk or not gluon_gemv.valid(layer.bits, bk, bn, warps) or layer.N % bn or layer.K % bk:
             continue
         for target in (8 * sms, 4 * sms, 16 * sms):
@@ -315,15 +317,16 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
     if cfg.mode == 8:
         from backends.gptq import gluon_gemv
         if not gluon_gemv.supports(x2d, layer, cfg) or has_perm:
-            raise ValueError("the Gluon matrix-vector kernel (mode 8) takes 1-8 fp16 rows on CUDA, interleaved "
+            raise ValueError("the Gluon matrix-vector kernel (mode 8) takes 1-16 fp16 rows on CUDA, interleaved "
                              "2/4-bit words in whole tiles, and act-order only through gather_x")
         x2d = paired_rows(x2d)
+        rows = 8 if M <= 8 else 16  # one MMA per weight operand up to 8 rows, two past that
         launcher(gluon_gemv.gptq_mma_t_kernel, (n_tiles, split), compile_only)(
             x2d, layer.qweight, layer.scales, layer.zeros, out, bias if bias is not None else out, ws, tickets,
             M, layer.N, layer.K, x2d.stride(0), out.stride(0), layer.group_size, per, split,
-            BITS=layer.bits, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split > 1, HAS_BIAS=bias is not None,
-            W_LAYOUT=gluon_gemv.word_layout(layer.bits, cfg.block_k, cfg.block_n, cfg.num_warps),
-            X_LAYOUT=gluon_gemv.x_layout(layer.bits, cfg.block_k, cfg.num_warps), num_warps=cfg.num_warps)
+            BITS=layer.bits, R=rows, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split > 1,
+            HAS_BIAS=bias is not None, W_LAYOUT=gluon_gemv.word_layout(layer.bits, cfg.block_k, cfg.block_n, cfg.num_warps),
+            X_LAYOUT=gluon_gemv.x_layout(layer.bits, cfg.block_k, cfg.num_warps, rows), num_warps=cfg.num_warps)
         return out
     if cfg.mode == 3:
         from backends.gptq.triton_kernels import gptq_gemv_kernel
@@ -503,7 +506,9 @@ class KernelRuntime:
                 if layer.bits == 4 and gluon_kernels_available():
                     # mode 7 (Gluon) won by 5-15% on an H200, the only GPU it has run on: the tuner picks
                     # it where it measures faster, and mode 5 stays the untuned default
-                    modes = (5, 7, 2, 0, 1)
+                    modes = (5, 7, 8, 2, 0, 1)
+                elif layer.bits == 2 and gluon_kernels_available():
+                    modes = (5, 8, 2, 0, 1)
         if bucket == 1 and layer.bits == 3 and layer.interleaved:  # mode 2's M = 1 form reads checkpoint order
             modes = tuple(m for m in modes if m != 2)
         return modes
@@ -572,7 +577,7 @@ class KernelRuntime:
             # that rejects mode 5 still gets a kernel) instead of grids that only cost tuning time
             kept, fallbacks = [], set()
             for c in out:
-                if c.mode in (5, 7) or c.mode not in fallbacks:
+                if c.mode in (5, 7, 8) or c.mode not in fallbacks:
                     kept.append(c)
                     fallbacks.add(c.mode)
             out = kept

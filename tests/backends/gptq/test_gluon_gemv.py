@@ -1,4 +1,4 @@
-"""The Gluon one-to-eight-row kernel (mode 8, backends/gptq/gluon_gemv.py) against a float64 reference of the
+"""The Gluon 1-16-row kernel (mode 8, backends/gptq/gluon_gemv.py) against a float64 reference of the
 dequantized weights, on CUDA (Gluon kernels have no interpreter; the compile for sm_90 and its loop are
 checked without a GPU in test_kernels_compile.py). On CPU: which inputs it takes, which configs the tuner
 offers it, and the unpacking arithmetic it relies on (fields read as fp16 subnormals)."""
@@ -64,7 +64,9 @@ def test_configs_offered_fit_the_kernel():
     assert any(c.split_k > 1 for c in configs)
     two, _ = _layer(4096, 1024, 2, 64, False, "cpu", 0)
     assert {c.block_k for c in kr._gluon_gemv_candidates(two, 1, kr.valid_block_ks(two), 132)} == {64}
-    assert kr._gluon_gemv_candidates(layer, 16, kr.valid_block_ks(layer), 132) == []  # one row only
+    rows16 = kr._gluon_gemv_candidates(layer, 16, kr.valid_block_ks(layer), 132)
+    assert rows16 and all(c.block_m == 16 and c.block_n // c.num_warps in (32, 64) for c in rows16)
+    assert kr._gluon_gemv_candidates(layer, 32, kr.valid_block_ks(layer), 132) == []  # 16 rows at most
     three, _ = _layer(4096, 1024, 3, 128, False, "cpu", 0)
     assert kr._gluon_gemv_candidates(three, 1, kr.valid_block_ks(three), 132) == []  # 2 and 4 bits
 
@@ -92,17 +94,18 @@ def test_matches_float64_over_rows_splits_and_tiles(K, N, bits, group, act):
     layer, ref = _layer(K, N, bits, group, act, "cuda", K + N + bits)
     ref = ref.cuda()
     runtime = kr.KernelRuntime(tune=False)
-    configs = kr._gluon_gemv_candidates(layer, 1, kr.valid_block_ks(layer), kr.sm_count("cuda"))
+    sms = kr.sm_count("cuda")
+    configs = [c for bucket in (1, 16) for c in kr._gluon_gemv_candidates(layer, bucket, kr.valid_block_ks(layer), sms)]
     bk = min(gluon_gemv.chunk(bits), max(kr.valid_block_ks(layer)))
-    configs += [kr.GemmConfig("fused", 1, 64, bk, 1, 1, 1, mode=8),
-                kr.GemmConfig("fused", 1, 128, bk, 3, 2, 1, mode=8)]  # one split; odd splits
+    configs += [kr.GemmConfig("fused", 1, 64, bk, 1, 1, 1, mode=8),  # one split; odd splits
+                kr.GemmConfig("fused", 1, 128, bk, 3, 2, 1, mode=8), kr.GemmConfig("fused", 16, 64, bk, 3, 2, 1, mode=8)]
     if act:
         configs = [replace(c, gather_x=True) for c in configs]
     assert configs and any(c.split_k > 1 for c in configs)
     g = torch.Generator(device="cuda").manual_seed(7)
     bias = torch.randn(N, generator=g, device="cuda").half()
     for cfg in configs:
-        for M in (1, 3, 8):
+        for M in ((1,) if cfg.block_m == 1 else (2, 8, 9, 16)):  # 8 rows: one MMA per operand; 9-16: two
             x = torch.randn(M, K, generator=g, device="cuda").half()
             x[:, ::7] *= 1e-3  # small activations: x / 2^r lands among fp16 subnormals
             for with_bias in (False, True):
