@@ -207,8 +207,7 @@ def markdown(rows, bw, args, device) -> str:
                      f"{r['ms']*1e3:.1f} | {r['fp16_ms']*1e3:.1f} | {r['speedup']:.2f} | {r['gbps']:.0f} | "
                      f"{r['copy_frac']*100:.0f} | {r['rel_err']:.1e} | {c['path']} m{c.get('mode', '-')}"
                      f"{' gx' if c.get('gather_x') else ''}{' sx' if c.get('stage_x') else ''} n{c['block_n']} "
-                     f"k{c['block_k']} s{c['split_k']} w{c['num_warps']}"
-                     f"{' a2' if c.get('mode') == 8 and c.get('num_stages') == 2 else ''} |")
+                     f"k{c['block_k']} s{c['split_k']} w{c['num_warps']} |")
     extras = [r for r in rows if "pdl_ms" in r or "floor_ms" in r]
     if extras:
         lines += ["", "Launch overlap and the read floor (same run): PDL = the same config back to back as programmatic "

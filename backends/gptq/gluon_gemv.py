@@ -152,24 +152,11 @@ if AVAILABLE:
         return gl.convert_layout(gl.reshape(t, [BLOCK_K, R]), B_LAYOUT, assert_trivial=True)
 
     @gluon.jit
-    def _tile(acc, w, xp, z, s, ones, x_scale, BITS: gl.constexpr, R: gl.constexpr, BLOCK_N: gl.constexpr,
-              BLOCK_K: gl.constexpr, mma: gl.constexpr):
-        """acc + s * (x @ (q - z)) over one tile, in units of 2^-24: P = x @ q and Z = x @ 1 from two MMAs."""
-        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
-        b_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
-        b = _b_operand(xp, x_scale, BITS, BLOCK_K, R, b_layout)
-        zero = gl.zeros([BLOCK_N, R], gl.float32, mma)
-        part = mma_v2(_a_operand(w, BITS, BLOCK_N, BLOCK_K, a_layout), b, zero)
-        sums = mma_v2(ones, b, zero)
-        return acc + s.to(gl.float32)[:, None] * (part - z.to(gl.float32)[:, None] * sums)
-
-    @gluon.jit
     def gptq_mma_t_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, bias_ptr, ws_ptr, ticket_ptr,
                           M, N, K, stride_xm, stride_om, group_size, tiles_per_split, nsplit,
                           BITS: gl.constexpr, R: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
                           SPLIT: gl.constexpr,
-                          HAS_BIAS: gl.constexpr, W_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr,
-                          AHEAD: gl.constexpr):
+                          HAS_BIAS: gl.constexpr, W_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr):
         """out[M, N] (+)= x[M, K] @ W for 1 <= M <= R (8 or 16) fp16 rows and half2-ordered 2/4-bit words, the K tiles
         of this program's split (grid axis 1); whole tiles only. See the module docstring."""
         KW: gl.constexpr = BLOCK_K * BITS // 32
@@ -206,51 +193,25 @@ if AVAILABLE:
         z = gl.load(z_ptr + g * N + n_c)
         s = gl.load(s_ptr + g * N + n_c)
         acc = gl.zeros([BLOCK_N, R], gl.float32, mma)
-        if AHEAD == 1:  # the next tile's operands are requested before this one is used
-            for t in range(t0, t_end):
-                tn = gl.minimum(t + 1, t_end - 1)
-                left -= 1
-                g = gl.where(left == 0, g + 1, g)
-                left = gl.where(left == 0, per_group, left)
-                gn = gl.minimum(g, g_last)
-                w_next = gl.load(w_tile + tn * KW * N)
-                x_next = gl.load(x_tile + tn * (BLOCK_K // 2))
-                z_next = gl.load(z_ptr + gn * N + n_c)
-                s_next = gl.load(s_ptr + gn * N + n_c)
-                acc = _tile(acc, w, xp, z, s, ones, x_scale, BITS, R, BLOCK_N, BLOCK_K, mma)
-                w = w_next
-                xp = x_next
-                z = z_next
-                s = s_next
-        else:  # two tiles in flight: the operands of tile t + 2 are requested before tile t is used
+        for t in range(t0, t_end):
+            tn = gl.minimum(t + 1, t_end - 1)
             left -= 1
             g = gl.where(left == 0, g + 1, g)
             left = gl.where(left == 0, per_group, left)
-            t1 = gl.minimum(t0 + 1, t_end - 1)
-            g1 = gl.minimum(g, g_last)
-            w1 = gl.load(w_tile + t1 * KW * N)
-            x1 = gl.load(x_tile + t1 * (BLOCK_K // 2))
-            z1 = gl.load(z_ptr + g1 * N + n_c)
-            s1 = gl.load(s_ptr + g1 * N + n_c)
-            for t in range(t0, t_end):
-                tn = gl.minimum(t + 2, t_end - 1)
-                left -= 1
-                g = gl.where(left == 0, g + 1, g)
-                left = gl.where(left == 0, per_group, left)
-                gn = gl.minimum(g, g_last)
-                w2 = gl.load(w_tile + tn * KW * N)
-                x2 = gl.load(x_tile + tn * (BLOCK_K // 2))
-                z2 = gl.load(z_ptr + gn * N + n_c)
-                s2 = gl.load(s_ptr + gn * N + n_c)
-                acc = _tile(acc, w, xp, z, s, ones, x_scale, BITS, R, BLOCK_N, BLOCK_K, mma)
-                w = w1
-                xp = x1
-                z = z1
-                s = s1
-                w1 = w2
-                x1 = x2
-                z1 = z2
-                s1 = s2
+            gn = gl.minimum(g, g_last)
+            w_next = gl.load(w_tile + tn * KW * N)
+            x_next = gl.load(x_tile + tn * (BLOCK_K // 2))
+            z_next = gl.load(z_ptr + gn * N + n_c)
+            s_next = gl.load(s_ptr + gn * N + n_c)
+            b = _b_operand(xp, x_scale, BITS, BLOCK_K, R, b_layout)
+            zero = gl.zeros([BLOCK_N, R], gl.float32, mma)
+            part = mma_v2(_a_operand(w, BITS, BLOCK_N, BLOCK_K, a_layout), b, zero)
+            sums = mma_v2(ones, b, zero)
+            acc += s.to(gl.float32)[:, None] * (part - z.to(gl.float32)[:, None] * sums)
+            w = w_next
+            xp = x_next
+            z = z_next
+            s = s_next
 
         acc = acc * 16777216.0  # the A operands' 2^-24
         offs_m = gl.arange(0, R, layout=gl.SliceLayout(0, mma))

@@ -235,10 +235,9 @@ def _gluon_gemv_candidates(layer: KernelLayer, bucket: int, bks: list[int], sms:
     for bn, warps in tiles:
         if not bk or not gluon_gemv.valid(layer.bits, bk, bn, warps) or layer.N % bn or layer.K % bk:
             continue
-        for target, ahead in itertools.product((8 * sms, 4 * sms, 16 * sms), (1, 2)):
-            # num_stages: tiles in flight (operands requested 1 or 2 tiles ahead)
-            cfg = GemmConfig("fused", bucket, bn, bk, _split_for(layer, bn, bk, target), warps,
-                             num_stages=ahead, mode=8)
+        for target in (8 * sms, 4 * sms, 16 * sms):
+            cfg = GemmConfig("fused", bucket, bn, bk, _split_for(layer, bn, bk, target), warps, num_stages=1,
+                             mode=8)
             if cfg not in out:
                 out.append(cfg)
     return out
@@ -327,8 +326,7 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
             M, layer.N, layer.K, x2d.stride(0), out.stride(0), layer.group_size, per, split,
             BITS=layer.bits, R=rows, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split > 1,
             HAS_BIAS=bias is not None, W_LAYOUT=gluon_gemv.word_layout(layer.bits, cfg.block_k, cfg.block_n, cfg.num_warps),
-            X_LAYOUT=gluon_gemv.x_layout(layer.bits, cfg.block_k, cfg.num_warps, rows),
-            AHEAD=cfg.num_stages, num_warps=cfg.num_warps)
+            X_LAYOUT=gluon_gemv.x_layout(layer.bits, cfg.block_k, cfg.num_warps, rows), num_warps=cfg.num_warps)
         return out
     if cfg.mode == 3:
         from backends.gptq.triton_kernels import gptq_gemv_kernel
