@@ -29,7 +29,7 @@ TUNER_VERSION = 10 # 2: cold weight copies; 3: more half2 GEMV tiles; 4: modes 5
 #                     7: half2 kernels without bounds masks on whole tiles and without a division per tile,
 #                        the tensor-core kernel at 2 and 3 bits; 8: mode 7 (Gluon);
 #                     9: mode 7 reads x and words straight into registers (other tiles and splits);
-#                     10: mode 8 at one row
+#                     10: mode 8 at 2-16 rows
 VERIFY_TOLERANCE = 1e-2  # relative error of a kernel's output against its torch reference (fp16: ~1e-3)
 
 
@@ -225,7 +225,9 @@ def _gluon_mma_candidates(layer: KernelLayer, bucket: int, bks: list[int], sms: 
 
 def _gluon_gemv_candidates(layer: KernelLayer, bucket: int, bks: list[int], sms: int) -> list[GemmConfig]:
     """Mode 8 configs (gluon_gemv.py): whole tiles, the longest a group allows; 64-128 columns per warp at one
-    row, 32-64 at 2-16 rows (16 rows take twice the accumulators: 209 registers at 64 columns, sm_90)."""
+    row (not offered there by `modes`; the tests and benchmarks ask for it), 32-64 at 2-16 rows (16 rows
+    take twice the accumulators: 209 registers at 64 columns, sm_90). 64 columns on one warp won every
+    16-row case on an H200."""
     from backends.gptq import gluon_gemv
     if bucket not in (1, 16) or layer.bits not in gluon_gemv.BITS or not layer.interleaved:
         return []
@@ -493,9 +495,9 @@ class KernelRuntime:
         taken when the tuner has measured it (and checked its output) on the GPU in use."""
         half2 = dtype == torch.float16 and layer.interleaved
         if bucket == 1:
+            # (mode 8 runs one row too, but lost to mode 4 there by 1-8% in three H200 calls, 2026-12-03
+            # 23:00-23:30: the same time with a third fewer instructions; not offered, to save tuning time)
             modes = (3, 4, 0, 2) if half2 else (3, 0, 2)
-            if half2 and layer.bits in (2, 4) and gluon_kernels_available():
-                modes = (3, 4, 8, 0, 2)  # mode 8 (Gluon, tensor cores): picked only where it measures faster
         else:
             modes = (2, 0, 1) if dtype == torch.float16 else (0, 1)
             if half2:
@@ -508,6 +510,8 @@ class KernelRuntime:
                     # it where it measures faster, and mode 5 stays the untuned default
                     modes = (5, 7, 8, 2, 0, 1)
                 elif layer.bits == 2 and gluon_kernels_available():
+                    # mode 8 (Gluon, weights as the A operand without fix-ups) took 2 bits at 4 and 16 rows
+                    # from 21-77 us to 15-55 on an H200 (bench/RESULTS.md, 2026-12-03 23:00)
                     modes = (5, 8, 2, 0, 1)
         if bucket == 1 and layer.bits == 3 and layer.interleaved:  # mode 2's M = 1 form reads checkpoint order
             modes = tuple(m for m in modes if m != 2)
