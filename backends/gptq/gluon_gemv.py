@@ -33,6 +33,8 @@ try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+    from backends.gptq.gluon_mma import _store_tile  # the split-K epilogue both Gluon kernels share
     AVAILABLE = hasattr(gl, "DistributedLinearLayout") and hasattr(gl, "NVMMADistributedLayout")
 except ImportError:  # a Triton without Gluon: the mode is not offered
     AVAILABLE = False
@@ -48,6 +50,11 @@ def values_per_word(bits: int) -> int:
 def chunk(bits: int) -> int:
     """k values per chunk: four words of a column, one per lane t."""
     return 4 * values_per_word(bits)
+
+
+def operand_rows(M: int) -> int:
+    """The kernel's R for M rows of x: one MMA per weight operand up to 8 rows, two past that."""
+    return 8 if M <= 8 else 16
 
 
 def _log2(n: int) -> int:
@@ -111,9 +118,6 @@ def _pair_q(w, P: tl.constexpr, BITS: tl.constexpr):
 
 
 if AVAILABLE:
-    # Triton 3.6 names it thread_barrier; later versions barrier
-    _cta_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
-
     @gluon.jit
     def _a_operand(w, BITS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, A_LAYOUT: gl.constexpr):
         """The MMA's A operand [BLOCK_N, BLOCK_K] (q * 2^-24, fp16) of words w [BLOCK_N, BLOCK_K // vpw], k in
@@ -216,23 +220,6 @@ if AVAILABLE:
         acc = acc * 16777216.0  # the A operands' 2^-24
         offs_m = gl.arange(0, R, layout=gl.SliceLayout(0, mma))
         omask = (offs_m < M)[None, :] & (n_c < N)[:, None]
-        out_tile = out_ptr + offs_m[None, :] * stride_om + n_c[:, None]
-        if SPLIT:  # the last split of the column tile to arrive sums the partials (triton_kernels._finish)
-            ws = ws_ptr + offs_m[None, :] * N + n_c[:, None]
-            gl.store(ws + pid_k * M * N, acc, mask=omask)
-            _cta_barrier()
-            ticket = gl.atomic_add(ticket_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-            if ticket == nsplit - 1:
-                total = gl.zeros([BLOCK_N, R], gl.float32, mma)
-                for k0 in range(0, nsplit, 4):  # four partials per round trip
-                    for j in gl.static_range(4):
-                        total += gl.load(ws + (k0 + j) * M * N, mask=omask & (k0 + j < nsplit), other=0.0,
-                                         cache_modifier=".cg")
-                if HAS_BIAS:
-                    total += gl.load(bias_ptr + n_c).to(gl.float32)[:, None]
-                gl.store(out_tile, total.to(gl.float16), mask=omask)
-                gl.atomic_xchg(ticket_ptr + pid_n, 0, sem="relaxed", scope="gpu")
-        else:
-            if HAS_BIAS:
-                acc += gl.load(bias_ptr + n_c).to(gl.float32)[:, None]
-            gl.store(out_tile, acc.to(gl.float16), mask=omask)
+        _store_tile(acc, out_ptr + offs_m[None, :] * stride_om + n_c[:, None],
+                    ws_ptr + offs_m[None, :] * N + n_c[:, None], omask, bias_ptr, n_c, pid_k, pid_n, M, N, nsplit,
+                    ticket_ptr, SPLIT, HAS_BIAS, False)

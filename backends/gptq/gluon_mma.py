@@ -130,6 +130,39 @@ if AVAILABLE:
         return acc + part * s.to(gl.float32)[None, :]
 
     @gluon.jit
+    def _store_tile(acc, out_tile, ws, omask, bias_ptr, n_c, pid_k, pid_n, M, N, nsplit, ticket_ptr,
+                    SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr, N_LAST: gl.constexpr):
+        """Write a program's fp32 tile (+ bias over columns n_c, the last axis when N_LAST) as fp16. Split-K:
+        each split stores its partial in the workspace `ws` (pointers of split 0), and the last split of the
+        column tile to arrive sums them (triton_kernels._finish). Shared by the Gluon kernels."""
+        if SPLIT:
+            gl.store(ws + pid_k * M * N, acc, mask=omask)
+            _cta_barrier()
+            ticket = gl.atomic_add(ticket_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+            if ticket == nsplit - 1:
+                total = gl.zeros_like(acc)
+                for k0 in range(0, nsplit, 4):  # four partials per round trip
+                    for j in gl.static_range(4):
+                        total += gl.load(ws + (k0 + j) * M * N, mask=omask & (k0 + j < nsplit), other=0.0,
+                                         cache_modifier=".cg")
+                if HAS_BIAS:
+                    total += _bias(bias_ptr, n_c, N_LAST)
+                gl.store(out_tile, total.to(gl.float16), mask=omask)
+                gl.atomic_xchg(ticket_ptr + pid_n, 0, sem="relaxed", scope="gpu")
+        else:
+            if HAS_BIAS:
+                acc += _bias(bias_ptr, n_c, N_LAST)
+            gl.store(out_tile, acc.to(gl.float16), mask=omask)
+
+    @gluon.jit
+    def _bias(bias_ptr, n_c, N_LAST: gl.constexpr):
+        b = gl.load(bias_ptr + n_c).to(gl.float32)
+        if N_LAST:
+            return b[None, :]
+        else:
+            return b[:, None]
+
+    @gluon.jit
     def gptq_mma4_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, bias_ptr, ws_ptr, ticket_ptr,
                          M, N, K, stride_xm, stride_om, group_size, tiles_per_split, nsplit,
                          BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, SPLIT: gl.constexpr,
@@ -185,23 +218,6 @@ if AVAILABLE:
 
         offs_m = gl.arange(0, 16, layout=gl.SliceLayout(1, mma))
         omask = (offs_m < M)[:, None] & (n_c < N)[None, :]
-        out_tile = out_ptr + offs_m[:, None] * stride_om + n_c[None, :]
-        if SPLIT:  # the last split of the column tile to arrive sums the partials (triton_kernels._finish)
-            ws = ws_ptr + offs_m[:, None] * N + n_c[None, :]
-            gl.store(ws + pid_k * M * N, acc, mask=omask)
-            _cta_barrier()
-            ticket = gl.atomic_add(ticket_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-            if ticket == nsplit - 1:
-                total = gl.zeros([16, BLOCK_N], gl.float32, mma)
-                for k0 in range(0, nsplit, 4):  # four partials per round trip
-                    for j in gl.static_range(4):
-                        total += gl.load(ws + (k0 + j) * M * N, mask=omask & (k0 + j < nsplit), other=0.0,
-                                         cache_modifier=".cg")
-                if HAS_BIAS:
-                    total += gl.load(bias_ptr + n_c).to(gl.float32)[None, :]
-                gl.store(out_tile, total.to(gl.float16), mask=omask)
-                gl.atomic_xchg(ticket_ptr + pid_n, 0, sem="relaxed", scope="gpu")
-        else:
-            if HAS_BIAS:
-                acc += gl.load(bias_ptr + n_c).to(gl.float32)[None, :]
-            gl.store(out_tile, acc.to(gl.float16), mask=omask)
+        _store_tile(acc, out_ptr + offs_m[:, None] * stride_om + n_c[None, :],
+                    ws_ptr + offs_m[:, None] * N + n_c[None, :], omask, bias_ptr, n_c, pid_k, pid_n, M, N, nsplit,
+                    ticket_ptr, SPLIT, HAS_BIAS, True)

@@ -202,25 +202,31 @@ def gluon_kernels_available() -> bool:
     return gluon_mma.AVAILABLE and not INTERPRETED
 
 
+def _whole_tile_configs(layer: KernelLayer, bucket: int, bk: int, tiles, fits, mode: int, sms: int) -> list[GemmConfig]:
+    """The Gluon kernels' configs: each (columns, warps) tile that `fits` (bk, columns, warps) and divides the
+    layer into whole tiles, at about 8, 4 and 16 programs per SM (the split counts that won H200 sweeps)."""
+    out = []
+    for bn, warps in tiles:
+        if not bk or not fits(bk, bn, warps) or layer.N % bn or layer.K % bk:
+            continue
+        for target in (8 * sms, 4 * sms, 16 * sms):
+            cfg = GemmConfig("fused", bucket, bn, bk, _split_for(layer, bn, bk, target), warps, num_stages=1,
+                             mode=mode)
+            if cfg not in out:
+                out.append(cfg)
+    return out
+
+
 def _gluon_mma_candidates(layer: KernelLayer, bucket: int, bks: list[int], sms: int) -> list[GemmConfig]:
     """Mode 7 configs: whole tiles only; 32-64 columns per warp and the split counts that won H200 sweeps."""
     from backends.gptq import gluon_mma
     if bucket != gluon_mma.ROWS or layer.bits != 4 or not layer.interleaved:
         return []
-    out = []
     # the best of H200 sweeps at 16 rows (bench.gemv_sweep --mode 7, bench/RESULTS.md, 2026-12-03): 128-row
-    # tiles, 64 columns per warp first (on 8192x28672 52.9 us against 54.9-56.7 at 32 per warp: each
-    # warp reads all of x, so wider warps read less of it, at 232-241 registers), about 8 programs per SM
-    for bn, bk, warps in ((64, 128, 1), (128, 128, 2), (64, 128, 2), (32, 128, 1)):
-        bk = max((b for b in bks if gluon_mma.CHUNK <= b <= bk), default=0)  # small groups: shorter tiles
-        if not bk or not gluon_mma.valid(bk, bn, warps) or layer.N % bn or layer.K % bk:
-            continue
-        for target in (8 * sms, 4 * sms, 16 * sms):
-            cfg = GemmConfig("fused", bucket, bn, bk, _split_for(layer, bn, bk, target), warps, num_stages=1,
-                             mode=7)
-            if cfg not in out:
-                out.append(cfg)
-    return out
+    # tiles (shorter for small groups), 64 columns per warp first (on 8192x28672 52.9 us against 54.9-56.7
+    # at 32 per warp: each warp reads all of x, so wider warps read less of it, at 232-241 registers)
+    bk = max((b for b in bks if gluon_mma.CHUNK <= b <= 128), default=0)
+    return _whole_tile_configs(layer, bucket, bk, ((64, 1), (128, 2), (64, 2), (32, 1)), gluon_mma.valid, 7, sms)
 
 
 def _gluon_gemv_candidates(layer: KernelLayer, bucket: int, bks: list[int], sms: int) -> list[GemmConfig]:
@@ -231,18 +237,10 @@ def _gluon_gemv_candidates(layer: KernelLayer, bucket: int, bks: list[int], sms:
     from backends.gptq import gluon_gemv
     if bucket not in (1, 16) or layer.bits not in gluon_gemv.BITS or not layer.interleaved:
         return []
-    out = []
     bk = max((b for b in bks if gluon_gemv.chunk(layer.bits) <= b <= 128), default=0)
     tiles = ((128, 1), (256, 2), (64, 1), (512, 4), (256, 4)) if bucket == 1 else ((64, 1), (128, 2), (32, 1), (256, 4))
-    for bn, warps in tiles:
-        if not bk or not gluon_gemv.valid(layer.bits, bk, bn, warps) or layer.N % bn or layer.K % bk:
-            continue
-        for target in (8 * sms, 4 * sms, 16 * sms):
-            cfg = GemmConfig("fused", bucket, bn, bk, _split_for(layer, bn, bk, target), warps, num_stages=1,
-                             mode=8)
-            if cfg not in out:
-                out.append(cfg)
-    return out
+    fits = lambda bk, bn, warps: gluon_gemv.valid(layer.bits, bk, bn, warps)
+    return _whole_tile_configs(layer, bucket, bk, tiles, fits, 8, sms)
 
 
 def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: torch.Tensor | None = None,
@@ -322,7 +320,7 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
             raise ValueError("the Gluon matrix-vector kernel (mode 8) takes 1-16 fp16 rows on CUDA, interleaved "
                              "2/4-bit words in whole tiles, and act-order only through gather_x")
         x2d = paired_rows(x2d)
-        rows = 8 if M <= 8 else 16  # one MMA per weight operand up to 8 rows, two past that
+        rows = gluon_gemv.operand_rows(M)
         launcher(gluon_gemv.gptq_mma_t_kernel, (n_tiles, split), compile_only)(
             x2d, layer.qweight, layer.scales, layer.zeros, out, bias if bias is not None else out, ws, tickets,
             M, layer.N, layer.K, x2d.stride(0), out.stride(0), layer.group_size, per, split,

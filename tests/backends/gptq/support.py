@@ -1,5 +1,5 @@
-"""Helpers of the gptq backend's tests: running a cases file in a fresh interpreter under TRITON_INTERPRET=1, and a
-CPU stand-in for a captured CUDA graph."""
+"""Helpers of the gptq backend's tests: running a cases file in a fresh interpreter under TRITON_INTERPRET=1, a
+CPU stand-in for a captured CUDA graph, and the float64 check of a fused-kernel config on CUDA."""
 from __future__ import annotations
 
 import os
@@ -44,3 +44,24 @@ class CaptureLog(list):
     def __call__(self, warm_up, fn, device):
         self.append(ReplayByRerun(warm_up, fn, device))
         return self[-1]
+
+
+def assert_fused_matches_float64(layer, ref, cfg, row_counts, bias, scratch, generator, shape_x=None, tol=2e-3):
+    """Launch `cfg` (kernel_runtime.launch_fused) for each row count, without and with `bias`, into an output
+    poisoned with NaN: every output written, relative error against x @ ref in float64 below `tol`.
+    shape_x(x) may rewrite each fresh random x first (small values, outliers)."""
+    import torch
+
+    from backends.gptq import kernel_runtime as kr
+    K, N = ref.shape
+    for M in row_counts:
+        x = torch.randn(M, K, generator=generator, device=ref.device).half()
+        if shape_x is not None:
+            x = shape_x(x)
+        for with_bias in (False, True):
+            out = torch.full((M, N), float("nan"), device=ref.device, dtype=torch.float16)
+            y = kr.launch_fused(x, layer, cfg, out=out, bias=bias if with_bias else None, scratch=scratch)
+            want = x.double() @ ref + (bias.double() if with_bias else 0)
+            assert not torch.isnan(y).any(), f"unwritten outputs with {cfg}, M={M}"
+            err = float((y.double() - want).norm() / want.norm())
+            assert err < tol, f"{cfg} M={M} bias={with_bias}: rel err {err:.2e}"

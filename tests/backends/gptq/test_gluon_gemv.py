@@ -13,6 +13,7 @@ from backends.gptq import format as fmt
 from backends.gptq import gluon_gemv
 from backends.gptq import kernel_runtime as kr
 from backends.gptq.quant_linear import make_kernel_layer
+from tests.backends.gptq.support import assert_fused_matches_float64
 
 
 def _layer(K, N, bits, group, act, device, seed):
@@ -104,18 +105,13 @@ def test_matches_float64_over_rows_splits_and_tiles(K, N, bits, group, act):
     assert configs and any(c.split_k > 1 for c in configs)
     g = torch.Generator(device="cuda").manual_seed(7)
     bias = torch.randn(N, generator=g, device="cuda").half()
+    def small_columns(x):  # small activations: x / 2^r lands among fp16 subnormals
+        x[:, ::7] *= 1e-3
+        return x
+
     for cfg in configs:
-        for M in ((1,) if cfg.block_m == 1 else (2, 8, 9, 16)):  # 8 rows: one MMA per operand; 9-16: two
-            x = torch.randn(M, K, generator=g, device="cuda").half()
-            x[:, ::7] *= 1e-3  # small activations: x / 2^r lands among fp16 subnormals
-            for with_bias in (False, True):
-                out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.float16)
-                y = kr.launch_fused(x, layer, cfg, out=out, bias=bias if with_bias else None,
-                                    scratch=runtime.scratch)
-                want = x.double() @ ref + (bias.double() if with_bias else 0)
-                assert not torch.isnan(y).any(), f"unwritten outputs with {cfg}, M={M}"
-                err = float((y.double() - want).norm() / want.norm())
-                assert err < 2e-3, f"{cfg} M={M} bias={with_bias}: rel err {err:.2e}"
+        rows = (1,) if cfg.block_m == 1 else (2, 8, 9, 16)  # 8 rows: one MMA per operand; 9-16: two
+        assert_fused_matches_float64(layer, ref, cfg, rows, bias, runtime.scratch, g, shape_x=small_columns)
 
 
 @needs_gluon_gpu

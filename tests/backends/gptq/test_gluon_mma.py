@@ -13,6 +13,7 @@ from backends.gptq import format as fmt
 from backends.gptq import gluon_mma
 from backends.gptq import kernel_runtime as kr
 from backends.gptq.quant_linear import make_kernel_layer
+from tests.backends.gptq.support import assert_fused_matches_float64
 
 
 def _layer(K, N, group, act, device, seed):
@@ -99,16 +100,7 @@ def test_matches_float64_over_rows_splits_and_tiles(K, N, group, act):
     g = torch.Generator(device="cuda").manual_seed(7)
     bias = torch.randn(N, generator=g, device="cuda").half()
     for cfg in configs:
-        for M in (2, 3, 8, 16):
-            x = torch.randn(M, K, generator=g, device="cuda").half()
-            for with_bias in (False, True):
-                out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.float16)
-                y = kr.launch_fused(x, layer, cfg, out=out, bias=bias if with_bias else None,
-                                    scratch=runtime.scratch)
-                want = x.double() @ ref + (bias.double() if with_bias else 0)
-                assert not torch.isnan(y).any(), f"unwritten outputs with {cfg}, M={M}"
-                err = float((y.double() - want).norm() / want.norm())
-                assert err < 2e-3, f"{cfg} M={M} bias={with_bias}: rel err {err:.2e}"
+        assert_fused_matches_float64(layer, ref, cfg, (2, 3, 8, 16), bias, runtime.scratch, g)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Gluon kernels have no interpreter)")
