@@ -13,8 +13,8 @@ instructions per weight, bench/RESULTS.md). Here a pair costs a shift and an `an
   same x with an A operand of all ones (again subnormal ones), the same layout and a constant, so
   each tile is s * (P - z Z) in fp32 per column.
 - The weights are the A operand (16 columns x 16 k per MMA, 8 weights per lane), x the B operand (16 k x
-  8 rows): up to 8 rows of x cost the same as one; 9-16 rows take two MMAs per weight operand (R = 16). Lane (g, t) loads word row 4c + t of columns g and
-  g + 8 of its 16-column tile; a word's pairs are that lane's A registers for a dot whose k order within
+  8 rows): up to 8 rows of x cost the same as one; 9-16 rows take two MMAs per weight operand (R = 16).
+  Lane (g, t) loads word row 4c + t of columns g and g + 8 of its 16-column tile; a word's pairs are that lane's A registers for a dot whose k order within
   each chunk of four words is 2t + h + 8 (p & 1) + 16 (p >> 1) (pair p, half h), the order of
   gluon_mma.py. x's B registers in that order are consecutive values, read as int32 pairs.
 
