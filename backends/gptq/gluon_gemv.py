@@ -1,4 +1,4 @@
-"""The 1-8-row 2/4-bit kernel (mode 8): the weights are the tensor cores' A operand, unpacked with one
+"""The 1-16-row 2/4-bit kernel (mode 8): the weights are the tensor cores' A operand, unpacked with one
 `and` per pair and no fix-up.
 
 Why: the half2 matrix-vector kernel (mode 4) spends three instructions per pair of weights: a `lop3` that
@@ -14,9 +14,14 @@ instructions per weight, bench/RESULTS.md). Here a pair costs a shift and an `an
   each tile is s * (P - z Z) in fp32 per column.
 - The weights are the A operand (16 columns x 16 k per MMA, 8 weights per lane), x the B operand (16 k x
   8 rows): up to 8 rows of x cost the same as one; 9-16 rows take two MMAs per weight operand (R = 16).
-  Lane (g, t) loads word row 4c + t of columns g and g + 8 of its 16-column tile; a word's pairs are that lane's A registers for a dot whose k order within
-  each chunk of four words is 2t + h + 8 (p & 1) + 16 (p >> 1) (pair p, half h), the order of
-  gluon_mma.py. x's B registers in that order are consecutive values, read as int32 pairs.
+  Lane (g, t) holds word row 4c + t of MMA rows g and g + 8 of each of its 16-row tiles; a word's pairs
+  are that lane's A registers for a dot whose k order within each chunk of four words is
+  2t + h + 8 (p & 1) + 16 (p >> 1) (pair p, half h), the order of gluon_mma.py. x's B registers in that
+  order are consecutive values, read as int32 pairs.
+- Which memory column an MMA row is does not matter to the dot, only to the loads and the store. A
+  lane's MMA rows are mapped to runs of 4 side-by-side columns (`mma_row_column`), so words, scales and
+  zeros come in 16-, 8- and 4-byte loads where MMA order gave one 4-, 2- or 1-byte load per column:
+  56 loads per 4-bit 64 x 128 tile at 16 rows became 20.
 
 Half2-ordered (`kernel_runtime.interleave_pairs`) 2- and 4-bit words, fp16, whole tiles only, a tile
 never straddling a group. Act-order reads x gathered by the runtime. Needs Triton's Gluon.
@@ -77,10 +82,16 @@ def supports(x2d, layer, cfg) -> bool:
             and (layer.group_size >= layer.K or layer.group_size % cfg.block_k == 0))
 
 
+def column_run(block_n: int, num_warps: int) -> int:
+    """Columns a lane loads side by side: 4 (a 16-byte load of words), 2 where a warp has one MMA tile."""
+    return min(4, 2 * block_n // (16 * num_warps))
+
+
 @functools.lru_cache(maxsize=None)
 def word_layout(bits: int, block_k: int, block_n: int, num_warps: int):
-    """Words [block_n, block_k // values_per_word]: lane (g, t) of warp w holds word row 4c + t of columns
-    g and g + 8 of each of its 16-column tiles (tile i of warp w starts at 16 (i * num_warps + w))."""
+    """Words [block_n, block_k // values_per_word] in the MMA's order of columns: lane (g, t) of warp w holds
+    word row 4c + t of MMA rows g and g + 8 of each of its 16-row MMA tiles (tile i of warp w is rows
+    16 (i * num_warps + w) onwards). `load_layout` says which memory column each MMA row is."""
     kw = block_k // values_per_word(bits)
     chunks, tiles = kw // 4, block_n // (16 * num_warps)
     return gl.DistributedLinearLayout(
@@ -88,6 +99,62 @@ def word_layout(bits: int, block_k: int, block_n: int, num_warps: int):
                    + [[(16 * num_warps) << i, 0] for i in range(_log2(tiles))]),
         lane_bases=[[0, 1], [0, 2], [1, 0], [2, 0], [4, 0]],
         warp_bases=[[16 << i, 0] for i in range(_log2(num_warps))], block_bases=[], shape=[block_n, kw])
+
+
+def _column_bases(block_n: int, num_warps: int, rank: int) -> dict:
+    """Bases over memory columns (axis 0 of `rank` axes): lane g of warp w holds L = column_run side-by-side
+    columns (register bits first, so one vector load takes them), 8 lanes cover 8 L columns, then the
+    lane's other runs and the warps (16 * tiles columns each)."""
+    tiles = block_n // (16 * num_warps)
+    run = column_run(block_n, num_warps)
+    per_lane = 2 * tiles  # MMA rows g and g + 8 of each tile
+    col = lambda c: [c] + [0] * (rank - 1)
+    return dict(run=[col(1 << i) for i in range(_log2(run))],
+                more=[col((8 * run) << i) for i in range(_log2(per_lane // run))],
+                lanes=[col(run), col(2 * run), col(4 * run)],
+                warps=[col((16 * tiles) << i) for i in range(_log2(num_warps))])
+
+
+@functools.lru_cache(maxsize=None)
+def load_layout(bits: int, block_k: int, block_n: int, num_warps: int):
+    """Words [block_n, block_k // values_per_word] in memory order, as loaded: each lane's column run is one
+    vector load per word row (in MMA order it was a 32-bit load per word). `_mma_order` renames it to
+    word_layout."""
+    kw = block_k // values_per_word(bits)
+    b = _column_bases(block_n, num_warps, 2)
+    return gl.DistributedLinearLayout(
+        reg_bases=b["run"] + [[0, 4 << i] for i in range(_log2(kw // 4))] + b["more"],
+        lane_bases=[[0, 1], [0, 2]] + b["lanes"], warp_bases=b["warps"], block_bases=[], shape=[block_n, kw])
+
+
+@functools.lru_cache(maxsize=None)
+def column_layout(block_n: int, num_warps: int):
+    """Per-column scales and zeros [block_n] in memory order, laid out as load_layout's columns."""
+    b = _column_bases(block_n, num_warps, 1)
+    return gl.DistributedLinearLayout(reg_bases=b["run"] + b["more"], lane_bases=[[0], [0]] + b["lanes"],
+                                      warp_bases=b["warps"], block_bases=[], shape=[block_n])
+
+
+@functools.lru_cache(maxsize=None)
+def out_layout(block_n: int, num_warps: int, rows: int):
+    """The fp32 tile [block_n, rows] in memory order for the store: the MMA accumulator's lanes and
+    registers (lane (g, t): rows 2t, 2t + 1, and 8 more at 16) with its columns renamed back, so each lane
+    stores its run of side-by-side columns in one vector store per row."""
+    b = _column_bases(block_n, num_warps, 2)
+    return gl.DistributedLinearLayout(
+        reg_bases=b["run"] + [[0, 1]] + ([[0, 8]] if rows == 16 else []) + b["more"],
+        lane_bases=[[0, 2], [0, 4]] + b["lanes"], warp_bases=b["warps"], block_bases=[], shape=[block_n, rows])
+
+
+def mma_row_column(n, block_n: int, num_warps: int):
+    """The memory column (within the tile) that MMA row n holds after `_mma_order`: memory column
+    w 16T + s_hi 8L + g L + s_lo (slot s = h + 2 i of lane g, L = column_run, s_lo = s mod L) is MMA row
+    16 (i num_warps + w) + 8 h + g. For the tests; the kernel renames the column indices instead."""
+    tiles = block_n // (16 * num_warps)
+    run = column_run(block_n, num_warps)
+    g, h, w, i = n % 8, (n // 8) % 2, (n // 16) % num_warps, n // (16 * num_warps)
+    slot = h + 2 * i
+    return w * 16 * tiles + (slot // run) * 8 * run + g * run + slot % run
 
 
 @functools.lru_cache(maxsize=None)
@@ -101,6 +168,14 @@ def x_layout(bits: int, block_k: int, num_warps: int, rows: int):
                    + ([[0, 8]] if rows == 16 else [])),
         lane_bases=[[pw, 0], [2 * pw, 0], [0, 1], [0, 2], [0, 4]],
         warp_bases=[[0, 0] for _ in range(_log2(num_warps))], block_bases=[], shape=[block_k // 2, rows])
+
+
+def layouts(bits: int, block_k: int, block_n: int, num_warps: int, rows: int) -> dict:
+    """The kernel's layout arguments for one config."""
+    return dict(W_LAYOUT=word_layout(bits, block_k, block_n, num_warps),
+                X_LAYOUT=x_layout(bits, block_k, num_warps, rows),
+                LOAD_LAYOUT=load_layout(bits, block_k, block_n, num_warps),
+                COL_LAYOUT=column_layout(block_n, num_warps), OUT_LAYOUT=out_layout(block_n, num_warps, rows))
 
 
 @triton.jit
@@ -141,6 +216,36 @@ if AVAILABLE:
         return gl.convert_layout(gl.reshape(t, [BLOCK_N, BLOCK_K]), A_LAYOUT, assert_trivial=True)
 
     @gluon.jit
+    def _mma_order(t, BLOCK_N: gl.constexpr, NUM_WARPS: gl.constexpr, KW: gl.constexpr):
+        """Words [BLOCK_N, KW] (or per-column values [BLOCK_N] when KW is 0) from memory order to the MMA's
+        row order (`mma_row_column`); only renames registers."""
+        TILES: gl.constexpr = BLOCK_N // (16 * NUM_WARPS)
+        if TILES >= 2:
+            if KW > 0:
+                t = gl.permute(gl.reshape(t, [NUM_WARPS, TILES // 2, 8, 2, 2, KW]), [1, 3, 0, 4, 2, 5])
+                t = gl.reshape(t, [BLOCK_N, KW])
+            else:
+                t = gl.reshape(gl.permute(gl.reshape(t, [NUM_WARPS, TILES // 2, 8, 2, 2]), [1, 3, 0, 4, 2]), [BLOCK_N])
+        else:
+            if KW > 0:
+                t = gl.permute(gl.reshape(t, [NUM_WARPS, TILES, 8, 2, KW]), [1, 0, 3, 2, 4])
+                t = gl.reshape(t, [BLOCK_N, KW])
+            else:
+                t = gl.reshape(gl.permute(gl.reshape(t, [NUM_WARPS, TILES, 8, 2]), [1, 0, 3, 2]), [BLOCK_N])
+        return t
+
+    @gluon.jit
+    def _memory_order(acc, BLOCK_N: gl.constexpr, NUM_WARPS: gl.constexpr, R: gl.constexpr):
+        """The accumulator [BLOCK_N, R] from the MMA's row order back to memory order (`_mma_order`
+        undone); only renames registers."""
+        TILES: gl.constexpr = BLOCK_N // (16 * NUM_WARPS)
+        if TILES >= 2:
+            t = gl.permute(gl.reshape(acc, [TILES // 2, 2, NUM_WARPS, 2, 8, R]), [2, 0, 4, 1, 3, 5])
+        else:
+            t = gl.permute(gl.reshape(acc, [TILES, NUM_WARPS, 2, 8, R]), [1, 0, 3, 2, 4])
+        return gl.reshape(t, [BLOCK_N, R])
+
+    @gluon.jit
     def _b_operand(xp, scale, BITS: gl.constexpr, BLOCK_K: gl.constexpr, R: gl.constexpr, B_LAYOUT: gl.constexpr):
         """The MMA's B operand [BLOCK_K, R] (fp16, k in the dot's order) of x pairs loaded in x_layout, each
         pair divided by its weights' 2^r (`scale`, see _pair_q)."""
@@ -160,7 +265,8 @@ if AVAILABLE:
                           M, N, K, stride_xm, stride_om, group_size, tiles_per_split, nsplit,
                           BITS: gl.constexpr, R: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
                           SPLIT: gl.constexpr,
-                          HAS_BIAS: gl.constexpr, W_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr):
+                          HAS_BIAS: gl.constexpr, W_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr,
+                          LOAD_LAYOUT: gl.constexpr, COL_LAYOUT: gl.constexpr, OUT_LAYOUT: gl.constexpr):
         """out[M, N] (+)= x[M, K] @ W for 1 <= M <= R (8 or 16) fp16 rows and half2-ordered 2/4-bit words, the K tiles
         of this program's split (grid axis 1); whole tiles only. See the module docstring."""
         KW: gl.constexpr = BLOCK_K * BITS // 32
@@ -174,9 +280,13 @@ if AVAILABLE:
         t0 = pid_k * tiles_per_split
         t_end = gl.minimum(t0 + tiles_per_split, K // BLOCK_K)
 
-        r_w = gl.arange(0, KW, layout=gl.SliceLayout(0, W_LAYOUT))
-        n_w = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, W_LAYOUT))
+        # words, scales and zeros are loaded in memory order (a lane's run of columns in one load) and renamed
+        # into the MMA's row order; the output store maps each MMA row back to its column
+        r_w = gl.arange(0, KW, layout=gl.SliceLayout(0, LOAD_LAYOUT))
+        n_w = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LOAD_LAYOUT))
         w_tile = qw_ptr + r_w[None, :] * N + n_w[:, None]
+        n_sz = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=COL_LAYOUT)
+        col_layout: gl.constexpr = gl.SliceLayout(1, mma)
         pairs = gl.arange(0, BLOCK_K // 2, layout=gl.SliceLayout(1, X_LAYOUT))
         rows = gl.arange(0, R, layout=gl.SliceLayout(0, X_LAYOUT))
         rows = gl.where(rows < M, rows, 0)  # rows past M repeat row 0: their outputs are never stored
@@ -184,7 +294,6 @@ if AVAILABLE:
                   + pairs[:, None])
         # pair p of a word holds its fields at bit r = BITS * (p % (8 // BITS)) of a byte: x / 2^r
         x_scale = gl.exp2(-(BITS * (pairs % (8 // BITS))).to(gl.float32)).to(gl.float16)[:, None]
-        n_c = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
         ONE: gl.constexpr = 0x11111111 if BITS == 4 else 0x55555555  # every field 1: the all-ones operand
         ones = _a_operand(gl.full([BLOCK_N, KW], ONE, gl.int32, W_LAYOUT), BITS, BLOCK_N, BLOCK_K, a_layout)
 
@@ -194,8 +303,8 @@ if AVAILABLE:
         g_last = (t_end - 1) // per_group
         w = gl.load(w_tile + t0 * KW * N)
         xp = gl.load(x_tile + t0 * (BLOCK_K // 2))
-        z = gl.load(z_ptr + g * N + n_c)
-        s = gl.load(s_ptr + g * N + n_c)
+        z = gl.load(z_ptr + g * N + n_sz)
+        s = gl.load(s_ptr + g * N + n_sz)
         acc = gl.zeros([BLOCK_N, R], gl.float32, mma)
         for t in range(t0, t_end):
             tn = gl.minimum(t + 1, t_end - 1)
@@ -205,20 +314,25 @@ if AVAILABLE:
             gn = gl.minimum(g, g_last)
             w_next = gl.load(w_tile + tn * KW * N)
             x_next = gl.load(x_tile + tn * (BLOCK_K // 2))
-            z_next = gl.load(z_ptr + gn * N + n_c)
-            s_next = gl.load(s_ptr + gn * N + n_c)
+            z_next = gl.load(z_ptr + gn * N + n_sz)
+            s_next = gl.load(s_ptr + gn * N + n_sz)
             b = _b_operand(xp, x_scale, BITS, BLOCK_K, R, b_layout)
             zero = gl.zeros([BLOCK_N, R], gl.float32, mma)
-            part = mma_v2(_a_operand(w, BITS, BLOCK_N, BLOCK_K, a_layout), b, zero)
+            w_mma = gl.convert_layout(_mma_order(w, BLOCK_N, num_warps, KW), W_LAYOUT, assert_trivial=True)
+            part = mma_v2(_a_operand(w_mma, BITS, BLOCK_N, BLOCK_K, a_layout), b, zero)
             sums = mma_v2(ones, b, zero)
-            acc += s.to(gl.float32)[:, None] * (part - z.to(gl.float32)[:, None] * sums)
+            s_mma = gl.convert_layout(_mma_order(s, BLOCK_N, num_warps, 0), col_layout, assert_trivial=True)
+            z_mma = gl.convert_layout(_mma_order(z, BLOCK_N, num_warps, 0), col_layout, assert_trivial=True)
+            acc += s_mma.to(gl.float32)[:, None] * (part - z_mma.to(gl.float32)[:, None] * sums)
             w = w_next
             xp = x_next
             z = z_next
             s = s_next
 
-        acc = acc * 16777216.0  # the A operands' 2^-24
-        offs_m = gl.arange(0, R, layout=gl.SliceLayout(0, mma))
+        acc = gl.convert_layout(_memory_order(acc * 16777216.0, BLOCK_N, num_warps, R), OUT_LAYOUT,
+                                assert_trivial=True)  # 16777216: the A operands' 2^-24
+        offs_m = gl.arange(0, R, layout=gl.SliceLayout(0, OUT_LAYOUT))
+        n_c = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, OUT_LAYOUT))
         omask = (offs_m < M)[None, :] & (n_c < N)[:, None]
         _store_tile(acc, out_ptr + offs_m[None, :] * stride_om + n_c[:, None],
                     ws_ptr + offs_m[None, :] * N + n_c[:, None], omask, bias_ptr, n_c, pid_k, pid_n, M, N, nsplit,

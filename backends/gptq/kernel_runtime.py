@@ -325,8 +325,8 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
             x2d, layer.qweight, layer.scales, layer.zeros, out, bias if bias is not None else out, ws, tickets,
             M, layer.N, layer.K, x2d.stride(0), out.stride(0), layer.group_size, per, split,
             BITS=layer.bits, R=rows, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split > 1,
-            HAS_BIAS=bias is not None, W_LAYOUT=gluon_gemv.word_layout(layer.bits, cfg.block_k, cfg.block_n, cfg.num_warps),
-            X_LAYOUT=gluon_gemv.x_layout(layer.bits, cfg.block_k, cfg.num_warps, rows), num_warps=cfg.num_warps)
+            HAS_BIAS=bias is not None, num_warps=cfg.num_warps,
+            **gluon_gemv.layouts(layer.bits, cfg.block_k, cfg.block_n, cfg.num_warps, rows))
         return out
     if cfg.mode == 3:
         from backends.gptq.triton_kernels import gptq_gemv_kernel

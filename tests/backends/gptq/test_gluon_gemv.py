@@ -56,6 +56,59 @@ def test_masked_fields_read_as_fp16_are_the_codes_times_2_to_the_minus_24(bits):
             assert torch.equal(got[..., h], want), f"pair {p} half {h}"
 
 
+def _placements(layout, rank: int) -> dict:
+    """(lane, warp) -> the coordinates its registers hold, from a linear layout's bases (xor of the bases
+    of the set bits: how Triton's linear layouts map hardware to tensor elements)."""
+    out = {}
+    regs, lanes, warps = layout.reg_bases, layout.lane_bases, layout.warp_bases
+    for warp in range(1 << len(warps)):
+        for lane in range(32):
+            held = []
+            for reg in range(1 << len(regs)):
+                coord = [0] * rank
+                for bits, bases in ((reg, regs), (lane, lanes), (warp, warps)):
+                    for i, base in enumerate(bases):
+                        if bits >> i & 1:
+                            coord = [c ^ b for c, b in zip(coord, base)]
+                held.append(tuple(coord))
+            out[(lane, warp)] = held
+    return out
+
+
+@pytest.mark.skipif(not gluon_gemv.AVAILABLE, reason="this Triton has no Gluon (3.5+)")
+@pytest.mark.parametrize("bits,block_n,warps", [(4, 64, 1), (4, 128, 1), (2, 32, 1), (4, 128, 2), (2, 256, 4),
+                                                 (4, 64, 4)])
+def test_words_load_in_runs_of_columns_and_land_in_the_mma_rows_of_those_columns(bits, block_n, warps):
+    """Mode 8 loads words, scales and zeros in memory order, each lane a run of side-by-side columns
+    (one vector load), and renames them to the MMA's rows: every lane must load exactly the columns whose
+    MMA rows it holds (mma_row_column), each element once, or the dot would mix columns; the store
+    renames the accumulator back to the same columns."""
+    block_k = 128 if bits == 4 else 64
+    kw = block_k * bits // 32
+    words = _placements(gluon_gemv.word_layout(bits, block_k, block_n, warps), 2)
+    loads = _placements(gluon_gemv.load_layout(bits, block_k, block_n, warps), 2)
+    cols = _placements(gluon_gemv.column_layout(block_n, warps), 1)
+    to_column = [gluon_gemv.mma_row_column(n, block_n, warps) for n in range(block_n)]
+    assert sorted(to_column) == list(range(block_n))
+    everything = sorted(c for held in loads.values() for c in held)
+    assert everything == [(n, r) for n in range(block_n) for r in range(kw)]  # each word once
+    for where, held in words.items():
+        assert sorted(loads[where]) == sorted((to_column[n], r) for n, r in held), where
+        assert set(c for c, in cols[where]) == {to_column[n] for n, _ in held}, where
+    for rows in (8, 16):  # the store: lane (g, t) of warp w holds the accumulator's MMA rows g, g + 8 of
+        # each of its tiles at x rows 2t, 2t + 1 (and 8 more at 16 rows), now in memory columns
+        outs = _placements(gluon_gemv.out_layout(block_n, warps, rows), 2)
+        for (lane, warp), held in outs.items():
+            g, t = lane // 4, lane % 4
+            mma_rows = [16 * (i * warps + warp) + 8 * h + g for i in range(block_n // (16 * warps)) for h in (0, 1)]
+            want = {(to_column[n], m + 8 * r) for n in mma_rows for m in (2 * t, 2 * t + 1) for r in range(rows // 8)}
+            assert sorted(held) == sorted(want), (lane, warp)
+    run = gluon_gemv.column_run(block_n, warps)
+    first = loads[(0, 0)]
+    assert [first[i][0] for i in range(run)] == list(range(run))  # registers 0..run-1: adjacent columns
+    assert run == 4 or block_n // warps == 16
+
+
 def test_configs_offered_fit_the_kernel():
     layer, _ = _layer(4096, 1024, 4, 128, False, "cpu", 0)
     configs = kr._gluon_gemv_candidates(layer, 1, kr.valid_block_ks(layer), sms=132)
