@@ -238,9 +238,15 @@ def _gluon_gemv_candidates(layer: KernelLayer, bucket: int, bks: list[int], sms:
     if bucket not in (1, 16) or layer.bits not in gluon_gemv.BITS or not layer.interleaved:
         return []
     bk = max((b for b in bks if gluon_gemv.chunk(layer.bits) <= b <= 128), default=0)
-    tiles = ((128, 1), (256, 2), (64, 1), (512, 4), (256, 4)) if bucket == 1 else ((64, 1), (128, 2), (32, 1), (256, 4))
     fits = lambda bk, bn, warps: gluon_gemv.valid(layer.bits, bk, bn, warps)
-    return _whole_tile_configs(layer, bucket, bk, tiles, fits, 8, sms)
+    if bucket == 1:
+        return _whole_tile_configs(layer, bucket, bk, ((256, 4), (128, 1), (256, 2), (512, 4), (64, 1)), fits, 8, sms)
+    out = _whole_tile_configs(layer, bucket, bk, ((64, 1), (128, 2), (32, 1), (256, 4)), fits, 8, sms)
+    if bk == 128 and 64 in bks:
+        # 64-row tiles hold half the words and x per lane: 64 columns per warp at 138 registers (sm_90)
+        # where 128-row tiles need 174, so a warp can cover twice the columns per read of x
+        out += _whole_tile_configs(layer, bucket, 64, ((64, 1), (128, 2)), fits, 8, sms)
+    return out
 
 
 def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: torch.Tensor | None = None,
@@ -493,9 +499,12 @@ class KernelRuntime:
         taken when the tuner has measured it (and checked its output) on the GPU in use."""
         half2 = dtype == torch.float16 and layer.interleaved
         if bucket == 1:
-            # (mode 8 runs one row too, but lost to mode 4 there by 1-8% in three H200 calls, 2026-12-03
-            # 23:00-23:30: the same time with a third fewer instructions; not offered, to save tuning time)
             modes = (3, 4, 0, 2) if half2 else (3, 0, 2)
+            if half2 and layer.bits == 2 and gluon_kernels_available():
+                # mode 8 with its loads in column runs beat mode 4 at one row on 2-bit 8192x28672 by 5% (and
+                # lost by 4% on 4096x11008) on an H200, 2026-12-04; at 4 bits it tied or lost, so it is not
+                # offered there (tuning time)
+                modes = (3, 4, 8, 0, 2)
         else:
             modes = (2, 0, 1) if dtype == torch.float16 else (0, 1)
             if half2:
