@@ -231,9 +231,8 @@ def _gluon_mma_candidates(layer: KernelLayer, bucket: int, bks: list[int], sms: 
 
 def _gluon_gemv_candidates(layer: KernelLayer, bucket: int, bks: list[int], sms: int) -> list[GemmConfig]:
     """Mode 8 configs (gluon_gemv.py): whole tiles, the longest a group allows; 64-128 columns per warp at one
-    row (not offered there by `modes`; the tests and benchmarks ask for it), 32-64 at 2-16 rows (16 rows
-    take twice the accumulators: 209 registers at 64 columns, sm_90). 64 columns on one warp won every
-    16-row case on an H200."""
+    row (256 on 4 warps won there on an H200), 32-64 at 2-16 rows (16 rows take twice the accumulators:
+    174 registers at 64 columns, 128 at 32, sm_90; the H200 picks were 32 or 64 on one warp)."""
     from backends.gptq import gluon_gemv
     if bucket not in (1, 16) or layer.bits not in gluon_gemv.BITS or not layer.interleaved:
         return []
@@ -241,12 +240,9 @@ def _gluon_gemv_candidates(layer: KernelLayer, bucket: int, bks: list[int], sms:
     fits = lambda bk, bn, warps: gluon_gemv.valid(layer.bits, bk, bn, warps)
     if bucket == 1:
         return _whole_tile_configs(layer, bucket, bk, ((256, 4), (128, 1), (256, 2), (512, 4), (64, 1)), fits, 8, sms)
-    out = _whole_tile_configs(layer, bucket, bk, ((64, 1), (128, 2), (32, 1), (256, 4)), fits, 8, sms)
-    if bk == 128 and 64 in bks:
-        # 64-row tiles hold half the words and x per lane: 64 columns per warp at 138 registers (sm_90)
-        # where 128-row tiles need 174, so a warp can cover twice the columns per read of x
-        out += _whole_tile_configs(layer, bucket, 64, ((64, 1), (128, 2)), fits, 8, sms)
-    return out
+    # (64-row tiles at 4 bits, 64 columns per warp in 138 registers instead of 174, were never picked on an
+    # H200, 2026-12-04)
+    return _whole_tile_configs(layer, bucket, bk, ((64, 1), (128, 2), (32, 1), (256, 4)), fits, 8, sms)
 
 
 def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: torch.Tensor | None = None,

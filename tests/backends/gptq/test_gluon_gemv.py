@@ -184,7 +184,7 @@ def test_the_tuner_checks_and_may_pick_it_at_16_rows():
 def test_the_tuner_offers_it_at_2_to_16_rows_and_at_one_for_2_bits():
     """Mode 8 won or tied at 4 and 16 rows on an H200, and at one row won only at 2 bits (bench/RESULTS.md):
     it is offered where Gluon kernels run, for 2 and 4 bits at 2-16 rows, for 2 bits at one row, and never
-    for 3 bits. At 16 rows 4-bit layers also get 64-row tiles (more columns per warp in the registers)."""
+    for 3 bits."""
     runtime = kr.KernelRuntime()
     for bits, group in ((4, 128), (2, 64)):
         layer, _ = _layer(4096, 1024, bits, group, False, "cpu", bits)
@@ -194,9 +194,7 @@ def test_the_tuner_offers_it_at_2_to_16_rows_and_at_one_for_2_bits():
         rows16 = [c for c in runtime.candidates(16, layer) if c.mode == 8]
         assert bool(rows16) == kr.gluon_kernels_available()
         assert all(c.block_m == 16 for c in rows16)
-        if rows16 and bits == 4:
-            assert {c.block_k for c in rows16} == {64, 128}
-            assert all(gluon_gemv.valid(bits, c.block_k, c.block_n, c.num_warps) for c in rows16)
+        assert all(gluon_gemv.valid(bits, c.block_k, c.block_n, c.num_warps) for c in rows16)
         assert not any(c.mode == 8 for c in runtime.candidates(32, layer))
     three, _ = _layer(4096, 1024, 3, 128, False, "cpu", 3)
     assert not any(c.mode == 8 for c in runtime.candidates(16, three))
