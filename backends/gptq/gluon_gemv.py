@@ -37,7 +37,7 @@ import triton.language as tl
 try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
     from backends.gptq.gluon_mma import _store_tile  # the split-K epilogue both Gluon kernels share
     AVAILABLE = hasattr(gl, "DistributedLinearLayout") and hasattr(gl, "NVMMADistributedLayout")
@@ -170,21 +170,9 @@ def x_layout(bits: int, block_k: int, num_warps: int, rows: int):
         warp_bases=[[0, 0] for _ in range(_log2(num_warps))], block_bases=[], shape=[block_k // 2, rows])
 
 
-def ring_layouts(bits: int, block_k: int) -> dict:
-    """Shared-memory layouts of the word and x rings (`stages` > 1). Each lane reads back its own copies,
-    16 bytes at a time; the swizzles put the lanes of one 8-lane phase of such a read on different banks:
-    words [block_n, kw] with the four word rows (lanes t) in different 32-byte units of a 128-byte line, x
-    [block_k // 2, rows] with rows g and g + 1 (4-bit: 64 bytes of pairs per row and phase; 2-bit: every
-    other 16 bytes) apart."""
-    pairs = block_k // 2
-    x_vec, x_phases = (16, max(1, min(4, pairs // 16))) if bits == 4 else (4, 2)
-    return dict(W_SMEM=gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=4, order=[0, 1]),
-                X_SMEM=gl.SwizzledSharedLayout(vec=min(x_vec, pairs), per_phase=1, max_phase=x_phases, order=[0, 1]))
-
-
 def layouts(bits: int, block_k: int, block_n: int, num_warps: int, rows: int) -> dict:
     """The kernel's layout arguments for one config."""
-    return dict(**ring_layouts(bits, block_k), W_LAYOUT=word_layout(bits, block_k, block_n, num_warps),
+    return dict(W_LAYOUT=word_layout(bits, block_k, block_n, num_warps),
                 X_LAYOUT=x_layout(bits, block_k, num_warps, rows),
                 LOAD_LAYOUT=load_layout(bits, block_k, block_n, num_warps),
                 COL_LAYOUT=column_layout(block_n, num_warps), OUT_LAYOUT=out_layout(block_n, num_warps, rows))
@@ -205,10 +193,6 @@ def _pair_q(w, P: tl.constexpr, BITS: tl.constexpr):
 
 
 if AVAILABLE:
-    # Triton 3.6 names the copy async_copy_global_to_shared, later versions async_load
-    _async_load = (async_copy.async_load if hasattr(async_copy, "async_load")
-                   else async_copy.async_copy_global_to_shared)
-
     @gluon.jit
     def _a_operand(w, BITS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, A_LAYOUT: gl.constexpr):
         """The MMA's A operand [BLOCK_N, BLOCK_K] (q * 2^-24, fp16) of words w [BLOCK_N, BLOCK_K // vpw], k in
@@ -282,8 +266,7 @@ if AVAILABLE:
                           BITS: gl.constexpr, R: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
                           SPLIT: gl.constexpr,
                           HAS_BIAS: gl.constexpr, W_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr,
-                          LOAD_LAYOUT: gl.constexpr, COL_LAYOUT: gl.constexpr, OUT_LAYOUT: gl.constexpr,
-                          W_SMEM: gl.constexpr, X_SMEM: gl.constexpr, STAGES: gl.constexpr = 1):
+                          LOAD_LAYOUT: gl.constexpr, COL_LAYOUT: gl.constexpr, OUT_LAYOUT: gl.constexpr):
         """out[M, N] (+)= x[M, K] @ W for 1 <= M <= R (8 or 16) fp16 rows and half2-ordered 2/4-bit words, the K tiles
         of this program's split (grid axis 1); whole tiles only. See the module docstring."""
         KW: gl.constexpr = BLOCK_K * BITS // 32
@@ -318,22 +301,8 @@ if AVAILABLE:
         g = t0 // per_group
         left = per_group - t0 % per_group
         g_last = (t_end - 1) // per_group
-        if STAGES > 1:
-            # words and x stream through rings of STAGES tiles in shared memory (cp.async: STAGES - 1 tiles in
-            # flight without holding registers); each lane reads back only what it copied, so no barrier
-            w_ring = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, KW], W_SMEM)
-            x_ring = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_K // 2, R], X_SMEM)
-            for st in gl.static_range(STAGES - 1):  # tiles past the split's end reload its last (never read)
-                ts = gl.minimum(t0 + st, t_end - 1)
-                _async_load(w_ring.index(st), w_tile + ts * KW * N)
-                _async_load(x_ring.index(st), x_tile + ts * (BLOCK_K // 2))
-                async_copy.commit_group()
-            async_copy.wait_group(STAGES - 2)
-            w = w_ring.index(0).load(LOAD_LAYOUT)
-            xp = x_ring.index(0).load(X_LAYOUT)
-        else:
-            w = gl.load(w_tile + t0 * KW * N)
-            xp = gl.load(x_tile + t0 * (BLOCK_K // 2))
+        w = gl.load(w_tile + t0 * KW * N)
+        xp = gl.load(x_tile + t0 * (BLOCK_K // 2))
         z = gl.load(z_ptr + g * N + n_sz)
         s = gl.load(s_ptr + g * N + n_sz)
         acc = gl.zeros([BLOCK_N, R], gl.float32, mma)
@@ -343,19 +312,8 @@ if AVAILABLE:
             g = gl.where(left == 0, g + 1, g)
             left = gl.where(left == 0, per_group, left)
             gn = gl.minimum(g, g_last)
-            if STAGES > 1:
-                # refill the slot tile t - 1 was read from with tile t + STAGES - 1, then read tile t + 1
-                u = t - t0
-                tr = gl.minimum(t + STAGES - 1, t_end - 1)
-                _async_load(w_ring.index((u + STAGES - 1) % STAGES), w_tile + tr * KW * N)
-                _async_load(x_ring.index((u + STAGES - 1) % STAGES), x_tile + tr * (BLOCK_K // 2))
-                async_copy.commit_group()
-                async_copy.wait_group(STAGES - 2)
-                w_next = w_ring.index((u + 1) % STAGES).load(LOAD_LAYOUT)
-                x_next = x_ring.index((u + 1) % STAGES).load(X_LAYOUT)
-            else:
-                w_next = gl.load(w_tile + tn * KW * N)
-                x_next = gl.load(x_tile + tn * (BLOCK_K // 2))
+            w_next = gl.load(w_tile + tn * KW * N)
+            x_next = gl.load(x_tile + tn * (BLOCK_K // 2))
             z_next = gl.load(z_ptr + gn * N + n_sz)
             s_next = gl.load(s_ptr + gn * N + n_sz)
             b = _b_operand(xp, x_scale, BITS, BLOCK_K, R, b_layout)
@@ -371,8 +329,6 @@ if AVAILABLE:
             z = z_next
             s = s_next
 
-        if STAGES > 1:
-            async_copy.wait_group(0)  # the clamped refills of the last tiles
         acc = gl.convert_layout(_memory_order(acc * 16777216.0, BLOCK_N, num_warps, R), OUT_LAYOUT,
                                 assert_trivial=True)  # 16777216: the A operands' 2^-24
         offs_m = gl.arange(0, R, layout=gl.SliceLayout(0, OUT_LAYOUT))

@@ -242,9 +242,7 @@ def _gluon_gemv_candidates(layer: KernelLayer, bucket: int, bks: list[int], sms:
         return _whole_tile_configs(layer, bucket, bk, ((256, 4), (128, 1), (256, 2), (512, 4), (64, 1)), fits, 8, sms)
     # (64-row tiles at 4 bits, 64 columns per warp in 138 registers instead of 174, were never picked on an
     # H200, 2026-12-04)
-    out = _whole_tile_configs(layer, bucket, bk, ((64, 1), (128, 2), (32, 1), (256, 4)), fits, 8, sms)
-    # one-warp programs with words and x streamed through cp.async rings of 3-4 tiles in shared memory
-    return out + [replace(c, num_stages=st) for st in (3, 4) for c in out if c.num_warps == 1]
+    return _whole_tile_configs(layer, bucket, bk, ((64, 1), (128, 2), (32, 1), (256, 4)), fits, 8, sms)
 
 
 def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: torch.Tensor | None = None,
@@ -329,7 +327,7 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
             x2d, layer.qweight, layer.scales, layer.zeros, out, bias if bias is not None else out, ws, tickets,
             M, layer.N, layer.K, x2d.stride(0), out.stride(0), layer.group_size, per, split,
             BITS=layer.bits, R=rows, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split > 1,
-            HAS_BIAS=bias is not None, STAGES=cfg.num_stages, num_warps=cfg.num_warps,
+            HAS_BIAS=bias is not None, num_warps=cfg.num_warps,
             **gluon_gemv.layouts(layer.bits, cfg.block_k, cfg.block_n, cfg.num_warps, rows))
         return out
     if cfg.mode == 3:
