@@ -196,5 +196,7 @@ def test_the_tuner_offers_it_at_2_to_16_rows_and_at_one_for_2_bits():
         assert all(c.block_m == 16 for c in rows16)
         assert all(gluon_gemv.valid(bits, c.block_k, c.block_n, c.num_warps) for c in rows16)
         assert not any(c.mode == 8 for c in runtime.candidates(32, layer))
+        asked = kr.KernelRuntime(modes=(8,)).candidates(1, layer)  # asked for by name: at one row too
+        assert bool(asked) and all(c.mode == 8 for c in asked) == kr.gluon_kernels_available()
     three, _ = _layer(4096, 1024, 3, 128, False, "cpu", 3)
     assert not any(c.mode == 8 for c in runtime.candidates(16, three))
