@@ -266,7 +266,12 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
         out = torch.empty(M, layer.N, device=x2d.device, dtype=x2d.dtype)
     has_perm = layer.perm is not None
     if has_perm and cfg.gather_x:
-        x2d = x2d.index_select(1, layer.perm)  # sorted-row order: the kernel then reads x contiguously
+        # sorted-row order: the kernel then reads x contiguously
+        from backends.gptq import gather
+        if M <= gather.MAX_ROWS and x2d.stride(1) == 1:
+            x2d = gather.gather_columns(x2d, layer.perm, compile_only=compile_only)
+        else:
+            x2d = x2d.index_select(1, layer.perm)
         has_perm = False
     if split > 1:
         scratch = scratch or SplitScratch()

@@ -21,11 +21,13 @@ def kr():
     when a kernel is decorated, so the module is (re)imported with the variable set, then dropped)."""
     old = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
-    sys.modules.pop("backends.gptq.triton_kernels", None)
+    for name in ("backends.gptq.triton_kernels", "backends.gptq.gather"):
+        sys.modules.pop(name, None)
     importlib.import_module("backends.gptq.triton_kernels")
     from backends.gptq import kernel_runtime
     yield kernel_runtime
-    sys.modules.pop("backends.gptq.triton_kernels", None)
+    for name in ("backends.gptq.triton_kernels", "backends.gptq.gather"):
+        sys.modules.pop(name, None)
     if old is None:
         os.environ.pop("TRITON_INTERPRET", None)
     else:
@@ -321,3 +323,25 @@ def test_read_floor_kernel_reads_every_word():
     _read_kernel[(3,)](src, out, src.numel(), per, BLOCK=1024)
     expected = [functools.reduce(operator.xor, src[i * per:(i + 1) * per].tolist()) for i in range(3)]
     assert out.tolist() == expected
+
+
+@pytest.mark.parametrize("M,K", [(1, 160), (3, 300), (16, 257)])
+def test_activation_gather_matches_index_select(kr, M, K):
+    """Act-order's gather at 1-16 rows (gather.gather_columns, the gather_x path): x[:, perm] exactly, from a
+    strided view (row stride past K), K not a multiple of the program's columns."""
+    from backends.gptq import gather
+    g = torch.Generator().manual_seed(M + K)
+    wide = torch.randn(M, K + 40, generator=g).half()
+    x = wide[:, 20:20 + K]
+    perm = torch.randperm(K, generator=g).to(torch.int32)
+    got = gather.gather_columns(x, perm)
+    assert got.is_contiguous() and torch.equal(got, x[:, perm.long()])
+
+
+def test_activation_gather_refuses_what_it_cannot_take(kr):
+    from backends.gptq import gather
+    perm = torch.arange(8, dtype=torch.int32)
+    with pytest.raises(ValueError, match="1-16 rows"):
+        gather.gather_columns(torch.zeros(17, 8).half(), perm)
+    with pytest.raises(ValueError, match="perm of 8"):
+        gather.gather_columns(torch.zeros(2, 8).half(), perm[:4])

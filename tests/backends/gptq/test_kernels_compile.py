@@ -43,6 +43,7 @@ def _gluon_kernels():
 
 def _kernels():
     from backends.gptq import attention_kernel as ak
+    from backends.gptq import gather
     from backends.gptq import norm_kernel as nk
     from backends.gptq import triton_kernels as tk
     if tk.INTERPRETED:
@@ -97,6 +98,7 @@ def _kernels():
          dict(GROUP=4, D=128, D_P2=128, BLOCK=64, SPLITS=4, SPLITS_P2=4)),
         ("decoding attention with rotary", ak.decode_attention_kernel,
          dict(GROUP=1, D=80, D_P2=128, BLOCK=64, SPLITS=1, SPLITS_P2=1, ROTARY=True)),
+        ("act-order activation gather", gather.gather_columns_kernel, dict(ROWS=16, BLOCK=128)),
         ("residual add + RMSNorm", nk.add_rms_norm_kernel, dict(BLOCK=4096, HAS_DELTA=True)),
         ("RMSNorm", nk.add_rms_norm_kernel, dict(BLOCK=2048, HAS_DELTA=False)),
         ("residual add + RMSNorm in act-order", nk.add_rms_norm_kernel,
