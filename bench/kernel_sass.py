@@ -89,15 +89,19 @@ def opcode(text: str) -> str:
     return mnemonic(text).split(".")[0]
 
 
-def loop_body(kernel, constexprs: dict, arch: int = 90, warps: int = 4) -> list[str]:
-    """SASS instructions of the kernel's K loop, compiled for sm_<arch> (Triton's ptxas and cuobjdump)."""
+def kernel_sass(kernel, constexprs: dict, arch: int = 90, warps: int = 4) -> str:
+    """cuobjdump's SASS listing of the kernel compiled for sm_<arch> (Triton's ptxas and cuobjdump)."""
     import triton
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "k.cubin"
         cubin.write_bytes(compile_cubin(kernel, constexprs, arch, warps))
-        sass = subprocess.run([str(cuobjdump), "-sass", str(cubin)], capture_output=True, text=True).stdout
-    return main_loop(sass)
+        return subprocess.run([str(cuobjdump), "-sass", str(cubin)], capture_output=True, text=True).stdout
+
+
+def loop_body(kernel, constexprs: dict, arch: int = 90, warps: int = 4) -> list[str]:
+    """SASS instructions of the kernel's K loop, compiled for sm_<arch>."""
+    return main_loop(kernel_sass(kernel, constexprs, arch, warps))
 
 
 def main(argv=None) -> int:

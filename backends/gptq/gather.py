@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from backends.gptq.parallel_compile import launcher
+
 MAX_ROWS = 16  # one program holds every row of its columns
 
 
@@ -31,7 +33,6 @@ def gather_columns_kernel(x_ptr, perm_ptr, out_ptr, M, K, stride_xm, stride_om,
 def gather_columns(x2d: torch.Tensor, perm: torch.Tensor, block: int = 128, compile_only: bool = False) -> torch.Tensor:
     """x2d[:, perm] (a new contiguous tensor) for 1 <= M <= MAX_ROWS rows with unit column stride.
     compile_only: compile the kernel and return the (unfilled) output, for parallel_compile."""
-    from backends.gptq.parallel_compile import launcher
     M, K = x2d.shape
     if not 1 <= M <= MAX_ROWS or x2d.stride(1) != 1 or perm.numel() != K:
         raise ValueError(f"gather_columns takes 1-{MAX_ROWS} rows with unit column stride and a perm of {K} "

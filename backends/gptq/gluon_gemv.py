@@ -216,33 +216,27 @@ if AVAILABLE:
         return gl.convert_layout(gl.reshape(t, [BLOCK_N, BLOCK_K]), A_LAYOUT, assert_trivial=True)
 
     @gluon.jit
-    def _mma_order(t, BLOCK_N: gl.constexpr, NUM_WARPS: gl.constexpr, KW: gl.constexpr):
-        """Words [BLOCK_N, KW] (or per-column values [BLOCK_N] when KW is 0) from memory order to the MMA's
-        row order (`mma_row_column`); only renames registers."""
+    def _mma_order(t, BLOCK_N: gl.constexpr, NUM_WARPS: gl.constexpr, C: gl.constexpr):
+        """[BLOCK_N, C] from memory order to the MMA's row order (`mma_row_column`): memory column
+        w 16T + s_hi 8L + g L + i0 2 + h (L = 2 HALF, i0 present when HALF is 2) becomes MMA row
+        16 ((s_hi HALF + i0) num_warps + w) + 8 h + g. Only renames registers."""
         TILES: gl.constexpr = BLOCK_N // (16 * NUM_WARPS)
-        if TILES >= 2:
-            if KW > 0:
-                t = gl.permute(gl.reshape(t, [NUM_WARPS, TILES // 2, 8, 2, 2, KW]), [1, 3, 0, 4, 2, 5])
-                t = gl.reshape(t, [BLOCK_N, KW])
-            else:
-                t = gl.reshape(gl.permute(gl.reshape(t, [NUM_WARPS, TILES // 2, 8, 2, 2]), [1, 3, 0, 4, 2]), [BLOCK_N])
-        else:
-            if KW > 0:
-                t = gl.permute(gl.reshape(t, [NUM_WARPS, TILES, 8, 2, KW]), [1, 0, 3, 2, 4])
-                t = gl.reshape(t, [BLOCK_N, KW])
-            else:
-                t = gl.reshape(gl.permute(gl.reshape(t, [NUM_WARPS, TILES, 8, 2]), [1, 0, 3, 2]), [BLOCK_N])
-        return t
+        HALF: gl.constexpr = 2 if TILES >= 2 else 1  # column_run // 2
+        t = gl.permute(gl.reshape(t, [NUM_WARPS, TILES // HALF, 8, HALF, 2, C]), [1, 3, 0, 4, 2, 5])
+        return gl.reshape(t, [BLOCK_N, C])
+
+    @gluon.jit
+    def _mma_order_1d(v, BLOCK_N: gl.constexpr, NUM_WARPS: gl.constexpr):
+        """Per-column values [BLOCK_N] from memory order to the MMA's row order (`_mma_order`)."""
+        return gl.reshape(_mma_order(gl.reshape(v, [BLOCK_N, 1]), BLOCK_N, NUM_WARPS, 1), [BLOCK_N])
 
     @gluon.jit
     def _memory_order(acc, BLOCK_N: gl.constexpr, NUM_WARPS: gl.constexpr, R: gl.constexpr):
         """The accumulator [BLOCK_N, R] from the MMA's row order back to memory order (`_mma_order`
         undone); only renames registers."""
         TILES: gl.constexpr = BLOCK_N // (16 * NUM_WARPS)
-        if TILES >= 2:
-            t = gl.permute(gl.reshape(acc, [TILES // 2, 2, NUM_WARPS, 2, 8, R]), [2, 0, 4, 1, 3, 5])
-        else:
-            t = gl.permute(gl.reshape(acc, [TILES, NUM_WARPS, 2, 8, R]), [1, 0, 3, 2, 4])
+        HALF: gl.constexpr = 2 if TILES >= 2 else 1
+        t = gl.permute(gl.reshape(acc, [TILES // HALF, HALF, NUM_WARPS, 2, 8, R]), [2, 0, 4, 1, 3, 5])
         return gl.reshape(t, [BLOCK_N, R])
 
     @gluon.jit
@@ -321,8 +315,8 @@ if AVAILABLE:
             w_mma = gl.convert_layout(_mma_order(w, BLOCK_N, num_warps, KW), W_LAYOUT, assert_trivial=True)
             part = mma_v2(_a_operand(w_mma, BITS, BLOCK_N, BLOCK_K, a_layout), b, zero)
             sums = mma_v2(ones, b, zero)
-            s_mma = gl.convert_layout(_mma_order(s, BLOCK_N, num_warps, 0), col_layout, assert_trivial=True)
-            z_mma = gl.convert_layout(_mma_order(z, BLOCK_N, num_warps, 0), col_layout, assert_trivial=True)
+            s_mma = gl.convert_layout(_mma_order_1d(s, BLOCK_N, num_warps), col_layout, assert_trivial=True)
+            z_mma = gl.convert_layout(_mma_order_1d(z, BLOCK_N, num_warps), col_layout, assert_trivial=True)
             acc += s_mma.to(gl.float32)[:, None] * (part - z_mma.to(gl.float32)[:, None] * sums)
             w = w_next
             xp = x_next

@@ -495,16 +495,17 @@ class KernelRuntime:
         return cfg
 
     @staticmethod
-    def modes(bucket: int, layer: KernelLayer, dtype) -> tuple[int, ...]:
+    def modes(bucket: int, layer: KernelLayer, dtype, every: bool = False) -> tuple[int, ...]:
         """Unpacking modes worth trying, the untuned default first. The half2 kernel (mode 4) is only
-        taken when the tuner has measured it (and checked its output) on the GPU in use."""
+        taken when the tuner has measured it (and checked its output) on the GPU in use. every: also the
+        modes that run here but are left out to save tuning time (for modes asked for by name)."""
         half2 = dtype == torch.float16 and layer.interleaved
         if bucket == 1:
             modes = (3, 4, 0, 2) if half2 else (3, 0, 2)
-            if half2 and layer.bits == 2 and gluon_kernels_available():
+            if half2 and layer.bits in (2, 4) and gluon_kernels_available() and (layer.bits == 2 or every):
                 # mode 8 with its loads in column runs beat mode 4 at one row on 2-bit 8192x28672 by 5% (and
                 # lost by 4% on 4096x11008) on an H200, 2026-12-04; at 4 bits it tied or lost, so it is not
-                # offered there (tuning time)
+                # offered there by default (tuning time)
                 modes = (3, 4, 8, 0, 2)
         else:
             modes = (2, 0, 1) if dtype == torch.float16 else (0, 1)
@@ -543,11 +544,8 @@ class KernelRuntime:
         else:
             tiles = [(64, 64, 4), (128, 64, 4), (64, 128, 4)]
             targets = (2 * sms, 8 * sms)
-        modes = [m for m in self.modes(bucket, layer, dtype) if self.allowed_modes is None or m in self.allowed_modes]
-        if self.allowed_modes is not None and dtype == torch.float16 and gluon_kernels_available():
-            # the Gluon kernels asked for by name (benchmarks, profiles) are tried wherever they take the layer,
-            # also where the tuner leaves them out to save tuning time (mode 8 at one row for 4 bits)
-            modes += [m for m in (7, 8) if m in self.allowed_modes and m not in modes]
+        asked = self.allowed_modes
+        modes = [m for m in self.modes(bucket, layer, dtype, every=asked is not None) if asked is None or m in asked]
         for mode in modes:
             mode_tiles, mode_targets = tiles, targets
             if mode == 4:

@@ -191,6 +191,29 @@ def test_gluon_weights_as_a_kernel_unpacks_without_fixups(rows, hmma, limit):
     assert 1.2 < per_weight < limit, f"loop: {per_weight:.2f} SASS instructions per weight and thread"
 
 
+def test_gluon_weights_as_a_kernel_stores_in_column_runs():
+    """Mode 8 renames its accumulator back to memory order before the store, so split-K partials leave in
+    16-byte stores and come back in 16-byte loads, and the fp16 output in 8-byte stores (4 columns per
+    lane). In the MMA's order every one was a 4- or 2-byte scatter (32 + 32 stores, 128 reloads), which made
+    2-bit 16-row layers 58% slower on an H200 (bench/RESULTS.md, 2026-12-04)."""
+    import re
+    from collections import Counter
+
+    from bench.kernel_sass import kernel_sass
+    from backends.gptq import gluon_gemv as gg
+    from backends.gptq import triton_kernels as tk
+    if tk.INTERPRETED:
+        pytest.skip("TRITON_INTERPRET=1 is set: kernels are interpreted, not compiled, in this process")
+    if not gg.AVAILABLE:
+        pytest.skip("this Triton has no Gluon (3.5+)")
+    sass = kernel_sass(gg.gptq_mma_t_kernel, dict(BITS=4, R=16, BLOCK_N=64, BLOCK_K=128, SPLIT=True,
+                                                  HAS_BIAS=False, **gg.layouts(4, 128, 64, 1, 16)), warps=1)
+    memory = Counter(re.findall(r"\b((?:STG|LDG)[.A-Z0-9]*)", sass))
+    stores = {k: v for k, v in memory.items() if k.startswith("STG")}
+    assert stores == {"STG.E.128": 8, "STG.E.64": 8}, memory  # partials 64 x 16 fp32, output 64 x 16 fp16
+    assert memory["LDG.E.128.STRONG.GPU"] == 32, memory  # four partials per round trip, 8 loads each
+
+
 def _pdl_kernels():
     """The kernels' programmatic-dependent-launch forms (grid dependency control exists from sm_90)."""
     from backends.gptq import attention_kernel as ak
