@@ -243,6 +243,12 @@ if AVAILABLE:
     def _b_operand(xp, scale, BITS: gl.constexpr, BLOCK_K: gl.constexpr, R: gl.constexpr, B_LAYOUT: gl.constexpr):
         """The MMA's B operand [BLOCK_K, R] (fp16, k in the dot's order) of x pairs loaded in x_layout, each
         pair divided by its weights' 2^r (`scale`, see _pair_q)."""
+        return gl.convert_layout(_b_tile(xp, scale, BITS, BLOCK_K, R), B_LAYOUT, assert_trivial=True)
+
+    @gluon.jit
+    def _b_tile(xp, scale, BITS: gl.constexpr, BLOCK_K: gl.constexpr, R: gl.constexpr):
+        """x pairs [BLOCK_K // 2, R] (int32, memory order, any layout) as fp16 [BLOCK_K, R] in the dot's k
+        order, each pair divided by its weights' 2^r (`scale`, see _pair_q); the layout follows the input's."""
         lo = (xp & 0xFFFF).to(gl.int16).to(gl.float16, bitcast=True) * scale
         hi = (xp >> 16).to(gl.int16).to(gl.float16, bitcast=True) * scale
         t = gl.join(lo, hi)  # (pair, m, h)
@@ -252,7 +258,7 @@ if AVAILABLE:
         else:
             t = gl.reshape(t, [BLOCK_K // 64, 4, 2, 2, 2, R, 2])  # (c, t, p2, p1, p0, m, h)
             t = gl.permute(t, [0, 2, 3, 4, 1, 6, 5])
-        return gl.convert_layout(gl.reshape(t, [BLOCK_K, R]), B_LAYOUT, assert_trivial=True)
+        return gl.reshape(t, [BLOCK_K, R])
 
     @gluon.jit
     def gptq_mma_t_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, bias_ptr, ws_ptr, ticket_ptr,

@@ -25,11 +25,11 @@ from backends.gptq.parallel_compile import compile_all, launcher
 log = logging.getLogger(__name__)
 
 FUSED_MAX_M = 64
-TUNER_VERSION = 10 # 2: cold weight copies; 3: more half2 GEMV tiles; 4: modes 5, 6; 5: stage_x; 6: mode 6 gone;
+TUNER_VERSION = 11 # 2: cold weight copies; 3: more half2 GEMV tiles; 4: modes 5, 6; 5: stage_x; 6: mode 6 gone;
 #                     7: half2 kernels without bounds masks on whole tiles and without a division per tile,
 #                        the tensor-core kernel at 2 and 3 bits; 8: mode 7 (Gluon);
 #                     9: mode 7 reads x and words straight into registers (other tiles and splits);
-#                     10: mode 8 at 2-16 rows
+#                     10: mode 8 at 2-16 rows; 11: mode 9 (wgmma) at 2-16 rows, 2 bits
 VERIFY_TOLERANCE = 1e-2  # relative error of a kernel's output against its torch reference (fp16: ~1e-3)
 
 
@@ -154,8 +154,10 @@ class GemmConfig:
     #                            5 half2 unpack + tensor cores (1 < M <= 64, fp16, 2/3/4-bit interleaved words)
     #                            7 the same in Gluon with hand-chosen operand layouts (1 < M <= 16, fp16,
     #                            4-bit interleaved words, whole tiles: gluon_mma.py)
-    #                            8 weights as the tensor cores' A operand, unpacked without fix-ups (1 <= M <= 8,
+    #                            8 weights as the tensor cores' A operand, unpacked without fix-ups (1 <= M <= 16,
     #                            fp16, 2/4-bit interleaved words, whole tiles: gluon_gemv.py)
+    #                            9 mode 8 on Hopper's warpgroup MMA, x shared through shared memory (1 < M <= 16,
+    #                            sm_90; gluon_wgmma.py)
     #                            (6, W^T x^T on the tensor cores, lost to 5 on an H100 and was removed)
     gather_x: bool = False     # act-order: permute the activations once (one gather) and run the perm-free
     #                            kernel, instead of each program loading x through perm (scattered reads)
@@ -193,6 +195,12 @@ def whole_tiles(layer: KernelLayer, cfg: GemmConfig) -> bool:
     """Every tile of the config lies inside the matrix (the usual LLM shapes), so the half2 kernels
     run without bounds masks (EVEN): 5-14% fewer instructions in their loops (sm_90 SASS)."""
     return layer.N % cfg.block_n == 0 and layer.K % cfg.block_k == 0
+
+
+def hopper(device) -> bool:
+    """Whether `device` is an sm_90 GPU (warpgroup MMA: mode 9)."""
+    return device is not None and torch.device(device).type == "cuda" and \
+        torch.cuda.get_device_capability(torch.device(device))[0] == 9
 
 
 def gluon_kernels_available() -> bool:
@@ -243,6 +251,23 @@ def _gluon_gemv_candidates(layer: KernelLayer, bucket: int, bks: list[int], sms:
     # (64-row tiles at 4 bits, 64 columns per warp in 138 registers instead of 174, were never picked on an
     # H200, 2026-12-04)
     return _whole_tile_configs(layer, bucket, bk, ((64, 1), (128, 2), (32, 1), (256, 4)), fits, 8, sms)
+
+
+def _gluon_wgmma_candidates(layer: KernelLayer, bucket: int, bks: list[int], sms: int) -> list[GemmConfig]:
+    """Mode 9 configs (gluon_wgmma.py), 2-16 rows: one warpgroup, 128 or 256 columns (the H200 picks were
+    128), the longest tile a group allows."""
+    from backends.gptq import gluon_wgmma
+    if bucket != gluon_wgmma.ROWS or layer.bits not in gluon_wgmma.BITS or not layer.interleaved:
+        return []
+    bk = max((b for b in bks if gluon_wgmma.gluon_gemv.chunk(layer.bits) <= b <= 128), default=0)
+    fits = lambda bk, bn, warps: gluon_wgmma.valid(layer.bits, bk, bn, warps)
+    out = []
+    for c in _whole_tile_configs(layer, bucket, bk, ((128, 4), (256, 4)), fits, 9, sms):
+        k_tiles = layer.K // c.block_k
+        split = next((s for s in range(c.split_k, 0, -1) if gluon_wgmma.splits_of_two_tiles(k_tiles, s)), 0)
+        if split and replace(c, split_k=split) not in out:  # two or more tiles a split
+            out.append(replace(c, split_k=split))
+    return out
 
 
 def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: torch.Tensor | None = None,
@@ -334,6 +359,20 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
             BITS=layer.bits, R=rows, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split > 1,
             HAS_BIAS=bias is not None, num_warps=cfg.num_warps,
             **gluon_gemv.layouts(layer.bits, cfg.block_k, cfg.block_n, cfg.num_warps, rows))
+        return out
+    if cfg.mode == 9:
+        from backends.gptq import gluon_wgmma
+        if not gluon_wgmma.supports(x2d, layer, cfg) or has_perm:
+            raise ValueError("the warpgroup-MMA kernel (mode 9) takes 2-16 fp16 rows on sm_90, interleaved "
+                             "2/4-bit words in whole tiles, four warps, two or more K tiles per split, and "
+                             "act-order only through gather_x")
+        x2d = paired_rows(x2d)
+        launcher(gluon_wgmma.gptq_wgmma_kernel, (n_tiles, split), compile_only)(
+            x2d, layer.qweight, layer.scales, layer.zeros, out, bias if bias is not None else out, ws, tickets,
+            M, layer.N, layer.K, x2d.stride(0), out.stride(0), layer.group_size, per, split,
+            BITS=layer.bits, R=gluon_wgmma.ROWS, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split > 1,
+            HAS_BIAS=bias is not None, num_warps=cfg.num_warps,
+            **gluon_wgmma.layouts(layer.bits, cfg.block_k, cfg.block_n))
         return out
     if cfg.mode == 3:
         from backends.gptq.triton_kernels import gptq_gemv_kernel
@@ -520,10 +559,13 @@ class KernelRuntime:
                     modes = (5, 7, 8, 2, 0, 1)
                 elif layer.bits == 2 and gluon_kernels_available():
                     # mode 8 (Gluon, weights as the A operand without fix-ups) took 2 bits at 4 and 16 rows
-                    # from 21-77 us to 15-55 on an H200 (bench/RESULTS.md, 2026-12-03 23:00)
-                    modes = (5, 8, 2, 0, 1)
+                    # from 21-77 us to 15-55 on an H200 (bench/RESULTS.md, 2026-12-03 23:00); mode 9 (wgmma)
+                    # took 2-bit 16 rows on 4096x11008 from 16.3 to 14.5 us (2026-12-04 13:43)
+                    modes = (5, 8, 9, 2, 0, 1)
         if bucket == 1 and layer.bits == 3 and layer.interleaved:  # mode 2's M = 1 form reads checkpoint order
             modes = tuple(m for m in modes if m != 2)
+        if every and bucket > 1 and half2 and layer.bits == 4 and gluon_kernels_available():
+            modes += (9,)  # wgmma at 4 bits tied or lost to modes 7/8 on an H200: only when asked for by name
         return modes
 
     def candidates(self, M: int, layer: KernelLayer, device=None, dtype=torch.float16) -> list[GemmConfig]:
@@ -562,6 +604,10 @@ class KernelRuntime:
             if mode == 8:
                 out += _gluon_gemv_candidates(layer, bucket, bks, sms)
                 continue
+            if mode == 9:
+                if hopper(device):
+                    out += _gluon_wgmma_candidates(layer, bucket, bks, sms)
+                continue
             stages = (3, 4) if mode == 5 else (2,)  # loads feeding tl.dot: Triton pipelines them (cp.async)
             for bn, bk, warps in mode_tiles:
                 if mode == 2 and bucket > 1:  # one tl.dot per value slot needs >= 16 blocks per tile
@@ -591,7 +637,7 @@ class KernelRuntime:
             # that rejects mode 5 still gets a kernel) instead of grids that only cost tuning time
             kept, fallbacks = [], set()
             for c in out:
-                if c.mode in (5, 7, 8) or c.mode not in fallbacks:
+                if c.mode in (5, 7, 8, 9) or c.mode not in fallbacks:
                     kept.append(c)
                     fallbacks.add(c.mode)
             out = kept
@@ -599,8 +645,8 @@ class KernelRuntime:
             # act-order: also try gathering x once. For M > 1 the per-program scattered loads of x cost
             # far more than one gather launch, so the gathered configs lead; at M = 1 the tuner decides,
             # also between that and each program staging its own slice (mode 4, slices up to 4096 rows)
-            gathered = [replace(c, gather_x=True) for c in out if bucket > 1 or c.mode in (3, 4, 8)]
-            out = [c for c in out if c.mode not in (7, 8)]  # modes 7 and 8 read sorted x only
+            gathered = [replace(c, gather_x=True) for c in out if bucket > 1 or c.mode in (3, 4, 8, 9)]
+            out = [c for c in out if c.mode not in (7, 8, 9)]  # modes 7-9 read sorted x only
             staged = [replace(c, stage_x=True) for c in out
                       if bucket == 1 and c.mode == 4 and _tiles_per_split(layer, c) * c.block_k <= 4096]
             out = gathered + out if bucket > 1 else out + gathered + staged

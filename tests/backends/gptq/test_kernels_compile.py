@@ -41,6 +41,19 @@ def _gluon_kernels():
     ]
 
 
+def _hopper_kernels():
+    """Kernels built on sm_90's warpgroup MMA (compiled for sm_90 only)."""
+    from backends.gptq import gluon_wgmma as gw
+    if not gw.AVAILABLE:
+        return []
+    return [
+        ("gluon wgmma 4-bit, split", gw.gptq_wgmma_kernel,
+         dict(BITS=4, R=16, BLOCK_N=128, BLOCK_K=128, SPLIT=True, HAS_BIAS=False, **gw.layouts(4, 128, 128))),
+        ("gluon wgmma 2-bit, bias, 256 columns", gw.gptq_wgmma_kernel,
+         dict(BITS=2, R=16, BLOCK_N=256, BLOCK_K=64, SPLIT=False, HAS_BIAS=True, **gw.layouts(2, 64, 256))),
+    ]
+
+
 def _kernels():
     from backends.gptq import attention_kernel as ak
     from backends.gptq import gather
@@ -229,7 +242,7 @@ def _pdl_kernels():
 @pytest.mark.parametrize("arch", [80, 90])
 def test_every_kernel_compiles_for_the_gpu(arch):
     failures = []
-    for name, kernel, constexprs in _kernels() + (_pdl_kernels() if arch >= 90 else []):
+    for name, kernel, constexprs in _kernels() + (_pdl_kernels() + _hopper_kernels() if arch >= 90 else []):
         try:
             cubin = compile_cubin(kernel, constexprs, arch, warps=4, types=KERNEL_ARG_TYPES)
         except Exception as exc:  # the compiler's message says what is wrong
