@@ -1,5 +1,5 @@
-"""The 1-16-row 2/4-bit kernel (mode 8): the weights are the tensor cores' A operand, unpacked with one
-`and` per pair and no fix-up.
+"""The 1-16-row 2/3/4-bit kernel (mode 8): the weights are the tensor cores' A operand, unpacked with one
+`and` per pair (two at 3 bits) and no fix-up.
 
 Why: the half2 matrix-vector kernel (mode 4) spends three instructions per pair of weights: a `lop3` that
 puts both 4-bit fields into fp16 mantissas over the exponent of 1024, an fma that removes the 1024 and
@@ -23,7 +23,17 @@ instructions per weight, bench/RESULTS.md). Here a pair costs a shift and an `an
   zeros come in 16-, 8- and 4-byte loads where MMA order gave one 4-, 2- or 1-byte load per column:
   56 loads per 4-bit 64 x 128 tile at 16 rows became 20.
 
-Half2-ordered (`kernel_runtime.interleave_pairs`) 2- and 4-bit words, fp16, whole tiles only, a tile
+- 3 bits (`_pair3`): a block of 32 values is three words in the planes order (`interleave_pairs`): the
+  low two bits of values 0-15 and 16-31 in the 2-bit pair order, and the third bits, placed so that one
+  shift per group of four pairs brings a pair's third bits just above its two low bits. A pair is then a
+  shift (shared by the word's pairs), an `and` and an or-ing `lop3`: q * 2^2r * 2^-24, so x / 2^2r and one
+  MMA serve it as at 2 bits. A lane holds whole blocks (word rows 3i, 3i + 1 and 3i + 2 of block 4c + t),
+  laid out as if each block were one word of 1-bit fields (`layout_bits`): tiles are whole 128-value chunks.
+  On an H200 this took 3-bit 16 rows from 20.5 / 84.3 us (the half2 tensor-core kernel) to 17.3 / 59.7 us
+  on 4096x11008 / 8192x28672; at one row it ties with the half2 kernel (12.1 against 11.9, 37.8 against
+  37.3 us), so there it runs only when asked for by name.
+
+Half2-ordered (`kernel_runtime.interleave_pairs`) 2-, 3- and 4-bit words, fp16, whole tiles only, a tile
 never straddling a group. Act-order reads x gathered by the runtime. Needs Triton's Gluon.
 """
 from __future__ import annotations
@@ -45,16 +55,23 @@ except ImportError:  # a Triton without Gluon: the mode is not offered
     AVAILABLE = False
 
 ROWS = 16  # rows of x per call at most: 8 per MMA (its n), two MMAs per weight operand past 8 rows
-BITS = (2, 4)
+BITS = (2, 3, 4)
 
 
 def values_per_word(bits: int) -> int:
     return 32 // bits
 
 
+def layout_bits(bits: int) -> int:
+    """The field width the layouts are built for: 3-bit weights are laid out per block of 32 values (a lane
+    holds a whole block: its two low-bit words and its third-bit word, `kernel_runtime.interleave_pairs`),
+    as if each block were one word of 1-bit fields."""
+    return 1 if bits == 3 else bits
+
+
 def chunk(bits: int) -> int:
-    """k values per chunk: four words of a column, one per lane t."""
-    return 4 * values_per_word(bits)
+    """k values per chunk: four words (3 bits: four blocks) of a column, one per lane t."""
+    return 4 * values_per_word(layout_bits(bits))
 
 
 def operand_rows(M: int) -> int:
@@ -172,6 +189,7 @@ def x_layout(bits: int, block_k: int, num_warps: int, rows: int):
 
 def layouts(bits: int, block_k: int, block_n: int, num_warps: int, rows: int) -> dict:
     """The kernel's layout arguments for one config."""
+    bits = layout_bits(bits)
     return dict(W_LAYOUT=word_layout(bits, block_k, block_n, num_warps),
                 X_LAYOUT=x_layout(bits, block_k, num_warps, rows),
                 LOAD_LAYOUT=load_layout(bits, block_k, block_n, num_warps),
@@ -192,7 +210,58 @@ def _pair_q(w, P: tl.constexpr, BITS: tl.constexpr):
         "=h,=h,r", [w], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
 
 
+@triton.jit
+def _pair3(lo, hi, P: tl.constexpr):
+    """Values 2P and 2P+1 of a 3-bit block as fp16 bit patterns q * 2^2r * 2^-24 (r = P % 4; subnormals,
+    exact): the two low bits from the block's low-bit word `lo` (pairs 0-7 in word a, 8-15 in word b, the
+    2-bit pair order) masked at bit 2r, and the third bit from its hi-plane word (`kernel_runtime.hi_plane_bit`:
+    bit G % 2 + 8 (G // 2) + 2r for pair P = 4 G + r) shifted to bit 2r + 2 and or-ed in. Two `lop3` a
+    pair and the shifts shared by all pairs of a word: x / 2^2r serves every pair as at 2 bits."""
+    G: tl.constexpr = P // 4
+    lo_shift: tl.constexpr = 8 * ((P % 8) // 4)
+    hi_shift: tl.constexpr = ("shl.b32 u, $3, 2;" if G == 0 else "shl.b32 u, $3, 1;" if G == 1
+                              else "shr.u32 u, $3, 6;" if G == 2 else "shr.u32 u, $3, 7;")
+    return tl.inline_asm_elementwise(
+        "{\n.reg .b32 t, u;\n"
+        f"shr.u32 t, $2, {lo_shift};\n" + hi_shift + "\n"
+        f"and.b32 t, t, {(3 << (2 * (P % 4))) * 0x10001};\n"
+        f"and.b32 u, u, {(4 << (2 * (P % 4))) * 0x10001};\n"
+        "or.b32 t, t, u;\n"
+        "mov.b32 {$0, $1}, t;\n}",
+        "=h,=h,r,r", [lo, hi], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
+
+
 if AVAILABLE:
+    @gluon.jit
+    def _a_operand3(a, b, h, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, A_LAYOUT: gl.constexpr):
+        """The MMA's A operand [BLOCK_N, BLOCK_K] (q * 2^2r * 2^-24, fp16) of 3-bit blocks given as their three
+        words [BLOCK_N, BLOCK_K // 32] each (a: low bits of values 0-15, b: of 16-31, h: third bits), k in
+        the dot's order 128 c + 16 (p >> 1) + 8 (p & 1) + 2 t + h over the block's 16 pairs."""
+        l0, h0 = _pair3(a, h, 0)
+        l1, h1 = _pair3(a, h, 1)
+        l2, h2 = _pair3(a, h, 2)
+        l3, h3 = _pair3(a, h, 3)
+        l4, h4 = _pair3(a, h, 4)
+        l5, h5 = _pair3(a, h, 5)
+        l6, h6 = _pair3(a, h, 6)
+        l7, h7 = _pair3(a, h, 7)
+        l8, h8 = _pair3(b, h, 8)
+        l9, h9 = _pair3(b, h, 9)
+        l10, h10 = _pair3(b, h, 10)
+        l11, h11 = _pair3(b, h, 11)
+        l12, h12 = _pair3(b, h, 12)
+        l13, h13 = _pair3(b, h, 13)
+        l14, h14 = _pair3(b, h, 14)
+        l15, h15 = _pair3(b, h, 15)
+        q0 = gl.join(gl.join(gl.join(l0, h0), gl.join(l1, h1)), gl.join(gl.join(l2, h2), gl.join(l3, h3)))
+        q1 = gl.join(gl.join(gl.join(l4, h4), gl.join(l5, h5)), gl.join(gl.join(l6, h6), gl.join(l7, h7)))
+        q2 = gl.join(gl.join(gl.join(l8, h8), gl.join(l9, h9)), gl.join(gl.join(l10, h10), gl.join(l11, h11)))
+        q3 = gl.join(gl.join(gl.join(l12, h12), gl.join(l13, h13)), gl.join(gl.join(l14, h14), gl.join(l15, h15)))
+        t = gl.join(gl.join(q0, q1), gl.join(q2, q3))  # (n, block, h, p0, p1, p2, p3)
+        t = gl.reshape(t, [BLOCK_N, BLOCK_K // 128, 4, 2, 2, 2, 2, 2])  # (n, c, t, h, p0, p1, p2, p3)
+        t = gl.permute(t, [0, 1, 7, 6, 5, 4, 2, 3])
+        return gl.convert_layout(gl.reshape(t, [BLOCK_N, BLOCK_K]), A_LAYOUT, assert_trivial=True)
+
     @gluon.jit
     def _a_operand(w, BITS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, A_LAYOUT: gl.constexpr):
         """The MMA's A operand [BLOCK_N, BLOCK_K] (q * 2^-24, fp16) of words w [BLOCK_N, BLOCK_K // vpw], k in
@@ -255,9 +324,12 @@ if AVAILABLE:
         if BITS == 4:
             t = gl.reshape(t, [BLOCK_K // 32, 4, 2, 2, R, 2])  # (c, t, p >> 1, p & 1, m, h)
             t = gl.permute(t, [0, 2, 3, 1, 5, 4])
-        else:
+        elif BITS == 2:
             t = gl.reshape(t, [BLOCK_K // 64, 4, 2, 2, 2, R, 2])  # (c, t, p2, p1, p0, m, h)
             t = gl.permute(t, [0, 2, 3, 4, 1, 6, 5])
+        else:  # 3 bits: 16 pairs a block (layout_bits 1)
+            t = gl.reshape(t, [BLOCK_K // 128, 4, 2, 2, 2, 2, R, 2])  # (c, t, p3, p2, p1, p0, m, h)
+            t = gl.permute(t, [0, 2, 3, 4, 5, 1, 7, 6])
         return gl.reshape(t, [BLOCK_K, R])
 
     @gluon.jit
@@ -267,9 +339,10 @@ if AVAILABLE:
                           SPLIT: gl.constexpr,
                           HAS_BIAS: gl.constexpr, W_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr,
                           LOAD_LAYOUT: gl.constexpr, COL_LAYOUT: gl.constexpr, OUT_LAYOUT: gl.constexpr):
-        """out[M, N] (+)= x[M, K] @ W for 1 <= M <= R (8 or 16) fp16 rows and half2-ordered 2/4-bit words, the K tiles
-        of this program's split (grid axis 1); whole tiles only. See the module docstring."""
-        KW: gl.constexpr = BLOCK_K * BITS // 32
+        """out[M, N] (+)= x[M, K] @ W for 1 <= M <= R (8 or 16) fp16 rows and half2-ordered 2/3/4-bit words, the K
+        tiles of this program's split (grid axis 1); whole tiles only. See the module docstring."""
+        KW: gl.constexpr = BLOCK_K * BITS // 32  # word rows a tile
+        LW: gl.constexpr = BLOCK_K // 32 if BITS == 3 else KW  # rows of the layouts: one per 3-bit block
         num_warps: gl.constexpr = gl.num_warps()
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[num_warps, 1],
                                                       instr_shape=[16, 8])
@@ -282,7 +355,9 @@ if AVAILABLE:
 
         # words, scales and zeros are loaded in memory order (a lane's run of columns in one load) and renamed
         # into the MMA's row order; the output store maps each MMA row back to its column
-        r_w = gl.arange(0, KW, layout=gl.SliceLayout(0, LOAD_LAYOUT))
+        r_w = gl.arange(0, LW, layout=gl.SliceLayout(0, LOAD_LAYOUT))
+        if BITS == 3:  # a block's words a, b and h lie in rows 3i, 3i + 1, 3i + 2
+            r_w = 3 * r_w
         n_w = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LOAD_LAYOUT))
         w_tile = qw_ptr + r_w[None, :] * N + n_w[:, None]
         n_sz = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=COL_LAYOUT)
@@ -292,10 +367,16 @@ if AVAILABLE:
         rows = gl.where(rows < M, rows, 0)  # rows past M repeat row 0: their outputs are never stored
         x_tile = (x_ptr.to(gl.pointer_type(gl.int32), bitcast=True) + rows[None, :] * (stride_xm // 2)
                   + pairs[:, None])
-        # pair p of a word holds its fields at bit r = BITS * (p % (8 // BITS)) of a byte: x / 2^r
-        x_scale = gl.exp2(-(BITS * (pairs % (8 // BITS))).to(gl.float32)).to(gl.float16)[:, None]
+        # pair p of a word holds its fields at bit r = BITS * (p % (8 // BITS)) of a byte: x / 2^r (3 bits:
+        # pair p of a block at bit 2 (p % 4), see _pair3)
+        SB: gl.constexpr = 2 if BITS == 3 else BITS
+        x_scale = gl.exp2(-(SB * (pairs % (8 // SB))).to(gl.float32)).to(gl.float16)[:, None]
         ONE: gl.constexpr = 0x11111111 if BITS == 4 else 0x55555555  # every field 1: the all-ones operand
-        ones = _a_operand(gl.full([BLOCK_N, KW], ONE, gl.int32, W_LAYOUT), BITS, BLOCK_N, BLOCK_K, a_layout)
+        if BITS == 3:
+            one = gl.full([BLOCK_N, LW], ONE, gl.int32, W_LAYOUT)
+            ones = _a_operand3(one, one, gl.full([BLOCK_N, LW], 0, gl.int32, W_LAYOUT), BLOCK_N, BLOCK_K, a_layout)
+        else:
+            ones = _a_operand(gl.full([BLOCK_N, KW], ONE, gl.int32, W_LAYOUT), BITS, BLOCK_N, BLOCK_K, a_layout)
 
         per_group = gl.where(group_size >= K, 1 << 30, group_size // BLOCK_K)
         g = t0 // per_group
@@ -303,6 +384,9 @@ if AVAILABLE:
         g_last = (t_end - 1) // per_group
         w = gl.load(w_tile + t0 * KW * N)
         xp = gl.load(x_tile + t0 * (BLOCK_K // 2))
+        if BITS == 3:
+            wb = gl.load(w_tile + (t0 * KW + 1) * N)
+            wh = gl.load(w_tile + (t0 * KW + 2) * N)
         z = gl.load(z_ptr + g * N + n_sz)
         s = gl.load(s_ptr + g * N + n_sz)
         acc = gl.zeros([BLOCK_N, R], gl.float32, mma)
@@ -314,18 +398,30 @@ if AVAILABLE:
             gn = gl.minimum(g, g_last)
             w_next = gl.load(w_tile + tn * KW * N)
             x_next = gl.load(x_tile + tn * (BLOCK_K // 2))
+            if BITS == 3:
+                wb_next = gl.load(w_tile + (tn * KW + 1) * N)
+                wh_next = gl.load(w_tile + (tn * KW + 2) * N)
             z_next = gl.load(z_ptr + gn * N + n_sz)
             s_next = gl.load(s_ptr + gn * N + n_sz)
             b = _b_operand(xp, x_scale, BITS, BLOCK_K, R, b_layout)
             zero = gl.zeros([BLOCK_N, R], gl.float32, mma)
-            w_mma = gl.convert_layout(_mma_order(w, BLOCK_N, num_warps, KW), W_LAYOUT, assert_trivial=True)
-            part = mma_v2(_a_operand(w_mma, BITS, BLOCK_N, BLOCK_K, a_layout), b, zero)
+            w_mma = gl.convert_layout(_mma_order(w, BLOCK_N, num_warps, LW), W_LAYOUT, assert_trivial=True)
+            if BITS == 3:
+                wb_mma = gl.convert_layout(_mma_order(wb, BLOCK_N, num_warps, LW), W_LAYOUT, assert_trivial=True)
+                wh_mma = gl.convert_layout(_mma_order(wh, BLOCK_N, num_warps, LW), W_LAYOUT, assert_trivial=True)
+                a = _a_operand3(w_mma, wb_mma, wh_mma, BLOCK_N, BLOCK_K, a_layout)
+            else:
+                a = _a_operand(w_mma, BITS, BLOCK_N, BLOCK_K, a_layout)
+            part = mma_v2(a, b, zero)
             sums = mma_v2(ones, b, zero)
             s_mma = gl.convert_layout(_mma_order_1d(s, BLOCK_N, num_warps), col_layout, assert_trivial=True)
             z_mma = gl.convert_layout(_mma_order_1d(z, BLOCK_N, num_warps), col_layout, assert_trivial=True)
             acc += s_mma.to(gl.float32)[:, None] * (part - z_mma.to(gl.float32)[:, None] * sums)
             w = w_next
             xp = x_next
+            if BITS == 3:
+                wb = wb_next
+                wh = wh_next
             z = z_next
             s = s_next
 

@@ -46,7 +46,7 @@ except ImportError:  # a Triton without Gluon's Hopper module: the mode is not o
     AVAILABLE = False
 
 WARPS = 4  # one warpgroup
-BITS = gluon_gemv.BITS
+BITS = (2, 4)  # mode 8 also takes 3 bits; this kernel does not (yet)
 ROWS = 16  # rows of x per call at most, and the wgmma's n for any count (see the module docstring)
 
 

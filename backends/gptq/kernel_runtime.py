@@ -29,7 +29,7 @@ TUNER_VERSION = 11 # 2: cold weight copies; 3: more half2 GEMV tiles; 4: modes 5
 #                     7: half2 kernels without bounds masks on whole tiles and without a division per tile,
 #                        the tensor-core kernel at 2 and 3 bits; 8: mode 7 (Gluon);
 #                     9: mode 7 reads x and words straight into registers (other tiles and splits);
-#                     10: mode 8 at 2-16 rows; 11: mode 9 (wgmma) at 2-16 rows, 2 bits
+#                     10: mode 8 at 2-16 rows; 11: mode 9 (wgmma) at 2-16 rows, 2 bits, mode 8 at 3 bits
 VERIFY_TOLERANCE = 1e-2  # relative error of a kernel's output against its torch reference (fp16: ~1e-3)
 
 
@@ -155,7 +155,7 @@ class GemmConfig:
     #                            7 the same in Gluon with hand-chosen operand layouts (1 < M <= 16, fp16,
     #                            4-bit interleaved words, whole tiles: gluon_mma.py)
     #                            8 weights as the tensor cores' A operand, unpacked without fix-ups (1 <= M <= 16,
-    #                            fp16, 2/4-bit interleaved words, whole tiles: gluon_gemv.py)
+    #                            fp16, 2/3/4-bit interleaved words, whole tiles: gluon_gemv.py)
     #                            9 mode 8 on Hopper's warpgroup MMA, x shared through shared memory (1 < M <= 16,
     #                            sm_90; gluon_wgmma.py)
     #                            (6, W^T x^T on the tensor cores, lost to 5 on an H100 and was removed)
@@ -541,7 +541,7 @@ class KernelRuntime:
         half2 = dtype == torch.float16 and layer.interleaved
         if bucket == 1:
             modes = (3, 4, 0, 2) if half2 else (3, 0, 2)
-            if half2 and layer.bits in (2, 4) and gluon_kernels_available() and (layer.bits == 2 or every):
+            if half2 and gluon_kernels_available() and (layer.bits == 2 or every):
                 # mode 8 with its loads in column runs beat mode 4 at one row on 2-bit 8192x28672 by 5% (and
                 # lost by 4% on 4096x11008) on an H200, 2026-12-04; at 4 bits it tied or lost, so it is not
                 # offered there by default (tuning time)
@@ -557,6 +557,11 @@ class KernelRuntime:
                     # mode 7 (Gluon) won by 5-15% on an H200, the only GPU it has run on: the tuner picks
                     # it where it measures faster, and mode 5 stays the untuned default
                     modes = (5, 7, 8, 2, 0, 1)
+                elif layer.bits == 3 and gluon_kernels_available():
+                    # mode 8 on 3-bit blocks (low bits and third bit or-ed into one field) took 16 rows from
+                    # 20.5 / 84.3 to 17.3 / 59.7 us on an H200 (bench/RESULTS.md, 2026-12-04 14:30); at one
+                    # row it tied with mode 4 and is offered only when asked for by name
+                    modes = (5, 8, 2, 0, 1)
                 elif layer.bits == 2 and gluon_kernels_available():
                     # mode 8 (Gluon, weights as the A operand without fix-ups) took 2 bits at 4 and 16 rows
                     # from 21-77 us to 15-55 on an H200 (bench/RESULTS.md, 2026-12-03 23:00); mode 9 (wgmma)

@@ -56,6 +56,27 @@ def test_masked_fields_read_as_fp16_are_the_codes_times_2_to_the_minus_24(bits):
             assert torch.equal(got[..., h], want), f"pair {p} half {h}"
 
 
+def test_3bit_pairs_read_as_fp16_are_the_codes_times_4_to_the_r_times_2_to_the_minus_24():
+    """_pair3's arithmetic in torch on 3-bit blocks in the planes order (`interleave_pairs`): pair P of a
+    block takes its two low bits from word a (P < 8) or b at bit 2 (P % 4) after a shift by whole bytes, and
+    its third bit from word h after its group's shift (<< 2, << 1, >> 6, >> 7), or-ed in at bit 2 (P % 4) + 2;
+    read as fp16 that is q * 2^(2 (P % 4)) * 2^-24 exactly, for every value."""
+    g = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, 8, (32 * 4, 48), generator=g, dtype=torch.int32)
+    words = kr.interleave_pairs(fmt.pack_qweight(codes, 3), 3).to(torch.int64) & 0xFFFFFFFF
+    a, b, h = words[0::3], words[1::3], words[2::3]  # [blocks, N] each
+    hi_shift = {0: lambda v: (v << 2) & 0xFFFFFFFF, 1: lambda v: (v << 1) & 0xFFFFFFFF,
+                2: lambda v: v >> 6, 3: lambda v: v >> 7}
+    for P in range(16):
+        r = P % 4
+        lo = (a if P < 8 else b) >> (8 * ((P % 8) // 4))
+        t = (lo & ((3 << 2 * r) * 0x10001)) | (hi_shift[P // 4](h) & ((4 << 2 * r) * 0x10001))
+        halves = torch.stack([t & 0xFFFF, t >> 16], -1).to(torch.int16).view(torch.float16).double()
+        for half in (0, 1):
+            want = codes[2 * P + half::32].double() * 2.0 ** (2 * r - 24)
+            assert torch.equal(halves[..., half], want), f"pair {P} half {half}"
+
+
 def _placements(layout, rank: int) -> dict:
     """(lane, warp) -> the coordinates its registers hold, from a linear layout's bases (xor of the bases
     of the set bits: how Triton's linear layouts map hardware to tensor elements)."""
@@ -121,8 +142,10 @@ def test_configs_offered_fit_the_kernel():
     rows16 = kr._gluon_gemv_candidates(layer, 16, kr.valid_block_ks(layer), 132)
     assert rows16 and all(c.block_m == 16 and c.block_n // c.num_warps in (32, 64) for c in rows16)
     assert kr._gluon_gemv_candidates(layer, 32, kr.valid_block_ks(layer), 132) == []  # 16 rows at most
-    three, _ = _layer(4096, 1024, 3, 128, False, "cpu", 0)
-    assert kr._gluon_gemv_candidates(three, 1, kr.valid_block_ks(three), 132) == []  # 2 and 4 bits
+    three, _ = _layer(4096, 1024, 3, 128, False, "cpu", 0)  # 3 bits: whole blocks of 128 k (four per lane)
+    assert {c.block_k for c in kr._gluon_gemv_candidates(three, 1, kr.valid_block_ks(three), 132)} == {128}
+    three64, _ = _layer(4096, 1024, 3, 64, False, "cpu", 0)
+    assert kr._gluon_gemv_candidates(three64, 16, kr.valid_block_ks(three64), 132) == []
 
 
 def test_inputs_it_does_not_take_are_refused():
@@ -141,7 +164,9 @@ needs_gluon_gpu = pytest.mark.skipif(not torch.cuda.is_available(),
 @needs_gluon_gpu
 @pytest.mark.parametrize("K,N,bits,group,act", [(4096, 1024, 4, 128, False), (2048, 512, 2, 64, False),
                                                 (2048, 256, 4, -1, False), (1024, 768, 4, 64, True),
-                                                (11008, 256, 4, 128, False), (1024, 512, 2, 128, True)])
+                                                (11008, 256, 4, 128, False), (1024, 512, 2, 128, True),
+                                                (4096, 1024, 3, 128, False), (2048, 512, 3, -1, False),
+                                                (1024, 768, 3, 128, True)])
 def test_matches_float64_over_rows_splits_and_tiles(K, N, bits, group, act):
     if not gluon_gemv.AVAILABLE:
         pytest.skip("this Triton has no Gluon")
@@ -182,11 +207,11 @@ def test_the_tuner_checks_and_may_pick_it_at_16_rows():
 
 
 def test_the_tuner_offers_it_at_2_to_16_rows_and_at_one_for_2_bits():
-    """Mode 8 won or tied at 4 and 16 rows on an H200, and at one row won only at 2 bits (bench/RESULTS.md):
-    it is offered where Gluon kernels run, for 2 and 4 bits at 2-16 rows, for 2 bits at one row, and never
-    for 3 bits."""
+    """Mode 8 won or tied at 4 and 16 rows on an H200 (at 3 bits by 16-29%), and at one row won only at 2
+    bits (bench/RESULTS.md): it is offered where Gluon kernels run, for 2, 3 and 4 bits at 2-16 rows, and
+    for 2 bits at one row (3 and 4 bits there only when asked for by name)."""
     runtime = kr.KernelRuntime()
-    for bits, group in ((4, 128), (2, 64)):
+    for bits, group in ((4, 128), (2, 64), (3, 128)):
         layer, _ = _layer(4096, 1024, bits, group, False, "cpu", bits)
         one = [c for c in runtime.candidates(1, layer) if c.mode == 8]
         assert bool(one) == (bits == 2 and kr.gluon_kernels_available())
@@ -198,5 +223,5 @@ def test_the_tuner_offers_it_at_2_to_16_rows_and_at_one_for_2_bits():
         assert not any(c.mode == 8 for c in runtime.candidates(32, layer))
         asked = kr.KernelRuntime(modes=(8,)).candidates(1, layer)  # asked for by name: at one row too
         assert bool(asked) and all(c.mode == 8 for c in asked) == kr.gluon_kernels_available()
-    three, _ = _layer(4096, 1024, 3, 128, False, "cpu", 3)
-    assert not any(c.mode == 8 for c in runtime.candidates(16, three))
+    three64, _ = _layer(4096, 1024, 3, 64, False, "cpu", 3)  # 3 bits need whole 128-value tiles
+    assert not any(c.mode == 8 for c in runtime.candidates(16, three64))

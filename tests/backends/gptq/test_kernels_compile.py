@@ -27,6 +27,8 @@ def _gluon_kernels():
     return [
         ("gluon weights-as-A 1-8 rows 4-bit, split", gg.gptq_mma_t_kernel,
          dict(BITS=4, R=8, BLOCK_N=128, BLOCK_K=128, SPLIT=True, HAS_BIAS=False, **gg.layouts(4, 128, 128, 4, 8))),
+        ("gluon weights-as-A 1-8 rows 3-bit planes, split", gg.gptq_mma_t_kernel,
+         dict(BITS=3, R=8, BLOCK_N=256, BLOCK_K=128, SPLIT=True, HAS_BIAS=False, **gg.layouts(3, 128, 256, 4, 8))),
         ("gluon weights-as-A 9-16 rows 2-bit, bias", gg.gptq_mma_t_kernel,
          dict(BITS=2, R=16, BLOCK_N=64, BLOCK_K=64, SPLIT=False, HAS_BIAS=True, **gg.layouts(2, 64, 64, 4, 16))),
         ("gluon tensor cores M=16 4-bit, split, bias", gm.gptq_mma4_kernel,
