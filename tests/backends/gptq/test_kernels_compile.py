@@ -206,6 +206,33 @@ def test_gluon_weights_as_a_kernel_unpacks_without_fixups(rows, hmma, limit):
     assert 1.2 < per_weight < limit, f"loop: {per_weight:.2f} SASS instructions per weight and thread"
 
 
+def test_gluon_weights_as_a_kernel_unpacks_3bit_blocks_in_two_lop3_a_pair():
+    """Mode 8 at 3 bits, 256 x 128 tiles on four warps, up to 8 rows: each pair is its low bits masked and
+    its third bit or-ed in, two `lop3` a pair (256 per 256 weights a thread), and the shifts are shared by a
+    word's pairs (six per block: one per low-bit word, four for the third bits); one MMA per 16 x 16 weights
+    as at 2 and 4 bits, no fix-ups. 2.36 SASS instructions per weight and thread (Triton 3.9; the half2
+    kernel, mode 4: 2.80)."""
+    from collections import Counter
+
+    from bench.kernel_sass import loop_body, mnemonic, opcode
+    from backends.gptq import gluon_gemv as gg
+    from backends.gptq import triton_kernels as tk
+    if tk.INTERPRETED:
+        pytest.skip("TRITON_INTERPRET=1 is set: kernels are interpreted, not compiled, in this process")
+    if not gg.AVAILABLE:
+        pytest.skip("this Triton has no Gluon (3.5+)")
+    body = loop_body(gg.gptq_mma_t_kernel, dict(BITS=3, R=8, BLOCK_N=256, BLOCK_K=128, SPLIT=False,
+                                                HAS_BIAS=False, **gg.layouts(3, 128, 256, 4, 8)), warps=4)
+    ops = Counter(map(opcode, body))
+    names = Counter(map(mnemonic, body))
+    weights = 256 * 128 // 128  # per thread
+    assert names["LOP3.LUT"] == weights, names
+    assert ops["HMMA"] == 32 + 8, ops  # 16 column tiles' worth per warp (4 x 8 k-steps) + sum(x)
+    assert names["HADD2"] == 0 and names["HFMA2"] == 0, names  # no fix-ups
+    assert ops["SHF"] + names["IMAD.SHL.U32"] <= 6 * weights // 32 + 4, names
+    assert len(body) / weights < 2.5, f"loop: {len(body) / weights:.2f} SASS instructions per weight and thread"
+
+
 def test_gluon_weights_as_a_kernel_stores_in_column_runs():
     """Mode 8 renames its accumulator back to memory order before the store, so split-K partials leave in
     16-byte stores and come back in 16-byte loads, and the fp16 output in 8-byte stores (4 columns per
