@@ -31,7 +31,8 @@ from bench.provenance import tree_commit  # noqa: E402
 
 SHAPES = "4096x4096,4096x11008,11008x4096,8192x28672,28672x8192"
 CASES = {"4g128": (4, 128, False), "4g128a": (4, 128, True), "3g128": (3, 128, False),
-         "2g64": (2, 64, False), "2g128": (2, 128, False), "8g128": (8, 128, False)}
+         "2g64": (2, 64, False), "2g128": (2, 128, False), "8g128": (8, 128, False), "4g64": (4, 64, False),
+         "4g32": (4, 32, False)}
 L2_BYTES = 50 * 2**20
 
 

@@ -33,6 +33,10 @@ instructions per weight, bench/RESULTS.md). Here a pair costs a shift and an `an
   on 4096x11008 / 8192x28672; at one row it ties with the half2 kernel (12.1 against 11.9, 37.8 against
   37.3 us), so there it runs only when asked for by name.
 
+- Groups shorter than a tile (`groups_per_tile`, GROUPS = 2): a tile of two groups, each half its own MMA
+  with its own scales and zeros. Twice the bytes per tile in flight: 4-bit g64 at 16 rows went from 68.5
+  to 52 us on 8192x28672 on an H200 (as fast as g128); 2-bit g64 never picked it.
+
 Half2-ordered (`kernel_runtime.interleave_pairs`) 2-, 3- and 4-bit words, fp16, whole tiles only, a tile
 never straddling a group. Act-order reads x gathered by the runtime. Needs Triton's Gluon.
 """
@@ -91,12 +95,22 @@ def valid(bits: int, block_k: int, block_n: int, num_warps: int) -> bool:
             and block_n % (16 * num_warps) == 0 and power_of_two(per_warp) and power_of_two(num_warps))
 
 
+def groups_per_tile(bits: int, block_k: int, group_size: int, K: int) -> int:
+    """Groups a tile of block_k values holds: 1 (the tile inside one group), 2 (two groups, each whole chunks;
+    2 and 4 bits, where a chunk is a register bit of a lane's words), 0 where neither fits."""
+    if group_size >= K or group_size % block_k == 0:
+        return 1
+    if bits != 3 and 2 * group_size == block_k and group_size % chunk(bits) == 0:
+        return 2
+    return 0
+
+
 def supports(x2d, layer, cfg) -> bool:
     """The inputs this kernel takes (act-order only after the runtime's gather)."""
     return (AVAILABLE and x2d.is_cuda and x2d.dtype == torch.float16 and 1 <= x2d.shape[0] <= ROWS
             and layer.bits in BITS and layer.interleaved and valid(layer.bits, cfg.block_k, cfg.block_n, cfg.num_warps)
             and layer.N % cfg.block_n == 0 and layer.K % cfg.block_k == 0
-            and (layer.group_size >= layer.K or layer.group_size % cfg.block_k == 0))
+            and groups_per_tile(layer.bits, cfg.block_k, layer.group_size, layer.K) > 0)
 
 
 def column_run(block_n: int, num_warps: int) -> int:
@@ -333,14 +347,44 @@ if AVAILABLE:
         return gl.reshape(t, [BLOCK_K, R])
 
     @gluon.jit
+    def _word_halves(w, KW: gl.constexpr):
+        """Words [BLOCK_N, KW] -> word rows 0..KW/2-1 and KW/2..KW-1 (whole chunks: a register bit, free)."""
+        return gl.split(gl.permute(gl.reshape(w, [w.shape[0], 2, KW // 2]), [0, 2, 1]))
+
+    @gluon.jit
+    def _k_halves(b, BLOCK_K: gl.constexpr, B_LAYOUT: gl.constexpr):
+        """The B operand [BLOCK_K, R] (dot order) -> its first and second BLOCK_K / 2 values of k: whole chunks,
+        so a register bit (asserted)."""
+        b0, b1 = gl.split(gl.permute(gl.reshape(b, [2, BLOCK_K // 2, b.shape[1]]), [1, 2, 0]))
+        return (gl.convert_layout(b0, B_LAYOUT, assert_trivial=True),
+                gl.convert_layout(b1, B_LAYOUT, assert_trivial=True))
+
+    @gluon.jit
+    def _group_term(w, b, ones, s, z, BITS: gl.constexpr, BLOCK_N: gl.constexpr, GK: gl.constexpr,
+                    R: gl.constexpr, NUM_WARPS: gl.constexpr, A_LAYOUT: gl.constexpr, MMA: gl.constexpr):
+        """s * (W x - z sum(x)) over GK values of k of one group: words w [BLOCK_N, GK // vpw] in the MMA's row
+        order, x's B operand b [GK, R], per-column scales and zeros s, z in memory order."""
+        zero = gl.zeros([BLOCK_N, R], gl.float32, MMA)
+        part = mma_v2(_a_operand(w, BITS, BLOCK_N, GK, A_LAYOUT), b, zero)
+        sums = mma_v2(ones, b, zero)
+        col: gl.constexpr = gl.SliceLayout(1, MMA)
+        s_mma = gl.convert_layout(_mma_order_1d(s, BLOCK_N, NUM_WARPS), col, assert_trivial=True)
+        z_mma = gl.convert_layout(_mma_order_1d(z, BLOCK_N, NUM_WARPS), col, assert_trivial=True)
+        return s_mma.to(gl.float32)[:, None] * (part - z_mma.to(gl.float32)[:, None] * sums)
+
+    @gluon.jit
     def gptq_mma_t_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, bias_ptr, ws_ptr, ticket_ptr,
                           M, N, K, stride_xm, stride_om, group_size, tiles_per_split, nsplit,
                           BITS: gl.constexpr, R: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
                           SPLIT: gl.constexpr,
                           HAS_BIAS: gl.constexpr, W_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr,
-                          LOAD_LAYOUT: gl.constexpr, COL_LAYOUT: gl.constexpr, OUT_LAYOUT: gl.constexpr):
+                          LOAD_LAYOUT: gl.constexpr, COL_LAYOUT: gl.constexpr, OUT_LAYOUT: gl.constexpr,
+                          GROUPS: gl.constexpr = 1):
         """out[M, N] (+)= x[M, K] @ W for 1 <= M <= R (8 or 16) fp16 rows and half2-ordered 2/3/4-bit words, the K
-        tiles of this program's split (grid axis 1); whole tiles only. See the module docstring."""
+        tiles of this program's split (grid axis 1); whole tiles only. See the module docstring.
+        GROUPS = 2: a tile holds two groups (group_size = BLOCK_K / 2, 2 and 4 bits), each half of it an MMA of
+        its own with its own scales and zeros: tiles twice as long as the group, so twice the bytes in flight
+        a tile and half the loop's fixed costs per weight."""
         KW: gl.constexpr = BLOCK_K * BITS // 32  # word rows a tile
         LW: gl.constexpr = BLOCK_K // 32 if BITS == 3 else KW  # rows of the layouts: one per 3-bit block
         num_warps: gl.constexpr = gl.num_warps()
@@ -378,10 +422,13 @@ if AVAILABLE:
         else:
             ones = _a_operand(gl.full([BLOCK_N, KW], ONE, gl.int32, W_LAYOUT), BITS, BLOCK_N, BLOCK_K, a_layout)
 
-        per_group = gl.where(group_size >= K, 1 << 30, group_size // BLOCK_K)
-        g = t0 // per_group
+        if GROUPS == 2:
+            ones_half, _unused = _word_halves(gl.full([BLOCK_N, KW], ONE, gl.int32, W_LAYOUT), KW)
+            ones2 = _a_operand(ones_half, BITS, BLOCK_N, BLOCK_K // 2, a_layout)
+        per_group = gl.where(group_size >= K, 1 << 30, gl.maximum(group_size // BLOCK_K, 1))
+        g = t0 // per_group * GROUPS  # GROUPS = 2: tile t holds groups 2t and 2t + 1
         left = per_group - t0 % per_group
-        g_last = (t_end - 1) // per_group
+        g_last = (t_end - 1) // per_group * GROUPS
         w = gl.load(w_tile + t0 * KW * N)
         xp = gl.load(x_tile + t0 * (BLOCK_K // 2))
         if BITS == 3:
@@ -389,11 +436,14 @@ if AVAILABLE:
             wh = gl.load(w_tile + (t0 * KW + 2) * N)
         z = gl.load(z_ptr + g * N + n_sz)
         s = gl.load(s_ptr + g * N + n_sz)
+        if GROUPS == 2:
+            z2 = gl.load(z_ptr + (g + 1) * N + n_sz)
+            s2 = gl.load(s_ptr + (g + 1) * N + n_sz)
         acc = gl.zeros([BLOCK_N, R], gl.float32, mma)
         for t in range(t0, t_end):
             tn = gl.minimum(t + 1, t_end - 1)
             left -= 1
-            g = gl.where(left == 0, g + 1, g)
+            g = gl.where(left == 0, g + GROUPS, g)
             left = gl.where(left == 0, per_group, left)
             gn = gl.minimum(g, g_last)
             w_next = gl.load(w_tile + tn * KW * N)
@@ -403,20 +453,31 @@ if AVAILABLE:
                 wh_next = gl.load(w_tile + (tn * KW + 2) * N)
             z_next = gl.load(z_ptr + gn * N + n_sz)
             s_next = gl.load(s_ptr + gn * N + n_sz)
-            b = _b_operand(xp, x_scale, BITS, BLOCK_K, R, b_layout)
-            zero = gl.zeros([BLOCK_N, R], gl.float32, mma)
+            if GROUPS == 2:
+                z2_next = gl.load(z_ptr + (gn + 1) * N + n_sz)
+                s2_next = gl.load(s_ptr + (gn + 1) * N + n_sz)
             w_mma = gl.convert_layout(_mma_order(w, BLOCK_N, num_warps, LW), W_LAYOUT, assert_trivial=True)
-            if BITS == 3:
-                wb_mma = gl.convert_layout(_mma_order(wb, BLOCK_N, num_warps, LW), W_LAYOUT, assert_trivial=True)
-                wh_mma = gl.convert_layout(_mma_order(wh, BLOCK_N, num_warps, LW), W_LAYOUT, assert_trivial=True)
-                a = _a_operand3(w_mma, wb_mma, wh_mma, BLOCK_N, BLOCK_K, a_layout)
+            if GROUPS == 2:
+                w0, w1 = _word_halves(w_mma, KW)
+                b0, b1 = _k_halves(_b_tile(xp, x_scale, BITS, BLOCK_K, R), BLOCK_K, b_layout)
+                acc += _group_term(w0, b0, ones2, s, z, BITS, BLOCK_N, BLOCK_K // 2, R, num_warps, a_layout, mma)
+                acc += _group_term(w1, b1, ones2, s2, z2, BITS, BLOCK_N, BLOCK_K // 2, R, num_warps, a_layout, mma)
             else:
-                a = _a_operand(w_mma, BITS, BLOCK_N, BLOCK_K, a_layout)
-            part = mma_v2(a, b, zero)
-            sums = mma_v2(ones, b, zero)
-            s_mma = gl.convert_layout(_mma_order_1d(s, BLOCK_N, num_warps), col_layout, assert_trivial=True)
-            z_mma = gl.convert_layout(_mma_order_1d(z, BLOCK_N, num_warps), col_layout, assert_trivial=True)
-            acc += s_mma.to(gl.float32)[:, None] * (part - z_mma.to(gl.float32)[:, None] * sums)
+                b = _b_operand(xp, x_scale, BITS, BLOCK_K, R, b_layout)
+                zero = gl.zeros([BLOCK_N, R], gl.float32, mma)
+                if BITS == 3:
+                    wb_mma = gl.convert_layout(_mma_order(wb, BLOCK_N, num_warps, LW), W_LAYOUT,
+                                               assert_trivial=True)
+                    wh_mma = gl.convert_layout(_mma_order(wh, BLOCK_N, num_warps, LW), W_LAYOUT,
+                                               assert_trivial=True)
+                    a = _a_operand3(w_mma, wb_mma, wh_mma, BLOCK_N, BLOCK_K, a_layout)
+                else:
+                    a = _a_operand(w_mma, BITS, BLOCK_N, BLOCK_K, a_layout)
+                part = mma_v2(a, b, zero)
+                sums = mma_v2(ones, b, zero)
+                s_mma = gl.convert_layout(_mma_order_1d(s, BLOCK_N, num_warps), col_layout, assert_trivial=True)
+                z_mma = gl.convert_layout(_mma_order_1d(z, BLOCK_N, num_warps), col_layout, assert_trivial=True)
+                acc += s_mma.to(gl.float32)[:, None] * (part - z_mma.to(gl.float32)[:, None] * sums)
             w = w_next
             xp = x_next
             if BITS == 3:
@@ -424,6 +485,9 @@ if AVAILABLE:
                 wh = wh_next
             z = z_next
             s = s_next
+            if GROUPS == 2:
+                z2 = z2_next
+                s2 = s2_next
 
         acc = gl.convert_layout(_memory_order(acc * 16777216.0, BLOCK_N, num_warps, R), OUT_LAYOUT,
                                 assert_trivial=True)  # 16777216: the A operands' 2^-24

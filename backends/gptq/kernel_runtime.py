@@ -25,11 +25,12 @@ from backends.gptq.parallel_compile import compile_all, launcher
 log = logging.getLogger(__name__)
 
 FUSED_MAX_M = 64
-TUNER_VERSION = 11 # 2: cold weight copies; 3: more half2 GEMV tiles; 4: modes 5, 6; 5: stage_x; 6: mode 6 gone;
+TUNER_VERSION = 12 # 2: cold weight copies; 3: more half2 GEMV tiles; 4: modes 5, 6; 5: stage_x; 6: mode 6 gone;
 #                     7: half2 kernels without bounds masks on whole tiles and without a division per tile,
 #                        the tensor-core kernel at 2 and 3 bits; 8: mode 7 (Gluon);
 #                     9: mode 7 reads x and words straight into registers (other tiles and splits);
-#                     10: mode 8 at 2-16 rows; 11: mode 9 (wgmma) at 2-16 rows, 2 bits, mode 8 at 3 bits
+#                     10: mode 8 at 2-16 rows; 11: mode 9 (wgmma) at 2-16 rows, 2 bits, mode 8 at 3 bits;
+#                     12: mode 8 tiles of two groups (4 bits, groups under 128 values)
 VERIFY_TOLERANCE = 1e-2  # relative error of a kernel's output against its torch reference (fp16: ~1e-3)
 
 
@@ -246,11 +247,17 @@ def _gluon_gemv_candidates(layer: KernelLayer, bucket: int, bks: list[int], sms:
         return []
     bk = max((b for b in bks if gluon_gemv.chunk(layer.bits) <= b <= 128), default=0)
     fits = lambda bk, bn, warps: gluon_gemv.valid(layer.bits, bk, bn, warps)
-    if bucket == 1:
-        return _whole_tile_configs(layer, bucket, bk, ((256, 4), (128, 1), (256, 2), (512, 4), (64, 1)), fits, 8, sms)
-    # (64-row tiles at 4 bits, 64 columns per warp in 138 registers instead of 174, were never picked on an
-    # H200, 2026-12-04)
-    return _whole_tile_configs(layer, bucket, bk, ((64, 1), (128, 2), (32, 1), (256, 4)), fits, 8, sms)
+    # tiles of two groups (GROUPS = 2) for 4-bit layers with groups shorter than 128 values: on an H200 they
+    # took 4-bit g64 16 rows on 8192x28672 from 68.5 to 51.6-52.1 us (bench/RESULTS.md, 2026-12-04 14:15);
+    # 2-bit g64 layers never picked them there
+    two = 2 * layer.group_size
+    bk_pairs = ([two] if layer.bits == 4 and two <= 128
+                and gluon_gemv.groups_per_tile(layer.bits, two, layer.group_size, layer.K) == 2 else [])
+    tiles = (((256, 4), (128, 1), (256, 2), (512, 4), (64, 1)) if bucket == 1
+             # (64-row tiles at 4 bits, 64 columns per warp in 138 registers instead of 174, were never picked
+             # on an H200, 2026-12-04)
+             else ((64, 1), (128, 2), (32, 1), (256, 4)))
+    return [c for b in bk_pairs + [bk] for c in _whole_tile_configs(layer, bucket, b, tiles, fits, 8, sms)]
 
 
 def _gluon_wgmma_candidates(layer: KernelLayer, bucket: int, bks: list[int], sms: int) -> list[GemmConfig]:
@@ -358,6 +365,7 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
             M, layer.N, layer.K, x2d.stride(0), out.stride(0), layer.group_size, per, split,
             BITS=layer.bits, R=rows, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split > 1,
             HAS_BIAS=bias is not None, num_warps=cfg.num_warps,
+            GROUPS=gluon_gemv.groups_per_tile(layer.bits, cfg.block_k, layer.group_size, layer.K),
             **gluon_gemv.layouts(layer.bits, cfg.block_k, cfg.block_n, cfg.num_warps, rows))
         return out
     if cfg.mode == 9:

@@ -139,6 +139,11 @@ def test_configs_offered_fit_the_kernel():
     assert any(c.split_k > 1 for c in configs)
     two, _ = _layer(4096, 1024, 2, 64, False, "cpu", 0)
     assert {c.block_k for c in kr._gluon_gemv_candidates(two, 1, kr.valid_block_ks(two), 132)} == {64}
+    four64, _ = _layer(4096, 1024, 4, 64, False, "cpu", 0)  # 4 bits, 64-value groups: tiles of one and of two
+    assert {c.block_k for c in kr._gluon_gemv_candidates(four64, 16, kr.valid_block_ks(four64), 132)} == {64, 128}
+    assert gluon_gemv.groups_per_tile(2, 128, 64, 4096) == 2 and gluon_gemv.groups_per_tile(2, 64, 64, 4096) == 1
+    assert gluon_gemv.groups_per_tile(2, 64, 32, 4096) == 0  # a 32-value group is less than a 2-bit chunk
+    assert gluon_gemv.groups_per_tile(3, 128, 64, 4096) == 0  # a 3-bit lane holds whole 128-value chunks
     rows16 = kr._gluon_gemv_candidates(layer, 16, kr.valid_block_ks(layer), 132)
     assert rows16 and all(c.block_m == 16 and c.block_n // c.num_warps in (32, 64) for c in rows16)
     assert kr._gluon_gemv_candidates(layer, 32, kr.valid_block_ks(layer), 132) == []  # 16 rows at most
@@ -166,7 +171,7 @@ needs_gluon_gpu = pytest.mark.skipif(not torch.cuda.is_available(),
                                                 (2048, 256, 4, -1, False), (1024, 768, 4, 64, True),
                                                 (11008, 256, 4, 128, False), (1024, 512, 2, 128, True),
                                                 (4096, 1024, 3, 128, False), (2048, 512, 3, -1, False),
-                                                (1024, 768, 3, 128, True)])
+                                                (1024, 768, 3, 128, True), (2048, 512, 4, 32, False)])
 def test_matches_float64_over_rows_splits_and_tiles(K, N, bits, group, act):
     if not gluon_gemv.AVAILABLE:
         pytest.skip("this Triton has no Gluon")
