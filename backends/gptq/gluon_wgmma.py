@@ -20,9 +20,9 @@ Measured on an H200 (bench/RESULTS.md, 2026-12-04 13:43): at 16 rows 11% faster 
 4096x11008, a tie or 2-8% slower on 8192x28672 (4 and 2 bits): sharing x was not what the large shape
 waits on. The loop runs at 2.69 SASS instructions per weight and thread (mode 8: 2.13 at the same
 columns per warp): each chunk's wgmma is waited for, and its A operand's registers are moved into place.
-With n = 8 (one row) some configs computed wrong results there (relative error 0.75-1.3, cause not
-found), so x is always padded to 16 rows and one row is left to modes 4 and 8. A program with a single K tile
-computed wrong results too (`splits_of_two_tiles`), so every split holds two or more.
+A program with a single K tile computed wrong results there (relative error 1.0-1.7 at every shape tried,
+cause not found; `splits_of_two_tiles`), so every split holds two or more. At one row it was 6-29% slower
+than mode 8, so x is always padded to 16 rows and one row is left to modes 4 and 8.
 
 Half2-ordered (`kernel_runtime.interleave_pairs`) 2- and 4-bit words, fp16, whole tiles never straddling a
 group, four warps per program. Act-order reads x gathered by the runtime. Needs Triton's Gluon and sm_90.
@@ -47,7 +47,7 @@ except ImportError:  # a Triton without Gluon's Hopper module: the mode is not o
 
 WARPS = 4  # one warpgroup
 BITS = (2, 4)  # mode 8 also takes 3 bits; this kernel does not (yet)
-ROWS = 16  # rows of x per call at most, and the wgmma's n for any count (see the module docstring)
+ROWS = 16  # rows of x per call at most, and the wgmma's n for any count (one row is left to modes 4 and 8)
 
 
 def valid(bits: int, block_k: int, block_n: int, num_warps: int) -> bool:

@@ -263,10 +263,10 @@ def _gluon_gemv_candidates(layer: KernelLayer, bucket: int, bks: list[int], sms:
 def _gluon_wgmma_candidates(layer: KernelLayer, bucket: int, bks: list[int], sms: int) -> list[GemmConfig]:
     """Mode 9 configs (gluon_wgmma.py), 2-16 rows: one warpgroup, 128 or 256 columns (the H200 picks were
     128), the longest tile a group allows."""
-    from backends.gptq import gluon_wgmma
+    from backends.gptq import gluon_gemv, gluon_wgmma
     if bucket != gluon_wgmma.ROWS or layer.bits not in gluon_wgmma.BITS or not layer.interleaved:
         return []
-    bk = max((b for b in bks if gluon_wgmma.gluon_gemv.chunk(layer.bits) <= b <= 128), default=0)
+    bk = max((b for b in bks if gluon_gemv.chunk(layer.bits) <= b <= 128), default=0)
     fits = lambda bk, bn, warps: gluon_wgmma.valid(layer.bits, bk, bn, warps)
     out = []
     for c in _whole_tile_configs(layer, bucket, bk, ((128, 4), (256, 4)), fits, 9, sms):
@@ -567,7 +567,7 @@ class KernelRuntime:
                     modes = (5, 7, 8, 2, 0, 1)
                 elif layer.bits == 3 and gluon_kernels_available():
                     # mode 8 on 3-bit blocks (low bits and third bit or-ed into one field) took 16 rows from
-                    # 20.5 / 84.3 to 17.3 / 59.7 us on an H200 (bench/RESULTS.md, 2026-12-04 14:30); at one
+                    # 20.5 / 84.3 to 17.3 / 59.7 us on an H200 (bench/RESULTS.md, 2026-12-04 14:00); at one
                     # row it tied with mode 4 and is offered only when asked for by name
                     modes = (5, 8, 2, 0, 1)
                 elif layer.bits == 2 and gluon_kernels_available():

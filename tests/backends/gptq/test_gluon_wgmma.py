@@ -16,7 +16,7 @@ from tests.backends.gptq.test_gluon_gemv import _layer
 
 
 def test_configs_offered_fit_the_kernel():
-    """16-row bucket only (x is padded to 16 rows: the wgmma's n = 8 computed wrong on an H200), one
+    """16-row bucket only (x is padded to 16 rows; at one row it was slower than mode 8 on an H200), one
     warpgroup, whole 64-column blocks, the longest tile a group allows."""
     layer, _ = _layer(4096, 1024, 4, 128, False, "cpu", 0)
     configs = kr._gluon_wgmma_candidates(layer, 16, kr.valid_block_ks(layer), sms=132)
