@@ -54,6 +54,7 @@ try:
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
     from backends.gptq.gluon_mma import _store_tile  # the split-K epilogue both Gluon kernels share
+    from backends.gptq.triton_kernels import _first_group, _next_group  # the group stepped, not divided
     AVAILABLE = hasattr(gl, "DistributedLinearLayout") and hasattr(gl, "NVMMADistributedLayout")
 except ImportError:  # a Triton without Gluon: the mode is not offered
     AVAILABLE = False
@@ -360,6 +361,45 @@ if AVAILABLE:
                 gl.convert_layout(b1, B_LAYOUT, assert_trivial=True))
 
     @gluon.jit
+    def _x_pair_tile(x_ptr, M, stride_xm, BLOCK_K: gl.constexpr, R: gl.constexpr, BITS: gl.constexpr,
+                     LAYOUT: gl.constexpr):
+        """Pointers to tile 0 of x as int32 pairs [BLOCK_K // 2, R] in LAYOUT (rows past M repeat row 0: their
+        outputs are never stored), and each pair's divisor of x: pair p of a word holds its fields at bit
+        r = BITS * (p % (8 // BITS)) of a byte, so x / 2^r (3 bits: pair p of a block at bit 2 (p % 4), _pair3)."""
+        pairs = gl.arange(0, BLOCK_K // 2, layout=gl.SliceLayout(1, LAYOUT))
+        rows = gl.arange(0, R, layout=gl.SliceLayout(0, LAYOUT))
+        rows = gl.where(rows < M, rows, 0)
+        x_tile = (x_ptr.to(gl.pointer_type(gl.int32), bitcast=True) + rows[None, :] * (stride_xm // 2)
+                  + pairs[:, None])
+        SB: gl.constexpr = 2 if BITS == 3 else BITS
+        x_scale = gl.exp2(-(SB * (pairs % (8 // SB))).to(gl.float32)).to(gl.float16)[:, None]
+        return x_tile, x_scale
+
+    @gluon.jit
+    def _zero_point_term(part, sums, s, z, BLOCK_N: gl.constexpr, NUM_WARPS: gl.constexpr, MMA: gl.constexpr):
+        """s * (part - z sums) per column: part = W x and sums = sum(x) (both times 2^-24) in the MMA's row
+        order, the scales and zeros s, z in memory order."""
+        col: gl.constexpr = gl.SliceLayout(1, MMA)
+        s_mma = gl.convert_layout(_mma_order_1d(s, BLOCK_N, NUM_WARPS), col, assert_trivial=True)
+        z_mma = gl.convert_layout(_mma_order_1d(z, BLOCK_N, NUM_WARPS), col, assert_trivial=True)
+        return s_mma.to(gl.float32)[:, None] * (part - z_mma.to(gl.float32)[:, None] * sums)
+
+    @gluon.jit
+    def _store_columns(acc, out_ptr, ws_ptr, bias_ptr, ticket_ptr, M, N, stride_om, nsplit, pid_n, pid_k,
+                       BLOCK_N: gl.constexpr, NUM_WARPS: gl.constexpr, R: gl.constexpr, SPLIT: gl.constexpr,
+                       HAS_BIAS: gl.constexpr, OUT_LAYOUT: gl.constexpr):
+        """The accumulator [BLOCK_N, R] (MMA row order, times 2^-24) renamed back to memory order and stored
+        through the split-K epilogue, each lane's run of columns in one vector store."""
+        acc = gl.convert_layout(_memory_order(acc * 16777216.0, BLOCK_N, NUM_WARPS, R), OUT_LAYOUT,
+                                assert_trivial=True)  # 16777216: the A operands' 2^-24
+        offs_m = gl.arange(0, R, layout=gl.SliceLayout(0, OUT_LAYOUT))
+        n_c = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, OUT_LAYOUT))
+        omask = (offs_m < M)[None, :] & (n_c < N)[:, None]
+        _store_tile(acc, out_ptr + offs_m[None, :] * stride_om + n_c[:, None],
+                    ws_ptr + offs_m[None, :] * N + n_c[:, None], omask, bias_ptr, n_c, pid_k, pid_n, M, N, nsplit,
+                    ticket_ptr, SPLIT, HAS_BIAS, False)
+
+    @gluon.jit
     def _group_term(w, b, ones, s, z, BITS: gl.constexpr, BLOCK_N: gl.constexpr, GK: gl.constexpr,
                     R: gl.constexpr, NUM_WARPS: gl.constexpr, A_LAYOUT: gl.constexpr, MMA: gl.constexpr):
         """s * (W x - z sum(x)) over GK values of k of one group: words w [BLOCK_N, GK // vpw] in the MMA's row
@@ -367,10 +407,7 @@ if AVAILABLE:
         zero = gl.zeros([BLOCK_N, R], gl.float32, MMA)
         part = mma_v2(_a_operand(w, BITS, BLOCK_N, GK, A_LAYOUT), b, zero)
         sums = mma_v2(ones, b, zero)
-        col: gl.constexpr = gl.SliceLayout(1, MMA)
-        s_mma = gl.convert_layout(_mma_order_1d(s, BLOCK_N, NUM_WARPS), col, assert_trivial=True)
-        z_mma = gl.convert_layout(_mma_order_1d(z, BLOCK_N, NUM_WARPS), col, assert_trivial=True)
-        return s_mma.to(gl.float32)[:, None] * (part - z_mma.to(gl.float32)[:, None] * sums)
+        return _zero_point_term(part, sums, s, z, BLOCK_N, NUM_WARPS, MMA)
 
     @gluon.jit
     def gptq_mma_t_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, bias_ptr, ws_ptr, ticket_ptr,
@@ -405,16 +442,7 @@ if AVAILABLE:
         n_w = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LOAD_LAYOUT))
         w_tile = qw_ptr + r_w[None, :] * N + n_w[:, None]
         n_sz = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=COL_LAYOUT)
-        col_layout: gl.constexpr = gl.SliceLayout(1, mma)
-        pairs = gl.arange(0, BLOCK_K // 2, layout=gl.SliceLayout(1, X_LAYOUT))
-        rows = gl.arange(0, R, layout=gl.SliceLayout(0, X_LAYOUT))
-        rows = gl.where(rows < M, rows, 0)  # rows past M repeat row 0: their outputs are never stored
-        x_tile = (x_ptr.to(gl.pointer_type(gl.int32), bitcast=True) + rows[None, :] * (stride_xm // 2)
-                  + pairs[:, None])
-        # pair p of a word holds its fields at bit r = BITS * (p % (8 // BITS)) of a byte: x / 2^r (3 bits:
-        # pair p of a block at bit 2 (p % 4), see _pair3)
-        SB: gl.constexpr = 2 if BITS == 3 else BITS
-        x_scale = gl.exp2(-(SB * (pairs % (8 // SB))).to(gl.float32)).to(gl.float16)[:, None]
+        x_tile, x_scale = _x_pair_tile(x_ptr, M, stride_xm, BLOCK_K, R, BITS, X_LAYOUT)
         ONE: gl.constexpr = 0x11111111 if BITS == 4 else 0x55555555  # every field 1: the all-ones operand
         if BITS == 3:
             one = gl.full([BLOCK_N, LW], ONE, gl.int32, W_LAYOUT)
@@ -425,9 +453,9 @@ if AVAILABLE:
         if GROUPS == 2:
             ones_half, _unused = _word_halves(gl.full([BLOCK_N, KW], ONE, gl.int32, W_LAYOUT), KW)
             ones2 = _a_operand(ones_half, BITS, BLOCK_N, BLOCK_K // 2, a_layout)
-        per_group = gl.where(group_size >= K, 1 << 30, gl.maximum(group_size // BLOCK_K, 1))
-        g = t0 // per_group * GROUPS  # GROUPS = 2: tile t holds groups 2t and 2t + 1
-        left = per_group - t0 % per_group
+        # runs of GROUPS groups step with the tiles (GROUPS = 2: tile t holds groups 2t and 2t + 1)
+        g, left, per_group = _first_group(t0, K, group_size * GROUPS, BLOCK_K)
+        g = g * GROUPS
         g_last = (t_end - 1) // per_group * GROUPS
         w = gl.load(w_tile + t0 * KW * N)
         xp = gl.load(x_tile + t0 * (BLOCK_K // 2))
@@ -442,9 +470,7 @@ if AVAILABLE:
         acc = gl.zeros([BLOCK_N, R], gl.float32, mma)
         for t in range(t0, t_end):
             tn = gl.minimum(t + 1, t_end - 1)
-            left -= 1
-            g = gl.where(left == 0, g + GROUPS, g)
-            left = gl.where(left == 0, per_group, left)
+            g, left = _next_group(g, left, per_group, GROUPS)
             gn = gl.minimum(g, g_last)
             w_next = gl.load(w_tile + tn * KW * N)
             x_next = gl.load(x_tile + tn * (BLOCK_K // 2))
@@ -473,11 +499,7 @@ if AVAILABLE:
                     a = _a_operand3(w_mma, wb_mma, wh_mma, BLOCK_N, BLOCK_K, a_layout)
                 else:
                     a = _a_operand(w_mma, BITS, BLOCK_N, BLOCK_K, a_layout)
-                part = mma_v2(a, b, zero)
-                sums = mma_v2(ones, b, zero)
-                s_mma = gl.convert_layout(_mma_order_1d(s, BLOCK_N, num_warps), col_layout, assert_trivial=True)
-                z_mma = gl.convert_layout(_mma_order_1d(z, BLOCK_N, num_warps), col_layout, assert_trivial=True)
-                acc += s_mma.to(gl.float32)[:, None] * (part - z_mma.to(gl.float32)[:, None] * sums)
+                acc += _zero_point_term(mma_v2(a, b, zero), mma_v2(ones, b, zero), s, z, BLOCK_N, num_warps, mma)
             w = w_next
             xp = x_next
             if BITS == 3:
@@ -489,11 +511,5 @@ if AVAILABLE:
                 z2 = z2_next
                 s2 = s2_next
 
-        acc = gl.convert_layout(_memory_order(acc * 16777216.0, BLOCK_N, num_warps, R), OUT_LAYOUT,
-                                assert_trivial=True)  # 16777216: the A operands' 2^-24
-        offs_m = gl.arange(0, R, layout=gl.SliceLayout(0, OUT_LAYOUT))
-        n_c = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, OUT_LAYOUT))
-        omask = (offs_m < M)[None, :] & (n_c < N)[:, None]
-        _store_tile(acc, out_ptr + offs_m[None, :] * stride_om + n_c[:, None],
-                    ws_ptr + offs_m[None, :] * N + n_c[:, None], omask, bias_ptr, n_c, pid_k, pid_n, M, N, nsplit,
-                    ticket_ptr, SPLIT, HAS_BIAS, False)
+        _store_columns(acc, out_ptr, ws_ptr, bias_ptr, ticket_ptr, M, N, stride_om, nsplit, pid_n, pid_k, BLOCK_N,
+                       num_warps, R, SPLIT, HAS_BIAS, OUT_LAYOUT)

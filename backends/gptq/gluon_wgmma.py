@@ -40,7 +40,8 @@ try:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
 
-    from backends.gptq.gluon_mma import _cta_barrier, _store_tile
+    from backends.gptq.gluon_mma import _cta_barrier
+    from backends.gptq.triton_kernels import _first_group, _next_group
     AVAILABLE = gluon_gemv.AVAILABLE
 except ImportError:  # a Triton without Gluon's Hopper module: the mode is not offered
     AVAILABLE = False
@@ -51,8 +52,10 @@ ROWS = 16  # rows of x per call at most, and the wgmma's n for any count (one ro
 
 
 def valid(bits: int, block_k: int, block_n: int, num_warps: int) -> bool:
-    """Tile shapes the layouts cover: one warpgroup, whole 64-column blocks (one wgmma each)."""
-    return num_warps == WARPS and block_n % 64 == 0 and gluon_gemv.valid(bits, block_k, block_n, num_warps)
+    """Bits and tile shapes the kernel covers: 2 and 4 bits, one warpgroup, whole 64-column blocks (one wgmma
+    each)."""
+    return (bits in BITS and num_warps == WARPS and block_n % 64 == 0
+            and gluon_gemv.valid(bits, block_k, block_n, num_warps))
 
 
 def splits_of_two_tiles(k_tiles: int, split: int) -> bool:
@@ -66,7 +69,7 @@ def splits_of_two_tiles(k_tiles: int, split: int) -> bool:
 def supports(x2d, layer, cfg) -> bool:
     """The inputs this kernel takes: mode 8's, on sm_90 (wgmma), four warps, two or more tiles a split."""
     return (AVAILABLE and x2d.is_cuda and torch.cuda.get_device_capability(x2d.device)[0] == 9
-            and cfg.num_warps == WARPS and gluon_gemv.supports(x2d, layer, cfg) and cfg.block_n % 64 == 0
+            and valid(layer.bits, cfg.block_k, cfg.block_n, cfg.num_warps) and gluon_gemv.supports(x2d, layer, cfg)
             and splits_of_two_tiles(layer.K // cfg.block_k, cfg.split_k))
 
 
@@ -100,12 +103,6 @@ if AVAILABLE:
         return gl.convert_layout(s, LAYOUT, assert_trivial=True)
 
     @gluon.jit
-    def _halves(w, KW: gl.constexpr):
-        """Words [BLOCK_N, KW] -> the first and the second KW // 2 word rows (a register bit each: free)."""
-        t = gl.permute(gl.reshape(w, [w.shape[0], 2, KW // 2]), [0, 2, 1])
-        return gl.split(t)
-
-    @gluon.jit
     def _chunk_mma(w, b, part, sums, ones, FIRST: gl.constexpr, BITS: gl.constexpr, BLOCK_N: gl.constexpr,
                    CK: gl.constexpr, A_LAYOUT: gl.constexpr):
         """part (+)= W x and sums (+)= 1 x over CK values of k: words w [BLOCK_N, CK // vpw] unpacked into the A
@@ -125,13 +122,13 @@ if AVAILABLE:
         if BLOCK_K == CK:
             part, sums = _chunk_mma(w, b, part, sums, ones, True, BITS, BLOCK_N, CK, A_LAYOUT)
         elif BLOCK_K == 2 * CK:
-            w0, w1 = _halves(w, KW)
+            w0, w1 = gluon_gemv._word_halves(w, KW)
             part, sums = _chunk_mma(w0, b.slice(0, CK), part, sums, ones, True, BITS, BLOCK_N, CK, A_LAYOUT)
             part, sums = _chunk_mma(w1, b.slice(CK, CK), part, sums, ones, False, BITS, BLOCK_N, CK, A_LAYOUT)
         else:
-            w0, w1 = _halves(w, KW)
-            w00, w01 = _halves(w0, KW // 2)
-            w10, w11 = _halves(w1, KW // 2)
+            w0, w1 = gluon_gemv._word_halves(w, KW)
+            w00, w01 = gluon_gemv._word_halves(w0, KW // 2)
+            w10, w11 = gluon_gemv._word_halves(w1, KW // 2)
             part, sums = _chunk_mma(w00, b.slice(0, CK), part, sums, ones, True, BITS, BLOCK_N, CK, A_LAYOUT)
             part, sums = _chunk_mma(w01, b.slice(CK, CK), part, sums, ones, False, BITS, BLOCK_N, CK, A_LAYOUT)
             part, sums = _chunk_mma(w10, b.slice(2 * CK, CK), part, sums, ones, False, BITS, BLOCK_N, CK,
@@ -162,22 +159,14 @@ if AVAILABLE:
         n_w = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LOAD_LAYOUT))
         w_tile = qw_ptr + r_w[None, :] * N + n_w[:, None]
         n_sz = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=COL_LAYOUT)
-        col_layout: gl.constexpr = gl.SliceLayout(1, mma)
-        pairs = gl.arange(0, BLOCK_K // 2, layout=gl.SliceLayout(1, XS_LAYOUT))
-        rows = gl.arange(0, R, layout=gl.SliceLayout(0, XS_LAYOUT))
-        rows = gl.where(rows < M, rows, 0)  # rows past M repeat row 0: their outputs are never stored
-        x_tile = (x_ptr.to(gl.pointer_type(gl.int32), bitcast=True) + rows[None, :] * (stride_xm // 2)
-                  + pairs[:, None])
-        x_scale = gl.exp2(-(BITS * (pairs % (8 // BITS))).to(gl.float32)).to(gl.float16)[:, None]
+        x_tile, x_scale = gluon_gemv._x_pair_tile(x_ptr, M, stride_xm, BLOCK_K, R, BITS, XS_LAYOUT)
         ONE: gl.constexpr = 0x11111111 if BITS == 4 else 0x55555555
         CK: gl.constexpr = 4 * (32 // BITS)  # k values per wgmma chunk: 4 words of a column (gluon_gemv.chunk)
         ones = gluon_gemv._a_operand(gl.full([64, CK * BITS // 32], ONE, gl.int32, W64_LAYOUT), BITS, 64, CK,
                                      a_layout)
         xs = gl.allocate_shared_memory(gl.float16, [2, BLOCK_K, R], x_smem)
 
-        per_group = gl.where(group_size >= K, 1 << 30, group_size // BLOCK_K)
-        g = t0 // per_group
-        left = per_group - t0 % per_group
+        g, left, per_group = _first_group(t0, K, group_size, BLOCK_K)
         g_last = (t_end - 1) // per_group
         w = gl.load(w_tile + t0 * KW * N)
         xp = gl.load(x_tile + t0 * (BLOCK_K // 2))
@@ -188,9 +177,7 @@ if AVAILABLE:
         sums64 = gl.zeros([64, R], gl.float32, mma)
         for t in range(t0, t_end):
             tn = gl.minimum(t + 1, t_end - 1)
-            left -= 1
-            g = gl.where(left == 0, g + 1, g)
-            left = gl.where(left == 0, per_group, left)
+            g, left = _next_group(g, left, per_group)
             gn = gl.minimum(g, g_last)
             w_next = gl.load(w_tile + tn * KW * N)
             x_next = gl.load(x_tile + tn * (BLOCK_K // 2))
@@ -202,20 +189,11 @@ if AVAILABLE:
             _cta_barrier()
             w_mma = gl.convert_layout(gluon_gemv._mma_order(w, BLOCK_N, 4, KW), W_LAYOUT, assert_trivial=True)
             part, sums64 = _tile_mma(w_mma, b, part, sums64, ones, BITS, BLOCK_N, BLOCK_K, CK, a_layout)
-            sums = _rows_repeated(sums64, BLOCK_N, R, mma)
-            s_mma = gl.convert_layout(gluon_gemv._mma_order_1d(s, BLOCK_N, 4), col_layout, assert_trivial=True)
-            z_mma = gl.convert_layout(gluon_gemv._mma_order_1d(z, BLOCK_N, 4), col_layout, assert_trivial=True)
-            acc += s_mma.to(gl.float32)[:, None] * (part - z_mma.to(gl.float32)[:, None] * sums)
+            acc += gluon_gemv._zero_point_term(part, _rows_repeated(sums64, BLOCK_N, R, mma), s, z, BLOCK_N, 4, mma)
             w = w_next
             xp = x_next
             z = z_next
             s = s_next
 
-        acc = gl.convert_layout(gluon_gemv._memory_order(acc * 16777216.0, BLOCK_N, 4, R), OUT_LAYOUT,
-                                assert_trivial=True)  # 16777216: the A operands' 2^-24
-        offs_m = gl.arange(0, R, layout=gl.SliceLayout(0, OUT_LAYOUT))
-        n_c = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, OUT_LAYOUT))
-        omask = (offs_m < M)[None, :] & (n_c < N)[:, None]
-        _store_tile(acc, out_ptr + offs_m[None, :] * stride_om + n_c[:, None],
-                    ws_ptr + offs_m[None, :] * N + n_c[:, None], omask, bias_ptr, n_c, pid_k, pid_n, M, N, nsplit,
-                    ticket_ptr, SPLIT, HAS_BIAS, False)
+        gluon_gemv._store_columns(acc, out_ptr, ws_ptr, bias_ptr, ticket_ptr, M, N, stride_om, nsplit, pid_n, pid_k,
+                                  BLOCK_N, 4, R, SPLIT, HAS_BIAS, OUT_LAYOUT)

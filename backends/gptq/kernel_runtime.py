@@ -238,6 +238,12 @@ def _gluon_mma_candidates(layer: KernelLayer, bucket: int, bks: list[int], sms: 
     return _whole_tile_configs(layer, bucket, bk, ((64, 1), (128, 2), (64, 2), (32, 1)), gluon_mma.valid, 7, sms)
 
 
+def _gluon_block_k(layer: KernelLayer, bks: list[int]) -> int:
+    """The tile length modes 8 and 9 run: the longest of whole chunks, up to 128, that a group allows (0: none)."""
+    from backends.gptq import gluon_gemv
+    return max((b for b in bks if gluon_gemv.chunk(layer.bits) <= b <= 128), default=0)
+
+
 def _gluon_gemv_candidates(layer: KernelLayer, bucket: int, bks: list[int], sms: int) -> list[GemmConfig]:
     """Mode 8 configs (gluon_gemv.py): whole tiles, the longest a group allows; 64-128 columns per warp at one
     row (256 on 4 warps won there on an H200), 32-64 at 2-16 rows (16 rows take twice the accumulators:
@@ -245,7 +251,7 @@ def _gluon_gemv_candidates(layer: KernelLayer, bucket: int, bks: list[int], sms:
     from backends.gptq import gluon_gemv
     if bucket not in (1, 16) or layer.bits not in gluon_gemv.BITS or not layer.interleaved:
         return []
-    bk = max((b for b in bks if gluon_gemv.chunk(layer.bits) <= b <= 128), default=0)
+    bk = _gluon_block_k(layer, bks)
     fits = lambda bk, bn, warps: gluon_gemv.valid(layer.bits, bk, bn, warps)
     # tiles of two groups (GROUPS = 2) for 4-bit layers with groups shorter than 128 values: on an H200 they
     # took 4-bit g64 16 rows on 8192x28672 from 68.5 to 51.6-52.1 us (bench/RESULTS.md, 2026-12-04 14:15);
@@ -263,10 +269,10 @@ def _gluon_gemv_candidates(layer: KernelLayer, bucket: int, bks: list[int], sms:
 def _gluon_wgmma_candidates(layer: KernelLayer, bucket: int, bks: list[int], sms: int) -> list[GemmConfig]:
     """Mode 9 configs (gluon_wgmma.py), 2-16 rows: one warpgroup, 128 or 256 columns (the H200 picks were
     128), the longest tile a group allows."""
-    from backends.gptq import gluon_gemv, gluon_wgmma
+    from backends.gptq import gluon_wgmma
     if bucket != gluon_wgmma.ROWS or layer.bits not in gluon_wgmma.BITS or not layer.interleaved:
         return []
-    bk = max((b for b in bks if gluon_gemv.chunk(layer.bits) <= b <= 128), default=0)
+    bk = _gluon_block_k(layer, bks)
     fits = lambda bk, bn, warps: gluon_wgmma.valid(layer.bits, bk, bn, warps)
     out = []
     for c in _whole_tile_configs(layer, bucket, bk, ((128, 4), (256, 4)), fits, 9, sms):

@@ -265,11 +265,12 @@ def _first_group(t0, K, group_size, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _next_group(g, left, per_group):
-    """The group and tiles left after one more tile (see _first_group)."""
+def _next_group(g, left, per_group, STEP: tl.constexpr = 1):
+    """The group and tiles left after one more tile (see _first_group); STEP: groups a tile holds (the
+    Gluon kernel's tiles of two groups count groups in steps of two)."""
     left = left - 1
     done = left == 0
-    return tl.where(done, g + 1, g), tl.where(done, per_group, left)
+    return tl.where(done, g + STEP, g), tl.where(done, per_group, left)
 
 
 @triton.jit

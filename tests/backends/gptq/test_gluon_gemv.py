@@ -183,18 +183,25 @@ def test_matches_float64_over_rows_splits_and_tiles(K, N, bits, group, act):
     bk = min(gluon_gemv.chunk(bits), max(kr.valid_block_ks(layer)))
     configs += [kr.GemmConfig("fused", 1, 64, bk, 1, 1, 1, mode=8),  # one split; odd splits
                 kr.GemmConfig("fused", 1, 128, bk, 3, 2, 1, mode=8), kr.GemmConfig("fused", 16, 64, bk, 3, 2, 1, mode=8)]
-    if act:
-        configs = [replace(c, gather_x=True) for c in configs]
     assert configs and any(c.split_k > 1 for c in configs)
-    g = torch.Generator(device="cuda").manual_seed(7)
-    bias = torch.randn(N, generator=g, device="cuda").half()
+
     def small_columns(x):  # small activations: x / 2^r lands among fp16 subnormals
         x[:, ::7] *= 1e-3
         return x
 
+    assert_configs_match_float64(layer, ref, configs, act, runtime, shape_x=small_columns)
+
+
+def assert_configs_match_float64(layer, ref, configs, act, runtime, shape_x=None):
+    """Every config (gathering x first for act-order layers) against x @ ref in float64, without and with a
+    bias: one row for the one-row bucket, else 2, 8, 9 and 16 (8 rows: one MMA per operand; 9-16: two)."""
+    if act:
+        configs = [replace(c, gather_x=True) for c in configs]
+    g = torch.Generator(device="cuda").manual_seed(7)
+    bias = torch.randn(layer.N, generator=g, device="cuda").half()
     for cfg in configs:
-        rows = (1,) if cfg.block_m == 1 else (2, 8, 9, 16)  # 8 rows: one MMA per operand; 9-16: two
-        assert_fused_matches_float64(layer, ref, cfg, rows, bias, runtime.scratch, g, shape_x=small_columns)
+        rows = (1,) if cfg.block_m == 1 else (2, 8, 9, 16)
+        assert_fused_matches_float64(layer, ref, cfg, rows, bias, runtime.scratch, g, shape_x=shape_x)
 
 
 @needs_gluon_gpu

@@ -4,15 +4,12 @@ offered and the inputs refused. Its compile for
 sm_90 is checked without a GPU in test_kernels_compile.py."""
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 import torch
 
-from backends.gptq import gluon_wgmma
+from backends.gptq import gluon_gemv, gluon_wgmma
 from backends.gptq import kernel_runtime as kr
-from tests.backends.gptq.support import assert_fused_matches_float64
-from tests.backends.gptq.test_gluon_gemv import _layer
+from tests.backends.gptq.test_gluon_gemv import _layer, assert_configs_match_float64
 
 
 def test_configs_offered_fit_the_kernel():
@@ -29,6 +26,7 @@ def test_configs_offered_fit_the_kernel():
     three, _ = _layer(4096, 1024, 3, 128, False, "cpu", 0)
     assert kr._gluon_wgmma_candidates(three, 16, kr.valid_block_ks(three), 132) == []
     assert not gluon_wgmma.valid(4, 128, 128, 2) and not gluon_wgmma.valid(4, 128, 32, 4)
+    assert not gluon_wgmma.valid(3, 128, 128, 4)  # mode 8 reads 3-bit blocks; this kernel does not
 
 
 def test_offered_for_2_bits_at_16_rows_and_for_4_bits_only_by_name():
@@ -80,14 +78,9 @@ def test_matches_float64_over_rows_splits_and_tiles(K, N, bits, group, act):
     runtime = kr.KernelRuntime(tune=False)
     sms = kr.sm_count("cuda")
     configs = kr._gluon_wgmma_candidates(layer, 16, kr.valid_block_ks(layer), sms)
-    bk = min(gluon_wgmma.gluon_gemv.chunk(bits), max(kr.valid_block_ks(layer)))
+    bk = min(gluon_gemv.chunk(bits), max(kr.valid_block_ks(layer)))
     configs += [kr.GemmConfig("fused", 16, 64, bk, 1, 4, 1, mode=9),  # one split; odd splits; two tiles a split
                 kr.GemmConfig("fused", 16, 128, bk, 3, 4, 1, mode=9),
                 kr.GemmConfig("fused", 16, 256, bk, K // bk // 2, 4, 1, mode=9)]
     assert all(gluon_wgmma.splits_of_two_tiles(K // c.block_k, c.split_k) for c in configs)
-    if act:
-        configs = [replace(c, gather_x=True) for c in configs]
-    g = torch.Generator(device="cuda").manual_seed(7)
-    bias = torch.randn(N, generator=g, device="cuda").half()
-    for cfg in configs:
-        assert_fused_matches_float64(layer, ref, cfg, (2, 8, 9, 16), bias, runtime.scratch, g)
+    assert_configs_match_float64(layer, ref, configs, act, runtime)  # all 16-row configs: 2, 8, 9, 16 rows

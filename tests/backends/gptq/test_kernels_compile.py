@@ -176,6 +176,17 @@ def test_gluon_tensor_core_kernel_loop_stays_short():
     assert 1.5 < per_weight < 2.65, f"loop: {per_weight:.2f} SASS instructions per weight and thread"
 
 
+def _compiled_gluon_gemv():
+    """The mode 8 module, or a skip where its kernels cannot be compiled in this process."""
+    from backends.gptq import gluon_gemv
+    from backends.gptq import triton_kernels as tk
+    if tk.INTERPRETED:
+        pytest.skip("TRITON_INTERPRET=1 is set: kernels are interpreted, not compiled, in this process")
+    if not gluon_gemv.AVAILABLE:
+        pytest.skip("this Triton has no Gluon (3.5+)")
+    return gluon_gemv
+
+
 @pytest.mark.parametrize("rows,hmma,limit", [(8, 40, 1.5), (16, 80, 1.95)])
 def test_gluon_weights_as_a_kernel_unpacks_without_fixups(rows, hmma, limit):
     """Mode 8 (gluon_gemv.py), 4-bit, 64 x 128 tiles on one warp: a pair of weights costs a shift and an
@@ -188,12 +199,7 @@ def test_gluon_weights_as_a_kernel_unpacks_without_fixups(rows, hmma, limit):
     from collections import Counter
 
     from bench.kernel_sass import loop_body, mnemonic, opcode
-    from backends.gptq import gluon_gemv as gg
-    from backends.gptq import triton_kernels as tk
-    if tk.INTERPRETED:
-        pytest.skip("TRITON_INTERPRET=1 is set: kernels are interpreted, not compiled, in this process")
-    if not gg.AVAILABLE:
-        pytest.skip("this Triton has no Gluon (3.5+)")
+    gg = _compiled_gluon_gemv()
     # one split: with split-K the epilogue's reduction loop would be the longest loop
     body = loop_body(gg.gptq_mma_t_kernel, dict(BITS=4, R=rows, BLOCK_N=64, BLOCK_K=128, SPLIT=False,
                                                 HAS_BIAS=False, **gg.layouts(4, 128, 64, 1, rows)), warps=1)
@@ -218,12 +224,7 @@ def test_gluon_weights_as_a_kernel_unpacks_3bit_blocks_in_two_lop3_a_pair():
     from collections import Counter
 
     from bench.kernel_sass import loop_body, mnemonic, opcode
-    from backends.gptq import gluon_gemv as gg
-    from backends.gptq import triton_kernels as tk
-    if tk.INTERPRETED:
-        pytest.skip("TRITON_INTERPRET=1 is set: kernels are interpreted, not compiled, in this process")
-    if not gg.AVAILABLE:
-        pytest.skip("this Triton has no Gluon (3.5+)")
+    gg = _compiled_gluon_gemv()
     body = loop_body(gg.gptq_mma_t_kernel, dict(BITS=3, R=8, BLOCK_N=256, BLOCK_K=128, SPLIT=False,
                                                 HAS_BIAS=False, **gg.layouts(3, 128, 256, 4, 8)), warps=4)
     ops = Counter(map(opcode, body))
@@ -245,12 +246,7 @@ def test_gluon_weights_as_a_kernel_stores_in_column_runs():
     from collections import Counter
 
     from bench.kernel_sass import kernel_sass
-    from backends.gptq import gluon_gemv as gg
-    from backends.gptq import triton_kernels as tk
-    if tk.INTERPRETED:
-        pytest.skip("TRITON_INTERPRET=1 is set: kernels are interpreted, not compiled, in this process")
-    if not gg.AVAILABLE:
-        pytest.skip("this Triton has no Gluon (3.5+)")
+    gg = _compiled_gluon_gemv()
     sass = kernel_sass(gg.gptq_mma_t_kernel, dict(BITS=4, R=16, BLOCK_N=64, BLOCK_K=128, SPLIT=True,
                                                   HAS_BIAS=False, **gg.layouts(4, 128, 64, 1, 16)), warps=1)
     memory = Counter(re.findall(r"\b((?:STG|LDG)[.A-Z0-9]*)", sass))
