@@ -60,6 +60,14 @@ else
   GPU=""; LLAMA_VARIANT="cpu"
   note "no NVIDIA GPU: CPU mode (llama.cpp CPU build)"
 fi
+if [[ "$(uname -m)" == x86_64 ]]; then
+  # llama.cpp builds for the CPU it is compiled on (-march=native). On CPUs with AMX (Xeon Sapphire Rapids
+  # and later) that turns on ggml's AMX matmul, which crashed (SIGSEGV in ggml_backend_amx_mul_mat) on the
+  # default model's first decode with llama-cpp-python 0.3.36: build without AMX, keep AVX-512 / VNNI.
+  NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+  export CMAKE_ARGS="${CMAKE_ARGS:-} -DCMAKE_C_FLAGS='$NO_AMX' -DCMAKE_CXX_FLAGS='$NO_AMX'"
+  LLAMA_VARIANT="$LLAMA_VARIANT-noamx"  # its own wheel cache and install stamp: AMX builds are never reused
+fi
 REQ_FILES=(requirements.txt); [[ $MODE == test ]] && REQ_FILES+=(requirements-test.txt)
 STAMP="$VENV/.installed-$(cat "${REQ_FILES[@]}" | sha256sum | cut -c1-16)-$LLAMA_VARIANT"
 if [[ -f "$STAMP" ]]; then
@@ -74,7 +82,7 @@ else
     note "building llama-cpp-python $LLAMA_CPP_VERSION ($LLAMA_VARIANT): the FIRST install compiles llama.cpp,"
     note "about 9 minutes on 2 cores. The wheel is kept in $WHEELS so reinstalls take seconds."
     JOBS="$(nproc 2>/dev/null || echo 2)"
-    CMAKE_BUILD_PARALLEL_LEVEL="$JOBS" "${PIP[@]}" wheel --no-deps -w "$WHEELS" "llama-cpp-python==$LLAMA_CPP_VERSION" \
+    CMAKE_BUILD_PARALLEL_LEVEL="$JOBS" "${PIP[@]}" wheel --no-deps --no-cache-dir -w "$WHEELS" "llama-cpp-python==$LLAMA_CPP_VERSION" \
       > "$CACHE/llama-cpp-build.log" 2>&1 &
     BUILD_PID=$!
     START=$SECONDS
@@ -86,6 +94,10 @@ else
   else
     note "using cached llama-cpp-python wheel from $WHEELS"
   fi
+  # the wheel of this build flavour replaces whatever llama-cpp-python the venv holds (pip would keep an
+  # installed one of the same version, such as an AMX build from before)
+  pip_quiet install -q --no-deps --force-reinstall "$WHEELS"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl \
+    || die "could not install the llama-cpp-python wheel from $WHEELS"
   for req in "${REQ_FILES[@]}"; do
     note "installing $req"
     pip_quiet install -q --find-links "$WHEELS" -r "$req" || die "pip install -r $req failed"
