@@ -202,6 +202,24 @@ def x_layout(bits: int, block_k: int, num_warps: int, rows: int):
         warp_bases=[[0, 0] for _ in range(_log2(num_warps))], block_bases=[], shape=[block_k // 2, rows])
 
 
+# a config's num_stages -> (WORDS_AHEAD, X_AHEAD): how many tiles ahead the words are requested, and whether
+# x is requested a tile ahead (1) or in the iteration that uses it (0). Six forms were timed on an H200
+# (bench/RESULTS.md, 2026-12-04 16:05-16:20); three are kept, each the fastest somewhere:
+# 1, x in its own iteration (small and cached, it need not hold registers a tile ahead): 2-bit 8192x28672
+#    at one row 30.3 -> 28.6 us, 3-bit and 4-bit 4096x11008 at 16 rows -4 %; ties elsewhere at one row.
+# 2, words two tiles ahead: 4-bit 8192x28672 at 16 rows 54.2 -> 51.5 us on 64-column warps; it lost
+#    5-15 % at one row, where it is not offered.
+# 3, words and x one tile ahead (the form before): 2-bit 8192x28672 at 16 rows, 48.9 us against 53.
+# Three tiles ahead lost everywhere.
+PIPELINES = {1: (1, 0), 2: (2, 1), 3: (1, 1)}
+
+
+def pipeline(num_stages: int) -> dict:
+    """The kernel's pipeline arguments for a config's num_stages (`PIPELINES`)."""
+    words, x = PIPELINES[num_stages]
+    return dict(WORDS_AHEAD=words, X_AHEAD=x)
+
+
 def layouts(bits: int, block_k: int, block_n: int, num_warps: int, rows: int) -> dict:
     """The kernel's layout arguments for one config."""
     bits = layout_bits(bits)
@@ -416,12 +434,13 @@ if AVAILABLE:
                           SPLIT: gl.constexpr,
                           HAS_BIAS: gl.constexpr, W_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr,
                           LOAD_LAYOUT: gl.constexpr, COL_LAYOUT: gl.constexpr, OUT_LAYOUT: gl.constexpr,
-                          GROUPS: gl.constexpr = 1):
+                          GROUPS: gl.constexpr = 1, WORDS_AHEAD: gl.constexpr = 1, X_AHEAD: gl.constexpr = 0):
         """out[M, N] (+)= x[M, K] @ W for 1 <= M <= R (8 or 16) fp16 rows and half2-ordered 2/3/4-bit words, the K
         tiles of this program's split (grid axis 1); whole tiles only. See the module docstring.
         GROUPS = 2: a tile holds two groups (group_size = BLOCK_K / 2, 2 and 4 bits), each half of it an MMA of
         its own with its own scales and zeros: tiles twice as long as the group, so twice the bytes in flight
-        a tile and half the loop's fixed costs per weight."""
+        a tile and half the loop's fixed costs per weight.
+        WORDS_AHEAD, X_AHEAD: how far ahead the words and x are requested (`PIPELINES`)."""
         KW: gl.constexpr = BLOCK_K * BITS // 32  # word rows a tile
         LW: gl.constexpr = BLOCK_K // 32 if BITS == 3 else KW  # rows of the layouts: one per 3-bit block
         num_warps: gl.constexpr = gl.num_warps()
@@ -458,10 +477,17 @@ if AVAILABLE:
         g = g * GROUPS
         g_last = (t_end - 1) // per_group * GROUPS
         w = gl.load(w_tile + t0 * KW * N)
-        xp = gl.load(x_tile + t0 * (BLOCK_K // 2))
+        if X_AHEAD == 1:
+            xp = gl.load(x_tile + t0 * (BLOCK_K // 2))
         if BITS == 3:
             wb = gl.load(w_tile + (t0 * KW + 1) * N)
             wh = gl.load(w_tile + (t0 * KW + 2) * N)
+        if WORDS_AHEAD == 2:  # tile t0 + 1's words in flight too
+            t1 = gl.minimum(t0 + 1, t_end - 1)
+            w_ahead = gl.load(w_tile + t1 * KW * N)
+            if BITS == 3:
+                wb_ahead = gl.load(w_tile + (t1 * KW + 1) * N)
+                wh_ahead = gl.load(w_tile + (t1 * KW + 2) * N)
         z = gl.load(z_ptr + g * N + n_sz)
         s = gl.load(s_ptr + g * N + n_sz)
         if GROUPS == 2:
@@ -470,13 +496,17 @@ if AVAILABLE:
         acc = gl.zeros([BLOCK_N, R], gl.float32, mma)
         for t in range(t0, t_end):
             tn = gl.minimum(t + 1, t_end - 1)
+            tw = gl.minimum(t + WORDS_AHEAD, t_end - 1)  # the tile whose words are requested now
             g, left = _next_group(g, left, per_group, GROUPS)
             gn = gl.minimum(g, g_last)
-            w_next = gl.load(w_tile + tn * KW * N)
-            x_next = gl.load(x_tile + tn * (BLOCK_K // 2))
+            w_next = gl.load(w_tile + tw * KW * N)
+            if X_AHEAD == 1:
+                x_next = gl.load(x_tile + tn * (BLOCK_K // 2))
+            else:  # x is small and cached: requested in its own iteration, it holds no registers a tile ahead
+                xp = gl.load(x_tile + t * (BLOCK_K // 2))
             if BITS == 3:
-                wb_next = gl.load(w_tile + (tn * KW + 1) * N)
-                wh_next = gl.load(w_tile + (tn * KW + 2) * N)
+                wb_next = gl.load(w_tile + (tw * KW + 1) * N)
+                wh_next = gl.load(w_tile + (tw * KW + 2) * N)
             z_next = gl.load(z_ptr + gn * N + n_sz)
             s_next = gl.load(s_ptr + gn * N + n_sz)
             if GROUPS == 2:
@@ -500,11 +530,21 @@ if AVAILABLE:
                 else:
                     a = _a_operand(w_mma, BITS, BLOCK_N, BLOCK_K, a_layout)
                 acc += _zero_point_term(mma_v2(a, b, zero), mma_v2(ones, b, zero), s, z, BLOCK_N, num_warps, mma)
-            w = w_next
-            xp = x_next
-            if BITS == 3:
-                wb = wb_next
-                wh = wh_next
+            if WORDS_AHEAD == 2:
+                w = w_ahead
+                w_ahead = w_next
+                if BITS == 3:
+                    wb = wb_ahead
+                    wh = wh_ahead
+                    wb_ahead = wb_next
+                    wh_ahead = wh_next
+            else:
+                w = w_next
+                if BITS == 3:
+                    wb = wb_next
+                    wh = wh_next
+            if X_AHEAD == 1:
+                xp = x_next
             z = z_next
             s = s_next
             if GROUPS == 2:

@@ -25,12 +25,13 @@ from backends.gptq.parallel_compile import compile_all, launcher
 log = logging.getLogger(__name__)
 
 FUSED_MAX_M = 64
-TUNER_VERSION = 12 # 2: cold weight copies; 3: more half2 GEMV tiles; 4: modes 5, 6; 5: stage_x; 6: mode 6 gone;
+TUNER_VERSION = 13 # 2: cold weight copies; 3: more half2 GEMV tiles; 4: modes 5, 6; 5: stage_x; 6: mode 6 gone;
 #                     7: half2 kernels without bounds masks on whole tiles and without a division per tile,
 #                        the tensor-core kernel at 2 and 3 bits; 8: mode 7 (Gluon);
 #                     9: mode 7 reads x and words straight into registers (other tiles and splits);
 #                     10: mode 8 at 2-16 rows; 11: mode 9 (wgmma) at 2-16 rows, 2 bits, mode 8 at 3 bits;
-#                     12: mode 8 tiles of two groups (4 bits, groups under 128 values)
+#                     12: mode 8 tiles of two groups (4 bits, groups under 128 values);
+#                     13: mode 8 requests x in its own iteration, and words two tiles ahead at 16 rows
 VERIFY_TOLERANCE = 1e-2  # relative error of a kernel's output against its torch reference (fp16: ~1e-3)
 
 
@@ -263,7 +264,14 @@ def _gluon_gemv_candidates(layer: KernelLayer, bucket: int, bks: list[int], sms:
              # (64-row tiles at 4 bits, 64 columns per warp in 138 registers instead of 174, were never picked
              # on an H200, 2026-12-04)
              else ((64, 1), (128, 2), (32, 1), (256, 4)))
-    return [c for b in bk_pairs + [bk] for c in _whole_tile_configs(layer, bucket, b, tiles, fits, 8, sms)]
+    out = [c for b in bk_pairs + [bk] for c in _whole_tile_configs(layer, bucket, b, tiles, fits, 8, sms)]
+    if bucket == 16:
+        # the pipeline forms of gluon_gemv.PIPELINES, each the fastest somewhere at 16 rows on an H200
+        # (2026-12-04): words two tiles ahead on 64-column warps, and words and x one tile ahead; one row
+        # keeps form 1 (x in its own iteration), which tied or won everywhere there
+        out += ([replace(c, num_stages=2) for c in out if c.block_n // c.num_warps == 64]
+                + [replace(c, num_stages=3) for c in out])
+    return out
 
 
 def _gluon_wgmma_candidates(layer: KernelLayer, bucket: int, bks: list[int], sms: int) -> list[GemmConfig]:
@@ -372,6 +380,7 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
             BITS=layer.bits, R=rows, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split > 1,
             HAS_BIAS=bias is not None, num_warps=cfg.num_warps,
             GROUPS=gluon_gemv.groups_per_tile(layer.bits, cfg.block_k, layer.group_size, layer.K),
+            **gluon_gemv.pipeline(cfg.num_stages),
             **gluon_gemv.layouts(layer.bits, cfg.block_k, cfg.block_n, cfg.num_warps, rows))
         return out
     if cfg.mode == 9:

@@ -153,6 +153,27 @@ def test_configs_offered_fit_the_kernel():
     assert kr._gluon_gemv_candidates(three64, 16, kr.valid_block_ks(three64), 132) == []
 
 
+def test_pipeline_forms_are_offered_where_they_won():
+    """num_stages picks the kernel's pipeline (gluon_gemv.PIPELINES): 1, x requested in the iteration that
+    uses it, everywhere; 2, words two tiles ahead, only at 2-16 rows on 64-column warps, where it won on an
+    H200 (it lost 5-15% at one row); 3, words and x a tile ahead, at 2-16 rows."""
+    assert gluon_gemv.pipeline(1) == dict(WORDS_AHEAD=1, X_AHEAD=0)
+    assert gluon_gemv.pipeline(2) == dict(WORDS_AHEAD=2, X_AHEAD=1)
+    assert gluon_gemv.pipeline(3) == dict(WORDS_AHEAD=1, X_AHEAD=1)
+    for bits, group in ((4, 128), (3, 128), (2, 64)):
+        layer, _ = _layer(4096, 1024, bits, group, False, "cpu", 0)
+        bks = kr.valid_block_ks(layer)
+        one = kr._gluon_gemv_candidates(layer, 1, bks, 132)
+        assert one and {c.num_stages for c in one} == {1}
+        rows16 = kr._gluon_gemv_candidates(layer, 16, bks, 132)
+        ahead = [c for c in rows16 if c.num_stages == 2]
+        assert ahead and all(c.block_n // c.num_warps == 64 for c in ahead), rows16
+        assert {replace(c, num_stages=1) for c in ahead} <= {c for c in rows16 if c.num_stages == 1}
+        assert ({replace(c, num_stages=1) for c in rows16 if c.num_stages == 3}
+                == {c for c in rows16 if c.num_stages == 1})
+        assert len(set(rows16)) == len(rows16)
+
+
 def test_inputs_it_does_not_take_are_refused():
     layer, _ = _layer(256, 128, 4, 128, False, "cpu", 1)
     cfg = kr.GemmConfig("fused", 1, 128, 128, 1, 1, 1, mode=8)
@@ -179,10 +200,19 @@ def test_matches_float64_over_rows_splits_and_tiles(K, N, bits, group, act):
     ref = ref.cuda()
     runtime = kr.KernelRuntime(tune=False)
     sms = kr.sm_count("cuda")
-    configs = [c for bucket in (1, 16) for c in kr._gluon_gemv_candidates(layer, bucket, kr.valid_block_ks(layer), sms)]
+    offered = [c for bucket in (1, 16) for c in kr._gluon_gemv_candidates(layer, bucket, kr.valid_block_ks(layer), sms)]
+    # every offered tile and split in pipeline form 1; forms 2 and 3 (gluon_gemv.PIPELINES) once per tile
+    configs = [c for c in offered if c.num_stages == 1]
+    for form in (2, 3):
+        tiles = {(c.block_m, c.block_n, c.block_k, c.num_warps): c for c in offered if c.num_stages == form}
+        configs += list(tiles.values())
+    assert {c.num_stages for c in configs} == {1, 2, 3}
     bk = min(gluon_gemv.chunk(bits), max(kr.valid_block_ks(layer)))
     configs += [kr.GemmConfig("fused", 1, 64, bk, 1, 1, 1, mode=8),  # one split; odd splits
-                kr.GemmConfig("fused", 1, 128, bk, 3, 2, 1, mode=8), kr.GemmConfig("fused", 16, 64, bk, 3, 2, 1, mode=8)]
+                kr.GemmConfig("fused", 1, 128, bk, 3, 2, 1, mode=8), kr.GemmConfig("fused", 16, 64, bk, 3, 2, 1, mode=8),
+                # words two tiles ahead (num_stages 2): odd splits, and one tile a program (nothing ahead)
+                kr.GemmConfig("fused", 16, 64, bk, 3, 1, 2, mode=8),
+                kr.GemmConfig("fused", 16, 128, bk, K // bk, 2, 2, mode=8)]
     assert configs and any(c.split_k > 1 for c in configs)
 
     def small_columns(x):  # small activations: x / 2^r lands among fp16 subnormals
