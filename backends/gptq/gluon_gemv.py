@@ -37,6 +37,9 @@ instructions per weight, bench/RESULTS.md). Here a pair costs a shift and an `an
   with its own scales and zeros. Twice the bytes per tile in flight: 4-bit g64 at 16 rows went from 68.5
   to 52 us on 8192x28672 on an H200 (as fast as g128); 2-bit g64 never picked it.
 
+- How far ahead the loads are requested is the config's pipeline form (`PIPELINES`): x in the iteration
+  that uses it by default, words two tiles ahead or both one tile ahead where those measured faster.
+
 Half2-ordered (`kernel_runtime.interleave_pairs`) 2-, 3- and 4-bit words, fp16, whole tiles only, a tile
 never straddling a group. Act-order reads x gathered by the runtime. Needs Triton's Gluon.
 """

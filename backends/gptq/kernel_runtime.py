@@ -150,7 +150,7 @@ class GemmConfig:
     block_k: int = 128
     split_k: int = 1
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int = 2        # Triton's software-pipelining depth; mode 8: its pipeline form (gluon_gemv.PIPELINES)
     mode: int = 2              # 0 per word (3-D), 1 per row, 2 unrolled value slots, 3 prefetching GEMV (M=1),
     #                            4 half2 GEMV (M=1, fp16, 2/3/4-bit interleaved words),
     #                            5 half2 unpack + tensor cores (1 < M <= 64, fp16, 2/3/4-bit interleaved words)
