@@ -443,7 +443,9 @@ if AVAILABLE:
         GROUPS = 2: a tile holds two groups (group_size = BLOCK_K / 2, 2 and 4 bits), each half of it an MMA of
         its own with its own scales and zeros: tiles twice as long as the group, so twice the bytes in flight
         a tile and half the loop's fixed costs per weight.
-        WORDS_AHEAD, X_AHEAD: how far ahead the words and x are requested (`PIPELINES`)."""
+        WORDS_AHEAD, X_AHEAD: how far ahead the words and x are requested (`PIPELINES`). The words are read
+        once a call, so they are loaded evict-first: they leave x, scales and zeros the caches (on an H200
+        -2 to -3.5%, bench/RESULTS.md 2026-12-04 16:35)."""
         KW: gl.constexpr = BLOCK_K * BITS // 32  # word rows a tile
         LW: gl.constexpr = BLOCK_K // 32 if BITS == 3 else KW  # rows of the layouts: one per 3-bit block
         num_warps: gl.constexpr = gl.num_warps()
@@ -479,18 +481,18 @@ if AVAILABLE:
         g, left, per_group = _first_group(t0, K, group_size * GROUPS, BLOCK_K)
         g = g * GROUPS
         g_last = (t_end - 1) // per_group * GROUPS
-        w = gl.load(w_tile + t0 * KW * N)
+        w = gl.load(w_tile + t0 * KW * N, eviction_policy="evict_first")
         if X_AHEAD == 1:
             xp = gl.load(x_tile + t0 * (BLOCK_K // 2))
         if BITS == 3:
-            wb = gl.load(w_tile + (t0 * KW + 1) * N)
-            wh = gl.load(w_tile + (t0 * KW + 2) * N)
+            wb = gl.load(w_tile + (t0 * KW + 1) * N, eviction_policy="evict_first")
+            wh = gl.load(w_tile + (t0 * KW + 2) * N, eviction_policy="evict_first")
         if WORDS_AHEAD == 2:  # tile t0 + 1's words in flight too
             t1 = gl.minimum(t0 + 1, t_end - 1)
-            w_ahead = gl.load(w_tile + t1 * KW * N)
+            w_ahead = gl.load(w_tile + t1 * KW * N, eviction_policy="evict_first")
             if BITS == 3:
-                wb_ahead = gl.load(w_tile + (t1 * KW + 1) * N)
-                wh_ahead = gl.load(w_tile + (t1 * KW + 2) * N)
+                wb_ahead = gl.load(w_tile + (t1 * KW + 1) * N, eviction_policy="evict_first")
+                wh_ahead = gl.load(w_tile + (t1 * KW + 2) * N, eviction_policy="evict_first")
         z = gl.load(z_ptr + g * N + n_sz)
         s = gl.load(s_ptr + g * N + n_sz)
         if GROUPS == 2:
@@ -502,14 +504,14 @@ if AVAILABLE:
             tw = gl.minimum(t + WORDS_AHEAD, t_end - 1)  # the tile whose words are requested now
             g, left = _next_group(g, left, per_group, GROUPS)
             gn = gl.minimum(g, g_last)
-            w_next = gl.load(w_tile + tw * KW * N)
+            w_next = gl.load(w_tile + tw * KW * N, eviction_policy="evict_first")
             if X_AHEAD == 1:
                 x_next = gl.load(x_tile + tn * (BLOCK_K // 2))
             else:  # x is small and cached: requested in its own iteration, it holds no registers a tile ahead
                 xp = gl.load(x_tile + t * (BLOCK_K // 2))
             if BITS == 3:
-                wb_next = gl.load(w_tile + (tw * KW + 1) * N)
-                wh_next = gl.load(w_tile + (tw * KW + 2) * N)
+                wb_next = gl.load(w_tile + (tw * KW + 1) * N, eviction_policy="evict_first")
+                wh_next = gl.load(w_tile + (tw * KW + 2) * N, eviction_policy="evict_first")
             z_next = gl.load(z_ptr + gn * N + n_sz)
             s_next = gl.load(s_ptr + gn * N + n_sz)
             if GROUPS == 2:

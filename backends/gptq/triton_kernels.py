@@ -371,29 +371,32 @@ def _load_words(qw_ptr, N, kb0, offs_n, mask_n, row_end, BITS: tl.constexpr, KB:
     """The words of value blocks kb0 .. kb0+KB-1 as uint32 [KB, BLOCK_N] tiles, one per word of a block
     (WPB words; by default three at 3 bits, else one), zero past row_end (the end of this program's split,
     so prefetching never reads the next split). EVEN: every row and column is inside the matrix (the
-    caller guarantees it): no masks. Words a block does not have repeat w0 (the compiler drops them)."""
+    caller guarantees it): no masks. Words a block does not have repeat w0 (the compiler drops them).
+    Evict-first: a call reads each word once, so the words should not push x, scales and zeros out of
+    L1 and L2; on an H200 this took the half2 kernel at one row from 35.5 to 33.3 us on 8192x28672
+    (80.5% -> 86.5% of copy) and -5% / -3% on 4-bit 4096x11008 / 3-bit (bench/RESULTS.md, 2026-12-04)."""
     W: tl.constexpr = WPB if WPB else (3 if BITS == 3 else 1)
     # a loop-invariant tile of offsets plus one scalar per step: fewer address instructions in the loop
     p = (qw_ptr + (tl.arange(0, KB) * W)[:, None] * N + offs_n[None, :]) + kb0 * W * N
     if EVEN:
-        w0 = tl.load(p).to(tl.uint32, bitcast=True)
+        w0 = tl.load(p, eviction_policy="evict_first").to(tl.uint32, bitcast=True)
         w1 = w0
         w2 = w0
         if W >= 2:
-            w1 = tl.load(p + N).to(tl.uint32, bitcast=True)
+            w1 = tl.load(p + N, eviction_policy="evict_first").to(tl.uint32, bitcast=True)
         if W == 3:
-            w2 = tl.load(p + 2 * N).to(tl.uint32, bitcast=True)
+            w2 = tl.load(p + 2 * N, eviction_policy="evict_first").to(tl.uint32, bitcast=True)
     else:
         first = (kb0 + tl.arange(0, KB)) * W
         m = (first[:, None] < row_end) & mask_n[None, :]
-        w0 = tl.load(p, mask=m, other=0).to(tl.uint32, bitcast=True)
+        w0 = tl.load(p, eviction_policy="evict_first", mask=m, other=0).to(tl.uint32, bitcast=True)
         w1 = w0
         w2 = w0
         if W >= 2:  # a block's later words have their own bound (an odd number of 4-bit word rows)
-            w1 = tl.load(p + N, mask=((first + 1)[:, None] < row_end) & mask_n[None, :], other=0).to(
+            w1 = tl.load(p + N, eviction_policy="evict_first", mask=((first + 1)[:, None] < row_end) & mask_n[None, :], other=0).to(
                 tl.uint32, bitcast=True)
         if W == 3:
-            w2 = tl.load(p + 2 * N, mask=((first + 2)[:, None] < row_end) & mask_n[None, :], other=0).to(
+            w2 = tl.load(p + 2 * N, eviction_policy="evict_first", mask=((first + 2)[:, None] < row_end) & mask_n[None, :], other=0).to(
                 tl.uint32, bitcast=True)
     return w0, w1, w2
 
