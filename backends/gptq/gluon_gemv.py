@@ -212,7 +212,8 @@ def x_layout(bits: int, block_k: int, num_warps: int, rows: int):
 #    at one row 30.3 -> 28.6 us, 3-bit and 4-bit 4096x11008 at 16 rows -4 %; ties elsewhere at one row.
 # 2, words two tiles ahead: 4-bit 8192x28672 at 16 rows 54.2 -> 51.5 us on 64-column warps; it lost
 #    5-15 % at one row, where it is not offered.
-# 3, words and x one tile ahead (the form before): 2-bit 8192x28672 at 16 rows, 48.9 us against 53.
+# 3, words and x one tile ahead (the form before): 2-bit 8192x28672 at 16 rows, 48.9 us against 53
+#    (offered for 2-bit layers only: 3- and 4-bit layers never picked it).
 # Three tiles ahead lost everywhere.
 PIPELINES = {1: (1, 0), 2: (2, 1), 3: (1, 1)}
 

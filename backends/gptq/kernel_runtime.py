@@ -268,10 +268,11 @@ def _gluon_gemv_candidates(layer: KernelLayer, bucket: int, bks: list[int], sms:
     out = [c for b in bk_pairs + [bk] for c in _whole_tile_configs(layer, bucket, b, tiles, fits, 8, sms)]
     if bucket == 16:
         # the pipeline forms of gluon_gemv.PIPELINES, each the fastest somewhere at 16 rows on an H200
-        # (2026-12-04): words two tiles ahead on 64-column warps, and words and x one tile ahead; one row
-        # keeps form 1 (x in its own iteration), which tied or won everywhere there
+        # (2026-12-04): words two tiles ahead on 64-column warps, and (2-bit layers, the only ones that picked
+        # it) words and x one tile ahead; one row keeps form 1 (x in its own iteration), which tied or won
+        # everywhere there
         out += ([replace(c, num_stages=2) for c in out if c.block_n // c.num_warps == 64]
-                + [replace(c, num_stages=3) for c in out])
+                + [replace(c, num_stages=3) for c in out if layer.bits == 2])
     return out
 
 

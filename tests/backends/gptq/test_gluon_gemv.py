@@ -156,7 +156,8 @@ def test_configs_offered_fit_the_kernel():
 def test_pipeline_forms_are_offered_where_they_won():
     """num_stages picks the kernel's pipeline (gluon_gemv.PIPELINES): 1, x requested in the iteration that
     uses it, everywhere; 2, words two tiles ahead, only at 2-16 rows on 64-column warps, where it won on an
-    H200 (it lost 5-15% at one row); 3, words and x a tile ahead, at 2-16 rows."""
+    H200 (it lost 5-15% at one row); 3, words and x a tile ahead, at 2-16 rows for 2-bit layers (the only
+    ones that picked it)."""
     assert gluon_gemv.pipeline(1) == dict(WORDS_AHEAD=1, X_AHEAD=0)
     assert gluon_gemv.pipeline(2) == dict(WORDS_AHEAD=2, X_AHEAD=1)
     assert gluon_gemv.pipeline(3) == dict(WORDS_AHEAD=1, X_AHEAD=1)
@@ -169,8 +170,8 @@ def test_pipeline_forms_are_offered_where_they_won():
         ahead = [c for c in rows16 if c.num_stages == 2]
         assert ahead and all(c.block_n // c.num_warps == 64 for c in ahead), rows16
         assert {replace(c, num_stages=1) for c in ahead} <= {c for c in rows16 if c.num_stages == 1}
-        assert ({replace(c, num_stages=1) for c in rows16 if c.num_stages == 3}
-                == {c for c in rows16 if c.num_stages == 1})
+        both_ahead = {replace(c, num_stages=1) for c in rows16 if c.num_stages == 3}
+        assert both_ahead == ({c for c in rows16 if c.num_stages == 1} if bits == 2 else set())
         assert len(set(rows16)) == len(rows16)
 
 
@@ -206,7 +207,7 @@ def test_matches_float64_over_rows_splits_and_tiles(K, N, bits, group, act):
     for form in (2, 3):
         tiles = {(c.block_m, c.block_n, c.block_k, c.num_warps): c for c in offered if c.num_stages == form}
         configs += list(tiles.values())
-    assert {c.num_stages for c in configs} == {1, 2, 3}
+    assert {c.num_stages for c in configs} == ({1, 2, 3} if bits == 2 else {1, 2})
     bk = min(gluon_gemv.chunk(bits), max(kr.valid_block_ks(layer)))
     configs += [kr.GemmConfig("fused", 1, 64, bk, 1, 1, 1, mode=8),  # one split; odd splits
                 kr.GemmConfig("fused", 1, 128, bk, 3, 2, 1, mode=8), kr.GemmConfig("fused", 16, 64, bk, 3, 2, 1, mode=8),
