@@ -89,3 +89,13 @@ def test_garbage_gguf_refused(tmp_path):
     backend = create_backend("llama.cpp")
     with pytest.raises(BackendError, match="corrupt|truncated|GGUF"):
         backend.load(bad, backend.validate_options({}))
+
+
+def test_llama_cpp_is_built_without_amx():
+    """start.sh builds llama.cpp without AMX on x86-64: with -march=native on a Xeon with AMX, ggml's AMX
+    matmul segfaulted on the default model's first decode (llama-cpp-python 0.3.36), taking the whole test
+    run down with it. This says so by name instead. It fails on AMX CPUs only (elsewhere nothing turns
+    AMX on), which is where it matters."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    info = llama_cpp.llama_print_system_info().decode()
+    assert "AMX_INT8 = 1" not in info, f"this llama-cpp-python uses AMX; rebuild it with ./start.sh: {info}"
