@@ -445,7 +445,7 @@ if AVAILABLE:
         its own with its own scales and zeros: tiles twice as long as the group, so twice the bytes in flight
         a tile and half the loop's fixed costs per weight.
         WORDS_AHEAD, X_AHEAD: how far ahead the words and x are requested (`PIPELINES`). The words are read
-        once a call, so they are loaded evict-first: they leave x, scales and zeros the caches (on an H200
+        once a call, so they are loaded evict-first, leaving the caches to x, scales and zeros (on an H200
         -2 to -3.5%, bench/RESULTS.md 2026-12-04 16:35)."""
         KW: gl.constexpr = BLOCK_K * BITS // 32  # word rows a tile
         LW: gl.constexpr = BLOCK_K // 32 if BITS == 3 else KW  # rows of the layouts: one per 3-bit block

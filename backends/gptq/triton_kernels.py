@@ -373,7 +373,7 @@ def _load_words(qw_ptr, N, kb0, offs_n, mask_n, row_end, BITS: tl.constexpr, KB:
     so prefetching never reads the next split). EVEN: every row and column is inside the matrix (the
     caller guarantees it): no masks. Words a block does not have repeat w0 (the compiler drops them).
     Evict-first: a call reads each word once, so the words should not push x, scales and zeros out of
-    L1 and L2; on an H200 this took the half2 kernel at one row from 35.5 to 33.3 us on 8192x28672
+    L1 and L2: on an H200 this took the half2 kernel at one row from 35.5 to 33.3 us on 8192x28672
     (80.5% -> 86.5% of copy) and -5% / -3% on 4-bit 4096x11008 / 3-bit (bench/RESULTS.md, 2026-12-04)."""
     W: tl.constexpr = WPB if WPB else (3 if BITS == 3 else 1)
     # a loop-invariant tile of offsets plus one scalar per step: fewer address instructions in the loop
@@ -393,11 +393,11 @@ def _load_words(qw_ptr, N, kb0, offs_n, mask_n, row_end, BITS: tl.constexpr, KB:
         w1 = w0
         w2 = w0
         if W >= 2:  # a block's later words have their own bound (an odd number of 4-bit word rows)
-            w1 = tl.load(p + N, eviction_policy="evict_first", mask=((first + 1)[:, None] < row_end) & mask_n[None, :], other=0).to(
-                tl.uint32, bitcast=True)
+            w1 = tl.load(p + N, eviction_policy="evict_first", mask=((first + 1)[:, None] < row_end) & mask_n[None, :],
+                         other=0).to(tl.uint32, bitcast=True)
         if W == 3:
-            w2 = tl.load(p + 2 * N, eviction_policy="evict_first", mask=((first + 2)[:, None] < row_end) & mask_n[None, :], other=0).to(
-                tl.uint32, bitcast=True)
+            w2 = tl.load(p + 2 * N, eviction_policy="evict_first",
+                         mask=((first + 2)[:, None] < row_end) & mask_n[None, :], other=0).to(tl.uint32, bitcast=True)
     return w0, w1, w2
 
 
