@@ -5,6 +5,7 @@ see whether the tuner's candidate list misses faster configs (a diagnostic for B
     python -m bench.gemv_sweep --mode 5 --m 16 --shapes 4096x11008,8192x28672   # the tensor-core kernel
     python -m bench.gemv_sweep --mode 7 --m 16 --shapes 4096x11008               # its Gluon form
     python -m bench.gemv_sweep --bits 3 --shapes 8192x28672                     # 3-bit g128 (2-bit: g64)
+    python -m bench.gemv_sweep --mode 8 --m 16 --bits 2 --shapes 8192x28672      # mode 8 in every pipeline form
 
 For each shape (4-bit g128 unless --bits says otherwise, M = 1, fp16): the tuner's pick among its
 candidates, then a grid of block_n x block_k x warps x split (and num_stages around the best), each checked against
@@ -18,6 +19,7 @@ import itertools
 import math
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -52,8 +54,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default=DECODE_SHAPES)
     ap.add_argument("--budget-s", type=float, default=100.0, help="stop the grid of a shape after this long")
-    ap.add_argument("--mode", type=int, default=4, choices=(4, 5, 7),
-                    help="4: half2 GEMV; 5: half2 + tensor cores; 7: the same in Gluon")
+    ap.add_argument("--mode", type=int, default=4, choices=(4, 5, 7, 8),
+                    help="4: half2 GEMV; 5: half2 + tensor cores; 7: the same in Gluon; 8: weights as the MMA's "
+                         "A operand (the tuner's tiles and splits, each in every pipeline form)")
     ap.add_argument("--m", type=int, default=1, help="rows of x (mode 4: 1)")
     ap.add_argument("--bits", type=int, default=4, choices=(2, 3, 4),
                     help="mode 4 only; groups of 128 (64 at 2 bits, as EfficientQAT's w2g64)")
@@ -64,8 +67,8 @@ def main(argv=None):
     print(torch.cuda.get_device_name(), "SMs", sms, flush=True)
     for shape in args.shapes.split(","):
         K, N = map(int, shape.split("x"))
-        if args.bits != 4 and args.mode != 4:
-            sys.exit("--bits 2 and 3: mode 4 only (modes 5 and 7 are swept at 4 bits)")
+        if args.bits != 4 and args.mode not in (4, 8):
+            sys.exit("--bits 2 and 3: modes 4 and 8 only (modes 5 and 7 are swept at 4 bits)")
         group = 64 if args.bits == 2 else 128
         _, layer = random_layer(K, N, args.bits, group, False, seed=K + N)
         runtime = KernelRuntime(tune=True)
@@ -83,6 +86,11 @@ def main(argv=None):
         reference = runtime.run(x, layer, GemmConfig(path="dequant")).float()
         results = []
         start = time.time()
+        if args.mode == 8:
+            print_best(sweep_mode8(runtime, x, layer, copies, reference, sms), base)
+            del copies, layer
+            torch.cuda.empty_cache()
+            continue
         if args.mode == 4:
             # wide tiles first: the tuner's picks on an H200 are 512 columns of 64 rows (2026-12-03)
             grid = itertools.product((512, 256, 1024, 128, 64), valid_block_ks(layer, (64, 128, 32)), (4, 2, 8))
@@ -122,6 +130,30 @@ def main(argv=None):
                   f"w{cfg.num_warps} st{cfg.num_stages}", flush=True)
         del copies, layer
         torch.cuda.empty_cache()
+
+
+def sweep_mode8(runtime, x, layer, copies, reference, sms) -> list:
+    """Mode 8 (gluon_gemv.py): every tile and split the tuner offers at this row count, each in every
+    pipeline form (gluon_gemv.PIPELINES, a config's num_stages), whether offered there or not."""
+    from backends.gptq import gluon_gemv
+    from backends.gptq.kernel_runtime import _gluon_gemv_candidates
+    tiles = {replace(c, num_stages=1) for c in _gluon_gemv_candidates(layer, runtime.m_bucket(x.shape[0]),
+                                                                         valid_block_ks(layer), sms)}
+    grid = [replace(c, num_stages=form) for c in sorted(tiles, key=str) for form in gluon_gemv.PIPELINES]
+    runtime.precompile(x, layer, grid)
+    results = []
+    for cfg in grid:
+        ms = time_config(runtime, x, layer, copies, cfg, reference)
+        if ms is not None:
+            results.append((ms, cfg))
+    return sorted(results, key=lambda r: r[0])
+
+
+def print_best(results, base, count=12):
+    print(f"{len(results)} configs timed; best {count} (us, x copy time, config):", flush=True)
+    for ms, cfg in results[:count]:
+        print(f"  {ms * 1e3:6.1f} us  {base / (ms * 1e3):5.2f}  bn{cfg.block_n} bk{cfg.block_k} s{cfg.split_k} "
+              f"w{cfg.num_warps} st{cfg.num_stages}", flush=True)
 
 
 def time_config(runtime, x, layer, copies, cfg, reference):
