@@ -422,6 +422,19 @@ if AVAILABLE:
                     ticket_ptr, SPLIT, HAS_BIAS, False)
 
     @gluon.jit
+    def _tile_words(w_tile, t, KW: gl.constexpr, N, BITS: gl.constexpr):
+        """Tile t's words (3 bits: each block's three words a, b and h, rows 3i, 3i + 1, 3i + 2; other widths
+        repeat the one word). Read once a call, so loaded evict-first: they leave the caches to x, scales and
+        zeros (on an H200 -2 to -3.5% for this kernel, bench/RESULTS.md 2026-12-04 16:35)."""
+        w = gl.load(w_tile + t * KW * N, eviction_policy="evict_first")
+        wb = w
+        wh = w
+        if BITS == 3:
+            wb = gl.load(w_tile + (t * KW + 1) * N, eviction_policy="evict_first")
+            wh = gl.load(w_tile + (t * KW + 2) * N, eviction_policy="evict_first")
+        return w, wb, wh
+
+    @gluon.jit
     def _group_term(w, b, ones, s, z, BITS: gl.constexpr, BLOCK_N: gl.constexpr, GK: gl.constexpr,
                     R: gl.constexpr, NUM_WARPS: gl.constexpr, A_LAYOUT: gl.constexpr, MMA: gl.constexpr):
         """s * (W x - z sum(x)) over GK values of k of one group: words w [BLOCK_N, GK // vpw] in the MMA's row
@@ -444,9 +457,8 @@ if AVAILABLE:
         GROUPS = 2: a tile holds two groups (group_size = BLOCK_K / 2, 2 and 4 bits), each half of it an MMA of
         its own with its own scales and zeros: tiles twice as long as the group, so twice the bytes in flight
         a tile and half the loop's fixed costs per weight.
-        WORDS_AHEAD, X_AHEAD: how far ahead the words and x are requested (`PIPELINES`). The words are read
-        once a call, so they are loaded evict-first, leaving the caches to x, scales and zeros (on an H200
-        -2 to -3.5%, bench/RESULTS.md 2026-12-04 16:35)."""
+        WORDS_AHEAD, X_AHEAD: how far ahead the words and x are requested (`PIPELINES`); words load
+        evict-first (`_tile_words`)."""
         KW: gl.constexpr = BLOCK_K * BITS // 32  # word rows a tile
         LW: gl.constexpr = BLOCK_K // 32 if BITS == 3 else KW  # rows of the layouts: one per 3-bit block
         num_warps: gl.constexpr = gl.num_warps()
@@ -482,18 +494,11 @@ if AVAILABLE:
         g, left, per_group = _first_group(t0, K, group_size * GROUPS, BLOCK_K)
         g = g * GROUPS
         g_last = (t_end - 1) // per_group * GROUPS
-        w = gl.load(w_tile + t0 * KW * N, eviction_policy="evict_first")
+        w, wb, wh = _tile_words(w_tile, t0, KW, N, BITS)
         if X_AHEAD == 1:
             xp = gl.load(x_tile + t0 * (BLOCK_K // 2))
-        if BITS == 3:
-            wb = gl.load(w_tile + (t0 * KW + 1) * N, eviction_policy="evict_first")
-            wh = gl.load(w_tile + (t0 * KW + 2) * N, eviction_policy="evict_first")
         if WORDS_AHEAD == 2:  # tile t0 + 1's words in flight too
-            t1 = gl.minimum(t0 + 1, t_end - 1)
-            w_ahead = gl.load(w_tile + t1 * KW * N, eviction_policy="evict_first")
-            if BITS == 3:
-                wb_ahead = gl.load(w_tile + (t1 * KW + 1) * N, eviction_policy="evict_first")
-                wh_ahead = gl.load(w_tile + (t1 * KW + 2) * N, eviction_policy="evict_first")
+            w_ahead, wb_ahead, wh_ahead = _tile_words(w_tile, gl.minimum(t0 + 1, t_end - 1), KW, N, BITS)
         z = gl.load(z_ptr + g * N + n_sz)
         s = gl.load(s_ptr + g * N + n_sz)
         if GROUPS == 2:
@@ -505,14 +510,11 @@ if AVAILABLE:
             tw = gl.minimum(t + WORDS_AHEAD, t_end - 1)  # the tile whose words are requested now
             g, left = _next_group(g, left, per_group, GROUPS)
             gn = gl.minimum(g, g_last)
-            w_next = gl.load(w_tile + tw * KW * N, eviction_policy="evict_first")
+            w_next, wb_next, wh_next = _tile_words(w_tile, tw, KW, N, BITS)
             if X_AHEAD == 1:
                 x_next = gl.load(x_tile + tn * (BLOCK_K // 2))
             else:  # x is small and cached: requested in its own iteration, it holds no registers a tile ahead
                 xp = gl.load(x_tile + t * (BLOCK_K // 2))
-            if BITS == 3:
-                wb_next = gl.load(w_tile + (tw * KW + 1) * N, eviction_policy="evict_first")
-                wh_next = gl.load(w_tile + (tw * KW + 2) * N, eviction_policy="evict_first")
             z_next = gl.load(z_ptr + gn * N + n_sz)
             s_next = gl.load(s_ptr + gn * N + n_sz)
             if GROUPS == 2:
@@ -537,18 +539,10 @@ if AVAILABLE:
                     a = _a_operand(w_mma, BITS, BLOCK_N, BLOCK_K, a_layout)
                 acc += _zero_point_term(mma_v2(a, b, zero), mma_v2(ones, b, zero), s, z, BLOCK_N, num_warps, mma)
             if WORDS_AHEAD == 2:
-                w = w_ahead
-                w_ahead = w_next
-                if BITS == 3:
-                    wb = wb_ahead
-                    wh = wh_ahead
-                    wb_ahead = wb_next
-                    wh_ahead = wh_next
+                w, wb, wh = w_ahead, wb_ahead, wh_ahead
+                w_ahead, wb_ahead, wh_ahead = w_next, wb_next, wh_next
             else:
-                w = w_next
-                if BITS == 3:
-                    wb = wb_next
-                    wh = wh_next
+                w, wb, wh = w_next, wb_next, wh_next
             if X_AHEAD == 1:
                 xp = x_next
             z = z_next
