@@ -87,7 +87,7 @@ def main(argv=None):
         results = []
         start = time.time()
         if args.mode == 8:
-            print_best(sweep_mode8(runtime, x, layer, copies, reference, sms), base)
+            print_best(sweep_mode8(runtime, x, layer, copies, reference, sms), base, time.time() - start)
             del copies, layer
             torch.cuda.empty_cache()
             continue
@@ -122,12 +122,7 @@ def main(argv=None):
                 ms2 = time_config(runtime, x, layer, copies, c2, reference)
                 if ms2 is not None:
                     results.append((ms2, c2))
-        results.sort(key=lambda r: r[0])
-        print(f"{len(results)} configs timed in {time.time() - start:.0f} s; best 12 "
-              f"(us, x copy time, config):", flush=True)
-        for ms, cfg in results[:12]:
-            print(f"  {ms * 1e3:6.1f} us  {base / (ms * 1e3):5.2f}  bn{cfg.block_n} bk{cfg.block_k} s{cfg.split_k} "
-                  f"w{cfg.num_warps} st{cfg.num_stages}", flush=True)
+        print_best(sorted(results, key=lambda r: r[0]), base, time.time() - start)
         del copies, layer
         torch.cuda.empty_cache()
 
@@ -149,8 +144,9 @@ def sweep_mode8(runtime, x, layer, copies, reference, sms) -> list:
     return sorted(results, key=lambda r: r[0])
 
 
-def print_best(results, base, count=12):
-    print(f"{len(results)} configs timed; best {count} (us, x copy time, config):", flush=True)
+def print_best(results, base, seconds, count=12):
+    """The fastest `count` of (ms, config) results, with their speed against a copy of the same bytes."""
+    print(f"{len(results)} configs timed in {seconds:.0f} s; best {count} (us, x copy time, config):", flush=True)
     for ms, cfg in results[:count]:
         print(f"  {ms * 1e3:6.1f} us  {base / (ms * 1e3):5.2f}  bn{cfg.block_n} bk{cfg.block_k} s{cfg.split_k} "
               f"w{cfg.num_warps} st{cfg.num_stages}", flush=True)
