@@ -261,6 +261,31 @@ def test_gluon_weights_as_a_kernel_two_tiles_ahead_requests_each_tile_once(bits)
     assert loads[2]["LDG.E.128"] == 128 * 16 * 2 // 32 // 16, loads  # x: 128 k x 16 rows of fp16
 
 
+def test_mode8_probe_variants_drop_what_they_say(tmp_path):
+    """bench.mode8_probe's altered copies of mode 8 (2-bit, 256 x 64 tiles on four warps, one row, the
+    family the H200 picks for 8192x28672): 'loads only' issues the shipped loads and no MMA; 'no zero
+    points' keeps the weights' MMAs (16 a tile) and the word and x loads, and drops the all-ones MMAs, the
+    scale-and-zero FFMAs and the scale and zero loads. If a change to gluon_gemv.py moves the lines the probe
+    rewrites, probe_source stops with the line it looked for, and so does this test."""
+    from collections import Counter
+
+    from bench.kernel_sass import loop_body, mnemonic, opcode
+    from bench.mode8_probe import probe_module
+    gg = _compiled_gluon_gemv()
+    args = dict(BITS=2, R=8, BLOCK_N=256, BLOCK_K=64, SPLIT=False, HAS_BIAS=False, **gg.pipeline(1),
+                **gg.layouts(2, 64, 256, 4, 8))
+    counts = {}
+    for name in ("shipped", "loads only", "no zero points"):
+        kernel = gg.gptq_mma_t_kernel if name == "shipped" else probe_module(name, tmp_path).gptq_mma_t_kernel
+        body = loop_body(kernel, args, warps=4)
+        counts[name] = (Counter(map(opcode, body)), Counter(m for m in map(mnemonic, body) if m.startswith("LDG")))
+    (shipped, shipped_loads), (loads, loads_loads), (no_zero, no_zero_loads) = counts.values()
+    assert shipped["HMMA"] == 16 + 4 and shipped["FFMA"] > 0, shipped  # weights + all-ones, 4 k-steps
+    assert loads["HMMA"] == 0 and loads_loads == shipped_loads, counts
+    assert no_zero["HMMA"] == 16 and no_zero["FFMA"] == 0, no_zero
+    assert no_zero_loads == {"LDG.E.EF.128": shipped_loads["LDG.E.EF.128"], "LDG.E.128": shipped_loads["LDG.E.128"]}
+
+
 def test_gluon_weights_as_a_kernel_stores_in_column_runs():
     """Mode 8 renames its accumulator back to memory order before the store, so split-K partials leave in
     16-byte stores and come back in 16-byte loads, and the fp16 output in 8-byte stores (4 columns per
