@@ -237,7 +237,7 @@ def layouts(bits: int, block_k: int, block_n: int, num_warps: int, rows: int) ->
 def _pair_q(w, P: tl.constexpr, BITS: tl.constexpr):
     """Values 2P and 2P+1 of each half2-ordered word as fp16 bit patterns q * 2^r * 2^-24 (subnormals,
     exact): the word shifted by whole bytes, then masked, so each field stays at bit r = its offset in its
-    byte (x_scale divides the matching x by 2^r)."""
+    byte (`_scale_x_pairs` divides the matching x by 2^r)."""
     per_byte: tl.constexpr = 8 // BITS
     return tl.inline_asm_elementwise(
         "{\n.reg .b32 t;\n"
@@ -245,6 +245,20 @@ def _pair_q(w, P: tl.constexpr, BITS: tl.constexpr):
         f"and.b32 t, t, {(((1 << BITS) - 1) << (BITS * (P % per_byte))) * 0x10001};\n"
         "mov.b32 {$0, $1}, t;\n}",
         "=h,=h,r", [w], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
+
+
+@triton.jit
+def _scale_x_pairs(xp, shift):
+    """x pairs (int32, two fp16) each divided by 2^shift (0 <= shift < 15, per pair): one `mul.rn.f16x2` on
+    the pair where shift > 0 and nothing where it is 0 (the select keeps xp, so the pure asm is dropped there).
+    As two fp16 multiplies the compiler swapped the halves around each one (PRMT, HMUL2, PRMT): this took
+    4-bit 64 x 128 tiles on one warp from 1.50 / 1.94 to 1.34 / 1.88 SASS instructions per weight at 8 / 16
+    rows, and 4-bit 8192x28672 at 16 rows from 49.3 to 48.0 us on an H200 (bit-equal outputs,
+    bench/RESULTS.md 2026-12-04 19:35)."""
+    half2 = ((15 - shift) << 10) * 0x10001  # 2^-shift as an fp16 bit pattern, in both halves
+    scaled = tl.inline_asm_elementwise("mul.rn.f16x2 $0, $1, $2;", "=r,r,r", [xp, half2], dtype=tl.int32,
+                                       is_pure=True, pack=1)
+    return tl.where(shift == 0, xp, scaled)
 
 
 @triton.jit
@@ -346,17 +360,18 @@ if AVAILABLE:
         return gl.reshape(t, [BLOCK_N, R])
 
     @gluon.jit
-    def _b_operand(xp, scale, BITS: gl.constexpr, BLOCK_K: gl.constexpr, R: gl.constexpr, B_LAYOUT: gl.constexpr):
+    def _b_operand(xp, shift, BITS: gl.constexpr, BLOCK_K: gl.constexpr, R: gl.constexpr, B_LAYOUT: gl.constexpr):
         """The MMA's B operand [BLOCK_K, R] (fp16, k in the dot's order) of x pairs loaded in x_layout, each
-        pair divided by its weights' 2^r (`scale`, see _pair_q)."""
-        return gl.convert_layout(_b_tile(xp, scale, BITS, BLOCK_K, R), B_LAYOUT, assert_trivial=True)
+        pair divided by its weights' 2^r (r = `shift`, see _pair_q)."""
+        return gl.convert_layout(_b_tile(xp, shift, BITS, BLOCK_K, R), B_LAYOUT, assert_trivial=True)
 
     @gluon.jit
-    def _b_tile(xp, scale, BITS: gl.constexpr, BLOCK_K: gl.constexpr, R: gl.constexpr):
+    def _b_tile(xp, shift, BITS: gl.constexpr, BLOCK_K: gl.constexpr, R: gl.constexpr):
         """x pairs [BLOCK_K // 2, R] (int32, memory order, any layout) as fp16 [BLOCK_K, R] in the dot's k
-        order, each pair divided by its weights' 2^r (`scale`, see _pair_q); the layout follows the input's."""
-        lo = (xp & 0xFFFF).to(gl.int16).to(gl.float16, bitcast=True) * scale
-        hi = (xp >> 16).to(gl.int16).to(gl.float16, bitcast=True) * scale
+        order, each pair divided by its weights' 2^r (r = `shift`, see _pair_q); the layout follows the input's."""
+        xs = _scale_x_pairs(xp, shift)
+        lo = (xs & 0xFFFF).to(gl.int16).to(gl.float16, bitcast=True)
+        hi = (xs >> 16).to(gl.int16).to(gl.float16, bitcast=True)
         t = gl.join(lo, hi)  # (pair, m, h)
         if BITS == 4:
             t = gl.reshape(t, [BLOCK_K // 32, 4, 2, 2, R, 2])  # (c, t, p >> 1, p & 1, m, h)
@@ -386,16 +401,17 @@ if AVAILABLE:
     def _x_pair_tile(x_ptr, M, stride_xm, BLOCK_K: gl.constexpr, R: gl.constexpr, BITS: gl.constexpr,
                      LAYOUT: gl.constexpr):
         """Pointers to tile 0 of x as int32 pairs [BLOCK_K // 2, R] in LAYOUT (rows past M repeat row 0: their
-        outputs are never stored), and each pair's divisor of x: pair p of a word holds its fields at bit
-        r = BITS * (p % (8 // BITS)) of a byte, so x / 2^r (3 bits: pair p of a block at bit 2 (p % 4), _pair3)."""
+        outputs are never stored), and each pair's r [BLOCK_K // 2, R] (int32): pair p of a word holds its fields
+        at bit r = BITS * (p % (8 // BITS)) of a byte, so x / 2^r (3 bits: pair p of a block at bit 2 (p % 4),
+        _pair3). r depends on the register only, so the compiler folds it (and skips the pairs with r = 0)."""
         pairs = gl.arange(0, BLOCK_K // 2, layout=gl.SliceLayout(1, LAYOUT))
         rows = gl.arange(0, R, layout=gl.SliceLayout(0, LAYOUT))
         rows = gl.where(rows < M, rows, 0)
         x_tile = (x_ptr.to(gl.pointer_type(gl.int32), bitcast=True) + rows[None, :] * (stride_xm // 2)
                   + pairs[:, None])
         SB: gl.constexpr = 2 if BITS == 3 else BITS
-        x_scale = gl.exp2(-(SB * (pairs % (8 // SB))).to(gl.float32)).to(gl.float16)[:, None]
-        return x_tile, x_scale
+        x_shift = (SB * (pairs % (8 // SB)))[:, None] + gl.zeros([BLOCK_K // 2, R], gl.int32, LAYOUT)
+        return x_tile, x_shift
 
     @gluon.jit
     def _zero_point_term(part, sums, s, z, BLOCK_N: gl.constexpr, NUM_WARPS: gl.constexpr, MMA: gl.constexpr):
@@ -479,7 +495,7 @@ if AVAILABLE:
         n_w = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LOAD_LAYOUT))
         w_tile = qw_ptr + r_w[None, :] * N + n_w[:, None]
         n_sz = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=COL_LAYOUT)
-        x_tile, x_scale = _x_pair_tile(x_ptr, M, stride_xm, BLOCK_K, R, BITS, X_LAYOUT)
+        x_tile, x_shift = _x_pair_tile(x_ptr, M, stride_xm, BLOCK_K, R, BITS, X_LAYOUT)
         ONE: gl.constexpr = 0x11111111 if BITS == 4 else 0x55555555  # every field 1: the all-ones operand
         if BITS == 3:
             one = gl.full([BLOCK_N, LW], ONE, gl.int32, W_LAYOUT)
@@ -523,11 +539,11 @@ if AVAILABLE:
             w_mma = gl.convert_layout(_mma_order(w, BLOCK_N, num_warps, LW), W_LAYOUT, assert_trivial=True)
             if GROUPS == 2:
                 w0, w1 = _word_halves(w_mma, KW)
-                b0, b1 = _k_halves(_b_tile(xp, x_scale, BITS, BLOCK_K, R), BLOCK_K, b_layout)
+                b0, b1 = _k_halves(_b_tile(xp, x_shift, BITS, BLOCK_K, R), BLOCK_K, b_layout)
                 acc += _group_term(w0, b0, ones2, s, z, BITS, BLOCK_N, BLOCK_K // 2, R, num_warps, a_layout, mma)
                 acc += _group_term(w1, b1, ones2, s2, z2, BITS, BLOCK_N, BLOCK_K // 2, R, num_warps, a_layout, mma)
             else:
-                b = _b_operand(xp, x_scale, BITS, BLOCK_K, R, b_layout)
+                b = _b_operand(xp, x_shift, BITS, BLOCK_K, R, b_layout)
                 zero = gl.zeros([BLOCK_N, R], gl.float32, mma)
                 if BITS == 3:
                     wb_mma = gl.convert_layout(_mma_order(wb, BLOCK_N, num_warps, LW), W_LAYOUT,

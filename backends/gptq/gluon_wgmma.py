@@ -159,7 +159,7 @@ if AVAILABLE:
         n_w = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LOAD_LAYOUT))
         w_tile = qw_ptr + r_w[None, :] * N + n_w[:, None]
         n_sz = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=COL_LAYOUT)
-        x_tile, x_scale = gluon_gemv._x_pair_tile(x_ptr, M, stride_xm, BLOCK_K, R, BITS, XS_LAYOUT)
+        x_tile, x_shift = gluon_gemv._x_pair_tile(x_ptr, M, stride_xm, BLOCK_K, R, BITS, XS_LAYOUT)
         ONE: gl.constexpr = 0x11111111 if BITS == 4 else 0x55555555
         CK: gl.constexpr = 4 * (32 // BITS)  # k values per wgmma chunk: 4 words of a column (gluon_gemv.chunk)
         ones = gluon_gemv._a_operand(gl.full([64, CK * BITS // 32], ONE, gl.int32, W64_LAYOUT), BITS, 64, CK,
@@ -184,7 +184,7 @@ if AVAILABLE:
             z_next = gl.load(z_ptr + gn * N + n_sz)
             s_next = gl.load(s_ptr + gn * N + n_sz)
             b = xs.index(t % 2)
-            b.store(gluon_gemv._b_tile(xp, x_scale, BITS, BLOCK_K, R))
+            b.store(gluon_gemv._b_tile(xp, x_shift, BITS, BLOCK_K, R))
             fence_async_shared()
             _cta_barrier()
             w_mma = gl.convert_layout(gluon_gemv._mma_order(w, BLOCK_N, 4, KW), W_LAYOUT, assert_trivial=True)
