@@ -254,7 +254,7 @@ def _scale_x_pairs(xp, shift):
     As two fp16 multiplies the compiler swapped the halves around each one (PRMT, HMUL2, PRMT): this took
     4-bit 64 x 128 tiles on one warp from 1.50 / 1.94 to 1.34 / 1.88 SASS instructions per weight at 8 / 16
     rows, and 4-bit 8192x28672 at 16 rows from 49.3 to 48.0 us on an H200 (bit-equal outputs,
-    bench/RESULTS.md 2026-12-04 19:35)."""
+    bench/RESULTS.md 2026-12-04 19:10)."""
     half2 = ((15 - shift) << 10) * 0x10001  # 2^-shift as an fp16 bit pattern, in both halves
     scaled = tl.inline_asm_elementwise("mul.rn.f16x2 $0, $1, $2;", "=r,r,r", [xp, half2], dtype=tl.int32,
                                        is_pure=True, pack=1)
