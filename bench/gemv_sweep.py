@@ -59,7 +59,7 @@ def main(argv=None):
                          "A operand (the tuner's tiles and splits, each in every pipeline form)")
     ap.add_argument("--m", type=int, default=1, help="rows of x (mode 4: 1)")
     ap.add_argument("--bits", type=int, default=4, choices=(2, 3, 4),
-                    help="mode 4 only; groups of 128 (64 at 2 bits, as EfficientQAT's w2g64)")
+                    help="modes 4 and 8; groups of 128 (64 at 2 bits, as EfficientQAT's w2g64)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench.gemv_sweep needs a CUDA GPU")
@@ -152,6 +152,11 @@ def print_best(results, base, seconds, count=12):
               f"w{cfg.num_warps} st{cfg.num_stages}", flush=True)
 
 
+def cold_ms(runtime, x, copies, cfg) -> float:
+    """GPU ms of one call of `cfg`, from graph replays rotating over the layer's cold copies (as the tuner times)."""
+    return graph_time_ms(lambda i: runtime.run(x, copies[i % len(copies)], cfg), calls=max(10, 2 * len(copies)), reps=5)
+
+
 def time_config(runtime, x, layer, copies, cfg, reference):
     try:
         y = runtime.run(x, layer, cfg).float()
@@ -159,8 +164,7 @@ def time_config(runtime, x, layer, copies, cfg, reference):
         if not math.isfinite(err) or err > 1e-2:
             print(f"  wrong result {err:.2g}: {cfg}", flush=True)
             return None
-        return graph_time_ms(lambda i: runtime.run(x, copies[i % len(copies)], cfg),
-                             calls=max(10, 2 * len(copies)), reps=5)
+        return cold_ms(runtime, x, copies, cfg)
     except Exception as exc:  # resources the compiler rejects
         print(f"  skipped {cfg.block_n}/{cfg.block_k}/w{cfg.num_warps}/st{cfg.num_stages}: "
               f"{type(exc).__name__}", flush=True)

@@ -116,6 +116,14 @@ def random_layer(K, N, bits, gs, act, seed):
     return (qw, qz, scales, g_idx), make_kernel_layer(qw, qz, scales, g_idx, bits, gs, "gptq", "cuda")
 
 
+def fp16_copies(K, N, first=None) -> list:
+    """Dense fp16 [K, N] matrices (`first`, then random ones) enough that a call rotating over them reads
+    from device memory, not L2: the torch fp16 baseline timed as the kernels are."""
+    count = max(2, math.ceil(4 * L2_BYTES / (K * N * 2)))
+    rest = [torch.randn(K, N, device="cuda", dtype=torch.float16) * 0.01 for _ in range(count - (first is not None))]
+    return ([first] if first is not None else []) + rest
+
+
 def rel_err(y, ref):
     return float((y.double() - ref).norm() / ref.norm())
 
@@ -141,9 +149,8 @@ def run_case(K, N, bits, gs, act, Ms, runtime, bw, seed, per_mode=False, pdl=Fal
     qbytes = layer.nbytes()
     copies = max(2, math.ceil(4 * L2_BYTES / qbytes))
     layers = [layer] + [random_layer(K, N, bits, gs, act, seed + 1000 * i)[1] for i in range(1, copies)]
-    w16 = w64.half()
-    fcopies = max(2, math.ceil(4 * L2_BYTES / (K * N * 2)))
-    dense = [w16] + [torch.randn(K, N, device="cuda", dtype=torch.float16) * 0.01 for _ in range(1, fcopies)]
+    dense = fp16_copies(K, N, first=w64.half())
+    fcopies = len(dense)
     for M in Ms:
         x = torch.randn(M, K, device="cuda", dtype=torch.float16)
         cfg = runtime.config_for(x, layer)
@@ -189,7 +196,7 @@ def run_case(K, N, bits, gs, act, Ms, runtime, bw, seed, per_mode=False, pdl=Fal
         if extra:
             print("      " + "  ".join(f"{k} {v * 1e3:.1f}us" if k.endswith("_ms") else f"{k} {v:.1e}"
                                      for k, v in extra.items()), flush=True)
-    del layers, dense, w64, w16
+    del layers, dense, w64
     torch.cuda.empty_cache()
     return rows
 

@@ -99,10 +99,17 @@ def kernel_of(module):
 
 
 def parse_case(text: str):
-    shape, kind, rows = text.split(":")
+    """'KxN:case:rows' (case as bench.kernels names them; mode 8's widths, without act-order) -> K, N, bits,
+    group, rows."""
+    from backends.gptq.gluon_gemv import BITS
+    from bench.kernels import CASES
+    shape, case, rows = text.split(":")
     K, N = map(int, shape.split("x"))
-    bits, group = kind.split("g")
-    return K, N, int(bits), int(group), int(rows)
+    taken = [c for c, (bits, _, act) in CASES.items() if bits in BITS and not act]
+    if case not in taken:
+        raise SystemExit(f"bench.mode8_probe: unknown case {case!r} (one of {', '.join(taken)})")
+    bits, group, _ = CASES[case]
+    return K, N, bits, group, int(rows)
 
 
 def main(argv=None):
@@ -111,16 +118,17 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=3, help="timing rounds, variants alternating (best kept)")
     ap.add_argument("--top", type=int, default=6, help="configs printed per case")
     args = ap.parse_args(argv)
+    cases = [parse_case(case) for case in args.cases.split(",")]  # a bad name stops before any GPU work
     if not torch.cuda.is_available():
         sys.exit("bench.mode8_probe needs a CUDA GPU")
     from backends.gptq.kernel_runtime import GemmConfig, KernelRuntime, cold_copies, graph_time_ms
-    from bench.kernels import L2_BYTES, random_layer, read_floor_ms
+    from bench.gemv_sweep import cold_ms
+    from bench.kernels import fp16_copies, random_layer, read_floor_ms
     from bench.provenance import tree_commit
     folder = Path(tempfile.mkdtemp(prefix="mode8_probe_"))
     modules = {"shipped": None, **{v: probe_module(v, folder) for v in VARIANTS[1:]}}
     print(f"{torch.cuda.get_device_name()}, commit {tree_commit()}", flush=True)
-    for case in args.cases.split(","):
-        K, N, bits, group, rows = parse_case(case)
+    for K, N, bits, group, rows in cases:
         _, layer = random_layer(K, N, bits, group, False, seed=K + N)
         x = torch.randn(rows, K, device="cuda", dtype=torch.float16)
         runtime = KernelRuntime(tune=True, modes=(8,))
@@ -135,13 +143,10 @@ def main(argv=None):
                         y = runtime.run(x, layer, cfg).float()
                         if variant == "shipped" and float((y - reference).norm() / reference.norm()) > 1e-2:
                             raise SystemExit(f"wrong result at {cfg}")
-                        ms = graph_time_ms(lambda i: runtime.run(x, copies[i % len(copies)], cfg),
-                                           calls=max(10, 2 * len(copies)), reps=5)
-                        times.setdefault((variant, cfg), []).append(ms * 1e3)
+                        times.setdefault((variant, cfg), []).append(cold_ms(runtime, x, copies, cfg) * 1e3)
         full = KernelRuntime(tune=True)
         pick, pick_ms = full.fastest(x, layer, full.candidates(rows, layer, x.device, x.dtype))
-        dense = [torch.randn(K, N, device="cuda", dtype=torch.float16) * 0.01
-                 for _ in range(max(2, -(-4 * L2_BYTES // (K * N * 2))))]  # cold copies, as bench.kernels
+        dense = fp16_copies(K, N)
         fp16_us = graph_time_ms(lambda i: x @ dense[i % len(dense)], calls=max(8, len(dense))) * 1e3
         floor_us = read_floor_ms(layer.nbytes()) * 1e3
         best = {v: min(min(times[(v, c)]) for c in configs) for v in VARIANTS}

@@ -401,7 +401,7 @@ if AVAILABLE:
     def _x_pair_tile(x_ptr, M, stride_xm, BLOCK_K: gl.constexpr, R: gl.constexpr, BITS: gl.constexpr,
                      LAYOUT: gl.constexpr):
         """Pointers to tile 0 of x as int32 pairs [BLOCK_K // 2, R] in LAYOUT (rows past M repeat row 0: their
-        outputs are never stored), and each pair's r [BLOCK_K // 2, R] (int32): pair p of a word holds its fields
+        outputs are never stored), and each pair's r [BLOCK_K // 2, 1] (int32): pair p of a word holds its fields
         at bit r = BITS * (p % (8 // BITS)) of a byte, so x / 2^r (3 bits: pair p of a block at bit 2 (p % 4),
         _pair3). r depends on the register only, so the compiler folds it (and skips the pairs with r = 0)."""
         pairs = gl.arange(0, BLOCK_K // 2, layout=gl.SliceLayout(1, LAYOUT))
@@ -410,7 +410,7 @@ if AVAILABLE:
         x_tile = (x_ptr.to(gl.pointer_type(gl.int32), bitcast=True) + rows[None, :] * (stride_xm // 2)
                   + pairs[:, None])
         SB: gl.constexpr = 2 if BITS == 3 else BITS
-        x_shift = (SB * (pairs % (8 // SB)))[:, None] + gl.zeros([BLOCK_K // 2, R], gl.int32, LAYOUT)
+        x_shift = (SB * (pairs % (8 // SB)))[:, None]
         return x_tile, x_shift
 
     @gluon.jit
