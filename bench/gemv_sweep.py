@@ -6,6 +6,7 @@ see whether the tuner's candidate list misses faster configs (a diagnostic for B
     python -m bench.gemv_sweep --mode 7 --m 16 --shapes 4096x11008               # its Gluon form
     python -m bench.gemv_sweep --bits 3 --shapes 8192x28672                     # 3-bit g128 (2-bit: g64)
     python -m bench.gemv_sweep --mode 8 --m 16 --bits 2 --shapes 8192x28672      # mode 8 in every pipeline form
+    python -m bench.gemv_sweep --mode 8 --m 16 --registers 0,200,168              # ... at each register cap
 
 For each shape (4-bit g128 unless --bits says otherwise, M = 1, fp16): the tuner's pick among its
 candidates, then a grid of block_n x block_k x warps x split (and num_stages around the best), each checked against
@@ -60,7 +61,16 @@ def main(argv=None):
     ap.add_argument("--m", type=int, default=1, help="rows of x (mode 4: 1)")
     ap.add_argument("--bits", type=int, default=4, choices=(2, 3, 4),
                     help="modes 4 and 8; groups of 128 (64 at 2 bits, as EfficientQAT's w2g64)")
+    ap.add_argument("--registers", default="0",
+                    help="modes 4 and 8: register caps per thread to time each config at (ptxas maxnreg; 0: "
+                         "the compiler's choice), comma-separated; mode 4 then times the tuner's own candidates "
+                         "at each cap instead of its grid")
     args = ap.parse_args(argv)
+    caps = [int(r) for r in args.registers.split(",")]
+    if any(r and not 24 <= r <= 255 for r in caps):
+        sys.exit("--registers: 0 or 24-255 per thread")
+    if caps != [0] and args.mode not in (4, 8):
+        sys.exit("--registers: modes 4 and 8 only")
     if not torch.cuda.is_available():
         sys.exit("bench.gemv_sweep needs a CUDA GPU")
     sms = sm_count("cuda")
@@ -86,8 +96,14 @@ def main(argv=None):
         reference = runtime.run(x, layer, GemmConfig(path="dequant")).float()
         results = []
         start = time.time()
-        if args.mode == 8:
-            print_best(sweep_mode8(runtime, x, layer, copies, reference, sms), base, time.time() - start)
+        if args.mode == 8 or caps != [0]:
+            results = (sweep_mode8(runtime, x, layer, copies, reference, sms, caps) if args.mode == 8 else
+                       sweep_candidates(runtime, x, layer, copies, reference, args.mode, caps))
+            print_best(results, base, time.time() - start)
+            for cap in caps if len(caps) > 1 else []:  # with several caps: the best config at each, side by side
+                ms, cfg = min((r for r in results if r[1].max_registers == cap), key=lambda r: r[0], default=(None, None))
+                if ms is not None:
+                    print(f"  best at register cap {cap or 'none'}: {ms * 1e3:.1f} us  {cfg}", flush=True)
             del copies, layer
             torch.cuda.empty_cache()
             continue
@@ -127,14 +143,16 @@ def main(argv=None):
         torch.cuda.empty_cache()
 
 
-def sweep_mode8(runtime, x, layer, copies, reference, sms) -> list:
+def sweep_mode8(runtime, x, layer, copies, reference, sms, caps=(0,)) -> list:
     """Mode 8 (gluon_gemv.py): every tile and split the tuner offers at this row count, each in every
-    pipeline form (gluon_gemv.PIPELINES, a config's num_stages), whether offered there or not."""
+    pipeline form (gluon_gemv.PIPELINES, a config's num_stages), whether offered there or not, at each
+    register cap in `caps`."""
     from backends.gptq import gluon_gemv
     from backends.gptq.kernel_runtime import _gluon_gemv_candidates
-    tiles = {replace(c, num_stages=1) for c in _gluon_gemv_candidates(layer, runtime.m_bucket(x.shape[0]),
+    tiles = {replace(c, num_stages=1, max_registers=0) for c in _gluon_gemv_candidates(layer, runtime.m_bucket(x.shape[0]),
                                                                          valid_block_ks(layer), sms)}
-    grid = [replace(c, num_stages=form) for c in sorted(tiles, key=str) for form in gluon_gemv.PIPELINES]
+    grid = [replace(c, num_stages=form, max_registers=cap) for c in sorted(tiles, key=str)
+            for form in gluon_gemv.PIPELINES for cap in caps]
     runtime.precompile(x, layer, grid)
     results = []
     for cfg in grid:
@@ -144,12 +162,21 @@ def sweep_mode8(runtime, x, layer, copies, reference, sms) -> list:
     return sorted(results, key=lambda r: r[0])
 
 
+def sweep_candidates(runtime, x, layer, copies, reference, mode, caps) -> list:
+    """The tuner's own candidates of one mode, each at every register cap in `caps`."""
+    grid = [replace(c, max_registers=cap) for c in runtime.candidates(x.shape[0], layer, x.device, x.dtype)
+            if c.mode == mode for cap in caps]
+    runtime.precompile(x, layer, grid)
+    results = [(ms, cfg) for cfg in grid if (ms := time_config(runtime, x, layer, copies, cfg, reference)) is not None]
+    return sorted(results, key=lambda r: r[0])
+
+
 def print_best(results, base, seconds, count=12):
     """The fastest `count` of (ms, config) results, with their speed against a copy of the same bytes."""
     print(f"{len(results)} configs timed in {seconds:.0f} s; best {count} (us, x copy time, config):", flush=True)
     for ms, cfg in results[:count]:
         print(f"  {ms * 1e3:6.1f} us  {base / (ms * 1e3):5.2f}  bn{cfg.block_n} bk{cfg.block_k} s{cfg.split_k} "
-              f"w{cfg.num_warps} st{cfg.num_stages}", flush=True)
+              f"w{cfg.num_warps} st{cfg.num_stages}" + (f" r{cfg.max_registers}" if cfg.max_registers else ""), flush=True)
 
 
 def cold_ms(runtime, x, copies, cfg) -> float:

@@ -28,13 +28,16 @@ POINTERS = {"x_ptr": "*fp16", "xp_ptr": "*i32", "qw_ptr": "*i32", "s_ptr": "*fp1
 ALIGNED = ("N", "K", "Kw", "group_size")  # what Triton specializes at launch for the usual shapes
 
 
-def compile_cubin(kernel, constexprs: dict, arch: int, warps: int, types: dict | None = None) -> bytes:
+def compile_cubin(kernel, constexprs: dict, arch: int, warps: int, types: dict | None = None,
+                  options: dict | None = None) -> bytes:
     """The kernel compiled for sm_<arch> by Triton's own toolchain (no GPU or driver needed); `types`
-    overrides the argument types (pointers of POINTERS, i32 otherwise)."""
-    return compile_asm(kernel, constexprs, arch, warps, types)["cubin"]
+    overrides the argument types (pointers of POINTERS, i32 otherwise); `options` adds compile options
+    beyond the warps (a launch's `maxnreg`)."""
+    return compile_asm(kernel, constexprs, arch, warps, types, options)["cubin"]
 
 
-def compile_asm(kernel, constexprs: dict, arch: int, warps: int, types: dict | None = None) -> dict:
+def compile_asm(kernel, constexprs: dict, arch: int, warps: int, types: dict | None = None,
+                options: dict | None = None) -> dict:
     """Every stage compile_cubin produces, by name ("ptx", "cubin", ...)."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -52,7 +55,7 @@ def compile_asm(kernel, constexprs: dict, arch: int, warps: int, types: dict | N
         from triton.experimental.gluon._runtime import GluonASTSource as source
     src = source(fn=kernel, signature=signature, attrs=attrs,
                  constexprs={(names.index(k),): v for k, v in constexprs.items()})
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps}).asm
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, **(options or {})}).asm
 
 
 def main_loop(sass: str) -> list[str]:
@@ -89,19 +92,30 @@ def opcode(text: str) -> str:
     return mnemonic(text).split(".")[0]
 
 
-def kernel_sass(kernel, constexprs: dict, arch: int = 90, warps: int = 4) -> str:
-    """cuobjdump's SASS listing of the kernel compiled for sm_<arch> (Triton's ptxas and cuobjdump)."""
+def _cuobjdump(kernel, constexprs: dict, arch: int, warps: int, flag: str, options: dict | None = None) -> str:
     import triton
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "k.cubin"
-        cubin.write_bytes(compile_cubin(kernel, constexprs, arch, warps))
-        return subprocess.run([str(cuobjdump), "-sass", str(cubin)], capture_output=True, text=True).stdout
+        cubin.write_bytes(compile_cubin(kernel, constexprs, arch, warps, options=options))
+        return subprocess.run([str(cuobjdump), flag, str(cubin)], capture_output=True, text=True).stdout
 
 
-def loop_body(kernel, constexprs: dict, arch: int = 90, warps: int = 4) -> list[str]:
+def kernel_sass(kernel, constexprs: dict, arch: int = 90, warps: int = 4, options: dict | None = None) -> str:
+    """cuobjdump's SASS listing of the kernel compiled for sm_<arch> (Triton's ptxas and cuobjdump)."""
+    return _cuobjdump(kernel, constexprs, arch, warps, "-sass", options)
+
+
+def loop_body(kernel, constexprs: dict, arch: int = 90, warps: int = 4, options: dict | None = None) -> list[str]:
     """SASS instructions of the kernel's K loop, compiled for sm_<arch>."""
-    return main_loop(kernel_sass(kernel, constexprs, arch, warps))
+    return main_loop(kernel_sass(kernel, constexprs, arch, warps, options))
+
+
+def resources(kernel, constexprs: dict, arch: int = 90, warps: int = 4, options: dict | None = None) -> dict:
+    """What the compiled kernel needs per thread and block, from cuobjdump -res-usage: {"REG": registers,
+    "STACK": bytes of local memory (spills), "SHARED": ..., ...}."""
+    text = _cuobjdump(kernel, constexprs, arch, warps, "-res-usage", options)
+    return {name: int(value) for name, value in re.findall(r"\b([A-Z]+):(\d+)", text)}
 
 
 def main(argv=None) -> int:

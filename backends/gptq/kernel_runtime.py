@@ -25,14 +25,14 @@ from backends.gptq.parallel_compile import compile_all, launcher
 log = logging.getLogger(__name__)
 
 FUSED_MAX_M = 64
-TUNER_VERSION = 14 # 2: cold weight copies; 3: more half2 GEMV tiles; 4: modes 5, 6; 5: stage_x; 6: mode 6 gone;
+TUNER_VERSION = 15 # 2: cold weight copies; 3: more half2 GEMV tiles; 4: modes 5, 6; 5: stage_x; 6: mode 6 gone;
 #                     7: half2 kernels without bounds masks on whole tiles and without a division per tile,
 #                        the tensor-core kernel at 2 and 3 bits; 8: mode 7 (Gluon);
 #                     9: mode 7 reads x and words straight into registers (other tiles and splits);
 #                     10: mode 8 at 2-16 rows; 11: mode 9 (wgmma) at 2-16 rows, 2 bits, mode 8 at 3 bits;
 #                     12: mode 8 tiles of two groups (4 bits, groups under 128 values);
 #                     13: mode 8 requests x in its own iteration, and words two tiles ahead at 16 rows;
-#                     14: words load evict-first (modes 3-5 and 8)
+#                     14: words load evict-first (modes 3-5 and 8); 15: mode 8 form 3 under a register cap
 VERIFY_TOLERANCE = 1e-2  # relative error of a kernel's output against its torch reference (fp16: ~1e-3)
 
 
@@ -166,6 +166,13 @@ class GemmConfig:
     #                            kernel, instead of each program loading x through perm (scattered reads)
     stage_x: bool = False      # act-order, mode 4: each program gathers its split's slice of x once into a
     #                            scratch row at its start (no extra launch, no per-tile gathers)
+    max_registers: int = 0     # modes 4, 8, 9: registers per thread the compiler may use (ptxas maxnreg; 0:
+    #                            its own choice). Fewer registers let more warps share an SM, and the cap also
+    #                            changes how ptxas schedules the loop
+
+    def compile_options(self) -> dict:
+        """Launch options beyond the warps and stages (Triton's `maxnreg` only where a cap is set)."""
+        return {"maxnreg": self.max_registers} if self.max_registers else {}
 
 
 def valid_block_ks(layer: KernelLayer, candidates=(32, 64, 128, 256, 512)) -> list[int]:
@@ -246,6 +253,13 @@ def _gluon_block_k(layer: KernelLayer, bks: list[int]) -> int:
     return max((b for b in bks if gluon_gemv.chunk(layer.bits) <= b <= 128), default=0)
 
 
+# mode 8's register caps per thread for its form-3 candidates: the best of 0/96/128/168 at one row and of
+# 0/128-248 at 16 rows in H200 sweeps (bench/RESULTS.md, 2026-12-04 20:10-20:40; 200 and 248 within 2% of
+# each other, 184-192 and 128-168 slower)
+ROW_REGISTER_CAPS = (128,)
+ROWS16_REGISTER_CAPS = (200, 248)
+
+
 def _gluon_gemv_candidates(layer: KernelLayer, bucket: int, bks: list[int], sms: int) -> list[GemmConfig]:
     """Mode 8 configs (gluon_gemv.py): whole tiles, the longest a group allows; 64-128 columns per warp at one
     row (256 on 4 warps won there on an H200), 32-64 at 2-16 rows (16 rows take twice the accumulators:
@@ -273,6 +287,13 @@ def _gluon_gemv_candidates(layer: KernelLayer, bucket: int, bks: list[int], sms:
         # everywhere there
         out += ([replace(c, num_stages=2) for c in out if c.block_n // c.num_warps == 64]
                 + [replace(c, num_stages=3) for c in out if layer.bits == 2])
+    # words and x one tile ahead (form 3) under a register cap (ptxas maxnreg), which ptxas schedules to: at
+    # 16 rows it then spends 200 registers where it takes 172 without a cap, at one row it fits the 2-bit
+    # 128-column warps in 128 instead of 168 (16 warps an SM instead of 12). On an H200 (2026-12-04,
+    # bench.gemv_sweep --registers) that took 4-bit 16 rows from 48.0-48.3 to 45.4-46.4 us on 8192x28672 and
+    # from 15.8 to 14.6 on 4096x11008, 3-bit 16 rows from 54.4 to 52.6, and 2-bit one row from 27.5 to 25.6
+    caps = ROW_REGISTER_CAPS if bucket == 1 else ROWS16_REGISTER_CAPS
+    out += [replace(c, num_stages=3, max_registers=cap) for cap in caps for c in out if c.num_stages == 1]
     return out
 
 
@@ -342,7 +363,7 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
             BITS=layer.bits, KB=kb, BLOCK_N=cfg.block_n, STAGE_X=stage,
             HAS_PERM=has_perm and not stage, SPLIT=split > 1, HAS_BIAS=bias is not None,
             USE_ASM=not INTERPRETED, PDL=pdl, EVEN=even, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            **({"launch_pdl": True} if pdl else {}))
+            **cfg.compile_options(), **({"launch_pdl": True} if pdl else {}))
         return out
     if cfg.mode == 5:
         from backends.gptq.triton_kernels import INTERPRETED, gptq_gemm_h2_kernel
@@ -380,7 +401,7 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
             x2d, layer.qweight, layer.scales, layer.zeros, out, bias if bias is not None else out, ws, tickets,
             M, layer.N, layer.K, x2d.stride(0), out.stride(0), layer.group_size, per, split,
             BITS=layer.bits, R=rows, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split > 1,
-            HAS_BIAS=bias is not None, num_warps=cfg.num_warps,
+            HAS_BIAS=bias is not None, num_warps=cfg.num_warps, **cfg.compile_options(),
             GROUPS=gluon_gemv.groups_per_tile(layer.bits, cfg.block_k, layer.group_size, layer.K),
             **gluon_gemv.pipeline(cfg.num_stages),
             **gluon_gemv.layouts(layer.bits, cfg.block_k, cfg.block_n, cfg.num_warps, rows))
@@ -396,7 +417,7 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
             x2d, layer.qweight, layer.scales, layer.zeros, out, bias if bias is not None else out, ws, tickets,
             M, layer.N, layer.K, x2d.stride(0), out.stride(0), layer.group_size, per, split,
             BITS=layer.bits, R=gluon_wgmma.ROWS, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split > 1,
-            HAS_BIAS=bias is not None, num_warps=cfg.num_warps,
+            HAS_BIAS=bias is not None, num_warps=cfg.num_warps, **cfg.compile_options(),
             **gluon_wgmma.layouts(layer.bits, cfg.block_k, cfg.block_n))
         return out
     if cfg.mode == 3:

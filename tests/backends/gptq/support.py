@@ -46,6 +46,24 @@ class CaptureLog(list):
         return self[-1]
 
 
+def precompile_fused(layer, configs, row_counts, bias, scratch) -> None:
+    """Compile every (config, row count, with and without bias) launch side by side before the checks run
+    them one by one (parallel_compile: a GPU machine's cores instead of one compile at a time)."""
+    import functools
+
+    import torch
+
+    from backends.gptq import kernel_runtime as kr
+    from backends.gptq.parallel_compile import compile_all
+    calls = []
+    for cfg in configs:
+        for M in row_counts(cfg):
+            x = torch.zeros(M, layer.K, device=bias.device, dtype=torch.float16)
+            calls += [functools.partial(kr.launch_fused, x, layer, cfg, bias=b, scratch=scratch, compile_only=True)
+                      for b in (None, bias)]
+    compile_all(calls)
+
+
 def assert_fused_matches_float64(layer, ref, cfg, row_counts, bias, scratch, generator, shape_x=None, tol=2e-3):
     """Launch `cfg` (kernel_runtime.launch_fused) for each row count, without and with `bias`, into an output
     poisoned with NaN: every output written, relative error against x @ ref in float64 below `tol`.

@@ -13,7 +13,7 @@ from backends.gptq import format as fmt
 from backends.gptq import gluon_gemv
 from backends.gptq import kernel_runtime as kr
 from backends.gptq.quant_linear import make_kernel_layer
-from tests.backends.gptq.support import assert_fused_matches_float64
+from tests.backends.gptq.support import assert_fused_matches_float64, precompile_fused
 
 
 def _layer(K, N, bits, group, act, device, seed):
@@ -156,23 +156,42 @@ def test_configs_offered_fit_the_kernel():
 def test_pipeline_forms_are_offered_where_they_won():
     """num_stages picks the kernel's pipeline (gluon_gemv.PIPELINES): 1, x requested in the iteration that
     uses it, everywhere; 2, words two tiles ahead, only at 2-16 rows on 64-column warps, where it won on an
-    H200 (it lost 5-15% at one row); 3, words and x a tile ahead, at 2-16 rows for 2-bit layers (the only
-    ones that picked it)."""
+    H200 (it lost 5-15% at one row); 3, words and x a tile ahead: for every tile under a register cap
+    (ptxas maxnreg; 200 and 248 at 16 rows, 128 at one row), which won on an H200 at 2, 3 and 4 bits, and at 2-16
+    rows without a cap too for 2-bit layers (the only ones that picked it so)."""
     assert gluon_gemv.pipeline(1) == dict(WORDS_AHEAD=1, X_AHEAD=0)
     assert gluon_gemv.pipeline(2) == dict(WORDS_AHEAD=2, X_AHEAD=1)
     assert gluon_gemv.pipeline(3) == dict(WORDS_AHEAD=1, X_AHEAD=1)
     for bits, group in ((4, 128), (3, 128), (2, 64)):
         layer, _ = _layer(4096, 1024, bits, group, False, "cpu", 0)
         bks = kr.valid_block_ks(layer)
-        one = kr._gluon_gemv_candidates(layer, 1, bks, 132)
-        assert one and {c.num_stages for c in one} == {1}
-        rows16 = kr._gluon_gemv_candidates(layer, 16, bks, 132)
-        ahead = [c for c in rows16 if c.num_stages == 2]
-        assert ahead and all(c.block_n // c.num_warps == 64 for c in ahead), rows16
-        assert {replace(c, num_stages=1) for c in ahead} <= {c for c in rows16 if c.num_stages == 1}
-        both_ahead = {replace(c, num_stages=1) for c in rows16 if c.num_stages == 3}
-        assert both_ahead == ({c for c in rows16 if c.num_stages == 1} if bits == 2 else set())
-        assert len(set(rows16)) == len(rows16)
+        for bucket, caps in ((1, kr.ROW_REGISTER_CAPS), (16, kr.ROWS16_REGISTER_CAPS)):
+            offered = kr._gluon_gemv_candidates(layer, bucket, bks, 132)
+            tiles = {c for c in offered if c.num_stages == 1}
+            assert tiles and all(c.max_registers == 0 for c in tiles)
+            capped = [c for c in offered if c.max_registers]
+            for cap in caps:
+                assert {replace(c, max_registers=0) for c in capped if c.max_registers == cap} == {
+                    replace(c, num_stages=3) for c in tiles}
+            assert {c.max_registers for c in capped} == set(caps)
+            assert len(set(offered)) == len(offered)
+            if bucket == 1:
+                assert {c.num_stages for c in offered} == {1, 3}
+                continue
+            ahead = [c for c in offered if c.num_stages == 2]
+            assert ahead and all(c.block_n // c.num_warps == 64 and not c.max_registers for c in ahead), offered
+            assert {replace(c, num_stages=1) for c in ahead} <= tiles
+            both_ahead = {replace(c, num_stages=1) for c in offered if c.num_stages == 3 and not c.max_registers}
+            assert both_ahead == (tiles if bits == 2 else set())
+
+
+def test_register_caps_reach_the_launch_as_maxnreg():
+    """A config's register cap is a compile option of its launch (Triton's `maxnreg`), and none by default,
+    so the uncapped configs compile as before (the tuner's cache keys them apart by the cap)."""
+    cfg = kr.GemmConfig("fused", 16, 64, 128, 2, 1, 3, mode=8)
+    assert cfg.compile_options() == {}
+    assert replace(cfg, max_registers=200).compile_options() == {"maxnreg": 200}
+    assert replace(cfg, max_registers=200) != cfg
 
 
 def test_inputs_it_does_not_take_are_refused():
@@ -203,11 +222,14 @@ def test_matches_float64_over_rows_splits_and_tiles(K, N, bits, group, act):
     sms = kr.sm_count("cuda")
     offered = [c for bucket in (1, 16) for c in kr._gluon_gemv_candidates(layer, bucket, kr.valid_block_ks(layer), sms)]
     # every offered tile and split in pipeline form 1; forms 2 and 3 (gluon_gemv.PIPELINES) once per tile
+    # and register cap
     configs = [c for c in offered if c.num_stages == 1]
     for form in (2, 3):
-        tiles = {(c.block_m, c.block_n, c.block_k, c.num_warps): c for c in offered if c.num_stages == form}
+        tiles = {(c.block_m, c.block_n, c.block_k, c.num_warps, c.max_registers): c
+                 for c in offered if c.num_stages == form}
         configs += list(tiles.values())
-    assert {c.num_stages for c in configs} == ({1, 2, 3} if bits == 2 else {1, 2})
+    assert {c.num_stages for c in configs} == {1, 2, 3}
+    assert {c.max_registers for c in configs} == {0, *kr.ROW_REGISTER_CAPS, *kr.ROWS16_REGISTER_CAPS}
     bk = min(gluon_gemv.chunk(bits), max(kr.valid_block_ks(layer)))
     configs += [kr.GemmConfig("fused", 1, 64, bk, 1, 1, 1, mode=8),  # one split; odd splits
                 kr.GemmConfig("fused", 1, 128, bk, 3, 2, 1, mode=8), kr.GemmConfig("fused", 16, 64, bk, 3, 2, 1, mode=8),
@@ -230,8 +252,10 @@ def assert_configs_match_float64(layer, ref, configs, act, runtime, shape_x=None
         configs = [replace(c, gather_x=True) for c in configs]
     g = torch.Generator(device="cuda").manual_seed(7)
     bias = torch.randn(layer.N, generator=g, device="cuda").half()
+    row_counts = lambda cfg: (1,) if cfg.block_m == 1 else (2, 8, 9, 16)
+    precompile_fused(layer, configs, row_counts, bias, runtime.scratch)
     for cfg in configs:
-        rows = (1,) if cfg.block_m == 1 else (2, 8, 9, 16)
+        rows = row_counts(cfg)
         assert_fused_matches_float64(layer, ref, cfg, rows, bias, runtime.scratch, g, shape_x=shape_x)
 
 

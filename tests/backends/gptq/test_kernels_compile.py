@@ -266,6 +266,29 @@ def test_gluon_weights_as_a_kernel_two_tiles_ahead_requests_each_tile_once(bits)
     assert loads[2]["LDG.E.128"] == 128 * 16 * 2 // 32 // 16, loads  # x: 128 k x 16 rows of fp16
 
 
+@pytest.mark.parametrize("bits,rows,block_n,block_k,warps", [(4, 16, 64, 128, 1), (3, 16, 64, 128, 1),
+                                                            (2, 8, 128, 64, 1)])
+def test_gluon_weights_as_a_kernel_keeps_to_its_register_caps(bits, rows, block_n, block_k, warps):
+    """Mode 8's form 3 (words and x a tile ahead) under the register caps the tuner offers it at
+    (the lowest of kernel_runtime.ROWS16_REGISTER_CAPS and of ROW_REGISTER_CAPS), on the tiles an H200 picked: the cap is kept
+    with no spill in the K loop, and it changes the compile. ptxas schedules to the cap: at 16 rows it
+    spends up to 200 registers where it takes 172 without one (Triton 3.6 and 3.9), at one row it fits the
+    2-bit tile in 128 instead of 168 (16 warps an SM instead of 12). Both were faster on an H200."""
+    from collections import Counter
+
+    from backends.gptq import kernel_runtime as kr
+    from bench.kernel_sass import loop_body, mnemonic, resources
+    gg = _compiled_gluon_gemv()
+    cap = min(kr.ROWS16_REGISTER_CAPS if rows == 16 else kr.ROW_REGISTER_CAPS)
+    args = dict(BITS=bits, R=rows, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=True, HAS_BIAS=False,
+                **gg.pipeline(3), **gg.layouts(bits, block_k, block_n, warps, rows))
+    capped = resources(gg.gptq_mma_t_kernel, args, warps=warps, options={"maxnreg": cap})
+    free = resources(gg.gptq_mma_t_kernel, args, warps=warps)
+    assert capped["REG"] <= cap and capped["REG"] != free["REG"], (capped, free)
+    body = Counter(map(mnemonic, loop_body(gg.gptq_mma_t_kernel, args, warps=warps, options={"maxnreg": cap})))
+    assert not any(name.startswith(("LDL", "STL")) for name in body), body  # no spill in the loop
+
+
 def test_mode8_probe_variants_drop_what_they_say(tmp_path):
     """bench.mode8_probe's altered copies of mode 8 (2-bit, 256 x 64 tiles on four warps, one row, the
     family the H200 picks for 8192x28672): 'loads only' issues the shipped loads and no MMA; 'no zero
