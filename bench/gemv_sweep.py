@@ -62,15 +62,13 @@ def main(argv=None):
     ap.add_argument("--bits", type=int, default=4, choices=(2, 3, 4),
                     help="modes 4 and 8; groups of 128 (64 at 2 bits, as EfficientQAT's w2g64)")
     ap.add_argument("--registers", default="0",
-                    help="modes 4 and 8: register caps per thread to time each config at (ptxas maxnreg; 0: "
-                         "the compiler's choice), comma-separated; mode 4 then times the tuner's own candidates "
-                         "at each cap instead of its grid")
+                    help="register caps per thread to time each config at (ptxas maxnreg; 0: the compiler's "
+                         "choice), comma-separated; modes other than 8 then time the tuner's own candidates of "
+                         "the mode at each cap instead of a grid")
     args = ap.parse_args(argv)
     caps = [int(r) for r in args.registers.split(",")]
     if any(r and not 24 <= r <= 255 for r in caps):
         sys.exit("--registers: 0 or 24-255 per thread")
-    if caps != [0] and args.mode not in (4, 8):
-        sys.exit("--registers: modes 4 and 8 only")
     if not torch.cuda.is_available():
         sys.exit("bench.gemv_sweep needs a CUDA GPU")
     sms = sm_count("cuda")

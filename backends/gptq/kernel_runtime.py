@@ -166,9 +166,9 @@ class GemmConfig:
     #                            kernel, instead of each program loading x through perm (scattered reads)
     stage_x: bool = False      # act-order, mode 4: each program gathers its split's slice of x once into a
     #                            scratch row at its start (no extra launch, no per-tile gathers)
-    max_registers: int = 0     # modes 4, 8, 9: registers per thread the compiler may use (ptxas maxnreg; 0:
-    #                            its own choice). Fewer registers let more warps share an SM, and the cap also
-    #                            changes how ptxas schedules the loop
+    max_registers: int = 0     # registers per thread the compiler may use (ptxas maxnreg; 0: its own choice).
+    #                            ptxas schedules to the cap: fewer registers let more warps share an SM, more
+    #                            let it issue loads earlier (the tuner offers caps for mode 8 only)
 
     def compile_options(self) -> dict:
         """Launch options beyond the warps and stages (Triton's `maxnreg` only where a cap is set)."""
@@ -375,7 +375,7 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
             M, layer.N, layer.K, layer.Kw, x2d.stride(0), out.stride(0), layer.group_size, per, split,
             KB=kb, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_PERM=has_perm,
             SPLIT=split > 1, HAS_BIAS=bias is not None, USE_ASM=not INTERPRETED, EVEN=even, BITS=layer.bits,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.compile_options())
         return out
     if cfg.mode == 7:
         from backends.gptq import gluon_mma
@@ -388,7 +388,8 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
             M, layer.N, layer.K, x2d.stride(0), out.stride(0), layer.group_size, per, split,
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split > 1, HAS_BIAS=bias is not None,
             W_LAYOUT=gluon_mma.word_layout(cfg.block_k, cfg.block_n, cfg.num_warps),
-            X_LAYOUT=gluon_mma.x_layout(cfg.block_k, cfg.num_warps), num_warps=cfg.num_warps)
+            X_LAYOUT=gluon_mma.x_layout(cfg.block_k, cfg.num_warps), num_warps=cfg.num_warps,
+            **cfg.compile_options())
         return out
     if cfg.mode == 8:
         from backends.gptq import gluon_gemv
@@ -429,7 +430,7 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
             tickets, layer.N, layer.K, layer.Kw, layer.group_size, per, split,
             BITS=layer.bits, VPB=vpb, KB=kb, BLOCK_N=cfg.block_n, HAS_PERM=has_perm,
             SPLIT=split > 1, HAS_BIAS=bias is not None, INTERLEAVED=layer.interleaved,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.compile_options())
         return out
     if cfg.mode == 2 and cfg.block_m == 1 and layer.bits == 3 and layer.interleaved:
         raise ValueError("the unrolled kernel's M = 1 form (mode 2) reads 3-bit words in the checkpoint's order")
@@ -438,7 +439,7 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
         M, layer.N, layer.K, layer.Kw, x2d.stride(0), out.stride(0), layer.group_size, per, split,
         BITS=layer.bits, VPB=vpb, KB=kb, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         HAS_PERM=has_perm, SPLIT=split > 1, HAS_BIAS=bias is not None, MODE=cfg.mode,
-        INTERLEAVED=layer.interleaved, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        INTERLEAVED=layer.interleaved, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.compile_options())
     return out
 
 

@@ -122,6 +122,7 @@ def test_half2_kernels_with_splits(kr, bits, gs, act):
                     for split in (1, 2, 5) for bn in (32, 128)]
     if bits != 3:
         configs += [kr.GemmConfig("fused", 1, 32, 16, 10, 4, mode=mode) for mode in (3, 4)]
+    configs.append(kr.GemmConfig("fused", 1, 32, 32, 2, 4, mode=4, max_registers=64))  # a launch with maxnreg
     assert {kr.whole_tiles(layer, c) for c in configs} == {True, False}
     scratch = kr.SplitScratch()
     for cfg in configs:
