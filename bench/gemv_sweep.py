@@ -61,14 +61,12 @@ def main(argv=None):
     ap.add_argument("--m", type=int, default=1, help="rows of x (mode 4: 1)")
     ap.add_argument("--bits", type=int, default=4, choices=(2, 3, 4),
                     help="modes 4 and 8; groups of 128 (64 at 2 bits, as EfficientQAT's w2g64)")
-    ap.add_argument("--registers", default="0",
+    ap.add_argument("--registers", default=[0], type=register_caps,
                     help="register caps per thread to time each config at (ptxas maxnreg; 0: the compiler's "
                          "choice), comma-separated; modes other than 8 then time the tuner's own candidates of "
                          "the mode at each cap instead of a grid")
     args = ap.parse_args(argv)
-    caps = [int(r) for r in args.registers.split(",")]
-    if any(r and not 24 <= r <= 255 for r in caps):
-        sys.exit("--registers: 0 or 24-255 per thread")
+    caps = args.registers
     if not torch.cuda.is_available():
         sys.exit("bench.gemv_sweep needs a CUDA GPU")
     sms = sm_count("cuda")
@@ -141,32 +139,43 @@ def main(argv=None):
         torch.cuda.empty_cache()
 
 
+def register_caps(text: str) -> list[int]:
+    """--registers: comma-separated caps per thread, each 0 (none) or one ptxas takes (24-255)."""
+    try:
+        caps = [int(r) for r in text.split(",")]
+    except ValueError:
+        caps = []
+    if not caps or any(r and not 24 <= r <= 255 for r in caps):
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated caps, each 0 (none) or 24-255 registers")
+    return caps
+
+
 def sweep_mode8(runtime, x, layer, copies, reference, sms, caps=(0,)) -> list:
     """Mode 8 (gluon_gemv.py): every tile and split the tuner offers at this row count, each in every
     pipeline form (gluon_gemv.PIPELINES, a config's num_stages), whether offered there or not, at each
     register cap in `caps`."""
     from backends.gptq import gluon_gemv
     from backends.gptq.kernel_runtime import _gluon_gemv_candidates
-    tiles = {replace(c, num_stages=1, max_registers=0) for c in _gluon_gemv_candidates(layer, runtime.m_bucket(x.shape[0]),
-                                                                         valid_block_ks(layer), sms)}
+    offered = _gluon_gemv_candidates(layer, runtime.m_bucket(x.shape[0]), valid_block_ks(layer), sms)
+    tiles = {replace(c, num_stages=1, max_registers=0) for c in offered}
     grid = [replace(c, num_stages=form, max_registers=cap) for c in sorted(tiles, key=str)
             for form in gluon_gemv.PIPELINES for cap in caps]
-    runtime.precompile(x, layer, grid)
-    results = []
-    for cfg in grid:
-        ms = time_config(runtime, x, layer, copies, cfg, reference)
-        if ms is not None:
-            results.append((ms, cfg))
-    return sorted(results, key=lambda r: r[0])
+    return time_grid(runtime, x, layer, copies, reference, grid)
 
 
 def sweep_candidates(runtime, x, layer, copies, reference, mode, caps) -> list:
     """The tuner's own candidates of one mode, each at every register cap in `caps`."""
     grid = [replace(c, max_registers=cap) for c in runtime.candidates(x.shape[0], layer, x.device, x.dtype)
             if c.mode == mode for cap in caps]
+    return time_grid(runtime, x, layer, copies, reference, grid)
+
+
+def time_grid(runtime, x, layer, copies, reference, grid) -> list:
+    """(ms, config) of every config of `grid` that compiles and is correct, fastest first; the grid is
+    compiled side by side first (the tuner's precompile)."""
     runtime.precompile(x, layer, grid)
-    results = [(ms, cfg) for cfg in grid if (ms := time_config(runtime, x, layer, copies, cfg, reference)) is not None]
-    return sorted(results, key=lambda r: r[0])
+    timed = ((time_config(runtime, x, layer, copies, cfg, reference), cfg) for cfg in grid)
+    return sorted(((ms, cfg) for ms, cfg in timed if ms is not None), key=lambda r: r[0])
 
 
 def print_best(results, base, seconds, count=12):

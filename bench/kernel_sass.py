@@ -93,6 +93,7 @@ def opcode(text: str) -> str:
 
 
 def _cuobjdump(kernel, constexprs: dict, arch: int, warps: int, flag: str, options: dict | None = None) -> str:
+    """cuobjdump's output with `flag` (-sass, -res-usage) for the kernel compiled for sm_<arch>."""
     import triton
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.TemporaryDirectory() as tmp:

@@ -117,3 +117,18 @@ def test_mode8_probe_names_its_cases_as_bench_kernels_does():
     for bad in ("4096x11008:4g128a:16", "4096x11008:8g128:1", "4096x11008:5g128:1"):
         with pytest.raises(SystemExit, match=r"unknown case .*\(one of 4g128, 3g128, 2g64"):
             parse_case(bad)
+
+
+def test_gemv_sweep_takes_register_caps_ptxas_accepts():
+    """bench.gemv_sweep --registers: comma-separated caps, 0 for none; a cap ptxas would refuse (or a typo) is
+    an argparse error naming the value, before any GPU work."""
+    import argparse
+
+    from bench.gemv_sweep import register_caps
+    assert register_caps("0,200,248") == [0, 200, 248]
+    for bad in ("300", "0,abc", "16", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="24-255"):
+            register_caps(bad)
+    result = subprocess.run([sys.executable, "-m", "bench.gemv_sweep", "--registers", "300"], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "'300'" in result.stderr, result.stderr[-2000:]
