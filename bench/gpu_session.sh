@@ -15,6 +15,7 @@
 #   bash bench/gpu_session.sh gluon      the Gluon tensor-core kernel's CUDA tests, then each mode at 16 rows
 #   bash bench/gpu_session.sh graphs     load cycles, the backend smoke check and 7B decode (graph capture)
 #   bash bench/gpu_session.sh ncu        Nsight Compute counters of the 16-row and M = 1 kernels (bench.ncu_profile)
+#   bash bench/gpu_session.sh eight      mode 8 at 8 bits: its CUDA tests, then 8-bit at 1 and 16 rows, each mode's best
 # Prepare here:  mkdir -p .gpu_carry/tok && cp models/SmolLM2-135M-Instruct/{tokenizer.json,tokenizer_config.json} .gpu_carry/tok/
 #                echo /.gpu_carry/ >> .git/info/exclude
 set -uo pipefail
@@ -97,6 +98,13 @@ case "${1:-decode}" in
         > "$OUT/source_$k.csv" 2>/dev/null && grep -q '^"Address"' "$OUT/source_$k.csv" || rm -f "$OUT/source_$k.csv"
     done
     python -m bench.ncu_profile --sources "$OUT"/source_*.csv 2>&1 | tee "$OUT/sources.txt"
+    ;;
+  eight)
+    # 8-bit layers on mode 8 (built 2026-12-04 without a GPU): float64 checks of every offered config, then
+    # each mode's best at 1 and 16 rows next to fp16 and the read floor (the portable modes 0/2/3 before)
+    timeout 300 python -m pytest -q -p no:cacheprovider tests/backends/gptq/test_gluon_gemv.py -k "8-128" 2>&1 | tee "$OUT/tests.log"
+    timeout 280 python -m bench.kernels --shapes 4096x11008,8192x28672 --cases 8g128,4g128 --m 1,16 --per-mode \
+      --floor --out "$OUT" 2>&1 | tee "$OUT/kernels.log"
     ;;
   sweep16)
     # launch parameters of the half2 tensor-core kernel at M = 16

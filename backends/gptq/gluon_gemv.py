@@ -1,4 +1,4 @@
-"""The 1-16-row 2/3/4-bit kernel (mode 8): the weights are the tensor cores' A operand, unpacked with one
+"""The 1-16-row 2/3/4/8-bit kernel (mode 8): the weights are the tensor cores' A operand, unpacked with one
 `and` per pair (two at 3 bits) and no fix-up.
 
 Why: the half2 matrix-vector kernel (mode 4) spends three instructions per pair of weights: a `lop3` that
@@ -40,7 +40,13 @@ instructions per weight, bench/RESULTS.md). Here a pair costs a shift and an `an
 - How far ahead the loads are requested is the config's pipeline form (`PIPELINES`): x in the iteration
   that uses it by default, words two tiles ahead or both one tile ahead where those measured faster.
 
-Half2-ordered (`kernel_runtime.interleave_pairs`) 2-, 3- and 4-bit words, fp16, whole tiles only, a tile
+- 8 bits: a word's two pairs are bytes 0 and 2 (an `and`) and bytes 1 and 3 (a shift by 8 and an `and`) in
+  the half2 order (bytes hold values 0, 2, 1, 3); a code up to 255 is still an exact subnormal and every
+  field sits at bit 0 of its byte, so x is never scaled. A chunk (four words of a column, one per lane t)
+  is one MMA k-step: k = 16 c + 8 p + 2 t + h. Built and checked without a GPU (2026-12-04): the k order
+  against the product in torch, the layouts, the sm_90 SASS; not yet timed.
+
+Half2-ordered (`kernel_runtime.interleave_pairs`) 2-, 3-, 4- and 8-bit words, fp16, whole tiles only, a tile
 never straddling a group. Act-order reads x gathered by the runtime. Needs Triton's Gluon.
 """
 from __future__ import annotations
@@ -63,7 +69,7 @@ except ImportError:  # a Triton without Gluon: the mode is not offered
     AVAILABLE = False
 
 ROWS = 16  # rows of x per call at most: 8 per MMA (its n), two MMAs per weight operand past 8 rows
-BITS = (2, 3, 4)
+BITS = (2, 3, 4, 8)
 
 
 def values_per_word(bits: int) -> int:
@@ -319,20 +325,25 @@ if AVAILABLE:
         the dot's order: joins, reshapes and the permute only rename registers (asserted)."""
         l0, h0 = _pair_q(w, 0, BITS)
         l1, h1 = _pair_q(w, 1, BITS)
-        l2, h2 = _pair_q(w, 2, BITS)
-        l3, h3 = _pair_q(w, 3, BITS)
-        t = gl.join(gl.join(gl.join(l0, h0), gl.join(l1, h1)), gl.join(gl.join(l2, h2), gl.join(l3, h3)))
-        if BITS == 4:
-            t = gl.reshape(t, [BLOCK_N, BLOCK_K // 32, 4, 2, 2, 2])  # (n, c, t, h, p & 1, p >> 1)
-            t = gl.permute(t, [0, 1, 5, 4, 2, 3])  # k = 32 c + 16 (p >> 1) + 8 (p & 1) + 2 t + h
+        t = gl.join(gl.join(l0, h0), gl.join(l1, h1))  # (n, word, h, p)
+        if BITS == 8:  # two pairs a word, a chunk one MMA k-step
+            t = gl.reshape(t, [BLOCK_N, BLOCK_K // 16, 4, 2, 2])  # (n, c, t, h, p)
+            t = gl.permute(t, [0, 1, 4, 2, 3])  # k = 16 c + 8 p + 2 t + h
         else:
-            l4, h4 = _pair_q(w, 4, BITS)
-            l5, h5 = _pair_q(w, 5, BITS)
-            l6, h6 = _pair_q(w, 6, BITS)
-            l7, h7 = _pair_q(w, 7, BITS)
-            u = gl.join(gl.join(gl.join(l4, h4), gl.join(l5, h5)), gl.join(gl.join(l6, h6), gl.join(l7, h7)))
-            t = gl.reshape(gl.join(t, u), [BLOCK_N, BLOCK_K // 64, 4, 2, 2, 2, 2])  # (n, c, t, h, p0, p1, p2)
-            t = gl.permute(t, [0, 1, 6, 5, 4, 2, 3])  # k = 64 c + 16 (p >> 1) + 8 (p & 1) + 2 t + h
+            l2, h2 = _pair_q(w, 2, BITS)
+            l3, h3 = _pair_q(w, 3, BITS)
+            t = gl.join(t, gl.join(gl.join(l2, h2), gl.join(l3, h3)))
+            if BITS == 4:
+                t = gl.reshape(t, [BLOCK_N, BLOCK_K // 32, 4, 2, 2, 2])  # (n, c, t, h, p & 1, p >> 1)
+                t = gl.permute(t, [0, 1, 5, 4, 2, 3])  # k = 32 c + 16 (p >> 1) + 8 (p & 1) + 2 t + h
+            else:
+                l4, h4 = _pair_q(w, 4, BITS)
+                l5, h5 = _pair_q(w, 5, BITS)
+                l6, h6 = _pair_q(w, 6, BITS)
+                l7, h7 = _pair_q(w, 7, BITS)
+                u = gl.join(gl.join(gl.join(l4, h4), gl.join(l5, h5)), gl.join(gl.join(l6, h6), gl.join(l7, h7)))
+                t = gl.reshape(gl.join(t, u), [BLOCK_N, BLOCK_K // 64, 4, 2, 2, 2, 2])  # (n, c, t, h, p0, p1, p2)
+                t = gl.permute(t, [0, 1, 6, 5, 4, 2, 3])  # k = 64 c + 16 (p >> 1) + 8 (p & 1) + 2 t + h
         return gl.convert_layout(gl.reshape(t, [BLOCK_N, BLOCK_K]), A_LAYOUT, assert_trivial=True)
 
     @gluon.jit
@@ -373,7 +384,10 @@ if AVAILABLE:
         lo = (xs & 0xFFFF).to(gl.int16).to(gl.float16, bitcast=True)
         hi = (xs >> 16).to(gl.int16).to(gl.float16, bitcast=True)
         t = gl.join(lo, hi)  # (pair, m, h)
-        if BITS == 4:
+        if BITS == 8:
+            t = gl.reshape(t, [BLOCK_K // 16, 4, 2, R, 2])  # (c, t, p, m, h)
+            t = gl.permute(t, [0, 2, 1, 4, 3])
+        elif BITS == 4:
             t = gl.reshape(t, [BLOCK_K // 32, 4, 2, 2, R, 2])  # (c, t, p >> 1, p & 1, m, h)
             t = gl.permute(t, [0, 2, 3, 1, 5, 4])
         elif BITS == 2:
@@ -468,7 +482,7 @@ if AVAILABLE:
                           HAS_BIAS: gl.constexpr, W_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr,
                           LOAD_LAYOUT: gl.constexpr, COL_LAYOUT: gl.constexpr, OUT_LAYOUT: gl.constexpr,
                           GROUPS: gl.constexpr = 1, WORDS_AHEAD: gl.constexpr = 1, X_AHEAD: gl.constexpr = 0):
-        """out[M, N] (+)= x[M, K] @ W for 1 <= M <= R (8 or 16) fp16 rows and half2-ordered 2/3/4-bit words, the K
+        """out[M, N] (+)= x[M, K] @ W for 1 <= M <= R (8 or 16) fp16 rows and half2-ordered 2/3/4/8-bit words, the K
         tiles of this program's split (grid axis 1); whole tiles only. See the module docstring.
         GROUPS = 2: a tile holds two groups (group_size = BLOCK_K / 2, 2 and 4 bits), each half of it an MMA of
         its own with its own scales and zeros: tiles twice as long as the group, so twice the bytes in flight
@@ -496,7 +510,7 @@ if AVAILABLE:
         w_tile = qw_ptr + r_w[None, :] * N + n_w[:, None]
         n_sz = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=COL_LAYOUT)
         x_tile, x_shift = _x_pair_tile(x_ptr, M, stride_xm, BLOCK_K, R, BITS, X_LAYOUT)
-        ONE: gl.constexpr = 0x11111111 if BITS == 4 else 0x55555555  # every field 1: the all-ones operand
+        ONE: gl.constexpr = 0x01010101 if BITS == 8 else 0x11111111 if BITS == 4 else 0x55555555  # every field 1
         if BITS == 3:
             one = gl.full([BLOCK_N, LW], ONE, gl.int32, W_LAYOUT)
             ones = _a_operand3(one, one, gl.full([BLOCK_N, LW], 0, gl.int32, W_LAYOUT), BLOCK_N, BLOCK_K, a_layout)

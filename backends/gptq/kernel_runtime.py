@@ -71,7 +71,8 @@ def values_per_block(bits: int) -> int:
     return 32 if bits == 3 else 32 // bits
 
 
-INTERLEAVED_BITS = (2, 3, 4)
+INTERLEAVED_BITS = (2, 3, 4, 8)
+HALF2_BITS = (2, 3, 4)  # the half2 kernels' widths (modes 4 and 5); 8-bit words are interleaved for mode 8
 
 
 def hi_plane_bit(j: int) -> int:
@@ -90,7 +91,8 @@ def interleave_pairs(qweight: torch.Tensor, bits: int) -> torch.Tensor:
     into two fp16 numbers with one instruction, and the fp16 activations pair up as they lie in memory.
     3 bits: each block of 32 values (3 words) becomes two words of its low 2 bits in the 2-bit pair order
     (values 0-15, then 16-31) and one word of its third bits (see hi_plane_bit): a 3-bit value then
-    straddles no word, and a pair costs one more `lop3` than at 2 or 4 bits."""
+    straddles no word, and a pair costs one more `lop3` than at 2 or 4 bits. 8 bits: bytes 0-3 hold values
+    0, 2, 1, 3 (for mode 8, which reads a pair as bytes 0 and 2 or 1 and 3; the half2 kernels take 2-4 bits)."""
     if bits not in INTERLEAVED_BITS:
         raise ValueError(f"pair interleaving is for {INTERLEAVED_BITS}-bit words, not {bits}")
     if bits == 3:
@@ -132,7 +134,7 @@ class KernelLayer:
     K: int
     N: int
     group_size: int              # rows per group in sorted order; K when there is one group
-    interleaved: bool = False    # 2/3/4-bit words in the half2 kernel's order of `interleave_pairs`
+    interleaved: bool = False    # 2/3/4/8-bit words in the half2 kernel's order of `interleave_pairs`
 
     @property
     def Kw(self) -> int:
@@ -158,7 +160,7 @@ class GemmConfig:
     #                            7 the same in Gluon with hand-chosen operand layouts (1 < M <= 16, fp16,
     #                            4-bit interleaved words, whole tiles: gluon_mma.py)
     #                            8 weights as the tensor cores' A operand, unpacked without fix-ups (1 <= M <= 16,
-    #                            fp16, 2/3/4-bit interleaved words, whole tiles: gluon_gemv.py)
+    #                            fp16, 2/3/4/8-bit interleaved words, whole tiles: gluon_gemv.py)
     #                            9 mode 8 on Hopper's warpgroup MMA, x shared through shared memory (1 < M <= 16,
     #                            sm_90; gluon_wgmma.py)
     #                            (6, W^T x^T on the tensor cores, lost to 5 on an H100 and was removed)
@@ -248,9 +250,12 @@ def _gluon_mma_candidates(layer: KernelLayer, bucket: int, bks: list[int], sms: 
 
 
 def _gluon_block_k(layer: KernelLayer, bks: list[int]) -> int:
-    """The tile length modes 8 and 9 run: the longest of whole chunks, up to 128, that a group allows (0: none)."""
+    """The tile length modes 8 and 9 run: the longest of whole chunks, up to 128 values (8 bits: 64, the bytes
+    of a 4-bit 128-value tile; 128 8-bit values on 128-column warps spill at one row, sm_90), that a group
+    allows (0: none)."""
     from backends.gptq import gluon_gemv
-    return max((b for b in bks if gluon_gemv.chunk(layer.bits) <= b <= 128), default=0)
+    longest = 64 if layer.bits == 8 else 128
+    return max((b for b in bks if gluon_gemv.chunk(layer.bits) <= b <= longest), default=0)
 
 
 # mode 8's register caps per thread for its form-3 candidates: the best of 0/96/128/168 at one row and of
@@ -351,7 +356,7 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
     even = whole_tiles(layer, cfg)
     if cfg.mode == 4:
         from backends.gptq.triton_kernels import INTERPRETED, gptq_gemv_h2_kernel
-        if M != 1 or x2d.dtype != torch.float16 or not layer.interleaved:
+        if M != 1 or x2d.dtype != torch.float16 or not layer.interleaved or layer.bits not in HALF2_BITS:
             raise ValueError("the half2 matrix-vector kernel (mode 4) takes one fp16 row and interleaved words")
         x_row = aligned_row(x2d)
         # stage_x: the split's rows rounded up to a power of two (a Triton block size)
@@ -367,7 +372,7 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
         return out
     if cfg.mode == 5:
         from backends.gptq.triton_kernels import INTERPRETED, gptq_gemm_h2_kernel
-        if x2d.dtype != torch.float16 or not layer.interleaved or kb < 2:
+        if x2d.dtype != torch.float16 or not layer.interleaved or layer.bits not in HALF2_BITS or kb < 2:
             raise ValueError("the half2 tensor-core kernel (mode 5) takes fp16 rows and interleaved 2/3/4-bit "
                              "words, at least 2 value blocks per column of a tile")
         launcher(gptq_gemm_h2_kernel, (n_tiles, split), compile_only)(
@@ -585,9 +590,12 @@ class KernelRuntime:
         """Unpacking modes worth trying, the untuned default first. The half2 kernel (mode 4) is only
         taken when the tuner has measured it (and checked its output) on the GPU in use. every: also the
         modes that run here but are left out to save tuning time (for modes asked for by name)."""
-        half2 = dtype == torch.float16 and layer.interleaved
+        half2 = dtype == torch.float16 and layer.interleaved and layer.bits in HALF2_BITS
+        # 8-bit words are interleaved for mode 8 alone (the half2 kernels take 2-4 bits); mode 8 is offered
+        # for them at one and 16 rows where Gluon runs
+        bytes8 = dtype == torch.float16 and layer.interleaved and layer.bits == 8 and gluon_kernels_available()
         if bucket == 1:
-            modes = (3, 4, 0, 2) if half2 else (3, 0, 2)
+            modes = (3, 4, 0, 2) if half2 else (3, 8, 0, 2) if bytes8 else (3, 0, 2)
             if half2 and gluon_kernels_available() and (layer.bits == 2 or every):
                 # mode 8 with its loads in column runs beat mode 4 at one row on 2-bit 8192x28672 by 5% (and
                 # lost by 4% on 4096x11008) on an H200, 2026-12-04; at 4 bits it tied or lost, so it is not
@@ -595,6 +603,8 @@ class KernelRuntime:
                 modes = (3, 4, 8, 0, 2)
         else:
             modes = (2, 0, 1) if dtype == torch.float16 else (0, 1)
+            if bytes8:
+                modes = (2, 8, 0, 1)
             if half2:
                 # the half2 tensor-core kernel leads: at M = 16 on an H200 1.7-1.8x faster than mode 2
                 # at 4 bits, 1.8-2.3x faster than mode 0 at 2 and 3 bits (bench/RESULTS.md); at M = 1

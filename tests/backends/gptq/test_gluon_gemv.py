@@ -40,7 +40,7 @@ def _fields_as_subnormals(words: torch.Tensor, bits: int, pair: int) -> torch.Te
     return halves.view(torch.float16)
 
 
-@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("bits", [2, 4, 8])
 def test_masked_fields_read_as_fp16_are_the_codes_times_2_to_the_minus_24(bits):
     """Every pair of every half2-ordered word unpacks to q * 2^r * 2^-24 exactly; x divided by 2^r (the
     kernel's x_scale) brings every product to x q 2^-24."""
@@ -54,6 +54,63 @@ def test_masked_fields_read_as_fp16_are_the_codes_times_2_to_the_minus_24(bits):
         for h in (0, 1):
             want = codes[2 * p + h::per_word].double() * 2.0 ** (r - 24)
             assert torch.equal(got[..., h], want), f"pair {p} half {h}"
+
+
+def _a_operand_emulated(words: torch.Tensor, bits: int, block_k: int) -> torch.Tensor:
+    """_a_operand's joins, reshapes and permute on logical tensors (gl.join stacks on a new last axis,
+    reshapes are row-major): A [N, block_k] in the dot's k order, as float64 q * 2^r * 2^-24."""
+    n = words.shape[0]
+    pairs = [_fields_as_subnormals(words, bits, p).double() for p in range(32 // bits // 2)]
+    t = torch.stack([torch.stack([pairs[0][..., 0], pairs[0][..., 1]], -1),
+                     torch.stack([pairs[1][..., 0], pairs[1][..., 1]], -1)], -1)  # (n, word, h, p)
+    if bits == 8:
+        t = t.reshape(n, block_k // 16, 4, 2, 2).permute(0, 1, 4, 2, 3)
+    else:
+        u = torch.stack([torch.stack([pairs[2][..., 0], pairs[2][..., 1]], -1),
+                         torch.stack([pairs[3][..., 0], pairs[3][..., 1]], -1)], -1)
+        t = torch.stack([t, u], -1)
+        if bits == 4:
+            t = t.reshape(n, block_k // 32, 4, 2, 2, 2).permute(0, 1, 5, 4, 2, 3)
+        else:
+            v = torch.stack([torch.stack([pairs[4][..., 0], pairs[4][..., 1]], -1),
+                             torch.stack([pairs[5][..., 0], pairs[5][..., 1]], -1)], -1)
+            w = torch.stack([torch.stack([pairs[6][..., 0], pairs[6][..., 1]], -1),
+                             torch.stack([pairs[7][..., 0], pairs[7][..., 1]], -1)], -1)
+            t = torch.stack([t, torch.stack([v, w], -1)], -1)
+            t = t.reshape(n, block_k // 64, 4, 2, 2, 2, 2).permute(0, 1, 6, 5, 4, 2, 3)
+    return t.reshape(n, block_k)
+
+
+def _b_tile_emulated(x: torch.Tensor, bits: int, block_k: int) -> torch.Tensor:
+    """_b_tile on logical tensors: x [block_k, R] (float64, memory order) as its pairs, each divided by
+    2^r of its weights (_x_pair_tile's shift), in the dot's k order [block_k, R]."""
+    rows = x.shape[1]
+    pairs = x.reshape(block_k // 2, 2, rows)  # (pair, h, m)
+    sb = 2 if bits == 3 else bits
+    shift = (sb * (torch.arange(block_k // 2) % (8 // sb))).double()
+    t = (pairs / 2.0 ** shift[:, None, None]).permute(0, 2, 1)  # (pair, m, h): gl.join(lo, hi)
+    if bits == 8:
+        t = t.reshape(block_k // 16, 4, 2, rows, 2).permute(0, 2, 1, 4, 3)
+    elif bits == 4:
+        t = t.reshape(block_k // 32, 4, 2, 2, rows, 2).permute(0, 2, 3, 1, 5, 4)
+    else:
+        t = t.reshape(block_k // 64, 4, 2, 2, 2, rows, 2).permute(0, 2, 3, 4, 1, 6, 5)
+    return t.reshape(block_k, rows)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_the_operands_in_the_dots_k_order_give_the_product_in_memory_order(bits):
+    """The k order the kernel builds its operands in (_a_operand from half2-ordered words, _b_tile from x's
+    pairs in memory order) is one permutation on both sides: A B = (q x) 2^-24 exactly. An 8-bit word holds
+    two pairs, so its chunk is one MMA k-step (k = 16 c + 8 p + 2 t + h, the MMA's own k of lane t); a
+    mismatch here would pair weights with the wrong activations, which no layout assertion catches."""
+    g = torch.Generator().manual_seed(bits)
+    block_k, n, rows = 64, 32, 16
+    codes = torch.randint(0, 1 << bits, (block_k, n), generator=g, dtype=torch.int32)
+    words = kr.interleave_pairs(fmt.pack_qweight(codes, bits), bits).t()  # [n, words]: a lane's column
+    x = torch.randint(-8, 8, (block_k, rows), generator=g).double()  # exact in fp16 and after / 2^r
+    got = _a_operand_emulated(words, bits, block_k) @ _b_tile_emulated(x, bits, block_k)
+    assert torch.equal(got, codes.t().double() @ x * 2.0 ** -24)
 
 
 def test_3bit_pairs_read_as_fp16_are_the_codes_times_4_to_the_r_times_2_to_the_minus_24():
@@ -98,7 +155,7 @@ def _placements(layout, rank: int) -> dict:
 
 @pytest.mark.skipif(not gluon_gemv.AVAILABLE, reason="this Triton has no Gluon (3.5+)")
 @pytest.mark.parametrize("bits,block_n,warps", [(4, 64, 1), (4, 128, 1), (2, 32, 1), (4, 128, 2), (2, 256, 4),
-                                                 (4, 64, 4)])
+                                                 (4, 64, 4), (8, 64, 1), (8, 256, 4)])
 def test_words_load_in_runs_of_columns_and_land_in_the_mma_rows_of_those_columns(bits, block_n, warps):
     """Mode 8 loads words, scales and zeros in memory order, each lane a run of side-by-side columns
     (one vector load), and renames them to the MMA's rows: every lane must load exactly the columns whose
@@ -151,6 +208,11 @@ def test_configs_offered_fit_the_kernel():
     assert {c.block_k for c in kr._gluon_gemv_candidates(three, 1, kr.valid_block_ks(three), 132)} == {128}
     three64, _ = _layer(4096, 1024, 3, 64, False, "cpu", 0)
     assert kr._gluon_gemv_candidates(three64, 16, kr.valid_block_ks(three64), 132) == []
+    eight, _ = _layer(4096, 1024, 8, 128, False, "cpu", 0)  # 8 bits: 64-value tiles, a 4-bit 128-value tile's bytes
+    for bucket in (1, 16):
+        offered = kr._gluon_gemv_candidates(eight, bucket, kr.valid_block_ks(eight), 132)
+        assert offered and {c.block_k for c in offered} == {64}
+        assert all(gluon_gemv.valid(8, c.block_k, c.block_n, c.num_warps) for c in offered)
 
 
 def test_pipeline_forms_are_offered_where_they_won():
@@ -212,7 +274,8 @@ needs_gluon_gpu = pytest.mark.skipif(not torch.cuda.is_available(),
                                                 (2048, 256, 4, -1, False), (1024, 768, 4, 64, True),
                                                 (11008, 256, 4, 128, False), (1024, 512, 2, 128, True),
                                                 (4096, 1024, 3, 128, False), (2048, 512, 3, -1, False),
-                                                (1024, 768, 3, 128, True), (2048, 512, 4, 32, False)])
+                                                (1024, 768, 3, 128, True), (2048, 512, 4, 32, False),
+                                                (2048, 512, 8, 128, False), (1024, 768, 8, 128, True)])
 def test_matches_float64_over_rows_splits_and_tiles(K, N, bits, group, act):
     if not gluon_gemv.AVAILABLE:
         pytest.skip("this Triton has no Gluon")
@@ -273,7 +336,7 @@ def test_the_tuner_checks_and_may_pick_it_at_16_rows():
     assert float((y.double() - want).norm() / want.norm()) < 2e-3
 
 
-def test_the_tuner_offers_it_at_2_to_16_rows_and_at_one_for_2_bits():
+def test_the_tuner_offers_it_at_2_to_16_rows_and_at_one_for_2_and_8_bits():
     """Mode 8 won or tied at 4 and 16 rows on an H200 (at 3 bits by 16-29%), and at one row won only at 2
     bits (bench/RESULTS.md): it is offered where Gluon kernels run, for 2, 3 and 4 bits at 2-16 rows, and
     for 2 bits at one row (3 and 4 bits there only when asked for by name)."""
@@ -292,3 +355,11 @@ def test_the_tuner_offers_it_at_2_to_16_rows_and_at_one_for_2_bits():
         assert bool(asked) and all(c.mode == 8 for c in asked) == kr.gluon_kernels_available()
     three64, _ = _layer(4096, 1024, 3, 64, False, "cpu", 3)  # 3 bits need whole 128-value tiles
     assert not any(c.mode == 8 for c in runtime.candidates(16, three64))
+    # 8 bits: the half2 kernels (modes 4 and 5) take 2-4 bits; mode 8 is the fp16 8-bit kernel at 1-16 rows,
+    # next to the portable modes (untimed on a GPU when offered: the tuner checks every candidate's output)
+    eight, _ = _layer(4096, 1024, 8, 128, False, "cpu", 8)
+    for M in (1, 16):
+        offered = runtime.candidates(M, eight)
+        assert not {4, 5} & {c.mode for c in offered}
+        assert any(c.mode == 8 for c in offered) == kr.gluon_kernels_available()
+        assert offered[0].mode in (2, 3)  # the untuned default stays a portable kernel

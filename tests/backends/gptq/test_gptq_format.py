@@ -197,9 +197,10 @@ def test_find_weight_files(tmp_path):
     assert [p.name for p in fmt.find_weight_files(tmp_path, cfg)] == ["model.safetensors"]
 
 
-@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("bits", [2, 4, 8])
 def test_interleaved_words_hold_the_same_values(bits):
-    """The kernel layout keeps every value of a word, moved to the pair order the half2 kernel reads."""
+    """The kernel layout keeps every value of a word, moved to the pair order the half2 kernels (and, at 8
+    bits, mode 8: bytes 0-3 hold values 0, 2, 1, 3) read."""
     from backends.gptq.kernel_runtime import interleave_pairs
     gen = torch.Generator().manual_seed(bits)
     codes = torch.randint(0, 2 ** bits, (96, 24), generator=gen, dtype=torch.int32)
@@ -207,8 +208,10 @@ def test_interleaved_words_hold_the_same_values(bits):
     per_word = 32 // bits
     slots = [(words >> ((j % 2) * 16 + (j // 2) * bits)) & (2 ** bits - 1) for j in range(per_word)]
     assert torch.equal(torch.stack(slots, 1).reshape(-1, 24).int(), codes)
+    if bits == 8:
+        assert [int(words[0, 0]) >> (8 * b) & 255 for b in range(4)] == [int(codes[j, 0]) for j in (0, 2, 1, 3)]
     with pytest.raises(ValueError):
-        interleave_pairs(fmt.pack_qweight(codes, 8), 8)
+        interleave_pairs(fmt.pack_qweight(codes[:, :], 4), 5)
 
 
 def test_3bit_planes_hold_the_same_values():

@@ -32,6 +32,8 @@ def _gluon_kernels():
         ("gluon weights-as-A 1-8 rows 2-bit, two groups a tile", gg.gptq_mma_t_kernel,
          dict(BITS=2, R=8, BLOCK_N=256, BLOCK_K=128, SPLIT=True, HAS_BIAS=False, GROUPS=2,
               **gg.layouts(2, 128, 256, 4, 8))),
+        ("gluon weights-as-A 9-16 rows 8-bit, split", gg.gptq_mma_t_kernel,
+         dict(BITS=8, R=16, BLOCK_N=64, BLOCK_K=64, SPLIT=True, HAS_BIAS=False, **gg.layouts(8, 64, 64, 4, 16))),
         ("gluon weights-as-A 9-16 rows 2-bit, bias", gg.gptq_mma_t_kernel,
          dict(BITS=2, R=16, BLOCK_N=64, BLOCK_K=64, SPLIT=False, HAS_BIAS=True, **gg.layouts(2, 64, 64, 4, 16))),
         ("gluon tensor cores M=16 4-bit, split, bias", gm.gptq_mma4_kernel,
@@ -221,6 +223,31 @@ def test_gluon_weights_as_a_kernel_unpacks_without_fixups(rows, hmma, limit):
     assert names["HMUL2"] == x_registers // 2, names  # the pairs at bit 4 of their byte: x / 16
     assert names["PRMT"] <= 8, names  # no half swaps around them (24 and 40 before)
     assert 1.2 < per_weight < limit, f"loop: {per_weight:.2f} SASS instructions per weight and thread"
+
+
+@pytest.mark.parametrize("rows,block_n,warps", [(16, 64, 1), (8, 256, 4)])
+def test_gluon_weights_as_a_kernel_unpacks_8bit_words_in_an_and_a_pair(rows, block_n, warps):
+    """Mode 8 at 8 bits (64-value tiles, the bytes of a 4-bit 128-value tile), on the tiles it is offered at
+    one and 16 rows: a word's two pairs are an `and` (bytes 0 and 2) and a shift and an `and` (bytes 1 and
+    3), read as fp16 subnormals q * 2^-24 (8-bit codes fit the 10-bit mantissa); x needs no scaling (every
+    field sits at bit 0 of its byte). A chunk of four words is one MMA k-step, and nothing spills."""
+    from collections import Counter
+
+    from bench.kernel_sass import loop_body, mnemonic, opcode
+    gg = _compiled_gluon_gemv()
+    block_k = 64
+    body = loop_body(gg.gptq_mma_t_kernel, dict(BITS=8, R=rows, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=False,
+                                                HAS_BIAS=False, **gg.layouts(8, block_k, block_n, warps, rows)),
+                     warps=warps)
+    ops, names = Counter(map(opcode, body)), Counter(map(mnemonic, body))
+    weights = block_n * block_k // (32 * warps)  # per lane and tile
+    words, row_tiles, k_steps = weights // 4, block_n // (16 * warps), block_k // 16
+    assert ops["HMMA"] == (row_tiles + 1) * k_steps * rows // 8, ops  # the weights', and all-ones shared
+    assert weights // 2 <= ops["LOP3"] <= weights // 2 + 8, ops  # an `and` a pair
+    assert ops["SHF"] <= words + 2, ops  # a shift a word (its bytes 1 and 3)
+    assert names["HMUL2"] == 0 and names["HFMA2"] == 0 and names["HADD2"] == 0, names  # no x scaling, no fix-ups
+    assert names["LDG.E.EF.128"] == words // 4, names  # the words in 16-byte evict-first loads
+    assert not any(name.startswith(("LDL", "STL")) for name in names), names
 
 
 def test_gluon_weights_as_a_kernel_unpacks_3bit_blocks_in_two_lop3_a_pair():
