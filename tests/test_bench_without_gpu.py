@@ -109,13 +109,14 @@ def test_every_benchmark_stamps_its_commit_through_provenance():
 
 
 def test_mode8_probe_names_its_cases_as_bench_kernels_does():
-    """bench.mode8_probe takes 'KxN:case:rows' with bench.kernels' case names, and refuses an act-order, 8-bit or
-    unknown case by naming the ones it takes, before any GPU work."""
+    """bench.mode8_probe takes 'KxN:case:rows' with bench.kernels' case names (mode 8's widths, 8 bits
+    included), and refuses an act-order or unknown case by naming the ones it takes, before any GPU work."""
     from bench.mode8_probe import parse_case
     assert parse_case("8192x28672:2g64:1") == (8192, 28672, 2, 64, 1)
     assert parse_case("4096x11008:4g128:16") == (4096, 11008, 4, 128, 16)
-    for bad in ("4096x11008:4g128a:16", "4096x11008:8g128:1", "4096x11008:5g128:1"):
-        with pytest.raises(SystemExit, match=r"unknown case .*\(one of 4g128, 3g128, 2g64"):
+    assert parse_case("4096x11008:8g128:1") == (4096, 11008, 8, 128, 1)
+    for bad in ("4096x11008:4g128a:16", "4096x11008:5g128:1"):
+        with pytest.raises(SystemExit, match=r"unknown case .*\(one of 4g128, 3g128, 2g64, 2g128, 8g128"):
             parse_case(bad)
 
 
