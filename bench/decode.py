@@ -100,6 +100,21 @@ def run_generation(model, prompt_ids, new_tokens, forward, device):
     return ttft, tps, len(stamps)
 
 
+def _weight_mb(backend) -> float:
+    """MB held by a loaded CPU model's parameters and buffers (the gptq layers' dense copies or packed codes)."""
+    model = backend.model
+    tensors = list(model.parameters()) + [b for b in model.buffers() if b is not None]
+    for layer in getattr(backend, "quant_layers", {}).values():
+        if layer.int4 is not None:
+            tensors += [layer.int4.packed, layer.int4.scales_and_offsets, layer.int4.scales, layer.int4.zeros]
+    seen, total = set(), 0
+    for t in tensors:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total / 2**20
+
+
 def cpu_main(args) -> None:
     """CPU: the gptq backend (torch path) against the transformers backend on the default model's fp
     weights, same machine, same run, alternating, median of repeats."""
@@ -111,9 +126,10 @@ def cpu_main(args) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="gptq-cpu-bench-"))
     ckpt = rtn.quantize_folder(src, tmp / "smol-4bit", bits=args.bits, group_size=args.group)
     engines = {}
-    for name, path in (("transformers fp32", src), ("gptq 4-bit (torch path)", ckpt)):
+    for name, path, extra in (("transformers fp32", src, {}), ("gptq 4-bit (torch path, fp32 copy)", ckpt, {}),
+                              ("gptq 4-bit (packed int4 kernel)", ckpt, {"cpu_int4": "on"})):
         b = create_backend("transformers" if name.startswith("transformers") else "gptq")
-        b.load(path, b.validate_options({"device": "cpu", "dtype": "float32"}))
+        b.load(path, b.validate_options({"device": "cpu", "dtype": "float32", **extra}))
         engines[name] = b
     messages = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
     params = SamplingParams(temperature=0.0, max_new_tokens=args.new)
@@ -129,8 +145,8 @@ def cpu_main(args) -> None:
              f"Command: `python -m bench.decode --cpu {' '.join(a for a in sys.argv[1:] if a != '--cpu')}`. "
              f"SmolLM2-135M-Instruct, RTN {args.bits}-bit g{args.group}; greedy, {args.new} new tokens, chat prompt; "
              f"median of {args.repeats} alternating runs (shared machine).", "",
-             "| engine | decode tok/s | x transformers |", "| --- | --- | --- |"]
-    lines += [f"| {k} | {v:.1f} | {v / base:.2f} |" for k, v in med.items()]
+             "| engine | decode tok/s | x transformers | weights MB |", "| --- | --- | --- | --- |"]
+    lines += [f"| {k} | {v:.1f} | {v / base:.2f} | {_weight_mb(engines[k]):.0f} |" for k, v in med.items()]
     text = "\n".join(lines) + "\n"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -26,8 +26,12 @@ class GPTQBackend(TransformersBackend):
                        "activations: auto = float16 on CUDA, float32 on CPU"),
             OptionSpec("device", "choice", "auto", ("auto", "cpu", "cuda"), "auto: CUDA when present"),
             OptionSpec("threads", "int", 0, help="CPU threads for torch (0 = torch's default)", minimum=0),
+            OptionSpec("cpu_int4", "choice", "auto", ("auto", "on", "off"),
+                       "CPU: 4-bit layers on torch's packed int4 kernel (bf16: 8x less RAM than the dequantized "
+                       "fp32 copy, 1.7x faster decoding on the default model, perplexity within ~1%) - auto "
+                       "where that copy does not fit"),
             OptionSpec("cpu_cache", "choice", "auto", ("auto", "on", "off"),
-                       "CPU: keep layers dequantized in RAM (fast) - auto when they fit"),
+                       "CPU: keep the other layers dequantized in RAM (fast) - auto when they fit"),
             OptionSpec("cuda_graphs", "bool", True, help="CUDA: static KV cache + CUDA graph decoding"),
             OptionSpec("autotune", "bool", True, help="CUDA: measure kernel configs per shape (cached on disk)"),
             OptionSpec("gpu_layers", "int", -1, minimum=-1,
@@ -59,7 +63,7 @@ class GPTQBackend(TransformersBackend):
         cache = {"auto": None, "on": True, "off": False}[options.get("cpu_cache", "auto") or "auto"]
         gpu_layers = int(options.get("gpu_layers", -1)) if self.device.type == "cuda" else None
         loaded = load_checkpoint(path, self.device, dtype, runtime=self.runtime, cache_dequantized=cache,
-                                 gpu_layers=gpu_layers)
+                                 gpu_layers=gpu_layers, cpu_int4=options.get("cpu_int4", "auto") or "auto")
         self.quant_config = loaded.config
         self.checkpoint_format = loaded.checkpoint_format
         self.load_warnings = loaded.warnings

@@ -21,6 +21,7 @@ from torch import nn
 from backends.base import BackendError
 from backends.gptq import format as fmt
 from backends.gptq import offload
+from backends.gptq.cpu_int4 import takes as int4_takes
 from backends.gptq.kernel_runtime import KernelRuntime
 from backends.gptq.quant_linear import QuantLinear
 
@@ -134,10 +135,15 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def load_checkpoint(folder: Path, device: torch.device, dtype: torch.dtype, runtime: KernelRuntime | None = None,
-                    cache_dequantized: bool | None = None, gpu_layers: int | None = None) -> LoadedCheckpoint:
+                    cache_dequantized: bool | None = None, gpu_layers: int | None = None,
+                    cpu_int4: str = "auto") -> LoadedCheckpoint:
     """gpu_layers (CUDA): how many decoder layers, from the first, keep their packed codes on the GPU;
     the others' stay in pinned host memory, where the kernels read them (offload.py). -1: as many as
-    fit in the free GPU memory, less room for the KV cache and activations. None: all on the GPU."""
+    fit in the free GPU memory, less room for the KV cache and activations. None: all on the GPU.
+    cache_dequantized (CPU): keep layers dequantized in `dtype` (None: when they fit in free RAM).
+    cpu_int4 (CPU): 4-bit layers on torch's packed int4 kernel (cpu_int4.py; bf16, so not bit-exact): "on"
+    wherever it takes them, "auto" where they would not be cached (instead of a dequantization per forward),
+    "off" never."""
     folder = Path(folder)
     qc = fmt.read_quantize_config(folder)
     files = fmt.find_weight_files(folder, qc)
@@ -156,8 +162,13 @@ def load_checkpoint(folder: Path, device: torch.device, dtype: torch.dtype, runt
     if unknown:
         log.warning("%s: ignoring %d tensors the model does not use (e.g. %s)", folder.name, len(unknown), unknown[0])
 
-    if cache_dequantized is None:
-        cache_dequantized = _dense_fits(modules, quant_names, dtype)
+    cache = _dense_fits(modules, quant_names, dtype) if cache_dequantized is None else cache_dequantized
+    on_int4 = set()
+    if device.type == "cpu" and (cpu_int4 == "on" or (cpu_int4 == "auto" and not cache)):
+        on_int4 = {n for n in quant_names if int4_takes(qc.bits, modules[n].in_features, modules[n].out_features,
+                                                        modules[n].in_features if qc.group_size == -1 else qc.group_size)}
+        if cache_dequantized is None and on_int4:  # the layers left may fit now
+            cache = _dense_fits(modules, [n for n in quant_names if n not in on_int4], dtype)
     host_layers = _host_layers(gpu_layers, device, model, modules, quant_names, headers, qc, dtype)
 
     handles: dict = {}
@@ -182,8 +193,8 @@ def load_checkpoint(folder: Path, device: torch.device, dtype: torch.dtype, runt
         layer = QuantLinear.from_packed(
             name, t["qweight"], t["qzeros"], t["scales"], g_idx, t.get("bias"), bits=qc.bits,
             group_size=qc.group_size, checkpoint_format=checkpoint_format, device=device, dtype=dtype,
-            runtime=runtime, cache_dequantized=cache_dequantized,
-            codes_on_host=offload.decoder_layer_index(name) in host_layers)
+            runtime=runtime, cache_dequantized=cache,
+            codes_on_host=offload.decoder_layer_index(name) in host_layers, cpu_int4=name in on_int4)
         _set_submodule(model, name, layer)
         layers[name] = layer
 

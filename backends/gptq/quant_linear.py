@@ -75,6 +75,7 @@ class QuantLinear(nn.Module):
         self.kernel: KernelLayer | None = None
         self.runtime: KernelRuntime | None = None
         self.packed: tuple | None = None   # (qweight, qzeros, scales, g_idx, checkpoint_format) on CPU
+        self.int4 = None                   # cpu_int4.Int4Weight: 4-bit CPU layers on torch's packed int4 kernel
         self.group = None                  # fusion.FusedGroup when fused with its siblings (CUDA)
         self.group_index = 0
         # act_order.py's rewrites (CUDA): outputs stored in this order of the checkpoint's columns, and
@@ -89,7 +90,9 @@ class QuantLinear(nn.Module):
     def from_packed(cls, name: str, qweight, qzeros, scales, g_idx, bias, *, bits: int, group_size: int,
                     checkpoint_format: str, device: torch.device, dtype: torch.dtype,
                     runtime: KernelRuntime | None = None, cache_dequantized: bool = True,
-                    codes_on_host: bool = False) -> "QuantLinear":
+                    codes_on_host: bool = False, cpu_int4: bool = False) -> "QuantLinear":
+        """cpu_int4 (CPU): run 4-bit layers on torch's packed int4 kernel (cpu_int4.py) where it takes them,
+        instead of a dequantized copy (cache_dequantized) or a dequantization per forward."""
         K, N = qweight.shape[0] * 32 // bits, qweight.shape[1]
         layer = cls(K, N, bits, group_size, name)
         if bias is not None:
@@ -100,7 +103,10 @@ class QuantLinear(nn.Module):
             layer.runtime = runtime
             if layer.kernel is None:  # uneven groups: no fast path, keep the dense weight
                 cache_dequantized = True
-        if layer.kernel is None:
+        if device.type == "cpu" and cpu_int4:
+            from backends.gptq.cpu_int4 import make_int4_weight
+            layer.int4 = make_int4_weight(qweight, qzeros, scales, g_idx, bits, group_size, checkpoint_format)
+        if layer.kernel is None and layer.int4 is None:
             if cache_dequantized:
                 W = fmt.dequantize(qweight, qzeros, scales, g_idx, bits, checkpoint_format, dtype=torch.float32)
                 layer.weight_cache = W.t().contiguous().to(device=device, dtype=dtype)
@@ -154,12 +160,16 @@ class QuantLinear(nn.Module):
             return "triton-fused"
         if self.kernel is not None:
             return "triton"
+        if self.int4 is not None:
+            return "torch-int4"
         return "torch-cached" if self.weight_cache is not None else "torch-dequant"
 
     def dense_weight(self, dtype=torch.float32) -> torch.Tensor:
         """The dequantized weight [N, K] in nn.Linear layout (for tests and the CPU path)."""
         if self.weight_cache is not None:
             return self.weight_cache.to(dtype)
+        if self.int4 is not None:
+            return self.int4.dense(dtype)
         if self.packed is not None:
             qweight, qzeros, scales, g_idx, cf = self.packed
             # contiguous, as the cached weight is: the same matmul kernel, so the same result to the bit
@@ -179,6 +189,10 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight_cache is not None:
             return F.linear(x, self.weight_cache, self.bias)
+        if self.int4 is not None:
+            y = self.int4.matmul(x.reshape(-1, x.shape[-1]))
+            y = y if self.bias is None else y + self.bias
+            return y.reshape(*x.shape[:-1], self.out_features)
         if self.kernel is None and self.group is None:
             return F.linear(x, self.dense_weight(x.dtype), self.bias)
         order = column_order(x)  # a norm that wrote its row in act-order (act_order.py)

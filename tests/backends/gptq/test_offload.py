@@ -95,7 +95,7 @@ def test_the_gpu_layers_option_is_validated_and_ignored_on_the_cpu(rtn_ckpt):
     backend.load(rtn_ckpt, backend.validate_options({"device": "cpu", "dtype": "float32", "gpu_layers": 3}))
     try:
         assert list(backend.load_warnings) == []  # nothing offloaded off CUDA: the CPU path holds it all
-        assert {l.path for l in backend.quant_layers.values()} <= {"torch-cached", "torch-dequant"}
+        assert {l.path for l in backend.quant_layers.values()} <= {"torch-int4", "torch-cached", "torch-dequant"}
     finally:
         backend.unload()
 

@@ -1,0 +1,117 @@
+"""4-bit GPTQ layers on CPU without a dequantized copy: torch's packed int4 matmul
+(`aten._weight_int4pack_mm_for_cpu`, the kernel torchao's int4 weight-only CPU path runs).
+
+Why: the CPU path otherwise keeps each layer dequantized in the model's dtype (fp32: 8x the bytes of the
+4-bit codes), and when that does not fit it dequantizes every layer on every forward. A 7B model's fp32 copy
+is 28 GB; its 4-bit codes and scales are 4. The packed kernel reads the codes as they are, with activations
+in bf16 (its vectorized form; with fp32 or fp16 activations torch runs a reference loop 20-50x slower).
+
+GPTQ's w = s (q - z) is the kernel's w = s (q - 8) + m with m = s (8 - z) per group and column. Act-order
+layers are sorted by group once (rows in `perm` order), and x is gathered by the same perm per call.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from backends.gptq import format as fmt
+
+GROUP_SIZES = (32, 64, 128, 256)  # the group sizes the kernel takes
+
+
+def available() -> bool:
+    """Whether this torch has the CPU packed int4 kernels."""
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
+        torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
+
+
+@dataclass
+class Int4Weight:
+    """One linear's codes in the kernel's packed layout with its scales and offsets, the checkpoint's own
+    scales and zeros (for `dense`), and the activation order."""
+    packed: torch.Tensor              # uint8 [N, K / 2], the kernel's layout (rows sorted by group)
+    scales_and_offsets: torch.Tensor  # bf16 [K / group_size, N, 2]: s and s (8 - z) per kernel group
+    group_size: int                   # the kernel's group (divides the checkpoint's)
+    scales: torch.Tensor              # the checkpoint's [G, N] scales, zeros (uint8) and rows per group
+    zeros: torch.Tensor
+    rows: int
+    perm: torch.Tensor | None         # int64 [K]: sorted row i is the checkpoint's row perm[i] (act-order)
+    K: int
+    N: int
+
+    def nbytes(self) -> int:
+        tensors = [self.packed, self.scales_and_offsets, self.scales, self.zeros]
+        return sum(t.numel() * t.element_size() for t in tensors + ([self.perm] if self.perm is not None else []))
+
+    def matmul(self, x2d: torch.Tensor) -> torch.Tensor:
+        """x2d [M, K] (any float dtype) @ W -> [M, N] in x2d's dtype, computed from bf16 activations."""
+        x = x2d if self.perm is None else x2d.index_select(1, self.perm)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16).contiguous(), self.packed,
+                                                        self.group_size, self.scales_and_offsets)
+        return y.to(x2d.dtype)
+
+    def codes(self) -> torch.Tensor:
+        """The codes [K, N] (int32, sorted rows) read back through the kernel itself: the identity times W
+        with every scale 1 and offset 8 is q exactly (small integers are exact in bf16)."""
+        unit = torch.ones(self.K // self.group_size, self.N, 2, dtype=torch.bfloat16)
+        unit[..., 1] = 8.0
+        out = torch.empty(self.K, self.N, dtype=torch.int32)
+        for start in range(0, self.K, 256):  # bounded memory for wide layers
+            eye = torch.eye(self.K, dtype=torch.bfloat16)[start:start + 256]
+            out[start:start + 256] = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                eye, self.packed, self.group_size, unit).round().to(torch.int32)
+        return out
+
+    def dense(self, dtype=torch.float32) -> torch.Tensor:
+        """The checkpoint's dequantized weight [N, K] (nn.Linear layout, its own fp16 scales): for tests and
+        exports, not the hot path (it runs the kernel on an identity)."""
+        group = torch.arange(self.K) // self.rows
+        w = (self.codes().double() - self.zeros.double()[group]) * self.scales.double()[group]  # sorted rows
+        if self.perm is not None:
+            w = torch.empty_like(w).index_copy_(0, self.perm, w)
+        return w.t().contiguous().to(dtype)
+
+
+def kernel_group_size(K: int, rows: int) -> int | None:
+    """The kernel's group size for GPTQ groups of `rows` sorted rows: the largest size it takes that divides
+    both (the checkpoint's scales then repeat over its groups: one group covering K, or K with a short last
+    group, e.g. 576 rows in groups of 128 run as groups of 64), or None where none does."""
+    return next((g for g in reversed(GROUP_SIZES) if rows % g == 0 and K % g == 0), None)
+
+
+def make_int4_weight(qweight, qzeros, scales, g_idx, bits: int, group_size: int, checkpoint_format: str) -> Int4Weight | None:
+    """The packed form of a 4-bit CPU layer, or None where the kernel cannot run it (other widths, N not a
+    multiple of 16, groups it does not take, uneven act-order groups, zeros outside 0-255, no kernel). The
+    zero point may be any value: it only enters the per-group offset s (8 - z)."""
+    from backends.gptq.quant_linear import sort_by_group
+    K, N = qweight.shape[0] * 32 // bits, qweight.shape[1]
+    if not takes(bits, K, N, K if group_size == -1 else group_size):
+        return None
+    if g_idx is None:
+        g_idx = fmt.default_g_idx(K, group_size)
+    perm, rows = sort_by_group(g_idx.cpu(), K, group_size)
+    if rows is None:
+        return None
+    kernel_group = kernel_group_size(K, rows)
+    if kernel_group is None:
+        return None
+    codes = fmt.unpack_qweight(qweight.cpu(), 4, K)  # [K, N]
+    zeros = fmt.unpack_qzeros(qzeros.cpu(), 4, N, checkpoint_format).to(torch.float32)  # [G, N]
+    if zeros.numel() and (int(zeros.min()) < 0 or int(zeros.max()) > 255):  # as make_kernel_layer
+        return None
+    if perm is not None:
+        codes = codes.index_select(0, perm.long())
+    group_of = torch.arange(K // kernel_group) * kernel_group // rows  # each kernel group's GPTQ group
+    s = scales.cpu().to(torch.float32).index_select(0, group_of)
+    zeros_k = zeros.index_select(0, group_of)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.t().contiguous().to(torch.int32), 1)
+    offsets = torch.stack([s, s * (8.0 - zeros_k)], -1).to(torch.bfloat16).contiguous()
+    return Int4Weight(packed=packed, scales_and_offsets=offsets, group_size=kernel_group,
+                      scales=scales.cpu().contiguous(), zeros=zeros.to(torch.uint8).contiguous(), rows=rows,
+                      perm=None if perm is None else perm.long(), K=K, N=N)
+
+
+def takes(bits: int, K: int, N: int, rows: int) -> bool:
+    """Whether make_int4_weight can run a layer of this shape (act-order groups aside)."""
+    return bits == 4 and N % 16 == 0 and kernel_group_size(K, rows) is not None and available()

@@ -1,0 +1,83 @@
+"""4-bit GPTQ layers on CPU through torch's packed int4 kernel (backends/gptq/cpu_int4.py): against a float64
+reference of the dequantized weights for every group form (sizes the kernel takes, one group, a short last
+group, act-order, asymmetric v2 zeros), the checkpoint's exact weights read back through the kernel, and the
+layers it leaves to the other CPU paths."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from backends.gptq import cpu_int4
+from backends.gptq import format as fmt
+
+pytestmark = pytest.mark.skipif(not cpu_int4.available(), reason="this torch has no CPU packed int4 kernel")
+
+
+def _checkpoint_layer(K, N, group, act, checkpoint_format="gptq", bits=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    G = fmt.num_groups(K, group)
+    codes = torch.randint(0, 1 << bits, (K, N), generator=g, dtype=torch.int32)
+    zeros = torch.randint(1, 1 << bits, (G, N), generator=g, dtype=torch.int32)
+    scales = (torch.rand(G, N, generator=g) * 0.02 + 0.002).half()
+    g_idx = fmt.default_g_idx(K, group)
+    if act:
+        g_idx = g_idx[torch.randperm(K, generator=g)]
+    qw, qz = fmt.pack_qweight(codes, bits), fmt.pack_qzeros(zeros, bits, checkpoint_format)
+    ref = fmt.dequantize(qw, qz, scales, g_idx, bits, checkpoint_format, dtype=torch.float64)  # [K, N]
+    return (qw, qz, scales, g_idx), ref
+
+
+CASES = [  # K, N, group, act-order, checkpoint format
+    (256, 64, 128, False, "gptq"),
+    (512, 48, 32, True, "gptq"),        # act-order: rows sorted by group, x gathered by the same perm
+    (576, 64, 128, False, "gptq_v2"),   # the default model's K: a short last group (run as groups of 64)
+    (768, 32, -1, False, "gptq"),       # one group: its scales repeated over groups of 256
+    (256, 80, 64, True, "gptq_v2"),
+]
+
+
+@pytest.mark.parametrize("K,N,group,act,checkpoint_format", CASES)
+def test_matches_float64_reference_from_bf16_activations(K, N, group, act, checkpoint_format):
+    packed, ref = _checkpoint_layer(K, N, group, act, checkpoint_format, seed=K + N)
+    weight = cpu_int4.make_int4_weight(*packed, 4, group, checkpoint_format)
+    assert weight is not None and (weight.perm is not None) == act
+    assert weight.K == K and weight.N == N and weight.group_size in cpu_int4.GROUP_SIZES
+    g = torch.Generator().manual_seed(1)
+    for dtype in (torch.float32, torch.bfloat16):
+        for M in (1, 5):
+            x = torch.randn(M, K, generator=g).to(dtype)
+            y = weight.matmul(x)
+            assert y.dtype == dtype and y.shape == (M, N)
+            want = x.double() @ ref
+            err = ((y.double() - want).norm() / want.norm()).item()
+            assert err < 1e-2, (dtype, M, err)  # bf16 activations and scales: ~2.5e-3 measured
+
+
+@pytest.mark.parametrize("K,N,group,act,checkpoint_format", CASES)
+def test_reads_the_checkpoints_exact_weights_back_through_the_kernel(K, N, group, act, checkpoint_format):
+    """dense() is the checkpoint's own dequantization (fp16 scales, the true zeros, rows in the checkpoint's
+    order), not the kernel's bf16 rounding of it: codes read back through the kernel with unit scales."""
+    packed, ref = _checkpoint_layer(K, N, group, act, checkpoint_format, seed=K * 3 + N)
+    weight = cpu_int4.make_int4_weight(*packed, 4, group, checkpoint_format)
+    assert torch.equal(weight.dense(torch.float64), ref.t())
+
+
+def test_packed_layers_hold_an_eighth_of_a_dense_fp32_copy():
+    packed, _ = _checkpoint_layer(1024, 256, 128, False)
+    weight = cpu_int4.make_int4_weight(*packed, 4, 128, "gptq")
+    assert weight.nbytes() < 1024 * 256 * 4 / 7  # codes at 4 bits + bf16 scale/offset pairs + fp16 scales
+
+
+def test_kernel_group_sizes():
+    assert cpu_int4.kernel_group_size(576, 128) == 64  # a short last group of 64
+    assert cpu_int4.kernel_group_size(4096, 4096) == 256  # one group
+    assert cpu_int4.kernel_group_size(4096, 128) == 128
+    assert cpu_int4.kernel_group_size(160, 40) is None  # no size the kernel takes divides 40
+
+
+@pytest.mark.parametrize("bits,K,N,group", [(3, 256, 64, 128), (8, 256, 64, 128), (2, 256, 64, 64),
+                                            (4, 256, 40, 128), (4, 160, 64, 40)])
+def test_layers_it_cannot_run_are_left_to_the_other_paths(bits, K, N, group):
+    packed, _ = _checkpoint_layer(K, N, group, False, bits=bits)
+    assert cpu_int4.make_int4_weight(*packed, bits, group, "gptq") is None
+    assert not cpu_int4.takes(bits, K, N, group)
