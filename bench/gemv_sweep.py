@@ -7,6 +7,7 @@ see whether the tuner's candidate list misses faster configs (a diagnostic for B
     python -m bench.gemv_sweep --bits 3 --shapes 8192x28672                     # 3-bit g128 (2-bit: g64)
     python -m bench.gemv_sweep --mode 8 --m 16 --bits 2 --shapes 8192x28672      # mode 8 in every pipeline form
     python -m bench.gemv_sweep --mode 8 --m 16 --registers 0,200,168              # ... at each register cap
+    python -m bench.gemv_sweep --mode 8 --m 1 --bits 8 --shapes 8192x28672       # 8-bit g128 layers
 
 For each shape (4-bit g128 unless --bits says otherwise, M = 1, fp16): the tuner's pick among its
 candidates, then a grid of block_n x block_k x warps x split (and num_stages around the best), each checked against
@@ -59,8 +60,8 @@ def main(argv=None):
                     help="4: half2 GEMV; 5: half2 + tensor cores; 7: the same in Gluon; 8: weights as the MMA's "
                          "A operand (the tuner's tiles and splits, each in every pipeline form)")
     ap.add_argument("--m", type=int, default=1, help="rows of x (mode 4: 1)")
-    ap.add_argument("--bits", type=int, default=4, choices=(2, 3, 4),
-                    help="modes 4 and 8; groups of 128 (64 at 2 bits, as EfficientQAT's w2g64)")
+    ap.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8),
+                    help="modes 4 and 8 (8 bits: mode 8 only); groups of 128 (64 at 2 bits, as EfficientQAT's w2g64)")
     ap.add_argument("--registers", default=[0], type=register_caps,
                     help="register caps per thread to time each config at (ptxas maxnreg; 0: the compiler's "
                          "choice), comma-separated; modes other than 8 then time the tuner's own candidates of "
@@ -73,8 +74,8 @@ def main(argv=None):
     print(torch.cuda.get_device_name(), "SMs", sms, flush=True)
     for shape in args.shapes.split(","):
         K, N = map(int, shape.split("x"))
-        if args.bits != 4 and args.mode not in (4, 8):
-            sys.exit("--bits 2 and 3: modes 4 and 8 only (modes 5 and 7 are swept at 4 bits)")
+        if args.bits != 4 and args.mode not in (4, 8) or args.bits == 8 and args.mode != 8:
+            sys.exit("--bits 2 and 3: modes 4 and 8 only, --bits 8: mode 8 only (modes 5 and 7 are swept at 4 bits)")
         group = 64 if args.bits == 2 else 128
         _, layer = random_layer(K, N, args.bits, group, False, seed=K + N)
         runtime = KernelRuntime(tune=True)

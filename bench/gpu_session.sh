@@ -16,6 +16,7 @@
 #   bash bench/gpu_session.sh graphs     load cycles, the backend smoke check and 7B decode (graph capture)
 #   bash bench/gpu_session.sh ncu        Nsight Compute counters of the 16-row and M = 1 kernels (bench.ncu_profile)
 #   bash bench/gpu_session.sh eight      mode 8 at 8 bits: its CUDA tests, then 8-bit at 1 and 16 rows, each mode's best
+#   bash bench/gpu_session.sh pending    mode 8's GPU tests not yet run on a GPU, then cold tuning time
 # Prepare here:  mkdir -p .gpu_carry/tok && cp models/SmolLM2-135M-Instruct/{tokenizer.json,tokenizer_config.json} .gpu_carry/tok/
 #                echo /.gpu_carry/ >> .git/info/exclude
 set -uo pipefail
@@ -105,6 +106,13 @@ case "${1:-decode}" in
     timeout 300 python -m pytest -q -p no:cacheprovider tests/backends/gptq/test_gluon_gemv.py -k "8-128" 2>&1 | tee "$OUT/tests.log"
     timeout 280 python -m bench.kernels --shapes 4096x11008,8192x28672 --cases 8g128,4g128 --m 1,16 --per-mode \
       --floor --out "$OUT" 2>&1 | tee "$OUT/kernels.log"
+    ;;
+  pending)
+    # the GPU tests of mode 8 not run in the 2026-12-04 20:10 session (3-bit act-order, 4-bit g32, the tuner
+    # tests), then cold tuning time with the register-capped candidates (bench.tune_time)
+    timeout 330 python -m pytest -q -p no:cacheprovider tests/backends/gptq/test_gluon_gemv.py \
+      -k "3-128-True or 4-32 or tuner" 2>&1 | tee "$OUT/tests.log"
+    timeout 240 python -m bench.tune_time --m 1,16 2>&1 | tee "$OUT/tune_time.log"
     ;;
   sweep16)
     # launch parameters of the half2 tensor-core kernel at M = 16
