@@ -100,21 +100,6 @@ def run_generation(model, prompt_ids, new_tokens, forward, device):
     return ttft, tps, len(stamps)
 
 
-def _weight_mb(backend) -> float:
-    """MB held by a loaded CPU model's parameters and buffers (the gptq layers' dense copies or packed codes)."""
-    model = backend.model
-    tensors = list(model.parameters()) + [b for b in model.buffers() if b is not None]
-    for layer in getattr(backend, "quant_layers", {}).values():
-        if layer.int4 is not None:
-            tensors += [layer.int4.packed, layer.int4.scales_and_offsets, layer.int4.scales, layer.int4.zeros]
-    seen, total = set(), 0
-    for t in tensors:
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total / 2**20
-
-
 def cpu_main(args) -> None:
     """CPU: the gptq backend (torch path) against the transformers backend on the default model's fp
     weights, same machine, same run, alternating, median of repeats."""
@@ -145,8 +130,8 @@ def cpu_main(args) -> None:
              f"Command: `python -m bench.decode --cpu {' '.join(a for a in sys.argv[1:] if a != '--cpu')}`. "
              f"SmolLM2-135M-Instruct, RTN {args.bits}-bit g{args.group}; greedy, {args.new} new tokens, chat prompt; "
              f"median of {args.repeats} alternating runs (shared machine).", "",
-             "| engine | decode tok/s | x transformers | weights MB |", "| --- | --- | --- | --- |"]
-    lines += [f"| {k} | {v:.1f} | {v / base:.2f} | {_weight_mb(engines[k]):.0f} |" for k, v in med.items()]
+             "| engine | decode tok/s | x transformers | RAM MB (memory report) |", "| --- | --- | --- | --- |"]
+    lines += [f"| {k} | {v:.1f} | {v / base:.2f} | {engines[k].memory_report().ram_mb:.0f} |" for k, v in med.items()]
     text = "\n".join(lines) + "\n"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
+import torch
 
 from backends.base import Capabilities, GenerationChunk, OptionSpec, SamplingParams
 from backends.transformers_backend import TransformersBackend
@@ -96,12 +97,19 @@ class GPTQBackend(TransformersBackend):
         super().unload()
 
     def _tensors(self):
-        """The kernels' packed tensors live outside parameters and buffers (KernelLayer)."""
+        """The packed tensors live outside parameters and buffers: the kernels' (KernelLayer), the CPU int4
+        kernel's (cpu_int4.Int4Weight) and the checkpoint's own where a layer dequantizes per forward."""
         yield from super()._tensors()
         kernels = [l.kernel for l in self.quant_layers.values() if l.kernel is not None]
         kernels += [l.group.kernel for l in self.quant_layers.values() if l.group is not None]
         for k in kernels:
             yield from (t for t in (k.qweight, k.scales, k.zeros, k.perm) if t is not None)
+        for layer in self.quant_layers.values():
+            if layer.int4 is not None:
+                w = layer.int4
+                yield from (t for t in (w.packed, w.scales_and_offsets, w.scales, w.zeros, w.perm) if t is not None)
+            if layer.packed is not None:
+                yield from (t for t in layer.packed if isinstance(t, torch.Tensor))
 
     def bits_per_weight(self) -> float:
         """Bits per weight of the quantized linears as stored: codes plus fp16 scales and the zeros."""

@@ -183,11 +183,17 @@ def test_cpu_int4_kernel_where_the_dequantized_copy_is_not_kept(gptq4, rtn4):
         assert (got - exact).abs().mean() < 0.05 and not torch.equal(got, exact), (got - exact).abs().mean()
         assert torch.equal(backend.quant_layers["model.layers.0.mlp.down_proj"].dense_weight(),
                            gptq4.quant_layers["model.layers.0.mlp.down_proj"].dense_weight())
+        # the memory report counts the packed codes (held outside parameters and buffers): the 210 layers at
+        # 4 bits plus the fp32 rest of the model (113 MB of tied embedding) against every layer in fp32
+        codes_mb = sum(l.int4.nbytes() for l in backend.quant_layers.values()) / 2**20
+        dense_mb = gptq4.memory_report().ram_mb
+        assert 40 < codes_mb < 70 and codes_mb + 100 < backend.memory_report().ram_mb < 0.4 * dense_mb
     finally:
         backend.unload()
     slow = _load(rtn4, cpu_cache="off", cpu_int4="off")
     try:
         assert all(layer.path == "torch-dequant" for layer in slow.quant_layers.values())
+        assert slow.memory_report().ram_mb > 130  # the checkpoint's packed tensors are counted too
     finally:
         slow.unload()
 
