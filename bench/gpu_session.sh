@@ -17,6 +17,7 @@
 #   bash bench/gpu_session.sh ncu        Nsight Compute counters of the 16-row and M = 1 kernels (bench.ncu_profile)
 #   bash bench/gpu_session.sh eight      mode 8 at 8 bits: its CUDA tests, then 8-bit at 1 and 16 rows, each mode's best
 #   bash bench/gpu_session.sh pending    mode 8's GPU tests not yet run on a GPU, then cold tuning time
+#   bash bench/gpu_session.sh pdl8       mode 8 as programmatic dependent launches (act-order: its gather overlapped)
 # Prepare here:  mkdir -p .gpu_carry/tok && cp models/SmolLM2-135M-Instruct/{tokenizer.json,tokenizer_config.json} .gpu_carry/tok/
 #                echo /.gpu_carry/ >> .git/info/exclude
 set -uo pipefail
@@ -106,6 +107,13 @@ case "${1:-decode}" in
     timeout 300 python -m pytest -q -p no:cacheprovider tests/backends/gptq/test_gluon_gemv.py -k "8-128" 2>&1 | tee "$OUT/tests.log"
     timeout 280 python -m bench.kernels --shapes 4096x11008,8192x28672 --cases 8g128,4g128 --m 1,16 --per-mode \
       --floor --out "$OUT" 2>&1 | tee "$OUT/kernels.log"
+    ;;
+  pdl8)
+    # mode 8 launched as a programmatic dependent launch (built 2026-12-04 without a GPU): its CUDA PDL test,
+    # then act-order and plain 4-bit layers at 16 rows with and without PDL (the gather lets it start at once)
+    timeout 200 python -m pytest -q -p no:cacheprovider tests/backends/gptq/test_gluon_gemv.py -k pdl 2>&1 | tee "$OUT/tests.log"
+    timeout 300 python -m bench.kernels --shapes 4096x11008,8192x28672 --cases 4g128a,4g128 --m 16 --modes 8 --pdl \
+      --out "$OUT" 2>&1 | tee "$OUT/kernels.log"
     ;;
   pending)
     # the GPU tests of mode 8 not run in the 2026-12-04 20:10 session (3-bit act-order, 4-bit g32, the tuner

@@ -174,9 +174,10 @@ def run_case(K, N, bits, gs, act, Ms, runtime, bw, seed, per_mode=False, pdl=Fal
         f_ms = graph_time_ms(lambda i: x @ dense[i % fcopies], calls=calls)
         moved = qbytes + M * K * 2 + M * N * 2
         extra = {}
-        if pdl and cfg.path == "fused" and cfg.mode == 4:
+        if pdl and cfg.path == "fused" and cfg.mode in (4, 8):
             # back to back as programmatic dependent launches: each call's weight reads start while the
-            # previous call finishes (checked first on fresh inputs, poisoned output)
+            # previous call (or, act-order at 2-16 rows, its own gather) finishes (checked first on fresh
+            # inputs, poisoned output)
             out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.float16)
             y = launch_fused(xc, layer, cfg, out=out, scratch=runtime.scratch, pdl=True)
             extra["pdl_rel_err"] = rel_err(y, ref)
@@ -238,7 +239,8 @@ def main(argv=None):
     ap.add_argument("--no-tune", action="store_true")
     ap.add_argument("--modes", default="", help="only these fused-kernel modes, e.g. 4,3 (default: all)")
     ap.add_argument("--per-mode", action="store_true", help="also time the best config of every mode")
-    ap.add_argument("--pdl", action="store_true", help="also time the half2 kernel as programmatic dependent launches")
+    ap.add_argument("--pdl", action="store_true",
+                    help="also time the matrix-vector kernels (modes 4 and 8) as programmatic dependent launches")
     ap.add_argument("--floor", action="store_true", help="also time a plain read of the same bytes")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():

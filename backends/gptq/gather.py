@@ -13,14 +13,19 @@ import triton
 import triton.language as tl
 
 from backends.gptq.parallel_compile import launcher
+from backends.gptq.triton_kernels import gdc_launch_dependents
 
 MAX_ROWS = 16  # one program holds every row of its columns
 
 
 @triton.jit
 def gather_columns_kernel(x_ptr, perm_ptr, out_ptr, M, K, stride_xm, stride_om,
-                          ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    """out[m, j] = x[m, perm[j]] for the BLOCK columns j of this program and all M <= ROWS rows."""
+                          ROWS: tl.constexpr, BLOCK: tl.constexpr, TRIGGER: tl.constexpr = False):
+    """out[m, j] = x[m, perm[j]] for the BLOCK columns j of this program and all M <= ROWS rows.
+    TRIGGER (sm_90+): lets the kernel after it, launched as a programmatic dependent launch, start at once
+    (it reads its weights while this runs, and waits for this kernel's end before reading the gathered x)."""
+    if TRIGGER:
+        gdc_launch_dependents()
     cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     in_k = cols < K
     src = tl.load(perm_ptr + cols, mask=in_k, other=0)
@@ -30,9 +35,11 @@ def gather_columns_kernel(x_ptr, perm_ptr, out_ptr, M, K, stride_xm, stride_om,
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], v, mask=mask)
 
 
-def gather_columns(x2d: torch.Tensor, perm: torch.Tensor, block: int = 128, compile_only: bool = False) -> torch.Tensor:
+def gather_columns(x2d: torch.Tensor, perm: torch.Tensor, block: int = 128, compile_only: bool = False,
+                   trigger: bool = False) -> torch.Tensor:
     """x2d[:, perm] (a new contiguous tensor) for 1 <= M <= MAX_ROWS rows with unit column stride.
-    compile_only: compile the kernel and return the (unfilled) output, for parallel_compile."""
+    compile_only: compile the kernel and return the (unfilled) output, for parallel_compile. trigger: the
+    next kernel, if a programmatic dependent launch, may start right away (see the kernel)."""
     M, K = x2d.shape
     if not 1 <= M <= MAX_ROWS or x2d.stride(1) != 1 or perm.numel() != K:
         raise ValueError(f"gather_columns takes 1-{MAX_ROWS} rows with unit column stride and a perm of {K} "
@@ -40,5 +47,5 @@ def gather_columns(x2d: torch.Tensor, perm: torch.Tensor, block: int = 128, comp
     out = torch.empty_like(x2d, memory_format=torch.contiguous_format)
     rows = max(2, triton.next_power_of_2(M))
     launcher(gather_columns_kernel, (triton.cdiv(K, block),), compile_only)(
-        x2d, perm, out, M, K, x2d.stride(0), out.stride(0), ROWS=rows, BLOCK=block, num_warps=4)
+        x2d, perm, out, M, K, x2d.stride(0), out.stride(0), ROWS=rows, BLOCK=block, TRIGGER=trigger, num_warps=4)
     return out

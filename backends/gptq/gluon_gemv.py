@@ -64,6 +64,7 @@ try:
 
     from backends.gptq.gluon_mma import _store_tile  # the split-K epilogue both Gluon kernels share
     from backends.gptq.triton_kernels import _first_group, _next_group  # the group stepped, not divided
+    from backends.gptq.triton_kernels import gdc_launch_dependents, gdc_wait  # PDL (None on an old Triton)
     AVAILABLE = hasattr(gl, "DistributedLinearLayout") and hasattr(gl, "NVMMADistributedLayout")
 except ImportError:  # a Triton without Gluon: the mode is not offered
     AVAILABLE = False
@@ -481,14 +482,18 @@ if AVAILABLE:
                           SPLIT: gl.constexpr,
                           HAS_BIAS: gl.constexpr, W_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr,
                           LOAD_LAYOUT: gl.constexpr, COL_LAYOUT: gl.constexpr, OUT_LAYOUT: gl.constexpr,
-                          GROUPS: gl.constexpr = 1, WORDS_AHEAD: gl.constexpr = 1, X_AHEAD: gl.constexpr = 0):
+                          GROUPS: gl.constexpr = 1, WORDS_AHEAD: gl.constexpr = 1, X_AHEAD: gl.constexpr = 0,
+                          PDL: gl.constexpr = False):
         """out[M, N] (+)= x[M, K] @ W for 1 <= M <= R (8 or 16) fp16 rows and half2-ordered 2/3/4/8-bit words, the K
         tiles of this program's split (grid axis 1); whole tiles only. See the module docstring.
         GROUPS = 2: a tile holds two groups (group_size = BLOCK_K / 2, 2 and 4 bits), each half of it an MMA of
         its own with its own scales and zeros: tiles twice as long as the group, so twice the bytes in flight
         a tile and half the loop's fixed costs per weight.
         WORDS_AHEAD, X_AHEAD: how far ahead the words and x are requested (`PIPELINES`); words load
-        evict-first (`_tile_words`)."""
+        evict-first (`_tile_words`).
+        PDL (launched as a programmatic dependent launch, sm_90+): the first tiles' words, scales and zeros
+        (constants) are requested before waiting for the previous kernel (act-order's gather, x's producer),
+        so this kernel's start overlaps that one; x, the output and the split scratch only after the wait."""
         KW: gl.constexpr = BLOCK_K * BITS // 32  # word rows a tile
         LW: gl.constexpr = BLOCK_K // 32 if BITS == 3 else KW  # rows of the layouts: one per 3-bit block
         num_warps: gl.constexpr = gl.num_warps()
@@ -525,7 +530,7 @@ if AVAILABLE:
         g = g * GROUPS
         g_last = (t_end - 1) // per_group * GROUPS
         w, wb, wh = _tile_words(w_tile, t0, KW, N, BITS)
-        if X_AHEAD == 1:
+        if X_AHEAD == 1 and not PDL:
             xp = gl.load(x_tile + t0 * (BLOCK_K // 2))
         if WORDS_AHEAD == 2:  # tile t0 + 1's words in flight too
             w_ahead, wb_ahead, wh_ahead = _tile_words(w_tile, gl.minimum(t0 + 1, t_end - 1), KW, N, BITS)
@@ -534,6 +539,11 @@ if AVAILABLE:
         if GROUPS == 2:
             z2 = gl.load(z_ptr + (g + 1) * N + n_sz)
             s2 = gl.load(s_ptr + (g + 1) * N + n_sz)
+        if PDL:
+            gdc_wait()  # the previous kernel (x's producer, the scratch's last user) has finished
+            gdc_launch_dependents()  # the next kernel may start its own weight reads now
+            if X_AHEAD == 1:
+                xp = gl.load(x_tile + t0 * (BLOCK_K // 2))
         acc = gl.zeros([BLOCK_N, R], gl.float32, mma)
         for t in range(t0, t_end):
             tn = gl.minimum(t + 1, t_end - 1)

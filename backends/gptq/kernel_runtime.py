@@ -323,8 +323,9 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
                  bias: torch.Tensor | None = None, scratch: "SplitScratch | None" = None,
                  pdl: bool = False, compile_only: bool = False) -> torch.Tensor:
     """y[M, N] = x2d @ W (+ bias), written into `out` when given (every element is written).
-    pdl: the half2 matrix-vector kernel (mode 4) is launched as a programmatic dependent launch
-    (only where pdl_supported): its weight reads start while the previous kernel finishes.
+    pdl: the matrix-vector kernels (modes 4 and 8) are launched as programmatic dependent launches (only
+    where pdl_supported): their first weight reads start while the previous kernel finishes, and an
+    act-order gather before mode 8 lets it start at once (gather.py's trigger).
     compile_only: compile the kernel for this call without running it (parallel_compile.compile_all)."""
     from backends.gptq.triton_kernels import gptq_gemm_kernel
     M = x2d.shape[0]
@@ -343,7 +344,7 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
         # sorted-row order: the kernel then reads x contiguously
         from backends.gptq import gather
         if M <= gather.MAX_ROWS and x2d.stride(1) == 1:
-            x2d = gather.gather_columns(x2d, layer.perm, compile_only=compile_only)
+            x2d = gather.gather_columns(x2d, layer.perm, compile_only=compile_only, trigger=pdl and cfg.mode == 8)
         else:
             x2d = x2d.index_select(1, layer.perm)
         has_perm = False
@@ -410,7 +411,8 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
             HAS_BIAS=bias is not None, num_warps=cfg.num_warps, **cfg.compile_options(),
             GROUPS=gluon_gemv.groups_per_tile(layer.bits, cfg.block_k, layer.group_size, layer.K),
             **gluon_gemv.pipeline(cfg.num_stages),
-            **gluon_gemv.layouts(layer.bits, cfg.block_k, cfg.block_n, cfg.num_warps, rows))
+            **gluon_gemv.layouts(layer.bits, cfg.block_k, cfg.block_n, cfg.num_warps, rows),
+            **({"PDL": True, "launch_pdl": True} if pdl else {}))
         return out
     if cfg.mode == 9:
         from backends.gptq import gluon_wgmma

@@ -64,10 +64,12 @@ def precompile_fused(layer, configs, row_counts, bias, scratch) -> None:
     compile_all(calls)
 
 
-def assert_fused_matches_float64(layer, ref, cfg, row_counts, bias, scratch, generator, shape_x=None, tol=2e-3):
+def assert_fused_matches_float64(layer, ref, cfg, row_counts, bias, scratch, generator, shape_x=None, tol=2e-3,
+                                 pdl=False):
     """Launch `cfg` (kernel_runtime.launch_fused) for each row count, without and with `bias`, into an output
     poisoned with NaN: every output written, relative error against x @ ref in float64 below `tol`.
-    shape_x(x) may rewrite each fresh random x first (small values, outliers)."""
+    shape_x(x) may rewrite each fresh random x first (small values, outliers). pdl: as programmatic
+    dependent launches."""
     import torch
 
     from backends.gptq import kernel_runtime as kr
@@ -78,7 +80,7 @@ def assert_fused_matches_float64(layer, ref, cfg, row_counts, bias, scratch, gen
             x = shape_x(x)
         for with_bias in (False, True):
             out = torch.full((M, N), float("nan"), device=ref.device, dtype=torch.float16)
-            y = kr.launch_fused(x, layer, cfg, out=out, bias=bias if with_bias else None, scratch=scratch)
+            y = kr.launch_fused(x, layer, cfg, out=out, bias=bias if with_bias else None, scratch=scratch, pdl=pdl)
             want = x.double() @ ref + (bias.double() if with_bias else 0)
             assert not torch.isnan(y).any(), f"unwritten outputs with {cfg}, M={M}"
             err = float((y.double() - want).norm() / want.norm())

@@ -323,6 +323,28 @@ def assert_configs_match_float64(layer, ref, configs, act, runtime, shape_x=None
 
 
 @needs_gluon_gpu
+@pytest.mark.parametrize("act", [False, True])
+def test_pdl_launches_match_float64(act):
+    """Mode 8 as programmatic dependent launches (sm_90): every pipeline form at 1 and 16 rows, act-order
+    after its gather (which then lets the kernel start at once), against float64 on fresh inputs."""
+    if not gluon_gemv.AVAILABLE or not kr.pdl_supported("cuda"):
+        pytest.skip("needs Gluon and an sm_90+ GPU (programmatic dependent launch)")
+    layer, ref = _layer(2048, 1024, 4, 128, act, "cuda", 11 + act)
+    ref = ref.cuda()
+    runtime = kr.KernelRuntime(tune=False)
+    offered = [c for bucket in (1, 16) for c in kr._gluon_gemv_candidates(layer, bucket, kr.valid_block_ks(layer),
+                                                                          kr.sm_count("cuda"))]
+    configs = list({(c.block_m, c.num_stages): c for c in offered}.values())  # each form at each row count
+    if act:
+        configs = [replace(c, gather_x=True) for c in configs]
+    g = torch.Generator(device="cuda").manual_seed(3)
+    bias = torch.randn(layer.N, generator=g, device="cuda").half()
+    for cfg in configs:
+        assert_fused_matches_float64(layer, ref, cfg, (1,) if cfg.block_m == 1 else (2, 16), bias, runtime.scratch, g,
+                                     pdl=True)
+
+
+@needs_gluon_gpu
 def test_the_tuner_checks_and_may_pick_it_at_16_rows():
     """Mode 8 is among the 16-row candidates on a GPU with Gluon, and whatever the tuner picks matches."""
     if not gluon_gemv.AVAILABLE:

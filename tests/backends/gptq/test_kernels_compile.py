@@ -362,13 +362,19 @@ def test_gluon_weights_as_a_kernel_stores_in_column_runs():
 def _pdl_kernels():
     """The kernels' programmatic-dependent-launch forms (grid dependency control exists from sm_90)."""
     from backends.gptq import attention_kernel as ak
+    from backends.gptq import gather
+    from backends.gptq import gluon_gemv as gg
     from backends.gptq import triton_kernels as tk
     return [
         ("gemv half2 4-bit PDL", tk.gptq_gemv_h2_kernel,
          dict(BITS=4, KB=16, BLOCK_N=64, HAS_PERM=False, SPLIT=True, HAS_BIAS=False, USE_ASM=True, PDL=True)),
         ("decoding attention PDL", ak.decode_attention_kernel,
          dict(GROUP=4, D=128, D_P2=128, BLOCK=64, SPLITS=4, SPLITS_P2=4, ROTARY=True, PDL=True)),
-    ]
+        ("act-order activation gather, triggering its dependent", gather.gather_columns_kernel,
+         dict(ROWS=16, BLOCK=128, TRIGGER=True)),
+    ] + ([("gluon weights-as-A 16 rows PDL", gg.gptq_mma_t_kernel,
+           dict(BITS=4, R=16, BLOCK_N=64, BLOCK_K=128, SPLIT=True, HAS_BIAS=False, PDL=True,
+                **gg.pipeline(3), **gg.layouts(4, 128, 64, 4, 16)))] if gg.AVAILABLE else [])
 
 
 @pytest.mark.parametrize("arch", [80, 90])
@@ -431,6 +437,41 @@ def test_pdl_kernels_read_weights_before_waiting():
                                               HAS_BIAS=False, USE_ASM=True, PDL=False))
     assert "griddepcontrol" not in plain
 
+
+
+@pytest.mark.parametrize("form", [1, 2, 3])
+def test_gluon_weights_as_a_kernel_with_pdl_reads_only_constants_before_waiting(form):
+    """Mode 8 as a programmatic dependent launch: its first tiles' words (evict-first 16-byte loads), scales
+    and zeros are requested, then it waits for the previous kernel (act-order's gather, x's producer), and
+    only then reads x, whatever its pipeline form (form 3 requests x a tile ahead: after the wait here)."""
+    gg = _compiled_gluon_gemv()
+    args = dict(BITS=4, R=16, BLOCK_N=64, BLOCK_K=128, SPLIT=True, HAS_BIAS=False, **gg.pipeline(form),
+                **gg.layouts(4, 128, 64, 1, 16))
+    lines = [l.strip() for l in _ptx_warps(gg.gptq_mma_t_kernel, dict(args, PDL=True), 1).splitlines()]
+    wait = next(i for i, l in enumerate(lines) if l.startswith("griddepcontrol.wait"))
+    launch = next(i for i, l in enumerate(lines) if l.startswith("griddepcontrol.launch_dependents"))
+    before = [l for l in lines[:wait] if "ld.global" in l]
+    words = [l for l in before if "evict_first" in l and ".v4." in l]
+    ahead = 2 if form == 2 else 1  # tiles whose words are in flight before the loop
+    assert wait < launch and len(words) == 8 * ahead, before
+    others = [l for l in before if l not in words]  # scales (8 bytes) and zeros (4 bytes) of the first group
+    assert len(others) == 4 and not any(".v4." in l for l in others), others
+    assert "griddepcontrol" not in _ptx_warps(gg.gptq_mma_t_kernel, args, 1)
+
+
+def test_act_order_gather_lets_its_dependent_start_first():
+    """gather.py with trigger: the first instruction of note is the launch_dependents, before any load."""
+    from backends.gptq import gather
+    lines = [l.strip() for l in _ptx(gather.gather_columns_kernel, dict(ROWS=16, BLOCK=128, TRIGGER=True)).splitlines()]
+    trigger = next(i for i, l in enumerate(lines) if l.startswith("griddepcontrol.launch_dependents"))
+    first_load = next(i for i, l in enumerate(lines) if "ld.global" in l)
+    assert trigger < first_load
+    assert "griddepcontrol" not in _ptx(gather.gather_columns_kernel, dict(ROWS=16, BLOCK=128))
+
+
+def _ptx_warps(kernel, constexprs, warps) -> str:
+    from bench.kernel_sass import compile_asm
+    return compile_asm(kernel, constexprs, 90, warps=warps)["ptx"]
 
 
 def _ptx(kernel, constexprs) -> str:
