@@ -80,7 +80,8 @@ def kernel_group_size(K: int, rows: int) -> int | None:
     return next((g for g in reversed(GROUP_SIZES) if rows % g == 0 and K % g == 0), None)
 
 
-def make_int4_weight(qweight, qzeros, scales, g_idx, bits: int, group_size: int, checkpoint_format: str) -> Int4Weight | None:
+def make_int4_weight(qweight, qzeros, scales, g_idx, bits: int, group_size: int, checkpoint_format: str,
+                     columns_per_pack: int = 2048) -> Int4Weight | None:
     """The packed form of a 4-bit CPU layer, or None where the kernel cannot run it (other widths, N not a
     multiple of 16, groups it does not take, uneven act-order groups, zeros outside 0-255, no kernel). The
     zero point may be any value: it only enters the per-group offset s (8 - z)."""
@@ -96,20 +97,27 @@ def make_int4_weight(qweight, qzeros, scales, g_idx, bits: int, group_size: int,
     kernel_group = kernel_group_size(K, rows)
     if kernel_group is None:
         return None
-    codes = fmt.unpack_qweight(qweight.cpu(), 4, K)  # [K, N]
     zeros = fmt.unpack_qzeros(qzeros.cpu(), 4, N, checkpoint_format).to(torch.float32)  # [G, N]
     if zeros.numel() and (int(zeros.min()) < 0 or int(zeros.max()) > 255):  # as make_kernel_layer
         return None
-    if perm is not None:
-        codes = codes.index_select(0, perm.long())
     group_of = torch.arange(K // kernel_group) * kernel_group // rows  # each kernel group's GPTQ group
     s = scales.cpu().to(torch.float32).index_select(0, group_of)
     zeros_k = zeros.index_select(0, group_of)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.t().contiguous().to(torch.int32), 1)
+    packed = torch.cat([_pack_columns(qweight[:, n:n + columns_per_pack].cpu().contiguous(), K, perm)
+                        for n in range(0, N, columns_per_pack)])
     offsets = torch.stack([s, s * (8.0 - zeros_k)], -1).to(torch.bfloat16).contiguous()
     return Int4Weight(packed=packed, scales_and_offsets=offsets, group_size=kernel_group,
                       scales=scales.cpu().contiguous(), zeros=zeros.to(torch.uint8).contiguous(), rows=rows,
                       perm=None if perm is None else perm.long(), K=K, N=N)
+
+
+def _pack_columns(qweight: torch.Tensor, K: int, perm: torch.Tensor | None) -> torch.Tensor:
+    """The kernel's packed rows [n, K / 2] of a run of columns (a multiple of 64 wide, or the last): the codes
+    are unpacked to int32 a run at a time, so a wide layer (a quantized lm_head) never holds all of them."""
+    codes = fmt.unpack_qweight(qweight, 4, K)  # [K, n]
+    if perm is not None:
+        codes = codes.index_select(0, perm.long())
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.t().contiguous().to(torch.int32), 1)
 
 
 def takes(bits: int, K: int, N: int, rows: int) -> bool:

@@ -81,3 +81,12 @@ def test_layers_it_cannot_run_are_left_to_the_other_paths(bits, K, N, group):
     packed, _ = _checkpoint_layer(K, N, group, False, bits=bits)
     assert cpu_int4.make_int4_weight(*packed, bits, group, "gptq") is None
     assert not cpu_int4.takes(bits, K, N, group)
+
+
+def test_wide_layers_pack_a_run_of_columns_at_a_time():
+    """Packing 64 columns at a time (wide layers pack 2048 at a time, so their int32 codes never all exist at
+    once) gives the kernel's layout of packing them all at once, the last run narrower."""
+    packed, _ = _checkpoint_layer(256, 80, 64, True, seed=5)
+    whole = cpu_int4.make_int4_weight(*packed, 4, 64, "gptq", columns_per_pack=1 << 20)
+    runs = cpu_int4.make_int4_weight(*packed, 4, 64, "gptq", columns_per_pack=64)
+    assert torch.equal(whole.packed, runs.packed) and torch.equal(whole.scales_and_offsets, runs.scales_and_offsets)
