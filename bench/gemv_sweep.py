@@ -8,6 +8,7 @@ see whether the tuner's candidate list misses faster configs (a diagnostic for B
     python -m bench.gemv_sweep --mode 8 --m 16 --bits 2 --shapes 8192x28672      # mode 8 in every pipeline form
     python -m bench.gemv_sweep --mode 8 --m 16 --registers 0,200,168              # ... at each register cap
     python -m bench.gemv_sweep --mode 8 --m 1 --bits 8 --shapes 8192x28672       # 8-bit g128 layers
+    python -m bench.gemv_sweep --mode 7 --m 16 --registers 0,232,200             # mode 7 (or 9) at each cap
 
 For each shape (4-bit g128 unless --bits says otherwise, M = 1, fp16): the tuner's pick among its
 candidates, then a grid of block_n x block_k x warps x split (and num_stages around the best), each checked against
@@ -56,12 +57,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default=DECODE_SHAPES)
     ap.add_argument("--budget-s", type=float, default=100.0, help="stop the grid of a shape after this long")
-    ap.add_argument("--mode", type=int, default=4, choices=(4, 5, 7, 8),
+    ap.add_argument("--mode", type=int, default=4, choices=(4, 5, 7, 8, 9),
                     help="4: half2 GEMV; 5: half2 + tensor cores; 7: the same in Gluon; 8: weights as the MMA's "
-                         "A operand (the tuner's tiles and splits, each in every pipeline form)")
+                         "A operand (the tuner's tiles and splits, each in every pipeline form); 9: mode 8 on "
+                         "wgmma (sm_90; the tuner's candidates, at each --registers cap)")
     ap.add_argument("--m", type=int, default=1, help="rows of x (mode 4: 1)")
     ap.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8),
-                    help="modes 4 and 8 (8 bits: mode 8 only); groups of 128 (64 at 2 bits, as EfficientQAT's w2g64)")
+                    help="2/3/4 for mode 4, 2/3/4/8 for mode 8, 2/4 for mode 9, 4 for modes 5 and 7; groups of 128 "
+                         "(64 at 2 bits, as EfficientQAT's w2g64)")
     ap.add_argument("--registers", default=[0], type=register_caps,
                     help="register caps per thread to time each config at (ptxas maxnreg; 0: the compiler's "
                          "choice), comma-separated; modes other than 8 then time the tuner's own candidates of "
@@ -74,8 +77,9 @@ def main(argv=None):
     print(torch.cuda.get_device_name(), "SMs", sms, flush=True)
     for shape in args.shapes.split(","):
         K, N = map(int, shape.split("x"))
-        if args.bits != 4 and args.mode not in (4, 8) or args.bits == 8 and args.mode != 8:
-            sys.exit("--bits 2 and 3: modes 4 and 8 only, --bits 8: mode 8 only (modes 5 and 7 are swept at 4 bits)")
+        widths = {4: (2, 3, 4), 5: (4,), 7: (4,), 8: (2, 3, 4, 8), 9: (2, 4)}[args.mode]
+        if args.bits not in widths:
+            sys.exit(f"--bits {args.bits}: mode {args.mode} is swept at {', '.join(map(str, widths))} bits")
         group = 64 if args.bits == 2 else 128
         _, layer = random_layer(K, N, args.bits, group, False, seed=K + N)
         runtime = KernelRuntime(tune=True)
@@ -93,7 +97,7 @@ def main(argv=None):
         reference = runtime.run(x, layer, GemmConfig(path="dequant")).float()
         results = []
         start = time.time()
-        if args.mode == 8 or caps != [0]:
+        if args.mode in (8, 9) or caps != [0]:
             results = (sweep_mode8(runtime, x, layer, copies, reference, sms, caps) if args.mode == 8 else
                        sweep_candidates(runtime, x, layer, copies, reference, args.mode, caps))
             print_best(results, base, time.time() - start)
@@ -165,8 +169,10 @@ def sweep_mode8(runtime, x, layer, copies, reference, sms, caps=(0,)) -> list:
 
 
 def sweep_candidates(runtime, x, layer, copies, reference, mode, caps) -> list:
-    """The tuner's own candidates of one mode, each at every register cap in `caps`."""
-    grid = [replace(c, max_registers=cap) for c in runtime.candidates(x.shape[0], layer, x.device, x.dtype)
+    """The tuner's own candidates of one mode (also where it offers the mode only when asked for by name, e.g.
+    mode 9 at 4 bits), each at every register cap in `caps`."""
+    asked = KernelRuntime(tune=False, modes=(mode,))
+    grid = [replace(c, max_registers=cap) for c in asked.candidates(x.shape[0], layer, x.device, x.dtype)
             if c.mode == mode for cap in caps]
     return time_grid(runtime, x, layer, copies, reference, grid)
 
