@@ -18,6 +18,7 @@
 #   bash bench/gpu_session.sh eight      mode 8 at 8 bits: its CUDA tests, then 8-bit at 1 and 16 rows, each mode's best
 #   bash bench/gpu_session.sh pending    mode 8's GPU tests not yet run on a GPU, then cold tuning time
 #   bash bench/gpu_session.sh pdl8       mode 8 as programmatic dependent launches (act-order: its gather overlapped)
+#   bash bench/gpu_session.sh caps79     register caps on modes 7 and 9 at 16 rows (bench.gemv_sweep --registers)
 # Prepare here:  mkdir -p .gpu_carry/tok && cp models/SmolLM2-135M-Instruct/{tokenizer.json,tokenizer_config.json} .gpu_carry/tok/
 #                echo /.gpu_carry/ >> .git/info/exclude
 set -uo pipefail
@@ -114,6 +115,13 @@ case "${1:-decode}" in
     timeout 200 python -m pytest -q -p no:cacheprovider tests/backends/gptq/test_gluon_gemv.py -k pdl 2>&1 | tee "$OUT/tests.log"
     timeout 300 python -m bench.kernels --shapes 4096x11008,8192x28672 --cases 4g128a,4g128 --m 16 --modes 8 --pdl \
       --out "$OUT" 2>&1 | tee "$OUT/kernels.log"
+    ;;
+  caps79)
+    # ptxas register caps on the other 16-row kernels (mode 8's took 4-bit 8192x28672 from 48 to 45.4-46.4 us)
+    timeout 280 python -m bench.gemv_sweep --mode 7 --m 16 --shapes 4096x11008,8192x28672 --registers 0,200,232,248 \
+      2>&1 | tee "$OUT/caps7.log"
+    timeout 280 python -m bench.gemv_sweep --mode 9 --m 16 --bits 2 --shapes 4096x11008,8192x28672 --registers 0,168,200,232 \
+      2>&1 | tee "$OUT/caps9.log"
     ;;
   pending)
     # the GPU tests of mode 8 not run in the 2026-12-04 20:10 session (3-bit act-order, 4-bit g32, the tuner
