@@ -29,7 +29,7 @@ class GPTQBackend(TransformersBackend):
             OptionSpec("threads", "int", 0, help="CPU threads for torch (0 = torch's default)", minimum=0),
             OptionSpec("cpu_int4", "choice", "auto", ("auto", "on", "off"),
                        "CPU: 4-bit layers on torch's packed int4 kernel (bf16: 8x less RAM than the dequantized "
-                       "fp32 copy, 1.7x faster decoding on the default model, perplexity within ~1%) - auto "
+                       "fp32 copy, 1.9x faster decoding on the default model, perplexity within ~1%) - auto "
                        "where that copy does not fit"),
             OptionSpec("cpu_cache", "choice", "auto", ("auto", "on", "off"),
                        "CPU: keep the other layers dequantized in RAM (fast) - auto when they fit"),
