@@ -31,9 +31,9 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from backends.gptq.kernel_runtime import (GemmConfig, KernelRuntime, _split_for, cold_copies,  # noqa: E402
-                                          graph_time_ms, sm_count, valid_block_ks)
-from backends.gptq import gluon_mma  # noqa: E402
+from backends.gptq.kernel_runtime import (HALF2_BITS, GemmConfig, KernelRuntime, _split_for,  # noqa: E402
+                                          cold_copies, graph_time_ms, sm_count, valid_block_ks)
+from backends.gptq import gluon_gemv, gluon_mma, gluon_wgmma  # noqa: E402
 from bench.kernels import random_layer  # noqa: E402
 
 DECODE_SHAPES = "4096x12288,4096x4096,4096x22016,11008x4096"
@@ -77,7 +77,7 @@ def main(argv=None):
     print(torch.cuda.get_device_name(), "SMs", sms, flush=True)
     for shape in args.shapes.split(","):
         K, N = map(int, shape.split("x"))
-        widths = {4: (2, 3, 4), 5: (4,), 7: (4,), 8: (2, 3, 4, 8), 9: (2, 4)}[args.mode]
+        widths = {4: HALF2_BITS, 5: (4,), 7: (4,), 8: gluon_gemv.BITS, 9: gluon_wgmma.BITS}[args.mode]
         if args.bits not in widths:
             sys.exit(f"--bits {args.bits}: mode {args.mode} is swept at {', '.join(map(str, widths))} bits")
         group = 64 if args.bits == 2 else 128
@@ -159,7 +159,6 @@ def sweep_mode8(runtime, x, layer, copies, reference, sms, caps=(0,)) -> list:
     """Mode 8 (gluon_gemv.py): every tile and split the tuner offers at this row count, each in every
     pipeline form (gluon_gemv.PIPELINES, a config's num_stages), whether offered there or not, at each
     register cap in `caps`."""
-    from backends.gptq import gluon_gemv
     from backends.gptq.kernel_runtime import _gluon_gemv_candidates
     offered = _gluon_gemv_candidates(layer, runtime.m_bucket(x.shape[0]), valid_block_ks(layer), sms)
     tiles = {replace(c, num_stages=1, max_registers=0) for c in offered}

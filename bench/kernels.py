@@ -25,7 +25,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from backends.gptq import format as fmt  # noqa: E402
-from backends.gptq.kernel_runtime import KernelRuntime, graph_time_ms, launch_fused, pdl_supported  # noqa: E402
+from backends.gptq.kernel_runtime import (PDL_MODES, KernelRuntime, graph_time_ms, launch_fused,  # noqa: E402
+                                          pdl_supported)
 from backends.gptq.quant_linear import make_kernel_layer  # noqa: E402
 from bench.provenance import tree_commit  # noqa: E402
 
@@ -174,7 +175,7 @@ def run_case(K, N, bits, gs, act, Ms, runtime, bw, seed, per_mode=False, pdl=Fal
         f_ms = graph_time_ms(lambda i: x @ dense[i % fcopies], calls=calls)
         moved = qbytes + M * K * 2 + M * N * 2
         extra = {}
-        if pdl and cfg.path == "fused" and cfg.mode in (4, 8):
+        if pdl and cfg.path == "fused" and cfg.mode in PDL_MODES:
             # back to back as programmatic dependent launches: each call's weight reads start while the
             # previous call (or, act-order at 2-16 rows, its own gather) finishes (checked first on fresh
             # inputs, poisoned output)

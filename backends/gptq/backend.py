@@ -106,8 +106,7 @@ class GPTQBackend(TransformersBackend):
             yield from (t for t in (k.qweight, k.scales, k.zeros, k.perm) if t is not None)
         for layer in self.quant_layers.values():
             if layer.int4 is not None:
-                w = layer.int4
-                yield from (t for t in (w.packed, w.scales_and_offsets, w.scales, w.zeros, w.perm) if t is not None)
+                yield from layer.int4.tensors()
             if layer.packed is not None:
                 yield from (t for t in layer.packed if isinstance(t, torch.Tensor))
 

@@ -40,9 +40,12 @@ class Int4Weight:
     K: int
     N: int
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor this layer holds (for the memory report)."""
+        return [t for t in (self.packed, self.scales_and_offsets, self.scales, self.zeros, self.perm) if t is not None]
+
     def nbytes(self) -> int:
-        tensors = [self.packed, self.scales_and_offsets, self.scales, self.zeros]
-        return sum(t.numel() * t.element_size() for t in tensors + ([self.perm] if self.perm is not None else []))
+        return sum(t.numel() * t.element_size() for t in self.tensors())
 
     def matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         """x2d [M, K] (any float dtype) @ W -> [M, N] in x2d's dtype, computed from bf16 activations."""
@@ -57,9 +60,11 @@ class Int4Weight:
         unit = torch.ones(self.K // self.group_size, self.N, 2, dtype=torch.bfloat16)
         unit[..., 1] = 8.0
         out = torch.empty(self.K, self.N, dtype=torch.int32)
-        for start in range(0, self.K, 256):  # bounded memory for wide layers
-            eye = torch.eye(self.K, dtype=torch.bfloat16)[start:start + 256]
-            out[start:start + 256] = torch.ops.aten._weight_int4pack_mm_for_cpu(
+        for start in range(0, self.K, 256):  # 256 rows of the identity at a time: bounded memory for wide layers
+            rows = torch.arange(start, min(start + 256, self.K))
+            eye = torch.zeros(len(rows), self.K, dtype=torch.bfloat16)
+            eye[torch.arange(len(rows)), rows] = 1
+            out[rows] = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 eye, self.packed, self.group_size, unit).round().to(torch.int32)
         return out
 
@@ -94,9 +99,7 @@ def make_int4_weight(qweight, qzeros, scales, g_idx, bits: int, group_size: int,
     perm, rows = sort_by_group(g_idx.cpu(), K, group_size)
     if rows is None:
         return None
-    kernel_group = kernel_group_size(K, rows)
-    if kernel_group is None:
-        return None
+    kernel_group = kernel_group_size(K, rows)  # rows is the group size `takes` checked (K for one group)
     zeros = fmt.unpack_qzeros(qzeros.cpu(), 4, N, checkpoint_format).to(torch.float32)  # [G, N]
     if zeros.numel() and (int(zeros.min()) < 0 or int(zeros.max()) > 255):  # as make_kernel_layer
         return None

@@ -73,6 +73,7 @@ def values_per_block(bits: int) -> int:
 
 INTERLEAVED_BITS = (2, 3, 4, 8)
 HALF2_BITS = (2, 3, 4)  # the half2 kernels' widths (modes 4 and 5); 8-bit words are interleaved for mode 8
+PDL_MODES = (4, 8)  # the kernels launch_fused(pdl=True) launches as programmatic dependent launches
 
 
 def hi_plane_bit(j: int) -> int:
@@ -323,9 +324,9 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
                  bias: torch.Tensor | None = None, scratch: "SplitScratch | None" = None,
                  pdl: bool = False, compile_only: bool = False) -> torch.Tensor:
     """y[M, N] = x2d @ W (+ bias), written into `out` when given (every element is written).
-    pdl: the matrix-vector kernels (modes 4 and 8) are launched as programmatic dependent launches (only
+    pdl: the matrix-vector kernels (PDL_MODES) are launched as programmatic dependent launches (only
     where pdl_supported): their first weight reads start while the previous kernel finishes, and an
-    act-order gather before mode 8 lets it start at once (gather.py's trigger).
+    act-order gather before them lets them start at once (gather.py's trigger).
     compile_only: compile the kernel for this call without running it (parallel_compile.compile_all)."""
     from backends.gptq.triton_kernels import gptq_gemm_kernel
     M = x2d.shape[0]
@@ -344,7 +345,8 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
         # sorted-row order: the kernel then reads x contiguously
         from backends.gptq import gather
         if M <= gather.MAX_ROWS and x2d.stride(1) == 1:
-            x2d = gather.gather_columns(x2d, layer.perm, compile_only=compile_only, trigger=pdl and cfg.mode == 8)
+            x2d = gather.gather_columns(x2d, layer.perm, compile_only=compile_only,
+                                        trigger=pdl and cfg.mode in PDL_MODES)
         else:
             x2d = x2d.index_select(1, layer.perm)
         has_perm = False

@@ -447,7 +447,7 @@ def test_gluon_weights_as_a_kernel_with_pdl_reads_only_constants_before_waiting(
     gg = _compiled_gluon_gemv()
     args = dict(BITS=4, R=16, BLOCK_N=64, BLOCK_K=128, SPLIT=True, HAS_BIAS=False, **gg.pipeline(form),
                 **gg.layouts(4, 128, 64, 1, 16))
-    lines = [l.strip() for l in _ptx_warps(gg.gptq_mma_t_kernel, dict(args, PDL=True), 1).splitlines()]
+    lines = [l.strip() for l in _ptx(gg.gptq_mma_t_kernel, dict(args, PDL=True), warps=1).splitlines()]
     wait = next(i for i, l in enumerate(lines) if l.startswith("griddepcontrol.wait"))
     launch = next(i for i, l in enumerate(lines) if l.startswith("griddepcontrol.launch_dependents"))
     before = [l for l in lines[:wait] if "ld.global" in l]
@@ -456,7 +456,7 @@ def test_gluon_weights_as_a_kernel_with_pdl_reads_only_constants_before_waiting(
     assert wait < launch and len(words) == 8 * ahead, before
     others = [l for l in before if l not in words]  # scales (8 bytes) and zeros (4 bytes) of the first group
     assert len(others) == 4 and not any(".v4." in l for l in others), others
-    assert "griddepcontrol" not in _ptx_warps(gg.gptq_mma_t_kernel, args, 1)
+    assert "griddepcontrol" not in _ptx(gg.gptq_mma_t_kernel, args, warps=1)
 
 
 def test_act_order_gather_lets_its_dependent_start_first():
@@ -469,14 +469,9 @@ def test_act_order_gather_lets_its_dependent_start_first():
     assert "griddepcontrol" not in _ptx(gather.gather_columns_kernel, dict(ROWS=16, BLOCK=128))
 
 
-def _ptx_warps(kernel, constexprs, warps) -> str:
+def _ptx(kernel, constexprs, warps=4) -> str:
     from bench.kernel_sass import compile_asm
     return compile_asm(kernel, constexprs, 90, warps=warps)["ptx"]
-
-
-def _ptx(kernel, constexprs) -> str:
-    from bench.kernel_sass import compile_asm
-    return compile_asm(kernel, constexprs, 90, warps=4)["ptx"]
 
 
 GPU_MACHINE_TRITON = "3.6.0"  # the lent GPU machine's (torch 2.11); requirements.txt admits triton >= 3.5
