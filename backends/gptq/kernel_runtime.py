@@ -360,7 +360,8 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
     if cfg.mode == 4:
         from backends.gptq.triton_kernels import INTERPRETED, gptq_gemv_h2_kernel
         if M != 1 or x2d.dtype != torch.float16 or not layer.interleaved or layer.bits not in HALF2_BITS:
-            raise ValueError("the half2 matrix-vector kernel (mode 4) takes one fp16 row and interleaved words")
+            raise ValueError("the half2 matrix-vector kernel (mode 4) takes one fp16 row and interleaved 2/3/4-bit "
+                             "words")
         x_row = aligned_row(x2d)
         # stage_x: the split's rows rounded up to a power of two (a Triton block size)
         stage = 1 << (per * cfg.block_k - 1).bit_length() if has_perm and cfg.stage_x else 0

@@ -385,3 +385,7 @@ def test_the_tuner_offers_it_at_2_to_16_rows_and_at_one_for_2_and_8_bits():
         assert not {4, 5} & {c.mode for c in offered}
         assert any(c.mode == 8 for c in offered) == kr.gluon_kernels_available()
         assert offered[0].mode in (2, 3)  # the untuned default stays a portable kernel
+    x = torch.zeros(1, 4096, dtype=torch.float16)  # the half2 kernels refuse 8-bit words, interleaved or not
+    for mode, rows in ((4, 1), (5, 16)):
+        with pytest.raises(ValueError, match=f"mode {mode}.*2/3/4-bit"):
+            kr.launch_fused(x, eight, kr.GemmConfig("fused", rows, 128, 64, 1, 4, 2, mode=mode))
