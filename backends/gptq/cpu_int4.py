@@ -8,6 +8,11 @@ in bf16 (its vectorized form; with fp32 or fp16 activations torch runs a referen
 
 GPTQ's w = s (q - z) is the kernel's w = s (q - 8) + m with m = s (8 - z) per group and column. Act-order
 layers are sorted by group once (rows in `perm` order), and x is gathered by the same perm per call.
+
+The kernel reads every weight once per row of x (its time grows with the rows: 22 us a row for a 576x1536
+layer on one core), so from DEQUANTIZE_ROWS rows on (prefill, perplexity windows) a layer is dequantized a
+run of columns at a time from the packed codes, exactly as the checkpoint says (fp32), and multiplied by a
+float matmul: the dequantized run stays in cache and never exists for the whole layer.
 """
 from __future__ import annotations
 
@@ -18,6 +23,8 @@ import torch
 from backends.gptq import format as fmt
 
 GROUP_SIZES = (32, 64, 128, 256)  # the group sizes the kernel takes
+DEQUANTIZE_ROWS = 128  # from this many rows on, a dequantized run of columns and a float matmul beat the kernel
+COLUMNS_PER_RUN = 256  # columns dequantized at a time (a multiple of the layout's 64-column blocks)
 
 
 def available() -> bool:
@@ -48,29 +55,62 @@ class Int4Weight:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
     def matmul(self, x2d: torch.Tensor) -> torch.Tensor:
-        """x2d [M, K] (any float dtype) @ W -> [M, N] in x2d's dtype, computed from bf16 activations."""
+        """x2d [M, K] (any float dtype) @ W -> [M, N] in x2d's dtype: through the kernel from bf16 activations
+        below DEQUANTIZE_ROWS rows, through the exactly dequantized weights from there on."""
         x = x2d if self.perm is None else x2d.index_select(1, self.perm)
+        if x.shape[0] >= DEQUANTIZE_ROWS:
+            return self._dequantized_matmul(x)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16).contiguous(), self.packed,
                                                         self.group_size, self.scales_and_offsets)
         return y.to(x2d.dtype)
 
-    def codes(self) -> torch.Tensor:
-        """The codes [K, N] (int32, sorted rows) read back through the kernel itself: the identity times W
-        with every scale 1 and offset 8 is q exactly (small integers are exact in bf16)."""
-        unit = torch.ones(self.K // self.group_size, self.N, 2, dtype=torch.bfloat16)
-        unit[..., 1] = 8.0
-        out = torch.empty(self.K, self.N, dtype=torch.int32)
-        for start in range(0, self.K, 256):  # 256 rows of the identity at a time: bounded memory for wide layers
-            rows = torch.arange(start, min(start + 256, self.K))
-            eye = torch.zeros(len(rows), self.K, dtype=torch.bfloat16)
-            eye[torch.arange(len(rows)), rows] = 1
-            out[rows] = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                eye, self.packed, self.group_size, unit).round().to(torch.int32)
+    def _dequantized_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] (rows sorted) @ W, COLUMNS_PER_RUN columns of W dequantized (fp32) at a time."""
+        group_of = torch.arange(self.K // self.group_size) * self.group_size // self.rows
+        scales = self.scales.to(torch.float32).index_select(0, group_of)[:, None]  # [kernel groups, 1, N]
+        zeros = self.zeros.to(torch.float32).index_select(0, group_of)[:, None]
+        outputs = []
+        for start in range(0, self.N, COLUMNS_PER_RUN):
+            stop = self._run_stop(start)
+            w = self._codes_into(torch.empty(self.K, stop - start), start, stop)
+            w.view(-1, self.group_size, stop - start).sub_(zeros[..., start:stop]).mul_(scales[..., start:stop])
+            outputs.append(x @ w.to(x.dtype))
+        return torch.cat(outputs, 1)
+
+    def _run_stop(self, start: int) -> int:
+        """The end of the run of columns from `start`: COLUMNS_PER_RUN on, or the layer's last columns (the
+        layout's columns past the last whole 64-column block are packed together, so they end a run)."""
+        stop = start + COLUMNS_PER_RUN
+        return self.N if stop >= self.N // 64 * 64 else stop
+
+    def _codes_into(self, out: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Writes the codes of columns [start, stop) into out [K, stop - start] (sorted rows). The kernel's
+        layout (`_convert_weight_to_int4pack_for_cpu`, checked against it by the tests): 64-column blocks of
+        [K, 32] bytes, low nibble column j, high nibble column 32 + j; the columns past the last whole block as
+        [K, rest / 2] bytes, low nibble the even column, high the odd."""
+        K, data = self.K, self.packed.view(-1)
+        blocks_end = min(stop, self.N // 64 * 64)
+        if blocks_end > start:
+            width = blocks_end - start
+            blocks = data[start * K // 2: blocks_end * K // 2].view(width // 64, K, 32).permute(1, 0, 2)
+            halves = out[:, :width].unflatten(1, (width // 64, 2, 32))
+            halves[:, :, 0] = blocks & 15
+            halves[:, :, 1] = blocks >> 4
+        if stop > blocks_end:
+            rest = stop - blocks_end
+            pairs = data[blocks_end * K // 2:].view(K, rest // 2)
+            nibbles = out[:, blocks_end - start:].unflatten(1, (rest // 2, 2))
+            nibbles[..., 0] = pairs & 15
+            nibbles[..., 1] = pairs >> 4
         return out
+
+    def codes(self) -> torch.Tensor:
+        """The codes [K, N] (int32, sorted rows), read out of the packed layout."""
+        return self._codes_into(torch.empty(self.K, self.N, dtype=torch.int32), 0, self.N)
 
     def dense(self, dtype=torch.float32) -> torch.Tensor:
         """The checkpoint's dequantized weight [N, K] (nn.Linear layout, its own fp16 scales): for tests and
-        exports, not the hot path (it runs the kernel on an identity)."""
+        exports."""
         group = torch.arange(self.K) // self.rows
         w = (self.codes().double() - self.zeros.double()[group]) * self.scales.double()[group]  # sorted rows
         if self.perm is not None:

@@ -141,9 +141,9 @@ def load_checkpoint(folder: Path, device: torch.device, dtype: torch.dtype, runt
     the others' stay in pinned host memory, where the kernels read them (offload.py). -1: as many as
     fit in the free GPU memory, less room for the KV cache and activations. None: all on the GPU.
     cache_dequantized (CPU): keep layers dequantized in `dtype` (None: when they fit in free RAM).
-    cpu_int4 (CPU): 4-bit layers on torch's packed int4 kernel (cpu_int4.py; bf16, so not bit-exact): "on"
-    wherever it takes them, "auto" where they would not be cached (instead of a dequantization per forward),
-    "off" never."""
+    cpu_int4 (CPU): 4-bit layers on torch's packed int4 kernel (cpu_int4.py; decoding from bf16, so not
+    bit-exact; 128 rows and more through exactly dequantized runs of columns): "auto" wherever it takes them
+    unless cache_dequantized is True (the fp32 copy asked for), "on" wherever it takes them, "off" never."""
     folder = Path(folder)
     qc = fmt.read_quantize_config(folder)
     files = fmt.find_weight_files(folder, qc)
@@ -164,7 +164,7 @@ def load_checkpoint(folder: Path, device: torch.device, dtype: torch.dtype, runt
 
     cache = _dense_fits(modules, quant_names, dtype) if cache_dequantized is None else cache_dequantized
     on_int4 = set()
-    if device.type == "cpu" and (cpu_int4 == "on" or (cpu_int4 == "auto" and not cache)):
+    if device.type == "cpu" and (cpu_int4 == "on" or (cpu_int4 == "auto" and cache_dequantized is not True)):
         on_int4 = {n for n in quant_names if int4_takes(qc.bits, modules[n].in_features, modules[n].out_features,
                                                         modules[n].in_features if qc.group_size == -1 else qc.group_size)}
         if cache_dequantized is None and on_int4:  # the layers left may fit now

@@ -1,7 +1,7 @@
 """4-bit GPTQ layers on CPU through torch's packed int4 kernel (backends/gptq/cpu_int4.py): against a float64
 reference of the dequantized weights for every group form (sizes the kernel takes, one group, a short last
-group, act-order, asymmetric v2 zeros), the checkpoint's exact weights read back through the kernel, and the
-layers it leaves to the other CPU paths."""
+group, act-order, asymmetric v2 zeros), many rows through the exactly dequantized weights, the checkpoint's
+exact weights read back out of the packed layout, and the layers it leaves to the other CPU paths."""
 from __future__ import annotations
 
 import pytest
@@ -32,7 +32,8 @@ CASES = [  # K, N, group, act-order, checkpoint format
     (512, 48, 32, True, "gptq"),        # act-order: rows sorted by group, x gathered by the same perm
     (576, 64, 128, False, "gptq_v2"),   # the default model's K: a short last group (run as groups of 64)
     (768, 32, -1, False, "gptq"),       # one group: its scales repeated over groups of 256
-    (256, 80, 64, True, "gptq_v2"),
+    (256, 80, 64, True, "gptq_v2"),     # 16 columns past the last 64-column block of the packed layout
+    (128, 592, 128, False, "gptq"),     # three runs of dequantized columns, the last with 16 past its blocks
 ]
 
 
@@ -54,12 +55,41 @@ def test_matches_float64_reference_from_bf16_activations(K, N, group, act, check
 
 
 @pytest.mark.parametrize("K,N,group,act,checkpoint_format", CASES)
-def test_reads_the_checkpoints_exact_weights_back_through_the_kernel(K, N, group, act, checkpoint_format):
+def test_many_rows_run_through_the_exactly_dequantized_weights(K, N, group, act, checkpoint_format):
+    """From DEQUANTIZE_ROWS rows on (prefill, perplexity windows) the layer is dequantized a run of columns at
+    a time in fp32: as exact as the fp32 copy (the kernel's bf16 path is ~2.5e-3 off), in x's dtype."""
+    packed, ref = _checkpoint_layer(K, N, group, act, checkpoint_format, seed=K + 2 * N)
+    weight = cpu_int4.make_int4_weight(*packed, 4, group, checkpoint_format)
+    x = torch.randn(cpu_int4.DEQUANTIZE_ROWS, K, generator=torch.Generator().manual_seed(2))
+    want = x.double() @ ref
+    y = weight.matmul(x)
+    assert y.dtype == torch.float32 and y.shape == want.shape
+    assert ((y.double() - want).norm() / want.norm()).item() < 1e-6
+    few = weight.matmul(x[:cpu_int4.DEQUANTIZE_ROWS - 1])  # the kernel: bf16, so measurably further off
+    assert 1e-4 < ((few.double() - want[:-1]).norm() / want[:-1].norm()).item() < 1e-2
+    y16 = weight.matmul(x.to(torch.bfloat16))
+    assert y16.dtype == torch.bfloat16
+    assert ((y16.double() - want).norm() / want.norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("K,N,group,act,checkpoint_format", CASES)
+def test_reads_the_checkpoints_exact_weights_back(K, N, group, act, checkpoint_format):
     """dense() is the checkpoint's own dequantization (fp16 scales, the true zeros, rows in the checkpoint's
-    order), not the kernel's bf16 rounding of it: codes read back through the kernel with unit scales."""
+    order), not the kernel's bf16 rounding of it: the codes read back out of the packed layout."""
     packed, ref = _checkpoint_layer(K, N, group, act, checkpoint_format, seed=K * 3 + N)
     weight = cpu_int4.make_int4_weight(*packed, 4, group, checkpoint_format)
     assert torch.equal(weight.dense(torch.float64), ref.t())
+
+
+@pytest.mark.parametrize("N", [16, 48, 64, 80, 112, 192, 336])
+def test_codes_read_out_of_the_kernels_own_layout(N):
+    """codes() reads the layout `_convert_weight_to_int4pack_for_cpu` writes: whole 64-column blocks and the
+    columns past them, for any N the kernel takes (a torch that changed its layout fails here)."""
+    codes = torch.randint(0, 16, (96, N), generator=torch.Generator().manual_seed(N), dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.t().contiguous(), 1)
+    weight = cpu_int4.Int4Weight(packed=packed, scales_and_offsets=torch.empty(0), group_size=32,
+                                 scales=torch.empty(0), zeros=torch.empty(0), rows=32, perm=None, K=96, N=N)
+    assert torch.equal(weight.codes(), codes)
 
 
 def test_packed_layers_hold_an_eighth_of_a_dense_fp32_copy():
