@@ -112,8 +112,8 @@ def cpu_main(args) -> None:
     ckpt = rtn.quantize_folder(src, tmp / "smol-4bit", bits=args.bits, group_size=args.group)
     engines = {}
     for name, path, extra in (("transformers fp32", src, {}),
-                              ("gptq 4-bit (fp32 copy, cpu_int4=off)", ckpt, {"cpu_int4": "off"}),
-                              ("gptq 4-bit (packed int4 kernel, the default)", ckpt, {})):
+                              (f"gptq {args.bits}-bit (fp32 copy, cpu_int4=off)", ckpt, {"cpu_int4": "off"}),
+                              (f"gptq {args.bits}-bit (packed int4 kernel, the default)", ckpt, {})):
         b = create_backend("transformers" if name.startswith("transformers") else "gptq")
         b.load(path, b.validate_options({"device": "cpu", "dtype": "float32", **extra}))
         engines[name] = b

@@ -28,12 +28,12 @@ class GPTQBackend(TransformersBackend):
             OptionSpec("device", "choice", "auto", ("auto", "cpu", "cuda"), "auto: CUDA when present"),
             OptionSpec("threads", "int", 0, help="CPU threads for torch (0 = torch's default)", minimum=0),
             OptionSpec("cpu_int4", "choice", "auto", ("auto", "on", "off"),
-                       "CPU: 4-bit layers on torch's packed int4 kernel (a third of the RAM of the fp32 copy, "
+                       "CPU: 2/3/4-bit layers on torch's packed int4 kernel (a third of the RAM of the fp32 copy, "
                        "1.9x faster decoding on the default model; decoding from bf16, 128+ tokens at once "
                        "exactly dequantized) - auto unless cpu_cache=on, off = the fp32 copy"),
             OptionSpec("cpu_cache", "choice", "auto", ("auto", "on", "off"),
                        "CPU: keep the layers not on the int4 kernel dequantized in RAM (fast) - auto when they "
-                       "fit; on also keeps 4-bit layers dequantized (exact, 3x the RAM)"),
+                       "fit; on also keeps 2/3/4-bit layers dequantized (exact, 3x the RAM)"),
             OptionSpec("cuda_graphs", "bool", True, help="CUDA: static KV cache + CUDA graph decoding"),
             OptionSpec("autotune", "bool", True, help="CUDA: measure kernel configs per shape (cached on disk)"),
             OptionSpec("gpu_layers", "int", -1, minimum=-1,

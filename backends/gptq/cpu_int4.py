@@ -1,4 +1,4 @@
-"""4-bit GPTQ layers on CPU without a dequantized copy: torch's packed int4 matmul
+"""2-, 3- and 4-bit GPTQ layers on CPU without a dequantized copy: torch's packed int4 matmul
 (`aten._weight_int4pack_mm_for_cpu`, the kernel torchao's int4 weight-only CPU path runs).
 
 Why: the CPU path otherwise keeps each layer dequantized in the model's dtype (fp32: 8x the bytes of the
@@ -6,7 +6,11 @@ Why: the CPU path otherwise keeps each layer dequantized in the model's dtype (f
 is 28 GB; its 4-bit codes and scales are 4. The packed kernel reads the codes as they are, with activations
 in bf16 (its vectorized form; with fp32 or fp16 activations torch runs a reference loop 20-50x slower).
 
-GPTQ's w = s (q - z) is the kernel's w = s (q - 8) + m with m = s (8 - z) per group and column. Act-order
+GPTQ's w = s (q - z) is the kernel's w = s (q - 8) + m with m = s (8 - z) per group and column; 2- and 3-bit
+codes are held as 4-bit ones (half or three quarters more bytes than the checkpoint's, still a sixth to an
+eighth of the fp32 copy), so EfficientQAT's w2g64 and w3g128 run the same kernel. They are stored moved up by
+CODE_OFFSET[bits] (2-bit 6-9, 3-bit 4-11) and their zeros with them: the offset s (8 - z) is then about 0,
+as at 4 bits, instead of 5-7 s, whose bf16 rounding would cost a 2-bit weight (1-3 s) about 1.5%. Act-order
 layers are sorted by group once (rows in `perm` order), and x is gathered by the same perm per call.
 
 The kernel reads every weight once per row of x (its time grows with the rows: 22 us a row for a 576x1536
@@ -23,6 +27,8 @@ import torch
 from backends.gptq import format as fmt
 
 GROUP_SIZES = (32, 64, 128, 256)  # the group sizes the kernel takes
+WIDTHS = (2, 3, 4)  # code widths it runs: 2- and 3-bit codes (0-3, 0-7) are 4-bit codes that leave values unused
+CODE_OFFSET = {2: 6, 3: 4, 4: 0}  # added to codes and zeros so both sit around the kernel's 8
 DEQUANTIZE_ROWS = 128  # from this many rows on, a dequantized run of columns and a float matmul beat the kernel
 COLUMNS_PER_RUN = 256  # columns dequantized at a time (a multiple of the layout's 64-column blocks)
 
@@ -46,6 +52,7 @@ class Int4Weight:
     perm: torch.Tensor | None         # int64 [K]: sorted row i is the checkpoint's row perm[i] (act-order)
     K: int
     N: int
+    code_offset: int = 0              # CODE_OFFSET of the checkpoint's width, added to the held codes
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor this layer holds (for the memory report)."""
@@ -68,7 +75,7 @@ class Int4Weight:
         """x [M, K] (rows sorted) @ W, COLUMNS_PER_RUN columns of W dequantized (fp32) at a time."""
         group_of = torch.arange(self.K // self.group_size) * self.group_size // self.rows
         scales = self.scales.to(torch.float32).index_select(0, group_of)[:, None]  # [kernel groups, 1, N]
-        zeros = self.zeros.to(torch.float32).index_select(0, group_of)[:, None]
+        zeros = (self.zeros.to(torch.float32) + self.code_offset).index_select(0, group_of)[:, None]
         outputs = []
         for start in range(0, self.N, COLUMNS_PER_RUN):
             stop = self._run_stop(start)
@@ -105,8 +112,8 @@ class Int4Weight:
         return out
 
     def codes(self) -> torch.Tensor:
-        """The codes [K, N] (int32, sorted rows), read out of the packed layout."""
-        return self._codes_into(torch.empty(self.K, self.N, dtype=torch.int32), 0, self.N)
+        """The checkpoint's codes [K, N] (int32, sorted rows), read out of the packed layout."""
+        return self._codes_into(torch.empty(self.K, self.N, dtype=torch.int32), 0, self.N) - self.code_offset
 
     def dense(self, dtype=torch.float32) -> torch.Tensor:
         """The checkpoint's dequantized weight [N, K] (nn.Linear layout, its own fp16 scales): for tests and
@@ -127,9 +134,9 @@ def kernel_group_size(K: int, rows: int) -> int | None:
 
 def make_int4_weight(qweight, qzeros, scales, g_idx, bits: int, group_size: int, checkpoint_format: str,
                      columns_per_pack: int = 2048) -> Int4Weight | None:
-    """The packed form of a 4-bit CPU layer, or None where the kernel cannot run it (other widths, N not a
-    multiple of 16, groups it does not take, uneven act-order groups, zeros outside 0-255, no kernel). The
-    zero point may be any value: it only enters the per-group offset s (8 - z)."""
+    """The packed form of a 2-, 3- or 4-bit CPU layer (held at 4 bits a code), or None where the kernel cannot
+    run it (8 bits, N not a multiple of 16, groups it does not take, uneven act-order groups, zeros outside
+    0-255, no kernel). The zero point may be any value: it only enters the per-group offset s (8 - z)."""
     from backends.gptq.quant_linear import sort_by_group
     K, N = qweight.shape[0] * 32 // bits, qweight.shape[1]
     if not takes(bits, K, N, K if group_size == -1 else group_size):
@@ -140,29 +147,30 @@ def make_int4_weight(qweight, qzeros, scales, g_idx, bits: int, group_size: int,
     if rows is None:
         return None
     kernel_group = kernel_group_size(K, rows)  # rows is the group size `takes` checked (K for one group)
-    zeros = fmt.unpack_qzeros(qzeros.cpu(), 4, N, checkpoint_format).to(torch.float32)  # [G, N]
+    zeros = fmt.unpack_qzeros(qzeros.cpu(), bits, N, checkpoint_format).to(torch.float32)  # [G, N]
     if zeros.numel() and (int(zeros.min()) < 0 or int(zeros.max()) > 255):  # as make_kernel_layer
         return None
     group_of = torch.arange(K // kernel_group) * kernel_group // rows  # each kernel group's GPTQ group
     s = scales.cpu().to(torch.float32).index_select(0, group_of)
-    zeros_k = zeros.index_select(0, group_of)
-    packed = torch.cat([_pack_columns(qweight[:, n:n + columns_per_pack].cpu().contiguous(), K, perm)
+    shift = CODE_OFFSET[bits]
+    zeros_k = zeros.index_select(0, group_of) + shift
+    packed = torch.cat([_pack_columns(qweight[:, n:n + columns_per_pack].cpu().contiguous(), bits, K, perm, shift)
                         for n in range(0, N, columns_per_pack)])
     offsets = torch.stack([s, s * (8.0 - zeros_k)], -1).to(torch.bfloat16).contiguous()
     return Int4Weight(packed=packed, scales_and_offsets=offsets, group_size=kernel_group,
                       scales=scales.cpu().contiguous(), zeros=zeros.to(torch.uint8).contiguous(), rows=rows,
-                      perm=None if perm is None else perm.long(), K=K, N=N)
+                      perm=None if perm is None else perm.long(), K=K, N=N, code_offset=shift)
 
 
-def _pack_columns(qweight: torch.Tensor, K: int, perm: torch.Tensor | None) -> torch.Tensor:
+def _pack_columns(qweight: torch.Tensor, bits: int, K: int, perm: torch.Tensor | None, shift: int) -> torch.Tensor:
     """The kernel's packed rows [n, K / 2] of a run of columns (a multiple of 64 wide, or the last): the codes
     are unpacked to int32 a run at a time, so a wide layer (a quantized lm_head) never holds all of them."""
-    codes = fmt.unpack_qweight(qweight, 4, K)  # [K, n]
+    codes = fmt.unpack_qweight(qweight, bits, K)  # [K, n]
     if perm is not None:
         codes = codes.index_select(0, perm.long())
-    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.t().contiguous().to(torch.int32), 1)
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu((codes.t() + shift).contiguous().to(torch.int32), 1)
 
 
 def takes(bits: int, K: int, N: int, rows: int) -> bool:
     """Whether make_int4_weight can run a layer of this shape (act-order groups aside)."""
-    return bits == 4 and N % 16 == 0 and kernel_group_size(K, rows) is not None and available()
+    return bits in WIDTHS and N % 16 == 0 and kernel_group_size(K, rows) is not None and available()

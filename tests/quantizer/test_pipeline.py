@@ -327,10 +327,15 @@ def test_the_gptq_backend_reads_our_checkpoint_like_the_reference(quantized):
     expected = reference.token_logprobs(ids)
     reference.unload()
     engine = create_backend("gptq")
-    engine.load(out, engine.validate_options({}))
+    engine.load(out, engine.validate_options({"cpu_int4": "off"}))  # the exact CPU path: the fp32 copy
     got = engine.token_logprobs(ids)
     engine.unload()
     assert got == pytest.approx(expected, rel=1e-3, abs=1e-3)
+    engine.load(out, engine.validate_options({}))  # the default: 64 tokens through the int4 kernel, from bf16
+    assert {layer.path for layer in engine.quant_layers.values()} == {"torch-int4"}
+    fast = engine.token_logprobs(ids)
+    engine.unload()
+    assert fast == pytest.approx(expected, rel=3e-2) and fast != pytest.approx(expected, rel=1e-4)
 
 
 def test_each_layer_reports_where_its_time_went(tiny_models_dir):

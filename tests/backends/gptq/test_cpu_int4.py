@@ -35,6 +35,11 @@ CASES = [  # K, N, group, act-order, checkpoint format
     (256, 80, 64, True, "gptq_v2"),     # 16 columns past the last 64-column block of the packed layout
     (128, 592, 128, False, "gptq"),     # three runs of dequantized columns, the last with 16 past its blocks
 ]
+WIDTH_CASES = [  # bits, K, N, group, act-order, checkpoint format: 2- and 3-bit codes held as 4-bit ones
+    (2, 256, 64, 64, False, "gptq_v2"),   # EfficientQAT's w2g64 (asymmetric v2)
+    (3, 384, 96, 128, True, "gptq"),
+    (3, 256, 64, 128, False, "gptq_v2"),  # EfficientQAT's w3g128
+]
 
 
 @pytest.mark.parametrize("K,N,group,act,checkpoint_format", CASES)
@@ -105,8 +110,22 @@ def test_kernel_group_sizes():
     assert cpu_int4.kernel_group_size(160, 40) is None  # no size the kernel takes divides 40
 
 
-@pytest.mark.parametrize("bits,K,N,group", [(3, 256, 64, 128), (8, 256, 64, 128), (2, 256, 64, 64),
-                                            (4, 256, 40, 128), (4, 160, 64, 40)])
+@pytest.mark.parametrize("bits,K,N,group,act,checkpoint_format", WIDTH_CASES)
+def test_two_and_three_bit_codes_run_as_four_bit_ones(bits, K, N, group, act, checkpoint_format):
+    packed, ref = _checkpoint_layer(K, N, group, act, checkpoint_format, bits=bits, seed=bits * K + N)
+    weight = cpu_int4.make_int4_weight(*packed, bits, group, checkpoint_format)
+    assert weight is not None and cpu_int4.takes(bits, K, N, group)
+    assert torch.equal(weight.dense(torch.float64), ref.t())
+    assert int(weight.codes().max()) < 1 << bits
+    g = torch.Generator().manual_seed(3)
+    for M, tolerance in ((1, 5e-3), (5, 5e-3), (cpu_int4.DEQUANTIZE_ROWS, 1e-6)):  # measured ~2.5e-3 at 1 and 5
+        x = torch.randn(M, K, generator=g)
+        want = x.double() @ ref
+        assert ((weight.matmul(x).double() - want).norm() / want.norm()).item() < tolerance
+
+
+@pytest.mark.parametrize("bits,K,N,group", [(8, 256, 64, 128), (4, 256, 40, 128), (4, 160, 64, 40),
+                                            (2, 160, 64, 40)])
 def test_layers_it_cannot_run_are_left_to_the_other_paths(bits, K, N, group):
     packed, _ = _checkpoint_layer(K, N, group, False, bits=bits)
     assert cpu_int4.make_int4_weight(*packed, bits, group, "gptq") is None

@@ -252,6 +252,36 @@ def test_asymmetric_v2_checkpoint_loads_right(default_hf_model, ckpt_dir):
     wrong.unload()
 
 
+@pytest.mark.parametrize("bits,group_size", [(2, 64), (3, 128)])
+def test_efficientqat_widths_run_the_int4_kernel_on_cpu(default_hf_model, ckpt_dir, bits, group_size):
+    """EfficientQAT's w2g64 and w3g128 forms (asymmetric, v2 zeros): on CPU their codes are held as 4-bit ones
+    on the packed int4 kernel by default, with the checkpoint's exact weights, and score like the fp32 copy."""
+    path = rtn.quantize_folder(default_hf_model, ckpt_dir / f"smol-w{bits}g{group_size}", bits=bits,
+                               group_size=group_size, sym=False, checkpoint_format="gptq_v2")
+    fast, exact = _load(path), _load(path, cpu_int4="off")
+    try:
+        assert {layer.path for layer in fast.quant_layers.values()} == {"torch-int4"}
+        assert {layer.path for layer in exact.quant_layers.values()} == {"torch-cached"}
+        name = "model.layers.2.self_attn.o_proj"
+        assert torch.equal(fast.quant_layers[name].dense_weight(), exact.quant_layers[name].dense_weight())
+        # a few rows: the kernel, from bf16 (RTN at 2 bits leaves a model too broken for end-to-end log-probs
+        # to say more than that: it amplifies any rounding), so each of a decoder layer's linears on its own
+        x = torch.randn(5, 1536, generator=torch.Generator().manual_seed(bits))
+        for suffix in ("self_attn.q_proj", "self_attn.k_proj", "mlp.gate_proj", "mlp.down_proj"):
+            a, b = fast.quant_layers[f"model.layers.0.{suffix}"], exact.quant_layers[f"model.layers.0.{suffix}"]
+            want = b(x[:, :b.in_features])
+            assert ((a(x[:, :a.in_features]) - want).norm() / want.norm()).item() < 5e-3, suffix
+        # 128 tokens and more: the exactly dequantized weights, so the fp32 copy's log-probs
+        ids = fast.tokenize("The quick brown fox jumps over the lazy dog. Paris is the capital of France. " * 12)
+        assert len(ids) >= 128
+        got, want = torch.tensor(fast.token_logprobs(ids)), torch.tensor(exact.token_logprobs(ids))
+        assert (got - want).abs().max() < 1e-3, (got - want).abs().max()
+        assert fast.memory_report().ram_mb < 0.4 * exact.memory_report().ram_mb
+    finally:
+        fast.unload()
+        exact.unload()
+
+
 def test_act_order_checkpoint_loads_right(default_hf_model, ckpt_dir):
     from backends.gptq.quant_linear import make_kernel_layer
     path = rtn.quantize_folder(default_hf_model, ckpt_dir / "smol-actorder", bits=4, group_size=128, desc_act=True)
