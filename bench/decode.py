@@ -127,7 +127,8 @@ def cpu_main(args) -> None:
     med = {k: statistics.median(v) for k, v in rates.items()}
     base = med["transformers fp32"]
     lines = [f"### Decode on CPU - {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} - "
-             f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()} - commit {tree_commit()}", "",
+             f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, torch's CPU kernels "
+             f"{torch.backends.cpu.get_cpu_capability()} - commit {tree_commit()}", "",
              f"Command: `python -m bench.decode --cpu {' '.join(a for a in sys.argv[1:] if a != '--cpu')}`. "
              f"SmolLM2-135M-Instruct, RTN {args.bits}-bit g{args.group}; greedy, {args.new} new tokens, chat prompt; "
              f"median of {args.repeats} alternating runs (shared machine).", "",

@@ -30,7 +30,8 @@ class GPTQBackend(TransformersBackend):
             OptionSpec("cpu_int4", "choice", "auto", ("auto", "on", "off"),
                        "CPU: 2/3/4-bit layers on torch's packed int4 kernel (a third of the RAM of the fp32 copy, "
                        "1.9x faster decoding on the default model; decoding from bf16, 128+ tokens at once "
-                       "exactly dequantized) - auto unless cpu_cache=on, off = the fp32 copy"),
+                       "exactly dequantized) - auto unless cpu_cache=on or torch does not vectorize it "
+                       "here (measured), off = the fp32 copy"),
             OptionSpec("cpu_cache", "choice", "auto", ("auto", "on", "off"),
                        "CPU: keep the layers not on the int4 kernel dequantized in RAM (fast) - auto when they "
                        "fit; on also keeps 2/3/4-bit layers dequantized (exact, 3x the RAM)"),

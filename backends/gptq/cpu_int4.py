@@ -20,9 +20,12 @@ float matmul: the dequantized run stays in cache and never exists for the whole 
 """
 from __future__ import annotations
 
+import functools
+import time
 from dataclasses import dataclass
 
 import torch
+from torch.nn import functional as F
 
 from backends.gptq import format as fmt
 
@@ -37,6 +40,32 @@ def available() -> bool:
     """Whether this torch has the CPU packed int4 kernels."""
     return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
         torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
+
+
+@functools.cache
+def kernel_is_fast() -> bool:
+    """Whether the kernel beats the fp32 matmul at one row on this machine (measured once a process, a few
+    ms). Torch vectorizes it for AVX2 and AVX-512 only, and not in MSVC builds: elsewhere it runs a reference
+    loop, 13x slower than the fp32 copy at one row and 60x at 16 (ATEN_CPU_CAPABILITY=default, 2026-12-05),
+    so `cpu_int4=auto` keeps the fp32 copy there."""
+    if not available():
+        return False
+    K = N = 1024
+    codes = torch.randint(0, 16, (K, N), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    weight = make_int4_weight(fmt.pack_qweight(codes, 4), fmt.pack_qzeros(torch.full((K // 128, N), 8), 4, "gptq"),
+                              torch.full((K // 128, N), 0.01, dtype=torch.float16), None, 4, 128, "gptq")
+    dense, x = weight.dense(), torch.randn(1, K)
+    return _best_time(lambda: weight.matmul(x)) < _best_time(lambda: F.linear(x, dense))
+
+
+def _best_time(fn, repeats: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 @dataclass

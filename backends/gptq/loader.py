@@ -21,6 +21,7 @@ from torch import nn
 from backends.base import BackendError
 from backends.gptq import format as fmt
 from backends.gptq import offload
+from backends.gptq.cpu_int4 import kernel_is_fast as int4_kernel_is_fast
 from backends.gptq.cpu_int4 import takes as int4_takes
 from backends.gptq.kernel_runtime import KernelRuntime
 from backends.gptq.quant_linear import QuantLinear
@@ -143,7 +144,8 @@ def load_checkpoint(folder: Path, device: torch.device, dtype: torch.dtype, runt
     cache_dequantized (CPU): keep layers dequantized in `dtype` (None: when they fit in free RAM).
     cpu_int4 (CPU): 4-bit layers on torch's packed int4 kernel (cpu_int4.py; decoding from bf16, so not
     bit-exact; 128 rows and more through exactly dequantized runs of columns): "auto" wherever it takes them
-    unless cache_dequantized is True (the fp32 copy asked for), "on" wherever it takes them, "off" never."""
+    unless cache_dequantized is True (the fp32 copy asked for) or the kernel is not vectorized on this machine
+    (cpu_int4.kernel_is_fast), "on" wherever it takes them, "off" never."""
     folder = Path(folder)
     qc = fmt.read_quantize_config(folder)
     files = fmt.find_weight_files(folder, qc)
@@ -164,7 +166,8 @@ def load_checkpoint(folder: Path, device: torch.device, dtype: torch.dtype, runt
 
     cache = _dense_fits(modules, quant_names, dtype) if cache_dequantized is None else cache_dequantized
     on_int4 = set()
-    if device.type == "cpu" and (cpu_int4 == "on" or (cpu_int4 == "auto" and cache_dequantized is not True)):
+    if device.type == "cpu" and (cpu_int4 == "on" or (cpu_int4 == "auto" and cache_dequantized is not True
+                                                      and int4_kernel_is_fast())):
         on_int4 = {n for n in quant_names if int4_takes(qc.bits, modules[n].in_features, modules[n].out_features,
                                                         modules[n].in_features if qc.group_size == -1 else qc.group_size)}
         if cache_dequantized is None and on_int4:  # the layers left may fit now

@@ -204,6 +204,25 @@ def test_cpu_int4_kernel_by_default_and_the_fp32_copy_on_request(gptq4, rtn4):
         slow.unload()
 
 
+def test_cpu_int4_auto_keeps_the_fp32_copy_where_torch_does_not_vectorize_the_kernel(rtn4):
+    """Torch vectorizes its int4 CPU kernel for AVX2 and AVX-512 only (not in MSVC builds); elsewhere it runs a
+    reference loop 13x slower than the fp32 copy. auto measures that once and keeps the copy there: here on a
+    CPU forced to torch's unvectorized kernels (ATEN_CPU_CAPABILITY=default), in a fresh process."""
+    import os
+    import subprocess
+    import sys
+    script = ("import sys; from backends.registry import create_backend; from backends.gptq import cpu_int4; "
+              "b = create_backend('gptq'); b.load(sys.argv[1], b.validate_options({'device': 'cpu'})); "
+              "print(cpu_int4.kernel_is_fast(), sorted({l.path for l in b.quant_layers.values()}))")
+    repo = Path(__file__).resolve().parents[3]
+    for capability, expected in (("default", "False ['torch-cached']"), ("avx2", "True ['torch-int4']")):
+        env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, "PYTHONPATH": str(repo)}
+        result = subprocess.run([sys.executable, "-c", script, str(rtn4)], cwd=repo, env=env, capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert result.stdout.strip().splitlines()[-1] == expected, (capability, result.stdout[-500:])
+
+
 def _to_v2(tensors):
     return {k: (fmt.convert_qzeros(v, 4, "gptq", "gptq_v2") if k.endswith(".qzeros") else v)
             for k, v in tensors.items()}
