@@ -44,8 +44,8 @@ def available() -> bool:
 
 @functools.cache
 def kernel_is_fast() -> bool:
-    """Whether the kernel beats the fp32 matmul at one row on this machine (measured once a process, a few
-    ms). Torch vectorizes it for AVX2 and AVX-512 only, and not in MSVC builds: elsewhere it runs a reference
+    """Whether the kernel beats the fp32 matmul at one row on this machine (measured once a process, about
+    70 ms). Torch vectorizes it for AVX2 and AVX-512 only, and not in MSVC builds: elsewhere it runs a reference
     loop, 13x slower than the fp32 copy at one row and 60x at 16 (ATEN_CPU_CAPABILITY=default, 2026-12-05),
     so `cpu_int4=auto` keeps the fp32 copy there."""
     if not available():
@@ -59,6 +59,7 @@ def kernel_is_fast() -> bool:
 
 
 def _best_time(fn, repeats: int = 5) -> float:
+    """The shortest of a few runs after a warm-up: the least noisy estimate on a shared machine."""
     fn()
     times = []
     for _ in range(repeats):
@@ -206,7 +207,7 @@ def _pack_columns(qweight: torch.Tensor, bits: int, K: int, perm: torch.Tensor |
 def _repack_words(qweight: torch.Tensor, K: int, perm: torch.Tensor | None) -> torch.Tensor:
     """GPTQ's 4-bit words [K / 8, N] (8 codes along K each) in the kernel's layout (see `_codes_into`), with
     word-wide masks and shifts instead of unpacking to one int32 a code: 9x faster (a 4096x11008 layer in
-    0.07 s instead of 0.62), which is most of a 7B model's load. Rows are permuted as byte rows (act-order)."""
+    0.08 s instead of 0.62), which is most of a 7B model's load. Rows are permuted as byte rows (act-order)."""
     N = qweight.shape[1]
     blocks_end = N // 64 * 64
     parts = []

@@ -142,7 +142,7 @@ def load_checkpoint(folder: Path, device: torch.device, dtype: torch.dtype, runt
     the others' stay in pinned host memory, where the kernels read them (offload.py). -1: as many as
     fit in the free GPU memory, less room for the KV cache and activations. None: all on the GPU.
     cache_dequantized (CPU): keep layers dequantized in `dtype` (None: when they fit in free RAM).
-    cpu_int4 (CPU): 4-bit layers on torch's packed int4 kernel (cpu_int4.py; decoding from bf16, so not
+    cpu_int4 (CPU): 2/3/4-bit layers on torch's packed int4 kernel (cpu_int4.py; decoding from bf16, so not
     bit-exact; 128 rows and more through exactly dequantized runs of columns): "auto" wherever it takes them
     unless cache_dequantized is True (the fp32 copy asked for) or the kernel is not vectorized on this machine
     (cpu_int4.kernel_is_fast), "on" wherever it takes them, "off" never."""
