@@ -4,8 +4,9 @@
   Act-order is undone once here: rows are sorted by group and the activations are gathered in that
   order inside the kernel, so the kernel always reads contiguous groups.
 - CPU: 2-, 3- and 4-bit layers on torch's packed int4 kernel where it takes them and it is fast
-  (cpu_int4.py: an eighth of the bytes of the fp32 copy, ~2x faster decoding). Other layers take a plain torch path: dequantized once into a float weight
-  (cached) when memory allows, so it runs as fast as an nn.Linear; otherwise dequantized at every call.
+  (cpu_int4.py: an eighth of the bytes of the fp32 copy, ~2x faster decoding). Other layers take a
+  plain torch path: dequantized once into a float weight (cached) when memory allows, so it runs as
+  fast as an nn.Linear; otherwise dequantized at every call.
 """
 from __future__ import annotations
 
