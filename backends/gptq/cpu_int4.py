@@ -34,6 +34,7 @@ WIDTHS = (2, 3, 4)  # code widths it runs: 2- and 3-bit codes (0-3, 0-7) are 4-b
 CODE_OFFSET = {2: 6, 3: 4, 4: 0}  # added to codes and zeros so both sit around the kernel's 8
 DEQUANTIZE_ROWS = 128  # from this many rows on, a dequantized run of columns and a float matmul beat the kernel
 COLUMNS_PER_RUN = 256  # columns dequantized at a time (a multiple of the layout's 64-column blocks)
+BLOCK_COLUMNS = 64  # the packed layout's column blocks; the columns past the last whole one are packed apart
 
 
 def available() -> bool:
@@ -103,7 +104,7 @@ class Int4Weight:
 
     def _dequantized_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] (rows sorted) @ W, COLUMNS_PER_RUN columns of W dequantized (fp32) at a time."""
-        group_of = torch.arange(self.K // self.group_size) * self.group_size // self.rows
+        group_of = _checkpoint_group_of(self.K, self.group_size, self.rows)
         scales = self.scales.to(torch.float32).index_select(0, group_of)[:, None]  # [kernel groups, 1, N]
         zeros = (self.zeros.to(torch.float32) + self.code_offset).index_select(0, group_of)[:, None]
         outputs = []
@@ -118,7 +119,7 @@ class Int4Weight:
         """The end of the run of columns from `start`: COLUMNS_PER_RUN on, or the layer's last columns (the
         layout's columns past the last whole 64-column block are packed together, so they end a run)."""
         stop = start + COLUMNS_PER_RUN
-        return self.N if stop >= self.N // 64 * 64 else stop
+        return self.N if stop >= _whole_blocks(self.N) else stop
 
     def _codes_into(self, out: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """Writes the codes of columns [start, stop) into out [K, stop - start] (sorted rows). The kernel's
@@ -126,7 +127,7 @@ class Int4Weight:
         [K, 32] bytes, low nibble column j, high nibble column 32 + j; the columns past the last whole block as
         [K, rest / 2] bytes, low nibble the even column, high the odd."""
         K, data = self.K, self.packed.view(-1)
-        blocks_end = min(stop, self.N // 64 * 64)
+        blocks_end = min(stop, _whole_blocks(self.N))
         if blocks_end > start:
             width = blocks_end - start
             blocks = data[start * K // 2: blocks_end * K // 2].view(width // 64, K, 32).permute(1, 0, 2)
@@ -155,6 +156,16 @@ class Int4Weight:
         return w.t().contiguous().to(dtype)
 
 
+def _whole_blocks(N: int) -> int:
+    """The columns in whole BLOCK_COLUMNS blocks of the packed layout."""
+    return N // BLOCK_COLUMNS * BLOCK_COLUMNS
+
+
+def _checkpoint_group_of(K: int, kernel_group: int, rows: int) -> torch.Tensor:
+    """Each kernel group's GPTQ group (the checkpoint's groups of `rows` sorted rows span one or more)."""
+    return torch.arange(K // kernel_group) * kernel_group // rows
+
+
 def kernel_group_size(K: int, rows: int) -> int | None:
     """The kernel's group size for GPTQ groups of `rows` sorted rows: the largest size it takes that divides
     both (the checkpoint's scales then repeat over its groups: one group covering K, or K with a short last
@@ -180,7 +191,7 @@ def make_int4_weight(qweight, qzeros, scales, g_idx, bits: int, group_size: int,
     zeros = fmt.unpack_qzeros(qzeros.cpu(), bits, N, checkpoint_format).to(torch.float32)  # [G, N]
     if zeros.numel() and (int(zeros.min()) < 0 or int(zeros.max()) > 255):  # as make_kernel_layer
         return None
-    group_of = torch.arange(K // kernel_group) * kernel_group // rows  # each kernel group's GPTQ group
+    group_of = _checkpoint_group_of(K, kernel_group, rows)
     s = scales.cpu().to(torch.float32).index_select(0, group_of)
     shift = CODE_OFFSET[bits]
     zeros_k = zeros.index_select(0, group_of) + shift
@@ -209,7 +220,7 @@ def _repack_words(qweight: torch.Tensor, K: int, perm: torch.Tensor | None) -> t
     word-wide masks and shifts instead of unpacking to one int32 a code: 9x faster (a 4096x11008 layer in
     0.08 s instead of 0.62), which is most of a 7B model's load. Rows are permuted as byte rows (act-order)."""
     N = qweight.shape[1]
-    blocks_end = N // 64 * 64
+    blocks_end = _whole_blocks(N)
     parts = []
     if blocks_end:
         words = qweight[:, :blocks_end].reshape(K // 8, blocks_end // 64, 2, 32)

@@ -77,7 +77,7 @@ class QuantLinear(nn.Module):
         self.kernel: KernelLayer | None = None
         self.runtime: KernelRuntime | None = None
         self.packed: tuple | None = None   # (qweight, qzeros, scales, g_idx, checkpoint_format) on CPU
-        self.int4 = None                   # cpu_int4.Int4Weight: 4-bit CPU layers on torch's packed int4 kernel
+        self.int4 = None                   # cpu_int4.Int4Weight: 2/3/4-bit CPU layers on torch's packed int4 kernel
         self.group = None                  # fusion.FusedGroup when fused with its siblings (CUDA)
         self.group_index = 0
         # act_order.py's rewrites (CUDA): outputs stored in this order of the checkpoint's columns, and
@@ -93,7 +93,7 @@ class QuantLinear(nn.Module):
                     checkpoint_format: str, device: torch.device, dtype: torch.dtype,
                     runtime: KernelRuntime | None = None, cache_dequantized: bool = True,
                     codes_on_host: bool = False, cpu_int4: bool = False) -> "QuantLinear":
-        """cpu_int4 (CPU): run 4-bit layers on torch's packed int4 kernel (cpu_int4.py) where it takes them,
+        """cpu_int4 (CPU): run 2/3/4-bit layers on torch's packed int4 kernel (cpu_int4.py) where it takes them,
         instead of a dequantized copy (cache_dequantized) or a dequantization per forward."""
         K, N = qweight.shape[0] * 32 // bits, qweight.shape[1]
         layer = cls(K, N, bits, group_size, name)
