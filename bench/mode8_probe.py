@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-VARIANTS = ("shipped", "loads only", "no zero points")
+VARIANTS = ("shipped", "loads only", "no zero points", "3-bit one and")
 
 # (line in gluon_gemv.py, its replacement) per altered variant; each line must occur exactly once
 _LOOP_HEAD = "        acc = gl.zeros([BLOCK_N, R], gl.float32, mma)\n        for t in range(t0, t_end):\n"
@@ -62,6 +62,14 @@ REWRITES = {
     "no zero points": [
         ("        return s_mma.to(gl.float32)[:, None] * (part - z_mma.to(gl.float32)[:, None] * sums)\n",
          "        return part  # probe: no zero points (sums, scales and zeros unused, so never computed or loaded)\n"),
+    ],
+    "3-bit one and": [
+        ('        f"shr.u32 t, $2, {lo_shift};\\n" + hi_shift + "\\n"\n',
+         '        f"shr.u32 t, $2, {lo_shift};\\n"  # probe: third bits left out\n'),
+        ('        f"and.b32 u, u, {(4 << (2 * (P % 4))) * 0x10001};\\n"\n', ""),
+        ('        "or.b32 t, t, u;\\n"\n', ""),
+        ("        l0, h0 = _pair3(a, h, 0)\n", "        a = a ^ h  # probe: the third bits' words stay loaded\n"
+                                               "        l0, h0 = _pair3(a, h, 0)\n"),
     ],
 }
 
@@ -117,8 +125,14 @@ def main(argv=None):
     ap.add_argument("--cases", default="8192x28672:2g64:1,8192x28672:4g128:1,8192x28672:4g128:16")
     ap.add_argument("--rounds", type=int, default=3, help="timing rounds, variants alternating (best kept)")
     ap.add_argument("--top", type=int, default=6, help="configs printed per case")
+    ap.add_argument("--variants", default=",".join(VARIANTS[1:]),
+                    help="altered copies to time next to the shipped kernel (comma-separated)")
     args = ap.parse_args(argv)
     cases = [parse_case(case) for case in args.cases.split(",")]  # a bad name stops before any GPU work
+    variants = ("shipped", *[v for v in args.variants.split(",") if v])
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"bench.mode8_probe: unknown variant(s) {unknown} (of {', '.join(VARIANTS[1:])})")
     if not torch.cuda.is_available():
         sys.exit("bench.mode8_probe needs a CUDA GPU")
     from backends.gptq.kernel_runtime import GemmConfig, KernelRuntime, cold_copies, graph_time_ms
@@ -126,7 +140,7 @@ def main(argv=None):
     from bench.kernels import fp16_copies, random_layer, read_floor_ms
     from bench.provenance import tree_commit
     folder = Path(tempfile.mkdtemp(prefix="mode8_probe_"))
-    modules = {"shipped": None, **{v: probe_module(v, folder) for v in VARIANTS[1:]}}
+    modules = {"shipped": None, **{v: probe_module(v, folder) for v in variants[1:]}}
     print(f"{torch.cuda.get_device_name()}, commit {tree_commit()}", flush=True)
     for K, N, bits, group, rows in cases:
         _, layer = random_layer(K, N, bits, group, False, seed=K + N)
@@ -137,7 +151,7 @@ def main(argv=None):
         copies = cold_copies(layer, "cuda")
         times = {}
         for _ in range(args.rounds):
-            for variant in VARIANTS:
+            for variant in variants:
                 with kernel_of(modules[variant]):
                     for cfg in configs:
                         y = runtime.run(x, layer, cfg).float()
@@ -149,14 +163,14 @@ def main(argv=None):
         dense = fp16_copies(K, N)
         fp16_us = graph_time_ms(lambda i: x @ dense[i % len(dense)], calls=max(8, len(dense))) * 1e3
         floor_us = read_floor_ms(layer.nbytes()) * 1e3
-        best = {v: min(min(times[(v, c)]) for c in configs) for v in VARIANTS}
+        best = {v: min(min(times[(v, c)]) for c in configs) for v in variants}
         print(f"\n== {K}x{N} {bits}-bit g{group}, {rows} row(s): {layer.nbytes() / 1e6:.1f} MB; read floor "
               f"{floor_us:.1f} us, torch fp16 {fp16_us:.1f} us; shipped tuner pick {pick_ms * 1e3:.1f} us "
               f"(mode {pick.mode}, {fp16_us / (pick_ms * 1e3):.2f}x fp16)", flush=True)
-        print("  best of mode 8's configs: " + ", ".join(f"{v} {best[v]:.1f} us" for v in VARIANTS), flush=True)
+        print("  best of mode 8's configs: " + ", ".join(f"{v} {best[v]:.1f} us" for v in variants), flush=True)
         order = sorted(configs, key=lambda c: min(times[("shipped", c)]))
         for cfg in order[:args.top]:
-            cells = "  ".join(f"{min(times[(v, cfg)]):6.1f}" for v in VARIANTS)
+            cells = "  ".join(f"{min(times[(v, cfg)]):6.1f}" for v in variants)
             print(f"  {cells}   bn{cfg.block_n} bk{cfg.block_k} split {cfg.split_k} warps {cfg.num_warps} "
                   f"form {cfg.num_stages}", flush=True)
         del copies, layer, dense
