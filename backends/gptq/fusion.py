@@ -68,7 +68,8 @@ def _compatible(layers) -> bool:
         k = l.kernel
         if offload.on_host(k.qweight) != offload.on_host(first.qweight):
             return False
-        if (k.bits, k.K, k.group_size, k.interleaved) != (first.bits, first.K, first.group_size, first.interleaved):
+        if (k.bits, k.K, k.group_size, k.interleaved, k.fields3) != (first.bits, first.K, first.group_size,
+                                                                       first.interleaved, first.fields3):
             return False
         if (k.perm is None) != (first.perm is None) or (k.perm is not None and not torch.equal(k.perm, first.perm)):
             return False
@@ -92,7 +93,7 @@ def fuse_siblings(model: nn.Module, runtime: KernelRuntime) -> int:
                               zeros=torch.cat([k.zeros for k in kernels], 1).contiguous(),
                               perm=kernels[0].perm, bits=kernels[0].bits, K=kernels[0].K,
                               N=sum(k.N for k in kernels), group_size=kernels[0].group_size,
-                              interleaved=kernels[0].interleaved)
+                              interleaved=kernels[0].interleaved, fields3=kernels[0].fields3)
             bias = torch.cat([l.bias for l in layers]) if layers[0].bias is not None else None
             offsets, start = [], 0
             for k in kernels:

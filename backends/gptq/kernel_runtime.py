@@ -25,14 +25,15 @@ from backends.gptq.parallel_compile import compile_all, launcher
 log = logging.getLogger(__name__)
 
 FUSED_MAX_M = 64
-TUNER_VERSION = 15 # 2: cold weight copies; 3: more half2 GEMV tiles; 4: modes 5, 6; 5: stage_x; 6: mode 6 gone;
+TUNER_VERSION = 16 # 2: cold weight copies; 3: more half2 GEMV tiles; 4: modes 5, 6; 5: stage_x; 6: mode 6 gone;
 #                     7: half2 kernels without bounds masks on whole tiles and without a division per tile,
 #                        the tensor-core kernel at 2 and 3 bits; 8: mode 7 (Gluon);
 #                     9: mode 7 reads x and words straight into registers (other tiles and splits);
 #                     10: mode 8 at 2-16 rows; 11: mode 9 (wgmma) at 2-16 rows, 2 bits, mode 8 at 3 bits;
 #                     12: mode 8 tiles of two groups (4 bits, groups under 128 values);
 #                     13: mode 8 requests x in its own iteration, and words two tiles ahead at 16 rows;
-#                     14: words load evict-first (modes 3-5 and 8); 15: mode 8 form 3 under a register cap
+#                     14: words load evict-first (modes 3-5 and 8); 15: mode 8 form 3 under a register cap;
+#                     16: 3-bit layers in mode 8's fields order where mode 8 runs (no modes 2, 4, 5 there)
 VERIFY_TOLERANCE = 1e-2  # relative error of a kernel's output against its torch reference (fp16: ~1e-3)
 
 
@@ -106,6 +107,42 @@ def interleave_pairs(qweight: torch.Tensor, bits: int) -> torch.Tensor:
     return _as_int32(out)
 
 
+def fields3_place(j: int) -> list[tuple[int, int, int]]:
+    """Where value j (0..31) of a 3-bit block sits in the fields order of `fields3`, as (word, bit, value
+    bit) triples: pair p = j // 2 (half j % 2) of pairs 0-14 is a whole field at bit 3 (p % 5) of word p // 5's
+    half; pair 15's values are split over bit 15 of the three words' halves (word e holds value bit e)."""
+    pair, half = j // 2, j % 2
+    if pair < 15:
+        return [(pair // 5, 16 * half + 3 * (pair % 5) + e, e) for e in range(3)]
+    return [(e, 16 * half + 15, e) for e in range(3)]
+
+
+def fields3(qweight: torch.Tensor) -> torch.Tensor:
+    """3-bit words in the fields order (`fields3_place`) for mode 8: each block of 32 values is three
+    words holding five whole 3-bit fields in each 16-bit half (bits 0, 3, 6, 9 and 12) and, in bit 15 of
+    the six halves, the three bits of the last pair. Same bytes as the checkpoint. A pair is then one `and`
+    (fields at bits 0-8 are fp16 subnormals as they lie) or an `and` after a shift by 9 shared by the word,
+    where the planes order (`interleave_pairs`) needs a second `lop3` a pair to or in the third bit: mode 8's
+    3-bit loop went from 2.27 to about 1.4 SASS instructions per weight (bench/RESULTS.md, 2026-12-05)."""
+    K, N = qweight.shape[0] * 32 // 3, qweight.shape[1]
+    blocks = fmt.unpack_qweight(qweight, 3, K).to(torch.int64).view(K // 32, 32, N)
+    words = [torch.zeros(K // 32, N, dtype=torch.int64, device=qweight.device) for _ in range(3)]
+    for j in range(32):
+        for word, bit, value_bit in fields3_place(j):
+            words[word] |= ((blocks[:, j] >> value_bit) & 1) << bit
+    return _as_int32(torch.stack(words, 1).view(K // 32 * 3, N))
+
+
+def fields3_codes(words: torch.Tensor) -> torch.Tensor:
+    """Codes [K, N] (int64) of 3-bit words in the fields order: `fields3` undone (tests, debugging)."""
+    w = (words.to(torch.int64) & 0xFFFFFFFF).view(-1, 3, words.shape[1])
+    codes = torch.zeros(w.shape[0], 32, w.shape[2], dtype=torch.int64, device=words.device)
+    for j in range(32):
+        for word, bit, value_bit in fields3_place(j):
+            codes[:, j] |= ((w[:, word] >> bit) & 1) << value_bit
+    return codes.view(-1, w.shape[2])
+
+
 def _as_int32(words: torch.Tensor) -> torch.Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
@@ -136,10 +173,16 @@ class KernelLayer:
     N: int
     group_size: int              # rows per group in sorted order; K when there is one group
     interleaved: bool = False    # 2/3/4/8-bit words in the half2 kernel's order of `interleave_pairs`
+    fields3: bool = False        # 3-bit words in mode 8's fields order (`fields3`) instead of the planes order
 
     @property
     def Kw(self) -> int:
         return self.qweight.shape[0]
+
+    @property
+    def word_order(self) -> int:
+        """The Triton kernels' INTERLEAVED argument: 0 checkpoint order, 1 `interleave_pairs`, 2 `fields3`."""
+        return 2 if self.fields3 else int(self.interleaved)
 
     def nbytes(self) -> int:
         tensors = [self.qweight, self.scales, self.zeros] + ([self.perm] if self.perm is not None else [])
@@ -214,6 +257,16 @@ def hopper(device) -> bool:
     """Whether `device` is an sm_90 GPU (warpgroup MMA: mode 9)."""
     return device is not None and torch.device(device).type == "cuda" and \
         torch.cuda.get_device_capability(torch.device(device))[0] == 9
+
+
+def fields3_for(device) -> bool:
+    """Whether 3-bit layers on `device` are laid out in mode 8's fields order (`fields3`): where mode 8 runs
+    (Gluon compiled, a CUDA GPU with mma.sync, sm_80+). That order is read by mode 8, the dequantize kernel
+    and the portable modes 0, 1 and 3; the half2 kernels (modes 4, 5) and mode 2 read the planes order,
+    which the layers keep everywhere else."""
+    if device is None or torch.device(device).type != "cuda" or not gluon_kernels_available():
+        return False
+    return torch.cuda.get_device_capability(torch.device(device))[0] >= 8
 
 
 def gluon_kernels_available() -> bool:
@@ -359,9 +412,10 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
     even = whole_tiles(layer, cfg)
     if cfg.mode == 4:
         from backends.gptq.triton_kernels import INTERPRETED, gptq_gemv_h2_kernel
-        if M != 1 or x2d.dtype != torch.float16 or not layer.interleaved or layer.bits not in HALF2_BITS:
+        if (M != 1 or x2d.dtype != torch.float16 or not layer.interleaved or layer.fields3
+                or layer.bits not in HALF2_BITS):
             raise ValueError("the half2 matrix-vector kernel (mode 4) takes one fp16 row and interleaved 2/3/4-bit "
-                             "words")
+                             "words (3 bits in the planes order)")
         x_row = aligned_row(x2d)
         # stage_x: the split's rows rounded up to a power of two (a Triton block size)
         stage = 1 << (per * cfg.block_k - 1).bit_length() if has_perm and cfg.stage_x else 0
@@ -376,9 +430,10 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
         return out
     if cfg.mode == 5:
         from backends.gptq.triton_kernels import INTERPRETED, gptq_gemm_h2_kernel
-        if x2d.dtype != torch.float16 or not layer.interleaved or layer.bits not in HALF2_BITS or kb < 2:
+        if (x2d.dtype != torch.float16 or not layer.interleaved or layer.fields3 or layer.bits not in HALF2_BITS
+                or kb < 2):
             raise ValueError("the half2 tensor-core kernel (mode 5) takes fp16 rows and interleaved 2/3/4-bit "
-                             "words, at least 2 value blocks per column of a tile")
+                             "words (3 bits in the planes order), at least 2 value blocks per column of a tile")
         launcher(gptq_gemm_h2_kernel, (n_tiles, split), compile_only)(
             x2d, layer.qweight, layer.scales, layer.zeros, perm, out, bias if bias is not None else out, ws, tickets,
             M, layer.N, layer.K, layer.Kw, x2d.stride(0), out.stride(0), layer.group_size, per, split,
@@ -404,7 +459,8 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
         from backends.gptq import gluon_gemv
         if not gluon_gemv.supports(x2d, layer, cfg) or has_perm:
             raise ValueError("the Gluon matrix-vector kernel (mode 8) takes 1-16 fp16 rows on CUDA, interleaved "
-                             "2/4-bit words in whole tiles, and act-order only through gather_x")
+                             "2/4/8-bit or fields-order 3-bit words in whole tiles, and act-order only through "
+                             "gather_x")
         x2d = paired_rows(x2d)
         rows = gluon_gemv.operand_rows(M)
         launcher(gluon_gemv.gptq_mma_t_kernel, (n_tiles, split), compile_only)(
@@ -439,17 +495,18 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
             x2d, layer.qweight, layer.scales, layer.zeros, perm, out, bias if bias is not None else out, ws,
             tickets, layer.N, layer.K, layer.Kw, layer.group_size, per, split,
             BITS=layer.bits, VPB=vpb, KB=kb, BLOCK_N=cfg.block_n, HAS_PERM=has_perm,
-            SPLIT=split > 1, HAS_BIAS=bias is not None, INTERLEAVED=layer.interleaved,
+            SPLIT=split > 1, HAS_BIAS=bias is not None, INTERLEAVED=layer.word_order,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.compile_options())
         return out
-    if cfg.mode == 2 and cfg.block_m == 1 and layer.bits == 3 and layer.interleaved:
-        raise ValueError("the unrolled kernel's M = 1 form (mode 2) reads 3-bit words in the checkpoint's order")
+    if cfg.mode == 2 and layer.bits == 3 and (layer.fields3 or cfg.block_m == 1 and layer.interleaved):
+        raise ValueError("the unrolled kernel (mode 2) reads 3-bit words in the checkpoint's order (M = 1) or "
+                         "the planes order, not mode 8's fields order")
     launcher(gptq_gemm_kernel, (n_tiles, split), compile_only)(
         x2d, layer.qweight, layer.scales, layer.zeros, perm, out, bias if bias is not None else out, ws, tickets,
         M, layer.N, layer.K, layer.Kw, x2d.stride(0), out.stride(0), layer.group_size, per, split,
         BITS=layer.bits, VPB=vpb, KB=kb, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         HAS_PERM=has_perm, SPLIT=split > 1, HAS_BIAS=bias is not None, MODE=cfg.mode,
-        INTERLEAVED=layer.interleaved, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.compile_options())
+        INTERLEAVED=layer.word_order, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.compile_options())
     return out
 
 
@@ -510,7 +567,7 @@ def launch_dequant(layer: KernelLayer, out: torch.Tensor, block_n: int = 128, bl
     gptq_dequant_kernel[grid](layer.qweight, layer.scales, layer.zeros, layer.perm if scatter else layer.qweight,
                               out, layer.N, layer.K, layer.Kw, layer.group_size, BITS=layer.bits, VPB=vpb,
                               KB=block_k // vpb, BLOCK_N=block_n, HAS_PERM=scatter,
-                              INTERLEAVED=layer.interleaved, num_warps=4)
+                              INTERLEAVED=layer.word_order, num_warps=4)
     return out
 
 
@@ -575,7 +632,8 @@ class KernelRuntime:
         # codes in host memory (offload.py) are read over PCIe: tuned apart from the same shape on the GPU
         host = "-host" if offload.on_host(layer.qweight) else ""
         return (f"m{self.m_bucket(x2d.shape[0])}-k{layer.K}-n{layer.N}-b{layer.bits}-g{layer.group_size}"
-                f"-p{int(layer.perm is not None)}-{str(x2d.dtype).split('.')[-1]}{host}")
+                f"-p{int(layer.perm is not None)}-{str(x2d.dtype).split('.')[-1]}{host}"
+                + ("-f3" if layer.fields3 else ""))
 
     def config_for(self, x2d: torch.Tensor, layer: KernelLayer) -> GemmConfig:
         key = self.key(x2d, layer)
@@ -595,6 +653,13 @@ class KernelRuntime:
         """Unpacking modes worth trying, the untuned default first. The half2 kernel (mode 4) is only
         taken when the tuner has measured it (and checked its output) on the GPU in use. every: also the
         modes that run here but are left out to save tuning time (for modes asked for by name)."""
+        if layer.fields3:
+            # mode 8's 3-bit order: mode 8 where it runs (1 and 16 rows, fp16), else the portable modes that
+            # read it (mode 3 and mode 0 stay the untuned defaults: they need no measuring to be trusted)
+            eight = (8,) if dtype == torch.float16 and gluon_kernels_available() else ()
+            if bucket == 1:
+                return (3, *eight, 0)
+            return (0, *eight, 1) if bucket == 16 else (0, 1)
         half2 = dtype == torch.float16 and layer.interleaved and layer.bits in HALF2_BITS
         # 8-bit words are interleaved for mode 8 alone (the half2 kernels take 2-4 bits); mode 8 is offered
         # for them at one and 16 rows where Gluon runs

@@ -19,7 +19,8 @@ from torch.nn import functional as F
 from backends.gptq import format as fmt
 from backends.gptq import offload
 from backends.gptq.act_order import column_order, natural_order
-from backends.gptq.kernel_runtime import INTERLEAVED_BITS, KernelLayer, KernelRuntime, interleave_pairs
+from backends.gptq.kernel_runtime import (INTERLEAVED_BITS, KernelLayer, KernelRuntime, fields3, fields3_for,
+                                          interleave_pairs)
 
 
 def sort_by_group(g_idx: torch.Tensor, K: int, group_size: int) -> tuple[torch.Tensor | None, int | None]:
@@ -57,14 +58,15 @@ def make_kernel_layer(qweight, qzeros, scales, g_idx, bits: int, group_size: int
     if zeros.numel() and (int(zeros.min()) < 0 or int(zeros.max()) > 255):
         return None
     interleaved = bits in INTERLEAVED_BITS
+    in_fields = bits == 3 and fields3_for(device)  # mode 8's 3-bit order where mode 8 runs
     if interleaved:
-        qweight = interleave_pairs(qweight, bits)
+        qweight = fields3(qweight) if in_fields else interleave_pairs(qweight, bits)
     qweight = qweight.contiguous()
     if codes_on_host:
         qweight = offload.to_host(qweight)
     return KernelLayer(qweight=qweight, scales=scales.to(device=device, dtype=torch.float16).contiguous(),
                        zeros=zeros.to(torch.uint8).contiguous(), perm=perm, bits=bits, K=K, N=N,
-                       group_size=rows, interleaved=interleaved)
+                       group_size=rows, interleaved=interleaved, fields3=in_fields)
 
 
 class QuantLinear(nn.Module):

@@ -36,9 +36,13 @@ def _unpack_tile(qw_ptr, N, Kw, kb0, offs_n, mask_n,
         row = offs_kb * 3
         m = (row[:, None] < Kw) & mask_n[None, :]
         p = qw_ptr + row[:, None] * N + offs_n[None, :]
-        v = _planes3(tl.load(p, mask=m, other=0).to(tl.uint32, bitcast=True),
-                     tl.load(p + N, mask=m, other=0).to(tl.uint32, bitcast=True),
-                     tl.load(p + 2 * N, mask=m, other=0).to(tl.uint32, bitcast=True))
+        w0 = tl.load(p, mask=m, other=0).to(tl.uint32, bitcast=True)
+        w1 = tl.load(p + N, mask=m, other=0).to(tl.uint32, bitcast=True)
+        w2 = tl.load(p + 2 * N, mask=m, other=0).to(tl.uint32, bitcast=True)
+        if INTERLEAVED == 2:
+            v = _fields3(w0, w1, w2)
+        else:
+            v = _planes3(w0, w1, w2)
     elif BITS == 3:
         row = offs_kb * 3
         m = (row[:, None] < Kw) & mask_n[None, :]
@@ -84,6 +88,27 @@ def _planes3(w0, w1, w2):
 
 
 @triton.jit
+def _fields3_value(w0, w1, w2, j):
+    """Value j (0..31, broadcast against the words) of 3-bit blocks in the fields order of
+    kernel_runtime.fields3: pairs 0-14 whole fields at bit 3 (p % 5) of word p // 5's half, pair 15's
+    three bits in bit 15 of the halves of words 0, 1, 2."""
+    pair = j // 2
+    half = ((j % 2) * 16).to(tl.uint32)
+    word = pair // 5
+    field = (tl.where(word == 0, w0, tl.where(word == 1, w1, w2)) >> (half + (3 * (pair % 5)).to(tl.uint32))) & 7
+    top = half + 15
+    split = ((w0 >> top) & 1) | (((w1 >> top) & 1) << 1) | (((w2 >> top) & 1) << 2)
+    return tl.where(pair == 15, split, field)
+
+
+@triton.jit
+def _fields3(w0, w1, w2):
+    """Codes [KB, 32, BLOCK_N] of 3-bit blocks in the fields order (kernel_runtime.fields3)."""
+    j = tl.arange(0, 32)[None, :, None]
+    return _fields3_value(w0[:, None, :], w1[:, None, :], w2[:, None, :], j)
+
+
+@triton.jit
 def _slot_shift(j, BITS: tl.constexpr, INTERLEAVED: tl.constexpr):
     """Bit offset (uint32) of value j of a word: j * BITS in the checkpoint's order; in the interleaved
     order of `interleave_pairs` values 2p and 2p+1 sit in the low and high halves, at bit p * BITS."""
@@ -100,7 +125,13 @@ def _unpack_rows(qw_ptr, N, K, k0, offs_n, mask_n, BITS: tl.constexpr, BLOCK_K: 
     loaded once per value it holds (the repeats hit L1), but no reshape is needed for tl.dot."""
     offs_k = k0 + tl.arange(0, BLOCK_K)
     m = (offs_k < K)[:, None] & mask_n[None, :]
-    if BITS == 3 and INTERLEAVED:
+    if BITS == 3 and INTERLEAVED == 2:
+        ptr = qw_ptr + ((offs_k // 32) * 3)[:, None] * N + offs_n[None, :]
+        w0 = tl.load(ptr, mask=m, other=0).to(tl.uint32, bitcast=True)
+        w1 = tl.load(ptr + N, mask=m, other=0).to(tl.uint32, bitcast=True)
+        w2 = tl.load(ptr + 2 * N, mask=m, other=0).to(tl.uint32, bitcast=True)
+        v = _fields3_value(w0, w1, w2, (offs_k % 32)[:, None])
+    elif BITS == 3 and INTERLEAVED:
         block = offs_k // 32
         j = offs_k % 32
         i = j % 16
@@ -414,7 +445,9 @@ def _scale_zero(s_ptr, z_ptr, g, N, offs_n, mask_n, EVEN: tl.constexpr):
 @triton.jit
 def _unpack_words(w0, w1, w2, BITS: tl.constexpr, VPB: tl.constexpr, INTERLEAVED: tl.constexpr):
     """Codes [KB, VPB, BLOCK_N] (uint32) from the word tiles of _load_words."""
-    if BITS == 3 and INTERLEAVED:
+    if BITS == 3 and INTERLEAVED == 2:
+        v = _fields3(w0, w1, w2)
+    elif BITS == 3 and INTERLEAVED:
         v = _planes3(w0, w1, w2)
     elif BITS == 3:
         pos = tl.arange(0, 32) * 3

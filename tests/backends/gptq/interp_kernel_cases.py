@@ -348,3 +348,44 @@ def test_activation_gather_refuses_what_it_cannot_take(kr):
         gather.gather_columns(torch.zeros(17, 8).half(), perm)
     with pytest.raises(ValueError, match="perm of 8"):
         gather.gather_columns(torch.zeros(2, 8).half(), perm[:4])
+
+
+@pytest.mark.parametrize("act", [False, True], ids=["plain", "actorder"])
+@pytest.mark.parametrize("gs", [32, 128, -1])
+def test_fields3_layers_run_on_every_kernel_that_reads_them(kr, monkeypatch, gs, act):
+    """3-bit layers in mode 8's fields order (what a CUDA GPU that runs mode 8 gets, forced here on the CPU):
+    the runtime offers only the kernels that read that order (modes 3, 0, 1 and the dequantize path; not the
+    half2 modes 4 and 5 nor mode 2, which read the planes order), and each of them matches float64."""
+    from backends.gptq import quant_linear
+    monkeypatch.setattr(quant_linear, "fields3_for", lambda device: True)
+    seed = 300 + (gs % 1000) + act
+    packed, ref_w = _layer(3, gs, act, seed)
+    layer = quant_linear.make_kernel_layer(*packed, 3, gs, "gptq_v2", "cpu")
+    assert layer.fields3 and layer.interleaved and layer.word_order == 2
+    codes = kr.fields3_codes(layer.qweight)  # the words hold the sorted checkpoint codes
+    sorted_codes = fmt.unpack_qweight(packed[0], 3, K).long()
+    if layer.perm is not None:
+        sorted_codes = sorted_codes[layer.perm.long()]
+    assert torch.equal(codes, sorted_codes)
+    w = torch.full((K, N), float("nan"), dtype=torch.float32)
+    kr.launch_dequant(layer, w)
+    assert torch.allclose(w.double(), ref_w, rtol=0, atol=1e-6)
+    runtime = kr.KernelRuntime(tune=False)
+    gen = torch.Generator().manual_seed(seed + 1)
+    for dtype in (torch.float16, torch.float32):
+        for M in (1, 3, 17):
+            fused = [c for c in runtime.candidates(M, layer, dtype=dtype) if c.path == "fused"]
+            modes = {c.mode for c in fused}
+            assert modes == ({3, 0} if M == 1 else {0, 1}), modes
+            assert fused[0].mode == (3 if M == 1 else 0)  # the untuned default: a portable kernel
+            for cfg in {min((c for c in fused if (c.mode, c.gather_x) == kind), key=lambda c: c.split_k)
+                        for kind in {(c.mode, c.gather_x) for c in fused}}:
+                x = torch.randn(M, K, generator=gen).to(dtype)
+                y = kr.launch_fused(x, layer, cfg, out=torch.full((M, N), float("nan"), dtype=dtype))
+                assert not torch.isnan(y).any(), cfg
+                err = _rel(y, x.double() @ ref_w)
+                assert err < 1e-2, f"M={M} {dtype} {cfg}: relative error {err:.2e}"
+    for mode in (2, 4, 5):  # the planes readers refuse the fields order instead of misreading it
+        with pytest.raises(ValueError, match="planes order"):
+            kr.launch_fused(torch.randn(1 if mode == 4 else 3, K).half(), layer,
+                            kr.GemmConfig("fused", 1 if mode == 4 else 16, 64, 64, 1, 4, mode=mode))
