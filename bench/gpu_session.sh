@@ -19,7 +19,7 @@
 #   bash bench/gpu_session.sh pending    mode 8's GPU tests not yet run on a GPU, then cold tuning time
 #   bash bench/gpu_session.sh pdl8       mode 8 as programmatic dependent launches (act-order: its gather overlapped)
 #   bash bench/gpu_session.sh caps79     register caps on modes 7 and 9 at 16 rows (bench.gemv_sweep --registers)
-#   bash bench/gpu_session.sh three      mode 8 at 3 bits as shipped and with one `and` a pair (bench.mode8_probe)
+#   bash bench/gpu_session.sh three      mode 8 on 3-bit layers in the fields order: CUDA tests, then 3/4/2-bit at 1 and 16 rows
 # Prepare here:  mkdir -p .gpu_carry/tok && cp models/SmolLM2-135M-Instruct/{tokenizer.json,tokenizer_config.json} .gpu_carry/tok/
 #                echo /.gpu_carry/ >> .git/info/exclude
 set -uo pipefail
@@ -132,11 +132,11 @@ case "${1:-decode}" in
     timeout 240 python -m bench.tune_time --m 1,16 2>&1 | tee "$OUT/tune_time.log"
     ;;
   three)
-    # what a 3-bit layout whose pairs need one `and` (no third bits or-ed in) would give mode 8: the probe's
-    # altered copy at 3 bits, 1 and 16 rows, next to the shipped kernel, the tuner's pick over all modes and fp16
-    timeout 560 python -m bench.mode8_probe --variants "3-bit one and" --rounds 2 --top 3 \
-      --cases 8192x28672:3g128:1,4096x11008:3g128:1,8192x28672:3g128:16,4096x11008:3g128:16,8192x28672:4g128:1,4096x11008:4g128:1 \
-      2>&1 | tee "$OUT/probe3.log"
+    # 3-bit layers in mode 8's fields order (kernel_runtime.fields3, built 2026-12-05 without a GPU): the 3-bit
+    # CUDA tests of mode 8, the backend smoke check, then 3-bit against 4-bit (and 2-bit) at 1 and 16 rows
+    timeout 200 python -m pytest -q -p no:cacheprovider tests/backends/gptq/test_gluon_gemv.py -k "matches_float64_over and (1024-3 or 512-3 or 768-3) or tuner" 2>&1 | tee "$OUT/tests.log"
+    timeout 280 python -m bench.kernels --shapes 4096x11008,8192x28672 --cases 4g128,3g128,2g64 --m 1,16 --per-mode \
+      --floor --out "$OUT" 2>&1 | tee "$OUT/kernels.log"
     ;;
   sweep16)
     # launch parameters of the half2 tensor-core kernel at M = 16

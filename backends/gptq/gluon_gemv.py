@@ -23,15 +23,16 @@ instructions per weight, bench/RESULTS.md). Here a pair costs a shift and an `an
   zeros come in 16-, 8- and 4-byte loads where MMA order gave one 4-, 2- or 1-byte load per column:
   56 loads per 4-bit 64 x 128 tile at 16 rows became 20.
 
-- 3 bits (`_pair3`): a block of 32 values is three words in the planes order (`interleave_pairs`): the
-  low two bits of values 0-15 and 16-31 in the 2-bit pair order, and the third bits, placed so that one
-  shift per group of four pairs brings a pair's third bits just above its two low bits. A pair is then a
-  shift (shared by the word's pairs), an `and` and an or-ing `lop3`: q * 2^2r * 2^-24, so x / 2^2r and one
-  MMA serve it as at 2 bits. A lane holds whole blocks (word rows 3i, 3i + 1 and 3i + 2 of block 4c + t),
-  laid out as if each block were one word of 1-bit fields (`layout_bits`): tiles are whole 128-value chunks.
-  On an H200 this took 3-bit 16 rows from 20.5 / 84.3 us (the half2 tensor-core kernel) to 17.3 / 59.7 us
-  on 4096x11008 / 8192x28672; at one row it ties with the half2 kernel (12.1 against 11.9, 37.8 against
-  37.3 us), so there it runs only when asked for by name.
+- 3 bits (`_field3`, `_a_operand3`): a block of 32 values is three words in the fields order
+  (`kernel_runtime.fields3`, what 3-bit layers get where this kernel runs): five whole 3-bit fields in each
+  16-bit half at bits 0, 3, 6, 9, 12 (pairs 0-14), and the last pair's three bits in bit 15 of the three
+  words' halves. A pair is one `and` (bits 0-8 are subnormals as they lie) or an `and` after a shift by 9
+  shared by the word's pairs: q * 2^r * 2^-24 with r = 0, 3 or 6, so x / 2^r serves it as at 2 bits. The
+  split pair is its low bit in the main MMA and its other two bits in a second, 16-k MMA per 128-k chunk
+  whose x is the same pair taken from the registers twice (x / 2^5, x / 2^4). A lane holds whole blocks
+  (word rows 3i, 3i + 1 and 3i + 2 of block 4c + t), laid out as if each block were one word of 1-bit
+  fields (`layout_bits`): tiles are whole 128-value chunks. 1.54 SASS instructions per weight at up to 8
+  rows, where the planes order (a second `lop3` a pair to or the third bit in) took 2.27.
 
 - Groups shorter than a tile (`groups_per_tile`, GROUPS = 2): a tile of two groups, each half its own MMA
   with its own scales and zeros. Twice the bytes per tile in flight: 4-bit g64 at 16 rows went from 68.5
@@ -46,7 +47,8 @@ instructions per weight, bench/RESULTS.md). Here a pair costs a shift and an `an
   is one MMA k-step: k = 16 c + 8 p + 2 t + h. Built and checked without a GPU (2026-12-04): the k order
   against the product in torch, the layouts, the sm_90 SASS; not yet timed.
 
-Half2-ordered (`kernel_runtime.interleave_pairs`) 2-, 3-, 4- and 8-bit words, fp16, whole tiles only, a tile
+Half2-ordered (`kernel_runtime.interleave_pairs`) 2-, 4- and 8-bit words and fields-ordered 3-bit ones
+(`kernel_runtime.fields3`), fp16, whole tiles only, a tile
 never straddling a group. Act-order reads x gathered by the runtime. Needs Triton's Gluon.
 """
 from __future__ import annotations
@@ -79,7 +81,7 @@ def values_per_word(bits: int) -> int:
 
 def layout_bits(bits: int) -> int:
     """The field width the layouts are built for: 3-bit weights are laid out per block of 32 values (a lane
-    holds a whole block: its two low-bit words and its third-bit word, `kernel_runtime.interleave_pairs`),
+    holds a whole block: its three words in the fields order, `kernel_runtime.fields3`),
     as if each block were one word of 1-bit fields."""
     return 1 if bits == 3 else bits
 
@@ -119,7 +121,8 @@ def groups_per_tile(bits: int, block_k: int, group_size: int, K: int) -> int:
 def supports(x2d, layer, cfg) -> bool:
     """The inputs this kernel takes (act-order only after the runtime's gather)."""
     return (AVAILABLE and x2d.is_cuda and x2d.dtype == torch.float16 and 1 <= x2d.shape[0] <= ROWS
-            and layer.bits in BITS and layer.interleaved and valid(layer.bits, cfg.block_k, cfg.block_n, cfg.num_warps)
+            and layer.bits in BITS and layer.interleaved and layer.fields3 == (layer.bits == 3)
+            and valid(layer.bits, cfg.block_k, cfg.block_n, cfg.num_warps)
             and layer.N % cfg.block_n == 0 and layer.K % cfg.block_k == 0
             and groups_per_tile(layer.bits, cfg.block_k, layer.group_size, layer.K) > 0)
 
@@ -269,48 +272,45 @@ def _scale_x_pairs(xp, shift):
 
 
 @triton.jit
-def _pair3(lo, hi, P: tl.constexpr):
-    """Values 2P and 2P+1 of a 3-bit block as fp16 bit patterns q * 2^2r * 2^-24 (r = P % 4; subnormals,
-    exact): the two low bits from the block's low-bit word `lo` (pairs 0-7 in word a, 8-15 in word b, the
-    2-bit pair order) masked at bit 2r, and the third bit from its hi-plane word (`kernel_runtime.hi_plane_bit`:
-    bit G % 2 + 8 (G // 2) + 2r for pair P = 4 G + r) shifted to bit 2r + 2 and or-ed in. Two `lop3` a
-    pair and the shifts shared by all pairs of a word: x / 2^2r serves every pair as at 2 bits."""
-    G: tl.constexpr = P // 4
-    lo_shift: tl.constexpr = 8 * ((P % 8) // 4)
-    hi_shift: tl.constexpr = ("shl.b32 u, $3, 2;" if G == 0 else "shl.b32 u, $3, 1;" if G == 1
-                              else "shr.u32 u, $3, 6;" if G == 2 else "shr.u32 u, $3, 7;")
+def _field3(w, I: tl.constexpr):
+    """Pair I of a 3-bit fields-order word (`kernel_runtime.fields3`) as fp16 bit patterns q * 2^r * 2^-24
+    (subnormals, exact; r = 3 (I % 3), `_x_pair_tile` divides the matching x by 2^r): I = 0-2 the field at
+    bit 3I of each half, masked where it lies; I = 3, 4 the fields at bits 9 and 12, and I = 5 the split
+    pair's bit 15 (as 2^6 times the bit), masked after a shift by 9 that the word's pairs share."""
+    SHIFT: tl.constexpr = 0 if I < 3 else 9
+    MASK: tl.constexpr = ((7 << (3 * (I % 3))) if I < 5 else 0x40) * 0x10001
     return tl.inline_asm_elementwise(
-        "{\n.reg .b32 t, u;\n"
-        f"shr.u32 t, $2, {lo_shift};\n" + hi_shift + "\n"
-        f"and.b32 t, t, {(3 << (2 * (P % 4))) * 0x10001};\n"
-        f"and.b32 u, u, {(4 << (2 * (P % 4))) * 0x10001};\n"
-        "or.b32 t, t, u;\n"
+        "{\n.reg .b32 t;\n"
+        f"shr.u32 t, $2, {SHIFT};\n"
+        f"and.b32 t, t, {MASK};\n"
         "mov.b32 {$0, $1}, t;\n}",
-        "=h,=h,r,r", [lo, hi], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
+        "=h,=h,r", [w], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
 
 
 if AVAILABLE:
     @gluon.jit
-    def _a_operand3(a, b, h, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, A_LAYOUT: gl.constexpr):
-        """The MMA's A operand [BLOCK_N, BLOCK_K] (q * 2^2r * 2^-24, fp16) of 3-bit blocks given as their three
-        words [BLOCK_N, BLOCK_K // 32] each (a: low bits of values 0-15, b: of 16-31, h: third bits), k in
-        the dot's order 128 c + 16 (p >> 1) + 8 (p & 1) + 2 t + h over the block's 16 pairs."""
-        l0, h0 = _pair3(a, h, 0)
-        l1, h1 = _pair3(a, h, 1)
-        l2, h2 = _pair3(a, h, 2)
-        l3, h3 = _pair3(a, h, 3)
-        l4, h4 = _pair3(a, h, 4)
-        l5, h5 = _pair3(a, h, 5)
-        l6, h6 = _pair3(a, h, 6)
-        l7, h7 = _pair3(a, h, 7)
-        l8, h8 = _pair3(b, h, 8)
-        l9, h9 = _pair3(b, h, 9)
-        l10, h10 = _pair3(b, h, 10)
-        l11, h11 = _pair3(b, h, 11)
-        l12, h12 = _pair3(b, h, 12)
-        l13, h13 = _pair3(b, h, 13)
-        l14, h14 = _pair3(b, h, 14)
-        l15, h15 = _pair3(b, h, 15)
+    def _a_operand3(a, b, c, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, A_LAYOUT: gl.constexpr):
+        """The MMA A operands of 3-bit blocks in the fields order, given as their three words [BLOCK_N,
+        BLOCK_K // 32] each: the main one [BLOCK_N, BLOCK_K] (pairs 0-14 whole, pair 15 as its low bit; k in
+        the dot's order 128 c + 16 (p >> 1) + 8 (p & 1) + 2 t + h over the block's 16 pairs) and the split
+        pair's other two bits [BLOCK_N, BLOCK_K // 8] (k = 16 c + 8 s + 2 t + h, s = 0 its middle bit from
+        word b, 1 its top bit from word c; `_x_split_pair_tile` is the matching x)."""
+        l0, h0 = _field3(a, 0)
+        l1, h1 = _field3(a, 1)
+        l2, h2 = _field3(a, 2)
+        l3, h3 = _field3(a, 3)
+        l4, h4 = _field3(a, 4)
+        l5, h5 = _field3(b, 0)
+        l6, h6 = _field3(b, 1)
+        l7, h7 = _field3(b, 2)
+        l8, h8 = _field3(b, 3)
+        l9, h9 = _field3(b, 4)
+        l10, h10 = _field3(c, 0)
+        l11, h11 = _field3(c, 1)
+        l12, h12 = _field3(c, 2)
+        l13, h13 = _field3(c, 3)
+        l14, h14 = _field3(c, 4)
+        l15, h15 = _field3(a, 5)
         q0 = gl.join(gl.join(gl.join(l0, h0), gl.join(l1, h1)), gl.join(gl.join(l2, h2), gl.join(l3, h3)))
         q1 = gl.join(gl.join(gl.join(l4, h4), gl.join(l5, h5)), gl.join(gl.join(l6, h6), gl.join(l7, h7)))
         q2 = gl.join(gl.join(gl.join(l8, h8), gl.join(l9, h9)), gl.join(gl.join(l10, h10), gl.join(l11, h11)))
@@ -318,7 +318,13 @@ if AVAILABLE:
         t = gl.join(gl.join(q0, q1), gl.join(q2, q3))  # (n, block, h, p0, p1, p2, p3)
         t = gl.reshape(t, [BLOCK_N, BLOCK_K // 128, 4, 2, 2, 2, 2, 2])  # (n, c, t, h, p0, p1, p2, p3)
         t = gl.permute(t, [0, 1, 7, 6, 5, 4, 2, 3])
-        return gl.convert_layout(gl.reshape(t, [BLOCK_N, BLOCK_K]), A_LAYOUT, assert_trivial=True)
+        main = gl.convert_layout(gl.reshape(t, [BLOCK_N, BLOCK_K]), A_LAYOUT, assert_trivial=True)
+        lb, hb = _field3(b, 5)
+        lc, hc = _field3(c, 5)
+        u = gl.join(gl.join(lb, hb), gl.join(lc, hc))  # (n, block, h, s)
+        u = gl.permute(gl.reshape(u, [BLOCK_N, BLOCK_K // 128, 4, 2, 2]), [0, 1, 4, 2, 3])  # (n, c, s, t, h)
+        split = gl.convert_layout(gl.reshape(u, [BLOCK_N, BLOCK_K // 8]), A_LAYOUT, assert_trivial=True)
+        return main, split
 
     @gluon.jit
     def _a_operand(w, BITS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, A_LAYOUT: gl.constexpr):
@@ -417,16 +423,35 @@ if AVAILABLE:
                      LAYOUT: gl.constexpr):
         """Pointers to tile 0 of x as int32 pairs [BLOCK_K // 2, R] in LAYOUT (rows past M repeat row 0: their
         outputs are never stored), and each pair's r [BLOCK_K // 2, 1] (int32): pair p of a word holds its fields
-        at bit r = BITS * (p % (8 // BITS)) of a byte, so x / 2^r (3 bits: pair p of a block at bit 2 (p % 4),
-        _pair3). r depends on the register only, so the compiler folds it (and skips the pairs with r = 0)."""
+        at bit r = BITS * (p % (8 // BITS)) of a byte, so x / 2^r (3 bits: `_field3`'s r of pair p of a block).
+        r depends on the register only, so the compiler folds it (and skips the pairs with r = 0)."""
         pairs = gl.arange(0, BLOCK_K // 2, layout=gl.SliceLayout(1, LAYOUT))
         rows = gl.arange(0, R, layout=gl.SliceLayout(0, LAYOUT))
         rows = gl.where(rows < M, rows, 0)
         x_tile = (x_ptr.to(gl.pointer_type(gl.int32), bitcast=True) + rows[None, :] * (stride_xm // 2)
                   + pairs[:, None])
-        SB: gl.constexpr = 2 if BITS == 3 else BITS
-        x_shift = (SB * (pairs % (8 // SB)))[:, None]
+        if BITS == 3:  # fields order: pair p of a block at bit 3 ((p % 5) % 3) of its half, pair 15 at bit 6
+            p = pairs % 16
+            x_shift = gl.where(p == 15, 6, 3 * ((p % 5) % 3))[:, None]
+        else:
+            x_shift = (BITS * (pairs % (8 // BITS)))[:, None]
         return x_tile, x_shift
+
+    @gluon.jit
+    def _split_b_operand(xp, BLOCK_K: gl.constexpr, R: gl.constexpr, B_LAYOUT: gl.constexpr):
+        """The B operand [BLOCK_K // 8, R] of the 3-bit split pair (`_a_operand3`'s second operand) from the
+        tile's x pairs xp [BLOCK_K // 2, R] (`_x_pair_tile`, unscaled): pair 15 of each block, taken out of the
+        registers (a block's 16 pairs are register bits), twice, divided by 2^5 and 2^4 (the middle and top
+        bits come as 2^6 times the bit, so that gives 2 and 4 times it), in the 8-bit B order (q = 8 c + 2 t + s
+        for block 4 c + t). Only renames registers: no load, no data moves."""
+        t = gl.permute(gl.reshape(xp, [BLOCK_K // 32, 2, 2, 2, 2, R]), [0, 5, 4, 3, 2, 1])  # (block, m, p0..p3)
+        _, t = gl.split(t)  # p3 = 1
+        _, t = gl.split(t)  # p2 = 1
+        _, t = gl.split(t)  # p1 = 1
+        _, t = gl.split(t)  # p0 = 1: pair 15, [BLOCK_K // 32, R]
+        pairs = gl.reshape(gl.permute(gl.join(_scale_x_pairs(t, 5), _scale_x_pairs(t, 4)), [0, 2, 1]),
+                           [BLOCK_K // 16, R])
+        return _b_operand(pairs, 0, 8, BLOCK_K // 8, R, B_LAYOUT)
 
     @gluon.jit
     def _zero_point_term(part, sums, s, z, BLOCK_N: gl.constexpr, NUM_WARPS: gl.constexpr, MMA: gl.constexpr):
@@ -454,7 +479,7 @@ if AVAILABLE:
 
     @gluon.jit
     def _tile_words(w_tile, t, KW: gl.constexpr, N, BITS: gl.constexpr):
-        """Tile t's words (3 bits: each block's three words a, b and h, rows 3i, 3i + 1, 3i + 2; other widths
+        """Tile t's words (3 bits: each block's three words a, b and c, rows 3i, 3i + 1, 3i + 2; other widths
         repeat the one word). Read once a call, so loaded evict-first: they leave the caches to x, scales and
         zeros (on an H200 -2 to -3.5% for this kernel, bench/RESULTS.md 2026-12-04 16:35)."""
         w = gl.load(w_tile + t * KW * N, eviction_policy="evict_first")
@@ -509,7 +534,7 @@ if AVAILABLE:
         # words, scales and zeros are loaded in memory order (a lane's run of columns in one load) and renamed
         # into the MMA's row order; the output store maps each MMA row back to its column
         r_w = gl.arange(0, LW, layout=gl.SliceLayout(0, LOAD_LAYOUT))
-        if BITS == 3:  # a block's words a, b and h lie in rows 3i, 3i + 1, 3i + 2
+        if BITS == 3:  # a block's words a, b and c lie in rows 3i, 3i + 1, 3i + 2
             r_w = 3 * r_w
         n_w = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LOAD_LAYOUT))
         w_tile = qw_ptr + r_w[None, :] * N + n_w[:, None]
@@ -517,8 +542,11 @@ if AVAILABLE:
         x_tile, x_shift = _x_pair_tile(x_ptr, M, stride_xm, BLOCK_K, R, BITS, X_LAYOUT)
         ONE: gl.constexpr = 0x01010101 if BITS == 8 else 0x11111111 if BITS == 4 else 0x55555555  # every field 1
         if BITS == 3:
-            one = gl.full([BLOCK_N, LW], ONE, gl.int32, W_LAYOUT)
-            ones = _a_operand3(one, one, gl.full([BLOCK_N, LW], 0, gl.int32, W_LAYOUT), BLOCK_N, BLOCK_K, a_layout)
+            # every field 1 and bit 15 set: the main operand is then 1 at every value (the split pair's low bit
+            # counts it once; its other bits are the second operand, which sum(x) does not use)
+            ONES3: gl.constexpr = 0x92499249 - (1 << 32)  # as int32
+            one = gl.full([BLOCK_N, LW], ONES3, gl.int32, W_LAYOUT)
+            ones, _unused = _a_operand3(one, one, one, BLOCK_N, BLOCK_K, a_layout)
         else:
             ones = _a_operand(gl.full([BLOCK_N, KW], ONE, gl.int32, W_LAYOUT), BITS, BLOCK_N, BLOCK_K, a_layout)
 
@@ -574,10 +602,12 @@ if AVAILABLE:
                                                assert_trivial=True)
                     wh_mma = gl.convert_layout(_mma_order(wh, BLOCK_N, num_warps, LW), W_LAYOUT,
                                                assert_trivial=True)
-                    a = _a_operand3(w_mma, wb_mma, wh_mma, BLOCK_N, BLOCK_K, a_layout)
+                    a, a2 = _a_operand3(w_mma, wb_mma, wh_mma, BLOCK_N, BLOCK_K, a_layout)
+                    b2 = _split_b_operand(xp, BLOCK_K, R, b_layout)
+                    part = mma_v2(a2, b2, mma_v2(a, b, zero))
                 else:
-                    a = _a_operand(w_mma, BITS, BLOCK_N, BLOCK_K, a_layout)
-                acc += _zero_point_term(mma_v2(a, b, zero), mma_v2(ones, b, zero), s, z, BLOCK_N, num_warps, mma)
+                    part = mma_v2(_a_operand(w_mma, BITS, BLOCK_N, BLOCK_K, a_layout), b, zero)
+                acc += _zero_point_term(part, mma_v2(ones, b, zero), s, z, BLOCK_N, num_warps, mma)
             if WORDS_AHEAD == 2:
                 w, wb, wh = w_ahead, wb_ahead, wh_ahead
                 w_ahead, wb_ahead, wh_ahead = w_next, wb_next, wh_next

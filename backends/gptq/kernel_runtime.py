@@ -324,7 +324,8 @@ def _gluon_gemv_candidates(layer: KernelLayer, bucket: int, bks: list[int], sms:
     row (256 on 4 warps won there on an H200), 32-64 at 2-16 rows (16 rows take twice the accumulators:
     174 registers at 64 columns, 128 at 32, sm_90; the H200 picks were 32 or 64 on one warp)."""
     from backends.gptq import gluon_gemv
-    if bucket not in (1, 16) or layer.bits not in gluon_gemv.BITS or not layer.interleaved:
+    if (bucket not in (1, 16) or layer.bits not in gluon_gemv.BITS or not layer.interleaved
+            or layer.fields3 != (layer.bits == 3)):  # 3 bits: the fields order only
         return []
     bk = _gluon_block_k(layer, bks)
     fits = lambda bk, bn, warps: gluon_gemv.valid(layer.bits, bk, bn, warps)
@@ -684,11 +685,6 @@ class KernelRuntime:
                     # mode 7 (Gluon) won by 5-15% on an H200, the only GPU it has run on: the tuner picks
                     # it where it measures faster, and mode 5 stays the untuned default
                     modes = (5, 7, 8, 2, 0, 1)
-                elif layer.bits == 3 and gluon_kernels_available():
-                    # mode 8 on 3-bit blocks (low bits and third bit or-ed into one field) took 16 rows from
-                    # 20.5 / 84.3 to 17.3 / 59.7 us on an H200 (bench/RESULTS.md, 2026-12-04 14:00); at one
-                    # row it tied with mode 4 and is offered only when asked for by name
-                    modes = (5, 8, 2, 0, 1)
                 elif layer.bits == 2 and gluon_kernels_available():
                     # mode 8 (Gluon, weights as the A operand without fix-ups) took 2 bits at 4 and 16 rows
                     # from 21-77 us to 15-55 on an H200 (bench/RESULTS.md, 2026-12-03 23:00); mode 9 (wgmma)

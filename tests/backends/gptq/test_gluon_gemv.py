@@ -31,6 +31,12 @@ def _layer(K, N, bits, group, act, device, seed):
     return make_kernel_layer(qw, qz, scales, g_idx, bits, group, "gptq", device), ref
 
 
+def _held_where_mode8_runs(layer):
+    """A 3-bit layer as a GPU that runs mode 8 holds it (the fields order; built on the CPU it keeps the
+    planes order): the configs offered read the flags only."""
+    return replace(layer, fields3=True) if layer.bits == 3 else layer
+
+
 def _fields_as_subnormals(words: torch.Tensor, bits: int, pair: int) -> torch.Tensor:
     """What _pair_q's shift and `and` leave, read as fp16 (the kernel's arithmetic, in torch)."""
     per_byte = 8 // bits
@@ -113,25 +119,68 @@ def test_the_operands_in_the_dots_k_order_give_the_product_in_memory_order(bits)
     assert torch.equal(got, codes.t().double() @ x * 2.0 ** -24)
 
 
-def test_3bit_pairs_read_as_fp16_are_the_codes_times_4_to_the_r_times_2_to_the_minus_24():
-    """_pair3's arithmetic in torch on 3-bit blocks in the planes order (`interleave_pairs`): pair P of a
-    block takes its two low bits from word a (P < 8) or b at bit 2 (P % 4) after a shift by whole bytes, and
-    its third bit from word h after its group's shift (<< 2, << 1, >> 6, >> 7), or-ed in at bit 2 (P % 4) + 2;
-    read as fp16 that is q * 2^(2 (P % 4)) * 2^-24 exactly, for every value."""
+def _field3_emulated(words: torch.Tensor, I: int) -> torch.Tensor:
+    """What _field3's shift and `and` leave (pair I of a fields-order word), read as fp16, float64 [..., 2]."""
+    shift = 0 if I < 3 else 9
+    mask = ((7 << (3 * (I % 3))) if I < 5 else 0x40) * 0x10001
+    t = ((words.to(torch.int64) & 0xFFFFFFFF) >> shift) & mask
+    return torch.stack([t & 0xFFFF, t >> 16], -1).to(torch.int16).view(torch.float16).double()
+
+
+def _a_operand3_emulated(a, b, c, block_k: int):
+    """_a_operand3's joins, reshapes and permutes on logical tensors: (main [n, block_k], split [n, block_k //
+    8]) for words [n, block_k // 32] each."""
+    n = a.shape[0]
+    pairs = [_field3_emulated(w, I) for w in (a, b, c) for I in range(5)] + [_field3_emulated(a, 5)]
+    join = lambda x, y: torch.stack([x, y], -1)
+    quads = [join(join(pairs[i], pairs[i + 1]), join(pairs[i + 2], pairs[i + 3])) for i in range(0, 16, 4)]
+    t = join(join(quads[0], quads[1]), join(quads[2], quads[3]))  # (n, block, h, p0, p1, p2, p3)
+    main = t.reshape(n, block_k // 128, 4, 2, 2, 2, 2, 2).permute(0, 1, 7, 6, 5, 4, 2, 3).reshape(n, block_k)
+    u = join(_field3_emulated(b, 5), _field3_emulated(c, 5))  # (n, block, h, s)
+    split = u.reshape(n, block_k // 128, 4, 2, 2).permute(0, 1, 4, 2, 3).reshape(n, block_k // 8)
+    return main, split
+
+
+def _b3_emulated(x: torch.Tensor, block_k: int):
+    """The two B operands of a 3-bit tile from x [block_k, R] (float64, memory order): _b_tile of the pairs
+    divided by _x_pair_tile's 2^r, and of _x_split_pair_tile's pairs (pair 15 of each block, twice)."""
+    rows = x.shape[1]
+    pairs = x.reshape(block_k // 2, 2, rows)  # (pair, h, m)
+    p = torch.arange(block_k // 2) % 16
+    shift = torch.where(p == 15, 6, 3 * ((p % 5) % 3)).double()
+    t = (pairs / 2.0 ** shift[:, None, None]).permute(0, 2, 1)  # (pair, m, h)
+    main = t.reshape(block_k // 128, 4, 2, 2, 2, 2, rows, 2).permute(0, 2, 3, 4, 5, 1, 7, 6).reshape(block_k, rows)
+    q = torch.arange(block_k // 16)
+    split_pairs = pairs[(4 * (q // 8) + (q % 8) // 2) * 16 + 15] / 2.0 ** (5 - q % 2).double()[:, None, None]
+    split = split_pairs.permute(0, 2, 1).reshape(block_k // 128, 4, 2, rows, 2).permute(0, 2, 1, 4, 3)
+    return main, split.reshape(block_k // 8, rows)
+
+
+def test_3bit_fields_order_operands_give_the_product_in_memory_order():
+    """Mode 8 at 3 bits on words in the fields order (`kernel_runtime.fields3`): each pair is an exact
+    subnormal q * 2^r * 2^-24 (r = 3 (I % 3)) after one `and` (and a shift by 9 the word's pairs share), the
+    split pair 15 comes as its low bit in the main operand and its other two bits in a second one, and with
+    x divided by the matching 2^r both products together are (q x) 2^-24 exactly; the all-ones word gives
+    sum(x). A wrong shift, mask or k order here pairs weights with the wrong activations."""
     g = torch.Generator().manual_seed(3)
-    codes = torch.randint(0, 8, (32 * 4, 48), generator=g, dtype=torch.int32)
-    words = kr.interleave_pairs(fmt.pack_qweight(codes, 3), 3).to(torch.int64) & 0xFFFFFFFF
-    a, b, h = words[0::3], words[1::3], words[2::3]  # [blocks, N] each
-    hi_shift = {0: lambda v: (v << 2) & 0xFFFFFFFF, 1: lambda v: (v << 1) & 0xFFFFFFFF,
-                2: lambda v: v >> 6, 3: lambda v: v >> 7}
-    for P in range(16):
-        r = P % 4
-        lo = (a if P < 8 else b) >> (8 * ((P % 8) // 4))
-        t = (lo & ((3 << 2 * r) * 0x10001)) | (hi_shift[P // 4](h) & ((4 << 2 * r) * 0x10001))
-        halves = torch.stack([t & 0xFFFF, t >> 16], -1).to(torch.int16).view(torch.float16).double()
-        for half in (0, 1):
-            want = codes[2 * P + half::32].double() * 2.0 ** (2 * r - 24)
-            assert torch.equal(halves[..., half], want), f"pair {P} half {half}"
+    block_k, n, rows = 256, 32, 16
+    codes = torch.randint(0, 8, (block_k, n), generator=g, dtype=torch.int32)
+    words = kr.fields3(fmt.pack_qweight(codes, 3)).t()  # [n, word rows]: a lane's columns
+    a, b, c = words[:, 0::3], words[:, 1::3], words[:, 2::3]
+    for I in range(5):  # whole fields: q * 2^(3 (I % 3)) * 2^-24
+        for w, word in enumerate((a, b, c)):
+            pair = 5 * w + I
+            for h in (0, 1):
+                want = codes[2 * pair + h::32].t().double() * 2.0 ** (3 * (I % 3) - 24)
+                assert torch.equal(_field3_emulated(word, I)[..., h], want), (w, I, h)
+    x = torch.randint(-8, 8, (block_k, rows), generator=g).double()  # exact in fp16 and after / 2^r
+    main, split = _a_operand3_emulated(a, b, c, block_k)
+    x_main, x_split = _b3_emulated(x, block_k)
+    assert torch.equal(main @ x_main + split @ x_split, codes.t().double() @ x * 2.0 ** -24)
+    ones = torch.full_like(a, 0x92499249 - (1 << 32))  # the kernel's ONES3
+    ones_main, _ = _a_operand3_emulated(ones, ones, ones, block_k)
+    assert torch.equal(ones_main @ x_main, x.sum(0, keepdim=True).expand(n, rows) * 2.0 ** -24)
+    assert torch.equal(kr.fields3_codes(kr.fields3(fmt.pack_qweight(codes, 3))), codes.long())
 
 
 def _placements(layout, rank: int) -> dict:
@@ -204,9 +253,9 @@ def test_configs_offered_fit_the_kernel():
     rows16 = kr._gluon_gemv_candidates(layer, 16, kr.valid_block_ks(layer), 132)
     assert rows16 and all(c.block_m == 16 and c.block_n // c.num_warps in (32, 64) for c in rows16)
     assert kr._gluon_gemv_candidates(layer, 32, kr.valid_block_ks(layer), 132) == []  # 16 rows at most
-    three, _ = _layer(4096, 1024, 3, 128, False, "cpu", 0)  # 3 bits: whole blocks of 128 k (four per lane)
+    three = _held_where_mode8_runs(_layer(4096, 1024, 3, 128, False, "cpu", 0)[0])  # whole 128-k blocks a lane
     assert {c.block_k for c in kr._gluon_gemv_candidates(three, 1, kr.valid_block_ks(three), 132)} == {128}
-    three64, _ = _layer(4096, 1024, 3, 64, False, "cpu", 0)
+    three64 = _held_where_mode8_runs(_layer(4096, 1024, 3, 64, False, "cpu", 0)[0])
     assert kr._gluon_gemv_candidates(three64, 16, kr.valid_block_ks(three64), 132) == []
     eight, _ = _layer(4096, 1024, 8, 128, False, "cpu", 0)  # 8 bits: 64-value tiles, a 4-bit 128-value tile's bytes
     for bucket in (1, 16):
@@ -225,7 +274,7 @@ def test_pipeline_forms_are_offered_where_they_won():
     assert gluon_gemv.pipeline(2) == dict(WORDS_AHEAD=2, X_AHEAD=1)
     assert gluon_gemv.pipeline(3) == dict(WORDS_AHEAD=1, X_AHEAD=1)
     for bits, group in ((4, 128), (3, 128), (2, 64)):
-        layer, _ = _layer(4096, 1024, bits, group, False, "cpu", 0)
+        layer = _held_where_mode8_runs(_layer(4096, 1024, bits, group, False, "cpu", 0)[0])
         bks = kr.valid_block_ks(layer)
         for bucket, caps in ((1, kr.ROW_REGISTER_CAPS), (16, kr.ROWS16_REGISTER_CAPS)):
             offered = kr._gluon_gemv_candidates(layer, bucket, bks, 132)
@@ -358,15 +407,20 @@ def test_the_tuner_checks_and_may_pick_it_at_16_rows():
     assert float((y.double() - want).norm() / want.norm()) < 2e-3
 
 
-def test_the_tuner_offers_it_at_2_to_16_rows_and_at_one_for_2_and_8_bits():
-    """Mode 8 won or tied at 4 and 16 rows on an H200 (at 3 bits by 16-29%), and at one row won only at 2
-    bits (bench/RESULTS.md): it is offered where Gluon kernels run, for 2, 3 and 4 bits at 2-16 rows, and
-    for 2 bits at one row (3 and 4 bits there only when asked for by name)."""
+def test_the_tuner_offers_it_at_2_to_16_rows_and_at_one_for_2_3_and_8_bits():
+    """Mode 8 won or tied at 4 and 16 rows on an H200, and at one row won at 2 bits and, on 3-bit layers in
+    the fields order, at 3 (bench/RESULTS.md): it is offered where Gluon kernels run, for 2, 3 and 4 bits at
+    2-16 rows, and for 2 and 3 bits at one row (4 bits there only when asked for by name). 3-bit layers in
+    the planes order (where mode 8 does not run) never get it."""
     runtime = kr.KernelRuntime()
     for bits, group in ((4, 128), (2, 64), (3, 128)):
         layer, _ = _layer(4096, 1024, bits, group, False, "cpu", bits)
+        if bits == 3:  # what a GPU that runs mode 8 holds (the CPU keeps the planes order)
+            assert not layer.fields3
+            assert not any(c.mode == 8 for M in (1, 16) for c in runtime.candidates(M, layer))
+            layer = _held_where_mode8_runs(layer)
         one = [c for c in runtime.candidates(1, layer) if c.mode == 8]
-        assert bool(one) == (bits == 2 and kr.gluon_kernels_available())
+        assert bool(one) == (bits in (2, 3) and kr.gluon_kernels_available())
         assert all(c.block_m == 1 for c in one)
         rows16 = [c for c in runtime.candidates(16, layer) if c.mode == 8]
         assert bool(rows16) == kr.gluon_kernels_available()
