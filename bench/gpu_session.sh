@@ -20,6 +20,7 @@
 #   bash bench/gpu_session.sh pdl8       mode 8 as programmatic dependent launches (act-order: its gather overlapped)
 #   bash bench/gpu_session.sh caps79     register caps on modes 7 and 9 at 16 rows (bench.gemv_sweep --registers)
 #   bash bench/gpu_session.sh three      mode 8 on 3-bit layers in the fields order: CUDA tests, then 3/4/2-bit at 1 and 16 rows
+#   bash bench/gpu_session.sh three2     the backend smoke check on a 3-bit checkpoint, then 7B decode at 3 and 4 bits (carry .gpu_carry)
 # Prepare here:  mkdir -p .gpu_carry/tok && cp models/SmolLM2-135M-Instruct/{tokenizer.json,tokenizer_config.json} .gpu_carry/tok/
 #                echo /.gpu_carry/ >> .git/info/exclude
 set -uo pipefail
@@ -137,6 +138,13 @@ case "${1:-decode}" in
     timeout 200 python -m pytest -q -p no:cacheprovider tests/backends/gptq/test_gluon_gemv.py -k "matches_float64_over and (1024-3 or 512-3 or 768-3) or tuner" 2>&1 | tee "$OUT/tests.log"
     timeout 280 python -m bench.kernels --shapes 4096x11008,8192x28672 --cases 4g128,3g128,2g64 --m 1,16 --per-mode \
       --floor --out "$OUT" 2>&1 | tee "$OUT/kernels.log"
+    ;;
+  three2)
+    # the backend on a 3-bit checkpoint in the fields order (graph decoding vs a full forward), then 7B-shaped
+    # decode at 3 and 4 bits in one call
+    timeout 150 python -m bench.decode --smoke --layers 2 --attention-kernel --bits 3 --tokenizer "$TOK" --out "$OUT" 2>&1 | tee "$OUT/smoke3.log"
+    timeout 200 python -m bench.decode --new 128 --repeats 1 --bits 3 --ckpt /tmp/bench-7b-3bit --out "$OUT" 2>&1 | tee "$OUT/decode3.log"
+    timeout 200 python -m bench.decode --new 128 --repeats 1 --out "$OUT" 2>&1 | tee "$OUT/decode4.log"
     ;;
   sweep16)
     # launch parameters of the half2 tensor-core kernel at M = 16
