@@ -25,15 +25,15 @@ from backends.gptq.parallel_compile import compile_all, launcher
 log = logging.getLogger(__name__)
 
 FUSED_MAX_M = 64
-TUNER_VERSION = 16 # 2: cold weight copies; 3: more half2 GEMV tiles; 4: modes 5, 6; 5: stage_x; 6: mode 6 gone;
+TUNER_VERSION = 15 # 2: cold weight copies; 3: more half2 GEMV tiles; 4: modes 5, 6; 5: stage_x; 6: mode 6 gone;
 #                     7: half2 kernels without bounds masks on whole tiles and without a division per tile,
 #                        the tensor-core kernel at 2 and 3 bits; 8: mode 7 (Gluon);
 #                     9: mode 7 reads x and words straight into registers (other tiles and splits);
 #                     10: mode 8 at 2-16 rows; 11: mode 9 (wgmma) at 2-16 rows, 2 bits, mode 8 at 3 bits;
 #                     12: mode 8 tiles of two groups (4 bits, groups under 128 values);
 #                     13: mode 8 requests x in its own iteration, and words two tiles ahead at 16 rows;
-#                     14: words load evict-first (modes 3-5 and 8); 15: mode 8 form 3 under a register cap;
-#                     16: 3-bit layers in mode 8's fields order where mode 8 runs (no modes 2, 4, 5 there)
+#                     14: words load evict-first (modes 3-5 and 8); 15: mode 8 form 3 under a register cap
+#                     (3-bit layers in mode 8's fields order are keyed apart, "-f3": no re-tuning of the rest)
 VERIFY_TOLERANCE = 1e-2  # relative error of a kernel's output against its torch reference (fp16: ~1e-3)
 
 
