@@ -123,7 +123,8 @@ def fields3(qweight: torch.Tensor) -> torch.Tensor:
     the six halves, the three bits of the last pair. Same bytes as the checkpoint. A pair is then one `and`
     (fields at bits 0-8 are fp16 subnormals as they lie) or an `and` after a shift by 9 shared by the word,
     where the planes order (`interleave_pairs`) needs a second `lop3` a pair to or in the third bit: mode 8's
-    3-bit loop went from 2.27 to about 1.4 SASS instructions per weight (bench/RESULTS.md, 2026-12-05)."""
+    3-bit loop went from 2.27 to 1.54 SASS instructions per weight and its one-row time on 8192x28672 from 36.1
+    to 29.0 us on an H200 (bench/RESULTS.md, 2026-12-05)."""
     K, N = qweight.shape[0] * 32 // 3, qweight.shape[1]
     blocks = fmt.unpack_qweight(qweight, 3, K).to(torch.int64).view(K // 32, 32, N)
     words = [torch.zeros(K // 32, N, dtype=torch.int64, device=qweight.device) for _ in range(3)]
