@@ -21,6 +21,7 @@
 #   bash bench/gpu_session.sh caps79     register caps on modes 7 and 9 at 16 rows (bench.gemv_sweep --registers)
 #   bash bench/gpu_session.sh three      mode 8 on 3-bit layers in the fields order: CUDA tests, then 3/4/2-bit at 1 and 16 rows
 #   bash bench/gpu_session.sh three2     the backend smoke check on a 3-bit checkpoint, then 7B decode at 3 and 4 bits (carry .gpu_carry)
+#   bash bench/gpu_session.sh sweep3     mode 8's configs and register caps on 3-bit layers at one row (bench.gemv_sweep)
 # Prepare here:  mkdir -p .gpu_carry/tok && cp models/SmolLM2-135M-Instruct/{tokenizer.json,tokenizer_config.json} .gpu_carry/tok/
 #                echo /.gpu_carry/ >> .git/info/exclude
 set -uo pipefail
@@ -145,6 +146,12 @@ case "${1:-decode}" in
     timeout 150 python -m bench.decode --smoke --layers 2 --attention-kernel --bits 3 --tokenizer "$TOK" --out "$OUT" 2>&1 | tee "$OUT/smoke3.log"
     timeout 200 python -m bench.decode --new 128 --repeats 1 --bits 3 --ckpt /tmp/bench-7b-3bit --out "$OUT" 2>&1 | tee "$OUT/decode3.log"
     timeout 200 python -m bench.decode --new 128 --repeats 1 --out "$OUT" 2>&1 | tee "$OUT/decode4.log"
+    ;;
+  sweep3)
+    # mode 8 on fields-order 3-bit layers at one row: every tile, split, pipeline form and register cap (4096x11008
+    # is 3% over the proportional target: 0.93-0.94 of the 4-bit time against 0.915, its best config 9.7 us once)
+    timeout 500 python -m bench.gemv_sweep --mode 8 --m 1 --bits 3 --shapes 4096x11008,8192x28672 \
+      --registers 0,96,128,168 --budget-s 90 2>&1 | tee "$OUT/sweep3.log"
     ;;
   sweep16)
     # launch parameters of the half2 tensor-core kernel at M = 16
