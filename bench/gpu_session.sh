@@ -134,7 +134,7 @@ case "${1:-decode}" in
     timeout 240 python -m bench.tune_time --m 1,16 2>&1 | tee "$OUT/tune_time.log"
     ;;
   three)
-    # 3-bit layers in mode 8's fields order (kernel_runtime.fields3, built 2026-12-05 without a GPU): the 3-bit
+    # 3-bit layers in mode 8's fields order (kernel_runtime.fields3; first run on an H200 2026-12-05 04:32): the 3-bit
     # CUDA tests of mode 8, the backend smoke check, then 3-bit against 4-bit (and 2-bit) at 1 and 16 rows
     timeout 200 python -m pytest -q -p no:cacheprovider tests/backends/gptq/test_gluon_gemv.py -k "matches_float64_over and (1024-3 or 512-3 or 768-3) or tuner" 2>&1 | tee "$OUT/tests.log"
     timeout 280 python -m bench.kernels --shapes 4096x11008,8192x28672 --cases 4g128,3g128,2g64 --m 1,16 --per-mode \

@@ -72,6 +72,10 @@ except ImportError:  # a Triton without Gluon: the mode is not offered
     AVAILABLE = False
 
 ROWS = 16  # rows of x per call at most: 8 per MMA (its n), two MMAs per weight operand past 8 rows
+# a 3-bit fields-order word (`kernel_runtime.fields3`) of all-one fields with bit 15 set, as int32: as word a of a
+# block it is the block of all-one codes; the kernel reads it as all three words for sum(x) (bit 15 of words b and
+# c only feeds the split pair's second operand, which sum(x) does not use)
+ONES3 = tl.constexpr(0x92499249 - (1 << 32))
 BITS = (2, 3, 4, 8)
 
 
@@ -118,11 +122,16 @@ def groups_per_tile(bits: int, block_k: int, group_size: int, K: int) -> int:
     return 0
 
 
+def takes_words(layer) -> bool:
+    """Whether this kernel reads the layer's words: 2/4/8 bits interleaved (`interleave_pairs`), 3 bits in the
+    fields order only (`kernel_runtime.fields3`; not the planes order)."""
+    return layer.bits in BITS and layer.interleaved and layer.fields3 == (layer.bits == 3)
+
+
 def supports(x2d, layer, cfg) -> bool:
     """The inputs this kernel takes (act-order only after the runtime's gather)."""
     return (AVAILABLE and x2d.is_cuda and x2d.dtype == torch.float16 and 1 <= x2d.shape[0] <= ROWS
-            and layer.bits in BITS and layer.interleaved and layer.fields3 == (layer.bits == 3)
-            and valid(layer.bits, cfg.block_k, cfg.block_n, cfg.num_warps)
+            and takes_words(layer) and valid(layer.bits, cfg.block_k, cfg.block_n, cfg.num_warps)
             and layer.N % cfg.block_n == 0 and layer.K % cfg.block_k == 0
             and groups_per_tile(layer.bits, cfg.block_k, layer.group_size, layer.K) > 0)
 
@@ -294,7 +303,7 @@ if AVAILABLE:
         BLOCK_K // 32] each: the main one [BLOCK_N, BLOCK_K] (pairs 0-14 whole, pair 15 as its low bit; k in
         the dot's order 128 c + 16 (p >> 1) + 8 (p & 1) + 2 t + h over the block's 16 pairs) and the split
         pair's other two bits [BLOCK_N, BLOCK_K // 8] (k = 16 c + 8 s + 2 t + h, s = 0 its middle bit from
-        word b, 1 its top bit from word c; `_x_split_pair_tile` is the matching x)."""
+        word b, 1 its top bit from word c; `_split_b_operand` is the matching x)."""
         l0, h0 = _field3(a, 0)
         l1, h1 = _field3(a, 1)
         l2, h2 = _field3(a, 2)
@@ -542,9 +551,6 @@ if AVAILABLE:
         x_tile, x_shift = _x_pair_tile(x_ptr, M, stride_xm, BLOCK_K, R, BITS, X_LAYOUT)
         ONE: gl.constexpr = 0x01010101 if BITS == 8 else 0x11111111 if BITS == 4 else 0x55555555  # every field 1
         if BITS == 3:
-            # every field 1 and bit 15 set: the main operand is then 1 at every value (the split pair's low bit
-            # counts it once; its other bits are the second operand, which sum(x) does not use)
-            ONES3: gl.constexpr = 0x92499249 - (1 << 32)  # as int32
             one = gl.full([BLOCK_N, LW], ONES3, gl.int32, W_LAYOUT)
             ones, _unused = _a_operand3(one, one, one, BLOCK_N, BLOCK_K, a_layout)
         else:

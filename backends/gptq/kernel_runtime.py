@@ -134,16 +134,6 @@ def fields3(qweight: torch.Tensor) -> torch.Tensor:
     return _as_int32(torch.stack(words, 1).view(K // 32 * 3, N))
 
 
-def fields3_codes(words: torch.Tensor) -> torch.Tensor:
-    """Codes [K, N] (int64) of 3-bit words in the fields order: `fields3` undone (tests, debugging)."""
-    w = (words.to(torch.int64) & 0xFFFFFFFF).view(-1, 3, words.shape[1])
-    codes = torch.zeros(w.shape[0], 32, w.shape[2], dtype=torch.int64, device=words.device)
-    for j in range(32):
-        for word, bit, value_bit in fields3_place(j):
-            codes[:, j] |= ((w[:, word] >> bit) & 1) << value_bit
-    return codes.view(-1, w.shape[2])
-
-
 def _as_int32(words: torch.Tensor) -> torch.Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
@@ -325,8 +315,7 @@ def _gluon_gemv_candidates(layer: KernelLayer, bucket: int, bks: list[int], sms:
     row (256 on 4 warps won there on an H200), 32-64 at 2-16 rows (16 rows take twice the accumulators:
     174 registers at 64 columns, 128 at 32, sm_90; the H200 picks were 32 or 64 on one warp)."""
     from backends.gptq import gluon_gemv
-    if (bucket not in (1, 16) or layer.bits not in gluon_gemv.BITS or not layer.interleaved
-            or layer.fields3 != (layer.bits == 3)):  # 3 bits: the fields order only
+    if bucket not in (1, 16) or not gluon_gemv.takes_words(layer):
         return []
     bk = _gluon_block_k(layer, bks)
     fits = lambda bk, bn, warps: gluon_gemv.valid(layer.bits, bk, bn, warps)

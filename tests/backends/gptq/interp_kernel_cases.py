@@ -362,7 +362,8 @@ def test_fields3_layers_run_on_every_kernel_that_reads_them(kr, monkeypatch, gs,
     packed, ref_w = _layer(3, gs, act, seed)
     layer = quant_linear.make_kernel_layer(*packed, 3, gs, "gptq_v2", "cpu")
     assert layer.fields3 and layer.interleaved and layer.word_order == 2
-    codes = kr.fields3_codes(layer.qweight)  # the words hold the sorted checkpoint codes
+    from tests.backends.gptq.support import fields3_codes
+    codes = fields3_codes(layer.qweight)  # the words hold the sorted checkpoint codes
     sorted_codes = fmt.unpack_qweight(packed[0], 3, K).long()
     if layer.perm is not None:
         sorted_codes = sorted_codes[layer.perm.long()]
@@ -371,6 +372,10 @@ def test_fields3_layers_run_on_every_kernel_that_reads_them(kr, monkeypatch, gs,
     kr.launch_dequant(layer, w)
     assert torch.allclose(w.double(), ref_w, rtol=0, atol=1e-6)
     runtime = kr.KernelRuntime(tune=False)
+    # tuned picks are kept apart from the same shape in the planes order (the disk cache outlives a process)
+    from dataclasses import replace
+    one_row = torch.zeros(1, K).half()
+    assert runtime.key(one_row, layer) == runtime.key(one_row, replace(layer, fields3=False)) + "-f3"
     gen = torch.Generator().manual_seed(seed + 1)
     for dtype in (torch.float16, torch.float32):
         for M in (1, 3, 17):

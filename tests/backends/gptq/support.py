@@ -11,6 +11,20 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[3]
 
 
+def fields3_codes(words):
+    """Codes [K, N] (int64) of 3-bit words in the fields order: kernel_runtime.fields3 undone, bit by bit from
+    its own placement table (fields3_place)."""
+    import torch
+
+    from backends.gptq.kernel_runtime import fields3_place
+    w = (words.to(torch.int64) & 0xFFFFFFFF).view(-1, 3, words.shape[1])
+    codes = torch.zeros(w.shape[0], 32, w.shape[2], dtype=torch.int64, device=words.device)
+    for j in range(32):
+        for word, bit, value_bit in fields3_place(j):
+            codes[:, j] |= ((w[:, word] >> bit) & 1) << value_bit
+    return codes.view(-1, w.shape[2])
+
+
 def run_under_interpreter(cases: Path, min_passed: int) -> None:
     """Run a pytest file in a fresh interpreter with TRITON_INTERPRET=1: triton decides between
     compiling and interpreting when a kernel is first imported, and other tests of the session may

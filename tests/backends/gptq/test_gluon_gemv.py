@@ -13,7 +13,7 @@ from backends.gptq import format as fmt
 from backends.gptq import gluon_gemv
 from backends.gptq import kernel_runtime as kr
 from backends.gptq.quant_linear import make_kernel_layer
-from tests.backends.gptq.support import assert_fused_matches_float64, precompile_fused
+from tests.backends.gptq.support import assert_fused_matches_float64, fields3_codes, precompile_fused
 
 
 def _layer(K, N, bits, group, act, device, seed):
@@ -177,10 +177,11 @@ def test_3bit_fields_order_operands_give_the_product_in_memory_order():
     main, split = _a_operand3_emulated(a, b, c, block_k)
     x_main, x_split = _b3_emulated(x, block_k)
     assert torch.equal(main @ x_main + split @ x_split, codes.t().double() @ x * 2.0 ** -24)
-    ones = torch.full_like(a, 0x92499249 - (1 << 32))  # the kernel's ONES3
+    ones = torch.full_like(a, gluon_gemv.ONES3.value)  # the kernel's all-ones word: word a of all-one codes
+    assert int(kr.fields3(fmt.pack_qweight(torch.ones(32, 1, dtype=torch.int32), 3))[0, 0]) == gluon_gemv.ONES3.value
     ones_main, _ = _a_operand3_emulated(ones, ones, ones, block_k)
     assert torch.equal(ones_main @ x_main, x.sum(0, keepdim=True).expand(n, rows) * 2.0 ** -24)
-    assert torch.equal(kr.fields3_codes(kr.fields3(fmt.pack_qweight(codes, 3))), codes.long())
+    assert torch.equal(fields3_codes(kr.fields3(fmt.pack_qweight(codes, 3))), codes.long())
 
 
 def _placements(layout, rank: int) -> dict:
