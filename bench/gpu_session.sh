@@ -22,6 +22,8 @@
 #   bash bench/gpu_session.sh three      mode 8 on 3-bit layers in the fields order: CUDA tests, then 3/4/2-bit at 1 and 16 rows
 #   bash bench/gpu_session.sh three2     the backend smoke check on a 3-bit checkpoint, then 7B decode at 3 and 4 bits (carry .gpu_carry)
 #   bash bench/gpu_session.sh sweep3     mode 8's configs and register caps on 3-bit layers at one row (bench.gemv_sweep)
+#   bash bench/gpu_session.sh m2048      long prompts (M = 2048) on all four 7B shapes, plain and act-order, twice: where
+#                                        the dequantize + cuBLAS path's time goes (the dequantize kernel's tiles)
 # Prepare here:  mkdir -p .gpu_carry/tok && cp models/SmolLM2-135M-Instruct/{tokenizer.json,tokenizer_config.json} .gpu_carry/tok/
 #                echo /.gpu_carry/ >> .git/info/exclude
 set -uo pipefail
@@ -152,6 +154,15 @@ case "${1:-decode}" in
     # is 3% over the proportional target: 0.93-0.94 of the 4-bit time against 0.915, its best config 9.7 us once)
     timeout 500 python -m bench.gemv_sweep --mode 8 --m 1 --bits 3 --shapes 4096x11008,8192x28672 \
       --registers 0,96,128,168 --budget-s 90 2>&1 | tee "$OUT/sweep3.log"
+    ;;
+  m2048)
+    # M = 2048 was last measured on an H100 (2026-11-23: 1.11x-1.22x fp16, 28672x8192 the one over 1.2x, while its
+    # act-order twin ran 1.11x): two rounds of all four shapes, each with the dequantize kernel and the matmul
+    # timed apart and the dequantize kernel's other tiles, so the spread and the slack are both seen
+    for round in 1 2; do
+      timeout 280 python -m bench.kernels --shapes 4096x11008,11008x4096,8192x28672,28672x8192 --cases 4g128,4g128a \
+        --m 2048 --out "$OUT/m2048-$round" 2>&1 | tee "$OUT/m2048-$round.log"
+    done
     ;;
   sweep16)
     # launch parameters of the half2 tensor-core kernel at M = 16

@@ -25,8 +25,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from backends.gptq import format as fmt  # noqa: E402
-from backends.gptq.kernel_runtime import (PDL_MODES, KernelRuntime, graph_time_ms, launch_fused,  # noqa: E402
-                                          pdl_supported)
+from backends.gptq.kernel_runtime import (PDL_MODES, KernelRuntime, graph_time_ms, launch_dequant,  # noqa: E402
+                                          launch_fused, pdl_supported)
 from backends.gptq.quant_linear import make_kernel_layer  # noqa: E402
 from bench.provenance import tree_commit  # noqa: E402
 
@@ -142,6 +142,30 @@ def per_mode_times(x, layer, runtime) -> dict:
     return out
 
 
+DEQUANT_TILES = [(bn, bk, w) for bn in (64, 128, 256) for bk in (32, 64, 128) for w in (4, 8)]
+
+
+def dequant_split(x, layers, calls) -> dict:
+    """Where the dequantize + cuBLAS path's time goes (long prompts): the dequantize kernel alone as shipped
+    and at its best tile, and the matmul alone on the dequantized buffer (the fp16 baseline reads its
+    weights the same way), all over the same cold weight copies."""
+    layer = layers[0]
+    w = torch.empty(layer.K, layer.N, device="cuda", dtype=x.dtype)
+    copies = len(layers)
+    shipped = graph_time_ms(lambda i: launch_dequant(layers[i % copies], w), calls=calls)
+    tiles = {}
+    for bn, bk, warps in DEQUANT_TILES:
+        tiles[(bn, bk, warps)] = graph_time_ms(
+            lambda i: launch_dequant(layers[i % copies], w, block_n=bn, block_k=bk, num_warps=warps), calls=calls)
+    (bn, bk, warps), best = min(tiles.items(), key=lambda kv: kv[1])
+    gemm = graph_time_ms(lambda i: x @ w, calls=calls)
+    print(f"      dequantize {shipped * 1e3:.1f} us as shipped, {best * 1e3:.1f} us at its best tile "
+          f"(bn{bn} bk{bk} w{warps}); matmul on the buffer {gemm * 1e3:.1f} us", flush=True)
+    del w
+    return {"dequant_ms": shipped, "dequant_best_ms": best, "dequant_best_tile": f"bn{bn} bk{bk} w{warps}",
+            "gemm_ms": gemm}
+
+
 def run_case(K, N, bits, gs, act, Ms, runtime, bw, seed, per_mode=False, pdl=False, floor=False):
     rows = []
     packed, layer = random_layer(K, N, bits, gs, act, seed)
@@ -186,7 +210,9 @@ def run_case(K, N, bits, gs, act, Ms, runtime, bw, seed, per_mode=False, pdl=Fal
                                                                    pdl=True), calls=calls)
         if floor:
             extra["floor_ms"] = read_floor_ms(moved)
-        rows.append(dict(K=K, N=N, bits=bits, group=gs, act_order=act, M=M, ms=q_ms, fp16_ms=f_ms, **extra,
+        if cfg.path == "dequant":
+            extra.update(dequant_split(x, layers, calls))
+        rows.append(dict(K=K, N=N, bits=bits, group=gs, act_order=act, M=M, ms=q_ms, fp16_ms=f_ms, qbytes=qbytes, **extra,
                          speedup=f_ms / q_ms, gbps=moved / (q_ms * 1e-3) / 1e9,
                          copy_frac=moved / (q_ms * 1e-3) / bw, fp16_gbps=(K * N * 2 + M * K * 2 + M * N * 2) / (f_ms * 1e-3) / 1e9,
                          rel_err=err, nan=nan, config=cfg.__dict__))
@@ -196,7 +222,8 @@ def run_case(K, N, bits, gs, act, Ms, runtime, bw, seed, per_mode=False, pdl=Fal
               f"{' NaN!' if nan else ''}  {cfg.path} m{cfg.mode}{' gx' if cfg.gather_x else ''}{' sx' if cfg.stage_x else ''} bn{cfg.block_n} bk{cfg.block_k} s{cfg.split_k} w{cfg.num_warps} st{cfg.num_stages}",
               flush=True)
         if extra:
-            print("      " + "  ".join(f"{k} {v * 1e3:.1f}us" if k.endswith("_ms") else f"{k} {v:.1e}"
+            print("      " + "  ".join(f"{k} {v * 1e3:.1f}us" if k.endswith("_ms") else
+                                     f"{k} {v:.1e}" if isinstance(v, float) else f"{k} {v}"
                                      for k, v in extra.items()), flush=True)
     del layers, dense, w64
     torch.cuda.empty_cache()
@@ -218,6 +245,21 @@ def markdown(rows, bw, args, device) -> str:
                      f"{r['copy_frac']*100:.0f} | {r['rel_err']:.1e} | {c['path']} m{c.get('mode', '-')}"
                      f"{' gx' if c.get('gather_x') else ''}{' sx' if c.get('stage_x') else ''} n{c['block_n']} "
                      f"k{c['block_k']} s{c['split_k']} w{c['num_warps']} |")
+    split = [r for r in rows if "dequant_ms" in r]
+    if split:
+        lines += ["", "The dequantize + cuBLAS path (same run): the dequantize kernel alone (as shipped, and at the best "
+                  "of its tiles), its bytes (packed read + fp16 written) over the copy bandwidth, and the matmul alone "
+                  "on the dequantized buffer.", "",
+                  "| K x N | bits | group | act | M | gptq us | dequantize us | best tile us (tile) | dequantize % copy "
+                  "| matmul on buffer us | fp16 us | (dequantize + matmul) / fp16 |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in split:
+            moved = r["qbytes"] + r["K"] * r["N"] * 2
+            lines.append(f"| {r['K']}x{r['N']} | {r['bits']} | {r['group']} | {'yes' if r['act_order'] else 'no'} | "
+                         f"{r['M']} | {r['ms']*1e3:.1f} | {r['dequant_ms']*1e3:.1f} | {r['dequant_best_ms']*1e3:.1f} "
+                         f"({r['dequant_best_tile']}) | {moved / (r['dequant_ms'] * 1e-3) / bw * 100:.0f} | "
+                         f"{r['gemm_ms']*1e3:.1f} | {r['fp16_ms']*1e3:.1f} | "
+                         f"{(r['dequant_ms'] + r['gemm_ms']) / r['fp16_ms']:.2f} |")
     extras = [r for r in rows if "pdl_ms" in r or "floor_ms" in r]
     if extras:
         lines += ["", "Launch overlap and the read floor (same run): PDL = the same config back to back as programmatic "

@@ -547,7 +547,7 @@ class SplitScratch:
 
 
 def launch_dequant(layer: KernelLayer, out: torch.Tensor, block_n: int = 128, block_k: int = 64,
-                   original_order: bool = True) -> torch.Tensor:
+                   original_order: bool = True, num_warps: int = 4) -> torch.Tensor:
     """Fill out[K, N] (fp16/fp32) with the dequantized weights, rows in the checkpoint's original order
     (act-order undone by a scatter) unless `original_order` is False (sorted order)."""
     from backends.gptq.triton_kernels import gptq_dequant_kernel
@@ -558,7 +558,7 @@ def launch_dequant(layer: KernelLayer, out: torch.Tensor, block_n: int = 128, bl
     gptq_dequant_kernel[grid](layer.qweight, layer.scales, layer.zeros, layer.perm if scatter else layer.qweight,
                               out, layer.N, layer.K, layer.Kw, layer.group_size, BITS=layer.bits, VPB=vpb,
                               KB=block_k // vpb, BLOCK_N=block_n, HAS_PERM=scatter,
-                              INTERLEAVED=layer.word_order, num_warps=4)
+                              INTERLEAVED=layer.word_order, num_warps=num_warps)
     return out
 
 
