@@ -7,12 +7,14 @@ dequantize + cuBLAS), split-K needs a zeroed fp32 buffer, and the choice is kept
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import json
 import logging
 import math
 import os
+import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -578,12 +580,8 @@ class KernelRuntime:
         self.configs: dict[str, GemmConfig] = {}
         self._workspace: torch.Tensor | None = None
         self.scratch = SplitScratch()
-        if cache_file is not None and cache_file.is_file():
-            try:
-                raw = json.loads(cache_file.read_text(encoding="utf-8"))
-                self.configs = {k: GemmConfig(**v) for k, v in raw.items()}
-            except (ValueError, TypeError):
-                self.configs = {}
+        if cache_file is not None:
+            self.configs = read_tuner_cache(cache_file)
 
     # -- public ------------------------------------------------------------------------------
     def matmul(self, x2d: torch.Tensor, layer: KernelLayer, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -813,15 +811,60 @@ class KernelRuntime:
                                               compile_only=True) for c in fused), self.compile_workers)
 
     def _save(self) -> None:
+        """Write this runtime's configs into the cache file, over what other processes sharing it (the web
+        UI, a benchmark, a second model) saved meanwhile: their entries are kept, not overwritten."""
         if self.cache_file is None:
             return
+        tmp = None
         try:
             self.cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.cache_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps({k: asdict(v) for k, v in self.configs.items()}, indent=1), encoding="utf-8")
-            os.replace(tmp, self.cache_file)
+            with _locked(self.cache_file.with_name(self.cache_file.name + ".lock")):
+                merged = {**read_tuner_cache(self.cache_file), **self.configs}
+                fd, tmp = tempfile.mkstemp(dir=self.cache_file.parent, prefix=self.cache_file.name + ".",
+                                           suffix=".tmp")
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    json.dump({k: asdict(v) for k, v in merged.items()}, f, indent=1)
+                os.replace(tmp, self.cache_file)
         except OSError:
-            pass  # the cache is an optimisation; a read-only home must not break inference
+            if tmp is not None and os.path.exists(tmp):
+                os.unlink(tmp)
+            # the cache is an optimisation; a read-only or full disk must not break inference
+
+
+@contextlib.contextmanager
+def _locked(lock_file: Path):
+    """Hold an exclusive lock on lock_file (POSIX `flock`; where there is none, no lock: a lost entry only
+    costs a re-tune), so that two processes' read-merge-write of the cache do not interleave."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(lock_file, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def read_tuner_cache(path: Path) -> dict[str, GemmConfig]:
+    """The configs saved in a tuner cache file. An entry that does not read as a config (a hand-edited
+    file, unknown or wrong-typed fields) is dropped alone, and an unreadable file reads as empty: the
+    cache only saves tuning time, and a load must not fail on it."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(raw, dict):
+        return {}
+    kinds = {name: type(value) for name, value in asdict(GemmConfig()).items()}
+    configs = {}
+    for key, fields in raw.items():
+        if (isinstance(fields, dict) and set(fields) <= set(kinds)
+                and all(type(value) is kinds[name] for name, value in fields.items())):
+            configs[key] = GemmConfig(**fields)
+    return configs
 
 
 def cold_copies(layer: KernelLayer, device, max_copies: int = 16, l2_bytes: int | None = None,

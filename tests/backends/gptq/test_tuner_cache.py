@@ -1,0 +1,98 @@
+"""The tuner cache (`~/.cache/gptq-webui/triton-tune-*.json`) is shared by every process on the machine:
+the web UI, a benchmark, a second model. Each must keep what the others saved, and a damaged file must
+cost tuning time only, never a load."""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+from pathlib import Path
+
+import torch
+
+from backends.gptq import format as fmt
+from backends.gptq.kernel_runtime import GemmConfig, KernelRuntime, read_tuner_cache
+from backends.gptq.quant_linear import make_kernel_layer
+
+
+def _layer(K: int, N: int, bits: int = 4, group_size: int = 128):
+    g = torch.Generator().manual_seed(K + N)
+    codes = torch.randint(0, 2**bits, (K, N), generator=g, dtype=torch.int32)
+    G = fmt.num_groups(K, group_size)
+    zeros = torch.full((G, N), 2 ** (bits - 1), dtype=torch.int32)
+    scales = torch.rand(G, N, generator=g).half()
+    return make_kernel_layer(fmt.pack_qweight(codes, bits), fmt.pack_qzeros(zeros, bits, "gptq"), scales,
+                             fmt.default_g_idx(K, group_size), bits, group_size, "gptq", "cpu")
+
+
+def _pick(cache: Path, K: int, N: int, rows: int) -> str:
+    """One runtime choosing (and saving) a config for one shape, as a backend does on its first call."""
+    runtime = KernelRuntime(cache_file=cache)
+    layer = _layer(K, N)
+    x = torch.zeros(rows, K, dtype=torch.float16)
+    runtime.config_for(x, layer)
+    return runtime.key(x, layer)
+
+
+def test_processes_sharing_the_cache_keep_each_others_configs(tmp_path):
+    cache = tmp_path / "tune.json"
+    first = KernelRuntime(cache_file=cache)  # loaded before the others save: an older view of the file
+    key_a = _pick(cache, 256, 128, 1)
+    key_b = _pick(cache, 512, 256, 16)
+    layer = _layer(256, 256)
+    x = torch.zeros(1, 256, dtype=torch.float16)
+    first.config_for(x, layer)  # its save must not drop a and b, which it never saw
+    saved = read_tuner_cache(cache)
+    assert {key_a, key_b, first.key(x, layer)} <= set(saved)
+    assert set(KernelRuntime(cache_file=cache).configs) == set(saved)
+    assert not [p.name for p in tmp_path.iterdir() if p.suffix == ".tmp"]  # no temporary file left
+
+
+def _pick_in_process(args):
+    cache, K, N = args
+    return _pick(Path(cache), K, N, 1)
+
+
+def test_concurrent_saves_leave_a_readable_file(tmp_path):
+    cache = tmp_path / "tune.json"
+    shapes = [(256, 64 * (i + 1)) for i in range(8)]
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        keys = pool.map(_pick_in_process, [(str(cache), K, N) for K, N in shapes])
+    saved = json.loads(cache.read_text(encoding="utf-8"))
+    assert set(saved) == set(keys) and len(keys) == 8  # every process's config, whatever the interleaving
+    assert not [p.name for p in tmp_path.iterdir() if p.suffix == ".tmp"]
+
+
+def test_a_damaged_cache_drops_only_its_bad_entries(tmp_path):
+    cache = tmp_path / "tune.json"
+    good = GemmConfig(block_n=256, split_k=4, mode=4)
+    cache.write_text(json.dumps({
+        "good": {"path": "fused", "block_n": 256, "split_k": 4, "mode": 4},
+        "unknown-field": {"path": "fused", "tile": 3},
+        "wrong-type": {"path": "fused", "block_n": "256"},
+        "bool-for-int": {"path": "fused", "split_k": True},
+        "not-a-dict": [1, 2],
+    }), encoding="utf-8")
+    assert KernelRuntime(cache_file=cache).configs == {"good": good}
+    for damaged in ("{\"truncated\": {\"path\"", "[1, 2, 3]", "\x00\xff"):
+        cache.write_text(damaged, encoding="utf-8")
+        runtime = KernelRuntime(cache_file=cache)
+        assert runtime.configs == {}
+        layer, x = _layer(256, 128), torch.zeros(1, 256, dtype=torch.float16)
+        runtime.config_for(x, layer)  # and the next save replaces the damaged file with a good one
+        assert set(read_tuner_cache(cache)) == {runtime.key(x, layer)}
+
+
+def test_an_unwritable_cache_does_not_break_a_call(tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    os.chmod(folder, 0o500)
+    try:
+        runtime = KernelRuntime(cache_file=folder / "tune.json")
+        layer, x = _layer(256, 128), torch.zeros(1, 256, dtype=torch.float16)
+        cfg = runtime.config_for(x, layer)
+        assert runtime.configs[runtime.key(x, layer)] == cfg
+        if os.geteuid() != 0:  # root writes anyway
+            assert list(folder.iterdir()) == []
+    finally:
+        os.chmod(folder, 0o700)
