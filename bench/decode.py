@@ -113,7 +113,9 @@ def cpu_main(args) -> None:
     engines = {}
     for name, path, extra in (("transformers fp32", src, {}),
                               (f"gptq {args.bits}-bit (fp32 copy, cpu_int4=off)", ckpt, {"cpu_int4": "off"}),
-                              (f"gptq {args.bits}-bit (packed int4 kernel, the default)", ckpt, {})):
+                              (f"gptq {args.bits}-bit (int4 kernel, HF forward: cpu_decoder=false)", ckpt,
+                               {"cpu_decoder": False}),
+                              (f"gptq {args.bits}-bit (int4 kernel + CPU decoder, the default)", ckpt, {})):
         b = create_backend("transformers" if name.startswith("transformers") else "gptq")
         b.load(path, b.validate_options({"device": "cpu", "dtype": "float32", **extra}))
         engines[name] = b

@@ -165,6 +165,31 @@ class Int4Weight:
         return w.t().contiguous().to(dtype)
 
 
+def fuse(weights: list[Int4Weight]) -> Int4Weight | None:
+    """Sibling layers that read the same input (q/k/v, gate/up) as one layer whose columns are theirs side by
+    side, or None where they differ in K, groups, code width or row order, or a sibling's N is not whole
+    64-column blocks. Why: each kernel call has a fixed cost (about 3 us, and a gather of x for act-order
+    layers); on the default model q/k/v take 31.5 us in one call against 45.6 in three. The packed layout is
+    whole 64-column blocks one after another, so the fused layout is the siblings' bytes in sequence, and the
+    siblings are left holding views of the fused bytes: fusing costs no RAM beyond the small scales."""
+    first = weights[0]
+    same = all(w.K == first.K and w.group_size == first.group_size and w.rows == first.rows
+               and w.code_offset == first.code_offset and w.scales_and_offsets.dtype == first.scales_and_offsets.dtype
+               and ((w.perm is None and first.perm is None)
+                    or (w.perm is not None and first.perm is not None and torch.equal(w.perm, first.perm)))
+               for w in weights)
+    if not same or any(w.N % BLOCK_COLUMNS for w in weights):
+        return None
+    packed = torch.cat([w.packed for w in weights])
+    for w, view in zip(weights, packed.split([w.N for w in weights])):
+        w.packed = view
+    return Int4Weight(packed=packed,
+                      scales_and_offsets=torch.cat([w.scales_and_offsets for w in weights], 1),
+                      group_size=first.group_size, scales=torch.cat([w.scales for w in weights], 1),
+                      zeros=torch.cat([w.zeros for w in weights], 1), rows=first.rows, perm=first.perm,
+                      K=first.K, N=sum(w.N for w in weights), code_offset=first.code_offset)
+
+
 def _whole_blocks(N: int) -> int:
     """The columns in whole BLOCK_COLUMNS blocks of the packed layout."""
     return N // BLOCK_COLUMNS * BLOCK_COLUMNS

@@ -123,7 +123,7 @@ def _quantize_or_copy(out: dict, name: str, tensor: torch.Tensor, bits, group_si
                       desc_act, skip, lm_head) -> None:
     if (LINEAR_RE.match(name) or (lm_head and name == "lm_head.weight")) and not any(s in name for s in skip):
         base = name[: -len(".weight")]
-        seed = zlib.crc32(base.encode()) if desc_act else None
+        seed = zlib.crc32(_input_name(base).encode()) if desc_act else None
         layer = pack_layer(tensor, bits, group_size, sym, checkpoint_format, seed)
         out[base + ".qweight"] = layer.qweight
         out[base + ".qzeros"] = layer.qzeros
@@ -131,3 +131,11 @@ def _quantize_or_copy(out: dict, name: str, tensor: torch.Tensor, bits, group_si
         out[base + ".g_idx"] = layer.g_idx
     else:
         out[name] = tensor.half() if tensor.is_floating_point() else tensor
+
+
+def _input_name(base: str) -> str:
+    """One name for the siblings that read the same input (q/k/v, gate/up): GPTQ orders a layer's rows by its
+    input's Hessian, which siblings share, so their act-order perms are the same; RTN's stand-in perm, drawn
+    from this name, is shared the same way."""
+    return re.sub(r"\.(q_proj|k_proj|v_proj)$", ".qkv", re.sub(r"\.(gate_proj|up_proj)$", ".gate_up", base))
+

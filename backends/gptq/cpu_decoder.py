@@ -1,0 +1,163 @@
+"""Decoding on CPU without the HF forward: the decoder layers of LLaMA-family models written out in torch
+ops over a static KV cache, q/k/v and gate/up each one call of the packed int4 kernel.
+
+Why: on a CPU the HF forward of a small model spends a large part of every step in Python and bookkeeping
+(mask building, cache objects, attention dispatch, output classes) rather than in the matmuls. On the
+default model (one thread) the step below decodes 1.2-1.3x faster with the same weights and the same
+kernels (`python -m bench.decode --cpu`, bench/RESULTS.md). It follows torch_generation's step protocol,
+step(input_ids, cache) -> (logits, cache), like cuda_graph.GraphDecoder on CUDA.
+
+Only models whose layers compute exactly what is written here run it (`unsupported`): LLaMA, Mistral
+(within its sliding window), Qwen2 and Qwen3. Everything else, and `cpu_decoder=false`, decodes through the
+HF forward.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+from backends.base import BackendError
+from backends.gptq import cpu_int4
+
+# decoder layer classes whose forward is: x + o(attn(rope(q), rope(k), v)) on the input norm, then
+# x + down(act(gate) * up) on the post-attention norm (transformers 5.x); Qwen3 adds q/k norms per head
+LAYER_TYPES = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
+
+
+def unsupported(model, max_len: int) -> str | None:
+    """Why this model cannot decode through `CpuDecoder` (None when it can)."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None or not hasattr(model, "lm_head") or not hasattr(inner, "rotary_emb"):
+        return f"{type(model).__name__} is not a LLaMA-style causal LM"
+    kinds = {type(layer).__name__ for layer in layers}
+    if not kinds <= set(LAYER_TYPES):
+        return f"decoder layers {sorted(kinds - set(LAYER_TYPES))} are not written out here"
+    config = model.config
+    window = getattr(config, "sliding_window", None)
+    sliding = (getattr(config, "use_sliding_window", True) and window is not None
+               and any(t == "sliding_attention" for t in (getattr(config, "layer_types", None) or ["sliding_attention"])))
+    if sliding and window < max_len:
+        return f"a sliding attention window ({window}) shorter than the cache ({max_len})"
+    return None
+
+
+@dataclass
+class _Layer:
+    """What one decoder layer's step reads: its norms, projections and, where they fuse, q/k/v and gate/up as
+    one int4 weight each."""
+    input_norm: torch.nn.Module
+    post_norm: torch.nn.Module
+    attn: torch.nn.Module
+    mlp: torch.nn.Module
+    qkv: cpu_int4.Int4Weight | None
+    qkv_bias: torch.Tensor | None
+    gate_up: cpu_int4.Int4Weight | None
+
+
+class CpuDecoder:
+    """A static KV cache of `max_len` positions and the step over it. One instance serves a model's
+    generations one after another (a new prompt resets it)."""
+
+    def __init__(self, model, max_len: int):
+        self.model = model
+        self.inner = model.model
+        config = model.config
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.layers = [self._layer(layer) for layer in self.inner.layers]
+        self.resize(max_len)
+
+    def resize(self, max_len: int) -> None:
+        """A cache of max_len positions (the next step must start a prompt): the fused weights are kept."""
+        reason = unsupported(self.model, max_len)
+        if reason is not None:
+            raise BackendError(f"CPU decoder: {reason}")
+        dtype = self.inner.embed_tokens.weight.dtype
+        shape = (len(self.layers), 1, self.kv_heads, max_len, self.head_dim)
+        self.keys = self.values = None  # the old cache goes before the new one is allocated
+        self.keys = torch.zeros(shape, dtype=dtype)
+        self.values = torch.zeros(shape, dtype=dtype)
+        self.max_len, self.pos = max_len, 0
+
+    @staticmethod
+    def _layer(layer) -> _Layer:
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv = _fused_int4([attn.q_proj, attn.k_proj, attn.v_proj])
+        biases = [p.bias for p in (attn.q_proj, attn.k_proj, attn.v_proj)]
+        qkv_bias = torch.cat(biases) if qkv is not None and all(b is not None for b in biases) else None
+        if qkv is not None and qkv_bias is None and any(b is not None for b in biases):
+            qkv = None  # some siblings with a bias, some without: each its own call
+        gate_up = _fused_int4([mlp.gate_proj, mlp.up_proj])
+        if gate_up is not None and (mlp.gate_proj.bias is not None or mlp.up_proj.bias is not None):
+            gate_up = None
+        return _Layer(layer.input_layernorm, layer.post_attention_layernorm, attn, mlp, qkv, qkv_bias, gate_up)
+
+    def step(self, input_ids: torch.Tensor, cache):
+        n = input_ids.shape[1]
+        if cache is None:  # a new prompt
+            self.pos = 0
+        if self.pos + n > self.max_len:
+            raise BackendError(f"the static cache of {self.max_len} tokens is full")
+        logits = self._forward(input_ids, self.pos)
+        self.pos += n
+        return logits, self
+
+    def _forward(self, input_ids: torch.Tensor, start: int) -> torch.Tensor:
+        n, heads, kv_heads, dim = input_ids.shape[1], self.heads, self.kv_heads, self.head_dim
+        h = self.inner.embed_tokens(input_ids)
+        positions = torch.arange(start, start + n).view(1, -1)
+        cos, sin = self.inner.rotary_emb(h, positions)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        end = start + n
+        # one token attends to every cached position; a block of n attends causally (row i to start + i)
+        mask = None if n == 1 else torch.ones(n, end, dtype=torch.bool).tril(start)
+        for i, layer in enumerate(self.layers):
+            attn = layer.attn
+            x = layer.input_norm(h)
+            if layer.qkv is not None:
+                qkv = _int4_matmul(layer.qkv, x, layer.qkv_bias)
+                q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], -1)
+            else:
+                q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+            q, k, v = q.view(1, n, heads, dim), k.view(1, n, kv_heads, dim), v.view(1, n, kv_heads, dim)
+            if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over each head before the rotary embedding
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+            self.keys[i, :, :, start:end] = k
+            self.values[i, :, :, start:end] = v
+            o = F.scaled_dot_product_attention(q, self.keys[i, :, :, :end], self.values[i, :, :, :end],
+                                               attn_mask=mask, scale=attn.scaling, enable_gqa=kv_heads != heads)
+            h = h + attn.o_proj(o.transpose(1, 2).reshape(1, n, heads * dim))
+            x = layer.post_norm(h)
+            mlp = layer.mlp
+            if layer.gate_up is not None:
+                gate, up = _int4_matmul(layer.gate_up, x, None).chunk(2, -1)
+            else:
+                gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+            h = h + mlp.down_proj(mlp.act_fn(gate) * up)
+        return self.model.lm_head(self.inner.norm(h[:, -1:]))
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _fused_int4(projections) -> cpu_int4.Int4Weight | None:
+    """The siblings' int4 weights as one (`cpu_int4.fuse`), or None where one of them is not on the kernel."""
+    weights = [getattr(p, "int4", None) for p in projections]
+    if any(w is None for w in weights) or any(getattr(p, "weight_cache", None) is not None for p in projections):
+        return None
+    return cpu_int4.fuse(weights)
+
+
+def _int4_matmul(weight: cpu_int4.Int4Weight, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    y = weight.matmul(x.reshape(-1, x.shape[-1]))
+    if bias is not None:
+        y = y + bias
+    return y.view(*x.shape[:-1], weight.N)
