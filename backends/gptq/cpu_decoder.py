@@ -69,6 +69,8 @@ class CpuDecoder:
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.layers = [self._layer(layer) for layer in self.inner.layers]
+        half = self.head_dim // 2
+        self.sign = torch.cat([-torch.ones(half), torch.ones(self.head_dim - half)])
         self.resize(max_len)
 
     def resize(self, max_len: int) -> None:
@@ -107,45 +109,66 @@ class CpuDecoder:
         return logits, self
 
     def _forward(self, input_ids: torch.Tensor, start: int) -> torch.Tensor:
-        n, heads, kv_heads, dim = input_ids.shape[1], self.heads, self.kv_heads, self.head_dim
+        n, end = input_ids.shape[1], start + input_ids.shape[1]
         h = self.inner.embed_tokens(input_ids)
-        positions = torch.arange(start, start + n).view(1, -1)
-        cos, sin = self.inner.rotary_emb(h, positions)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        end = start + n
+        cos, sin = self.inner.rotary_emb(h, torch.arange(start, end).view(1, -1))
+        # rotate_half(x) * sin is roll(x, dim / 2) * (sign * sin): one op for the halves' swap and negation
+        rope = (cos.unsqueeze(1), (sin * self.sign.to(sin.dtype)).unsqueeze(1))
         # one token attends to every cached position; a block of n attends causally (row i to start + i)
         mask = None if n == 1 else torch.ones(n, end, dtype=torch.bool).tril(start)
         for i, layer in enumerate(self.layers):
             attn = layer.attn
-            x = layer.input_norm(h)
-            if layer.qkv is not None:
-                qkv = _int4_matmul(layer.qkv, x, layer.qkv_bias)
-                q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], -1)
-            else:
-                q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
-            q, k, v = q.view(1, n, heads, dim), k.view(1, n, kv_heads, dim), v.view(1, n, kv_heads, dim)
-            if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over each head before the rotary embedding
-                q, k = attn.q_norm(q), attn.k_norm(k)
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-            q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+            q, k, v = self._qkv(layer, _norm(layer.input_norm, h), n, rope)
             self.keys[i, :, :, start:end] = k
             self.values[i, :, :, start:end] = v
             o = F.scaled_dot_product_attention(q, self.keys[i, :, :, :end], self.values[i, :, :, :end],
-                                               attn_mask=mask, scale=attn.scaling, enable_gqa=kv_heads != heads)
-            h = h + attn.o_proj(o.transpose(1, 2).reshape(1, n, heads * dim))
-            x = layer.post_norm(h)
+                                               attn_mask=mask, scale=attn.scaling,
+                                               enable_gqa=self.kv_heads != self.heads)
+            h = h + attn.o_proj(o.transpose(1, 2).reshape(1, n, self.heads * self.head_dim))
+            x = _norm(layer.post_norm, h)
             mlp = layer.mlp
             if layer.gate_up is not None:
                 gate, up = _int4_matmul(layer.gate_up, x, None).chunk(2, -1)
             else:
                 gate, up = mlp.gate_proj(x), mlp.up_proj(x)
             h = h + mlp.down_proj(mlp.act_fn(gate) * up)
-        return self.model.lm_head(self.inner.norm(h[:, -1:]))
+        return self.model.lm_head(_norm(self.inner.norm, h[:, -1:]))
+
+    def _qkv(self, layer: _Layer, x: torch.Tensor, n: int, rope):
+        """q [1, heads, n, dim], k and v [1, kv_heads, n, dim], q and k rotated (one rotation for both where
+        they come from one fused call and no per-head norm sits between)."""
+        heads, kv_heads, dim, attn = self.heads, self.kv_heads, self.head_dim, layer.attn
+        if layer.qkv is not None:
+            qkv = _int4_matmul(layer.qkv, x, layer.qkv_bias)
+            v = qkv[..., (heads + kv_heads) * dim:].view(1, n, kv_heads, dim).transpose(1, 2)
+            if not hasattr(attn, "q_norm"):
+                qk = _rotate(qkv[..., :(heads + kv_heads) * dim].view(1, n, heads + kv_heads, dim).transpose(1, 2),
+                             rope)
+                return qk[:, :heads], qk[:, heads:], v
+            q, k = qkv[..., :heads * dim], qkv[..., heads * dim:(heads + kv_heads) * dim]
+        else:
+            q, k = attn.q_proj(x), attn.k_proj(x)
+            v = attn.v_proj(x).view(1, n, kv_heads, dim).transpose(1, 2)
+        q, k = q.reshape(1, n, heads, dim), k.reshape(1, n, kv_heads, dim)
+        if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over each head before the rotary embedding
+            q, k = _norm(attn.q_norm, q), _norm(attn.k_norm, k)
+        return _rotate(q.transpose(1, 2), rope), _rotate(k.transpose(1, 2), rope), v
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def _rotate(x: torch.Tensor, rope) -> torch.Tensor:
+    """HF's apply_rotary_pos_emb for one tensor: x cos + rotate_half(x) sin, with rotate_half(x) sin as
+    roll(x) (sign sin) (the same products: a negation moved from x to sin is exact)."""
+    cos, signed_sin = rope
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
+
+
+def _norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's RMSNorm module as torch's one-op rms_norm (HF's LLaMA-family norms compute the same in
+    fp32: equal to the bit on the default model), where it has the usual weight and epsilon."""
+    eps = getattr(module, "variance_epsilon", None)
+    if x.dtype != torch.float32 or not isinstance(eps, float):
+        return module(x)
+    return F.rms_norm(x, (x.shape[-1],), module.weight, eps)
 
 
 def _fused_int4(projections) -> cpu_int4.Int4Weight | None:
