@@ -3,8 +3,9 @@ ops over a static KV cache, q/k/v and gate/up each one call of the packed int4 k
 
 Why: on a CPU the HF forward of a small model spends a large part of every step in Python and bookkeeping
 (mask building, cache objects, attention dispatch, output classes) rather than in the matmuls. On the
-default model (one thread) the step below decodes 1.2-1.3x faster with the same weights and the same
-kernels (`python -m bench.decode --cpu`, bench/RESULTS.md). It follows torch_generation's step protocol,
+default model (one thread) the step below decodes 1.22-1.24x faster with the same weights and the same
+kernels, and prefills 1.23x faster (the prompt's logits at its last position only; `python -m bench.compare`,
+`python -m bench.decode --cpu`, bench/RESULTS.md 2026-12-05). It follows torch_generation's step protocol,
 step(input_ids, cache) -> (logits, cache), like cuda_graph.GraphDecoder on CUDA.
 
 Only models whose layers compute exactly what is written here run it (`unsupported`): LLaMA, Mistral
@@ -35,6 +36,13 @@ def unsupported(model, max_len: int) -> str | None:
     kinds = {type(layer).__name__ for layer in layers}
     if not kinds <= set(LAYER_TYPES):
         return f"decoder layers {sorted(kinds - set(LAYER_TYPES))} are not written out here"
+    for layer in layers:  # the parts the step reads (another transformers version may name them otherwise)
+        for owner, names in ((layer, ("input_layernorm", "post_attention_layernorm", "self_attn", "mlp")),
+                             (getattr(layer, "self_attn", None), ("q_proj", "k_proj", "v_proj", "o_proj", "scaling")),
+                             (getattr(layer, "mlp", None), ("gate_proj", "up_proj", "down_proj", "act_fn"))):
+            missing = [name for name in names if not hasattr(owner, name)]
+            if missing:
+                return f"{type(owner).__name__} has no {', '.join(missing)}"
     config = model.config
     window = getattr(config, "sliding_window", None)
     sliding = (getattr(config, "use_sliding_window", True) and window is not None
@@ -88,14 +96,13 @@ class CpuDecoder:
     @staticmethod
     def _layer(layer) -> _Layer:
         attn, mlp = layer.self_attn, layer.mlp
-        qkv = _fused_int4([attn.q_proj, attn.k_proj, attn.v_proj])
         biases = [p.bias for p in (attn.q_proj, attn.k_proj, attn.v_proj)]
-        qkv_bias = torch.cat(biases) if qkv is not None and all(b is not None for b in biases) else None
-        if qkv is not None and qkv_bias is None and any(b is not None for b in biases):
-            qkv = None  # some siblings with a bias, some without: each its own call
-        gate_up = _fused_int4([mlp.gate_proj, mlp.up_proj])
-        if gate_up is not None and (mlp.gate_proj.bias is not None or mlp.up_proj.bias is not None):
-            gate_up = None
+        qkv = qkv_bias = gate_up = None
+        if all(b is None for b in biases) or all(b is not None for b in biases):  # else each its own call
+            qkv = _fused_int4([attn.q_proj, attn.k_proj, attn.v_proj])
+            qkv_bias = torch.cat(biases) if qkv is not None and biases[0] is not None else None
+        if mlp.gate_proj.bias is None and mlp.up_proj.bias is None:
+            gate_up = _fused_int4([mlp.gate_proj, mlp.up_proj])
         return _Layer(layer.input_layernorm, layer.post_attention_layernorm, attn, mlp, qkv, qkv_bias, gate_up)
 
     def step(self, input_ids: torch.Tensor, cache):
@@ -163,8 +170,8 @@ def _rotate(x: torch.Tensor, rope) -> torch.Tensor:
 
 
 def _norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The model's RMSNorm module as torch's one-op rms_norm (HF's LLaMA-family norms compute the same in
-    fp32: equal to the bit on the default model), where it has the usual weight and epsilon."""
+    """The model's RMSNorm module as torch's one-op rms_norm where it has the usual weight and epsilon (in fp32
+    HF's LLaMA-family norms compute the same: equal to the bit where checked); the module itself otherwise."""
     eps = getattr(module, "variance_epsilon", None)
     if x.dtype != torch.float32 or not isinstance(eps, float):
         return module(x)

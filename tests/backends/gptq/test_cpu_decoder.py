@@ -161,3 +161,6 @@ def test_a_model_it_does_not_write_out_is_named(tiny_llama):
     tiny_llama.model.layers[0].__class__ = type("GemmaDecoderLayer", (type(tiny_llama.model.layers[0]),), {})
     assert "GemmaDecoderLayer" in unsupported(tiny_llama, 64)
     assert "not a LLaMA-style" in unsupported(torch.nn.Linear(2, 2), 64)
+    tiny_llama.model.layers[0].__class__ = type("LlamaDecoderLayer", (torch.nn.Module,), {})
+    del tiny_llama.model.layers[1].self_attn.scaling  # a transformers that names it otherwise
+    assert unsupported(tiny_llama, 64) == "LlamaAttention has no scaling"
