@@ -164,3 +164,14 @@ def test_a_model_it_does_not_write_out_is_named(tiny_llama):
     tiny_llama.model.layers[0].__class__ = type("LlamaDecoderLayer", (torch.nn.Module,), {})
     del tiny_llama.model.layers[1].self_attn.scaling  # a transformers that names it otherwise
     assert unsupported(tiny_llama, 64) == "LlamaAttention has no scaling"
+
+
+def test_bf16_activations_decode_as_the_hf_forward(default_actorder):
+    """Below fp32 the norms run as the model's own modules (torch's rms_norm rounds otherwise)."""
+    backend = _load(default_actorder, dtype="bfloat16")
+    try:
+        decoder = CpuDecoder(backend.model, 64)
+        assert decoder.keys.dtype == torch.bfloat16
+        _assert_same_logits(backend.model, decoder, steps=6)
+    finally:
+        backend.unload()
