@@ -169,4 +169,3 @@ class GPTQBackend(TransformersBackend):
         elif self._decoder.max_len < wanted:
             self._decoder.resize(wanted)
         return self._decoder.step
-
