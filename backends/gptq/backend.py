@@ -11,7 +11,7 @@ from typing import Iterator
 
 import torch
 
-from backends.base import Capabilities, GenerationChunk, OptionSpec, SamplingParams
+from backends.base import BackendError, Capabilities, GenerationChunk, OptionSpec, SamplingParams
 from backends.transformers_backend import TransformersBackend
 
 log = logging.getLogger(__name__)
@@ -157,15 +157,15 @@ class GPTQBackend(TransformersBackend):
         one it writes out."""
         if not self.options.get("cpu_decoder", True):
             return None
-        from backends.gptq.cpu_decoder import CpuDecoder, unsupported
-        reason = unsupported(self.model, wanted)
-        if reason is not None:
-            if reason != self._cpu_decoder_skipped:
-                log.info("CPU decoding through the HF forward: %s", reason)
-                self._cpu_decoder_skipped = reason
+        from backends.gptq.cpu_decoder import CpuDecoder
+        try:
+            if self._decoder is None:
+                self._decoder = CpuDecoder(self.model, wanted)
+            elif self._decoder.max_len < wanted:
+                self._decoder.resize(wanted)
+        except BackendError as exc:  # a model it does not write out: the step's own check says why
+            if str(exc) != self._cpu_decoder_skipped:
+                log.info("CPU decoding through the HF forward: %s", exc)
+                self._cpu_decoder_skipped = str(exc)
             return None
-        if self._decoder is None:
-            self._decoder = CpuDecoder(self.model, wanted)
-        elif self._decoder.max_len < wanted:
-            self._decoder.resize(wanted)
         return self._decoder.step

@@ -15,6 +15,7 @@ HF forward.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch.nn import functional as F
@@ -52,17 +53,25 @@ def unsupported(model, max_len: int) -> str | None:
     return None
 
 
+def _check(model, max_len: int) -> None:
+    reason = unsupported(model, max_len)
+    if reason is not None:
+        raise BackendError(f"CPU decoder: {reason}")
+
+
 @dataclass
 class _Layer:
-    """What one decoder layer's step reads: its norms, projections and, where they fuse, q/k/v and gate/up as
-    one int4 weight each."""
-    input_norm: torch.nn.Module
-    post_norm: torch.nn.Module
+    """What one decoder layer's step reads, resolved once: its norms (`_norm`), projections and, where they
+    fuse, q/k/v and gate/up as one int4 weight each; Qwen3's per-head q and k norms (None elsewhere)."""
+    input_norm: Callable[[torch.Tensor], torch.Tensor]
+    post_norm: Callable[[torch.Tensor], torch.Tensor]
     attn: torch.nn.Module
     mlp: torch.nn.Module
     qkv: cpu_int4.Int4Weight | None
     qkv_bias: torch.Tensor | None
     gate_up: cpu_int4.Int4Weight | None
+    q_norm: Callable[[torch.Tensor], torch.Tensor] | None
+    k_norm: Callable[[torch.Tensor], torch.Tensor] | None
 
 
 class CpuDecoder:
@@ -70,23 +79,27 @@ class CpuDecoder:
     generations one after another (a new prompt resets it)."""
 
     def __init__(self, model, max_len: int):
+        _check(model, max_len)  # before anything is read or fused
         self.model = model
         self.inner = model.model
         config = model.config
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
-        self.layers = [self._layer(layer) for layer in self.inner.layers]
+        self.dtype = self.inner.embed_tokens.weight.dtype
+        self.layers = [self._layer(layer, self.dtype) for layer in self.inner.layers]
+        self.final_norm = _norm(self.inner.norm, self.dtype)
         half = self.head_dim // 2
-        self.sign = torch.cat([-torch.ones(half), torch.ones(self.head_dim - half)])
-        self.resize(max_len)
+        self.sign = torch.cat([-torch.ones(half), torch.ones(self.head_dim - half)]).to(self.dtype)
+        self._allocate(max_len)
 
     def resize(self, max_len: int) -> None:
         """A cache of max_len positions (the next step must start a prompt): the fused weights are kept."""
-        reason = unsupported(self.model, max_len)
-        if reason is not None:
-            raise BackendError(f"CPU decoder: {reason}")
-        dtype = self.inner.embed_tokens.weight.dtype
+        _check(self.model, max_len)
+        self._allocate(max_len)
+
+    def _allocate(self, max_len: int) -> None:
+        dtype = self.dtype
         shape = (len(self.layers), 1, self.kv_heads, max_len, self.head_dim)
         self.keys = self.values = None  # the old cache goes before the new one is allocated
         self.keys = torch.zeros(shape, dtype=dtype)
@@ -94,7 +107,7 @@ class CpuDecoder:
         self.max_len, self.pos = max_len, 0
 
     @staticmethod
-    def _layer(layer) -> _Layer:
+    def _layer(layer, dtype: torch.dtype) -> _Layer:
         attn, mlp = layer.self_attn, layer.mlp
         biases = [p.bias for p in (attn.q_proj, attn.k_proj, attn.v_proj)]
         qkv = qkv_bias = gate_up = None
@@ -103,7 +116,10 @@ class CpuDecoder:
             qkv_bias = torch.cat(biases) if qkv is not None and biases[0] is not None else None
         if mlp.gate_proj.bias is None and mlp.up_proj.bias is None:
             gate_up = _fused_int4([mlp.gate_proj, mlp.up_proj])
-        return _Layer(layer.input_layernorm, layer.post_attention_layernorm, attn, mlp, qkv, qkv_bias, gate_up)
+        per_head = hasattr(attn, "q_norm")  # Qwen3: RMSNorm over each head before the rotary embedding
+        return _Layer(_norm(layer.input_layernorm, dtype), _norm(layer.post_attention_layernorm, dtype), attn, mlp,
+                      qkv, qkv_bias, gate_up, _norm(attn.q_norm, dtype) if per_head else None,
+                      _norm(attn.k_norm, dtype) if per_head else None)
 
     def step(self, input_ids: torch.Tensor, cache):
         n = input_ids.shape[1]
@@ -120,35 +136,35 @@ class CpuDecoder:
         h = self.inner.embed_tokens(input_ids)
         cos, sin = self.inner.rotary_emb(h, torch.arange(start, end).view(1, -1))
         # rotate_half(x) * sin is roll(x, dim / 2) * (sign * sin): one op for the halves' swap and negation
-        rope = (cos.unsqueeze(1), (sin * self.sign.to(sin.dtype)).unsqueeze(1))
+        rope = (cos.unsqueeze(1), (sin * self.sign).unsqueeze(1))
         # one token attends to every cached position; a block of n attends causally (row i to start + i)
         mask = None if n == 1 else torch.ones(n, end, dtype=torch.bool).tril(start)
         for i, layer in enumerate(self.layers):
             attn = layer.attn
-            q, k, v = self._qkv(layer, _norm(layer.input_norm, h), n, rope)
+            q, k, v = self._qkv(layer, layer.input_norm(h), n, rope)
             self.keys[i, :, :, start:end] = k
             self.values[i, :, :, start:end] = v
             o = F.scaled_dot_product_attention(q, self.keys[i, :, :, :end], self.values[i, :, :, :end],
                                                attn_mask=mask, scale=attn.scaling,
                                                enable_gqa=self.kv_heads != self.heads)
             h = h + attn.o_proj(o.transpose(1, 2).reshape(1, n, self.heads * self.head_dim))
-            x = _norm(layer.post_norm, h)
+            x = layer.post_norm(h)
             mlp = layer.mlp
             if layer.gate_up is not None:
-                gate, up = _int4_matmul(layer.gate_up, x, None).chunk(2, -1)
+                gate, up = layer.gate_up.linear(x).chunk(2, -1)
             else:
                 gate, up = mlp.gate_proj(x), mlp.up_proj(x)
             h = h + mlp.down_proj(mlp.act_fn(gate) * up)
-        return self.model.lm_head(_norm(self.inner.norm, h[:, -1:]))
+        return self.model.lm_head(self.final_norm(h[:, -1:]))
 
     def _qkv(self, layer: _Layer, x: torch.Tensor, n: int, rope):
         """q [1, heads, n, dim], k and v [1, kv_heads, n, dim], q and k rotated (one rotation for both where
         they come from one fused call and no per-head norm sits between)."""
         heads, kv_heads, dim, attn = self.heads, self.kv_heads, self.head_dim, layer.attn
         if layer.qkv is not None:
-            qkv = _int4_matmul(layer.qkv, x, layer.qkv_bias)
+            qkv = layer.qkv.linear(x, layer.qkv_bias)
             v = qkv[..., (heads + kv_heads) * dim:].view(1, n, kv_heads, dim).transpose(1, 2)
-            if not hasattr(attn, "q_norm"):
+            if layer.q_norm is None:
                 qk = _rotate(qkv[..., :(heads + kv_heads) * dim].view(1, n, heads + kv_heads, dim).transpose(1, 2),
                              rope)
                 return qk[:, :heads], qk[:, heads:], v
@@ -157,8 +173,8 @@ class CpuDecoder:
             q, k = attn.q_proj(x), attn.k_proj(x)
             v = attn.v_proj(x).view(1, n, kv_heads, dim).transpose(1, 2)
         q, k = q.reshape(1, n, heads, dim), k.reshape(1, n, kv_heads, dim)
-        if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over each head before the rotary embedding
-            q, k = _norm(attn.q_norm, q), _norm(attn.k_norm, k)
+        if layer.q_norm is not None:
+            q, k = layer.q_norm(q), layer.k_norm(k)
         return _rotate(q.transpose(1, 2), rope), _rotate(k.transpose(1, 2), rope), v
 
 
@@ -169,13 +185,15 @@ def _rotate(x: torch.Tensor, rope) -> torch.Tensor:
     return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
 
 
-def _norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The model's RMSNorm module as torch's one-op rms_norm where it has the usual weight and epsilon (in fp32
-    HF's LLaMA-family norms compute the same: equal to the bit where checked); the module itself otherwise."""
+def _norm(module: torch.nn.Module, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The model's RMSNorm module as torch's one-op rms_norm where activations are fp32 and it has the usual
+    weight and epsilon (HF's LLaMA-family norms compute the same there: equal to the bit where checked); the
+    module itself otherwise (below fp32 torch's op rounds differently)."""
     eps = getattr(module, "variance_epsilon", None)
-    if x.dtype != torch.float32 or not isinstance(eps, float):
-        return module(x)
-    return F.rms_norm(x, (x.shape[-1],), module.weight, eps)
+    weight = getattr(module, "weight", None)
+    if dtype != torch.float32 or not isinstance(eps, float) or not isinstance(weight, torch.Tensor):
+        return module
+    return lambda x: F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
 def _fused_int4(projections) -> cpu_int4.Int4Weight | None:
@@ -184,10 +202,3 @@ def _fused_int4(projections) -> cpu_int4.Int4Weight | None:
     if any(w is None for w in weights) or any(getattr(p, "weight_cache", None) is not None for p in projections):
         return None
     return cpu_int4.fuse(weights)
-
-
-def _int4_matmul(weight: cpu_int4.Int4Weight, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    y = weight.matmul(x.reshape(-1, x.shape[-1]))
-    if bias is not None:
-        y = y + bias
-    return y.view(*x.shape[:-1], weight.N)

@@ -101,6 +101,13 @@ class Int4Weight:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x [..., K] @ W (+ bias) -> [..., N]: nn.Linear's call on this layer (QuantLinear, the CPU decoder)."""
+        y = self.matmul(x.reshape(-1, x.shape[-1]))
+        if bias is not None:
+            y = y + bias
+        return y.view(*x.shape[:-1], self.N)
+
     def matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         """x2d [M, K] (any float dtype) @ W -> [M, N] in x2d's dtype: through the kernel from bf16 activations
         below DEQUANTIZE_ROWS rows, through the exactly dequantized weights from there on."""

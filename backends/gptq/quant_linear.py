@@ -194,9 +194,7 @@ class QuantLinear(nn.Module):
         if self.weight_cache is not None:
             return F.linear(x, self.weight_cache, self.bias)
         if self.int4 is not None:
-            y = self.int4.matmul(x.reshape(-1, x.shape[-1]))
-            y = y if self.bias is None else y + self.bias
-            return y.reshape(*x.shape[:-1], self.out_features)
+            return self.int4.linear(x, self.bias)
         if self.kernel is None and self.group is None:
             return F.linear(x, self.dense_weight(x.dtype), self.bias)
         order = column_order(x)  # a norm that wrote its row in act-order (act_order.py)

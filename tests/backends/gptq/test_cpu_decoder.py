@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from backends.base import SamplingParams
+from backends.base import BackendError, SamplingParams
 from backends.gptq import cpu_int4, rtn
 from backends.gptq.cpu_decoder import CpuDecoder, unsupported
 from backends.registry import create_backend
@@ -164,6 +164,9 @@ def test_a_model_it_does_not_write_out_is_named(tiny_llama):
     tiny_llama.model.layers[0].__class__ = type("LlamaDecoderLayer", (torch.nn.Module,), {})
     del tiny_llama.model.layers[1].self_attn.scaling  # a transformers that names it otherwise
     assert unsupported(tiny_llama, 64) == "LlamaAttention has no scaling"
+    del tiny_llama.model.layers[1].mlp
+    with pytest.raises(BackendError, match="has no mlp"):  # checked before any part is read or fused
+        CpuDecoder(tiny_llama, 64)
 
 
 def test_bf16_activations_decode_as_the_hf_forward(default_actorder):
