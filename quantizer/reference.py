@@ -34,7 +34,7 @@ def dequantized_state(folder: Path, dtype: torch.dtype = torch.float32) -> tuple
         if fmt is None:
             fmt, _warning = gptq_format.resolve_checkpoint_format(qc, raw[f"{base}.qzeros"])
         W = gptq_format.dequantize(raw.pop(key), raw.pop(f"{base}.qzeros"), raw.pop(f"{base}.scales"),
-                                   raw.pop(f"{base}.g_idx", None), qc.bits, fmt)
+                                   raw.pop(f"{base}.g_idx", None), qc.bits, fmt, group_size=qc.group_size)
         state[f"{base}.weight"] = W.T.contiguous().to(dtype)
     for key, value in raw.items():
         state[key] = value.to(dtype) if value.is_floating_point() else value

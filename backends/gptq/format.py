@@ -132,15 +132,24 @@ def unpack_qzeros(qzeros: torch.Tensor, bits: int, N: int, checkpoint_format: st
 
 
 def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor | None,
-               bits: int, checkpoint_format: str = "gptq", dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """W[K, N] = scales[g] * (q - z[g]) with g = g_idx[k]: the weights a layer computes x @ W with."""
+               bits: int, checkpoint_format: str = "gptq", dtype: torch.dtype = torch.float32,
+               group_size: int | None = None) -> torch.Tensor:
+    """W[K, N] = scales[g] * (q - z[g]) with g = g_idx[k]: the weights a layer computes x @ W with. Without a
+    g_idx (older checkpoints) the groups are k // group_size, the config's size: the scales alone do not say
+    it (K 576 in 5 groups is g128, with a short last group, not 116)."""
     K = qweight.shape[0] * 32 // bits
     N = qweight.shape[1]
     codes = unpack_qweight(qweight, bits, K)
     zeros = unpack_qzeros(qzeros, bits, N, checkpoint_format)
     if g_idx is None:
         G = scales.shape[0]
-        g_idx = default_g_idx(K, -1 if G == 1 else -(-K // G))
+        if group_size is None:
+            if G > 1:
+                raise FormatError(f"no g_idx and {G} groups for K {K}: pass the config's group size")
+            group_size = -1
+        if num_groups(K, group_size) != G:
+            raise FormatError(f"{G} groups of scales for K {K} at group size {group_size}")
+        g_idx = default_g_idx(K, group_size)
     g = g_idx.to(device=codes.device, dtype=torch.long)
     s = scales.to(dtype)
     return s[g] * (codes.to(dtype) - zeros[g].to(dtype))
@@ -344,42 +353,48 @@ def _write_json(path: Path, data: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 def find_weight_files(folder: str | os.PathLike, config: QuantizeConfig | None = None) -> list[Path]:
     """The safetensors files holding a checkpoint's tensors, in the order tools look for them:
-    model.safetensors, the sharded index, model_file_base_name, gptq_model-{b}bit-{g}g, and a lone
-    *.safetensors. Pickled weights are never read."""
+    model.safetensors, its sharded index, model_file_base_name and gptq_model-{b}bit-{g}g (each as one file
+    or as shards with `<name>.safetensors.index.json`: AutoGPTQ and GPTQModel name the index after the
+    base name), a lone index, and a lone *.safetensors. Pickled weights are never read."""
     folder = Path(folder)
-    single = folder / "model.safetensors"
-    if single.is_file():
-        return [single]
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise FormatError(f"{index.name} has no weight_map")
-        shards = []
-        for name in dict.fromkeys(weight_map.values()):
-            path = (folder / name)
-            if Path(name).name != name or not path.is_file():
-                raise FormatError(f"{index.name} names shard {name!r}, which is not in {folder.name}")
-            shards.append(path)
-        return shards
-    candidates = []
+    bases = ["model"]
     if config is not None:
-        if config.model_file_base_name:
-            candidates.append(config.model_file_base_name + ".safetensors")
-        g = config.group_size
-        candidates.append(f"gptq_model-{config.bits}bit-{g}g.safetensors")
-    for name in candidates:
-        if (folder / name).is_file() and Path(name).name == name:
-            return [folder / name]
+        if config.model_file_base_name and Path(config.model_file_base_name).name == config.model_file_base_name:
+            bases.append(config.model_file_base_name)
+        bases.append(f"gptq_model-{config.bits}bit-{config.group_size}g")
+    for base in bases:
+        single, index = folder / f"{base}.safetensors", folder / f"{base}.safetensors.index.json"
+        if single.is_file():
+            return [single]
+        if index.is_file():
+            return _shards_from_index(index)
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if len(indexes) == 1:
+        return _shards_from_index(indexes[0])
     found = sorted(folder.glob("*.safetensors"))
     if len(found) == 1:
         return found
     if len(found) > 1:
-        raise FormatError(f"{folder.name}: several .safetensors files and no model.safetensors.index.json "
-                          f"to say which belong together: {', '.join(p.name for p in found)}")
+        raise FormatError(f"{folder.name}: several .safetensors files and no index (model.safetensors.index.json "
+                          f"or <base name>.safetensors.index.json) to say which belong together: {', '.join(p.name for p in found)}")
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
     if pickles:
         raise FormatError(f"{folder.name}: only pickled weights ({', '.join(pickles)}); gptq-webui reads "
                           f"safetensors only. Convert the checkpoint to safetensors first.")
     raise FormatError(f"{folder.name}: no weight file (model.safetensors, shards with an index, or "
                       f"gptq_model-*.safetensors)")
+
+
+def _shards_from_index(index: Path) -> list[Path]:
+    """The shards an index's weight_map names, each once, in order; a shard outside the folder or missing
+    is an error (a half-copied checkpoint must not load as a model with missing layers)."""
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise FormatError(f"{index.name} has no weight_map")
+    shards = []
+    for name in dict.fromkeys(weight_map.values()):
+        path = index.parent / str(name)
+        if Path(str(name)).name != name or not path.is_file():
+            raise FormatError(f"{index.name} names shard {name!r}, which is not in {index.parent.name}")
+        shards.append(path)
+    return shards

@@ -212,6 +212,10 @@ def load_checkpoint(folder: Path, device: torch.device, dtype: torch.dtype, runt
     _tie_or_check(model, folder)
     model.to(device)
     handles.clear()
+    slow = _slow_layers_warning(layers, device, cache_dequantized)
+    if slow:
+        warnings.append(slow)
+        log.warning("%s: %s", folder.name, slow)
     if host_layers:
         host_bytes = sum(l.kernel.qweight.numel() * 4 for l in layers.values()
                          if l.kernel is not None and offload.on_host(l.kernel.qweight))
@@ -223,6 +227,26 @@ def load_checkpoint(folder: Path, device: torch.device, dtype: torch.dtype, runt
         log.warning("%s: %s", folder.name, warnings[-1])
     return LoadedCheckpoint(model=model, config=qc, checkpoint_format=checkpoint_format, warnings=warnings,
                             quant_layers=layers, host_layers=sorted(host_layers))
+
+
+def _slow_layers_warning(layers: dict, device: torch.device, cache_dequantized: bool | None) -> str | None:
+    """What a user must know when layers miss the fast paths, so that slow decoding or a large footprint is
+    not a mystery: on CUDA, layers the kernels do not take (act-order groups of unequal size, zero points
+    outside 0-255) run a dequantized copy; on CPU, layers without a copy are dequantized at every forward."""
+    if device.type == "cuda":
+        names = [n for n, l in layers.items() if l.path == "torch-cached"]
+        if names:
+            return (f"{len(names)} of {len(layers)} quantized layers (first: {names[0]}) have act-order groups of "
+                    "unequal size or zero points outside 0-255, which the GPU kernels do not take: they run a "
+                    "dequantized copy in the model's dtype (4x their packed memory, slower decoding)")
+        return None
+    names = [n for n, l in layers.items() if l.path == "torch-dequant"]
+    if not names:
+        return None
+    why = ("cpu_cache=off" if cache_dequantized is False else
+           "their dequantized copy would leave less than a quarter of the free RAM")
+    return (f"{len(names)} of {len(layers)} quantized layers (first: {names[0]}) are dequantized at every forward "
+            f"({why}), so generation is slow; free RAM, or set cpu_cache=on to keep the copy anyway")
 
 
 def _host_layers(gpu_layers: int | None, device: torch.device, model, modules: dict, quant_names: list[str],

@@ -105,49 +105,43 @@ def quantizer_ckpt(ckpt_dir, default_hf_model):
 
 
 @pytest.mark.slow
-def test_full_model_perplexity_matches_dequantized_copy(quantizer_ckpt, ckpt_dir, wikitext_path,
-                                                        transformers_backend):
+def test_full_model_perplexity_matches_dequantized_copy(quantizer_ckpt, wikitext_path, transformers_backend):
+    """The checkpoint through the gptq backend scores as its dequantized fp32 copy through transformers, built
+    by `quantizer.reference` straight from the files (none of the loader or the CPU kernels): within 0.5% on
+    128-token windows, which run exactly dequantized columns (cpu_int4.DEQUANTIZE_ROWS), and with cpu_int4=off
+    (the fp32 copy); 96-token windows run the packed int4 kernel from bf16 activations, so only close."""
+    from backends.gptq.cpu_int4 import DEQUANTIZE_ROWS
     from quantizer.evaluation import load_eval_text, perplexity
+    from quantizer.reference import DequantizedGPTQBackend
+    assert 96 < DEQUANTIZE_ROWS <= 128
     gptq = _load(quantizer_ckpt)
     assert gptq.quant_config.desc_act and len(gptq.quant_layers) == 30 * 7
-    # the dequantized fp32 copy of the same checkpoint, as a plain HF model for transformers
-    fp_copy = ckpt_dir / "smol-gptq-dequantized"
-    fp_copy.mkdir()
-    files = fmt.find_weight_files(quantizer_ckpt, gptq.quant_config)
-    tensors = {}
-    for path in files:
-        with safe_open(str(path), framework="pt") as fh:
-            tensors.update({k: fh.get_tensor(k).float() for k in fh.keys()
-                            if k.rsplit(".", 1)[-1] not in ("qweight", "qzeros", "scales", "g_idx")})
-    for name, w in _dense(gptq).items():
-        tensors[name + ".weight"] = w.contiguous()
-    save_file(tensors, str(fp_copy / "model.safetensors"), metadata={"format": "pt"})
-    config = json.loads((quantizer_ckpt / "config.json").read_text())
-    del config["quantization_config"]
-    (fp_copy / "config.json").write_text(json.dumps(config))
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
-        if (quantizer_ckpt / name).exists():
-            shutil.copy2(quantizer_ckpt / name, fp_copy / name)
-    ref = create_backend("transformers")
-    ref.load(fp_copy, ref.validate_options({"dtype": "float32", "device": "cpu"}))
-    text = load_eval_text(str(wikitext_path))
-    q = perplexity(gptq, text, seqlen=128, windows=4).ppl
     assert all(layer.path == "torch-int4" for layer in gptq.quant_layers.values())
-    d = perplexity(ref, text, seqlen=128, windows=4).ppl
+    ref = DequantizedGPTQBackend()
+    ref.load(quantizer_ckpt, ref.validate_options({"dtype": "float32", "device": "cpu"}))
+    text = load_eval_text(str(wikitext_path))
+    scores = {}
+    for seqlen in (96, 128):
+        scores[seqlen] = (perplexity(gptq, text, seqlen=seqlen, windows=4).ppl,
+                          perplexity(ref, text, seqlen=seqlen, windows=4).ppl)
     fp = perplexity(transformers_backend, text, seqlen=128, windows=4).ppl
-    ref.unload()
     gptq.unload()
-    # by default 4-bit layers hold their packed codes (the int4 kernel), and 128-token windows run through
-    # their exactly dequantized columns; the fp32 copy (cpu_int4 off) is the other CPU path
+    q, d = scores[128]  # exact: measured 2e-7 apart
     assert abs(q - d) / d < 0.005, (q, d)
+    # bf16 activations: measured 0.45% apart (131.8 against 132.4) on this checkpoint, whose 4 x 64-token
+    # calibration leaves it fragile (ppl 3x the fp model's); a misread group or zero moves it by far more
+    q, d = scores[96]
+    assert abs(q - d) / d < 0.015, (q, d)
     copy = _load(quantizer_ckpt, cpu_int4="off")
     assert all(layer.path == "torch-cached" for layer in copy.quant_layers.values())
     q_copy = perplexity(copy, text, seqlen=128, windows=4).ppl
     copy.unload()
+    ref.unload()
+    d = scores[128][1]
     assert abs(q_copy - d) / d < 0.005, (q_copy, d)
     # quantization costs something but keeps a language model (calibration here is only 4 x 64 tokens;
     # measured: fp 45, this checkpoint 120 at seqlen 128; an unrelated or garbled model is in the thousands)
-    assert fp < q < 5 * fp, (fp, q)
+    assert fp < d < 5 * fp, (fp, d)
 
 
 def test_chat_stream_stop_logprobs_memory(gptq4):
@@ -155,10 +149,20 @@ def test_chat_stream_stop_logprobs_memory(gptq4):
     text = "".join(c.text for c in chunks)
     assert chunks[-1].finished and chunks[-1].generated_tokens >= 1
     assert "Paris" in text, text
+    assert sum(1 for c in chunks if c.text) >= 3  # streamed as it decodes, not one block at the end
     stop = threading.Event()
     stop.set()
     cancelled = list(gptq4.chat(QUESTION, SamplingParams(max_new_tokens=12), stop))
     assert cancelled[-1].finish_reason == "cancelled" and cancelled[-1].generated_tokens == 0
+    # stopped mid-answer: the stream ends at the next token with what it had
+    stop = threading.Event()
+    partial = []
+    for chunk in gptq4.chat(QUESTION, SamplingParams(max_new_tokens=12), stop):
+        partial.append(chunk)
+        if chunk.text and not stop.is_set():
+            stop.set()
+    assert partial[-1].finish_reason == "cancelled" and 1 <= partial[-1].generated_tokens <= 3, partial[-1]
+    assert text.startswith("".join(c.text for c in partial)) and len("".join(c.text for c in partial)) < len(text)
     ids = gptq4.tokenize("The quick brown fox jumps over the lazy dog.")
     lp = gptq4.token_logprobs(ids)
     assert len(lp) == len(ids) - 1 and all(v <= 0 for v in lp)
@@ -356,6 +360,25 @@ def test_unsupported_and_broken_checkpoints_get_clear_messages(tiny_model, ckpt_
         _load(awq)
     with pytest.raises(BackendError, match="unknown option"):
         create_backend("gptq").validate_options({"bogus": 1})
+
+
+def test_layers_dequantized_at_every_forward_are_announced(tiny_model, ckpt_dir, monkeypatch):
+    """Layers with neither the int4 kernel nor a dequantized copy decode far slower: the load says so and why."""
+    from backends.gptq import loader
+    path = rtn.quantize_folder(tiny_model, ckpt_dir / "tiny-for-slow", bits=4, group_size=16)
+    fast = _load(path, cpu_int4="off")
+    assert not fast.load_warnings and {l.path for l in fast.quant_layers.values()} == {"torch-cached"}
+    fast.unload()
+    asked = _load(path, cpu_int4="off", cpu_cache="off")
+    assert {l.path for l in asked.quant_layers.values()} == {"torch-dequant"}
+    assert len(asked.load_warnings) == 1 and asked.load_warnings[0].startswith("7 of 7 quantized layers (first: model.layers.0.")
+    assert "are dequantized at every forward (cpu_cache=off)" in asked.load_warnings[0]
+    asked.unload()
+    monkeypatch.setattr(loader, "_dense_fits", lambda *args: False)  # a machine short of RAM
+    short = _load(path, cpu_int4="off")
+    assert short.load_warnings and "less than a quarter of the free RAM" in short.load_warnings[0]
+    assert "cpu_cache=on" in short.load_warnings[0]
+    short.unload()
 
 
 def test_static_cache_step_matches_the_dynamic_cache(gptq4):

@@ -97,6 +97,14 @@ def test_dequantize_matches_formula_with_short_last_group(bits, gs):
     ref = scales.double()[gl] * (codes.double() - zeros.double()[gl])
     assert W.shape == (K, N)
     assert torch.equal(W, ref)
+    # older checkpoints store no g_idx: the config's group size says where the groups are
+    packed = (fmt.pack_qweight(codes, bits), fmt.pack_qzeros(zeros, bits, "gptq_v2"), scales, None, bits, "gptq_v2")
+    assert torch.equal(fmt.dequantize(*packed, dtype=torch.float64, group_size=gs), ref)
+    if G > 1:  # the scales alone do not say the size (192 in 2 groups is g128 with a short last one, not g96)
+        with pytest.raises(fmt.FormatError, match="pass the config's group size"):
+            fmt.dequantize(*packed)
+    with pytest.raises(fmt.FormatError, match="groups of scales"):
+        fmt.dequantize(*packed, group_size=32 if gs != 32 else 64)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -195,6 +203,25 @@ def test_find_weight_files(tmp_path):
         "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
     save_file(t, tmp_path / "model.safetensors")
     assert [p.name for p in fmt.find_weight_files(tmp_path, cfg)] == ["model.safetensors"]
+
+
+@pytest.mark.parametrize("base,config_names_it", [("gptq_model-4bit-128g", False), ("custom", True),
+                                                  ("anything", False)])
+def test_shards_indexed_under_the_base_name(tmp_path, base, config_names_it):
+    """AutoGPTQ and GPTQModel shard as <base>-0000i-of-0000n.safetensors with <base>.safetensors.index.json
+    (the base name AutoGPTQ's gptq_model-{b}bit-{g}g, or model_file_base_name); a lone index of any name is
+    read too. A shard the index names but the folder lacks is an error, not a model with missing layers."""
+    from safetensors.torch import save_file
+    cfg = fmt.QuantizeConfig(bits=4, group_size=128, model_file_base_name=base if config_names_it else None)
+    shards = [f"{base}-0000{i}-of-00002.safetensors" for i in (1, 2)]
+    save_file({"a": torch.zeros(1)}, tmp_path / shards[0])
+    save_file({"b": torch.zeros(1)}, tmp_path / shards[1])
+    index = tmp_path / f"{base}.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"a": shards[0], "b": shards[1]}}))
+    assert [p.name for p in fmt.find_weight_files(tmp_path, cfg)] == shards
+    (tmp_path / shards[1]).unlink()
+    with pytest.raises(fmt.FormatError, match="not in"):
+        fmt.find_weight_files(tmp_path, cfg)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
