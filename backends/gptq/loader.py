@@ -182,17 +182,22 @@ def load_checkpoint(folder: Path, device: torch.device, dtype: torch.dtype, runt
         warnings.append(warning)
         log.warning("%s: %s", folder.name, warning)
 
-    layers: dict[str, QuantLinear] = {}
+    g_idxs = {}  # read and checked before any layer is built: a broken one must not cost a half-loaded model
     for name in quant_names:
-        t = {s: _get(handles, headers[f"{name}.{s}"], f"{name}.{s}") for s in QUANT_SUFFIXES if f"{name}.{s}" in headers}
-        K = modules[name].in_features
-        G = t["scales"].shape[0]
-        if "g_idx" in t:
-            g_idx = t["g_idx"].to(torch.int32)
+        G = headers[f"{name}.scales"].shape[0]
+        if f"{name}.g_idx" in headers:
+            g_idx = _get(handles, headers[f"{name}.g_idx"], f"{name}.g_idx").to(torch.int32)
             if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= G):
                 raise BackendError(f"{name}.g_idx: group indices outside [0, {G})")
         else:
-            g_idx = fmt.default_g_idx(K, qc.group_size)
+            g_idx = fmt.default_g_idx(modules[name].in_features, qc.group_size)
+        g_idxs[name] = g_idx
+
+    layers: dict[str, QuantLinear] = {}
+    for name in quant_names:
+        t = {s: _get(handles, headers[f"{name}.{s}"], f"{name}.{s}") for s in QUANT_SUFFIXES
+             if f"{name}.{s}" in headers and s != "g_idx"}
+        g_idx = g_idxs.pop(name)
         layer = QuantLinear.from_packed(
             name, t["qweight"], t["qzeros"], t["scales"], g_idx, t.get("bias"), bits=qc.bits,
             group_size=qc.group_size, checkpoint_format=checkpoint_format, device=device, dtype=dtype,

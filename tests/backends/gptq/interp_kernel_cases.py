@@ -191,7 +191,9 @@ def test_tensor_core_kernel_whole_and_partial_tiles(kr, act, bits):
             assert _rel(y, x.double() @ ref_weights) < 1e-2, (M, cfg)
 
 
-@pytest.mark.parametrize("bits,gs,act", [(4, 128, True), (3, 32, False), (2, 64, True), (8, -1, False)])
+@pytest.mark.parametrize("act", [False, True], ids=["plain", "actorder"])
+@pytest.mark.parametrize("gs", [32, 64, 128, -1])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_dequantize_kernel_and_prefill_path(kr, bits, gs, act):
     from backends.gptq.quant_linear import make_kernel_layer
     packed, ref_w = _layer(bits, gs, act, seed=bits + 7)
@@ -221,10 +223,12 @@ def test_group_size_not_dividing_tiles_falls_back_to_dequant(kr):
     assert _rel(runtime.matmul(x, layer), x.double() @ ref_w) < 1e-3
 
 
-@pytest.mark.parametrize("bits,gs,act,fmt_name", [(4, 128, True, "gptq"), (3, 32, False, "gptq_v2"),
-                                                   (2, 32, True, "gptq_v2"), (8, 128, False, "gptq")])
-def test_torch_path_and_kernels_agree(kr, bits, gs, act, fmt_name):
+@pytest.mark.parametrize("act", [False, True], ids=["plain", "actorder"])
+@pytest.mark.parametrize("gs", [32, 128, -1])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_torch_path_and_kernels_agree(kr, bits, gs, act):
     from backends.gptq.quant_linear import QuantLinear
+    fmt_name = ("gptq", "gptq_v2")[(bits + act) % 2]  # v1 and v2 zeros in turn
     packed, _ = _layer(bits, gs, act, seed=bits * 3 + act, checkpoint_format=fmt_name)
     bias = torch.randn(N, generator=torch.Generator().manual_seed(2)).half()
     cpu = QuantLinear.from_packed("t", *packed, bias, bits=bits, group_size=gs, checkpoint_format=fmt_name,
