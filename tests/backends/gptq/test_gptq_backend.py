@@ -342,7 +342,12 @@ def test_bias_and_quantized_lm_head(tiny_model, ckpt_dir):
 
 
 def test_unsupported_and_broken_checkpoints_get_clear_messages(tiny_model, ckpt_dir, monkeypatch):
+    """Each refusal names the layer and comes before any layer is built (nothing half-loaded to free)."""
+    from backends.gptq import loader
     path = rtn.quantize_folder(tiny_model, ckpt_dir / "tiny-for-errors", bits=4, group_size=16)
+    built = []
+    real = loader.QuantLinear.from_packed
+    monkeypatch.setattr(loader.QuantLinear, "from_packed", lambda *a, **k: built.append(a[0]) or real(*a, **k))
     # 3 bits with sizes that are not multiples of 32: named layer, refused before loading tensors
     three = _rewrite(path, ckpt_dir / "tiny-3bit", config_fn=lambda qc: qc.update(bits=3))
     with pytest.raises(BackendError, match=r"model\.layers\.0\.\S+: 3-bit layers need .* multiples of 32"):
@@ -355,23 +360,20 @@ def test_unsupported_and_broken_checkpoints_get_clear_messages(tiny_model, ckpt_
                          tensor_fn=lambda t: {**t, "model.layers.0.mlp.up_proj.scales": t["model.layers.0.mlp.up_proj.scales"][:1]})
     with pytest.raises(BackendError, match=r"model\.layers\.0\.mlp\.up_proj: qzeros has 3 groups, scales 1"):
         _load(bad_shape)
-    # a group index past the last group, in the layer read last: refused before any layer is built
+    # a group index past the last group, in the layer read last
     last = "model.layers.0.self_attn.v_proj"
     bad_g_idx = _rewrite(path, ckpt_dir / "tiny-bad-g_idx",
                          tensor_fn=lambda t: {**t, f"{last}.g_idx": torch.full_like(t[f"{last}.g_idx"], 3)})
-    from backends.gptq import loader
-    built = []
-    real = loader.QuantLinear.from_packed
-    monkeypatch.setattr(loader.QuantLinear, "from_packed", lambda *a, **k: built.append(a[0]) or real(*a, **k))
     with pytest.raises(BackendError, match=rf"{last}\.g_idx: group indices outside \[0, 3\)"):
         _load(bad_g_idx)
     assert built == []
-    monkeypatch.undo()
     awq = _rewrite(path, ckpt_dir / "tiny-awq", config_fn=lambda qc: qc.update(quant_method="awq"))
     with pytest.raises(BackendError, match="not GPTQ"):
         _load(awq)
     with pytest.raises(BackendError, match="unknown option"):
         create_backend("gptq").validate_options({"bogus": 1})
+    _load(path).unload()  # the spy sees a good checkpoint's layers
+    assert len(built) == 7
 
 
 def test_layers_dequantized_at_every_forward_are_announced(tiny_model, ckpt_dir, monkeypatch):
