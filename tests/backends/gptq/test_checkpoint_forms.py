@@ -94,6 +94,13 @@ def _v1_labelled_v2(folder: Path) -> None:
     _set_config(folder, lambda qc: qc.update(checkpoint_format="gptq_v2"))
 
 
+def _head_config_still_tied(folder: Path) -> None:
+    """GPTQModel quantizing the head of a tied model may leave tie_word_embeddings true in config.json."""
+    base = json.loads((folder / "config.json").read_text())
+    base["tie_word_embeddings"] = True
+    (folder / "config.json").write_text(json.dumps(base))
+
+
 FORMS = {  # name: (rtn settings, rewrite of the written folder or None, a load warning expected)
     "8bit-g32": (dict(bits=8, group_size=32), None, False),
     "2bit-g32": (dict(bits=2, group_size=32), None, False),
@@ -106,6 +113,7 @@ FORMS = {  # name: (rtn settings, rewrite of the written folder or None, a load 
     "optimum-config.json-only": (dict(bits=4, group_size=32), _optimum_config_only, False),
     "v1-labelled-v2": (dict(bits=4, group_size=32), _v1_labelled_v2, True),
     "quantized-head-tied-embeddings": (dict(bits=4, group_size=32, lm_head=True), None, False),
+    "quantized-head-config-still-tied": (dict(bits=4, group_size=32, lm_head=True), _head_config_still_tied, False),
 }
 
 
