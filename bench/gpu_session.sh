@@ -16,7 +16,7 @@
 #   bash bench/gpu_session.sh graphs     load cycles, the backend smoke check and 7B decode (graph capture)
 #   bash bench/gpu_session.sh ncu        Nsight Compute counters of the 16-row and M = 1 kernels (bench.ncu_profile)
 #   bash bench/gpu_session.sh eight      mode 8 at 8 bits: its CUDA tests, then 8-bit at 1 and 16 rows, each mode's best
-#   bash bench/gpu_session.sh pending    mode 8's GPU tests not yet run on a GPU, then cold tuning time
+#   bash bench/gpu_session.sh pending    mode 8's GPU tests and the checkpoint forms on CUDA, then cold tuning time
 #   bash bench/gpu_session.sh pdl8       mode 8 as programmatic dependent launches (act-order: its gather overlapped)
 #   bash bench/gpu_session.sh caps79     register caps on modes 7 and 9 at 16 rows (bench.gemv_sweep --registers)
 #   bash bench/gpu_session.sh three      mode 8 on 3-bit layers in the fields order: CUDA tests, then 3/4/2-bit at 1 and 16 rows
@@ -130,9 +130,12 @@ case "${1:-decode}" in
     ;;
   pending)
     # the GPU tests of mode 8 not run in the 2026-12-04 20:10 session (3-bit act-order, 4-bit g32, the tuner
-    # tests), then cold tuning time with the register-capped candidates (bench.tune_time)
+    # tests) and every checkpoint form through the CUDA load path (written 2026-12-05, never run on a GPU),
+    # then cold tuning time with the register-capped candidates (bench.tune_time)
     timeout 330 python -m pytest -q -p no:cacheprovider tests/backends/gptq/test_gluon_gemv.py \
       -k "3-128-True or 4-32 or tuner" 2>&1 | tee "$OUT/tests.log"
+    GPTQ_WEBUI_TOKENIZER="$TOK" timeout 200 python -m pytest -q -p no:cacheprovider -rs \
+      tests/backends/gptq/test_checkpoint_forms.py -k cuda 2>&1 | tee "$OUT/forms.log"
     timeout 240 python -m bench.tune_time --m 1,16 2>&1 | tee "$OUT/tune_time.log"
     ;;
   three)

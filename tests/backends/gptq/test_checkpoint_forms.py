@@ -8,6 +8,7 @@ v1 zeros labelled v2, and a quantized head over tied embeddings."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -23,8 +24,18 @@ from quantizer.reference import DequantizedGPTQBackend, dequantized_state
 IDS = torch.tensor([[1, 17, 305, 4096, 9, 77, 2048, 31, 5, 600, 12, 48000]])
 
 
+def _tokenizer_folder() -> Path:
+    """The default model's tokenizer files, or on a GPU machine without models/ the copy bench/gpu_session.sh
+    carries (GPTQ_WEBUI_TOKENIZER)."""
+    from tests.conftest import DEFAULT_HF
+    for folder in (DEFAULT_HF, Path(os.environ.get("GPTQ_WEBUI_TOKENIZER", DEFAULT_HF))):
+        if (folder / "tokenizer.json").is_file():
+            return folder
+    pytest.fail(f"no tokenizer.json in {DEFAULT_HF}: run `python -m webui.default_model` first")
+
+
 @pytest.fixture(scope="module")
-def tiny_fp16(tmp_path_factory, default_hf_model):
+def tiny_fp16(tmp_path_factory):
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -33,7 +44,7 @@ def tiny_fp16(tmp_path_factory, default_hf_model):
     folder = tmp_path_factory.mktemp("forms") / "tiny-fp16"
     LlamaForCausalLM(config).half().save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy2(default_hf_model / name, folder / name)
+        shutil.copy2(_tokenizer_folder() / name, folder / name)
     return folder
 
 
@@ -150,3 +161,30 @@ def test_checkpoint_form_loads_to_the_reference_weights(form, tiny_fp16, tmp_pat
     finally:
         for backend in (fast, exact, reference):
             backend.unload()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the kernels' load path)")
+@pytest.mark.parametrize("form", list(FORMS))
+def test_checkpoint_form_loads_to_the_reference_weights_on_cuda(form, tiny_fp16, tmp_path):
+    """The same forms through the CUDA load path: kernel layouts, act-order rewrites and fused siblings."""
+    settings, rewrite, warns = FORMS[form]
+    original = rtn.quantize_folder(tiny_fp16, tmp_path / "original", **settings)
+    shutil.copytree(original, tmp_path / form)
+    if rewrite is not None:
+        rewrite(tmp_path / form)
+    reference = DequantizedGPTQBackend()
+    reference.load(original, reference.validate_options({"dtype": "float32", "device": "cpu"}))
+    want_state = reference.model.state_dict()
+    gpu = create_backend("gptq")
+    try:
+        gpu.load(tmp_path / form, gpu.validate_options({"device": "cuda", "dtype": "float16"}))
+        assert bool(gpu.load_warnings) == warns, gpu.load_warnings
+        for name, layer in gpu.quant_layers.items():
+            assert torch.allclose(layer.dense_weight().cpu(), want_state[name + ".weight"], rtol=0, atol=1e-6), name
+        with torch.no_grad():
+            want = reference.model(input_ids=IDS).logits
+            got = gpu.model(input_ids=IDS.cuda()).logits.float().cpu()
+        assert ((got - want).norm() / want.norm()).item() < 2e-2
+    finally:
+        gpu.unload()
+        reference.unload()
