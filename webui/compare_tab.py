@@ -193,7 +193,8 @@ def build(ctx) -> None:
             new_tokens = gr.Number(value=32, precision=0, label="speed: new tokens", elem_id="compare-new-tokens")
             repeats = gr.Number(value=3, precision=0, label="speed: repeats (median)", elem_id="compare-repeats")
         measure_btn = gr.Button("Measure", variant="primary", elem_id="compare-measure")
-        results_df = gr.Dataframe(interactive=False, label="Results", elem_id="compare-results")
+        results_df = gr.Dataframe(headers=core.table_rows([])[0], interactive=False, label="Results",
+                                  elem_id="compare-results")
         notes = gr.Markdown(elem_id="compare-notes")
         with gr.Row():
             ppl_plot = gr.ScatterPlot(x="memory MB", y="perplexity", color="entry",

@@ -87,6 +87,9 @@ def metrics(page, index: int) -> str:
 @pytest.mark.slow
 def test_two_entries_stream_side_by_side_and_a_bad_one_keeps_its_error(page, server, artifacts_dir):
     ctx = server[0]
+    # before any measurement the results table already names its columns (not Gradio's 1, 2, 3)
+    empty = page.locator("#compare-results").inner_text()
+    assert all(h in empty for h in ("entry", "bits/w", "ppl", "decode tok/s")), empty
     pick(page, "compare-model-0", HF)
     pick(page, "compare-backend-0", "transformers")
     page.locator("#compare-options-0 textarea").fill("dtype=float32,device=cpu")
