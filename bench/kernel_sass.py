@@ -55,7 +55,9 @@ def compile_asm(kernel, constexprs: dict, arch: int, warps: int, types: dict | N
         from triton.experimental.gluon._runtime import GluonASTSource as source
     src = source(fn=kernel, signature=signature, attrs=attrs,
                  constexprs={(names.index(k),): v for k, v in constexprs.items()})
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, **(options or {})}).asm
+    from backends.gptq.parallel_compile import COMPILE_OPTIONS  # as the backend launches them
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": warps, **COMPILE_OPTIONS, **(options or {})}).asm
 
 
 def main_loop(sass: str) -> list[str]:

@@ -17,6 +17,7 @@ import torch
 import triton
 
 from backends.gptq.kernel_runtime import SplitScratch, disagreement, sm_count
+from backends.gptq.parallel_compile import launcher
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
         ws, tickets = scratch.get(hq * splits * (d_p2 + 2), hq, q.device)
     else:
         ws = tickets = out
-    decode_attention_kernel[(hq, splits)](
+    launcher(decode_attention_kernel, (hq, splits))(
         q, k, v, k_cache, v_cache, pos, out, ws, tickets, cos, sin, float(scaling) * LOG2E, chunk,
         q.stride(1), k.stride(1), v.stride(1), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(1), v_cache.stride(2),

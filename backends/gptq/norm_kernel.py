@@ -17,6 +17,8 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from backends.gptq.parallel_compile import launcher
+
 MAX_WIDTH = 16384  # one row per program: wider rows would spill registers (LLaMA-70B is 8192)
 
 
@@ -68,8 +70,8 @@ def add_rms_norm(residual: torch.Tensor, delta: torch.Tensor | None, weight: tor
         raise ValueError(f"the column order must be {width} int32 indices")
     if order is not None:
         weight = ordered_weight if ordered_weight is not None else weight.index_select(0, order.long())
-    add_rms_norm_kernel[(rows,)](residual, delta if delta is not None else residual, weight,
-                                 order if order is not None else weight, total, normed,
-                                 width, float(eps), BLOCK=block, HAS_DELTA=delta is not None,
-                                 HAS_ORDER=order is not None, num_warps=max(1, min(16, block // 256)))
+    launcher(add_rms_norm_kernel, (rows,))(residual, delta if delta is not None else residual, weight,
+                                           order if order is not None else weight, total, normed,
+                                           width, float(eps), BLOCK=block, HAS_DELTA=delta is not None,
+                                           HAS_ORDER=order is not None, num_warps=max(1, min(16, block // 256)))
     return total, normed

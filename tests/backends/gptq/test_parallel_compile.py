@@ -87,3 +87,44 @@ def test_precompile_leaves_nothing_to_compile_for_the_timed_launches():
         assert compiled() == after, f"{bits}-bit M={M}: a timed launch compiled again"
         cfg, ms = runtime.fastest(x, layer, candidates)
         assert cfg.path == "fused" and 0 < ms < float("inf")
+
+
+class _RecordingKernel:
+    """Stands in for a JIT function where only the options a launch passes are looked at."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append(("launch", grid, kwargs))
+
+    def warmup(self, *args, grid, **kwargs):
+        self.calls.append(("warmup", grid, kwargs))
+
+
+def test_every_launch_asks_for_fused_multiply_adds():
+    """Triton 3.10 turns fused multiply-adds off by default; the kernels were measured and checked with them,
+    so the launcher asks for them, in real launches and in the tuner's compile-only ones alike."""
+    kernel = _RecordingKernel()
+    parallel_compile.launcher(kernel, (3, 1))(1, 2, num_warps=4)
+    parallel_compile.launcher(kernel, (3, 1), compile_only=True)(1, 2, num_warps=4)
+    assert kernel.calls == [(kind, (3, 1), {"enable_fp_fusion": True, "num_warps": 4}) for kind in ("launch", "warmup")]
+
+
+def test_offline_compiles_fuse_multiply_adds_whatever_the_default(monkeypatch):
+    """bench.kernel_sass (the SASS the compile tests count) compiles as the backend launches: with the
+    default turned off (as Triton 3.10 will), a * b + c is still one fma."""
+    import triton
+    import triton.language as tl
+    from bench.kernel_sass import compile_asm
+
+    @triton.jit
+    def madd(a_ptr, b_ptr, c_ptr, out_ptr, BLOCK: tl.constexpr):
+        i = tl.arange(0, BLOCK)
+        tl.store(out_ptr + i, tl.load(a_ptr + i) * tl.load(b_ptr + i) + tl.load(c_ptr + i))
+
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "0")
+    types = {n: "*fp32" for n in ("a_ptr", "b_ptr", "c_ptr", "out_ptr")}
+    assert "fma.rn.f32" in compile_asm(madd, dict(BLOCK=128), 90, 1, types)["ptx"]
+    unfused = compile_asm(madd, dict(BLOCK=128), 90, 1, types, options={"enable_fp_fusion": False})["ptx"]
+    assert "fma.rn.f32" not in unfused and "mul.rn.f32" in unfused
