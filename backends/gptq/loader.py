@@ -243,7 +243,8 @@ def _slow_layers_warning(layers: dict, device: torch.device, cache_dequantized: 
         if names:
             return (f"{len(names)} of {len(layers)} quantized layers (first: {names[0]}) have act-order groups of "
                     "unequal size or zero points outside 0-255, which the GPU kernels do not take: they run a "
-                    "dequantized copy in the model's dtype (4x their packed memory, slower decoding)")
+                    "dequantized copy in the model's dtype (16 bits a weight instead of their codes' width, slower "
+                    "decoding)")
         return None
     names = [n for n, l in layers.items() if l.path == "torch-dequant"]
     if not names:
