@@ -241,10 +241,10 @@ def _slow_layers_warning(layers: dict, device: torch.device, cache_dequantized: 
     if device.type == "cuda":
         names = [n for n, l in layers.items() if l.path == "torch-cached"]
         if names:
+            width = torch.finfo(layers[names[0]].weight_cache.dtype).bits
             return (f"{len(names)} of {len(layers)} quantized layers (first: {names[0]}) have act-order groups of "
                     "unequal size or zero points outside 0-255, which the GPU kernels do not take: they run a "
-                    "dequantized copy in the model's dtype (16 bits a weight instead of their codes' width, slower "
-                    "decoding)")
+                    f"dequantized copy ({width} bits a weight instead of {layers[names[0]].bits}, slower decoding)")
         return None
     names = [n for n, l in layers.items() if l.path == "torch-dequant"]
     if not names:
