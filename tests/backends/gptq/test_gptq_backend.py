@@ -395,6 +395,24 @@ def test_layers_dequantized_at_every_forward_are_announced(tiny_model, ckpt_dir,
     short.unload()
 
 
+def test_cuda_layers_without_a_kernel_form_are_announced():
+    """On CUDA a layer the kernels do not take (uneven act-order groups) runs a dequantized copy; the note
+    names the count, the first layer and the bits. Built from real CPU layers: only their path is read."""
+    from backends.gptq import loader
+    from backends.gptq.quant_linear import QuantLinear
+    K, N = 64, 32
+    packed = (fmt.pack_qweight(torch.randint(0, 16, (K, N), dtype=torch.int32), 4),
+              fmt.pack_qzeros(torch.full((2, N), 8), 4, "gptq"), torch.full((2, N), 0.01).half(),
+              fmt.default_g_idx(K, 32))
+    layers = {name: QuantLinear.from_packed(name, *packed, None, bits=4, group_size=32, checkpoint_format="gptq",
+                                            device=torch.device("cpu"), dtype=torch.float16)
+              for name in ("model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj")}
+    note = loader._slow_layers_warning(layers, torch.device("cuda"), None)
+    assert note.startswith("2 of 2 quantized layers (first: model.layers.0.mlp.up_proj)")
+    assert "16 bits a weight instead of 4" in note
+    assert loader._slow_layers_warning(layers, torch.device("cpu"), None) is None  # cached: not slow on CPU
+
+
 def test_static_cache_step_matches_the_dynamic_cache(gptq4):
     """The decoding step used on CUDA (static cache; graphs only on CUDA) computes the same tokens."""
     from backends import torch_generation
