@@ -177,7 +177,8 @@ def test_checkpoint_form_loads_to_the_reference_weights_on_cuda(form, tiny_fp16,
     want_state = reference.model.state_dict()
     gpu = create_backend("gptq")
     try:
-        gpu.load(tmp_path / form, gpu.validate_options({"device": "cuda", "dtype": "float16"}))
+        # autotune off: each shape's first candidate at once (tuning tiny shapes would only cost compile time)
+        gpu.load(tmp_path / form, gpu.validate_options({"device": "cuda", "dtype": "float16", "autotune": False}))
         assert bool(gpu.load_warnings) == warns, gpu.load_warnings
         for name, layer in gpu.quant_layers.items():
             assert torch.allclose(layer.dense_weight().cpu(), want_state[name + ".weight"], rtol=0, atol=1e-6), name
