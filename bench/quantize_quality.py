@@ -2,7 +2,7 @@
 default model. Each variant is quantized through the real pipeline into models/, evaluated through
 its dequantized weights (the reference every kernel must match), then deleted.
 
-    python bench/quantize_quality.py --nsamples 32 --seqlen 512 --windows 40 \
+    python -m bench.quantize_quality --nsamples 32 --seqlen 512 --windows 40 \
         --variant rtn-4g128:method=rtn,bits=4,group_size=128 --variant gptq-4g128:bits=4,group_size=128
 
 Prints one row per variant and appends the table to bench/RESULTS.md (with --record)."""
@@ -18,6 +18,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+# run as a file (`python bench/...py`), Python puts bench/ first on the path, where bench/kernels.py shadows the
+# `kernels` package transformers imports (loading a tokenizer failed): only the repository root goes there
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "bench"]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
@@ -121,7 +124,7 @@ def main(argv=None) -> int:
         commit = tree_commit()
         header = (f"\n### Quantization quality ({datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC, {device} "
                   f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, commit {commit})\n"
-                  f"Command: `python {' '.join(['bench/quantize_quality.py'] + (argv if argv is not None else sys.argv[1:]))}`\n"
+                  f"Command: `python {' '.join(['-m', 'bench.quantize_quality'] + (argv if argv is not None else sys.argv[1:]))}`\n"
                   f"wikitext2 test, seqlen {eval_seqlen}, first {args.windows} windows; calibration {args.calib} "
                   f"{args.nsamples} x {args.seqlen} tokens, seed 0; ppl of the dequantized checkpoint.\n\n")
         with open(REPO / "bench" / "RESULTS.md", "a", encoding="utf-8") as fh:

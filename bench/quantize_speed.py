@@ -1,8 +1,8 @@
 """BENCH.md section 3: quantization time and memory, GPTQ against RTN through the same streaming
 pipeline in the same run (the ratio is GPTQ's cost over pure streaming: read, forward, pack, write).
 
-    CPU:  python bench/quantize_speed.py --nsamples 128 --seqlen 512 --record
-    GPU:  python bench/quantize_speed.py --random-7b --nsamples 128 --seqlen 2048 --act-order both --record
+    CPU:  python -m bench.quantize_speed --nsamples 128 --seqlen 512 --record
+    GPU:  python -m bench.quantize_speed --random-7b --nsamples 128 --seqlen 2048 --act-order both --record
 
 --random-7b writes a LLaMA-7B-shaped model with random fp16 weights (hidden 4096, intermediate 11008,
 32 layers, 32 heads) to models/bench-random-7b/ one layer at a time (never whole in RAM), with the
@@ -20,6 +20,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+# run as a file (`python bench/...py`), Python puts bench/ first on the path, where bench/kernels.py shadows the
+# `kernels` package transformers imports (loading a tokenizer failed): only the repository root goes there
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "bench"]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
@@ -158,7 +161,7 @@ def main(argv=None) -> int:
         commit = tree_commit()
         what = "7B-shaped random model" if args.random_7b else args.model
         header = (f"\n### Quantization speed and memory ({datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC, {device}, commit {commit})\n"
-                  f"Command: `python bench/quantize_speed.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n"
+                  f"Command: `python -m bench.quantize_speed {' '.join(argv if argv is not None else sys.argv[1:])}`\n"
                   f"{what}, {args.bits}-bit g{args.group_size}, {args.nsamples} x {args.seqlen} {args.calib} tokens; "
                   "RTN runs the same streaming pipeline (the baseline of the ratio).\n\n")
         with open(results, "a", encoding="utf-8") as fh:

@@ -133,3 +133,22 @@ def test_gemv_sweep_takes_register_caps_ptxas_accepts():
     result = subprocess.run([sys.executable, "-m", "bench.gemv_sweep", "--registers", "300"], cwd=REPO,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "'300'" in result.stderr, result.stderr[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", [
+    ["bench/quantize_quality.py", "--no-fp", "--variant", "rtn:method=rtn,bits=4,group_size=128", "--calib", "builtin",
+     "--nsamples", "1", "--seqlen", "64", "--windows", "1"],
+    ["bench/quantize_speed.py", "--calib", "builtin", "--nsamples", "1", "--seqlen", "32", "--no-baseline"]],
+    ids=["quantize_quality", "quantize_speed"])
+def test_cpu_benchmarks_run_as_files(command, default_hf_model, wikitext_path, tmp_path):
+    """Run as files (`python bench/x.py`), Python puts bench/ first on the path, where bench/kernels.py
+    shadowed the `kernels` package transformers imports: loading the tokenizer failed. A tiny real run of each."""
+    import shutil
+    models = tmp_path / "models"
+    shutil.copytree(default_hf_model, models / default_hf_model.name)
+    result = subprocess.run([sys.executable, *command, "--models-dir", str(models)], cwd=REPO, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
+    assert "| " in result.stdout  # the table printed last
+    assert sorted(p.name for p in models.iterdir()) == [default_hf_model.name]  # its checkpoints cleaned up
