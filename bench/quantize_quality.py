@@ -112,7 +112,7 @@ def main(argv=None) -> int:
         rows.append((name, ppl, seconds, settings))
         gap = f"  gap {ppl - fp:+.2f}" if fp else ""
         print(f"{name}  ppl {ppl:.3f}{gap}  quantize {seconds:.0f} s", flush=True)
-    lines = [f"| variant | wikitext2 ppl | gap vs fp | quantize s | settings |", "| --- | --- | --- | --- | --- |"]
+    lines = ["| variant | wikitext2 ppl | gap vs fp | quantize s | settings |", "| --- | --- | --- | --- | --- |"]
     for name, ppl, seconds, settings in rows:
         gap = "" if fp is None or settings is None else f"{ppl - fp:+.2f}"
         extra = "" if settings is None else json.dumps({k: v for k, v in settings.to_dict().items()
