@@ -1,7 +1,7 @@
 """Calibration tokens: `nsamples` seeded random windows of `seqlen` tokens from a source.
 
-Sources: `c4`, `wikitext2`, `ptb` (through `datasets` when the hub is reachable; c4 also from the shared
-local sample), a local file (.txt, .jsonl with a `text` field, .parquet), and `builtin`: English prose
+Sources: `c4` (the shared local sample, else its first train shard through huggingface_hub), `wikitext2`
+and `ptb` (through the optional `datasets` package when the hub is reachable), a local file (.txt, .jsonl with a `text` field, .parquet), and `builtin`: English prose
 from the docstrings of the installed Python standard library, which needs no network at all.
 Windows are drawn as GPTQ draws them from C4: pick a random document longer than `seqlen` tokens,
 then a random window inside it; when no document is that long, windows come from the concatenation.
@@ -67,6 +67,26 @@ def builtin_documents(limit_chars: int = BUILTIN_TARGET_CHARS) -> list[str]:
     return docs
 
 
+C4_REPO, C4_SHARD = "allenai/c4", "en/c4-train.00000-of-01024.json.gz"  # the shard GPTQ samples from
+
+
+def _hub_c4_documents() -> list[str]:
+    """C4's first train shard through huggingface_hub (a requirement; `datasets` is not): one download of
+    about 320 MB, cached by the hub client, read as gzipped JSON lines."""
+    import gzip
+    try:
+        from huggingface_hub import hf_hub_download
+        path = hf_hub_download(C4_REPO, C4_SHARD, repo_type="dataset")
+    except Exception as exc:  # offline, refused, or a hub error of any kind
+        raise BackendError(f"calibration source 'c4': the hub is unreachable or refused ({type(exc).__name__}); "
+                           "use `builtin` or a local file instead") from None
+    with gzip.open(path, "rt", encoding="utf-8") as fh:
+        docs = [record["text"] for record in map(json.loads, fh) if record.get("text")]
+    if not docs:
+        raise BackendError(f"calibration source 'c4': {C4_SHARD} holds no text")
+    return docs
+
+
 def _hub_documents(name: str) -> list[str]:
     try:
         from datasets import load_dataset
@@ -74,9 +94,6 @@ def _hub_documents(name: str) -> list[str]:
         raise BackendError(f"calibration source {name!r} needs the `datasets` package and a reachable hub; "
                            "use `builtin` or a local file instead") from None
     try:
-        if name == "c4":
-            ds = load_dataset("allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"}, split="train")
-            return list(ds["text"])
         if name == "wikitext2":
             return ["\n\n".join(load_dataset("wikitext", "wikitext-2-raw-v1", split="train")["text"])]
         return [" ".join(load_dataset("ptb_text_only", "penn_treebank", split="train")["sentence"])]
@@ -127,7 +144,7 @@ def documents(source: str | Path) -> list[str]:
         return builtin_documents()
     if key == "c4":
         local = _local_c4()  # the first documents of the same C4 train shard GPTQ samples from
-        return file_documents(local) if local is not None else _hub_documents("c4")
+        return file_documents(local) if local is not None else _hub_c4_documents()
     if key in ("wikitext2", "ptb"):
         return _hub_documents(key)
     return file_documents(Path(source))

@@ -87,3 +87,31 @@ def test_hub_sources_without_datasets_say_what_to_do(tokenizer):
         pass
     with pytest.raises(BackendError, match="use `builtin` or a local file"):
         calibration.calibration_tokens("ptb", tokenizer, 2, 32)
+
+
+def test_c4_without_the_local_sample_comes_through_the_hub_client(tokenizer, tmp_path, monkeypatch):
+    """Users have no shared sample: C4's first train shard comes through huggingface_hub (a requirement),
+    not `datasets` (not one). Only the download is stood in for (no hub here); the reading is real."""
+    import gzip
+
+    import huggingface_hub
+    shard = tmp_path / "c4-train.00000-of-01024.json.gz"
+    texts = [f"Document {i}: " + "the river runs past the old mill and on to the sea. " * 40 for i in range(6)]
+    with gzip.open(shard, "wt", encoding="utf-8") as fh:
+        for i, text in enumerate(texts):
+            fh.write(json.dumps({"text": text, "timestamp": "2019", "url": f"u{i}"}) + "\n")
+        fh.write(json.dumps({"text": "", "url": "empty"}) + "\n")
+    asked = []
+    monkeypatch.setattr(calibration, "_local_c4", lambda: None)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
+                        lambda repo, name, repo_type=None: asked.append((repo, name, repo_type)) or str(shard))
+    assert calibration.documents("c4") == texts
+    assert asked == [("allenai/c4", "en/c4-train.00000-of-01024.json.gz", "dataset")]
+    ids = calibration.calibration_tokens("c4", tokenizer, 3, 32)
+    assert ids.shape == (3, 32)
+
+    def offline(*args, **kwargs):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("offline")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    with pytest.raises(BackendError, match="'c4': the hub is unreachable .*use `builtin` or a local file"):
+        calibration.documents("c4")
