@@ -68,12 +68,15 @@ def builtin_documents(limit_chars: int = BUILTIN_TARGET_CHARS) -> list[str]:
 
 
 C4_REPO, C4_SHARD = "allenai/c4", "en/c4-train.00000-of-01024.json.gz"  # the shard GPTQ samples from
+C4_DOCUMENTS = 20_000  # read from the shard's start: ample for 128 windows of 2048 tokens, about 50 MB of text
+# (the whole shard, 356k documents, would hold over 1 GB of Python strings during calibration)
 
 
 def _hub_c4_documents() -> list[str]:
-    """C4's first train shard through huggingface_hub (a requirement; `datasets` is not): one download of
-    about 320 MB, cached by the hub client, read as gzipped JSON lines."""
+    """The first C4_DOCUMENTS documents of C4's first train shard through huggingface_hub (a requirement;
+    `datasets` is not): one download of about 320 MB, cached by the hub client, read as gzipped JSON lines."""
     import gzip
+    import itertools
     try:
         from huggingface_hub import hf_hub_download
         path = hf_hub_download(C4_REPO, C4_SHARD, repo_type="dataset")
@@ -81,7 +84,7 @@ def _hub_c4_documents() -> list[str]:
         raise BackendError(f"calibration source 'c4': the hub is unreachable or refused ({type(exc).__name__}); "
                            "use `builtin` or a local file instead") from None
     with gzip.open(path, "rt", encoding="utf-8") as fh:
-        docs = [record["text"] for record in map(json.loads, fh) if record.get("text")]
+        docs = [record["text"] for record in map(json.loads, itertools.islice(fh, C4_DOCUMENTS)) if record.get("text")]
     if not docs:
         raise BackendError(f"calibration source 'c4': {C4_SHARD} holds no text")
     return docs

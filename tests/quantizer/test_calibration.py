@@ -109,6 +109,8 @@ def test_c4_without_the_local_sample_comes_through_the_hub_client(tokenizer, tmp
     assert asked == [("allenai/c4", "en/c4-train.00000-of-01024.json.gz", "dataset")]
     ids = calibration.calibration_tokens("c4", tokenizer, 3, 32)
     assert ids.shape == (3, 32)
+    monkeypatch.setattr(calibration, "C4_DOCUMENTS", 4)  # only the shard's start is read
+    assert calibration.documents("c4") == texts[:4]
 
     def offline(*args, **kwargs):
         raise huggingface_hub.errors.LocalEntryNotFoundError("offline")
