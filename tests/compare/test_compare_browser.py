@@ -109,17 +109,23 @@ def test_two_entries_stream_side_by_side_and_a_bad_one_keeps_its_error(page, ser
     page.get_by_text("Sampling (same for every entry)").click()
     set_number(page, "compare-max-new", 24)
     page.locator("#compare-prompt textarea").fill("What is the capital of France?")
+    # each reply's length as the page shows it, sampled in the page every 10 ms: a poll from here (a round
+    # trip per read) once saw an 8-token answer only when it was whole
+    page.evaluate("""() => {
+        window.__lengths = {0: [], 1: []};
+        window.__sampler = setInterval(() => {
+            for (const i of [0, 1]) {
+                const n = document.querySelector(`#compare-reply-${i} textarea`)?.value.length || 0;
+                const seen = window.__lengths[i];
+                if (n && seen[seen.length - 1] !== n) seen.push(n);
+            }
+        }, 10);
+    }""")
     page.locator("#compare-send").click()
-    lengths = {0: [], 1: []}
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        for index in lengths:
-            n = len(reply(page, index))
-            if n and (not lengths[index] or lengths[index][-1] != n):
-                lengths[index].append(n)
-        if all("done" in metrics(page, i) for i in lengths):
-            break
+    while time.monotonic() < deadline and not all("done" in metrics(page, i) for i in (0, 1)):
         time.sleep(0.05)
+    lengths = {int(k): v for k, v in page.evaluate("() => { clearInterval(window.__sampler); return window.__lengths; }").items()}
     for index in lengths:
         found = METRICS_RE.search(metrics(page, index))
         assert found, metrics(page, index)
