@@ -1,5 +1,6 @@
 """Helpers of the gptq backend's tests: running a cases file in a fresh interpreter under TRITON_INTERPRET=1, a
-CPU stand-in for a captured CUDA graph, and the float64 check of a fused-kernel config on CUDA."""
+CPU stand-in for a captured CUDA graph, the float64 check of a fused-kernel config on CUDA, and rewriting a
+checkpoint's quantize config."""
 from __future__ import annotations
 
 import os
@@ -23,6 +24,18 @@ def fields3_codes(words):
         for word, bit, value_bit in fields3_place(j):
             codes[:, j] |= ((w[:, word] >> bit) & 1) << value_bit
     return codes.view(-1, w.shape[2])
+
+
+def set_quantize_config(folder: Path, change) -> None:
+    """Apply `change` (a function editing a dict) to a checkpoint's quantize config in both places it is
+    written: quantize_config.json and config.json's quantization_config."""
+    import json
+    qc = json.loads((folder / "quantize_config.json").read_text())
+    change(qc)
+    (folder / "quantize_config.json").write_text(json.dumps(qc))
+    base = json.loads((folder / "config.json").read_text())
+    base["quantization_config"] = qc
+    (folder / "config.json").write_text(json.dumps(base))
 
 
 def run_under_interpreter(cases: Path, min_passed: int) -> None:

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from backends.gptq import rtn
 from backends.registry import create_backend
 from quantizer.reference import DequantizedGPTQBackend, dequantized_state
+from tests.backends.gptq.support import set_quantize_config
 
 IDS = torch.tensor([[1, 17, 305, 4096, 9, 77, 2048, 31, 5, 600, 12, 48000]])
 
@@ -51,16 +52,6 @@ def tiny_fp16(tmp_path_factory):
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     with safe_open(str(folder / "model.safetensors"), framework="pt") as fh:
         return {k: fh.get_tensor(k) for k in fh.keys()}
-
-
-def _set_config(folder: Path, change) -> None:
-    """Apply `change` to the quantize config in both places rtn wrote it."""
-    qc = json.loads((folder / "quantize_config.json").read_text())
-    change(qc)
-    (folder / "quantize_config.json").write_text(json.dumps(qc))
-    base = json.loads((folder / "config.json").read_text())
-    base["quantization_config"] = qc
-    (folder / "config.json").write_text(json.dumps(base))
 
 
 def _autogptq_shards(folder: Path) -> None:
@@ -102,7 +93,7 @@ def _optimum_config_only(folder: Path) -> None:
 
 
 def _v1_labelled_v2(folder: Path) -> None:
-    _set_config(folder, lambda qc: qc.update(checkpoint_format="gptq_v2"))
+    set_quantize_config(folder, lambda qc: qc.update(checkpoint_format="gptq_v2"))
 
 
 def _head_config_still_tied(folder: Path) -> None:
@@ -128,27 +119,35 @@ FORMS = {  # name: (rtn settings, rewrite of the written folder or None, a load 
 }
 
 
-@pytest.mark.parametrize("form", list(FORMS))
-def test_checkpoint_form_loads_to_the_reference_weights(form, tiny_fp16, tmp_path):
+def _written_with_reference(form: str, tiny_fp16: Path, tmp_path: Path):
+    """The form written (round-to-nearest, then its rewrite) and the reference model read from the original,
+    unrewritten files: (rtn settings, whether a load warning is expected, the form's folder, the reference)."""
     settings, rewrite, warns = FORMS[form]
     original = rtn.quantize_folder(tiny_fp16, tmp_path / "original", **settings)
-    shutil.copytree(original, tmp_path / form)
+    folder = tmp_path / form
+    shutil.copytree(original, folder)
     if rewrite is not None:
-        rewrite(tmp_path / form)
+        rewrite(folder)
     reference = DequantizedGPTQBackend()
     reference.load(original, reference.validate_options({"dtype": "float32", "device": "cpu"}))
+    return settings, warns, folder, reference
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_checkpoint_form_loads_to_the_reference_weights(form, tiny_fp16, tmp_path):
+    settings, warns, folder, reference = _written_with_reference(form, tiny_fp16, tmp_path)
     want_state = reference.model.state_dict()
     fast, exact = (create_backend("gptq") for _ in range(2))
     try:
-        fast.load(tmp_path / form, fast.validate_options({"device": "cpu", "dtype": "float32"}))
-        exact.load(tmp_path / form, exact.validate_options({"device": "cpu", "dtype": "float32", "cpu_int4": "off"}))
+        fast.load(folder, fast.validate_options({"device": "cpu", "dtype": "float32"}))
+        exact.load(folder, exact.validate_options({"device": "cpu", "dtype": "float32", "cpu_int4": "off"}))
         assert bool(fast.load_warnings) == warns, fast.load_warnings
         assert len(fast.quant_layers) == 2 * 7 + (1 if settings.get("lm_head") else 0)
         for name, layer in exact.quant_layers.items():  # the checkpoint's weights, to the bit
             assert torch.equal(layer.dense_weight(), want_state[name + ".weight"]), name
         for name, layer in fast.quant_layers.items():
             assert torch.equal(layer.dense_weight(), want_state[name + ".weight"]), name
-        _, rewritten = dequantized_state(tmp_path / form)  # the reference reads every form alike too
+        _, rewritten = dequantized_state(folder)  # the reference reads every form alike too
         assert all(torch.equal(rewritten[name + ".weight"], want_state[name + ".weight"]) for name in fast.quant_layers)
         with torch.no_grad():
             want = reference.model(input_ids=IDS).logits
@@ -167,18 +166,12 @@ def test_checkpoint_form_loads_to_the_reference_weights(form, tiny_fp16, tmp_pat
 @pytest.mark.parametrize("form", list(FORMS))
 def test_checkpoint_form_loads_to_the_reference_weights_on_cuda(form, tiny_fp16, tmp_path):
     """The same forms through the CUDA load path: kernel layouts, act-order rewrites and fused siblings."""
-    settings, rewrite, warns = FORMS[form]
-    original = rtn.quantize_folder(tiny_fp16, tmp_path / "original", **settings)
-    shutil.copytree(original, tmp_path / form)
-    if rewrite is not None:
-        rewrite(tmp_path / form)
-    reference = DequantizedGPTQBackend()
-    reference.load(original, reference.validate_options({"dtype": "float32", "device": "cpu"}))
+    _, warns, folder, reference = _written_with_reference(form, tiny_fp16, tmp_path)
     want_state = reference.model.state_dict()
     gpu = create_backend("gptq")
     try:
         # autotune off: each shape's first candidate at once (tuning tiny shapes would only cost compile time)
-        gpu.load(tmp_path / form, gpu.validate_options({"device": "cuda", "dtype": "float16", "autotune": False}))
+        gpu.load(folder, gpu.validate_options({"device": "cuda", "dtype": "float16", "autotune": False}))
         assert bool(gpu.load_warnings) == warns, gpu.load_warnings
         for name, layer in gpu.quant_layers.items():
             assert torch.allclose(layer.dense_weight().cpu(), want_state[name + ".weight"], rtol=0, atol=1e-6), name

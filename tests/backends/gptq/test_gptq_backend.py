@@ -4,7 +4,6 @@ chat/stream/stop/log-probs/memory, v1/v2 interop, asymmetric v2, act-order, bias
 the static-cache decoding step, and clear errors for broken or unsupported checkpoints."""
 from __future__ import annotations
 
-import json
 import shutil
 import threading
 from pathlib import Path
@@ -18,6 +17,7 @@ from backends.base import BackendError, SamplingParams
 from backends.gptq import format as fmt
 from backends.gptq import rtn
 from backends.registry import create_backend
+from tests.backends.gptq.support import set_quantize_config
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -36,12 +36,7 @@ def _rewrite(src: Path, dst: Path, tensor_fn=None, config_fn=None) -> Path:
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}
         save_file(tensor_fn(tensors), str(dst / "model.safetensors"), metadata={"format": "pt"})
     if config_fn is not None:
-        qc = json.loads((dst / "quantize_config.json").read_text())
-        config_fn(qc)
-        (dst / "quantize_config.json").write_text(json.dumps(qc))
-        base = json.loads((dst / "config.json").read_text())
-        base["quantization_config"] = qc
-        (dst / "config.json").write_text(json.dumps(base))
+        set_quantize_config(dst, config_fn)
     return dst
 
 
