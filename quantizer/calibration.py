@@ -1,8 +1,9 @@
 """Calibration tokens: `nsamples` seeded random windows of `seqlen` tokens from a source.
 
 Sources: `c4` (the shared local sample, else its first train shard through huggingface_hub), `wikitext2`
-and `ptb` (through the optional `datasets` package when the hub is reachable), a local file (.txt, .jsonl with a `text` field, .parquet), and `builtin`: English prose
-from the docstrings of the installed Python standard library, which needs no network at all.
+and `ptb` (through the optional `datasets` package when the hub is reachable), a local file (.txt, .jsonl
+with a `text` field, .parquet), and `builtin`: English prose from the docstrings of the installed Python
+standard library, which needs no network at all.
 Windows are drawn as GPTQ draws them from C4: pick a random document longer than `seqlen` tokens,
 then a random window inside it; when no document is that long, windows come from the concatenation.
 """
@@ -84,10 +85,7 @@ def _hub_c4_documents() -> list[str]:
         raise BackendError(f"calibration source 'c4': the hub is unreachable or refused ({type(exc).__name__}); "
                            "use `builtin` or a local file instead") from None
     with gzip.open(path, "rt", encoding="utf-8") as fh:
-        docs = [record["text"] for record in map(json.loads, itertools.islice(fh, C4_DOCUMENTS)) if record.get("text")]
-    if not docs:
-        raise BackendError(f"calibration source 'c4': {C4_SHARD} holds no text")
-    return docs
+        return _jsonl_texts(itertools.islice(fh, C4_DOCUMENTS), Path(C4_SHARD).name)
 
 
 def _hub_documents(name: str) -> list[str]:
@@ -126,18 +124,24 @@ def file_documents(path: Path) -> list[str]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise BackendError(f"calibration file {path.name} is not UTF-8 text") from None
+    return _jsonl_texts(text.splitlines(), path.name)
+
+
+def _jsonl_texts(lines, name: str) -> list[str]:
+    """The non-empty `text` fields of JSON lines (a user's .jsonl, C4's shard), the line named when one is
+    not JSON."""
     docs = []
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            raise BackendError(f"calibration file {path.name}: line {number} is not JSON") from None
+            raise BackendError(f"calibration file {name}: line {number} is not JSON") from None
         if isinstance(record, dict) and isinstance(record.get("text"), str) and record["text"].strip():
             docs.append(record["text"])
     if not docs:
-        raise BackendError(f"calibration file {path.name} holds no records with a non-empty `text` field")
+        raise BackendError(f"calibration file {name} holds no records with a non-empty `text` field")
     return docs
 
 
