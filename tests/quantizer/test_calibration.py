@@ -101,6 +101,7 @@ def test_c4_without_the_local_sample_comes_through_the_hub_client(tokenizer, tmp
         for i, text in enumerate(texts):
             fh.write(json.dumps({"text": text, "timestamp": "2019", "url": f"u{i}"}) + "\n")
         fh.write(json.dumps({"text": "", "url": "empty"}) + "\n")
+        fh.write("[1, 2]\n")  # not a record: skipped, as in a user's .jsonl
     asked = []
     monkeypatch.setattr(calibration, "_local_c4", lambda: None)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download",
