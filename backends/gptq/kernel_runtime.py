@@ -76,6 +76,10 @@ def values_per_block(bits: int) -> int:
 
 INTERLEAVED_BITS = (2, 3, 4, 8)
 HALF2_BITS = (2, 3, 4)  # the half2 kernels' widths (modes 4 and 5); 8-bit words are interleaved for mode 8
+# value blocks per K tile the tensor-core kernel (mode 5) needs: each tl.dot then spans 32 rows. With two blocks
+# (16-row dots: 2-bit groups of 32, 3-bit groups of 64) its compiled form gave wrong sums on an H200 (triton
+# 3.6, tests/backends/gptq/test_cuda_candidates.py, 2026-12-05) while the interpreter's were right
+MODE5_MIN_BLOCKS = 4
 PDL_MODES = (4, 8)  # the kernels launch_fused(pdl=True) launches as programmatic dependent launches
 
 
@@ -424,9 +428,10 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
     if cfg.mode == 5:
         from backends.gptq.triton_kernels import INTERPRETED, gptq_gemm_h2_kernel
         if (x2d.dtype != torch.float16 or not layer.interleaved or layer.fields3 or layer.bits not in HALF2_BITS
-                or kb < 2):
+                or kb < MODE5_MIN_BLOCKS):
             raise ValueError("the half2 tensor-core kernel (mode 5) takes fp16 rows and interleaved 2/3/4-bit "
-                             "words (3 bits in the planes order), at least 2 value blocks per column of a tile")
+                             f"words (3 bits in the planes order), at least {MODE5_MIN_BLOCKS} value blocks per "
+                             "column of a tile")
         launcher(gptq_gemm_h2_kernel, (n_tiles, split), compile_only)(
             x2d, layer.qweight, layer.scales, layer.zeros, perm, out, bias if bias is not None else out, ws, tickets,
             M, layer.N, layer.K, layer.Kw, x2d.stride(0), out.stride(0), layer.group_size, per, split,
@@ -548,10 +553,12 @@ class SplitScratch:
         return self.ws, self.tickets
 
 
-def launch_dequant(layer: KernelLayer, out: torch.Tensor, block_n: int = 128, block_k: int = 64,
+def launch_dequant(layer: KernelLayer, out: torch.Tensor, block_n: int = 256, block_k: int = 32,
                    original_order: bool = True, num_warps: int = 4) -> torch.Tensor:
     """Fill out[K, N] (fp16/fp32) with the dequantized weights, rows in the checkpoint's original order
-    (act-order undone by a scatter) unless `original_order` is False (sorted order)."""
+    (act-order undone by a scatter) unless `original_order` is False (sorted order). The tile: 256 x 32
+    was the fastest of 18 on 7 of the 8 7B shapes at M = 2048 on an H200 (2026-12-05 12:08, 8-12% under
+    the 128 x 64 before it; `bench.kernels --m 2048`)."""
     from backends.gptq.triton_kernels import gptq_dequant_kernel
     vpb = values_per_block(layer.bits)
     block_k = max(block_k, vpb)
@@ -732,7 +739,7 @@ class KernelRuntime:
                     bk = min(bks, key=lambda b: abs(b - bk))
                 if mode == 2 and bucket > 1 and bk // values_per_block(layer.bits) < 16:
                     continue
-                if mode == 5 and bk // values_per_block(layer.bits) < 2:  # a dot needs 16 rows per tile
+                if mode == 5 and bk // values_per_block(layer.bits) < MODE5_MIN_BLOCKS:
                     continue
                 for target, st in itertools.product(mode_targets, stages):
                     cfg = GemmConfig("fused", bucket, bn, bk, _split_for(layer, bn, bk, target), warps,

@@ -79,10 +79,10 @@ def test_fused_kernel_matches_float64_reference(kr, bits, gs, act):
             assert layer.interleaved
             assert 8 not in modes  # Gluon: compiled only
             assert (4 in modes) == (M == 1 and dtype == torch.float16 and bits in (2, 3, 4)), modes
-            # and, for M > 1, the half2 tensor-core kernel (mode 5, first) for 2, 3 and 4 bits
-            # (at 3 bits a tile needs two 32-value blocks: not with groups of 32)
+            # and, for M > 1, the half2 tensor-core kernel (mode 5, first) for 2, 3 and 4 bits where a
+            # tile holds four value blocks (kr.MODE5_MIN_BLOCKS): not 2 or 3 bits with groups of 32
             assert (5 in modes) == (M > 1 and dtype == torch.float16 and bits in (2, 3, 4)
-                                    and not (bits == 3 and gs == 32)), modes
+                                    and not (bits in (2, 3) and gs == 32)), modes
             assert 6 not in modes  # removed: it lost to mode 5 on an H100
             assert 5 not in modes or fused[0].mode == 5, fused[0]
             pick = min if dtype == torch.float16 else max
@@ -170,18 +170,25 @@ def test_tensor_core_kernel_whole_and_partial_tiles(kr, act, bits):
     """The half2 tensor-core kernel (mode 5) at 3 and 16 rows, over 1, 2 and 5 splits, with whole tiles
     (no bounds masks) and with a partial column tile or a short last K tile (masks); 4 bits (one tile
     of eight values per word), 2 bits (two: values 0-7 and 8-15 of each word) and 3 bits (four per
-    32-value block of three words; two blocks per tile at least, so K = 128 with groups of 64)."""
+    32-value block of three words), four blocks per tile (kr.MODE5_MIN_BLOCKS: K = 640 in five groups of
+    128 at 3 bits, K = 320 in five of 64 at 2 bits). Fewer blocks are refused, not run."""
     from backends.gptq.quant_linear import make_kernel_layer
-    gs, bk, rows = (64, 64, 128) if bits == 3 else (32, 32, K)
+    gs = {2: 64, 3: 128, 4: 32}[bits]
+    bk, rows = gs, 5 * gs
     packed, ref_w = _layer(bits, gs, act, seed=60 + act + bits, rows=rows)
     layer = make_kernel_layer(*packed, bits, gs, "gptq_v2", "cpu")
     configs = [kr.GemmConfig("fused", 16, bn, bk, split, 4, mode=5) for split in (1, 2, 5) for bn in (32, 128)]
+    short_bk = 128 if bits == 3 else 64
     short_packed, short_ref = _layer(bits, -1, False, seed=62 + bits)
     short_k = make_kernel_layer(*short_packed, bits, -1, "gptq_v2", "cpu")
     assert kr.whole_tiles(layer, configs[0]) and not kr.whole_tiles(layer, configs[1])
-    assert not kr.whole_tiles(short_k, kr.GemmConfig("fused", 16, 32, 64, 2, 4, mode=5))  # 160 = 2.5 x 64
+    short_cfg = kr.GemmConfig("fused", 16, 32, short_bk, 2, 4, mode=5)
+    assert not kr.whole_tiles(short_k, short_cfg)  # 160 = 2.5 x 64 = 1.25 x 128
+    two_blocks = kr.GemmConfig("fused", 16, 32, 2 * kr.values_per_block(bits), 1, 4, mode=5)
+    with pytest.raises(ValueError, match="at least 4 value blocks"):
+        kr.launch_fused(torch.zeros(3, K).half(), short_k, two_blocks)
     cases = [(layer, ref_w, c) for c in configs]
-    cases.append((short_k, short_ref, kr.GemmConfig("fused", 16, 32, 64, 2, 4, mode=5)))
+    cases.append((short_k, short_ref, short_cfg))
     gen = torch.Generator().manual_seed(61)
     for lay, ref_weights, cfg in cases:
         for M in (3, 16):
