@@ -590,6 +590,9 @@ class KernelRuntime:
         self.scratch = SplitScratch()
         if cache_file is not None:
             self.configs = read_tuner_cache(cache_file)
+        # keys read from the file whose config is not yet checked against what this code offers: a file
+        # written by an older version may hold a config since withdrawn (mode 5 on two-block tiles)
+        self._unchecked = set(self.configs)
 
     # -- public ------------------------------------------------------------------------------
     def matmul(self, x2d: torch.Tensor, layer: KernelLayer, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -633,16 +636,28 @@ class KernelRuntime:
                 + ("-f3" if layer.fields3 else ""))
 
     def config_for(self, x2d: torch.Tensor, layer: KernelLayer) -> GemmConfig:
+        """The config for this shape: cached (if this code still offers it), else measured when tuning on
+        CUDA, else the untuned default. Only a tuning runtime saves its picks: an untuned default saved
+        would stop every later run from measuring that shape."""
         key = self.key(x2d, layer)
         cfg = self.configs.get(key)
+        if cfg is not None and key in self._unchecked:
+            self._unchecked.discard(key)
+            # (the dequantize path is what tuning saves where no fused config was right)
+            if cfg.path != "dequant" and cfg not in self.candidates(x2d.shape[0], layer, x2d.device, x2d.dtype,
+                                                                    every=True):
+                log.info("tuner cache entry %s holds a config no longer offered (%s): picked again", key, cfg)
+                cfg = None
         if cfg is None:
             candidates = self.candidates(x2d.shape[0], layer, x2d.device, x2d.dtype)
-            if self.tune and x2d.is_cuda and len(candidates) > 1 and not torch.cuda.is_current_stream_capturing():
+            capturing = x2d.is_cuda and torch.cuda.is_current_stream_capturing()
+            if self.tune and x2d.is_cuda and len(candidates) > 1 and not capturing:
                 cfg = self._measure(x2d, layer, candidates)
             else:
                 cfg = candidates[0]
             self.configs[key] = cfg
-            self._save()
+            if self.tune and not capturing:
+                self._save()
         return cfg
 
     @staticmethod
@@ -692,8 +707,10 @@ class KernelRuntime:
             modes += (9,)  # wgmma at 4 bits tied or lost to modes 7/8 on an H200: only when asked for by name
         return modes
 
-    def candidates(self, M: int, layer: KernelLayer, device=None, dtype=torch.float16) -> list[GemmConfig]:
-        """Configs worth trying, the heuristic default first."""
+    def candidates(self, M: int, layer: KernelLayer, device=None, dtype=torch.float16,
+                   every: bool = False) -> list[GemmConfig]:
+        """Configs worth trying, the heuristic default first. every: also the modes left out by default
+        (what this code would run when asked for by name)."""
         sms = sm_count(device)
         bks = valid_block_ks(layer)
         bucket = self.m_bucket(M)
@@ -711,7 +728,8 @@ class KernelRuntime:
             tiles = [(64, 64, 4), (128, 64, 4), (64, 128, 4)]
             targets = (2 * sms, 8 * sms)
         asked = self.allowed_modes
-        modes = [m for m in self.modes(bucket, layer, dtype, every=asked is not None) if asked is None or m in asked]
+        modes = [m for m in self.modes(bucket, layer, dtype, every=every or asked is not None)
+                 if asked is None or m in asked]
         for mode in modes:
             mode_tiles, mode_targets = tiles, targets
             if mode == 4:

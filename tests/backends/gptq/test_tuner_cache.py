@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -96,3 +97,34 @@ def test_an_unwritable_cache_does_not_break_a_call(tmp_path):
             assert list(folder.iterdir()) == []
     finally:
         os.chmod(folder, 0o700)
+
+
+def test_a_cached_config_this_code_no_longer_offers_is_picked_again(tmp_path):
+    """A file from an older version may hold a config since withdrawn: mode 5 on tiles of two 2-bit words,
+    the untuned default for 2-bit g32 layers at 2-16 rows until it gave wrong sums compiled (2026-12-05).
+    It is dropped and the shape picked again; a config still offered is used as saved."""
+    cache = tmp_path / "tune.json"
+    two_bit = _layer(256, 128, bits=2, group_size=32)
+    rows16 = torch.zeros(16, 256, dtype=torch.float16)
+    runtime = KernelRuntime(cache_file=cache)
+    stale = GemmConfig("fused", 16, 64, 32, 2, 4, num_stages=3, mode=5)
+    offered = runtime.candidates(16, two_bit)
+    assert stale not in offered
+    kept_layer, one_row = _layer(256, 128), torch.zeros(1, 256, dtype=torch.float16)
+    not_default = runtime.candidates(1, kept_layer)[3]
+    cache.write_text(json.dumps({runtime.key(rows16, two_bit): asdict(stale),
+                                 runtime.key(one_row, kept_layer): asdict(not_default)}), encoding="utf-8")
+    fresh = KernelRuntime(cache_file=cache)
+    assert fresh.config_for(rows16, two_bit) == offered[0]
+    assert fresh.config_for(one_row, kept_layer) == not_default
+    assert read_tuner_cache(cache)[fresh.key(rows16, two_bit)] == offered[0]  # the file is mended too
+
+
+def test_untuned_picks_are_not_saved(tmp_path):
+    """autotune off picks each shape's default without measuring: saving it would stop every later run
+    (autotune on) from measuring that shape."""
+    cache = tmp_path / "tune.json"
+    runtime = KernelRuntime(tune=False, cache_file=cache)
+    layer, x = _layer(256, 128), torch.zeros(1, 256, dtype=torch.float16)
+    assert runtime.config_for(x, layer) == runtime.candidates(1, layer)[0]
+    assert not cache.exists()
