@@ -22,6 +22,8 @@
 #   bash bench/gpu_session.sh three      mode 8 on 3-bit layers in the fields order: CUDA tests, then 3/4/2-bit at 1 and 16 rows
 #   bash bench/gpu_session.sh three2     the backend smoke check on a 3-bit checkpoint, then 7B decode at 3 and 4 bits (carry .gpu_carry)
 #   bash bench/gpu_session.sh sweep3     mode 8's configs and register caps on 3-bit layers at one row (bench.gemv_sweep)
+#   bash bench/gpu_session.sh verify     every offered config on small shapes (all 16 cases of test_cuda_candidates,
+#                                        never run in full), the checkpoint forms on CUDA, and bench.mode5_blocks
 #   bash bench/gpu_session.sh m2048      long prompts (M = 2048) on all four 7B shapes, plain and act-order, twice: where
 #                                        the dequantize + cuBLAS path's time goes (the dequantize kernel's tiles)
 # Prepare here:  mkdir -p .gpu_carry/tok && cp models/SmolLM2-135M-Instruct/{tokenizer.json,tokenizer_config.json} .gpu_carry/tok/
@@ -157,6 +159,15 @@ case "${1:-decode}" in
     # is 3% over the proportional target: 0.93-0.94 of the 4-bit time against 0.915, its best config 9.7 us once)
     timeout 500 python -m bench.gemv_sweep --mode 8 --m 1 --bits 3 --shapes 4096x11008,8192x28672 \
       --registers 0,96,128,168 --budget-s 90 2>&1 | tee "$OUT/sweep3.log"
+    ;;
+  verify)
+    # written 2026-12-05 after mode 5's two-block tiles were found wrong: the rest of the candidates test (5 of 16
+    # cases ran on an H100 that day), every checkpoint form through the CUDA load path, mode 5 by blocks a tile
+    timeout 420 python -m pytest -q -p no:cacheprovider --durations=0 tests/backends/gptq/test_cuda_candidates.py \
+      2>&1 | tee "$OUT/candidates.log"
+    GPTQ_WEBUI_TOKENIZER="$TOK" timeout 100 python -m pytest -q -p no:cacheprovider -rs \
+      tests/backends/gptq/test_checkpoint_forms.py -k cuda 2>&1 | tee "$OUT/forms.log"
+    timeout 60 python -m bench.mode5_blocks 2>&1 | tee "$OUT/mode5_blocks.log"
     ;;
   m2048)
     # M = 2048 was last measured on an H100 (2026-11-23: 1.11x-1.22x fp16, 28672x8192 the one over 1.2x, while its
