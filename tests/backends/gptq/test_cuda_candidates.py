@@ -1,7 +1,8 @@
 """Every config the runtime offers on a CUDA GPU, compiled for it (the PTX and Gluon forms the interpreter cannot
 run), on the small layer shapes a tiny model has (K and N of 32-160: one or two tiles, short last groups), at
-1, 12 and 16 rows (and 80: the dequantize + cuBLAS path), against a float64 reference. The untuned default of each shape is what a load with autotune
-off runs, and a config the tuner would reject (it checks outputs) must still not be offered first."""
+1, 12, 16 and 80 rows (80: the dequantize + cuBLAS path), against a float64 reference. The tuner drops a wrong
+config, but a load with autotune off runs each shape's first one unchecked: so every offered config must be
+right. (Mode 5 on two-block tiles was not, 2026-12-05: see kernel_runtime.MODE5_MIN_BLOCKS.)"""
 from __future__ import annotations
 
 import pytest
