@@ -22,22 +22,11 @@ if str(REPO) not in sys.path:
 from backends.gptq import format as fmt  # noqa: E402
 from backends.gptq import kernel_runtime as kr  # noqa: E402
 from backends.gptq import quant_linear  # noqa: E402
+from bench.kernels import random_layer, rel_err  # noqa: E402
 from bench.provenance import tree_commit  # noqa: E402
 
 CASES = ((2, 32, 32), (2, 64, 64), (2, 64, 32), (3, 64, 64), (3, 128, 128), (4, 32, 32), (4, 32, 16))  # bits, group, bk
 ROWS_SPLITS = ((2, 1), (12, 1), (16, 1), (12, 2), (16, 4))
-
-
-def _layer(bits: int, gs: int, K: int, N: int, seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    G = fmt.num_groups(K, gs)
-    codes = torch.randint(0, 2**bits, (K, N), generator=gen, dtype=torch.int32)
-    zeros = torch.randint(1, 2**bits, (G, N), generator=gen, dtype=torch.int32)
-    scales = (torch.rand(G, N, generator=gen) * 0.05 + 0.005).half()
-    g_idx = fmt.default_g_idx(K, gs)
-    qw, qz = fmt.pack_qweight(codes, bits), fmt.pack_qzeros(zeros, bits, "gptq_v2")
-    reference = fmt.dequantize(qw, qz, scales, g_idx, bits, "gptq_v2", dtype=torch.float64)
-    return quant_linear.make_kernel_layer(qw, qz, scales, g_idx, bits, gs, "gptq_v2", "cuda"), reference
 
 
 def main() -> int:
@@ -45,27 +34,24 @@ def main() -> int:
         print("bench.mode5_blocks needs a CUDA GPU", file=sys.stderr)
         return 1
     from backends.gptq import triton_kernels
+    # (a one-shot process: these stay changed until it ends)
     quant_linear.fields3_for = lambda device: False  # 3 bits in the planes order: mode 5's (as off Hopper)
     kr.MODE5_MIN_BLOCKS = 1  # the probe runs the tiles the runtime refuses
     print(f"# mode 5 by value blocks per tile - {torch.cuda.get_device_name()} - commit {tree_commit()}")
     print("| bits | group | block_k | blocks | K x N | PTX | rows | split | relative error |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    try:
-        for bits, gs, bk in CASES:
-            for K, N in ((256, 128), (64, 64)):
-                layer, reference = _layer(bits, gs, K, N, bits + gs + K)
-                for ptx in (True, False):
-                    triton_kernels.INTERPRETED = not ptx  # launch_fused passes USE_ASM = not INTERPRETED
-                    for rows, split in ROWS_SPLITS:
-                        x = torch.randn(rows, K).half()
-                        cfg = kr.GemmConfig("fused", 16, 64, bk, split, 4, num_stages=3, mode=5)
-                        want = x.double() @ reference
-                        got = kr.launch_fused(x.cuda(), layer, cfg).double().cpu()
-                        err = float((got - want).norm() / want.norm())
-                        print(f"| {bits} | {gs} | {bk} | {bk // kr.values_per_block(bits)} | {K}x{N} | {ptx} | "
-                              f"{rows} | {split} | {err:.2e} |")
-    finally:
-        triton_kernels.INTERPRETED = False
+    for bits, gs, bk in CASES:
+        for K, N in ((256, 128), (64, 64)):
+            packed, layer = random_layer(K, N, bits, gs, False, bits + gs + K)
+            reference = fmt.dequantize(*packed, bits, "gptq", dtype=torch.float64)  # as bench.kernels checks
+            for ptx in (True, False):
+                triton_kernels.INTERPRETED = not ptx  # launch_fused passes USE_ASM = not INTERPRETED
+                for rows, split in ROWS_SPLITS:
+                    x = torch.randn(rows, K, device="cuda").half()
+                    cfg = kr.GemmConfig("fused", 16, 64, bk, split, 4, num_stages=3, mode=5)
+                    err = rel_err(kr.launch_fused(x, layer, cfg), x.double() @ reference)
+                    print(f"| {bits} | {gs} | {bk} | {bk // kr.values_per_block(bits)} | {K}x{N} | {ptx} | "
+                          f"{rows} | {split} | {err:.2e} |")
     return 0
 
 

@@ -217,7 +217,8 @@ class QuantizeTab:
                     sym = gr.Checkbox(d.sym, label="Symmetric", elem_id="quant-sym")
             with gr.Column(scale=2):
                 source = gr.Dropdown([*SOURCES, UPLOAD], value="builtin", label="Calibration source",
-                                     info="builtin works offline (Python documentation prose); c4 makes better models (one 320 MB download)", elem_id="quant-source")
+                                     info="builtin works offline (Python documentation prose); c4 makes better "
+                                          "models (one 320 MB download)", elem_id="quant-source")
                 upload = gr.File(label="Calibration file (.txt, .jsonl, .parquet)", visible=False,
                                  file_types=[".txt", ".jsonl", ".parquet"], type="filepath", elem_id="quant-upload")
                 with gr.Row():

@@ -565,10 +565,11 @@ def launch_dequant(layer: KernelLayer, out: torch.Tensor, block_n: int = 256, bl
     block_k = max(block_k, vpb)
     grid = (-(-layer.K // block_k), -(-layer.N // block_n))
     scatter = original_order and layer.perm is not None
-    launcher(gptq_dequant_kernel, grid)(layer.qweight, layer.scales, layer.zeros, layer.perm if scatter else layer.qweight,
-                                        out, layer.N, layer.K, layer.Kw, layer.group_size, BITS=layer.bits, VPB=vpb,
-                                        KB=block_k // vpb, BLOCK_N=block_n, HAS_PERM=scatter,
-                                        INTERLEAVED=layer.word_order, num_warps=num_warps)
+    launcher(gptq_dequant_kernel, grid)(layer.qweight, layer.scales, layer.zeros,
+                                        layer.perm if scatter else layer.qweight, out, layer.N, layer.K, layer.Kw,
+                                        layer.group_size, BITS=layer.bits, VPB=vpb, KB=block_k // vpb,
+                                        BLOCK_N=block_n, HAS_PERM=scatter, INTERLEAVED=layer.word_order,
+                                        num_warps=num_warps)
     return out
 
 

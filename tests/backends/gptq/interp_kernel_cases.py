@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from backends.gptq import format as fmt
+from tests.backends.gptq.support import random_packed_layer
 
 K, N = 160, 64  # 160 = 128 + 32: a short last group at g128, 5 groups at g32
 
@@ -35,17 +36,7 @@ def kr():
 
 
 def _layer(bits, gs, act, seed, checkpoint_format="gptq_v2", rows=K):
-    gen = torch.Generator().manual_seed(seed)
-    G = fmt.num_groups(rows, gs)
-    codes = torch.randint(0, 2**bits, (rows, N), generator=gen, dtype=torch.int32)
-    zeros = torch.randint(1, 2**bits, (G, N), generator=gen, dtype=torch.int32)
-    scales = (torch.rand(G, N, generator=gen) * 0.05 + 0.005).half()
-    g_idx = fmt.default_g_idx(rows, gs)
-    if act:
-        g_idx = g_idx[torch.randperm(rows, generator=gen)]
-    qw, qz = fmt.pack_qweight(codes, bits), fmt.pack_qzeros(zeros, bits, checkpoint_format)
-    ref_w = fmt.dequantize(qw, qz, scales, g_idx, bits, checkpoint_format, dtype=torch.float64)
-    return (qw, qz, scales, g_idx), ref_w
+    return random_packed_layer(bits, gs, rows, N, seed, act, checkpoint_format)
 
 
 def _rel(y, ref):

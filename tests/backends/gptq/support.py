@@ -1,6 +1,6 @@
 """Helpers of the gptq backend's tests: running a cases file in a fresh interpreter under TRITON_INTERPRET=1, a
-CPU stand-in for a captured CUDA graph, the float64 check of a fused-kernel config on CUDA, and rewriting a
-checkpoint's quantize config."""
+CPU stand-in for a captured CUDA graph, a random packed layer with its float64 reference, the float64 check of a
+fused-kernel config on CUDA, and rewriting a checkpoint's quantize config."""
 from __future__ import annotations
 
 import os
@@ -24,6 +24,27 @@ def fields3_codes(words):
         for word, bit, value_bit in fields3_place(j):
             codes[:, j] |= ((w[:, word] >> bit) & 1) << value_bit
     return codes.view(-1, w.shape[2])
+
+
+def random_packed_layer(bits: int, group_size: int, K: int, N: int, seed: int, act: bool = False,
+                        checkpoint_format: str = "gptq_v2"):
+    """A random GPTQ layer as a checkpoint stores it, (qweight, qzeros, scales, g_idx), with its weights
+    dequantized in float64 by format.dequantize: the reference every kernel is checked against. act: g_idx
+    shuffled (act-order)."""
+    import torch
+
+    from backends.gptq import format as fmt
+    gen = torch.Generator().manual_seed(seed)
+    G = fmt.num_groups(K, group_size)
+    codes = torch.randint(0, 2**bits, (K, N), generator=gen, dtype=torch.int32)
+    zeros = torch.randint(1, 2**bits, (G, N), generator=gen, dtype=torch.int32)
+    scales = (torch.rand(G, N, generator=gen) * 0.05 + 0.005).half()
+    g_idx = fmt.default_g_idx(K, group_size)
+    if act:
+        g_idx = g_idx[torch.randperm(K, generator=gen)]
+    qw, qz = fmt.pack_qweight(codes, bits), fmt.pack_qzeros(zeros, bits, checkpoint_format)
+    ref_w = fmt.dequantize(qw, qz, scales, g_idx, bits, checkpoint_format, dtype=torch.float64)
+    return (qw, qz, scales, g_idx), ref_w
 
 
 def set_quantize_config(folder: Path, change) -> None:

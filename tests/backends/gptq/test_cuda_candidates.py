@@ -8,25 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backends.gptq import format as fmt
+from tests.backends.gptq.support import assert_fused_matches_float64, precompile_fused, random_packed_layer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled kernel forms)")
 
 SHAPES = ((64, 64), (64, 96), (96, 64), (64, 32), (160, 64))  # K x N: a tiny LLaMA's q/o, up/gate, down, k/v
-
-
-def _layer(bits, gs, act, K, N, seed):
-    gen = torch.Generator().manual_seed(seed)
-    G = fmt.num_groups(K, gs)
-    codes = torch.randint(0, 2**bits, (K, N), generator=gen, dtype=torch.int32)
-    zeros = torch.randint(1, 2**bits, (G, N), generator=gen, dtype=torch.int32)
-    scales = (torch.rand(G, N, generator=gen) * 0.05 + 0.005).half()
-    g_idx = fmt.default_g_idx(K, gs)
-    if act:
-        g_idx = g_idx[torch.randperm(K, generator=gen)]
-    qw, qz = fmt.pack_qweight(codes, bits), fmt.pack_qzeros(zeros, bits, "gptq_v2")
-    ref_w = fmt.dequantize(qw, qz, scales, g_idx, bits, "gptq_v2", dtype=torch.float64)
-    return (qw, qz, scales, g_idx), ref_w
+ROWS = (1, 12, 16, 80)
 
 
 @pytest.mark.parametrize("act", [False, True], ids=["plain", "actorder"])
@@ -39,26 +26,34 @@ def test_every_offered_config_matches_float64_on_small_shapes(bits, gs, act):
     failures, runs = [], 0
     for K, N in SHAPES:
         seed = bits * 1000 + gs * 10 + K + N + act
-        packed, ref_w = _layer(bits, gs, act, K, N, seed)
+        packed, ref_w = random_packed_layer(bits, gs, K, N, seed, act)
         layer = make_kernel_layer(*packed, bits, gs, "gptq_v2", "cuda")
         assert layer is not None
-        gen = torch.Generator().manual_seed(seed + 1)
-        for M in (1, 12, 16, 80):
-            for index, cfg in enumerate(runtime.candidates(M, layer, "cuda", torch.float16)):
-                x = torch.randn(M, K, generator=gen).half()
-                ref = x.double() @ ref_w
-                out = torch.full((M, N), float("nan"), dtype=torch.float16, device="cuda")
+        ref = ref_w.cuda()
+        gen = torch.Generator(device="cuda").manual_seed(seed + 1)
+        bias = torch.randn(N, generator=gen, device="cuda").half()
+        offered = {M: runtime.candidates(M, layer, "cuda", torch.float16) for M in ROWS}
+        fused = list(dict.fromkeys(c for configs in offered.values() for c in configs if c.path == "fused"))
+        precompile_fused(layer, fused, lambda cfg: [M for M in ROWS if cfg in offered[M]], bias, runtime.scratch)
+        for M, configs in offered.items():
+            for index, cfg in enumerate(configs):
+                where = f"{K}x{N} M={M} #{index} {cfg}"
                 try:
-                    y = runtime.run(x.cuda(), layer, cfg, out=out)
+                    if cfg.path == "fused":  # with and without bias, into a NaN-poisoned output
+                        assert_fused_matches_float64(layer, ref, cfg, (M,), bias, runtime.scratch, gen, tol=1e-2)
+                    else:  # the dequantize + cuBLAS path
+                        x = torch.randn(M, K, generator=gen, device="cuda").half()
+                        want = x.double() @ ref
+                        err = float((runtime.run(x, layer, cfg).double() - want).norm() / want.norm())
+                        assert err < 1e-2, f"relative error {err:.2e}"
+                except AssertionError as exc:
+                    failures.append(f"{where}: {str(exc).splitlines()[0]}")
                 except Exception as exc:
                     # the tuner skips a config the compiler rejects for its resources (shared memory): fine
                     # for the others, never for the untuned default (index 0), which must run
                     if index == 0 or type(exc).__name__ != "OutOfResources":
-                        failures.append(f"{K}x{N} M={M} #{index} {cfg}: {type(exc).__name__}: {str(exc)[:200]}")
+                        failures.append(f"{where}: {type(exc).__name__}: {str(exc)[:200]}")
                     continue
                 runs += 1
-                err = float((y.double().cpu() - ref).norm() / ref.norm())
-                if not err < 1e-2:
-                    failures.append(f"{K}x{N} M={M} #{index} {cfg}: relative error {err:.2e}")
     assert runs
     assert not failures, f"{len(failures)} of {runs} configs wrong:\n" + "\n".join(failures)
