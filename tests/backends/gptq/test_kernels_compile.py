@@ -187,6 +187,11 @@ def test_gluon_tensor_core_kernel_loop_stays_short():
     assert 1.5 < per_weight < 2.65, f"loop: {per_weight:.2f} SASS instructions per weight and thread"
 
 
+def _triton_version() -> tuple[int, int]:
+    import triton
+    return tuple(int(part) for part in triton.__version__.split(".")[:2])
+
+
 def _compiled_gluon_gemv():
     """The mode 8 module, or a skip where its kernels cannot be compiled in this process."""
     from backends.gptq import gluon_gemv
@@ -198,8 +203,8 @@ def _compiled_gluon_gemv():
     return gluon_gemv
 
 
-@pytest.mark.parametrize("rows,hmma,limit", [(8, 40, 1.45), (16, 80, 1.95)])
-def test_gluon_weights_as_a_kernel_unpacks_without_fixups(rows, hmma, limit):
+@pytest.mark.parametrize("rows,hmma,limit,limit_before_39", [(8, 40, 1.45, 1.45), (16, 80, 1.95, 2.15)])
+def test_gluon_weights_as_a_kernel_unpacks_without_fixups(rows, hmma, limit, limit_before_39):
     """Mode 8 (gluon_gemv.py), 4-bit, 64 x 128 tiles on one warp: a pair of weights costs a shift and an
     `and` and nothing else (no fp16 fix-up of 1024 and the zero, which modes 4 and 7 spend an HFMA2 or
     HADD2 on per pair). 32 weight MMAs per tile and row group of 8, plus 8 all-ones MMAs for sum(x) that
@@ -209,11 +214,15 @@ def test_gluon_weights_as_a_kernel_unpacks_without_fixups(rows, hmma, limit):
     1.88 at 16 (Triton 3.9; 1.64 and 2.24 with a load per column); mode 4 loops at 2.31, mode 7 at 2.39.
     x's pairs are divided by their 2^r in one HMUL2 each (half the pairs at 4 bits; r = 0 costs nothing):
     as two fp16 multiplies, the compiler wrapped each in two PRMTs that swapped the halves and back (1.50
-    and 1.94 then)."""
+    and 1.94 then). Triton 3.6 (the GPU machine's) loops at 2.11 at 16 rows: the same work and loads, 44 more
+    register moves (its one-ahead form only; the capped form the tuner offers at 16 rows is 1.86 there, 1.83
+    on 3.9)."""
     from collections import Counter
 
     from bench.kernel_sass import loop_body, mnemonic, opcode
     gg = _compiled_gluon_gemv()
+    if _triton_version() < (3, 9):
+        limit = limit_before_39
     # one split: with split-K the epilogue's reduction loop would be the longest loop
     body = loop_body(gg.gptq_mma_t_kernel, dict(BITS=4, R=rows, BLOCK_N=64, BLOCK_K=128, SPLIT=False,
                                                 HAS_BIAS=False, **gg.layouts(4, 128, 64, 1, rows)), warps=1)
@@ -265,7 +274,8 @@ def test_gluon_weights_as_a_kernel_unpacks_3bit_fields_in_one_and_a_pair():
     that the word's pairs share), the split pair three more: 18 `lop3` and 3 shifts a 32-value block, where
     the planes order took 32 and 6. One MMA per 16 x 16 weights plus a 16-k one a 128-k chunk for the split
     pair's upper bits; no fix-ups. 1.54 SASS instructions per weight and thread (Triton 3.9; the planes
-    order: 2.27, the half2 kernel, mode 4: 2.80)."""
+    order: 2.27, the half2 kernel, mode 4: 2.80). Triton 3.6 adds 4 `lop3` of loop bookkeeping, as it does in
+    every mode-8 loop."""
     from collections import Counter
 
     from bench.kernel_sass import loop_body, mnemonic, opcode
@@ -276,7 +286,7 @@ def test_gluon_weights_as_a_kernel_unpacks_3bit_fields_in_one_and_a_pair():
     names = Counter(map(mnemonic, body))
     weights = 256 * 128 // 128  # per thread
     blocks = weights // 32
-    assert names["LOP3.LUT"] == 18 * blocks, names
+    assert 18 * blocks <= names["LOP3.LUT"] <= 18 * blocks + (4 if _triton_version() < (3, 9) else 0), names
     # 16 column tiles' worth per warp (4 x 8 k-steps), sum(x), and the split pair's one k-step per chunk
     assert ops["HMMA"] == 32 + 8 + 4, ops
     assert names["HADD2"] == 0 and names["HFMA2"] == 0, names  # no fix-ups
@@ -490,10 +500,11 @@ GPU_MACHINE_TRITON = "3.6.0"  # the lent GPU machine's (torch 2.11); requirement
 
 
 def test_every_kernel_compiles_with_the_gpu_machines_triton(tmp_path):
-    """The compile test again, under the Triton the GPU machine runs (fetched once as a wheel into
-    ~/.cache/gptq-webui and put first on PYTHONPATH). Why: 3.6 turns a name bound to a plain int into a
+    """Every other test of this file again, under the Triton the GPU machine runs (fetched once as a wheel
+    into ~/.cache/gptq-webui and put first on PYTHONPATH). Why: 3.6 turns a name bound to a plain int into a
     tensor where 3.9 keeps a constant, so a kernel that compiled here did not compile there, and on the
-    H200 the tuner silently skipped every candidate of it."""
+    H200 the tuner silently skipped every candidate of it; and two of the instruction counts here, written
+    against 3.9, first failed on the GPU machine (2026-12-05), where they now say what 3.6 gives."""
     import os
     import subprocess
     import sys
@@ -520,8 +531,9 @@ def test_every_kernel_compiles_with_the_gpu_machines_triton(tmp_path):
     version = subprocess.run([sys.executable, "-c", "import triton; print(triton.__version__)"], env=env,
                              capture_output=True, text=True, timeout=120).stdout.strip()
     assert version == GPU_MACHINE_TRITON, f"PYTHONPATH did not put triton {GPU_MACHINE_TRITON} first: {version!r}"
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                          f"{__file__}::test_every_kernel_compiles_for_the_gpu"], env=env, cwd=Path(__file__).parents[3],
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", __file__,
+                          "-k", "not gpu_machines"], env=env, cwd=Path(__file__).parents[3],
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-1000:]
-    assert "2 passed" in run.stdout, run.stdout[-1000:]
+    summary = run.stdout.strip().splitlines()[-1]
+    assert " passed" in summary and "skipped" not in summary, run.stdout[-1500:]
