@@ -374,8 +374,8 @@ def main(argv=None):
     from backends.gptq.cuda_graph import fuse_residual_norms, residual_route
     attention_check["residual_layers"] = fuse_residual_norms(model)
     if args.act_order and not args.no_act_order_rewrites:
-        from backends.gptq.act_order import presort_norm_outputs
-        attention_check["sorted_norms"] = presort_norm_outputs(model)
+        from backends.gptq.act_order import presort_inputs
+        attention_check["sorted_inputs"] = presort_inputs(model)
     for use_kernel, label in ((False, "torch.compile"), (True, "Triton kernel")):
         if not attention_check["residual_layers"]:
             break
@@ -492,7 +492,7 @@ def fuse_for_decoding(model, runtime, args):
             from backends.gptq.cuda_graph import fuse_residual_norms
             fuse_residual_norms(model)
             if rewrites:
-                act_order.presort_norm_outputs(model)
+                act_order.presort_inputs(model)
     return norms, rotary, groups
 
 

@@ -8,14 +8,12 @@ dependent reads at each program's start: +13-15% over the same checkpoint withou
 - down_proj's input is act(gate_proj(x)) * up_proj(x), column by column. Storing gate's and up's output
   columns in down's order (their qweight, scales, zeros and bias columns permuted once, at load) makes
   that product come out sorted, so down runs without a perm at every batch size (`fold_mlp_orders`).
-- q/k/v and gate/up read an RMSNorm's output. When decoding, the norm kernel writes it in their shared
-  order and marks the tensor (`mark_sorted`); a QuantLinear whose perm is that very order then skips
-  its gather (`presort_norm_outputs`, cuda_graph.ResidualRoute).
+- q/k/v and gate/up read an RMSNorm's output, o_proj the attention's. When decoding, the norm kernel
+  and the attention kernel write their output in their readers' order and mark the tensor
+  (`mark_sorted`); a QuantLinear whose perm is that very order then skips its gather
+  (`presort_inputs`, cuda_graph.ResidualRoute, decode_attention.DecodeAttentionRoute).
 
-o_proj keeps its gather: its input is the attention output, whose columns belong to heads, so no
-reordering of v_proj's weights can give it another order across heads. (The attention kernel could
-write its output in that order: commit 2ff6fdc, reverted until it is timed on a GPU.) Prompts keep
-the gathers of q/k/v, o_proj and gate/up: one per launch, spread over the prompt's rows.
+Prompts keep the gathers of q/k/v, o_proj and gate/up (one per launch, amortised over the rows).
 """
 from __future__ import annotations
 
@@ -83,22 +81,30 @@ def shared_input_order(layers) -> torch.Tensor | None:
     return first
 
 
-def presort_norm_outputs(model) -> int:
-    """Ask the residual route (cuda_graph.fuse_residual_norms, run first) to write each decoder layer's
-    input norm in its q/k/v order and its post-attention norm in its gate/up order, where those
-    projections share one act-order perm. Returns how many norms write sorted rows."""
+def presort_inputs(model) -> int:
+    """Ask the kernels that feed act-order projections when decoding to write their output in the
+    order those projections read: each decoder layer's input norm in its q/k/v order and its
+    post-attention norm in its gate/up order (the residual route, cuda_graph.fuse_residual_norms,
+    run first), where those projections share one perm; and the routed attention
+    (decode_attention.route_decode_attention, run first) in its o_proj's order. Returns how many
+    producers write sorted rows."""
     from backends.gptq.cuda_graph import residual_route
-    route = residual_route(model)
-    if route is None:
-        return 0
+    from backends.gptq.decode_attention import decode_route
+    norms, attention = residual_route(model), decode_route(model)
     count = 0
     for layer in getattr(getattr(model, "model", model), "layers", ()):
         attn, mlp = layer.self_attn, layer.mlp
-        pairs = ((layer.input_layernorm, [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj")]),
-                 (layer.post_attention_layernorm, [getattr(mlp, n, None) for n in ("gate_proj", "up_proj")]))
-        for norm, readers in pairs:
-            order = shared_input_order(readers)
+        if norms is not None:
+            pairs = ((layer.input_layernorm, [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj")]),
+                     (layer.post_attention_layernorm, [getattr(mlp, n, None) for n in ("gate_proj", "up_proj")]))
+            for norm, readers in pairs:
+                order = shared_input_order(readers)
+                if order is not None:
+                    norms.orders[norm] = (order, norm.weight.detach().index_select(0, order.long()).contiguous())
+                    count += 1
+        if attention is not None and getattr(attn.forward, "decode_route", None) is attention:
+            order = shared_input_order([getattr(attn, "o_proj", None)])
             if order is not None:
-                route.orders[norm] = (order, norm.weight.detach().index_select(0, order.long()).contiguous())
+                attention.orders[attn] = (order, torch.argsort(order).to(torch.int32))
                 count += 1
     return count

@@ -41,16 +41,18 @@ def _rotated(x_ptr, cos_ptr, sin_ptr, d, dmask, D: tl.constexpr, ROTARY: tl.cons
 @triton.jit
 def decode_attention_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, pos_ptr, out_ptr, ws_ptr, ticket_ptr,
                             cos_ptr, sin_ptr, scale_log2, chunk, stride_qh, stride_knh, stride_vnh,
-                            stride_kch, stride_kcl, stride_vch, stride_vcl,
+                            stride_kch, stride_kcl, stride_vch, stride_vcl, where_ptr,
                             GROUP: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr, BLOCK: tl.constexpr,
                             SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, ROTARY: tl.constexpr = False,
-                            PDL: tl.constexpr = False):
+                            PDL: tl.constexpr = False, SCATTER: tl.constexpr = False):
     """Program (h, s): query head h over cache positions [s * chunk, min((s + 1) * chunk, pos));
     split 0 also takes the new token (position pos) and writes it to the cache for its kv head.
     ROTARY: q and the new k arrive before the rotary embedding, which is applied here (LLaMA's
     x * cos + rotate_half(x) * sin, cos and sin of the token's position, [D] each): one launch less.
     PDL (programmatic dependent launch): wait for the previous kernel (q, k, v's producer) first, then
-    let the next kernel (the output projection) start reading its weights while this one runs."""
+    let the next kernel (the output projection) start reading its weights while this one runs.
+    SCATTER: output value (h, d) goes to position where[h * D + d] instead of h * D + d (the order an
+    act-order output projection reads its input in, act_order.py)."""
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
@@ -95,8 +97,11 @@ def decode_attention_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, pos_ptr, out_
         acc = acc * alpha + tl.sum(weights[:, None] * v.to(tl.float32), axis=0)
         m = m_new
 
+    dst = h * D + d
+    if SCATTER:
+        dst = tl.load(where_ptr + dst, mask=dmask, other=0)
     if SPLITS == 1:
-        tl.store(out_ptr + h * D + d, (acc / l).to(out_ptr.dtype.element_ty), mask=dmask)
+        tl.store(out_ptr + dst, (acc / l).to(out_ptr.dtype.element_ty), mask=dmask)
     else:
         row = D_P2 + 2
         base = ws_ptr + (h * SPLITS + s) * row
@@ -116,7 +121,7 @@ def decode_attention_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, pos_ptr, out_
             w = tl.exp2(ms - top)
             total = tl.sum(ls * w, axis=0)
             merged = tl.sum(accs * w[:, None], axis=0) / total
-            tl.store(out_ptr + h * D + d, merged.to(out_ptr.dtype.element_ty), mask=dmask)
+            tl.store(out_ptr + dst, merged.to(out_ptr.dtype.element_ty), mask=dmask)
             tl.atomic_xchg(ticket_ptr + h, 0, sem="relaxed", scope="gpu")
 
 

@@ -83,7 +83,7 @@ class GPTQBackend(TransformersBackend):
         if self.runtime is not None:
             self.runtime.reserve_workspace([l.kernel for l in self.quant_layers.values() if l.kernel is not None],
                                            dtype, self.device)
-            from backends.gptq.act_order import fold_mlp_orders, presort_norm_outputs
+            from backends.gptq.act_order import fold_mlp_orders, presort_inputs
             from backends.gptq.fusion import fuse_siblings
             fold_mlp_orders(loaded.model)  # act-order: down_proj's input comes sorted, no gather
             fuse_siblings(loaded.model, self.runtime)  # q/k/v and gate/up as one launch each
@@ -92,12 +92,13 @@ class GPTQBackend(TransformersBackend):
                                                       fuse_rotary)
                 fuse_norms(loaded.model)  # one kernel per norm instead of ~6: matters once graphs remove launches
                 fuse_residual_norms(loaded.model)  # each residual add inside the norm after it
-                presort_norm_outputs(loaded.model)  # act-order: norms write q/k/v's and gate/up's order
                 fuse_rotary(loaded.model)  # one kernel for q and k instead of ~12
                 fuse_gated_activation(loaded.model)  # silu(gate) * up in one kernel instead of two
                 if options.get("attention_kernel", True):
                     from backends.gptq.decode_attention import route_decode_attention
                     route_decode_attention(loaded.model)
+                # act-order: the norms and the attention write their output in their readers' order
+                presort_inputs(loaded.model)
         self._decoder = None
         return loaded.model
 

@@ -137,7 +137,7 @@ class ResidualRoute:
     kernel's first call on each device type is checked against torch, and a kernel that computes
     wrong numbers there (or fails to compile) is switched off, as the attention route does.
     orders: norm module -> (the act-order perm its readers share, the norm's weight in that order), from
-    act_order.presort_norm_outputs; the kernel writes that norm's output in that order and marks it
+    act_order.presort_inputs; the kernel writes that norm's output in that order and marks it
     (act_order.mark_sorted)."""
     __slots__ = ("total", "normed", "use_kernel", "compiled", "verified", "orders")
 

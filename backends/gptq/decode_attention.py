@@ -16,6 +16,7 @@ import sys
 import torch
 import triton
 
+from backends.gptq import act_order
 from backends.gptq.kernel_runtime import SplitScratch, disagreement, sm_count
 from backends.gptq.parallel_compile import launcher
 
@@ -38,13 +39,15 @@ def split_count(max_len: int, q_heads: int, device) -> int:
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                      v_cache: torch.Tensor, pos: torch.Tensor, scaling: float, scratch: SplitScratch,
                      splits: int | None = None, rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
-                     pdl: bool = False) -> torch.Tensor:
+                     pdl: bool = False, where: torch.Tensor | None = None) -> torch.Tensor:
     """q [1, Hq, 1, D], k and v [1, Hkv, 1, D], caches [1, Hkv, L, D], pos a one-element integer tensor
     on the same device. Writes k and v at position pos of the caches and returns the attention output
     [1, 1, Hq, D] over positions 0..pos (no mask: everything before the token is visible).
     rotary=(cos, sin), D values each for this position: q and k are given before LLaMA's rotary
     embedding, which the kernel applies (and the cache receives the rotated k).
-    pdl: launch as a programmatic dependent launch (sm_90+, see kernel_runtime.pdl_supported)."""
+    pdl: launch as a programmatic dependent launch (sm_90+, see kernel_runtime.pdl_supported).
+    where (int32 [Hq * D], a permutation): the output's flat value i lands at position where[i] (the
+    inverse of the act-order perm the output projection reads its input by, act_order.py)."""
     from backends.gptq.attention_kernel import LOG2E, decode_attention_kernel
     _, hq, _, dim = q.shape
     hkv, max_len = k_cache.shape[1], k_cache.shape[2]
@@ -67,6 +70,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
             raise ValueError(f"rotary cos/sin must hold head_dim = {dim} contiguous values, got {tuple(rotary[0].shape)}")
     else:
         cos = sin = q  # unused pointers
+    if where is not None and (where.dtype != torch.int32 or where.numel() != hq * dim):
+        raise ValueError(f"the output positions must be {hq * dim} int32 indices")
     out = torch.empty(1, 1, hq, dim, dtype=q.dtype, device=q.device)
     if splits > 1:
         ws, tickets = scratch.get(hq * splits * (d_p2 + 2), hq, q.device)
@@ -75,9 +80,10 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     launcher(decode_attention_kernel, (hq, splits))(
         q, k, v, k_cache, v_cache, pos, out, ws, tickets, cos, sin, float(scaling) * LOG2E, chunk,
         q.stride(1), k.stride(1), v.stride(1), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(1), v_cache.stride(2),
+        v_cache.stride(1), v_cache.stride(2), where if where is not None else tickets,
         GROUP=hq // hkv, D=dim, D_P2=d_p2, BLOCK=BLOCK, SPLITS=splits,
-        SPLITS_P2=triton.next_power_of_2(splits), ROTARY=rotary is not None, PDL=pdl, num_warps=4,
+        SPLITS_P2=triton.next_power_of_2(splits), ROTARY=rotary is not None, PDL=pdl, SCATTER=where is not None,
+        num_warps=4,
         **({"launch_pdl": True} if pdl else {}))
     return out
 
@@ -115,14 +121,20 @@ class DecodeAttentionRoute:
         self.scratch = SplitScratch()  # the split-K matmuls' partials-and-tickets buffer, same protocol
         self.calls = 0
         self.verified: set[str] = set()
+        # attention module -> (perm, where): its output written in the act-order perm its o_proj reads
+        # its input by (act_order.presort_inputs), where = the perm's inverse
+        self.orders: dict = {}
 
-    def verify(self, q, k, v, keys, values, position_ids, scaling, out, rotary=None) -> str | None:
-        """None when `out` (the kernel's result for this step) matches torch, else what is wrong.
-        Runs once per device type, outside graph capture (it reads the position on the host)."""
+    def verify(self, q, k, v, keys, values, position_ids, scaling, out, rotary=None, order=None) -> str | None:
+        """None when `out` (the kernel's result for this step, its flat values in `order` when given)
+        matches torch, else what is wrong. Runs once per device type, outside graph capture (it reads
+        the position on the host)."""
         device = q.device
         if device.type in self.verified or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
             return None
         expected = reference_attention(q, k, v, keys, values, int(position_ids.reshape(-1)[0]), scaling, rotary)
+        if order is not None:
+            expected = expected.reshape(-1)[order.long()].reshape(expected.shape)
         problem = disagreement(out, expected)
         if problem is not None:
             return f"{problem} against torch"
@@ -210,10 +222,12 @@ def _routed_forward(module, original, route: DecodeAttentionRoute):
         else:
             q, k = rotary_module.apply_rotary_pos_emb(q, k, cos, sin)  # looked up per call: may be compiled
         layer = cache.layers[module.layer_idx]
+        order, where = route.orders.get(module, (None, None))
         try:
             out = decode_attention(q, k, v, layer.keys, layer.values, position_ids.reshape(1), module.scaling,
-                                   route.scratch, rotary=rotary, pdl=route.pdl)
-            problem = route.verify(q, k, v, layer.keys, layer.values, position_ids, module.scaling, out, rotary)
+                                   route.scratch, rotary=rotary, pdl=route.pdl, where=where)
+            problem = route.verify(q, k, v, layer.keys, layer.values, position_ids, module.scaling, out, rotary,
+                                   order)
         except Exception as exc:  # e.g. a Triton compile error on this GPU: never worse than no kernel
             if hidden_states.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
                 raise
@@ -223,7 +237,8 @@ def _routed_forward(module, original, route: DecodeAttentionRoute):
             route.disable(hidden_states.device, problem)
             return original(*args, **kwargs)
         route.calls += 1
-        return module.o_proj(out.reshape(1, 1, -1)), None
+        out = out.reshape(1, 1, -1)
+        return module.o_proj(act_order.mark_sorted(out, order) if order is not None else out), None
 
     forward.__wrapped__ = original
     forward.decode_route = route

@@ -1,7 +1,7 @@
 """act_order.py's rewrites under TRITON_INTERPRET=1 (run by test_act_order.py in a fresh interpreter):
-the norm kernel writing its row in a given column order, down_proj's perm folded into gate/up, and a
-whole act-order model decoding with the norms writing sorted rows, against the same model with every
-gather inside the kernels."""
+the norm and attention kernels writing their output in a given column order, down_proj's perm folded
+into gate/up, and a whole act-order model decoding with the norms and the attention writing sorted
+rows, against the same model with every gather inside the kernels."""
 from __future__ import annotations
 
 import copy
@@ -90,6 +90,25 @@ def test_the_norm_kernel_refuses_a_wrong_order():
             norm_kernel.add_rms_norm(x, None, torch.ones(64), 1e-5, bad)
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+def test_the_attention_kernel_writes_its_output_in_the_given_order(splits):
+    from backends.gptq.decode_attention import decode_attention
+    from backends.gptq.kernel_runtime import SplitScratch
+    g = torch.Generator().manual_seed(splits)
+    q = torch.randn(1, 4, 1, 16, generator=g)
+    k, v = torch.randn(1, 2, 1, 16, generator=g), torch.randn(1, 2, 1, 16, generator=g)
+    caches = [torch.randn(1, 2, 192, 16, generator=g) for _ in range(2)]
+    order = torch.randperm(64, generator=g).to(torch.int32)
+    where = torch.argsort(order).to(torch.int32)
+    pos = torch.tensor([150])
+    natural = decode_attention(q, k, v, *[c.clone() for c in caches], pos, 0.25, SplitScratch(), splits=splits)
+    got = decode_attention(q, k, v, *[c.clone() for c in caches], pos, 0.25, SplitScratch(), splits=splits,
+                           where=where)
+    assert torch.equal(got.reshape(-1), natural.reshape(-1)[order.long()])
+    with pytest.raises(ValueError, match="64 int32"):
+        decode_attention(q, k, v, *caches, pos, 0.25, SplitScratch(), where=where.long())
+
+
 # -- down_proj's perm folded into gate/up -----------------------------------------------------------
 
 def test_folding_down_projs_order_into_gate_and_up_keeps_the_mlp(tiny_llama):
@@ -119,28 +138,32 @@ def test_folding_down_projs_order_into_gate_and_up_keeps_the_mlp(tiny_llama):
 # -- a whole model: the norms write sorted rows -----------------------------------------------------
 
 def _fused(model, runtime):
-    from backends.gptq.cuda_graph import fuse_residual_norms
+    """The model set up as GPTQBackend sets it up on CUDA (here on CPU), and its decoding step."""
+    from backends.gptq.cuda_graph import GraphDecoder, fuse_residual_norms
+    from backends.gptq.decode_attention import route_decode_attention
     from backends.gptq.fusion import fuse_siblings
     act_order.fold_mlp_orders(model)
     fuse_siblings(model, runtime)
     assert fuse_residual_norms(model, device_types=("cpu",)) == 2
-    return act_order.presort_norm_outputs(model)
+    assert route_decode_attention(model, device_types=("cpu",)) == 2
+    return act_order.presort_inputs(model), GraphDecoder(model, torch.device("cpu"), max_len=64).step
 
 
 def test_an_act_order_model_decodes_without_gathers_as_with_them(tiny_llama, monkeypatch):
-    """Decoding steps run every projection but o_proj without a gather, and give the logits of the
-    same model with every gather inside the kernels."""
+    """Decoding steps run every projection without a gather, and give the logits of the same model
+    with every gather inside the kernels."""
     runtime = KernelRuntime(tune=False)
     model = _quantize(copy.deepcopy(tiny_llama), runtime)
     reference = greedy_logits(torch_generation._default_forward(model), PROMPT, 3)
-    assert _fused(model, runtime) == 4  # input and post-attention norm of both layers
+    sorted_producers, step = _fused(model, runtime)
+    assert sorted_producers == 6  # per layer: input norm, post-attention norm, attention
     log = MatmulLog(runtime, monkeypatch)
-    got = greedy_logits(torch_generation._default_forward(model), PROMPT, 3, tokens=reference.argmax(-1).tolist())
+    got = greedy_logits(step, PROMPT, 3, tokens=reference.argmax(-1).tolist())
     assert _rel(got, reference) < 1e-4
     assert torch.equal(got.argmax(-1), reference.argmax(-1))
     # per layer: q/k/v (fused, N 128), o_proj (64), gate/up (fused, 192), down_proj (64)
     prompt_calls = [(128, True), (64, True), (192, True), (64, False)] * 2
-    step_calls = [(128, False), (64, True), (192, False), (64, False)] * 2
+    step_calls = [(128, False), (64, False), (192, False), (64, False)] * 2
     assert log == prompt_calls + step_calls * 3
 
 
@@ -151,11 +174,12 @@ def test_siblings_with_different_orders_keep_their_gathers(tiny_llama, monkeypat
     seeds = dict(SHARED, k_proj=7)
     model = _quantize(copy.deepcopy(tiny_llama), runtime, seeds)
     reference = greedy_logits(torch_generation._default_forward(model), PROMPT, 2)
-    assert _fused(model, runtime) == 2  # the post-attention norms only
+    sorted_producers, step_fn = _fused(model, runtime)
+    assert sorted_producers == 4  # the post-attention norms and the attention
     log = MatmulLog(runtime, monkeypatch)
-    got = greedy_logits(torch_generation._default_forward(model), PROMPT, 2, tokens=reference.argmax(-1).tolist())
+    got = greedy_logits(step_fn, PROMPT, 2, tokens=reference.argmax(-1).tolist())
     assert _rel(got, reference) < 1e-4
-    step = [(64, True), (32, True), (32, True), (64, True), (192, False), (64, False)] * 2
+    step = [(64, True), (32, True), (32, True), (64, False), (192, False), (64, False)] * 2
     assert log[-len(step):] == step
 
 

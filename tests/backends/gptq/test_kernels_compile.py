@@ -15,7 +15,7 @@ KERNEL_ARG_TYPES = {"z_ptr": "*u8", "perm_ptr": "*i32", "q_ptr": "*fp16", "kn_pt
                    "cos_ptr": "*fp16", "sin_ptr": "*fp16",
                    "scale_log2": "fp32",
                    "res_ptr": "*fp16", "delta_ptr": "*fp16", "w_ptr": "*fp16", "total_ptr": "*fp16",
-                   "normed_ptr": "*fp16", "order_ptr": "*i32", "eps": "fp32"}
+                   "normed_ptr": "*fp16", "order_ptr": "*i32", "where_ptr": "*i32", "eps": "fp32"}
 
 
 def _gluon_kernels():
@@ -128,6 +128,8 @@ def _kernels():
         ("decoding attention with rotary", ak.decode_attention_kernel,
          dict(GROUP=1, D=80, D_P2=128, BLOCK=64, SPLITS=1, SPLITS_P2=1, ROTARY=True)),
         ("act-order activation gather", gather.gather_columns_kernel, dict(ROWS=16, BLOCK=128)),
+        ("decoding attention in act-order", ak.decode_attention_kernel,
+         dict(GROUP=4, D=128, D_P2=128, BLOCK=64, SPLITS=4, SPLITS_P2=4, ROTARY=True, SCATTER=True)),
         ("residual add + RMSNorm", nk.add_rms_norm_kernel, dict(BLOCK=4096, HAS_DELTA=True)),
         ("RMSNorm", nk.add_rms_norm_kernel, dict(BLOCK=2048, HAS_DELTA=False)),
         ("residual add + RMSNorm in act-order", nk.add_rms_norm_kernel,
