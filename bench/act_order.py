@@ -1,12 +1,14 @@
 """Act-order against no act-order, end to end: a LLaMA-7B-shaped model decoding at batch 1 through the
-gptq backend's engine (static cache, CUDA graph, attention kernel, adds in the norms), three ways in
+gptq backend's engine (static cache, CUDA graph, attention kernel, adds in the norms), four ways in
 one run, each ratio against the first:
 
 - the checkpoint without act-order;
 - the same weights' act-order checkpoint (random perms, shared by q/k/v and by gate/up, as GPTQ's
   are) with every gather inside the kernels;
-- that checkpoint with act_order.py's rewrites (what the backend does): down_proj's perm folded into
-  gate/up, and the norms writing q/k/v's and gate/up's order, so only o_proj gathers.
+- that checkpoint with act_order.py's rewrites but o_proj still gathering (the backend before 3428a9b):
+  down_proj's perm folded into gate/up, the norms writing q/k/v's and gate/up's order;
+- that checkpoint as the backend runs it: the attention kernel also writes o_proj's order, so no
+  layer gathers when decoding.
 
 The rewritten engine's logits are compared with the gathering one's on the same tokens (24 graph
 steps): the rewrites are exact up to fp32 summation order.
@@ -34,13 +36,17 @@ from bench.decode import (build_checkpoint, fuse_for_decoding, graph_decoding,  
                           llama7b_config, load_gptq, profile_table)
 
 
-def engine(folder: Path, device, rewrites: bool, tuner_cache: Path):
+def engine(folder: Path, device, rewrites: bool, tuner_cache: Path, attention_order: bool = True):
     """The checkpoint loaded and fused as GPTQBackend does on CUDA: (model, runtime). The engines share
-    one tuner cache: the same shape gets the same kernel config in each."""
+    one tuner cache: the same shape gets the same kernel config in each. attention_order=False: the
+    attention kernel writes its natural order and o_proj gathers (the A/B of that one rewrite)."""
+    from backends.gptq.decode_attention import decode_route
     _, model, runtime = load_gptq(folder, device, tuner_cache)
     flags = SimpleNamespace(no_fuse_norms=False, no_fuse_siblings=False, attention_kernel=True,
                             no_act_order_rewrites=not rewrites)
     fuse_for_decoding(model, runtime, flags)
+    if not attention_order:
+        decode_route(model).orders.clear()
     return model, runtime
 
 
@@ -79,16 +85,17 @@ def main(argv=None) -> None:
     prompt = torch.randint(0, config.vocab_size, (args.prompt,), generator=torch.Generator().manual_seed(1)).tolist()
     max_len = -(-(args.prompt + args.new + 1) // 256) * 256
     rows, logits, profiles = [], {}, []
-    for label, act, rewrites in (("no act-order", False, True), ("act-order, gathers in the kernels", True, False),
-                                 ("act-order, rewritten (the backend)", True, True)):
+    for label, act, rewrites, attention_order in (
+            ("no act-order", False, True, True), ("act-order, gathers in the kernels", True, False, True),
+            ("act-order, rewritten, o_proj gathering", True, True, False),
+            ("act-order, rewritten (the backend)", True, True, True)):
         folder = Path(args.ckpt) / ("ao" if act else "plain")
         if not folder.exists():
             t = time.time()
-            del_fp16 = build_checkpoint(config, folder, 4, 128, act_order=act)
-            del del_fp16
+            build_checkpoint(config, folder, 4, 128, act_order=act)
             torch.cuda.empty_cache()
             print(f"{folder.name}: built in {time.time() - t:.0f} s", flush=True)
-        model, runtime = engine(folder, device, rewrites, Path(args.ckpt) / "tuner.json")
+        model, runtime = engine(folder, device, rewrites, Path(args.ckpt) / "tuner.json", attention_order)
         gathers = gathers_per_step(model, runtime, prompt, device, max_len)
         best = 0.0
         for _ in range(args.repeats):

@@ -22,8 +22,10 @@
 #   bash bench/gpu_session.sh three      mode 8 on 3-bit layers in the fields order: CUDA tests, then 3/4/2-bit at 1 and 16 rows
 #   bash bench/gpu_session.sh three2     the backend smoke check on a 3-bit checkpoint, then 7B decode at 3 and 4 bits (carry .gpu_carry)
 #   bash bench/gpu_session.sh sweep3     mode 8's configs and register caps on 3-bit layers at one row (bench.gemv_sweep)
-#   bash bench/gpu_session.sh verify     every offered config on small shapes (all 16 cases of test_cuda_candidates,
-#                                        never run in full), the checkpoint forms on CUDA, and bench.mode5_blocks
+#   bash bench/gpu_session.sh verify     every offered config on small shapes (all 16 cases of test_cuda_candidates;
+#                                        16 passed on an H200 2026-12-05), the checkpoint forms on CUDA, bench.mode5_blocks
+#   bash bench/gpu_session.sh aoab       act-order end to end, o_proj gathering against the attention writing its order,
+#                                        in one run (bench.act_order's four engines), twice
 #   bash bench/gpu_session.sh m2048      long prompts (M = 2048) on all four 7B shapes, plain and act-order, twice: where
 #                                        the dequantize + cuBLAS path's time goes (the dequantize kernel's tiles)
 # Prepare here:  mkdir -p .gpu_carry/tok && cp models/SmolLM2-135M-Instruct/{tokenizer.json,tokenizer_config.json} .gpu_carry/tok/
@@ -168,6 +170,13 @@ case "${1:-decode}" in
     GPTQ_WEBUI_TOKENIZER="$TOK" timeout 100 python -m pytest -q -p no:cacheprovider -rs \
       tests/backends/gptq/test_checkpoint_forms.py -k cuda 2>&1 | tee "$OUT/forms.log"
     timeout 60 python -m bench.mode5_blocks 2>&1 | tee "$OUT/mode5_blocks.log"
+    ;;
+  aoab)
+    # the attention kernel writing o_proj's order (3428a9b) was timed once on an H200 (0.984 of no act-order) but
+    # never against the o_proj-gathering form in the same run: two rounds of the four engines
+    for round in 1 2; do
+      timeout 280 python -m bench.act_order --out "$OUT/aoab-$round" 2>&1 | tee "$OUT/aoab-$round.log"
+    done
     ;;
   m2048)
     # M = 2048 was last measured on an H100 (2026-11-23: 1.11x-1.22x fp16, 28672x8192 the one over 1.2x, while its
