@@ -5,8 +5,8 @@ of its compiled form, with and without its inline PTX, for kernel_runtime.MODE5_
 
 Mode 5 called directly (the runtime's minimum lifted) at 2, 12 and 16 rows, splits 1, 2 and 4, on 2-, 3-
 and 4-bit layers (3 bits in the planes order, as off Hopper) with tiles of two and of four value blocks,
-each against a float64 reference of the dequantized weights. On an H100 (triton 3.6, 2026-12-05) every
-two-block tile was wrong (relative error 1.1-1.6) with or without the PTX, every four-block tile right.
+each against a float64 reference of the dequantized weights. On an H100 and an H200 (triton 3.6, 2026-12-05)
+every two-block tile was wrong (relative error 1.0-1.8) with or without the PTX, every four-block tile right.
 """
 from __future__ import annotations
 
