@@ -9,6 +9,7 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
+import pytest
 import torch
 
 from backends.gptq import format as fmt
@@ -16,14 +17,17 @@ from backends.gptq.kernel_runtime import GemmConfig, KernelRuntime, read_tuner_c
 from backends.gptq.quant_linear import make_kernel_layer
 
 
-def _layer(K: int, N: int, bits: int = 4, group_size: int = 128):
+def _packed(K: int, N: int, bits: int = 4, group_size: int = 128):
     g = torch.Generator().manual_seed(K + N)
     codes = torch.randint(0, 2**bits, (K, N), generator=g, dtype=torch.int32)
     G = fmt.num_groups(K, group_size)
     zeros = torch.full((G, N), 2 ** (bits - 1), dtype=torch.int32)
     scales = torch.rand(G, N, generator=g).half()
-    return make_kernel_layer(fmt.pack_qweight(codes, bits), fmt.pack_qzeros(zeros, bits, "gptq"), scales,
-                             fmt.default_g_idx(K, group_size), bits, group_size, "gptq", "cpu")
+    return fmt.pack_qweight(codes, bits), fmt.pack_qzeros(zeros, bits, "gptq"), scales, fmt.default_g_idx(K, group_size)
+
+
+def _layer(K: int, N: int, bits: int = 4, group_size: int = 128, device: str = "cpu"):
+    return make_kernel_layer(*_packed(K, N, bits, group_size), bits, group_size, "gptq", device)
 
 
 def _pick(cache: Path, K: int, N: int, rows: int) -> str:
@@ -128,3 +132,34 @@ def test_untuned_picks_are_not_saved(tmp_path):
     layer, x = _layer(256, 128), torch.zeros(1, 256, dtype=torch.float16)
     assert runtime.config_for(x, layer) == runtime.candidates(1, layer)[0]
     assert not cache.exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (graph capture)")
+def test_picks_made_during_graph_capture_are_not_saved(tmp_path):
+    """Nothing can be timed inside a CUDA graph capture, so a shape first met there runs its default.
+    Saving that pick would stop every later process from measuring the shape; the captured graph must
+    still compute the right product."""
+    cache = tmp_path / "tune.json"
+    runtime = KernelRuntime(cache_file=cache)
+    K, N = 512, 384
+    layer = _layer(K, N, device="cuda")
+    x = torch.randn(1, K, dtype=torch.float16, device="cuda")
+    default = runtime.candidates(1, layer, x.device, x.dtype)[0]
+    runtime.run(x, layer, default)  # compiled and its scratch sized outside the capture, as the decoder's eager steps do
+    torch.cuda.synchronize()
+    assert not cache.exists()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = runtime.matmul(x, layer)
+    x.copy_(torch.randn(1, K, dtype=torch.float16, device="cuda"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert runtime.configs[runtime.key(x, layer)] == default
+    other, x_other = _layer(256, 128, device="cuda"), torch.randn(1, 256, dtype=torch.float16, device="cuda")
+    runtime.matmul(x_other, other)  # outside a capture the same runtime measures and saves
+    saved = read_tuner_cache(cache)
+    assert runtime.key(x_other, other) in saved and runtime.key(x, layer) not in saved
+    qweight, qzeros, scales, g_idx = _packed(K, N)
+    weight = fmt.dequantize(qweight, qzeros, scales, g_idx, 4, "gptq", torch.float64)
+    reference = x.double().cpu() @ weight
+    assert (y.double().cpu() - reference).norm() / reference.norm() < 1e-2
