@@ -32,7 +32,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from backends.gptq.kernel_runtime import (HALF2_BITS, GemmConfig, KernelRuntime, _split_for,  # noqa: E402
-                                          cold_copies, graph_time_ms, sm_count, valid_block_ks)
+                                          sm_count, valid_block_ks)
+from backends.gptq.timing import cold_copies, graph_time_ms  # noqa: E402
 from backends.gptq import gluon_gemv, gluon_mma, gluon_wgmma  # noqa: E402
 from bench.kernels import random_layer  # noqa: E402
 

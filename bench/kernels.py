@@ -25,8 +25,9 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from backends.gptq import format as fmt  # noqa: E402
-from backends.gptq.kernel_runtime import (PDL_MODES, KernelRuntime, graph_time_ms, launch_dequant,  # noqa: E402
-                                          launch_fused, pdl_supported)
+from backends.gptq.kernel_runtime import (PDL_MODES, KernelRuntime, launch_dequant, launch_fused,  # noqa: E402
+                                          pdl_supported)
+from backends.gptq.timing import graph_time_ms  # noqa: E402
 from backends.gptq.quant_linear import make_kernel_layer  # noqa: E402
 from bench.provenance import tree_commit  # noqa: E402
 

@@ -28,7 +28,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from backends.gptq.kernel_runtime import (GemmConfig, KernelRuntime, _split_for, _tiles_per_split,  # noqa: E402
-                                          cold_copies, graph_time_ms, sm_count)
+                                          sm_count)
+from backends.gptq.timing import cold_copies, graph_time_ms  # noqa: E402
 from backends.gptq.triton_kernels import (_finish, _first_group, _next_group, _program_tiles,  # noqa: E402
                                           _weight_tile4_h)
 from bench.kernels import random_layer, read_floor_ms  # noqa: E402

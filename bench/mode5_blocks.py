@@ -22,6 +22,7 @@ if str(REPO) not in sys.path:
 from backends.gptq import format as fmt  # noqa: E402
 from backends.gptq import kernel_runtime as kr  # noqa: E402
 from backends.gptq import quant_linear  # noqa: E402
+from backends.gptq.word_order import values_per_block  # noqa: E402
 from bench.kernels import random_layer, rel_err  # noqa: E402
 from bench.provenance import tree_commit  # noqa: E402
 
@@ -50,7 +51,7 @@ def main() -> int:
                     x = torch.randn(rows, K, device="cuda").half()
                     cfg = kr.GemmConfig("fused", 16, 64, bk, split, 4, num_stages=3, mode=5)
                     err = rel_err(kr.launch_fused(x, layer, cfg), x.double() @ reference)
-                    print(f"| {bits} | {gs} | {bk} | {bk // kr.values_per_block(bits)} | {K}x{N} | {ptx} | "
+                    print(f"| {bits} | {gs} | {bk} | {bk // values_per_block(bits)} | {K}x{N} | {ptx} | "
                           f"{rows} | {split} | {err:.2e} |")
     return 0
 

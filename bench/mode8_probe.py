@@ -127,7 +127,8 @@ def main(argv=None):
         raise SystemExit(f"bench.mode8_probe: unknown variant(s) {unknown} (of {', '.join(VARIANTS[1:])})")
     if not torch.cuda.is_available():
         sys.exit("bench.mode8_probe needs a CUDA GPU")
-    from backends.gptq.kernel_runtime import GemmConfig, KernelRuntime, cold_copies, graph_time_ms
+    from backends.gptq.kernel_runtime import GemmConfig, KernelRuntime
+    from backends.gptq.timing import cold_copies, graph_time_ms
     from bench.gemv_sweep import cold_ms
     from bench.kernels import fp16_copies, random_layer, read_floor_ms
     from bench.provenance import tree_commit

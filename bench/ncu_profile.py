@@ -78,7 +78,8 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         sys.exit("bench.ncu_profile needs a CUDA GPU")
     from dataclasses import asdict
-    from backends.gptq.kernel_runtime import GemmConfig, KernelRuntime, cold_copies
+    from backends.gptq.kernel_runtime import GemmConfig, KernelRuntime
+    from backends.gptq.timing import cold_copies
     from bench.kernels import CASES, random_layer
     picks = json.loads(args.picks.read_text()) if args.picks and args.picks.is_file() and not args.pick_only else {}
     for i, spec in enumerate(args.cases.split(",")):

@@ -27,7 +27,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from backends.gptq import offload  # noqa: E402
-from backends.gptq.kernel_runtime import graph_time_ms  # noqa: E402
+from backends.gptq.timing import graph_time_ms  # noqa: E402
 from bench.decode import (build_checkpoint, fuse_for_decoding, graph_decoding, llama7b_config,  # noqa: E402
                           load_gptq)
 from bench.kernels import best_read_ms  # noqa: E402

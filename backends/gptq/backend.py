@@ -66,7 +66,8 @@ class GPTQBackend(TransformersBackend):
         self._wanted_len = 0
 
     def _build_model(self, path: Path, options: dict):
-        from backends.gptq.kernel_runtime import KernelRuntime, default_cache_file
+        from backends.gptq.kernel_runtime import KernelRuntime
+        from backends.gptq.tuner_cache import default_cache_file
         from backends.gptq.loader import load_checkpoint
         dtype = self._resolve_dtype(options)
         if self.device.type == "cuda":

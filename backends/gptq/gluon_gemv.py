@@ -24,7 +24,7 @@ instructions per weight, bench/RESULTS.md). Here a pair costs a shift and an `an
   56 loads per 4-bit 64 x 128 tile at 16 rows became 20.
 
 - 3 bits (`_field3`, `_a_operand3`): a block of 32 values is three words in the fields order
-  (`kernel_runtime.fields3`, what 3-bit layers get where this kernel runs): five whole 3-bit fields in each
+  (`word_order.fields3`, what 3-bit layers get where this kernel runs): five whole 3-bit fields in each
   16-bit half at bits 0, 3, 6, 9, 12 (pairs 0-14), and the last pair's three bits in bit 15 of the three
   words' halves. A pair is one `and` (bits 0-8 are subnormals as they lie) or an `and` after a shift by 9
   shared by the word's pairs: q * 2^r * 2^-24 with r = 0, 3 or 6, so x / 2^r serves it as at 2 bits. The
@@ -47,8 +47,8 @@ instructions per weight, bench/RESULTS.md). Here a pair costs a shift and an `an
   is one MMA k-step: k = 16 c + 8 p + 2 t + h. Built and checked without a GPU (2026-12-04): the k order
   against the product in torch, the layouts, the sm_90 SASS; not yet timed.
 
-Half2-ordered (`kernel_runtime.interleave_pairs`) 2-, 4- and 8-bit words and fields-ordered 3-bit ones
-(`kernel_runtime.fields3`), fp16, whole tiles only, a tile
+Half2-ordered (`word_order.interleave_pairs`) 2-, 4- and 8-bit words and fields-ordered 3-bit ones
+(`word_order.fields3`), fp16, whole tiles only, a tile
 never straddling a group. Act-order reads x gathered by the runtime. Needs Triton's Gluon.
 """
 from __future__ import annotations
@@ -72,7 +72,7 @@ except ImportError:  # a Triton without Gluon: the mode is not offered
     AVAILABLE = False
 
 ROWS = 16  # rows of x per call at most: 8 per MMA (its n), two MMAs per weight operand past 8 rows
-# a 3-bit fields-order word (`kernel_runtime.fields3`) of all-one fields with bit 15 set, as int32: as word a of a
+# a 3-bit fields-order word (`word_order.fields3`) of all-one fields with bit 15 set, as int32: as word a of a
 # block it is the block of all-one codes; the kernel reads it as all three words for sum(x) (bit 15 of words b and
 # c only feeds the split pair's second operand, which sum(x) does not use)
 ONES3 = tl.constexpr(0x92499249 - (1 << 32))
@@ -85,7 +85,7 @@ def values_per_word(bits: int) -> int:
 
 def layout_bits(bits: int) -> int:
     """The field width the layouts are built for: 3-bit weights are laid out per block of 32 values (a lane
-    holds a whole block: its three words in the fields order, `kernel_runtime.fields3`),
+    holds a whole block: its three words in the fields order, `word_order.fields3`),
     as if each block were one word of 1-bit fields."""
     return 1 if bits == 3 else bits
 
@@ -124,7 +124,7 @@ def groups_per_tile(bits: int, block_k: int, group_size: int, K: int) -> int:
 
 def takes_words(layer) -> bool:
     """Whether this kernel reads the layer's words: 2/4/8 bits interleaved (`interleave_pairs`), 3 bits in the
-    fields order only (`kernel_runtime.fields3`; not the planes order)."""
+    fields order only (`word_order.fields3`; not the planes order)."""
     return layer.bits in BITS and layer.interleaved and layer.fields3 == (layer.bits == 3)
 
 
@@ -282,7 +282,7 @@ def _scale_x_pairs(xp, shift):
 
 @triton.jit
 def _field3(w, I: tl.constexpr):
-    """Pair I of a 3-bit fields-order word (`kernel_runtime.fields3`) as fp16 bit patterns q * 2^r * 2^-24
+    """Pair I of a 3-bit fields-order word (`word_order.fields3`) as fp16 bit patterns q * 2^r * 2^-24
     (subnormals, exact; r = 3 (I % 3), `_x_pair_tile` divides the matching x by 2^r): I = 0-2 the field at
     bit 3I of each half, masked where it lies; I = 3, 4 the fields at bits 9 and 12, and I = 5 the split
     pair's bit 15 (as 2^6 times the bit), masked after a shift by 9 that the word's pairs share."""

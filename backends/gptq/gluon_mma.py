@@ -6,7 +6,7 @@ moves per 64 weights lining the activations up for the MMA (bench/RESULTS.md, `b
 the layouts are chosen by hand, as Marlin does in CUDA, and both operands go from global memory
 straight into the registers the MMA reads:
 
-- Each lane (g, t) of a warp loads whole half2-ordered words (`kernel_runtime.interleave_pairs`): word
+- Each lane (g, t) of a warp loads whole half2-ordered words (`word_order.interleave_pairs`): word
   row 4c + t of column 8 nb + g. A `lop3` and an fp16x2 fma turn each of its four value pairs into the
   two fp16 numbers q - z, and those pairs *are* that lane's B-operand registers of `mma.m16n8k16`, for
   a dot whose k order within each chunk of 32 values is 2t + h + 8 (p & 1) + 16 (p >> 1) (pair p, half

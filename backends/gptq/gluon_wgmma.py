@@ -24,7 +24,7 @@ A program with a single K tile computed wrong results there (relative error 1.0-
 cause not found; `splits_of_two_tiles`), so every split holds two or more. At one row it was 6-29% slower
 than mode 8, so x is always padded to 16 rows and one row is left to modes 4 and 8.
 
-Half2-ordered (`kernel_runtime.interleave_pairs`) 2- and 4-bit words, fp16, whole tiles never straddling a
+Half2-ordered (`word_order.interleave_pairs`) 2- and 4-bit words, fp16, whole tiles never straddling a
 group, four warps per program. Act-order reads x gathered by the runtime. Needs Triton's Gluon and sm_90.
 """
 from __future__ import annotations

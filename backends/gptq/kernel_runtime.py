@@ -7,35 +7,24 @@ dequantize + cuBLAS), split-K needs a zeroed fp32 buffer, and the choice is kept
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import itertools
-import json
 import logging
 import math
-import os
-import tempfile
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from backends.gptq import format as fmt
 from backends.gptq import offload
 from backends.gptq.parallel_compile import compile_all, launcher
+from backends.gptq.timing import cold_copies, graph_time_ms
+from backends.gptq.tuner_cache import GemmConfig, read_tuner_cache, save_configs
+from backends.gptq.word_order import values_per_block
 
 log = logging.getLogger(__name__)
 
 FUSED_MAX_M = 64
-TUNER_VERSION = 15 # 2: cold weight copies; 3: more half2 GEMV tiles; 4: modes 5, 6; 5: stage_x; 6: mode 6 gone;
-#                     7: half2 kernels without bounds masks on whole tiles and without a division per tile,
-#                        the tensor-core kernel at 2 and 3 bits; 8: mode 7 (Gluon);
-#                     9: mode 7 reads x and words straight into registers (other tiles and splits);
-#                     10: mode 8 at 2-16 rows; 11: mode 9 (wgmma) at 2-16 rows, 2 bits, mode 8 at 3 bits;
-#                     12: mode 8 tiles of two groups (4 bits, groups under 128 values);
-#                     13: mode 8 requests x in its own iteration, and words two tiles ahead at 16 rows;
-#                     14: words load evict-first (modes 3-5 and 8); 15: mode 8 form 3 under a register cap
-#                     (3-bit layers in mode 8's fields order are keyed apart, "-f3": no re-tuning of the rest)
 VERIFY_TOLERANCE = 1e-2  # relative error of a kernel's output against its torch reference (fp16: ~1e-3)
 
 
@@ -70,11 +59,6 @@ def _cuda_sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def values_per_block(bits: int) -> int:
-    return 32 if bits == 3 else 32 // bits
-
-
-INTERLEAVED_BITS = (2, 3, 4, 8)
 HALF2_BITS = (2, 3, 4)  # the half2 kernels' widths (modes 4 and 5); 8-bit words are interleaved for mode 8
 # value blocks per K tile the tensor-core kernel (mode 5) needs: each tl.dot then spans 32 rows. With two blocks
 # (16-row dots: 2-bit groups of 32, 3-bit groups of 64) its compiled form gave wrong sums on an H200 and an H100
@@ -83,79 +67,6 @@ HALF2_BITS = (2, 3, 4)  # the half2 kernels' widths (modes 4 and 5); 8-bit words
 MODE5_MIN_BLOCKS = 4
 PDL_MODES = (4, 8)  # the kernels launch_fused(pdl=True) launches as programmatic dependent launches
 
-
-def hi_plane_bit(j: int) -> int:
-    """Bit of the hi-plane word that holds the third bit of value j (0..31) of a 3-bit block, in the
-    planes order of `interleave_pairs`: pair P = j // 2 in half j % 2, P's group of four (P // 4) at
-    offset 0, 1, 8 or 9, so one shift per group (<< 2, << 1, >> 6, >> 7) brings a pair's two bits to
-    fp16 mantissa bit 2r + 2 (r = P % 4), just above its two low bits."""
-    pair, half = j // 2, j % 2
-    group = pair // 4
-    return (group % 2) + 8 * (group // 2) + 2 * (pair % 4) + 16 * half
-
-
-def interleave_pairs(qweight: torch.Tensor, bits: int) -> torch.Tensor:
-    """Re-order the values inside each packed word so values 2p and 2p+1 sit in the low and high
-    16-bit halves at bit p * bits. Same bytes, same rows: the half2 matrix-vector kernel turns a pair
-    into two fp16 numbers with one instruction, and the fp16 activations pair up as they lie in memory.
-    3 bits: each block of 32 values (3 words) becomes two words of its low 2 bits in the 2-bit pair order
-    (values 0-15, then 16-31) and one word of its third bits (see hi_plane_bit): a 3-bit value then
-    straddles no word, and a pair costs one more `lop3` than at 2 or 4 bits. 8 bits: bytes 0-3 hold values
-    0, 2, 1, 3 (for mode 8, which reads a pair as bytes 0 and 2 or 1 and 3; the half2 kernels take 2-4 bits)."""
-    if bits not in INTERLEAVED_BITS:
-        raise ValueError(f"pair interleaving is for {INTERLEAVED_BITS}-bit words, not {bits}")
-    if bits == 3:
-        return _split_planes3(qweight)
-    words = qweight.to(torch.int64) & 0xFFFFFFFF
-    out = torch.zeros_like(words)
-    mask = (1 << bits) - 1
-    for j in range(32 // bits):
-        out |= ((words >> (j * bits)) & mask) << ((j % 2) * 16 + (j // 2) * bits)
-    return _as_int32(out)
-
-
-def fields3_place(j: int) -> list[tuple[int, int, int]]:
-    """Where value j (0..31) of a 3-bit block sits in the fields order of `fields3`, as (word, bit, value
-    bit) triples: pair p = j // 2 (half j % 2) of pairs 0-14 is a whole field at bit 3 (p % 5) of word p // 5's
-    half; pair 15's values are split over bit 15 of the three words' halves (word e holds value bit e)."""
-    pair, half = j // 2, j % 2
-    if pair < 15:
-        return [(pair // 5, 16 * half + 3 * (pair % 5) + e, e) for e in range(3)]
-    return [(e, 16 * half + 15, e) for e in range(3)]
-
-
-def fields3(qweight: torch.Tensor) -> torch.Tensor:
-    """3-bit words in the fields order (`fields3_place`) for mode 8: each block of 32 values is three
-    words holding five whole 3-bit fields in each 16-bit half (bits 0, 3, 6, 9 and 12) and, in bit 15 of
-    the six halves, the three bits of the last pair. Same bytes as the checkpoint. A pair is then one `and`
-    (fields at bits 0-8 are fp16 subnormals as they lie) or an `and` after a shift by 9 shared by the word,
-    where the planes order (`interleave_pairs`) needs a second `lop3` a pair to or in the third bit: mode 8's
-    3-bit loop went from 2.27 to 1.54 SASS instructions per weight and its one-row time on 8192x28672 from 36.1
-    to 29.0 us on an H200 (bench/RESULTS.md, 2026-12-05)."""
-    K, N = qweight.shape[0] * 32 // 3, qweight.shape[1]
-    blocks = fmt.unpack_qweight(qweight, 3, K).to(torch.int64).view(K // 32, 32, N)
-    words = [torch.zeros(K // 32, N, dtype=torch.int64, device=qweight.device) for _ in range(3)]
-    for j in range(32):
-        for word, bit, value_bit in fields3_place(j):
-            words[word] |= ((blocks[:, j] >> value_bit) & 1) << bit
-    return _as_int32(torch.stack(words, 1).view(K // 32 * 3, N))
-
-
-def _as_int32(words: torch.Tensor) -> torch.Tensor:
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-
-
-def _split_planes3(qweight: torch.Tensor) -> torch.Tensor:
-    K, N = qweight.shape[0] * 32 // 3, qweight.shape[1]
-    blocks = fmt.unpack_qweight(qweight, 3, K).to(torch.int64).view(K // 32, 32, N)
-    lo, hi = blocks & 3, blocks >> 2
-    a, b, h = (torch.zeros(K // 32, N, dtype=torch.int64, device=qweight.device) for _ in range(3))
-    for j in range(16):
-        a |= lo[:, j] << ((j % 2) * 16 + (j // 2) * 2)
-        b |= lo[:, 16 + j] << ((j % 2) * 16 + (j // 2) * 2)
-    for j in range(32):
-        h |= hi[:, j] << hi_plane_bit(j)
-    return _as_int32(torch.stack([a, b, h], 1).view(K // 32 * 3, N))
 
 
 @dataclass
@@ -185,38 +96,6 @@ class KernelLayer:
     def nbytes(self) -> int:
         tensors = [self.qweight, self.scales, self.zeros] + ([self.perm] if self.perm is not None else [])
         return sum(t.numel() * t.element_size() for t in tensors)
-
-
-@dataclass(frozen=True)
-class GemmConfig:
-    path: str = "fused"        # "fused" | "dequant"
-    block_m: int = 1
-    block_n: int = 128
-    block_k: int = 128
-    split_k: int = 1
-    num_warps: int = 4
-    num_stages: int = 2        # Triton's software-pipelining depth; mode 8: its pipeline form (gluon_gemv.PIPELINES)
-    mode: int = 2              # 0 per word (3-D), 1 per row, 2 unrolled value slots, 3 prefetching GEMV (M=1),
-    #                            4 half2 GEMV (M=1, fp16, 2/3/4-bit interleaved words),
-    #                            5 half2 unpack + tensor cores (1 < M <= 64, fp16, 2/3/4-bit interleaved words)
-    #                            7 the same in Gluon with hand-chosen operand layouts (1 < M <= 16, fp16,
-    #                            4-bit interleaved words, whole tiles: gluon_mma.py)
-    #                            8 weights as the tensor cores' A operand, unpacked without fix-ups (1 <= M <= 16,
-    #                            fp16, 2/3/4/8-bit interleaved words, whole tiles: gluon_gemv.py)
-    #                            9 mode 8 on Hopper's warpgroup MMA, x shared through shared memory (1 < M <= 16,
-    #                            sm_90; gluon_wgmma.py)
-    #                            (6, W^T x^T on the tensor cores, lost to 5 on an H100 and was removed)
-    gather_x: bool = False     # act-order: permute the activations once (one gather) and run the perm-free
-    #                            kernel, instead of each program loading x through perm (scattered reads)
-    stage_x: bool = False      # act-order, mode 4: each program gathers its split's slice of x once into a
-    #                            scratch row at its start (no extra launch, no per-tile gathers)
-    max_registers: int = 0     # registers per thread the compiler may use (ptxas maxnreg; 0: its own choice).
-    #                            ptxas schedules to the cap: fewer registers let more warps share an SM, more
-    #                            let it issue loads earlier (the tuner offers caps for mode 8 only)
-
-    def compile_options(self) -> dict:
-        """Launch options beyond the warps and stages (Triton's `maxnreg` only where a cap is set)."""
-        return {"maxnreg": self.max_registers} if self.max_registers else {}
 
 
 def valid_block_ks(layer: KernelLayer, candidates=(32, 64, 128, 256, 512)) -> list[int]:
@@ -838,116 +717,6 @@ class KernelRuntime:
                                               compile_only=True) for c in fused), self.compile_workers)
 
     def _save(self) -> None:
-        """Write this runtime's configs into the cache file, over what other processes sharing it (the web
-        UI, a benchmark, a second model) saved meanwhile: their entries are kept, not overwritten."""
-        if self.cache_file is None:
-            return
-        tmp = None
-        try:
-            self.cache_file.parent.mkdir(parents=True, exist_ok=True)
-            with _locked(self.cache_file.with_name(self.cache_file.name + ".lock")):
-                merged = {**read_tuner_cache(self.cache_file), **self.configs}
-                fd, tmp = tempfile.mkstemp(dir=self.cache_file.parent, prefix=self.cache_file.name + ".",
-                                           suffix=".tmp")
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    json.dump({k: asdict(v) for k, v in merged.items()}, f, indent=1)
-                os.replace(tmp, self.cache_file)
-        except OSError:
-            if tmp is not None and os.path.exists(tmp):
-                os.unlink(tmp)
-            # the cache is an optimisation; a read-only or full disk must not break inference
-
-
-@contextlib.contextmanager
-def _locked(lock_file: Path):
-    """Hold an exclusive lock on lock_file (POSIX `flock`; where there is none, no lock: a lost entry only
-    costs a re-tune), so that two processes' read-merge-write of the cache do not interleave."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    with open(lock_file, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def read_tuner_cache(path: Path) -> dict[str, GemmConfig]:
-    """The configs saved in a tuner cache file. An entry that does not read as a config (a hand-edited
-    file, unknown or wrong-typed fields) is dropped alone, and an unreadable file reads as empty: the
-    cache only saves tuning time, and a load must not fail on it."""
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(raw, dict):
-        return {}
-    kinds = {name: type(value) for name, value in asdict(GemmConfig()).items()}
-    configs = {}
-    for key, fields in raw.items():
-        if (isinstance(fields, dict) and set(fields) <= set(kinds)
-                and all(type(value) is kinds[name] for name, value in fields.items())):
-            configs[key] = GemmConfig(**fields)
-    return configs
-
-
-def cold_copies(layer: KernelLayer, device, max_copies: int = 16, l2_bytes: int | None = None,
-                free_bytes: int | None = None) -> list[KernelLayer]:
-    """The layer and enough copies of its tensors that timing calls rotating over them read the weights
-    from device memory, not from L2. A decoding step reads every layer once from HBM; tuned on
-    L2-resident weights (H100: 50 MB holds a 4096x11008 4-bit layer) the tuner favoured tile shapes
-    that lose on HBM. Fewer copies when device memory is short; no copies off CUDA (no cache to defeat
-    there, and nothing is timed). l2_bytes / free_bytes override what the device reports."""
-    if torch.device(device).type != "cuda" and (l2_bytes is None or free_bytes is None):
-        return [layer]
-    size = max(layer.nbytes(), 1)
-    if l2_bytes is None:
-        props = torch.cuda.get_device_properties(device)
-        l2_bytes = getattr(props, "L2_cache_size", 50 * 2**20) or 50 * 2**20
-    if free_bytes is None:
-        free_bytes = torch.cuda.mem_get_info(device)[0]
-    n = min(max_copies, math.ceil(2 * l2_bytes / size))
-    n = max(1, min(n, int(free_bytes * 0.25 // size)))
-
-    def clone(t):  # offloaded codes are copied to pinned host memory too (offload.py)
-        return None if t is None else offload.like(t, t.clone())
-
-    return [layer] + [replace(layer, qweight=clone(layer.qweight), scales=clone(layer.scales),
-                              zeros=clone(layer.zeros), perm=clone(layer.perm)) for _ in range(n - 1)]
-
-
-def default_cache_file(device=None) -> Path | None:
-    """~/.cache/gptq-webui/triton-tune-v<n>-<gpu>-<triton>.json, per GPU model and Triton version; n
-    changes whenever the tuner's measurement changes, so configs chosen the old way are not reused."""
-    if not torch.cuda.is_available():
-        return None
-    import triton
-    name = torch.cuda.get_device_name(device).replace(" ", "_").replace("/", "_")
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gptq-webui"
-    return base / f"triton-tune-v{TUNER_VERSION}-{name}-{triton.__version__}.json"
-
-
-def graph_time_ms(fn, calls: int = 20, reps: int = 10) -> float:
-    """Median GPU time of one fn(i) call, from replays of a CUDA graph holding `calls` calls: launch
-    overhead is left out, as it is when the decoder replays its graph. fn(i) may rotate inputs by i."""
-    for i in range(2):
-        fn(i)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            fn(i)
-    graph.replay()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    del graph
-    return sorted(times)[len(times) // 2]
+        """Merge this runtime's configs into the shared cache file (tuner_cache.save_configs)."""
+        if self.cache_file is not None:
+            save_configs(self.cache_file, self.configs)

@@ -19,8 +19,8 @@ from torch.nn import functional as F
 from backends.gptq import format as fmt
 from backends.gptq import offload
 from backends.gptq.act_order import column_order, natural_order
-from backends.gptq.kernel_runtime import (INTERLEAVED_BITS, KernelLayer, KernelRuntime, fields3, fields3_for,
-                                          interleave_pairs)
+from backends.gptq.kernel_runtime import KernelLayer, KernelRuntime, fields3_for
+from backends.gptq.word_order import fields3, interleave_pairs, INTERLEAVED_BITS
 
 
 def sort_by_group(g_idx: torch.Tensor, K: int, group_size: int) -> tuple[torch.Tensor | None, int | None]:

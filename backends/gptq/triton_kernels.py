@@ -69,7 +69,7 @@ def _unpack_tile(qw_ptr, N, Kw, kb0, offs_n, mask_n,
 
 @triton.jit
 def _hi_plane_shift(j):
-    """kernel_runtime.hi_plane_bit of value j (0..31) of a 3-bit block."""
+    """word_order.hi_plane_bit of value j (0..31) of a 3-bit block."""
     pair = j // 2
     group = pair // 4
     return ((group % 2) + 8 * (group // 2) + 2 * (pair % 4) + 16 * (j % 2)).to(tl.uint32)
@@ -77,7 +77,7 @@ def _hi_plane_shift(j):
 
 @triton.jit
 def _planes3(w0, w1, w2):
-    """Codes [KB, 32, BLOCK_N] of 3-bit blocks in the planes order of kernel_runtime.interleave_pairs:
+    """Codes [KB, 32, BLOCK_N] of 3-bit blocks in the planes order of word_order.interleave_pairs:
     low 2 bits of values 0-15 in w0 and 16-31 in w1 (2-bit pair order), third bits in w2."""
     j = tl.arange(0, 32)
     i = j % 16
@@ -90,7 +90,7 @@ def _planes3(w0, w1, w2):
 @triton.jit
 def _fields3_value(w0, w1, w2, j):
     """Value j (0..31, broadcast against the words) of 3-bit blocks in the fields order of
-    kernel_runtime.fields3: pairs 0-14 whole fields at bit 3 (p % 5) of word p // 5's half, pair 15's
+    word_order.fields3: pairs 0-14 whole fields at bit 3 (p % 5) of word p // 5's half, pair 15's
     three bits in bit 15 of the halves of words 0, 1, 2."""
     pair = j // 2
     half = ((j % 2) * 16).to(tl.uint32)
@@ -103,7 +103,7 @@ def _fields3_value(w0, w1, w2, j):
 
 @triton.jit
 def _fields3(w0, w1, w2):
-    """Codes [KB, 32, BLOCK_N] of 3-bit blocks in the fields order (kernel_runtime.fields3)."""
+    """Codes [KB, 32, BLOCK_N] of 3-bit blocks in the fields order (word_order.fields3)."""
     j = tl.arange(0, 32)[None, :, None]
     return _fields3_value(w0[:, None, :], w1[:, None, :], w2[:, None, :], j)
 
@@ -224,7 +224,7 @@ def _unrolled_slot(acc2, corr, w0, w1, w2, x_ptr, src_base, mask_kb, offs_m, mas
         k = tl.load(perm_ptr + k, mask=mask_kb, other=0)
     if (BITS == 3) & INTERLEAVED:  # planes order (M > 1 only): low bits of j, then its third bit
         i: tl.constexpr = j % 16
-        pair: tl.constexpr = j // 2  # hpos: kernel_runtime.hi_plane_bit(j)
+        pair: tl.constexpr = j // 2  # hpos: word_order.hi_plane_bit(j)
         hpos: tl.constexpr = (pair // 4) % 2 + 8 * (pair // 8) + 2 * (pair % 4) + 16 * (j % 2)
         if j < 16:
             q3 = _field(w0, w0, (i % 2) * 16 + (i // 2) * 2, 2, 0)
@@ -924,7 +924,7 @@ def _weight_tiles2_h(w, z, USE_ASM: tl.constexpr):
 def _pair3_h(lo, hi, fix, zb, R: tl.constexpr, USE_ASM: tl.constexpr):
     """Values 2R and 2R+1 of a group of eight of a 3-bit block (planes order) minus the zero, as two
     fp16 tensors: lo holds their low two bits at bit 2R of each half, hi their third bits at 2R + 2
-    (the block's third-bit word shifted per group, see kernel_runtime.hi_plane_bit). PTX: a `lop3` for
+    (the block's third-bit word shifted per group, see word_order.hi_plane_bit). PTX: a `lop3` for
     the low bits and the exponent of 1024, a `lop3` that ors in the third bit, an fma by 4^-R with
     `fix` = -(1024 / 4^R + z)."""
     if USE_ASM:
@@ -1045,7 +1045,7 @@ def _pair3_term(w, h, xp, zf, P: tl.constexpr):
 @triton.jit
 def _dot_block3(w0, w1, h, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15, z, USE_ASM: tl.constexpr):
     """sum_j x_j (q_j - z) over the 32 values of each 3-bit block in the planes order (w0, w1: low bits
-    of values 0-15 and 16-31 in the 2-bit pair order; h: third bits, see kernel_runtime.hi_plane_bit).
+    of values 0-15 and 16-31 in the 2-bit pair order; h: third bits, see word_order.hi_plane_bit).
     Per pair: a `lop3` for the low bits and the fp16 exponent, a `lop3` that ors in the third bit, the
     same fix-up as at 2 bits (the value now spans mantissa bits 2r..2r+2), one fma; two fp16x2 sums
     (values 0-15 and 16-31) added in fp16x2 (16 products of |q - z| <= 7 per half), the halves in fp32."""

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from backends.gptq import format as fmt
+from backends.gptq import word_order
 from tests.backends.gptq.support import random_packed_layer
 
 K, N = 160, 64  # 160 = 128 + 32: a short last group at g128, 5 groups at g32
@@ -175,7 +176,7 @@ def test_tensor_core_kernel_whole_and_partial_tiles(kr, act, bits):
     assert kr.whole_tiles(layer, configs[0]) and not kr.whole_tiles(layer, configs[1])
     short_cfg = kr.GemmConfig("fused", 16, 32, short_bk, 2, 4, mode=5)
     assert not kr.whole_tiles(short_k, short_cfg)  # 160 = 2.5 x 64 = 1.25 x 128
-    two_blocks = kr.GemmConfig("fused", 16, 32, 2 * kr.values_per_block(bits), 1, 4, mode=5)
+    two_blocks = kr.GemmConfig("fused", 16, 32, 2 * word_order.values_per_block(bits), 1, 4, mode=5)
     with pytest.raises(ValueError, match="at least 4 value blocks"):
         kr.launch_fused(torch.zeros(3, K).half(), short_k, two_blocks)
     cases = [(layer, ref_w, c) for c in configs]

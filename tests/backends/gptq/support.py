@@ -13,11 +13,11 @@ REPO = Path(__file__).resolve().parents[3]
 
 
 def fields3_codes(words):
-    """Codes [K, N] (int64) of 3-bit words in the fields order: kernel_runtime.fields3 undone, bit by bit from
+    """Codes [K, N] (int64) of 3-bit words in the fields order: word_order.fields3 undone, bit by bit from
     its own placement table (fields3_place)."""
     import torch
 
-    from backends.gptq.kernel_runtime import fields3_place
+    from backends.gptq.word_order import fields3_place
     w = (words.to(torch.int64) & 0xFFFFFFFF).view(-1, 3, words.shape[1])
     codes = torch.zeros(w.shape[0], 32, w.shape[2], dtype=torch.int64, device=words.device)
     for j in range(32):

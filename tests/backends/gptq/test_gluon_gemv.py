@@ -12,6 +12,7 @@ import torch
 from backends.gptq import format as fmt
 from backends.gptq import gluon_gemv
 from backends.gptq import kernel_runtime as kr
+from backends.gptq import word_order
 from backends.gptq.quant_linear import make_kernel_layer
 from tests.backends.gptq.support import assert_fused_matches_float64, fields3_codes, precompile_fused
 
@@ -52,7 +53,7 @@ def test_masked_fields_read_as_fp16_are_the_codes_times_2_to_the_minus_24(bits):
     kernel's x_scale) brings every product to x q 2^-24."""
     g = torch.Generator().manual_seed(bits)
     codes = torch.randint(0, 1 << bits, (32 // bits * 4, 64), generator=g, dtype=torch.int32)
-    words = kr.interleave_pairs(fmt.pack_qweight(codes, bits), bits)
+    words = word_order.interleave_pairs(fmt.pack_qweight(codes, bits), bits)
     per_word = 32 // bits
     for p in range(per_word // 2):
         got = _fields_as_subnormals(words, bits, p).double()
@@ -113,7 +114,7 @@ def test_the_operands_in_the_dots_k_order_give_the_product_in_memory_order(bits)
     g = torch.Generator().manual_seed(bits)
     block_k, n, rows = 64, 32, 16
     codes = torch.randint(0, 1 << bits, (block_k, n), generator=g, dtype=torch.int32)
-    words = kr.interleave_pairs(fmt.pack_qweight(codes, bits), bits).t()  # [n, words]: a lane's column
+    words = word_order.interleave_pairs(fmt.pack_qweight(codes, bits), bits).t()  # [n, words]: a lane's column
     x = torch.randint(-8, 8, (block_k, rows), generator=g).double()  # exact in fp16 and after / 2^r
     got = _a_operand_emulated(words, bits, block_k) @ _b_tile_emulated(x, bits, block_k)
     assert torch.equal(got, codes.t().double() @ x * 2.0 ** -24)
@@ -157,7 +158,7 @@ def _b3_emulated(x: torch.Tensor, block_k: int):
 
 
 def test_3bit_fields_order_operands_give_the_product_in_memory_order():
-    """Mode 8 at 3 bits on words in the fields order (`kernel_runtime.fields3`): each pair is an exact
+    """Mode 8 at 3 bits on words in the fields order (`word_order.fields3`): each pair is an exact
     subnormal q * 2^r * 2^-24 (r = 3 (I % 3)) after one `and` (and a shift by 9 the word's pairs share), the
     split pair 15 comes as its low bit in the main operand and its other two bits in a second one, and with
     x divided by the matching 2^r both products together are (q x) 2^-24 exactly; the all-ones word gives
@@ -165,7 +166,7 @@ def test_3bit_fields_order_operands_give_the_product_in_memory_order():
     g = torch.Generator().manual_seed(3)
     block_k, n, rows = 256, 32, 16
     codes = torch.randint(0, 8, (block_k, n), generator=g, dtype=torch.int32)
-    words = kr.fields3(fmt.pack_qweight(codes, 3)).t()  # [n, word rows]: a lane's columns
+    words = word_order.fields3(fmt.pack_qweight(codes, 3)).t()  # [n, word rows]: a lane's columns
     a, b, c = words[:, 0::3], words[:, 1::3], words[:, 2::3]
     for I in range(5):  # whole fields: q * 2^(3 (I % 3)) * 2^-24
         for w, word in enumerate((a, b, c)):
@@ -178,10 +179,10 @@ def test_3bit_fields_order_operands_give_the_product_in_memory_order():
     x_main, x_split = _b3_emulated(x, block_k)
     assert torch.equal(main @ x_main + split @ x_split, codes.t().double() @ x * 2.0 ** -24)
     ones = torch.full_like(a, gluon_gemv.ONES3.value)  # the kernel's all-ones word: word a of all-one codes
-    assert int(kr.fields3(fmt.pack_qweight(torch.ones(32, 1, dtype=torch.int32), 3))[0, 0]) == gluon_gemv.ONES3.value
+    assert int(word_order.fields3(fmt.pack_qweight(torch.ones(32, 1, dtype=torch.int32), 3))[0, 0]) == gluon_gemv.ONES3.value
     ones_main, _ = _a_operand3_emulated(ones, ones, ones, block_k)
     assert torch.equal(ones_main @ x_main, x.sum(0, keepdim=True).expand(n, rows) * 2.0 ** -24)
-    assert torch.equal(fields3_codes(kr.fields3(fmt.pack_qweight(codes, 3))), codes.long())
+    assert torch.equal(fields3_codes(word_order.fields3(fmt.pack_qweight(codes, 3))), codes.long())
 
 
 def _placements(layout, rank: int) -> dict:

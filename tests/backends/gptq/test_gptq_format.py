@@ -228,7 +228,7 @@ def test_shards_indexed_under_the_base_name(tmp_path, base, config_names_it):
 def test_interleaved_words_hold_the_same_values(bits):
     """The kernel layout keeps every value of a word, moved to the pair order the half2 kernels (and, at 8
     bits, mode 8: bytes 0-3 hold values 0, 2, 1, 3) read."""
-    from backends.gptq.kernel_runtime import interleave_pairs
+    from backends.gptq.word_order import interleave_pairs
     gen = torch.Generator().manual_seed(bits)
     codes = torch.randint(0, 2 ** bits, (96, 24), generator=gen, dtype=torch.int32)
     words = interleave_pairs(fmt.pack_qweight(codes, bits), bits).long() & 0xFFFFFFFF
@@ -243,7 +243,7 @@ def test_interleaved_words_hold_the_same_values(bits):
 
 def test_3bit_planes_hold_the_same_values():
     """3-bit blocks split into two 2-bit pair-order words and a word of third bits keep every value."""
-    from backends.gptq.kernel_runtime import hi_plane_bit, interleave_pairs
+    from backends.gptq.word_order import hi_plane_bit, interleave_pairs
     codes = torch.randint(0, 8, (96, 24), generator=torch.Generator().manual_seed(3), dtype=torch.int32)
     words = (interleave_pairs(fmt.pack_qweight(codes, 3), 3).long() & 0xFFFFFFFF).view(3, 3, 24)  # [block, word, N]
     assert sorted(hi_plane_bit(j) for j in range(32)) == list(range(32))  # every bit of the word used once
@@ -294,7 +294,8 @@ def test_tuner_keeps_one_fallback_per_mode_beside_the_tensor_core_kernel(bits):
 def test_tuner_copies_enough_weights_to_time_them_cold():
     """The tuner times over copies that together exceed twice the L2 (a decoding step reads weights
     from memory, not cache), within a quarter of free memory; none off CUDA."""
-    from backends.gptq.kernel_runtime import KernelLayer, cold_copies
+    from backends.gptq.kernel_runtime import KernelLayer
+    from backends.gptq.timing import cold_copies
     layer = KernelLayer(qweight=torch.zeros(64, 256, dtype=torch.int32), scales=torch.ones(4, 256).half(),
                         zeros=torch.zeros(4, 256, dtype=torch.uint8), perm=torch.arange(512, dtype=torch.int32),
                         bits=4, K=512, N=256, group_size=128)

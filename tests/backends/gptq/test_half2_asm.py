@@ -154,7 +154,7 @@ def test_asm_computes_the_dot_product_of_two_4bit_words():
 
 def test_asm_computes_the_dot_product_of_one_3bit_block():
     """_dot_block3: 32 values as two 2-bit pair-order words and a word of third bits (hi_plane_bit)."""
-    from backends.gptq.kernel_runtime import hi_plane_bit
+    from backends.gptq.word_order import hi_plane_bit
     asm, constraints = asm_of("_dot_block3")
     assert constraints.count("r") == 3 + 16 + 4  # words, x pairs, zero constants
 
@@ -212,7 +212,7 @@ def test_3bit_pair_unpacker_gives_exact_codes_minus_zero():
     """_pair3_h: each of the four groups of eight values of a 3-bit block (planes order), fed as the
     kernel feeds it (the low-bit word, shifted by a byte for the second group of a word, and the
     third-bit word shifted per group), gives exactly q - z for both values of every pair."""
-    from backends.gptq.kernel_runtime import hi_plane_bit
+    from backends.gptq.word_order import hi_plane_bit
     rng = np.random.default_rng(3)
     mask = 0xFFFFFFFF
     for _ in range(40):

@@ -114,7 +114,7 @@ def _kernels():
          dict(BITS=3, VPB=32, KB=2, BLOCK_N=128, HAS_PERM=True, INTERLEAVED=False)),
         ("dequantize 3-bit planes", tk.gptq_dequant_kernel,
          dict(BITS=3, VPB=32, KB=2, BLOCK_N=128, HAS_PERM=True, INTERLEAVED=True)),
-        # 3-bit layers in mode 8's fields order (kernel_runtime.fields3, INTERLEAVED 2): the portable readers
+        # 3-bit layers in mode 8's fields order (word_order.fields3, INTERLEAVED 2): the portable readers
         ("dequantize 3-bit fields", tk.gptq_dequant_kernel,
          dict(BITS=3, VPB=32, KB=2, BLOCK_N=128, HAS_PERM=True, INTERLEAVED=2)),
         ("gemv prefetching 3-bit fields", tk.gptq_gemv_kernel,
@@ -271,7 +271,7 @@ def test_gluon_weights_as_a_kernel_unpacks_8bit_words_in_an_and_a_pair(rows, blo
 
 
 def test_gluon_weights_as_a_kernel_unpacks_3bit_fields_in_one_and_a_pair():
-    """Mode 8 at 3 bits (words in the fields order, kernel_runtime.fields3), 256 x 128 tiles on four warps,
+    """Mode 8 at 3 bits (words in the fields order, word_order.fields3), 256 x 128 tiles on four warps,
     up to 8 rows: a pair is one `and` (fields at bits 0-8 as they lie, those at 9 and 12 after a shift by 9
     that the word's pairs share), the split pair three more: 18 `lop3` and 3 shifts a 32-value block, where
     the planes order took 32 and 6. One MMA per 16 x 16 weights plus a 16-k one a 128-k chunk for the split

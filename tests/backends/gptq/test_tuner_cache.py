@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from backends.gptq import format as fmt
-from backends.gptq.kernel_runtime import GemmConfig, KernelRuntime, read_tuner_cache
+from backends.gptq.kernel_runtime import GemmConfig, KernelRuntime
+from backends.gptq.tuner_cache import read_tuner_cache
 from backends.gptq.quant_linear import make_kernel_layer
 
 
