@@ -49,9 +49,13 @@ def copy_us(nbytes: int) -> float:
     return graph_time_ms(lambda i: dst.copy_(src[i % copies]), calls=2 * copies, reps=5) * 1e3
 
 
+def int_list(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(","))
+
+
 def splits_for(layer, block_n, block_k, sms) -> list[int]:
-    """The split counts the tuner's heuristic gives for 0.5 to 16 programs per SM."""
-    return sorted({_split_for(layer, block_n, block_k, round(f * sms)) for f in (0.5, 1, 2, 3, 4, 6, 8, 12, 16)})
+    """The split counts the tuner's heuristic gives for 0.5 to 32 programs per SM."""
+    return sorted({_split_for(layer, block_n, block_k, round(f * sms)) for f in (0.5, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32)})
 
 
 def main(argv=None):
@@ -63,6 +67,9 @@ def main(argv=None):
                          "A operand (the tuner's tiles and splits, each in every pipeline form); 9: mode 8 on "
                          "wgmma (sm_90; the tuner's candidates, at each --registers cap)")
     ap.add_argument("--m", type=int, default=1, help="rows of x (mode 4: 1)")
+    ap.add_argument("--block-n", type=int_list, default=None, help="mode 4: tile widths to sweep (default 512,256,1024,128,64)")
+    ap.add_argument("--block-k", type=int_list, default=None, help="mode 4: tile lengths to sweep (default 64,128,32)")
+    ap.add_argument("--warps", type=int_list, default=None, help="mode 4: warps per program to sweep (default 4,2,8)")
     ap.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8),
                     help="2/3/4 for mode 4, 2/3/4/8 for mode 8, 2/4 for mode 9, 4 for modes 5 and 7; groups of 128 "
                          "(64 at 2 bits, as EfficientQAT's w2g64)")
@@ -111,7 +118,8 @@ def main(argv=None):
             continue
         if args.mode == 4:
             # wide tiles first: the tuner's picks on an H200 are 512 columns of 64 rows (2026-12-03)
-            grid = itertools.product((512, 256, 1024, 128, 64), valid_block_ks(layer, (64, 128, 32)), (4, 2, 8))
+            grid = itertools.product(args.block_n or (512, 256, 1024, 128, 64),
+                                     valid_block_ks(layer, args.block_k or (64, 128, 32)), args.warps or (4, 2, 8))
         elif args.mode == 7:  # 16-128 columns per warp (each warp reads all of x for its own columns)
             grid = [(bn, bk, w) for bn, bk, w in itertools.product((64, 128, 32, 256), valid_block_ks(layer, (128, 64)),
                                                                     (2, 4, 1, 8)) if 16 <= bn // w <= 128]

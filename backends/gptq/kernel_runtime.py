@@ -535,8 +535,12 @@ class KernelRuntime:
                 cfg = self._measure(x2d, layer, candidates)
             else:
                 cfg = candidates[0]
+            if capturing:
+                # not kept: a later save would write it (every later process would then skip measuring the
+                # shape), and the first call outside a capture measures it
+                return cfg
             self.configs[key] = cfg
-            if self.tune and not capturing:
+            if self.tune:
                 self._save()
         return cfg
 
