@@ -136,7 +136,7 @@ def test_untuned_picks_are_not_saved(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (graph capture)")
-def test_picks_made_during_graph_capture_are_not_saved(tmp_path):
+def test_picks_made_during_cuda_graph_capture_are_not_saved(tmp_path):
     """Nothing can be timed inside a CUDA graph capture, so a shape first met there runs its default.
     Saving that pick, then or with a later shape's save, would stop every later process from measuring the
     shape; the captured graph must still compute the right product."""
