@@ -3,7 +3,8 @@ and a small autotuner that picks a config per (M bucket, shape, bits, group) on 
 
 Why an own tuner instead of `triton.autotune`: the candidates span two paths (fused kernel or
 dequantize + cuBLAS), split-K needs a zeroed fp32 buffer, and the choice is kept per backend instance
-(no module-level state) and on disk, so a restart does not re-tune.
+(no module-level state) and on disk, so a restart does not re-tune. The configs and their file are in
+tuner_cache.py, the timing in timing.py, the word orders the kernels read in word_order.py.
 """
 from __future__ import annotations
 
