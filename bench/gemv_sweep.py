@@ -67,7 +67,8 @@ def main(argv=None):
                          "A operand (the tuner's tiles and splits, each in every pipeline form); 9: mode 8 on "
                          "wgmma (sm_90; the tuner's candidates, at each --registers cap)")
     ap.add_argument("--m", type=int, default=1, help="rows of x (mode 4: 1)")
-    ap.add_argument("--block-n", type=int_list, default=None, help="mode 4: tile widths to sweep (default 512,256,1024,128,64)")
+    ap.add_argument("--block-n", type=int_list, default=None,
+                    help="mode 4: tile widths to sweep (default 512,256,1024,128,64)")
     ap.add_argument("--block-k", type=int_list, default=None, help="mode 4: tile lengths to sweep (default 64,128,32)")
     ap.add_argument("--warps", type=int_list, default=None, help="mode 4: warps per program to sweep (default 4,2,8)")
     ap.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8),
@@ -78,6 +79,8 @@ def main(argv=None):
                          "choice), comma-separated; modes other than 8 then time the tuner's own candidates of "
                          "the mode at each cap instead of a grid")
     args = ap.parse_args(argv)
+    if args.mode != 4 and (args.block_n or args.block_k or args.warps):
+        ap.error("--block-n, --block-k and --warps set mode 4's grid; the other modes sweep the tuner's tiles")
     caps = args.registers
     if not torch.cuda.is_available():
         sys.exit("bench.gemv_sweep needs a CUDA GPU")

@@ -172,8 +172,8 @@ case "${1:-decode}" in
     timeout 60 python -m bench.mode5_blocks 2>&1 | tee "$OUT/mode5_blocks.log"
     ;;
   aoab)
-    # the attention kernel writing o_proj's order (3428a9b) was timed once on an H200 (0.984 of no act-order) but
-    # never against the o_proj-gathering form in the same run: two rounds of the four engines
+    # the attention kernel writing o_proj's order (3428a9b) against o_proj gathering, in the same run: two rounds of
+    # the four engines (H100 2026-12-05: 1.005 / 1.003 of no act-order, o_proj gathering 0.975 / 0.987)
     for round in 1 2; do
       timeout 280 python -m bench.act_order --out "$OUT/aoab-$round" 2>&1 | tee "$OUT/aoab-$round.log"
     done

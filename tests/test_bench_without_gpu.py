@@ -121,6 +121,26 @@ def test_mode8_probe_names_its_cases_as_bench_kernels_does():
             parse_case(bad)
 
 
+def test_copies_probe_names_its_cases_as_bench_kernels_does():
+    """bench.copies_probe takes 'KxN:case,...' with bench.kernels' case names, act-order included, and
+    refuses an unknown case by naming the ones it takes, before any GPU work."""
+    from bench.copies_probe import parse_cases
+    assert parse_cases("8192x28672:2g64,4096x11008:4g128a") == [(8192, 28672, 2, 64, False),
+                                                                (4096, 11008, 4, 128, True)]
+    with pytest.raises(SystemExit, match=r"unknown case '5g128' \(one of 4g128, 4g128a"):
+        parse_cases("4096x11008:5g128")
+
+
+def test_gemv_sweep_grid_options_belong_to_mode_4(capsys):
+    """--block-n/--block-k/--warps narrow mode 4's grid; with another mode they would be ignored, so they are
+    refused with a message, before any GPU work."""
+    from bench.gemv_sweep import int_list, main
+    assert int_list("32,16,64") == (32, 16, 64)
+    with pytest.raises(SystemExit) as stop:
+        main(["--mode", "8", "--block-n", "32"])
+    assert stop.value.code == 2 and "set mode 4's grid" in capsys.readouterr().err
+
+
 def test_gemv_sweep_takes_register_caps_ptxas_accepts():
     """bench.gemv_sweep --registers: comma-separated caps, 0 for none; a cap ptxas would refuse (or a typo) is
     an argparse error naming the value, before any GPU work."""

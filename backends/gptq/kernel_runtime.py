@@ -518,8 +518,9 @@ class KernelRuntime:
 
     def config_for(self, x2d: torch.Tensor, layer: KernelLayer) -> GemmConfig:
         """The config for this shape: cached (if this code still offers it), else measured when tuning on
-        CUDA, else the untuned default. Only a tuning runtime saves its picks: an untuned default saved
-        would stop every later run from measuring that shape."""
+        CUDA, else the untuned default. Only a tuning runtime saves its picks, and never a default taken
+        inside a CUDA graph capture (nothing can be timed there): an untuned default saved would stop every
+        later run from measuring that shape."""
         key = self.key(x2d, layer)
         cfg = self.configs.get(key)
         if cfg is not None and key in self._unchecked:

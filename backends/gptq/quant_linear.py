@@ -20,7 +20,7 @@ from backends.gptq import format as fmt
 from backends.gptq import offload
 from backends.gptq.act_order import column_order, natural_order
 from backends.gptq.kernel_runtime import KernelLayer, KernelRuntime, fields3_for
-from backends.gptq.word_order import fields3, interleave_pairs, INTERLEAVED_BITS
+from backends.gptq.word_order import INTERLEAVED_BITS, fields3, interleave_pairs
 
 
 def sort_by_group(g_idx: torch.Tensor, K: int, group_size: int) -> tuple[torch.Tensor | None, int | None]:
