@@ -12,23 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from backends.gptq import format as fmt
 from backends.gptq.kernel_runtime import GemmConfig, KernelRuntime
 from backends.gptq.tuner_cache import read_tuner_cache
 from backends.gptq.quant_linear import make_kernel_layer
-
-
-def _packed(K: int, N: int, bits: int = 4, group_size: int = 128):
-    g = torch.Generator().manual_seed(K + N)
-    codes = torch.randint(0, 2**bits, (K, N), generator=g, dtype=torch.int32)
-    G = fmt.num_groups(K, group_size)
-    zeros = torch.full((G, N), 2 ** (bits - 1), dtype=torch.int32)
-    scales = torch.rand(G, N, generator=g).half()
-    return fmt.pack_qweight(codes, bits), fmt.pack_qzeros(zeros, bits, "gptq"), scales, fmt.default_g_idx(K, group_size)
+from tests.backends.gptq.support import random_packed_layer
 
 
 def _layer(K: int, N: int, bits: int = 4, group_size: int = 128, device: str = "cpu"):
-    return make_kernel_layer(*_packed(K, N, bits, group_size), bits, group_size, "gptq", device)
+    packed, _ = random_packed_layer(bits, group_size, K, N, seed=K + N)
+    return make_kernel_layer(*packed, bits, group_size, "gptq_v2", device)
 
 
 def _pick(cache: Path, K: int, N: int, rows: int) -> str:
@@ -143,7 +135,8 @@ def test_picks_made_during_cuda_graph_capture_are_not_saved(tmp_path):
     cache = tmp_path / "tune.json"
     runtime = KernelRuntime(cache_file=cache)
     K, N = 512, 384
-    layer = _layer(K, N, device="cuda")
+    packed, weight = random_packed_layer(4, 128, K, N, seed=K + N)
+    layer = make_kernel_layer(*packed, 4, 128, "gptq_v2", "cuda")
     x = torch.randn(1, K, dtype=torch.float16, device="cuda")
     default = runtime.candidates(1, layer, x.device, x.dtype)[0]
     runtime.run(x, layer, default)  # compiled and its scratch sized outside the capture, as the decoder's eager steps do
@@ -162,7 +155,5 @@ def test_picks_made_during_cuda_graph_capture_are_not_saved(tmp_path):
     assert runtime.key(x_other, other) in saved and runtime.key(x, layer) not in saved
     runtime.matmul(x, layer)  # the captured shape's first call outside a capture measures it
     assert runtime.key(x, layer) in read_tuner_cache(cache)
-    qweight, qzeros, scales, g_idx = _packed(K, N)
-    weight = fmt.dequantize(qweight, qzeros, scales, g_idx, 4, "gptq", torch.float64)
     reference = x.double().cpu() @ weight
     assert (y.double().cpu() - reference).norm() / reference.norm() < 1e-2
