@@ -13,7 +13,13 @@ one run, each ratio against the first:
 Each rewritten engine's logits are compared with the gathering one's on the same tokens (24 graph
 steps): the rewrites are exact up to fp32 summation order.
 
-    python -m bench.act_order [--layers 32] [--new 128] [--out DIR] [--ckpt /tmp/ckpt-ao]
+Prompts (--prompts 16,64,512): each engine's prompt step at those lengths, eager as the backend runs it
+(the wall time, best of 5) and its GPU kernel time (the sum of its kernels' durations under the
+profiler: what act-order costs the GPU, without the host's launch gaps), with the gathering launches of
+one prompt. A fifth engine is the backend's with its prompts kept off the residual route (every prompt
+gathers q/k/v's and gate/up's input, as before prompts took that route).
+
+    python -m bench.act_order [--layers 32] [--new 128] [--prompts 16,64,512] [--out DIR] [--ckpt /tmp/ckpt-ao]
 """
 from __future__ import annotations
 
@@ -50,8 +56,9 @@ def engine(folder: Path, device, rewrites: bool, tuner_cache: Path, attention_or
     return model, runtime
 
 
-def gathers_per_step(model, runtime, prompt, device, max_len) -> int:
-    """Kernel launches per eager decoding step that gather their input (act-order perm in the kernel)."""
+def gathers_per_step(model, runtime, prompt, device, max_len) -> tuple[int, int]:
+    """Kernel launches that gather their input (act-order perm in the kernel) in an eager prompt step
+    and in the decoding step after it: (prompt, step)."""
     from backends.gptq.cuda_graph import GraphDecoder
     seen = []
     real = runtime.matmul
@@ -60,11 +67,40 @@ def gathers_per_step(model, runtime, prompt, device, max_len) -> int:
         decoder = GraphDecoder(model, device, max_len, use_graph=False)
         with torch.inference_mode():
             _, cache = decoder.step(torch.tensor([prompt], device=device), None)
+            in_prompt = sum(seen)
             seen.clear()
             decoder.step(torch.tensor([[prompt[-1]]], device=device), cache)
     finally:
         del runtime.matmul
-    return sum(seen)
+    return in_prompt, sum(seen)
+
+
+def prompt_times(model, device, max_len: int, lengths, vocab: int) -> dict[int, tuple[float, float]]:
+    """Per prompt length: (eager wall ms, best of 5, as GPTQBackend runs a prompt; GPU kernel ms of one
+    prompt step, the sum of its kernels' durations under the profiler). The first step of each length
+    is a warm-up (the tuner measures that row count's configs there)."""
+    from torch.profiler import ProfilerActivity, profile
+    from backends.gptq.cuda_graph import GraphDecoder
+    decoder = GraphDecoder(model, device, max_len, use_graph=False)
+    out = {}
+    for length in lengths:
+        ids = torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(length)).to(device)
+        with torch.inference_mode():
+            decoder.step(ids, None)
+            walls = []
+            for _ in range(5):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                decoder.step(ids, None)
+                torch.cuda.synchronize()
+                walls.append(time.perf_counter() - t0)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                decoder.step(ids, None)
+                torch.cuda.synchronize()
+        kernel_us = sum(getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+                        for ev in prof.key_averages())
+        out[length] = (min(walls) * 1e3, kernel_us / 1e3)
+    return out
 
 
 def main(argv=None) -> None:
@@ -76,6 +112,8 @@ def main(argv=None) -> None:
     ap.add_argument("--ckpt", default="/tmp/gptq-webui-bench-ao")
     ap.add_argument("--out", default="bench/out")
     ap.add_argument("--profile", action="store_true", help="also each engine's kernel table (bench.decode's)")
+    ap.add_argument("--prompts", default="16,64,512",
+                    help="prompt lengths to time each engine's prompt step at (empty: none)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench.act_order needs a CUDA GPU")
@@ -83,12 +121,18 @@ def main(argv=None) -> None:
     device = torch.device("cuda")
     config = llama7b_config(args.layers)
     prompt = torch.randint(0, config.vocab_size, (args.prompt,), generator=torch.Generator().manual_seed(1)).tolist()
+    lengths = [int(v) for v in args.prompts.split(",") if v.strip()]
     max_len = -(-(args.prompt + args.new + 1) // 256) * 256
+    prompt_len = -(-(max(lengths, default=0) + 1) // 256) * 256  # the prompt steps' static cache
     rows, logits, profiles, tokens = [], {}, [], None
-    for label, act, rewrites, attention_order in (
-            ("no act-order", False, True, True), ("act-order, gathers in the kernels", True, False, True),
-            ("act-order, rewritten, o_proj gathering", True, True, False),
-            ("act-order, rewritten (the backend)", True, True, True)):
+    for label, act, rewrites, attention_order, prompt_route in (
+            ("no act-order", False, True, True, True),
+            ("act-order, gathers in the kernels", True, False, True, True),
+            ("act-order, rewritten, o_proj gathering", True, True, False, True),
+            ("act-order, rewritten (the backend)", True, True, True, True),
+            ("the backend, prompts off the residual route", True, True, True, False)):
+        if not prompt_route and not lengths:
+            continue
         folder = Path(args.ckpt) / ("ao" if act else "plain")
         if not folder.exists():
             t = time.time()
@@ -96,21 +140,29 @@ def main(argv=None) -> None:
             torch.cuda.empty_cache()
             print(f"{folder.name}: built in {time.time() - t:.0f} s", flush=True)
         model, runtime = engine(folder, device, rewrites, Path(args.ckpt) / "tuner.json", attention_order)
+        if not prompt_route:
+            from backends.gptq.cuda_graph import residual_route
+            residual_route(model).prompts = False
         gathers = gathers_per_step(model, runtime, prompt, device, max_len)
-        best = 0.0
-        for _ in range(args.repeats):
-            decoder, row = graph_decoding(model, prompt, args.new, device, max_len)
-            best = max(best, row["tok_s"])
-        if args.profile:
-            profiles.append(f"{label}:\n\n" + profile_table(decoder, prompt, device, best))
-            print(profiles[-1], flush=True)
-        if act:
+        best, decoder = float("nan"), None
+        if prompt_route:  # the fifth engine decodes as the fourth: only its prompts are timed
+            best = 0.0
+            for _ in range(args.repeats):
+                decoder, row = graph_decoding(model, prompt, args.new, device, max_len)
+                best = max(best, row["tok_s"])
+            if args.profile:
+                profiles.append(f"{label}:\n\n" + profile_table(decoder, prompt, device, best))
+                print(profiles[-1], flush=True)
+        if act and prompt_route:
             out = torch_generation.greedy_logits(GraphDecoder(model, device, max_len).step, prompt, 23, device,
                                                  tokens=tokens)
             tokens = tokens or out.argmax(-1).tolist()  # the first act-order engine's tokens feed the others
             logits[label] = out
-        rows.append((label, best, gathers))
-        print(f"{label}: {best:.1f} tok/s, {gathers} gathering launches per step", flush=True)
+        prompts = prompt_times(model, device, prompt_len, lengths, config.vocab_size) if lengths else {}
+        rows.append((label, best, gathers, prompts))
+        print(f"{label}: {best:.1f} tok/s, gathering launches {gathers[0]} per prompt, {gathers[1]} per step; "
+              + ", ".join(f"prompt {n}: {w:.2f} ms eager, {k:.3f} ms of kernels" for n, (w, k) in prompts.items()),
+              flush=True)
         del model, runtime, decoder
         torch.cuda.empty_cache()
     gathering = logits.pop("act-order, gathers in the kernels")
@@ -127,7 +179,17 @@ def main(argv=None) -> None:
           + "; ".join(f"{label}: logits rel err {err:.1e}, top-1 {top1 * 100:.0f}%"
                       for label, (err, top1) in agreement.items()) + ".", "",
           "| engine | decode tok/s | x no act-order | gathering launches per step |", "| --- | --- | --- | --- |"]
-    md += [f"| {label} | {tps:.1f} | {tps / base:.3f} | {g} |" for label, tps, g in rows]
+    md += [f"| {label} | {tps:.1f} | {tps / base:.3f} | {g[1]} |" for label, tps, g, _ in rows if tps == tps]
+    if lengths:
+        base_prompts = rows[0][3]
+        md += ["", "Prompt steps (eager wall ms, best of 5 / GPU kernel ms of one step; x: against no act-order "
+               "at that length; gathering launches of one prompt step):", "",
+               "| engine | gathers | " + " | ".join(f"{n} tokens: wall ms (x) | kernels ms (x)" for n in lengths)
+               + " |", "| --- | --- | " + " | ".join("--- | ---" for _ in lengths) + " |"]
+        for label, _, g, prompts in rows:
+            md.append(f"| {label} | {g[0]} | " + " | ".join(
+                f"{prompts[n][0]:.2f} ({prompts[n][0] / base_prompts[n][0]:.3f}) | "
+                f"{prompts[n][1]:.3f} ({prompts[n][1] / base_prompts[n][1]:.3f})" for n in lengths) + " |")
     text = "\n".join(md) + "\n" + "".join("\n" + p for p in profiles)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -138,14 +138,23 @@ class ResidualRoute:
     wrong numbers there (or fails to compile) is switched off, as the attention route does.
     orders: norm module -> (the act-order perm its readers share, the norm's weight in that order), from
     act_order.presort_inputs; the kernel writes that norm's output in that order and marks it
-    (act_order.mark_sorted)."""
-    __slots__ = ("total", "normed", "use_kernel", "compiled", "verified", "orders")
+    (act_order.mark_sorted).
+    Prompts take the route too, but only through the kernel (one program per row, any prompt length):
+    torch.compile's form is compiled per shape, so a prompt the kernel cannot take runs the layer's own
+    forward. prompts=False sends every prompt there (bench.act_order's A/B)."""
+    __slots__ = ("total", "normed", "use_kernel", "compiled", "verified", "orders", "prompts")
 
     def __init__(self, compiled):
         self.total = self.normed = None
         self.use_kernel, self.compiled = True, compiled
         self.verified: set[str] = set()
         self.orders: dict = {}
+        self.prompts = True
+
+    def takes_prompt(self, x: torch.Tensor, norm) -> bool:
+        """Whether a prompt's rows go through the kernel: decoder layers then get their norms' output in
+        their projections' act-order (no gathers for q/k/v and gate/up) and one launch per add + norm."""
+        return self.prompts and self.use_kernel and norm_kernel.supports(x, norm.weight)
 
     def take(self, x: torch.Tensor):
         return self.normed if x is self.total else None
@@ -158,13 +167,15 @@ class ResidualRoute:
             return self._marked(normed, order)
         return norm(x)
 
-    def add_norm(self, residual: torch.Tensor, delta: torch.Tensor, norm):
+    def add_norm(self, residual: torch.Tensor, delta: torch.Tensor, norm, prompt: bool = False):
+        """(residual + delta, its norm): through the kernel where it applies, else torch.compile's kernel
+        (a prompt: eager torch, which needs no compile for each new length)."""
         order, ordered_weight = self.orders.get(norm, (None, None))
         if self._kernel_applies(residual, delta, norm, order):
             total, normed = norm_kernel.add_rms_norm(residual, delta, norm.weight, norm.variance_epsilon, order,
                                                      ordered_weight)
             return total, self._marked(normed, order)
-        return self.compiled(residual, delta, norm.weight, norm.variance_epsilon)
+        return (_add_rms_norm if prompt else self.compiled)(residual, delta, norm.weight, norm.variance_epsilon)
 
     @staticmethod
     def _marked(normed: torch.Tensor, order):
@@ -207,8 +218,9 @@ def fuse_residual_norms(model, device_types=("cuda",)) -> int:
     """Route each pre-norm decoder layer's two residual adds through the norm that follows them when
     decoding: add + post-attention norm as one kernel, and the closing add + the next layer's input
     norm (or the model's final norm) as another. Why: on an H100 the 64 separate adds of a 7B step
-    cost 83 us of 2.5 ms plus their launch gaps (bench/RESULTS.md). Returns how many layers were
-    routed; prompts and other devices run the layers' own forward."""
+    cost 83 us of 2.5 ms plus their launch gaps (bench/RESULTS.md). Prompts take the route where the
+    Triton kernel takes them (ResidualRoute.takes_prompt): act-order projections then read sorted rows
+    there too. Returns how many layers were routed; other devices run the layers' own forward."""
     inner = getattr(model, "model", model)
     layers = list(getattr(inner, "layers", ()))
     final_norm = getattr(inner, "norm", None)
@@ -231,14 +243,16 @@ def fuse_residual_norms(model, device_types=("cuda",)) -> int:
         original = layer.forward
 
         def forward(hidden_states, *args, _l=layer, _next=next_norm, _original=original, **kwargs):
-            if args or not _decoding(hidden_states, device_types):
+            prompt = not _decoding(hidden_states, device_types)
+            if args or prompt and not (hidden_states.device.type in device_types
+                                       and route.takes_prompt(hidden_states, _l.input_layernorm)):
                 return _original(hidden_states, *args, **kwargs)
             normed = route.take(hidden_states)
             if normed is None:
                 normed = route.norm(hidden_states, _l.input_layernorm)
             attn_out, _ = _l.self_attn(hidden_states=normed, **kwargs)
-            total, normed = route.add_norm(hidden_states, attn_out, _l.post_attention_layernorm)
-            route.total, route.normed = route.add_norm(total, _l.mlp(normed), _next)
+            total, normed = route.add_norm(hidden_states, attn_out, _l.post_attention_layernorm, prompt)
+            route.total, route.normed = route.add_norm(total, _l.mlp(normed), _next, prompt)
             return route.total
 
         forward.__wrapped__, forward.residual_route = original, route

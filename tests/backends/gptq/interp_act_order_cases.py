@@ -150,8 +150,9 @@ def _fused(model, runtime):
 
 
 def test_an_act_order_model_decodes_without_gathers_as_with_them(tiny_llama, monkeypatch):
-    """Decoding steps run every projection without a gather, and give the logits of the same model
-    with every gather inside the kernels."""
+    """Decoding steps run every projection without a gather, prompts every one but o_proj (their
+    attention is HF's, in its natural order), and both give the logits of the same model with every
+    gather inside the kernels. With the route's prompts off, a prompt gathers for q/k/v and gate/up."""
     runtime = KernelRuntime(tune=False)
     model = _quantize(copy.deepcopy(tiny_llama), runtime)
     reference = greedy_logits(torch_generation._default_forward(model), PROMPT, 3)
@@ -162,9 +163,15 @@ def test_an_act_order_model_decodes_without_gathers_as_with_them(tiny_llama, mon
     assert _rel(got, reference) < 1e-4
     assert torch.equal(got.argmax(-1), reference.argmax(-1))
     # per layer: q/k/v (fused, N 128), o_proj (64), gate/up (fused, 192), down_proj (64)
-    prompt_calls = [(128, True), (64, True), (192, True), (64, False)] * 2
+    prompt_calls = [(128, False), (64, True), (192, False), (64, False)] * 2
     step_calls = [(128, False), (64, False), (192, False), (64, False)] * 2
     assert log == prompt_calls + step_calls * 3
+    from backends.gptq.cuda_graph import residual_route
+    residual_route(model).prompts = False
+    log.clear()
+    again = greedy_logits(step, PROMPT, 0)  # the prompt alone
+    assert log == [(128, True), (64, True), (192, True), (64, False)] * 2
+    assert _rel(again, reference[:1]) < 1e-4
 
 
 def test_siblings_with_different_orders_keep_their_gathers(tiny_llama, monkeypatch):

@@ -236,9 +236,9 @@ def test_a_model_decodes_through_the_residual_kernel_like_the_eager_model(tiny_l
     kernel = norm_kernel.add_rms_norm
     monkeypatch.setattr(norm_kernel, "add_rms_norm", lambda *a: calls.append(a[1] is None) or kernel(*a))
     got = greedy_logits(torch_generation._default_forward(fused), prompt, 4)
-    # the first call's check against torch (the first input norm), then per one-token step: the first
-    # input norm alone and two adds per layer; the prompt runs eagerly
-    assert calls == [True] + [True, False, False, False, False] * 4
+    # the first call's check against torch (the first input norm), then for the prompt (its rows through
+    # the kernel too) and each one-token step: the first input norm alone and two adds per layer
+    assert calls == [True] + [True, False, False, False, False] * 5
     assert float((got - reference).norm() / reference.norm()) < 1e-5
     assert torch.equal(got.argmax(-1), reference.argmax(-1))
 
@@ -280,4 +280,4 @@ def test_the_residual_kernel_is_checked_once_then_trusted(tiny_llama, monkeypatc
     greedy_logits(torch_generation._default_forward(fused), [5, 17, 42], 3)
     route = residual_route(fused)
     assert route.use_kernel and route.verified == {"cpu"}
-    assert len(calls) == 1 + 5 * 3  # the one check, then the first norm and four adds per one-token step
+    assert len(calls) == 1 + 5 * 4  # the one check, then the first norm and four adds for the prompt and each step
