@@ -16,8 +16,10 @@ steps): the rewrites are exact up to fp32 summation order.
 Prompts (--prompts 16,64,512): each engine's prompt step at those lengths, eager as the backend runs it
 (the wall time, best of 5) and its GPU kernel time (the sum of its kernels' durations under the
 profiler: what act-order costs the GPU, without the host's launch gaps), with the gathering launches of
-one prompt. A fifth engine is the backend's with its prompts kept off the residual route (every prompt
-gathers q/k/v's and gate/up's input, as before prompts took that route).
+one prompt. Two more engines keep their prompts off the residual route (prompts as they ran before they
+took it: the layers' own norms and adds, and an act-order prompt gathers q/k/v's and gate/up's input):
+the checkpoint without act-order and the backend's act-order engine. Each prompt ratio is against the
+engine without act-order whose prompts run the same way.
 
     python -m bench.act_order [--layers 32] [--new 128] [--prompts 16,64,512] [--out DIR] [--ckpt /tmp/ckpt-ao]
 """
@@ -130,6 +132,7 @@ def main(argv=None) -> None:
             ("act-order, gathers in the kernels", True, False, True, True),
             ("act-order, rewritten, o_proj gathering", True, True, False, True),
             ("act-order, rewritten (the backend)", True, True, True, True),
+            ("no act-order, prompts off the residual route", False, True, True, False),
             ("the backend, prompts off the residual route", True, True, True, False)):
         if not prompt_route and not lengths:
             continue
@@ -159,7 +162,7 @@ def main(argv=None) -> None:
             tokens = tokens or out.argmax(-1).tolist()  # the first act-order engine's tokens feed the others
             logits[label] = out
         prompts = prompt_times(model, device, prompt_len, lengths, config.vocab_size) if lengths else {}
-        rows.append((label, best, gathers, prompts))
+        rows.append((label, best, gathers, prompts, prompt_route))
         print(f"{label}: {best:.1f} tok/s, gathering launches {gathers[0]} per prompt, {gathers[1]} per step; "
               + ", ".join(f"prompt {n}: {w:.2f} ms eager, {k:.3f} ms of kernels" for n, (w, k) in prompts.items()),
               flush=True)
@@ -179,17 +182,18 @@ def main(argv=None) -> None:
           + "; ".join(f"{label}: logits rel err {err:.1e}, top-1 {top1 * 100:.0f}%"
                       for label, (err, top1) in agreement.items()) + ".", "",
           "| engine | decode tok/s | x no act-order | gathering launches per step |", "| --- | --- | --- | --- |"]
-    md += [f"| {label} | {tps:.1f} | {tps / base:.3f} | {g[1]} |" for label, tps, g, _ in rows if tps == tps]
+    md += [f"| {label} | {tps:.1f} | {tps / base:.3f} | {g[1]} |" for label, tps, g, _, _ in rows if tps == tps]
     if lengths:
-        base_prompts = rows[0][3]
+        base_prompts = {routed: prompts for label, _, _, prompts, routed in rows if label.startswith("no act-order")}
         md += ["", "Prompt steps (eager wall ms, best of 5 / GPU kernel ms of one step; x: against no act-order "
-               "at that length; gathering launches of one prompt step):", "",
+               "at that length, prompts run the same way; gathering launches of one prompt step):", "",
                "| engine | gathers | " + " | ".join(f"{n} tokens: wall ms (x) | kernels ms (x)" for n in lengths)
                + " |", "| --- | --- | " + " | ".join("--- | ---" for _ in lengths) + " |"]
-        for label, _, g, prompts in rows:
+        for label, _, g, prompts, routed in rows:
+            b = base_prompts[routed]
             md.append(f"| {label} | {g[0]} | " + " | ".join(
-                f"{prompts[n][0]:.2f} ({prompts[n][0] / base_prompts[n][0]:.3f}) | "
-                f"{prompts[n][1]:.3f} ({prompts[n][1] / base_prompts[n][1]:.3f})" for n in lengths) + " |")
+                f"{prompts[n][0]:.2f} ({prompts[n][0] / b[n][0]:.3f}) | "
+                f"{prompts[n][1]:.3f} ({prompts[n][1] / b[n][1]:.3f})" for n in lengths) + " |")
     text = "\n".join(md) + "\n" + "".join("\n" + p for p in profiles)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
