@@ -8,12 +8,12 @@ dependent reads at each program's start: +13-15% over the same checkpoint withou
 - down_proj's input is act(gate_proj(x)) * up_proj(x), column by column. Storing gate's and up's output
   columns in down's order (their qweight, scales, zeros and bias columns permuted once, at load) makes
   that product come out sorted, so down runs without a perm at every batch size (`fold_mlp_orders`).
-- q/k/v and gate/up read an RMSNorm's output, o_proj the attention's. When decoding, the norm kernel
-  and the attention kernel write their output in their readers' order and mark the tensor
-  (`mark_sorted`); a QuantLinear whose perm is that very order then skips its gather
+- q/k/v and gate/up read an RMSNorm's output, o_proj the attention's. The norm kernel (when decoding
+  and in prompts) and the decoding attention kernel write their output in their readers' order and mark
+  the tensor (`mark_sorted`); a QuantLinear whose perm is that very order then skips its gather
   (`presort_inputs`, cuda_graph.ResidualRoute, decode_attention.DecodeAttentionRoute).
 
-Prompts keep the gathers of q/k/v, o_proj and gate/up (one per launch, amortised over the rows).
+Prompts keep o_proj's gather (their attention is HF's), one launch per layer amortised over the rows.
 """
 from __future__ import annotations
 
