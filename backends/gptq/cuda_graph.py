@@ -261,7 +261,10 @@ def fuse_residual_norms(model, device_types=("cuda",)) -> int:
 
     def final_forward(x, _original=norm_forward):
         normed = route.take(x)
-        return _original(x) if normed is None else normed
+        if normed is None:
+            return _original(x)
+        route.total = route.normed = None  # a long prompt's rows are not held past its forward
+        return normed
 
     final_forward.__wrapped__ = norm_forward
     final_norm.forward = final_forward

@@ -239,6 +239,7 @@ def test_a_model_decodes_through_the_residual_kernel_like_the_eager_model(tiny_l
     # the first call's check against torch (the first input norm), then for the prompt (its rows through
     # the kernel too) and each one-token step: the first input norm alone and two adds per layer
     assert calls == [True] + [True, False, False, False, False] * 5
+    assert residual_route(fused).total is None and residual_route(fused).normed is None  # nothing held after
     assert float((got - reference).norm() / reference.norm()) < 1e-5
     assert torch.equal(got.argmax(-1), reference.argmax(-1))
 
