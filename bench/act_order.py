@@ -41,7 +41,7 @@ if str(REPO) not in sys.path:
 from backends import torch_generation  # noqa: E402
 from bench.provenance import tree_commit  # noqa: E402
 from bench.decode import (build_checkpoint, fuse_for_decoding, graph_decoding,  # noqa: E402
-                          llama7b_config, load_gptq, profile_table)
+                          kernel_us, llama7b_config, load_gptq, profile_table)
 
 
 def engine(folder: Path, device, rewrites: bool, tuner_cache: Path, attention_order: bool = True):
@@ -99,10 +99,25 @@ def prompt_times(model, device, max_len: int, lengths, vocab: int) -> dict[int, 
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 decoder.step(ids, None)
                 torch.cuda.synchronize()
-        kernel_us = sum(getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
-                        for ev in prof.key_averages())
-        out[length] = (min(walls) * 1e3, kernel_us / 1e3)
+        out[length] = (min(walls) * 1e3, sum(kernel_us(ev) for ev in prof.key_averages()) / 1e3)
     return out
+
+
+def prompt_table(rows, lengths) -> list[str]:
+    """The prompt steps' markdown table from rows (label, tok/s, (gathers per prompt, per step), {length:
+    (wall ms, kernel ms)}, prompts on the residual route): each engine's ratio is against the engine
+    without act-order ("no act-order...") whose prompts run the same way."""
+    base = {routed: prompts for label, _, _, prompts, routed in rows if label.startswith("no act-order")}
+    md = ["Prompt steps (eager wall ms, best of 5 / GPU kernel ms of one step; x: against no act-order at that "
+          "length, prompts run the same way; gathering launches of one prompt step):", "",
+          "| engine | gathers | " + " | ".join(f"{n} tokens: wall ms (x) | kernels ms (x)" for n in lengths) + " |",
+          "| --- | --- | " + " | ".join("--- | ---" for _ in lengths) + " |"]
+    for label, _, gathers, prompts, routed in rows:
+        b = base[routed]
+        md.append(f"| {label} | {gathers[0]} | " + " | ".join(
+            f"{prompts[n][0]:.2f} ({prompts[n][0] / b[n][0]:.3f}) | {prompts[n][1]:.3f} ({prompts[n][1] / b[n][1]:.3f})"
+            for n in lengths) + " |")
+    return md
 
 
 def main(argv=None) -> None:
@@ -148,7 +163,7 @@ def main(argv=None) -> None:
             residual_route(model).prompts = False
         gathers = gathers_per_step(model, runtime, prompt, device, max_len)
         best, decoder = float("nan"), None
-        if prompt_route:  # the fifth engine decodes as the fourth: only its prompts are timed
+        if prompt_route:  # an engine with prompts off the route decodes as its twin on it: only its prompts are timed
             best = 0.0
             for _ in range(args.repeats):
                 decoder, row = graph_decoding(model, prompt, args.new, device, max_len)
@@ -184,16 +199,7 @@ def main(argv=None) -> None:
           "| engine | decode tok/s | x no act-order | gathering launches per step |", "| --- | --- | --- | --- |"]
     md += [f"| {label} | {tps:.1f} | {tps / base:.3f} | {g[1]} |" for label, tps, g, _, _ in rows if tps == tps]
     if lengths:
-        base_prompts = {routed: prompts for label, _, _, prompts, routed in rows if label.startswith("no act-order")}
-        md += ["", "Prompt steps (eager wall ms, best of 5 / GPU kernel ms of one step; x: against no act-order "
-               "at that length, prompts run the same way; gathering launches of one prompt step):", "",
-               "| engine | gathers | " + " | ".join(f"{n} tokens: wall ms (x) | kernels ms (x)" for n in lengths)
-               + " |", "| --- | --- | " + " | ".join("--- | ---" for _ in lengths) + " |"]
-        for label, _, g, prompts, routed in rows:
-            b = base_prompts[routed]
-            md.append(f"| {label} | {g[0]} | " + " | ".join(
-                f"{prompts[n][0]:.2f} ({prompts[n][0] / b[n][0]:.3f}) | "
-                f"{prompts[n][1]:.3f} ({prompts[n][1] / b[n][1]:.3f})" for n in lengths) + " |")
+        md += [""] + prompt_table(rows, lengths)
     text = "\n".join(md) + "\n" + "".join("\n" + p for p in profiles)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -20,19 +20,12 @@ if str(REPO) not in sys.path:
 
 from backends.gptq.kernel_runtime import KernelRuntime  # noqa: E402
 from backends.gptq.timing import graph_time_ms  # noqa: E402
-from bench.kernels import CASES, random_layer  # noqa: E402
+from bench.kernels import random_layer, shape_case  # noqa: E402
 
 
 def parse_cases(text: str) -> list[tuple[int, int, int, int, bool]]:
     """'KxN:case,...' (case as bench.kernels names them) -> [(K, N, bits, group, act-order), ...]."""
-    out = []
-    for item in text.split(","):
-        shape, case = item.split(":")
-        if case not in CASES:
-            raise SystemExit(f"bench.copies_probe: unknown case {case!r} (one of {', '.join(CASES)})")
-        K, N = map(int, shape.split("x"))
-        out.append((K, N, *CASES[case]))
-    return out
+    return [shape_case(item, "bench.copies_probe") for item in text.split(",")]
 
 
 def probe(K: int, N: int, bits: int, gs: int, act: bool, rows: int, copies: list[int]) -> str:

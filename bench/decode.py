@@ -516,6 +516,11 @@ def profile_only(args, folder: Path, prompt, device) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
+def kernel_us(event) -> float:
+    """GPU microseconds of a profiler event (torch renamed cuda_time_total to device_time_total)."""
+    return getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+
+
 def profile_table(decoder, prompt, device, tps: float, steps: int = 48) -> str:
     """The decoding step's GPU time by kernel, from `steps` graph-replayed steps under the profiler
     (the decoder's own step, positions advancing), against the step time without per-token host work
@@ -542,7 +547,7 @@ def profile_table(decoder, prompt, device, tps: float, steps: int = 48) -> str:
         run(steps)
     rows = {}
     for ev in prof.key_averages():
-        us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        us = kernel_us(ev)
         if us > 0:
             rows[ev.key] = (us, ev.count)
     # the prefill and the two warm steps are profiled too: count per decoding step from the launches
@@ -550,7 +555,7 @@ def profile_table(decoder, prompt, device, tps: float, steps: int = 48) -> str:
     with profile(activities=[ProfilerActivity.CUDA]) as prof0:
         run(0)
     for ev in prof0.key_averages():
-        us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        us = kernel_us(ev)
         if ev.key in rows:
             u, c = rows[ev.key]
             rows[ev.key] = (u - us, c - ev.count)

@@ -38,6 +38,17 @@ CASES = {"4g128": (4, 128, False), "4g128a": (4, 128, True), "3g128": (3, 128, F
 L2_BYTES = 50 * 2**20
 
 
+def shape_case(text: str, prog: str, taken=None) -> tuple[int, int, int, int, bool]:
+    """'KxN:case' (a case of CASES, among `taken` when given) -> (K, N, bits, group, act-order); an unknown
+    case stops the benchmark `prog` with the names it takes, before any GPU work."""
+    shape, case = text.split(":")
+    taken = list(CASES) if taken is None else taken
+    if case not in taken:
+        raise SystemExit(f"{prog}: unknown case {case!r} (one of {', '.join(taken)})")
+    K, N = map(int, shape.split("x"))
+    return (K, N, *CASES[case])
+
+
 def median_ms(fn, rep_ms=100):
     from triton.testing import do_bench
     return do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")

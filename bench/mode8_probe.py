@@ -102,13 +102,10 @@ def parse_case(text: str):
     """'KxN:case:rows' (case as bench.kernels names them; mode 8's widths, without act-order) -> K, N, bits,
     group, rows."""
     from backends.gptq.gluon_gemv import BITS
-    from bench.kernels import CASES
+    from bench.kernels import CASES, shape_case
     shape, case, rows = text.split(":")
-    K, N = map(int, shape.split("x"))
     taken = [c for c, (bits, _, act) in CASES.items() if bits in BITS and not act]
-    if case not in taken:
-        raise SystemExit(f"bench.mode8_probe: unknown case {case!r} (one of {', '.join(taken)})")
-    bits, group, _ = CASES[case]
+    K, N, bits, group, _ = shape_case(f"{shape}:{case}", "bench.mode8_probe", taken)
     return K, N, bits, group, int(rows)
 
 

@@ -131,6 +131,27 @@ def test_copies_probe_names_its_cases_as_bench_kernels_does():
         parse_cases("4096x11008:5g128")
 
 
+def test_act_order_prompt_ratios_compare_engines_whose_prompts_run_alike():
+    """bench.act_order's prompt table: an engine with prompts off the residual route is set against the
+    engine without act-order whose prompts are off it too, not against the routed one."""
+    from bench.act_order import prompt_table
+    nan = float("nan")
+    rows = [("no act-order", 400.0, (0, 0), {16: (10.0, 4.0), 512: (30.0, 20.0)}, True),
+            ("act-order, rewritten (the backend)", 399.0, (32, 0), {16: (11.0, 4.2), 512: (30.0, 20.2)}, True),
+            ("no act-order, prompts off the residual route", nan, (0, 0),
+             {16: (20.0, 5.0), 512: (40.0, 22.0)}, False),
+            ("the backend, prompts off the residual route", nan, (96, 0),
+             {16: (21.0, 5.5), 512: (40.0, 22.0)}, False)]
+    md = prompt_table(rows, [16, 512])
+    assert md[2] == ("| engine | gathers | 16 tokens: wall ms (x) | kernels ms (x) | 512 tokens: wall ms (x) "
+                     "| kernels ms (x) |")
+    assert md[4] == "| no act-order | 0 | 10.00 (1.000) | 4.000 (1.000) | 30.00 (1.000) | 20.000 (1.000) |"
+    assert md[5] == ("| act-order, rewritten (the backend) | 32 | 11.00 (1.100) | 4.200 (1.050) | 30.00 (1.000) "
+                     "| 20.200 (1.010) |")
+    assert md[7] == ("| the backend, prompts off the residual route | 96 | 21.00 (1.050) | 5.500 (1.100) | 40.00 (1.000) "
+                     "| 22.000 (1.000) |")
+
+
 def test_gemv_sweep_grid_options_belong_to_mode_4(capsys):
     """--block-n/--block-k/--warps narrow mode 4's grid; with another mode they would be ignored, so they are
     refused with a message, before any GPU work."""

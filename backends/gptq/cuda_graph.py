@@ -167,15 +167,16 @@ class ResidualRoute:
             return self._marked(normed, order)
         return norm(x)
 
-    def add_norm(self, residual: torch.Tensor, delta: torch.Tensor, norm, prompt: bool = False):
-        """(residual + delta, its norm): through the kernel where it applies, else torch.compile's kernel
-        (a prompt: eager torch, which needs no compile for each new length)."""
+    def add_norm(self, residual: torch.Tensor, delta: torch.Tensor, norm):
+        """(residual + delta, its norm): through the kernel where it applies, else torch.compile's kernel for
+        one-token rows (the shape it was compiled for) and eager torch for a prompt (no compile per length)."""
         order, ordered_weight = self.orders.get(norm, (None, None))
         if self._kernel_applies(residual, delta, norm, order):
             total, normed = norm_kernel.add_rms_norm(residual, delta, norm.weight, norm.variance_epsilon, order,
                                                      ordered_weight)
             return total, self._marked(normed, order)
-        return (_add_rms_norm if prompt else self.compiled)(residual, delta, norm.weight, norm.variance_epsilon)
+        fallback = self.compiled if residual.shape[-2] == 1 else _add_rms_norm
+        return fallback(residual, delta, norm.weight, norm.variance_epsilon)
 
     @staticmethod
     def _marked(normed: torch.Tensor, order):
@@ -243,16 +244,16 @@ def fuse_residual_norms(model, device_types=("cuda",)) -> int:
         original = layer.forward
 
         def forward(hidden_states, *args, _l=layer, _next=next_norm, _original=original, **kwargs):
-            prompt = not _decoding(hidden_states, device_types)
-            if args or prompt and not (hidden_states.device.type in device_types
-                                       and route.takes_prompt(hidden_states, _l.input_layernorm)):
+            routed = _decoding(hidden_states, device_types) or (
+                hidden_states.device.type in device_types and route.takes_prompt(hidden_states, _l.input_layernorm))
+            if args or not routed:
                 return _original(hidden_states, *args, **kwargs)
             normed = route.take(hidden_states)
             if normed is None:
                 normed = route.norm(hidden_states, _l.input_layernorm)
             attn_out, _ = _l.self_attn(hidden_states=normed, **kwargs)
-            total, normed = route.add_norm(hidden_states, attn_out, _l.post_attention_layernorm, prompt)
-            route.total, route.normed = route.add_norm(total, _l.mlp(normed), _next, prompt)
+            total, normed = route.add_norm(hidden_states, attn_out, _l.post_attention_layernorm)
+            route.total, route.normed = route.add_norm(total, _l.mlp(normed), _next)
             return route.total
 
         forward.__wrapped__, forward.residual_route = original, route

@@ -270,6 +270,31 @@ def test_a_residual_kernel_that_fails_its_first_check_hands_back_to_torch(tiny_l
     assert float((got - reference).norm() / reference.norm()) < 1e-5
 
 
+def test_a_prompt_whose_residual_kernel_is_switched_off_compiles_nothing(tiny_llama, monkeypatch):
+    """A kernel that fails its first check on a prompt hands that prompt's adds to eager torch, not to
+    torch.compile's form (compiled per shape: every new prompt length would cost a compile), and the
+    prompt gives the eager model's logits."""
+    from torch._dynamo.utils import counters
+    from backends.gptq import norm_kernel
+    from backends.gptq.cuda_graph import fuse_residual_norms, residual_route
+
+    def failing(*_):
+        raise RuntimeError("PTX compile failed")
+
+    monkeypatch.setattr(norm_kernel, "add_rms_norm", failing)
+    fused = copy.deepcopy(tiny_llama)
+    assert fuse_residual_norms(fused, device_types=("cpu",)) == 2
+    ids = torch.tensor([[5, 17, 42, 7, 99, 3]])
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.inference_mode():
+        reference = tiny_llama(input_ids=ids).logits
+        got = fused(input_ids=ids).logits
+    assert not residual_route(fused).use_kernel
+    assert counters["stats"]["unique_graphs"] == 0
+    assert float((got - reference).norm() / reference.norm()) < 1e-5
+
+
 def test_the_residual_kernel_is_checked_once_then_trusted(tiny_llama, monkeypatch):
     from backends.gptq import norm_kernel
     from backends.gptq.cuda_graph import fuse_residual_norms, residual_route
