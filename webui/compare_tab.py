@@ -198,9 +198,9 @@ def build(ctx) -> None:
         notes = gr.Markdown(elem_id="compare-notes")
         with gr.Row():
             ppl_plot = gr.ScatterPlot(x="memory MB", y="perplexity", color="entry",
-                                      title="Perplexity against memory (lower left is better)")
+                                      title="Perplexity against memory (lower left is better)", height=340)
             speed_plot = gr.BarPlot(x="bar", y="tokens/s", color="kind", title="Tokens/s per entry",
-                                    x_title="entry")
+                                    x_title="entry", x_label_angle=-30, height=340)  # level labels of 8 bars overlap
         exports = gr.File(label="Export (CSV, JSON)", file_count="multiple", interactive=False)
 
     # -- handlers ----------------------------------------------------------------------------
