@@ -39,8 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--token-clip", type=float, default=None,
                    help="cap each token's Hessian weight at this multiple of the median token norm")
     q.add_argument("--method", choices=("gptq", "rtn"), default="gptq", help="gptq (default) or round-to-nearest")
-    q.add_argument("--calib", default="builtin",
-                   help="builtin (offline), c4, wikitext2, ptb, or a .txt/.jsonl/.parquet file (default builtin)")
+    q.add_argument("--calib", default="generated",
+                   help="generated (text the model writes itself, offline; the default), builtin (offline prose), "
+                        "c4, wikitext2, ptb, or a .txt/.jsonl/.parquet file")
     q.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
     q.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
     q.add_argument("--seed", type=int, default=0)

@@ -2,8 +2,9 @@
 
 Sources: `c4` (the shared local sample, else its first train shard through huggingface_hub), `wikitext2`
 and `ptb` (through the optional `datasets` package when the hub is reachable), a local file (.txt, .jsonl
-with a `text` field, .parquet), and `builtin`: English prose from the docstrings of the installed Python
-standard library, which needs no network at all.
+with a `text` field, .parquet), `builtin`: English prose from the docstrings of the installed Python
+standard library, which needs no network at all, and `generated`: text the model itself writes (drawn by
+the pipeline, which holds the model: `quantizer.generated_calibration`).
 Windows are drawn as GPTQ draws them from C4: pick a random document longer than `seqlen` tokens,
 then a random window inside it; when no document is that long, windows come from the concatenation.
 """
@@ -21,7 +22,8 @@ import torch
 from backends.base import BackendError
 
 NAMED = ("c4", "wikitext2", "ptb")
-SOURCES = ("builtin",) + NAMED
+GENERATED = "generated"
+SOURCES = (GENERATED, "builtin") + NAMED
 BUILTIN_MIN_CHARS = 300
 BUILTIN_TARGET_CHARS = 600_000
 
@@ -147,6 +149,9 @@ def _jsonl_texts(lines, name: str) -> list[str]:
 
 def documents(source: str | Path) -> list[str]:
     key = str(source).lower()
+    if key == GENERATED:
+        raise BackendError("the generated calibration source has no documents: the model writes its tokens "
+                           "(quantizer.generated_calibration)")
     if key == "builtin":
         return builtin_documents()
     if key == "c4":

@@ -9,6 +9,8 @@ import psutil
 import torch
 from safetensors import safe_open
 
+from quantizer.calibration import GENERATED
+from quantizer.generated_calibration import batch_rows
 from quantizer.layers import ShardReader, arch_for, read_config
 from quantizer.settings import QuantizeSettings
 
@@ -28,6 +30,7 @@ class Estimate:
     gpu_free_mb: float
     disk_free_mb: float
     warnings: list[str] = field(default_factory=list)
+    generated_tokens: int = 0  # calibration tokens the model writes before the first layer
 
     def markdown(self) -> str:
         gpu = (f"{self.gpu_mb:,.0f} MB of {self.gpu_free_mb:,.0f} MB free" if self.gpu_free_mb
@@ -35,6 +38,9 @@ class Estimate:
         lines = [f"**Estimate** — peak RAM {self.ram_mb:,.0f} MB of {self.available_ram_mb:,.0f} MB available; "
                  f"GPU {gpu}; disk {self.disk_mb:,.0f} MB of {self.disk_free_mb:,.0f} MB free; "
                  f"calibration activations {self.activations_mb:,.0f} MB on {self.activations_on}."]
+        if self.generated_tokens:
+            lines[0] += (f" The model first writes its calibration text ({self.generated_tokens:,} tokens, "
+                         "with the whole model loaded).")
         lines += [f"- ⚠️ {w}" for w in self.warnings]
         return "\n".join(lines)
 
@@ -93,6 +99,13 @@ def estimate(source: Path, settings: QuantizeSettings, models_dir: Path | None =
     else:
         gpu = 0.0
         ram = BASE_PROCESS_MB + work + (act if where == "RAM" else 0)
+    generated = str(settings.calib).lower() == GENERATED
+    gen = _generation_mb(reader, config, settings, cuda, width) if generated else 0.0
+    # generation comes before the layers: the whole model, its KV cache and a batch of logits, then freed
+    # (on a GPU the model is read on the host before it moves)
+    ram = max(ram, BASE_PROCESS_MB + gen)
+    if cuda:
+        gpu = max(gpu, gen)
     linear = 0.0
     per_layer = _layer_params(reader, f"{arch.layers_prefix}.0.")
     linear = per_layer - 2 * hidden
@@ -105,6 +118,10 @@ def estimate(source: Path, settings: QuantizeSettings, models_dir: Path | None =
     disk_free = shutil.disk_usage(models_dir or source.parent).free / MB
     swap_free = psutil.swap_memory().free / MB
     warnings = []
+    if generated and BASE_PROCESS_MB + gen > available + swap_free or cuda and gen > gpu_free:
+        warnings.append(f"the generated calibration source loads the whole model ({gen:,.0f} MB with its "
+                        "cache), more than this machine has: pick builtin, c4 or a text file, which stream "
+                        "the model one layer at a time")
     if ram > available:
         if ram > available + swap_free:
             warnings.append(f"needs about {ram:,.0f} MB of RAM but only {available:,.0f} MB are available: "
@@ -123,4 +140,18 @@ def estimate(source: Path, settings: QuantizeSettings, models_dir: Path | None =
         warnings.append("no CUDA GPU: quantizing a model this size on the CPU takes hours")
     return Estimate(ram_mb=ram, gpu_mb=gpu, disk_mb=disk, activations_mb=act, activations_on=where,
                     available_ram_mb=available, swap_free_mb=swap_free, gpu_free_mb=gpu_free,
-                    disk_free_mb=disk_free, warnings=warnings)
+                    disk_free_mb=disk_free, warnings=warnings,
+                    generated_tokens=settings.nsamples * settings.seqlen if generated else 0)
+
+
+def _generation_mb(reader: ShardReader, config: dict, settings: QuantizeSettings, cuda: bool, width: int) -> float:
+    """Peak MB of generating the calibration text: weights, KV cache of one batch, that batch's fp32 logits
+    (softmax and copies)."""
+    params = _layer_params(reader, "")  # every tensor of the model
+    hidden, layers = int(config["hidden_size"]), int(config["num_hidden_layers"])
+    heads = int(config.get("num_attention_heads", 1))
+    kv_dim = int(config.get("num_key_value_heads", heads)) * int(config.get("head_dim") or hidden // heads)
+    rows = batch_rows(settings.nsamples, torch.device("cuda" if cuda else "cpu"))
+    kv = 2 * layers * rows * (settings.seqlen + 1) * kv_dim * width
+    logits = 4 * rows * int(config.get("vocab_size", 32000)) * 4
+    return (params * width + kv + logits) / MB

@@ -21,12 +21,12 @@ from typing import Callable
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from backends.base import BackendError
 from backends.gptq import format as gptq_format
 from backends.process_memory import release_memory
-from quantizer import calibration, st_stream
+from quantizer import calibration, generated_calibration, st_stream
 from quantizer.activations import ActivationStore, choose_location
 from quantizer.gptq import Hessian, gptq_quantize, relative_output_errors
 from quantizer.grid import rtn
@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 VERSION = "0.1"
 STATE_FILE = "state.json"
 PARTIAL_SUFFIX = ".partial"
+GENERATED_TOKENS_FILE = "calibration-tokens.safetensors"  # generated tokens, kept for a resume
 MERGE_LIMIT_BYTES = 1 << 30  # up to 1 GiB the result is one model.safetensors, else one shard per layer
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja")
@@ -222,7 +223,8 @@ def run(p: Plan, report: Report | None = None, should_stop: Callable[[], bool] |
         report({"kind": "stage", "stage": "finishing", "text": "writing the checkpoint"})
         _finish(p, state)
     except Cancelled:
-        if not keep_partial_on_cancel or state.get("finished", 0) == 0:
+        worth_resuming = state.get("finished", 0) > 0 or (p.partial / GENERATED_TOKENS_FILE).is_file()
+        if not keep_partial_on_cancel or not worth_resuming:
             shutil.rmtree(p.partial, ignore_errors=True)
         raise
     except BaseException:
@@ -236,6 +238,36 @@ def run(p: Plan, report: Report | None = None, should_stop: Callable[[], bool] |
     return result
 
 
+def _calibration_tokens(p: Plan, device, dtype, report: Report, should_stop) -> torch.Tensor:
+    """The job's [nsamples, seqlen] calibration tokens. Generated ones are kept in the partial folder, so a
+    resumed job calibrates on the very same tokens without generating them again."""
+    s = p.settings
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(str(p.source), trust_remote_code=False)
+    try:
+        if str(s.calib).lower() != calibration.GENERATED:
+            report({"kind": "stage", "stage": "calibration",
+                    "text": f"drawing {s.nsamples} x {s.seqlen} tokens from {s.calib}"})
+            return calibration.calibration_tokens(s.calib, tokenizer, s.nsamples, s.seqlen, s.seed)
+        saved = p.partial / GENERATED_TOKENS_FILE
+        if saved.is_file():
+            report({"kind": "stage", "stage": "calibration", "text": "calibration text: the tokens generated before"})
+            return load_file(str(saved))["tokens"]
+        report({"kind": "stage", "stage": "calibration",
+                "text": f"the model generates {s.nsamples} x {s.seqlen} tokens of calibration text on {device}"})
+        t0 = time.perf_counter()
+        tokens = generated_calibration.generate_tokens(p.source, tokenizer, s.nsamples, s.seqlen, s.seed, device,
+                                                       dtype, report, should_stop,
+                                                       lambda: Cancelled("quantization cancelled"))
+        _save_atomic({"tokens": tokens.contiguous()}, saved)
+        report({"kind": "stage", "stage": "calibration",
+                "text": f"calibration text generated in {time.perf_counter() - t0:.0f} s"})
+        return tokens
+    finally:
+        del tokenizer
+        release_memory()
+
+
 def _run_layers(p: Plan, state: dict, resume_from: int, device, dtype, report: Report,
                 should_stop, on_module=None) -> QuantizeResult:
     s = p.settings
@@ -243,12 +275,7 @@ def _run_layers(p: Plan, state: dict, resume_from: int, device, dtype, report: R
     n_layers = factory.num_layers
     if resume_from >= n_layers:
         return QuantizeResult(output=p.output, seconds=0.0, layers=state["layers"], device=str(device))
-    report({"kind": "stage", "stage": "calibration", "text": f"drawing {s.nsamples} x {s.seqlen} tokens from {s.calib}"})
-    from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(str(p.source), trust_remote_code=False)
-    tokens = calibration.calibration_tokens(s.calib, tokenizer, s.nsamples, s.seqlen, s.seed)
-    del tokenizer
-    release_memory()
+    tokens = _calibration_tokens(p, device, dtype, report, should_stop)
 
     shape = (s.seqlen, factory.hidden)
     nbytes = s.nsamples * s.seqlen * factory.hidden * torch.tensor([], dtype=dtype).element_size()
@@ -579,6 +606,7 @@ def _remove_spills(partial: Path) -> None:
 def _finish(p: Plan, state: dict) -> None:
     s = p.settings
     _remove_spills(p.partial)
+    (p.partial / GENERATED_TOKENS_FILE).unlink(missing_ok=True)
     arch = arch_for(p.config)
     n_layers = int(p.config["num_hidden_layers"])
     extra = [(key, "F16", p.reader.shape(key), lambda key=key: p.reader.read([key], dtype=torch.float16)[key])

@@ -23,7 +23,7 @@ class QuantizeSettings:
     mse: bool = False
     token_clip: float | None = None
     method: str = "gptq"
-    calib: str = "builtin"
+    calib: str = "generated"
     nsamples: int = 128
     seqlen: int = 512
     seed: int = 0
@@ -41,7 +41,7 @@ class QuantizeSettings:
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch size must be a positive integer, got {self.batch_size!r}")
         if not str(self.calib).strip():
-            raise ValueError("pick a calibration source: builtin, c4, wikitext2, ptb or a text file")
+            raise ValueError("pick a calibration source: generated, builtin, c4, wikitext2, ptb or a text file")
         self.gptq_options()  # damp, token_clip
         return self
 

@@ -216,9 +216,11 @@ class QuantizeTab:
                     true_seq = gr.Checkbox(d.true_sequential, label="True-sequential", elem_id="quant-true-seq")
                     sym = gr.Checkbox(d.sym, label="Symmetric", elem_id="quant-sym")
             with gr.Column(scale=2):
-                source = gr.Dropdown([*SOURCES, UPLOAD], value="builtin", label="Calibration source",
-                                     info="builtin works offline (Python documentation prose); c4 makes better "
-                                          "models (one 320 MB download)", elem_id="quant-source")
+                source = gr.Dropdown([*SOURCES, UPLOAD], value=d.calib, label="Calibration source",
+                                     info="generated: the model writes its own calibration text first (offline; "
+                                          "the best models measured, but ~10 min for the default model on 2 CPU "
+                                          "cores); builtin: offline prose, quick but weak; c4: one 320 MB download",
+                                     elem_id="quant-source")
                 upload = gr.File(label="Calibration file (.txt, .jsonl, .parquet)", visible=False,
                                  file_types=[".txt", ".jsonl", ".parquet"], type="filepath", elem_id="quant-upload")
                 with gr.Row():

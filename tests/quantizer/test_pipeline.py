@@ -104,7 +104,7 @@ def test_symmetric_checkpoint_stores_v1_zeros(tiny_models_dir):
     (dict(group_size=0), "group size must be -1"),
     (dict(nsamples=0), "nsamples must be a positive number"),
     (dict(damp=0.0), "damp must be in"),
-    (dict(calib="no-such-source"), "neither one of builtin"),
+    (dict(calib="no-such-source"), "neither one of generated, builtin"),
 ])
 def test_bad_settings_write_nothing(tiny_models_dir, changes, message):
     before = _listing(tiny_models_dir)
@@ -210,7 +210,7 @@ def _cli(*args, **kw):
 @pytest.mark.slow
 def test_resume_after_kill_gives_the_same_checkpoint(tiny_models_dir):
     common = ["quantize", "tiny4", "--models-dir", str(tiny_models_dir), "--nsamples", "4", "--seqlen", "64",
-              "--bits", "4", "--act-order"]
+              "--bits", "4", "--act-order"]  # the default calibration: text the model generates
     proc = _cli(*common, "--out", "resumed")
     state = tiny_models_dir / "resumed.partial" / "state.json"
     deadline = time.time() + 180
@@ -243,7 +243,7 @@ def test_resume_after_kill_gives_the_same_checkpoint(tiny_models_dir):
     torch.set_num_threads(1)  # as the CLI ran (OMP_NUM_THREADS=1): same float sums, same act-order ties
     try:
         reference = run(plan(tiny_models_dir, "tiny4", "uninterrupted",
-                             QuantizeSettings(bits=4, act_order=True, nsamples=4, seqlen=64, calib="builtin")))
+                             QuantizeSettings(bits=4, act_order=True, nsamples=4, seqlen=64, calib="generated")))
     finally:
         torch.set_num_threads(threads)
     a = _tensors(tiny_models_dir / "resumed" / "model.safetensors")

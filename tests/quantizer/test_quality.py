@@ -1,5 +1,6 @@
 """On the real default model: GPTQ's perplexity increase over the fp model is clearly smaller than
-RTN's at 4-bit g128 and at 3-bit g128 (BENCH.md section 4), and the job streams the model (its peak RSS
+RTN's at 4-bit g128 and at 3-bit g128 (BENCH.md section 4), calibrated on C4 and (4-bit) on text the
+model generates itself, and the job streams the model (its peak RSS
 stays below the fp model plus the activations)."""
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ CALIB = dict(calib="c4", nsamples=16, seqlen=256)
 # default) does, where token_clip + damp 0.1 does not (bench/RESULTS.md has both tables). RTN uses the
 # same grid.
 GPTQ_OPTIONS = {4: dict(act_order=True, static_groups=True), 3: dict(token_clip=4.0, damp=0.1)}
+GENERATED_MAX_GAP_RATIO = 0.8  # measured 0.70 (c4 0.60 in the same run), 2026-12-05
 EVAL_SEQLEN, EVAL_WINDOWS = 256, 8
 MB = 2 ** 20
 
@@ -63,16 +65,24 @@ def runs(default_hf_model, artifacts_dir, c4_path, wikitext_path, transformers_b
                 job.wait()
                 assert job.status == "done", job.error
                 out[bits, method] = (_ppl(job.result.output, text), job)
+        # the default source: text the model writes itself (the same budget of 16 x 256 tokens)
+        job = start_quantize(jobs, models_dir, source.name, "4bit-gptq-generated",
+                             QuantizeSettings(bits=4, group_size=128, **{**CALIB, "calib": "generated"},
+                                              **GPTQ_OPTIONS[4]))
+        job.wait()
+        assert job.status == "done", job.error
+        out[4, "gptq-generated"] = (_ppl(job.result.output, text), job)
     finally:
         shutil.rmtree(models_dir, ignore_errors=True)
     return fp, out
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("bits, max_gap_ratio", [(4, 0.8), (3, 0.6)])  # measured: 0.71 and 0.42
-def test_gptq_beats_rtn(runs, bits, max_gap_ratio):
+@pytest.mark.parametrize("bits, gptq, max_gap_ratio", [(4, "gptq", 0.8), (3, "gptq", 0.6),  # measured: 0.71, 0.42
+                                                       (4, "gptq-generated", GENERATED_MAX_GAP_RATIO)])
+def test_gptq_beats_rtn(runs, bits, gptq, max_gap_ratio):
     fp, out = runs
-    rtn_ppl, gptq_ppl = out[bits, "rtn"][0], out[bits, "gptq"][0]
+    rtn_ppl, gptq_ppl = out[bits, "rtn"][0], out[bits, gptq][0]
     print(f"fp {fp:.2f}  rtn {bits}-bit g128 {rtn_ppl:.2f}  gptq {bits}-bit g128 {gptq_ppl:.2f}  "
           f"gap ratio {(gptq_ppl - fp) / (rtn_ppl - fp):.2f}")
     assert fp < gptq_ppl < rtn_ppl
