@@ -27,7 +27,7 @@ def batch_rows(nsamples: int, device: torch.device) -> int:
 
 
 def _barred_ids(model, tokenizer) -> list[int]:
-    """End-of-sequence ids (a sequence must run on) and logit rows past the tokenizer's vocabulary."""
+    """End-of-sequence ids: every sequence must run on for its whole window."""
     eos = model.generation_config.eos_token_id if model.generation_config is not None else None
     eos = eos if eos is not None else model.config.eos_token_id
     ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
