@@ -73,6 +73,7 @@ def _sample(model, first: torch.Tensor, seqlen: int, vocab: int, barred: torch.T
             should_stop, cancelled, progress) -> torch.Tensor:
     """`seqlen` sampled tokens after `first` ([n, 1]) through the model's KV cache, on the CPU."""
     keyword = cache_keyword(model)
+    progress(0)
     out = model(input_ids=first, use_cache=True)
     tokens = []
     for step in range(seqlen):

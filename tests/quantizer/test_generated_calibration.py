@@ -51,7 +51,8 @@ def test_tokens_come_from_the_model_and_repeat_per_seed(tiny_models_dir):
     assert len({tuple(r) for r in tokens.tolist()}) == 3                     # each row its own text
     assert torch.equal(tokens, _generate(source)[0])                         # one seed, one text
     assert not torch.equal(tokens, _generate(source, seed=1)[0])
-    assert events[-1]["stage"] == "generating calibration text: 3/3 samples, token 24/24"
+    assert [e["stage"] for e in events] == ["generating calibration text: 0/3 samples, token 0/24",
+                                            "generating calibration text: 3/3 samples, token 24/24"]
 
     # sampled from the model: the model finds its own text far likelier than random tokens of the vocabulary
     model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32).eval()
