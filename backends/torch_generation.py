@@ -133,6 +133,20 @@ def returned_cache(out):
     return getattr(out, "cache") if "cache" in names else out.past_key_values
 
 
+def eos_ids(model, tokenizer) -> set[int]:
+    """Every id that ends a sequence: the generation config's, the model config's and the tokenizer's."""
+    ids = set()
+    for source in (getattr(model, "generation_config", None), model.config):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids
+
+
 def _default_forward(model):
     keyword = cache_keyword(model)
 

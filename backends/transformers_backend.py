@@ -153,25 +153,13 @@ class TransformersBackend(Backend):
         self._require()
         return {"bos_token": self.tokenizer.bos_token, "eos_token": self.tokenizer.eos_token}
 
-    def _eos_ids(self) -> set[int]:
-        ids = set()
-        for source in (getattr(self.model, "generation_config", None), self.model.config):
-            value = getattr(source, "eos_token_id", None) if source is not None else None
-            if isinstance(value, int):
-                ids.add(value)
-            elif isinstance(value, (list, tuple)):
-                ids.update(int(v) for v in value)
-        if self.tokenizer.eos_token_id is not None:
-            ids.add(int(self.tokenizer.eos_token_id))
-        return ids
-
     # -- generation ------------------------------------------------------------------------
     def generate(self, prompt: str, params: SamplingParams,
                  stop_event: threading.Event | None = None) -> Iterator[GenerationChunk]:
         self._require()
         ids = self.tokenize(prompt, add_special=False)
         yield from torch_generation.stream_generate(
-            self.model, ids, params, eos_ids=self._eos_ids(), decode=self.detokenize,
+            self.model, ids, params, eos_ids=torch_generation.eos_ids(self.model, self.tokenizer), decode=self.detokenize,
             device=self.device, context_length=self.context_length, stop_event=stop_event,
             forward=self._forward_step())
 

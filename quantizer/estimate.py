@@ -118,7 +118,7 @@ def estimate(source: Path, settings: QuantizeSettings, models_dir: Path | None =
     disk_free = shutil.disk_usage(models_dir or source.parent).free / MB
     swap_free = psutil.swap_memory().free / MB
     warnings = []
-    if generated and BASE_PROCESS_MB + gen > available + swap_free or cuda and gen > gpu_free:
+    if generated and (BASE_PROCESS_MB + gen > available + swap_free or (cuda and gen > gpu_free)):
         warnings.append(f"the generated calibration source loads the whole model ({gen:,.0f} MB with its "
                         "cache), more than this machine has: pick builtin, c4 or a text file, which stream "
                         "the model one layer at a time")

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from backends.process_memory import release_memory
-from backends.torch_generation import cache_keyword, returned_cache
+from backends.torch_generation import _default_forward, eos_ids
 
 PROGRESS_EVERY = 64  # tokens between progress reports
 
@@ -24,16 +24,6 @@ PROGRESS_EVERY = 64  # tokens between progress reports
 def batch_rows(nsamples: int, device: torch.device) -> int:
     """Sequences generated side by side: matmuls want wide batches, the KV cache wants narrow ones."""
     return min(nsamples, 64 if device.type == "cuda" else 32)
-
-
-def _barred_ids(model, tokenizer) -> list[int]:
-    """End-of-sequence ids: every sequence must run on for its whole window."""
-    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
-    eos = eos if eos is not None else model.config.eos_token_id
-    ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return sorted(i for i in ids if i is not None and i < len(tokenizer))
 
 
 def generate_tokens(source: Path, tokenizer, nsamples: int, seqlen: int, seed: int, device: torch.device,
@@ -46,7 +36,9 @@ def generate_tokens(source: Path, tokenizer, nsamples: int, seqlen: int, seed: i
                                                  low_cpu_mem_usage=True).to(device).eval()
     try:
         vocab = min(len(tokenizer), model.config.vocab_size)
-        barred = torch.tensor(_barred_ids(model, tokenizer), dtype=torch.long, device=device)
+        # end-of-sequence ids are barred: every sequence runs on for its whole window
+        barred = torch.tensor(sorted(i for i in eos_ids(model, tokenizer) if i < vocab), dtype=torch.long,
+                              device=device)
         special = set(tokenizer.all_special_ids)
         starts = torch.tensor([i for i in range(vocab) if i not in special], dtype=torch.long)
         start_rng = torch.Generator().manual_seed(seed)
@@ -72,19 +64,19 @@ def generate_tokens(source: Path, tokenizer, nsamples: int, seqlen: int, seed: i
 def _sample(model, first: torch.Tensor, seqlen: int, vocab: int, barred: torch.Tensor, rng: torch.Generator,
             should_stop, cancelled, progress) -> torch.Tensor:
     """`seqlen` sampled tokens after `first` ([n, 1]) through the model's KV cache, on the CPU."""
-    keyword = cache_keyword(model)
+    forward = _default_forward(model)  # (input_ids, cache) -> (logits, cache), whatever transformers names it
     progress(0)
-    out = model(input_ids=first, use_cache=True)
+    logits, cache = forward(first, None)
     tokens = []
     for step in range(seqlen):
         if should_stop():
             raise cancelled()
-        logits = out.logits[:, -1, :vocab].float()
+        logits = logits[:, -1, :vocab].float()
         logits[:, barred] = float("-inf")
         token = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=rng)
         tokens.append(token)
         if (step + 1) % PROGRESS_EVERY == 0 or step + 1 == seqlen:
             progress(step + 1)
         if step + 1 < seqlen:
-            out = model(input_ids=token, use_cache=True, **{keyword: returned_cache(out)})
+            logits, cache = forward(token, cache)
     return torch.cat(tokens, dim=1).cpu()

@@ -142,3 +142,22 @@ def test_generated_is_a_named_source_without_documents():
     assert QuantizeSettings().calib == "generated"                           # the default
     with pytest.raises(BackendError, match="the model writes its tokens"):
         calibration.documents("generated")
+
+
+def test_a_cancel_after_generation_keeps_the_tokens_for_a_resume(tiny_models_dir):
+    """Cancelled in the first layer, no layer saved yet: the folder stays, since its tokens cost a generation."""
+    settings = QuantizeSettings(bits=4, **SMALL)
+    stop = {"now": False}
+
+    def report(event):
+        if event.get("kind") == "layer_start" and event["layer"] == 0:
+            stop["now"] = True
+
+    with pytest.raises(Cancelled):
+        run(plan(tiny_models_dir, "tiny", "gen-early", settings), report=report, should_stop=lambda: stop["now"])
+    partial = tiny_models_dir / "gen-early.partial"
+    assert json.loads((partial / "state.json").read_text())["finished"] == 0
+    assert (partial / GENERATED_TOKENS_FILE).is_file()
+    texts = []
+    run(plan(tiny_models_dir, "tiny", "gen-early", settings, resume=True), report=lambda e: texts.append(e.get("text", "")))
+    assert "calibration text: the tokens generated before" in texts
