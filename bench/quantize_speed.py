@@ -3,6 +3,8 @@ pipeline in the same run (the ratio is GPTQ's cost over pure streaming: read, fo
 
     CPU:  python -m bench.quantize_speed --nsamples 128 --seqlen 512 --record
     GPU:  python -m bench.quantize_speed --random-7b --nsamples 128 --seqlen 2048 --act-order both --record
+    Generated calibration text against streamed text, same run:
+          python -m bench.quantize_speed --random-7b --calib builtin,generated --no-baseline --record
 
 --random-7b writes a LLaMA-7B-shaped model with random fp16 weights (hidden 4096, intermediate 11008,
 32 layers, 32 heads) to models/bench-random-7b/ one layer at a time (never whole in RAM), with the
@@ -117,7 +119,9 @@ def measure(models_dir: Path, model: str, settings: QuantizeSettings) -> dict:
     timed = [entry for entry in result.layers if entry.get("timing")]
     stages = {key: round(sum(e["timing"].get(key, 0.0) for e in timed) / max(len(timed), 1), 3)
               for key in (timed[0]["timing"] if timed else {})}
-    return {"method": settings.method, "act_order": settings.act_order, "seconds": wall,
+    generation = sum(e.get("generation_s", 0.0) for e in job.events)
+    return {"method": settings.method, "act_order": settings.act_order, "calib": settings.calib, "seconds": wall,
+            "generation_s": generation,
             "layers": len(result.layers), "layer_s": round(sum(e["seconds"] for e in result.layers)
                                                             / max(len(result.layers), 1), 3),
             "layer_stages_s": stages,
@@ -133,7 +137,8 @@ def main(argv=None) -> int:
     ap.add_argument("--random-7b", action="store_true", help="create and use the 7B-shaped random model")
     ap.add_argument("--layers", type=int, default=32, help="decoder layers of the random model")
     ap.add_argument("--models-dir", type=Path, default=REPO / "models")
-    ap.add_argument("--calib", default="c4", help="c4 (local shared sample) or builtin (always offline)")
+    ap.add_argument("--calib", default="c4", help="c4 (local shared sample), builtin (always offline) or generated "
+                    "(the model writes it); several, comma-separated, run one after the other")
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--bits", type=int, default=4)
@@ -145,15 +150,16 @@ def main(argv=None) -> int:
     ap.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     args = ap.parse_args(argv)
     model = make_random_7b(args.models_dir, args.layers) if args.random_7b else args.model
-    base = dict(bits=args.bits, group_size=args.group_size, calib=args.calib, nsamples=args.nsamples,
-                seqlen=args.seqlen, batch_size=args.batch_size)
+    calibs = [c.strip() for c in args.calib.split(",") if c.strip()]
+    base = dict(bits=args.bits, group_size=args.group_size, nsamples=args.nsamples, seqlen=args.seqlen,
+                batch_size=args.batch_size)
     runs = []
     if not args.no_baseline:
-        runs.append(QuantizeSettings(method="rtn", **base))
+        runs.append(QuantizeSettings(method="rtn", calib=calibs[0], **base))
     orders = {"off": [False], "on": [True], "both": [False, True]}[args.act_order]
-    runs += [QuantizeSettings(method="gptq", act_order=a, **base) for a in orders]
-    header_lines = ["| method | act-order | wall s | vs RTN | peak RSS MB (start) | peak RSS+swap MB | peak GPU MB (alloc / device) | activations on |",
-                    "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    runs += [QuantizeSettings(method="gptq", act_order=a, calib=c, **base) for c in calibs for a in orders]
+    header_lines = ["| method | act-order | calibration | wall s | of which generation s | vs RTN | peak RSS MB (start) | peak RSS+swap MB | peak GPU MB (alloc / device) | activations on |",
+                    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     results = REPO / "bench" / "RESULTS.md"
     if args.record:  # header first, then each row as soon as it is measured (a killed run keeps its rows)
         device = (torch.cuda.get_device_name() if torch.cuda.is_available()
@@ -173,7 +179,8 @@ def main(argv=None) -> int:
         print(json.dumps(r), flush=True)
         rtn = rtn or (r if r["method"] == "rtn" else None)
         ratio = f"{r['seconds'] / rtn['seconds']:.2f}x" if rtn else ""
-        line = (f"| {r['method']} | {'on' if r['act_order'] else 'off'} | {r['seconds']:.1f} | {ratio} | "
+        line = (f"| {r['method']} | {'on' if r['act_order'] else 'off'} | {r['calib']} | {r['seconds']:.1f} | "
+                f"{r['generation_s']:.1f} | {ratio} | "
                 f"{r['peak_rss_mb']:.0f} ({r['start_rss_mb']:.0f}) | {r['peak_rss_swap_mb']:.0f} | "
                 f"{r['peak_gpu_alloc_mb']:.0f} / {r['peak_gpu_device_mb']:.0f} | {r['activations']} |")
         lines.append(line)

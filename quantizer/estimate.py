@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from quantizer.calibration import GENERATED
-from quantizer.generated_calibration import batch_rows
+from quantizer.generated_calibration import batch_rows, row_bytes
 from quantizer.layers import ShardReader, arch_for, read_config
 from quantizer.settings import QuantizeSettings
 
@@ -100,12 +100,14 @@ def estimate(source: Path, settings: QuantizeSettings, models_dir: Path | None =
         gpu = 0.0
         ram = BASE_PROCESS_MB + work + (act if where == "RAM" else 0)
     generated = str(settings.calib).lower() == GENERATED
-    gen = _generation_mb(reader, config, settings, cuda, width) if generated else 0.0
+    free_mb = gpu_free if cuda else available
+    gen = _generation_mb(reader, config, settings, cuda, width, free_mb) if generated else 0.0
     # generation comes before the layers: the whole model, its KV cache and a batch of logits, then freed
-    # (on a GPU the model is read on the host before it moves)
-    ram = max(ram, BASE_PROCESS_MB + gen)
+    # (on a GPU the weights load straight onto it, so host memory does not hold them)
     if cuda:
         gpu = max(gpu, gen)
+    else:
+        ram = max(ram, BASE_PROCESS_MB + gen)
     linear = 0.0
     per_layer = _layer_params(reader, f"{arch.layers_prefix}.0.")
     linear = per_layer - 2 * hidden
@@ -118,7 +120,7 @@ def estimate(source: Path, settings: QuantizeSettings, models_dir: Path | None =
     disk_free = shutil.disk_usage(models_dir or source.parent).free / MB
     swap_free = psutil.swap_memory().free / MB
     warnings = []
-    if generated and (BASE_PROCESS_MB + gen > available + swap_free or (cuda and gen > gpu_free)):
+    if generated and (gen > gpu_free if cuda else BASE_PROCESS_MB + gen > available + swap_free):
         warnings.append(f"the generated calibration source loads the whole model ({gen:,.0f} MB with its "
                         "cache), more than this machine has: pick builtin, c4 or a text file, which stream "
                         "the model one layer at a time")
@@ -144,14 +146,11 @@ def estimate(source: Path, settings: QuantizeSettings, models_dir: Path | None =
                     generated_tokens=settings.nsamples * settings.seqlen if generated else 0)
 
 
-def _generation_mb(reader: ShardReader, config: dict, settings: QuantizeSettings, cuda: bool, width: int) -> float:
-    """Peak MB of generating the calibration text: weights, KV cache of one batch, that batch's fp32 logits
-    (softmax and copies)."""
-    params = _layer_params(reader, "")  # every tensor of the model
-    hidden, layers = int(config["hidden_size"]), int(config["num_hidden_layers"])
-    heads = int(config.get("num_attention_heads", 1))
-    kv_dim = int(config.get("num_key_value_heads", heads)) * int(config.get("head_dim") or hidden // heads)
-    rows = batch_rows(settings.nsamples, torch.device("cuda" if cuda else "cpu"))
-    kv = 2 * layers * rows * (settings.seqlen + 1) * kv_dim * width
-    logits = 4 * rows * int(config.get("vocab_size", 32000)) * 4
-    return (params * width + kv + logits) / MB
+def _generation_mb(reader: ShardReader, config: dict, settings: QuantizeSettings, cuda: bool, width: int,
+                   free_mb: float) -> float:
+    """Peak MB of generating the calibration text: the weights, then the batch generate_tokens picks for the
+    memory left beside them (KV cache and fp32 logits of each row)."""
+    weights = _layer_params(reader, "") * width  # every tensor of the model
+    per_row = row_bytes(config, settings.seqlen, width)
+    rows = batch_rows(settings.nsamples, torch.device("cuda" if cuda else "cpu"), per_row, free_mb * MB - weights)
+    return (weights + rows * per_row) / MB

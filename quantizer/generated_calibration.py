@@ -13,17 +13,31 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+import psutil
 import torch
 
 from backends.process_memory import release_memory
 from backends.torch_generation import _default_forward, eos_ids
 
 PROGRESS_EVERY = 64  # tokens between progress reports
+MEMORY_SHARE = 0.8  # of the memory left beside the weights, what one batch's caches and logits may take
 
 
-def batch_rows(nsamples: int, device: torch.device) -> int:
-    """Sequences generated side by side: matmuls want wide batches, the KV cache wants narrow ones."""
-    return min(nsamples, 64 if device.type == "cuda" else 32)
+def row_bytes(config: dict, seqlen: int, width: int) -> int:
+    """What one sequence holds at its longest: its KV cache over `seqlen` + 1 positions in `width`-byte
+    elements, and a few fp32 copies of one row of logits (the float copy, softmax and the sampler's)."""
+    hidden, layers = int(config["hidden_size"]), int(config["num_hidden_layers"])
+    heads = int(config.get("num_attention_heads") or 1)
+    kv_dim = int(config.get("num_key_value_heads") or heads) * int(config.get("head_dim") or hidden // heads)
+    return 2 * layers * (seqlen + 1) * kv_dim * width + 4 * int(config.get("vocab_size") or 32000) * 4
+
+
+def batch_rows(nsamples: int, device: torch.device, per_row: int, free_bytes: float) -> int:
+    """Sequences generated side by side: matmuls want wide batches, the KV cache wants narrow ones. The
+    batch also fits the memory left beside the weights (a 7B model at seqlen 2048 holds 1 GB of cache
+    a row, so 64 rows would not fit an 80 GB GPU)."""
+    fits = int(MEMORY_SHARE * max(free_bytes, 0) // max(per_row, 1))
+    return max(1, min(nsamples, 64 if device.type == "cuda" else 32, fits))
 
 
 def generate_tokens(source: Path, tokenizer, nsamples: int, seqlen: int, seed: int, device: torch.device,
@@ -32,8 +46,10 @@ def generate_tokens(source: Path, tokenizer, nsamples: int, seqlen: int, seed: i
     """[nsamples, seqlen] token ids sampled from the model in `source` (loaded whole, freed at the end).
     `cancelled()` builds the exception raised when `should_stop()` turns true between two tokens."""
     from transformers import AutoModelForCausalLM
+    # on a GPU the weights go straight to it, shard by shard: no whole copy in host memory first
+    placement = {"device_map": {"": device}} if device.type == "cuda" else {}
     model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype, trust_remote_code=False,
-                                                 low_cpu_mem_usage=True).to(device).eval()
+                                                 low_cpu_mem_usage=True, **placement).eval()
     try:
         vocab = min(len(tokenizer), model.config.vocab_size)
         # end-of-sequence ids are barred: every sequence runs on for its whole window
@@ -44,7 +60,10 @@ def generate_tokens(source: Path, tokenizer, nsamples: int, seqlen: int, seed: i
         start_rng = torch.Generator().manual_seed(seed)
         sample_rng = torch.Generator(device=device).manual_seed(seed)
         rows = []
-        batch = batch_rows(nsamples, device)
+        free = (torch.cuda.mem_get_info(device)[0] if device.type == "cuda"
+                else psutil.virtual_memory().available)
+        per_row = row_bytes(model.config.to_dict(), seqlen, torch.finfo(dtype).bits // 8)
+        batch = batch_rows(nsamples, device, per_row, free)
         for done in range(0, nsamples, batch):
             n = min(batch, nsamples - done)
             first = starts[torch.randint(len(starts), (n, 1), generator=start_rng)].to(device)

@@ -260,8 +260,9 @@ def _calibration_tokens(p: Plan, device, dtype, report: Report, should_stop) -> 
                                                        dtype, report, should_stop,
                                                        lambda: Cancelled("quantization cancelled"))
         _save_atomic({"tokens": tokens.contiguous()}, saved)
-        report({"kind": "stage", "stage": "calibration",
-                "text": f"calibration text generated in {time.perf_counter() - t0:.0f} s"})
+        seconds = time.perf_counter() - t0
+        report({"kind": "stage", "stage": "calibration", "generation_s": seconds,
+                "text": f"calibration text generated in {seconds:.0f} s"})
         return tokens
     finally:
         del tokenizer

@@ -35,6 +35,15 @@ def tiny_llama():
     return LlamaForCausalLM(config).eval()
 
 
+def tokenizer_folder() -> Path:
+    """The default model's tokenizer files, or on a GPU machine without models/ the copy bench/gpu_session.sh
+    carries (GPTQ_WEBUI_TOKENIZER)."""
+    for folder in (DEFAULT_HF, Path(os.environ.get("GPTQ_WEBUI_TOKENIZER", DEFAULT_HF))):
+        if (folder / "tokenizer.json").is_file():
+            return folder
+    pytest.fail(f"no tokenizer.json in {DEFAULT_HF}: run `python -m webui.default_model` first")
+
+
 @pytest.fixture(scope="session")
 def models_dir() -> Path:
     return MODELS_DIR

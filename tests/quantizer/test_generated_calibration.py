@@ -161,3 +161,69 @@ def test_a_cancel_after_generation_keeps_the_tokens_for_a_resume(tiny_models_dir
     texts = []
     run(plan(tiny_models_dir, "tiny", "gen-early", settings, resume=True), report=lambda e: texts.append(e.get("text", "")))
     assert "calibration text: the tokens generated before" in texts
+
+
+def test_the_batch_fits_the_memory_left_beside_the_weights():
+    """A LLaMA-7B shape at seqlen 2048 holds about 1 GB of fp16 cache a row: on an 80 GB GPU with the 13.5 GB of
+    weights loaded, 64 rows would not fit; with little memory left, one row at a time."""
+    from quantizer.generated_calibration import batch_rows, row_bytes
+    llama7b = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, vocab_size=32000)
+    per_row = row_bytes(llama7b, 2048, 2)
+    assert per_row == 2 * 32 * 2049 * 4096 * 2 + 16 * 32000                  # KV cache + fp32 logits copies
+    cuda, cpu, gib = torch.device("cuda"), torch.device("cpu"), 2 ** 30
+    assert batch_rows(128, cuda, per_row, 66 * gib) == int(0.8 * 66 * gib // per_row) == 52
+    assert batch_rows(128, cuda, per_row, 200 * gib) == 64 and batch_rows(128, cpu, per_row, 200 * gib) == 32
+    assert batch_rows(16, cuda, per_row, 200 * gib) == 16
+    assert batch_rows(128, cuda, per_row, 0.5 * gib) == batch_rows(128, cuda, per_row, -gib) == 1
+    gqa = dict(llama7b, num_key_value_heads=8)                                # grouped KV heads: a quarter
+    assert row_bytes(gqa, 2048, 2) - 16 * 32000 == (per_row - 16 * 32000) // 4
+
+
+@pytest.fixture(scope="module")
+def random_fp16(tmp_path_factory):
+    """A random 2-layer LLaMA in fp16 with the default model's tokenizer (a GPU machine carries only that)."""
+    import shutil
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from tests.conftest import tokenizer_folder
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=49152, max_position_embeddings=512,
+                         eos_token_id=2, bos_token_id=1)
+    root = tmp_path_factory.mktemp("gen-cuda")
+    LlamaForCausalLM(config).half().save_pretrained(root / "random")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy2(tokenizer_folder() / name, root / "random" / name)
+    return root
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_generation_on_the_gpu_loads_straight_onto_it_and_frees_it(random_fp16):
+    source = random_fp16 / "random"
+    tokenizer = AutoTokenizer.from_pretrained(str(source))
+    cuda = torch.device("cuda", torch.cuda.current_device())
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated(cuda)
+    import psutil
+    rss = psutil.Process().memory_info().rss
+
+    def gen(seed):
+        return generate_tokens(source, tokenizer, 5, 40, seed, cuda, torch.float16, lambda e: None,
+                               lambda: False, lambda: Cancelled("stop"))
+
+    tokens = gen(0)
+    assert tokens.shape == (5, 40) and tokens.device.type == "cpu" and tokenizer.eos_token_id not in tokens
+    assert torch.equal(tokens, gen(0)) and not torch.equal(tokens, gen(1))   # seeded on the GPU too
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated(cuda) - before < 2 ** 20              # the model and its cache are freed
+    print(f"RSS grew {(psutil.Process().memory_info().rss - rss) / 2 ** 20:.0f} MB")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_job_on_the_gpu_calibrates_on_generated_text(random_fp16):
+    texts = []
+    result = run(plan(random_fp16, "random", "random-gptq", QuantizeSettings(bits=4, device="cuda", **SMALL)),
+                 report=lambda e: texts.append(e.get("text", "")))
+    assert any("tokens of calibration text on cuda" in t for t in texts), texts
+    assert result.device.startswith("cuda")
+    assert json.loads((result.output / "quantize_config.json").read_text())["meta"]["calibration"] == "generated"
+    assert not (random_fp16 / "random-gptq.partial").exists()

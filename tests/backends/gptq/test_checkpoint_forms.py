@@ -8,7 +8,6 @@ v1 zeros labelled v2, and a quantized head over tied embeddings."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -21,18 +20,9 @@ from backends.gptq import rtn
 from backends.registry import create_backend
 from quantizer.reference import DequantizedGPTQBackend, dequantized_state
 from tests.backends.gptq.support import set_quantize_config
+from tests.conftest import tokenizer_folder
 
 IDS = torch.tensor([[1, 17, 305, 4096, 9, 77, 2048, 31, 5, 600, 12, 48000]])
-
-
-def _tokenizer_folder() -> Path:
-    """The default model's tokenizer files, or on a GPU machine without models/ the copy bench/gpu_session.sh
-    carries (GPTQ_WEBUI_TOKENIZER)."""
-    from tests.conftest import DEFAULT_HF
-    for folder in (DEFAULT_HF, Path(os.environ.get("GPTQ_WEBUI_TOKENIZER", DEFAULT_HF))):
-        if (folder / "tokenizer.json").is_file():
-            return folder
-    pytest.fail(f"no tokenizer.json in {DEFAULT_HF}: run `python -m webui.default_model` first")
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +35,7 @@ def tiny_fp16(tmp_path_factory):
     folder = tmp_path_factory.mktemp("forms") / "tiny-fp16"
     LlamaForCausalLM(config).half().save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy2(_tokenizer_folder() / name, folder / name)
+        shutil.copy2(tokenizer_folder() / name, folder / name)
     return folder
 
 
