@@ -26,6 +26,8 @@
 #                                        16 passed on an H200 2026-12-05), the checkpoint forms on CUDA, bench.mode5_blocks
 #   bash bench/gpu_session.sh aoab       act-order end to end, o_proj gathering against the attention writing its order,
 #                                        in one run (bench.act_order's four engines), twice
+#   bash bench/gpu_session.sh generated  the generated calibration source on CUDA: its GPU tests, then a 7B-shaped job on
+#                                        builtin text against the same job on generated text (carry .gpu_carry)
 #   bash bench/gpu_session.sh m2048      long prompts (M = 2048) on all four 7B shapes, plain and act-order, twice: where
 #                                        the dequantize + cuBLAS path's time goes (the dequantize kernel's tiles)
 # Prepare here:  mkdir -p .gpu_carry/tok && cp models/SmolLM2-135M-Instruct/{tokenizer.json,tokenizer_config.json} .gpu_carry/tok/
@@ -186,6 +188,15 @@ case "${1:-decode}" in
       timeout 280 python -m bench.kernels --shapes 4096x11008,11008x4096,8192x28672,28672x8192 --cases 4g128,4g128a \
         --m 2048 --out "$OUT/m2048-$round" 2>&1 | tee "$OUT/m2048-$round.log"
     done
+    ;;
+  generated)
+    # the generated calibration source on a GPU (built 2026-12-05 on CPU): weights straight onto the GPU, the batch
+    # fitted to the memory left; its CUDA tests, then the 7B-shaped job on builtin and on generated text, same run
+    GPTQ_WEBUI_TOKENIZER="$TOK" timeout 150 python -m pytest -q -p no:cacheprovider -rs -s \
+      tests/quantizer/test_generated_calibration.py -k "gpu or batch_fits" 2>&1 | tee "$OUT/gen_tests.log"
+    timeout 420 python -m bench.quantize_speed --random-7b --calib builtin,generated --nsamples 128 --seqlen 512 \
+      --no-baseline --record 2>&1 | tee "$OUT/gen_speed.log"
+    tail -8 bench/RESULTS.md > "$OUT/gen_results.md"
     ;;
   sweep16)
     # launch parameters of the half2 tensor-core kernel at M = 16
