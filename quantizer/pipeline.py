@@ -256,9 +256,15 @@ def _calibration_tokens(p: Plan, device, dtype, report: Report, should_stop) -> 
         report({"kind": "stage", "stage": "calibration",
                 "text": f"the model generates {s.nsamples} x {s.seqlen} tokens of calibration text on {device}"})
         t0 = time.perf_counter()
-        tokens = generated_calibration.generate_tokens(p.source, tokenizer, s.nsamples, s.seqlen, s.seed, device,
-                                                       dtype, report, should_stop,
-                                                       lambda: Cancelled("quantization cancelled"))
+        try:
+            tokens = generated_calibration.generate_tokens(p.source, tokenizer, s.nsamples, s.seqlen, s.seed, device,
+                                                           dtype, report, should_stop,
+                                                           lambda: Cancelled("quantization cancelled"))
+        except (MemoryError, torch.OutOfMemoryError) as exc:
+            where = "GPU" if device.type == "cuda" else "RAM"
+            raise BackendError(f"out of memory ({where}) while the model wrote its calibration text: the generated "
+                               "source loads the whole model, and it does not fit here. Pick builtin, c4 or a text "
+                               "file as the calibration source: they stream the model one layer at a time") from exc
         _save_atomic({"tokens": tokens.contiguous()}, saved)
         seconds = time.perf_counter() - t0
         report({"kind": "stage", "stage": "calibration", "generation_s": seconds,

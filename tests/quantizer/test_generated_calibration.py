@@ -227,3 +227,20 @@ def test_a_job_on_the_gpu_calibrates_on_generated_text(random_fp16):
     assert result.device.startswith("cuda")
     assert json.loads((result.output / "quantize_config.json").read_text())["meta"]["calibration"] == "generated"
     assert not (random_fp16 / "random-gptq.partial").exists()
+
+
+def test_a_model_too_big_to_generate_with_names_the_way_out(tiny_models_dir, monkeypatch):
+    """Loading the whole model runs out of memory (simulated: this machine has room): the job fails with a
+    message that names the sources which stream the model, and leaves no folder behind."""
+    from transformers import AutoModelForCausalLM
+
+    def no_room(*args, **kwargs):
+        raise MemoryError()
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_room)
+    with pytest.raises(Exception) as failure:
+        run(plan(tiny_models_dir, "tiny", "gen-oom", QuantizeSettings(bits=4, device="cpu", **SMALL)))
+    assert not isinstance(failure.value, MemoryError)
+    assert "out of memory (RAM) while the model wrote its calibration text" in str(failure.value)
+    assert "Pick builtin, c4 or a text file" in str(failure.value)
+    assert not (tiny_models_dir / "gen-oom").exists() and not (tiny_models_dir / "gen-oom.partial").exists()
