@@ -5,7 +5,8 @@ so GPTQ's Hessians see the activations that matter. On the default model (4-bit 
 a lower wikitext2 perplexity than C4 calibration and far lower than the builtin prose (bench/RESULTS.md).
 Each sequence starts from one random token and continues by plain sampling (temperature 1, no top-k or
 top-p) with end-of-sequence tokens barred, so every window is `seqlen` tokens of running text. The
-sampling uses its own seeded generator (not torch's global one), so a job is reproducible and does not
+sampling uses its own seeded generator (not torch's global one), so a job is reproducible (on one kind of
+device, with one batch width: only a model whose cache crowds memory gets a narrower batch) and does not
 disturb other users of the process.
 """
 from __future__ import annotations
