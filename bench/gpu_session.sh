@@ -191,12 +191,16 @@ case "${1:-decode}" in
     ;;
   generated)
     # the generated calibration source on a GPU (built 2026-12-05 on CPU): weights straight onto the GPU, the batch
-    # fitted to the memory left; its CUDA tests, then the 7B-shaped job on builtin and on generated text, same run
-    GPTQ_WEBUI_TOKENIZER="$TOK" timeout 150 python -m pytest -q -p no:cacheprovider -rs -s \
-      tests/quantizer/test_generated_calibration.py -k "gpu or batch_fits" 2>&1 | tee "$OUT/gen_tests.log"
-    timeout 420 python -m bench.quantize_speed --random-7b --calib builtin,generated --nsamples 128 --seqlen 512 \
-      --no-baseline --record 2>&1 | tee "$OUT/gen_speed.log"
+    # fitted to the memory left, steps replayed from a CUDA graph; its CUDA tests, then the 7B-shaped job on builtin
+    # and on generated text, same run
+    GPTQ_WEBUI_TOKENIZER="$TOK" timeout 100 python -m pytest -q -p no:cacheprovider -rs -s \
+      tests/quantizer/test_generated_calibration.py tests/backends/gptq/test_graph_decoder.py \
+      -k "gpu or batch_fits or side_by_side" 2>&1 | tee "$OUT/gen_tests.log"
+    timeout 330 python -m bench.quantize_speed --random-7b --calib builtin,generated --nsamples 128 --seqlen 512 \
+      --no-baseline --keep-random --record 2>&1 | tee "$OUT/gen_speed.log"
     tail -8 bench/RESULTS.md > "$OUT/gen_results.md"
+    # each step replayed from a CUDA graph against the eager forward, same model and rows
+    timeout 140 python -m bench.generated_speed --rows 64 --tokens 128 2>&1 | tee "$OUT/gen_graph.log"
     ;;
   sweep16)
     # launch parameters of the half2 tensor-core kernel at M = 16

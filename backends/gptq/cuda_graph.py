@@ -274,7 +274,8 @@ def fuse_residual_norms(model, device_types=("cuda",)) -> int:
 
 class GraphDecoder:
     """Prefill runs eagerly; the first decode step runs eagerly too (it warms up kernel tuning), the
-    second captures the graph, later ones replay it. The cache length is fixed per instance."""
+    second captures the graph, later ones replay it. The cache length is fixed per instance; the batch
+    (rows decoded side by side) is the prompt's, and a prompt of another batch starts a new cache and graph."""
 
     def __init__(self, model, device: torch.device, max_len: int, use_graph: bool = True, step_capture=None):
         self.model, self.device, self.max_len = model, device, max_len
@@ -319,8 +320,11 @@ class GraphDecoder:
         if cache is None:  # a new prompt
             if n > self.max_len:
                 raise BackendError(f"the prompt has {n} tokens, more than the static cache holds ({self.max_len})")
-            if self.cache is None:
+            if self.cache is None or input_ids.shape[0] != self.static_ids.shape[0]:
+                self.cache, self.graph = None, None  # a graph replays one batch's tensors: free both first
                 self.cache = self._new_cache()
+                self.static_ids = torch.zeros(input_ids.shape[0], 1, dtype=torch.long, device=self.device)
+                self.eager_steps = 0
             else:
                 self.cache.reset()
             logits = self._forward(input_ids, torch.arange(n, device=self.device))

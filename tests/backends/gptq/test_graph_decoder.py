@@ -30,6 +30,34 @@ def test_replayed_steps_match_a_full_forward(tiny_llama):
     assert len(graphs) == 1 and graphs[0].replays == (len(forced) - 1) + len(forced)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (real graph capture)"))])
+def test_rows_side_by_side_replay_each_rows_own_forward(tiny_llama, device):
+    """Several sequences decoded at once (the generated calibration source samples 64 rows a step): every
+    row's replayed logits are that row's full forward; a prompt of another batch gets a new cache and capture.
+    On CPU a stand-in re-runs the captured step; on a GPU real CUDA graphs in fp16."""
+    g = torch.Generator().manual_seed(5)
+    model = tiny_llama.to(device, torch.float16 if device == "cuda" else torch.float32)
+    graphs = CaptureLog() if device == "cpu" else None
+    decoder = GraphDecoder(model, torch.device(device), max_len=32, step_capture=graphs)
+    for rows in (3, 3, 2):
+        tokens = torch.randint(0, 320, (rows, 10), generator=g).to(device)
+        with torch.inference_mode():
+            full = model(input_ids=tokens, use_cache=False).logits.float()
+            logits, cache = decoder.step(tokens[:, :4], None)
+            got = [logits[:, -1].float()]
+            for i in range(4, 9):
+                logits, cache = decoder.step(tokens[:, i:i + 1], cache)
+                got.append(logits[:, -1].float())
+        got = torch.stack(got, dim=1)                                        # [rows, 6, vocab]
+        reference = full[:, 3:9]
+        err = (got - reference).norm(dim=-1) / reference.norm(dim=-1)
+        assert got.shape == reference.shape and float(err.max()) < (1e-4 if device == "cpu" else 1e-2), err.tolist()
+        assert decoder.graph is not None
+    if graphs is not None:  # one capture for the batches of 3 (the second replays all 5 steps), one for the 2
+        assert len(graphs) == 2 and graphs[0].replays == 4 + 5 and graphs[1].replays == 4
+
+
 def test_pipelined_generation_through_replays(tiny_llama):
     """stream_generate's pipelined greedy loop (the token fed to the next replay straight from the
     device) gives the reply of the step-by-step loop through the same captured step."""
