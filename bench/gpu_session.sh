@@ -27,7 +27,8 @@
 #   bash bench/gpu_session.sh aoab       act-order end to end, o_proj gathering against the attention writing its order,
 #                                        in one run (bench.act_order's four engines), twice
 #   bash bench/gpu_session.sh generated  the generated calibration source on CUDA: its GPU tests, then a 7B-shaped job on
-#                                        builtin text against the same job on generated text (carry .gpu_carry)
+#                                        builtin text against the same job on generated text (LAYERS of the 7B shape, 8 by default;
+#                                        carry .gpu_carry)
 #   bash bench/gpu_session.sh m2048      long prompts (M = 2048) on all four 7B shapes, plain and act-order, twice: where
 #                                        the dequantize + cuBLAS path's time goes (the dequantize kernel's tiles)
 # Prepare here:  mkdir -p .gpu_carry/tok && cp models/SmolLM2-135M-Instruct/{tokenizer.json,tokenizer_config.json} .gpu_carry/tok/
@@ -193,14 +194,14 @@ case "${1:-decode}" in
     # the generated calibration source on a GPU (built 2026-12-05 on CPU): weights straight onto the GPU, the batch
     # fitted to the memory left, steps replayed from a CUDA graph; its CUDA tests, then the 7B-shaped job on builtin
     # and on generated text, same run
-    GPTQ_WEBUI_TOKENIZER="$TOK" timeout 100 python -m pytest -q -p no:cacheprovider -rs -s \
+    GPTQ_WEBUI_TOKENIZER="$TOK" timeout 90 python -m pytest -q -p no:cacheprovider -rs -s \
       tests/quantizer/test_generated_calibration.py tests/backends/gptq/test_graph_decoder.py \
       -k "gpu or batch_fits or side_by_side" 2>&1 | tee "$OUT/gen_tests.log"
-    timeout 330 python -m bench.quantize_speed --random-7b --calib builtin,generated --nsamples 128 --seqlen 512 \
-      --no-baseline --keep-random --record 2>&1 | tee "$OUT/gen_speed.log"
+    timeout 220 python -m bench.quantize_speed --random-7b --layers "${LAYERS:-8}" --calib builtin,generated \
+      --nsamples 128 --seqlen 512 --no-baseline --keep-random --record 2>&1 | tee "$OUT/gen_speed.log"
     tail -8 bench/RESULTS.md > "$OUT/gen_results.md"
     # each step replayed from a CUDA graph against the eager forward, same model and rows
-    timeout 140 python -m bench.generated_speed --rows 64 --tokens 128 2>&1 | tee "$OUT/gen_graph.log"
+    timeout 120 python -m bench.generated_speed --rows 64 --tokens 128 2>&1 | tee "$OUT/gen_graph.log"
     ;;
   sweep16)
     # launch parameters of the half2 tensor-core kernel at M = 16
