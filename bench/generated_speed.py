@@ -1,6 +1,6 @@
 """Speed of the generated calibration source's text generation: each step replayed from a CUDA graph over a
-static cache (what a GPU job runs) against the model's eager forward with its growing cache (what it ran
-before), same model, same rows, same run.
+static cache (what a GPU job runs) against the same steps run eagerly over the same cache, same model, same
+rows, same run.
 
     python -m bench.generated_speed --model bench-random-7b --rows 64 --tokens 128
 
@@ -19,18 +19,13 @@ from quantizer.pipeline import Cancelled
 REPO = Path(__file__).resolve().parent.parent
 
 
-def timed(source: Path, tokenizer, rows: int, tokens: int, device, graph: bool) -> float:
+def timed(source: Path, tokenizer, rows: int, tokens: int, device, graphs: bool) -> float:
     """Seconds to generate rows x tokens (model load excluded: the first report marks the start)."""
     started = {}
-    original = generated_calibration._stepper
-    if not graph:
-        generated_calibration._stepper = lambda model, device, seqlen: generated_calibration._default_forward(model)
-    try:
-        generated_calibration.generate_tokens(
-            source, tokenizer, rows, tokens, 0, device, torch.float16,
-            lambda event: started.setdefault("t", time.perf_counter()), lambda: False, lambda: Cancelled("stop"))
-    finally:
-        generated_calibration._stepper = original
+    generated_calibration.generate_tokens(
+        source, tokenizer, rows, tokens, 0, device, torch.float16,
+        lambda event: started.setdefault("t", time.perf_counter()), lambda: False, lambda: Cancelled("stop"),
+        graphs=graphs)
     torch.cuda.synchronize()
     return time.perf_counter() - started["t"]
 

@@ -43,9 +43,10 @@ def batch_rows(nsamples: int, device: torch.device, per_row: int, free_bytes: fl
 
 def generate_tokens(source: Path, tokenizer, nsamples: int, seqlen: int, seed: int, device: torch.device,
                     dtype: torch.dtype, report: Callable[[dict], None], should_stop: Callable[[], bool],
-                    cancelled: Callable[[], BaseException]) -> torch.Tensor:
+                    cancelled: Callable[[], BaseException], graphs: bool = True) -> torch.Tensor:
     """[nsamples, seqlen] token ids sampled from the model in `source` (loaded whole, freed at the end).
-    `cancelled()` builds the exception raised when `should_stop()` turns true between two tokens."""
+    `cancelled()` builds the exception raised when `should_stop()` turns true between two tokens. `graphs`
+    off runs a GPU's steps eagerly (bench.generated_speed's baseline)."""
     from transformers import AutoModelForCausalLM
     # on a GPU the weights go straight to it, shard by shard: no whole copy in host memory first
     placement = {"device_map": {"": device}} if device.type == "cuda" else {}
@@ -68,8 +69,8 @@ def generate_tokens(source: Path, tokenizer, nsamples: int, seqlen: int, seed: i
         for done in range(0, nsamples, batch):
             n = min(batch, nsamples - done)
             first = starts[torch.randint(len(starts), (n, 1), generator=start_rng)].to(device)
-            rows.append(_sample(model, first, seqlen, vocab, barred, sample_rng, should_stop, cancelled,
-                                lambda step: report({"kind": "stage", "stage": (
+            rows.append(_sample(_stepper(model, device, seqlen, graphs), first, seqlen, vocab, barred,
+                                sample_rng, should_stop, cancelled, lambda step: report({"kind": "stage", "stage": (
                                     f"generating calibration text: {done + n if step == seqlen else done}"
                                     f"/{nsamples} samples, token {step}/{seqlen}")})))
         return torch.cat(rows)
@@ -80,21 +81,20 @@ def generate_tokens(source: Path, tokenizer, nsamples: int, seqlen: int, seed: i
             torch.cuda.empty_cache()
 
 
-def _stepper(model, device: torch.device, seqlen: int):
-    """The (input_ids, cache) -> (logits, cache) step. On a GPU each step replays a CUDA graph over a static
-    cache: eager, a 7B step is hundreds of small launches whose host time exceeds the weight read many times
-    over. On the CPU the model's own forward with its growing cache."""
+def _stepper(model, device: torch.device, seqlen: int, graphs: bool):
+    """The (input_ids, cache) -> (logits, cache) step, one per batch (its cache is the batch's). On a GPU each
+    step replays a CUDA graph over a static cache: eager, a 7B step is hundreds of small launches whose host
+    time exceeds the weight read many times over. On the CPU the model's own forward with its growing cache."""
     if device.type == "cuda":
         from backends.gptq.cuda_graph import GraphDecoder
-        return GraphDecoder(model, device, seqlen + 1).step
+        return GraphDecoder(model, device, seqlen + 1, use_graph=graphs).step
     return _default_forward(model)
 
 
 @torch.inference_mode()
-def _sample(model, first: torch.Tensor, seqlen: int, vocab: int, barred: torch.Tensor, rng: torch.Generator,
-            should_stop, cancelled, progress) -> torch.Tensor:
-    """`seqlen` sampled tokens after `first` ([n, 1]) through the model's KV cache, back on the CPU."""
-    forward = _stepper(model, first.device, seqlen)
+def _sample(forward, first: torch.Tensor, seqlen: int, vocab: int, barred: torch.Tensor,
+            rng: torch.Generator, should_stop, cancelled, progress) -> torch.Tensor:
+    """`seqlen` sampled tokens after `first` ([n, 1]) through `forward` and its KV cache, back on the CPU."""
     progress(0)
     logits, cache = forward(first, None)
     tokens = []

@@ -44,6 +44,19 @@ def tokenizer_folder() -> Path:
     pytest.fail(f"no tokenizer.json in {DEFAULT_HF}: run `python -m webui.default_model` first")
 
 
+def save_random_llama(folder: Path, **config) -> Path:
+    """A random fp16 LLaMA (seed 0) saved with the default model's tokenizer files: a real-looking model
+    folder for tests on a GPU machine, which carries only the tokenizer."""
+    import shutil
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**config)).half().save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy2(tokenizer_folder() / name, folder / name)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def models_dir() -> Path:
     return MODELS_DIR

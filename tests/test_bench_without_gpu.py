@@ -182,7 +182,7 @@ def test_gemv_sweep_takes_register_caps_ptxas_accepts():
 @pytest.mark.parametrize("command", [
     ["bench/quantize_quality.py", "--no-fp", "--variant", "rtn:method=rtn,bits=4,group_size=128", "--calib", "builtin",
      "--nsamples", "1", "--seqlen", "64", "--windows", "1"],
-    ["bench/quantize_speed.py", "--calib", "builtin", "--nsamples", "1", "--seqlen", "32", "--no-baseline"]],
+    ["bench/quantize_speed.py", "--calib", "builtin,generated", "--nsamples", "1", "--seqlen", "32", "--no-baseline"]],
     ids=["quantize_quality", "quantize_speed"])
 def test_cpu_benchmarks_run_as_files(command, default_hf_model, wikitext_path, tmp_path):
     """Run as files (`python bench/x.py`), Python puts bench/ first on the path, where bench/kernels.py
@@ -194,4 +194,9 @@ def test_cpu_benchmarks_run_as_files(command, default_hf_model, wikitext_path, t
                             text=True, timeout=600)
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
     assert "| " in result.stdout  # the table printed last
+    if "quantize_speed" in command[0]:  # one job per source, generation's seconds in its own column
+        rows = {line.split("|")[3].strip(): line.split("|") for line in result.stdout.splitlines()
+                if line.startswith("| gptq |")}
+        assert sorted(rows) == ["builtin", "generated"], result.stdout[-2000:]
+        assert float(rows["builtin"][5]) == 0.0 and float(rows["generated"][5]) > 0.0
     assert sorted(p.name for p in models.iterdir()) == [default_hf_model.name]  # its checkpoints cleaned up

@@ -182,17 +182,11 @@ def test_the_batch_fits_the_memory_left_beside_the_weights():
 @pytest.fixture(scope="module")
 def random_fp16(tmp_path_factory):
     """A random 2-layer LLaMA in fp16 with the default model's tokenizer (a GPU machine carries only that)."""
-    import shutil
-    from transformers import LlamaConfig, LlamaForCausalLM
-    from tests.conftest import tokenizer_folder
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=49152, max_position_embeddings=512,
-                         eos_token_id=2, bos_token_id=1)
+    from tests.conftest import save_random_llama
     root = tmp_path_factory.mktemp("gen-cuda")
-    LlamaForCausalLM(config).half().save_pretrained(root / "random")
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy2(tokenizer_folder() / name, root / "random" / name)
+    save_random_llama(root / "random", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=49152, max_position_embeddings=512,
+                      eos_token_id=2, bos_token_id=1)
     return root
 
 
@@ -206,13 +200,15 @@ def test_generation_on_the_gpu_loads_straight_onto_it_and_frees_it(random_fp16):
     import psutil
     rss = psutil.Process().memory_info().rss
 
-    def gen(seed):
+    def gen(seed, graphs=True):
         return generate_tokens(source, tokenizer, 5, 40, seed, cuda, torch.float16, lambda e: None,
-                               lambda: False, lambda: Cancelled("stop"))
+                               lambda: False, lambda: Cancelled("stop"), graphs=graphs)
 
     tokens = gen(0)
     assert tokens.shape == (5, 40) and tokens.device.type == "cpu" and tokenizer.eos_token_id not in tokens
     assert torch.equal(tokens, gen(0)) and not torch.equal(tokens, gen(1))   # seeded on the GPU too
+    eager = gen(0, graphs=False)                                             # bench.generated_speed's baseline
+    assert eager.shape == (5, 40) and tokenizer.eos_token_id not in eager
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated(cuda) - before < 2 ** 20              # the model and its cache are freed
     print(f"RSS grew {(psutil.Process().memory_info().rss - rss) / 2 ** 20:.0f} MB")

@@ -20,23 +20,16 @@ from backends.gptq import rtn
 from backends.registry import create_backend
 from quantizer.reference import DequantizedGPTQBackend, dequantized_state
 from tests.backends.gptq.support import set_quantize_config
-from tests.conftest import tokenizer_folder
+from tests.conftest import save_random_llama
 
 IDS = torch.tensor([[1, 17, 305, 4096, 9, 77, 2048, 31, 5, 600, 12, 48000]])
 
 
 @pytest.fixture(scope="module")
 def tiny_fp16(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=49152, tie_word_embeddings=True,
-                         max_position_embeddings=256)
-    folder = tmp_path_factory.mktemp("forms") / "tiny-fp16"
-    LlamaForCausalLM(config).half().save_pretrained(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy2(tokenizer_folder() / name, folder / name)
-    return folder
+    return save_random_llama(tmp_path_factory.mktemp("forms") / "tiny-fp16", hidden_size=64, intermediate_size=96,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=49152,
+                             tie_word_embeddings=True, max_position_embeddings=256)
 
 
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
