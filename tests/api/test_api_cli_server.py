@@ -27,9 +27,12 @@ def cli_server(default_gguf, tmp_path_factory):
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", OMP_WAIT_POLICY="PASSIVE")
     env.pop("GRADIO_TEMP_DIR", None)
     env.pop("GPTQ_WEBUI_API_KEY", None)
-    proc = subprocess.Popen([sys.executable, "-m", "webui", "--model", GGUF, "--port", str(port),
-                             "--api-key", KEY, "--data-dir", str(data)],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # the log goes to a file: an unread pipe fills up and blocks the server's shutdown on its last print
+    log = tmp_path_factory.mktemp("cli-log") / "server.log"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "webui", "--model", GGUF, "--port", str(port),
+                                 "--api-key", KEY, "--data-dir", str(data)],
+                                cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and proc.poll() is None:
@@ -39,7 +42,7 @@ def cli_server(default_gguf, tmp_path_factory):
         except httpx.HTTPError:
             time.sleep(0.5)
     if proc.poll() is not None:
-        pytest.fail(f"the server exited: {proc.stdout.read()[-2000:]}")
+        pytest.fail(f"the server exited: {log.read_text()[-2000:]}")
     yield base, data
     proc.send_signal(signal.SIGINT)
     try:
