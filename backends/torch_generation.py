@@ -8,6 +8,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from backends.base import BackendError, GenerationChunk, SamplingParams
+from backends.growing_cache import growing_cache
 from backends.text_stream import IncrementalDecoder, StopStringFilter
 
 
@@ -148,9 +149,13 @@ def eos_ids(model, tokenizer) -> set[int]:
 
 
 def _default_forward(model):
+    """The model's own forward over a cache that grows in place (backends.growing_cache: no copy of the
+    whole cache per step, as DynamicCache's concatenation makes)."""
     keyword = cache_keyword(model)
 
     def step(input_ids, cache):
+        if cache is None:
+            cache = growing_cache(model.config)
         out = model(input_ids=input_ids, use_cache=True, **{keyword: cache})
         return out.logits, returned_cache(out)
     return step
