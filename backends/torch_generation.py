@@ -148,13 +148,13 @@ def eos_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-def _default_forward(model):
+def _default_forward(model, grow_in_place: bool = True):
     """The model's own forward over a cache that grows in place (backends.growing_cache: no copy of the
-    whole cache per step, as DynamicCache's concatenation makes)."""
+    whole cache per step, as DynamicCache's concatenation makes; off, the model's own cache)."""
     keyword = cache_keyword(model)
 
     def step(input_ids, cache):
-        if cache is None:
+        if cache is None and grow_in_place:
             cache = growing_cache(model.config)
         out = model(input_ids=input_ids, use_cache=True, **{keyword: cache})
         return out.logits, returned_cache(out)

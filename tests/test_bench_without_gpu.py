@@ -15,12 +15,32 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without a GPU")
 @pytest.mark.parametrize("module", ["bench.tune_time", "bench.offload", "bench.load_cycles", "bench.kernels",
                                     "bench.gemv_sweep", "bench.ncu_profile", "bench.mode8_probe",
-                                    "bench.mode5_blocks", "bench.act_order", "bench.copies_probe",
-                                    "bench.generated_speed"])
+                                    "bench.mode5_blocks", "bench.act_order", "bench.copies_probe"])
 def test_gpu_benchmarks_say_they_need_cuda(module):
     result = subprocess.run([sys.executable, "-m", module], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1] == f"{module} needs a CUDA GPU"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without a GPU")
+def test_generated_speed_asked_for_a_gpu_says_it_needs_one():
+    result = subprocess.run([sys.executable, "-m", "bench.generated_speed", "--device", "cuda"], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == "bench.generated_speed --device cuda needs a CUDA GPU"
+
+
+def test_generated_speed_on_the_cpu_times_both_caches(default_hf_model):
+    """The CPU form of bench.generated_speed: the in-place cache against the concatenating one on the default
+    model, same rows; both sample the same text (fp32, same seed), and the table row says so."""
+    result = subprocess.run([sys.executable, "-m", "bench.generated_speed", "--device", "cpu", "--threads", "1",
+                             "--rows", "2", "--tokens", "24", "--models-dir", str(default_hf_model.parent),
+                             "--model", default_hf_model.name], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = result.stdout.strip().splitlines()[-1].split("|")
+    assert row[1].strip() == "cpu x1" and row[3].strip() == "2 x 24", row
+    assert row[4].strip().startswith("concatenating cache") and row[5].strip().startswith("in-place cache"), row
+    assert float(row[6].strip().rstrip("x")) > 0 and row[7].strip() == "same tokens", row
 
 
 def test_ncu_summary_reads_the_raw_page():

@@ -79,11 +79,11 @@ def test_crop_row_selection_and_reset_keep_it_right(tiny_llama):
             a, cache = step(more[:, :2], cache)
             cache.batch_select_indices(torch.tensor([2, 0]))  # fresh tensors: the buffer is rebuilt from them
             b, cache = step(more[[2, 0], 2:4], cache)
-            cache.reset()                          # emptied: the next prompt starts over
+            cache.reset()                          # emptied (5.2x) or zeroed in place (5.17): as DynamicCache does
             c, cache = step(more[:2, 4:], cache)
             caches[name] = (a, b, c, cache.get_seq_length())
     for got, want in zip(caches["grow"], caches["plain"]):
         if isinstance(got, torch.Tensor):
             assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
         else:
-            assert got == want == 2
+            assert got == want
