@@ -63,9 +63,14 @@ class GrowingLayer(DynamicLayer):
         super().reset()
 
 
-def growing_cache(config):
-    """A DynamicCache for `config` whose full-attention layers grow in place, or None (the model then
-    builds its own cache) where this transformers does not build its cache's layers from a config."""
+def growing_cache(model):
+    """A DynamicCache for `model` whose full-attention layers grow in place, or None (the model then builds
+    its own cache): for models transformers itself would not give a DynamicCache (custom caches such as
+    RWKV's), and where this transformers does not build its cache's layers from a config."""
+    supports = getattr(model, "_supports_default_dynamic_cache", None)
+    if supports is not None and not supports():
+        return None
+    config = model.config
     try:
         cache = DynamicCache(config=config)
     except TypeError:

@@ -155,7 +155,7 @@ def _default_forward(model, grow_in_place: bool = True):
 
     def step(input_ids, cache):
         if cache is None and grow_in_place:
-            cache = growing_cache(model.config)
+            cache = growing_cache(model)
         out = model(input_ids=input_ids, use_cache=True, **{keyword: cache})
         return out.logits, returned_cache(out)
     return step

@@ -45,7 +45,7 @@ def test_decoding_matches_the_dynamic_cache_across_regrowths(tiny_llama):
         layer = cache.layers[0]
         moves.append((layer.keys.shape[-2], layer.keys.data_ptr()))
 
-    cache = growing_cache.growing_cache(tiny_llama.config)
+    cache = growing_cache.growing_cache(tiny_llama)
     assert all(type(layer) is GrowingLayer for layer in cache.layers)
     grown, cache = _decode(tiny_llama, cache, prompt, tokens, watch)
     plain, plain_cache = _decode(tiny_llama, None, prompt, tokens)
@@ -60,7 +60,7 @@ def test_decoding_matches_the_dynamic_cache_across_regrowths(tiny_llama):
 
 
 def test_the_room_never_exceeds_the_models_positions(tiny_llama):
-    cache = growing_cache.growing_cache(tiny_llama.config)
+    cache = growing_cache.growing_cache(tiny_llama)
     with torch.inference_mode():
         _step(tiny_llama)(torch.randint(0, 320, (1, 300)), cache)
     assert cache.layers[0]._buffers[0].shape[-2] == 512  # not 600: the model has 512 positions
@@ -73,7 +73,7 @@ def test_crop_row_selection_and_reset_keep_it_right(tiny_llama):
     step = _step(tiny_llama)
     with torch.inference_mode():
         caches = {}
-        for name, cache in (("grow", growing_cache.growing_cache(tiny_llama.config)), ("plain", DynamicCache())):
+        for name, cache in (("grow", growing_cache.growing_cache(tiny_llama)), ("plain", DynamicCache())):
             _, cache = step(prompt, cache)
             cache.crop(-5)                         # a shorter front of the same buffer
             a, cache = step(more[:, :2], cache)
@@ -87,3 +87,14 @@ def test_crop_row_selection_and_reset_keep_it_right(tiny_llama):
             assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
         else:
             assert got == want
+
+
+def test_models_with_their_own_cache_keep_it(tiny_llama):
+    """transformers gives some models a cache of their own (RWKV, xLSTM...): for those, no DynamicCache is
+    forced on them; the step passes no cache and the model builds its own."""
+    from backends.torch_generation import _default_forward
+    tiny_llama._supports_default_dynamic_cache = lambda: False
+    assert growing_cache.growing_cache(tiny_llama) is None
+    with torch.inference_mode():
+        _, cache = _default_forward(tiny_llama)(torch.tensor([[5, 17, 42]]), None)
+    assert cache is not None and not any(type(layer) is GrowingLayer for layer in cache.layers)
