@@ -15,7 +15,8 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without a GPU")
 @pytest.mark.parametrize("module", ["bench.tune_time", "bench.offload", "bench.load_cycles", "bench.kernels",
                                     "bench.gemv_sweep", "bench.ncu_profile", "bench.mode8_probe",
-                                    "bench.mode5_blocks", "bench.act_order", "bench.copies_probe"])
+                                    "bench.mode5_blocks", "bench.act_order", "bench.copies_probe",
+                                    "bench.load_rss_probe"])
 def test_gpu_benchmarks_say_they_need_cuda(module):
     result = subprocess.run([sys.executable, "-m", module], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stderr[-2000:]
