@@ -29,11 +29,11 @@ class StopAfter:
         return self.calls >= self.n
 
 
-def _generate(source, seed=0, nsamples=3, seqlen=24, should_stop=lambda: False, report=None, baseline=False):
+def _generate(source, seed=0, nsamples=3, seqlen=24, should_stop=lambda: False, report=None):
     tokenizer = AutoTokenizer.from_pretrained(str(source))
     events = []
     tokens = generate_tokens(source, tokenizer, nsamples, seqlen, seed, torch.device("cpu"), torch.float32,
-                             report or events.append, should_stop, lambda: Cancelled("stop"), baseline=baseline)
+                             report or events.append, should_stop, lambda: Cancelled("stop"))
     return tokens, tokenizer, events
 
 
@@ -62,13 +62,27 @@ def test_tokens_come_from_the_model_and_repeat_per_seed(tiny_models_dir):
     assert own < 0.6 * noise
 
 
-def test_the_in_place_cache_samples_the_same_text_as_a_concatenating_one(tiny_models_dir):
-    """On a CPU the steps run over backends.growing_cache (264 tokens: past its first 256 positions, so it
-    regrows once); the same seed gives the same text as transformers' own concatenating cache."""
-    source = tiny_models_dir / "tiny"
-    grown, _, _ = _generate(source, nsamples=2, seqlen=264)
-    plain, _, _ = _generate(source, nsamples=2, seqlen=300, baseline=True)
-    assert grown.shape == (2, 264) and torch.equal(grown, plain)
+def test_cpu_steps_run_over_the_in_place_cache(tiny_models_dir):
+    """On a CPU the steps run over backends.growing_cache (the baseline over transformers' own concatenating
+    cache), past its first 256 positions, with the same logits. Sampled text is not compared: on near-flat
+    random logits one rounding difference between attention kernels changes every later token."""
+    from backends.growing_cache import GrowingLayer
+    from quantizer.generated_calibration import _stepper
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_models_dir / "tiny"), dtype=torch.float32).eval()
+    tokens = torch.randint(3, 1000, (2, 264), generator=torch.Generator().manual_seed(0))
+    logits, kinds = {}, {}
+    with torch.inference_mode():
+        for baseline in (False, True):
+            step = _stepper(model, torch.device("cpu"), 264, baseline)
+            out, cache = step(tokens[:, :1], None)
+            rows = [out[:, -1]]
+            for t in range(1, 264):
+                out, cache = step(tokens[:, t:t + 1], cache)
+                rows.append(out[:, -1])
+            logits[baseline], kinds[baseline] = torch.stack(rows), {type(layer) for layer in cache.layers}
+            assert cache.get_seq_length() == 264
+    assert kinds[False] == {GrowingLayer} and GrowingLayer not in kinds[True]
+    assert torch.allclose(logits[False], logits[True], rtol=1e-4, atol=1e-4), (logits[False] - logits[True]).abs().max()
 
 
 def test_cancel_stops_between_two_tokens(tiny_models_dir):
