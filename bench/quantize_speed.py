@@ -125,7 +125,7 @@ def measure(models_dir: Path, model: str, settings: QuantizeSettings) -> dict:
             "layers": len(result.layers), "layer_s": round(sum(e["seconds"] for e in result.layers)
                                                             / max(len(result.layers), 1), 3),
             "layer_stages_s": stages,
-            "peak_rss_mb": rss, "start_rss_mb": job.baseline_rss_mb,
+            "peak_rss_mb": rss, "start_rss_mb": job.baseline_rss_mb, "peak_anon_mb": job.peak("anon_mb"),
             "peak_rss_swap_mb": max(s["rss_mb"] + s["swap_used_mb"] for s in job.sampler.snapshot()),
             "peak_gpu_alloc_mb": result.peak_gpu_mb, "peak_gpu_device_mb": job.peak("gpu_used_mb"),
             "activations": result.activations, "device": result.device}
@@ -158,8 +158,9 @@ def main(argv=None) -> int:
         runs.append(QuantizeSettings(method="rtn", calib=calibs[0], **base))
     orders = {"off": [False], "on": [True], "both": [False, True]}[args.act_order]
     runs += [QuantizeSettings(method="gptq", act_order=a, calib=c, **base) for c in calibs for a in orders]
-    header_lines = ["| method | act-order | calibration | wall s | of which generation s | vs RTN | peak RSS MB (start) | peak RSS+swap MB | peak GPU MB (alloc / device) | activations on |",
-                    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    # RSS counts the mmapped checkpoint's file pages; the anonymous part is what the job allocated itself
+    header_lines = ["| method | act-order | calibration | wall s | of which generation s | vs RTN | peak RSS MB (start) | peak anonymous MB | peak RSS+swap MB | peak GPU MB (alloc / device) | activations on |",
+                    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     results = REPO / "bench" / "RESULTS.md"
     if args.record:  # header first, then each row as soon as it is measured (a killed run keeps its rows)
         device = (torch.cuda.get_device_name() if torch.cuda.is_available()
@@ -181,7 +182,7 @@ def main(argv=None) -> int:
         ratio = f"{r['seconds'] / rtn['seconds']:.2f}x" if rtn else ""
         line = (f"| {r['method']} | {'on' if r['act_order'] else 'off'} | {r['calib']} | {r['seconds']:.1f} | "
                 f"{r['generation_s']:.1f} | {ratio} | "
-                f"{r['peak_rss_mb']:.0f} ({r['start_rss_mb']:.0f}) | {r['peak_rss_swap_mb']:.0f} | "
+                f"{r['peak_rss_mb']:.0f} ({r['start_rss_mb']:.0f}) | {r['peak_anon_mb']:.0f} | {r['peak_rss_swap_mb']:.0f} | "
                 f"{r['peak_gpu_alloc_mb']:.0f} / {r['peak_gpu_device_mb']:.0f} | {r['activations']} |")
         lines.append(line)
         if args.record:

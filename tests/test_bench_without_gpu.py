@@ -221,4 +221,6 @@ def test_cpu_benchmarks_run_as_files(command, default_hf_model, wikitext_path, t
                 if line.startswith("| gptq |")}
         assert sorted(rows) == ["builtin", "generated"], result.stdout[-2000:]
         assert float(rows["builtin"][5]) == 0.0 and float(rows["generated"][5]) > 0.0
+        for row in rows.values():  # the anonymous part of RSS, a column of its own (RSS counts mmapped files)
+            assert 0 < float(row[8]) <= float(row[7].split()[0]), row
     assert sorted(p.name for p in models.iterdir()) == [default_hf_model.name]  # its checkpoints cleaned up
