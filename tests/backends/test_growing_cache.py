@@ -8,15 +8,16 @@ from transformers.cache_utils import DynamicCache
 
 from backends import growing_cache
 from backends.growing_cache import GrowingLayer
-from backends.torch_generation import cache_keyword, returned_cache
+from backends.torch_generation import _default_forward
 
 
 def _step(model):
-    keyword = cache_keyword(model)
+    """The engines' step over the cache it is given (None: the model's own), last position's logits."""
+    forward = _default_forward(model, grow_in_place=False)
 
     def step(ids, cache):
-        out = model(input_ids=ids, use_cache=True, **{keyword: cache})
-        return out.logits[:, -1].float(), returned_cache(out)
+        logits, cache = forward(ids, cache)
+        return logits[:, -1].float(), cache
     return step
 
 
@@ -92,7 +93,6 @@ def test_crop_row_selection_and_reset_keep_it_right(tiny_llama):
 def test_models_with_their_own_cache_keep_it(tiny_llama):
     """transformers gives some models a cache of their own (RWKV, xLSTM...): for those, no DynamicCache is
     forced on them; the step passes no cache and the model builds its own."""
-    from backends.torch_generation import _default_forward
     tiny_llama._supports_default_dynamic_cache = lambda: False
     assert growing_cache.growing_cache(tiny_llama) is None
     with torch.inference_mode():
