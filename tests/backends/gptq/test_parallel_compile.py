@@ -128,3 +128,55 @@ def test_offline_compiles_fuse_multiply_adds_whatever_the_default(monkeypatch):
     assert "fma.rn.f32" in compile_asm(madd, dict(BLOCK=128), 90, 1, types)["ptx"]
     unfused = compile_asm(madd, dict(BLOCK=128), 90, 1, types, options={"enable_fp_fusion": False})["ptx"]
     assert "fma.rn.f32" not in unfused and "mul.rn.f32" in unfused
+
+
+class _Compiled:
+    """Stands in for Triton's CompiledKernel: only the packed metadata its launcher reads."""
+
+    def __init__(self):
+        self.packed_metadata = (2, 1, 0)
+
+
+class _ClusterKernel(_RecordingKernel):
+    """A JIT function whose warmup hands back one compiled kernel, whose launches record its packed metadata."""
+
+    def __init__(self):
+        super().__init__()
+        self.compiled = _Compiled()
+
+    def warmup(self, *args, grid, **kwargs):
+        self.calls.append(("warmup", grid, kwargs))
+        return self.compiled
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append(("launch", grid, self.compiled.packed_metadata))
+
+
+def test_a_cluster_launch_runs_the_compiled_kernel_as_clusters_of_its_programs():
+    """launcher(cluster=4) finds the binary of the call (warmup), sets its launch to 4 CTAs a program along
+    grid axis 0 (Triton's launcher: gridDim.x = grid[0] * CTAs, clusterDim.x = CTAs), then launches it; the
+    warps and shared bytes stay. A plain launch of another kernel is untouched."""
+    kernel = _ClusterKernel()
+    parallel_compile.launcher(kernel, (86, 1), cluster=4)(1, 2, num_warps=2)
+    parallel_compile.launcher(kernel, (86, 1), cluster=4)(1, 2, num_warps=2)
+    assert kernel.calls[1] == ("launch", (86, 1), (2, 4, 0)) and kernel.calls[3] == kernel.calls[1]
+    assert [c[0] for c in kernel.calls] == ["warmup", "launch", "warmup", "launch"]
+    plain = _ClusterKernel()
+    parallel_compile.launcher(plain, (86, 4))(1, 2, num_warps=2)
+    assert plain.calls == [("launch", (86, 4), (2, 1, 0))]
+
+
+def test_a_cluster_config_is_refused_where_clusters_cannot_run():
+    """On a CPU (and in the interpreter) no cluster config is offered, and one asked for by name is refused
+    with a message that says what it needs, before anything runs."""
+    from dataclasses import replace
+    from backends.gptq import kernel_runtime as kr
+    from tests.backends.gptq.support import random_packed_layer
+    from backends.gptq.quant_linear import make_kernel_layer
+    packed, _ = random_packed_layer(4, 128, 1024, 64, 1, False)
+    layer = make_kernel_layer(*packed, 4, 128, "gptq_v2", "cpu")
+    offered = kr.KernelRuntime().candidates(1, layer, "cpu", torch.float16)
+    assert offered and not any(c.cluster for c in offered)
+    cfg = replace(kr.GemmConfig("fused", 1, 32, 128, 4, 2, 2, mode=4), cluster=True)
+    with pytest.raises(ValueError, match="sm_90"):
+        kr.launch_fused(torch.randn(1, 1024).half(), layer, cfg, scratch=kr.SplitScratch())
