@@ -9,7 +9,6 @@ see whether the tuner's candidate list misses faster configs (a diagnostic for B
     python -m bench.gemv_sweep --mode 8 --m 16 --registers 0,200,168              # ... at each register cap
     python -m bench.gemv_sweep --mode 8 --m 1 --bits 8 --shapes 8192x28672       # 8-bit g128 layers
     python -m bench.gemv_sweep --mode 7 --m 16 --registers 0,232,200             # mode 7 (or 9) at each cap
-    python -m bench.gemv_sweep --cluster --shapes 4096x11008                     # mode 4's splits also as clusters
 
 For each shape (4-bit g128 unless --bits says otherwise, M = 1, fp16): the tuner's pick among its
 candidates, then a grid of block_n x block_k x warps x split (and num_stages around the best), each checked against
@@ -32,8 +31,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from backends.gptq.kernel_runtime import (HALF2_BITS, MAX_CLUSTER, GemmConfig, KernelRuntime, _split_for,  # noqa: E402
-                                          _splits, sm_count, takes_cluster, valid_block_ks)
+from backends.gptq.kernel_runtime import (HALF2_BITS, GemmConfig, KernelRuntime, _split_for,  # noqa: E402
+                                          sm_count, valid_block_ks)
 from backends.gptq.timing import cold_copies, graph_time_ms  # noqa: E402
 from backends.gptq import gluon_gemv, gluon_mma, gluon_wgmma  # noqa: E402
 from bench.kernels import random_layer  # noqa: E402
@@ -79,11 +78,8 @@ def main(argv=None):
                     help="register caps per thread to time each config at (ptxas maxnreg; 0: the compiler's "
                          "choice), comma-separated; modes other than 8 then time the tuner's own candidates of "
                          "the mode at each cap instead of a grid")
-    ap.add_argument("--cluster", action="store_true",
-                    help="mode 4: also time each config of 2-8 splits with its splits as one thread-block cluster "
-                         "(GemmConfig.cluster, sm_90+), and print the best of each kind side by side")
     args = ap.parse_args(argv)
-    if args.mode != 4 and (args.block_n or args.block_k or args.warps or args.cluster):
+    if args.mode != 4 and (args.block_n or args.block_k or args.warps):
         ap.error("--block-n, --block-k and --warps set mode 4's grid; the other modes sweep the tuner's tiles")
     caps = args.registers
     if not torch.cuda.is_available():
@@ -145,27 +141,17 @@ def main(argv=None):
                 ms = time_config(runtime, x, layer, copies, cfg, reference)
                 if ms is not None:
                     results.append((ms, cfg))
-                if args.cluster and takes_cluster(x.device) and 2 <= _splits(layer, cfg) <= MAX_CLUSTER:
-                    ms = time_config(runtime, x, layer, copies, replace(cfg, cluster=True), reference)
-                    if ms is not None:
-                        results.append((ms, replace(cfg, cluster=True)))
         results.sort(key=lambda r: r[0])
         for ms, cfg in results[:3] if args.mode != 7 else []:  # num_stages around the three best (mode 7 has none)
             for stages in around:
-                c2 = replace(cfg, num_stages=stages)
+                c2 = GemmConfig("fused", block_m, cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_warps, stages,
+                                mode=args.mode)
                 if c2 == cfg:
                     continue
                 ms2 = time_config(runtime, x, layer, copies, c2, reference)
                 if ms2 is not None:
                     results.append((ms2, c2))
-        results.sort(key=lambda r: r[0])
-        print_best(results, base, time.time() - start)
-        if args.cluster:
-            plain = next((r for r in results if not r[1].cluster), None)
-            clustered = next((r for r in results if r[1].cluster), None)
-            if plain and clustered:
-                print(f"best with the workspace and ticket: {plain[0] * 1e3:.1f} us; best as clusters: "
-                      f"{clustered[0] * 1e3:.1f} us ({plain[0] / clustered[0]:.3f}x)", flush=True)
+        print_best(sorted(results, key=lambda r: r[0]), base, time.time() - start)
         del copies, layer
         torch.cuda.empty_cache()
 
@@ -215,8 +201,7 @@ def print_best(results, base, seconds, count=12):
     print(f"{len(results)} configs timed in {seconds:.0f} s; best {count} (us, x copy time, config):", flush=True)
     for ms, cfg in results[:count]:
         print(f"  {ms * 1e3:6.1f} us  {base / (ms * 1e3):5.2f}  bn{cfg.block_n} bk{cfg.block_k} s{cfg.split_k} "
-              f"w{cfg.num_warps} st{cfg.num_stages}" + (f" r{cfg.max_registers}" if cfg.max_registers else "")
-              + (" cluster" if cfg.cluster else ""), flush=True)
+              f"w{cfg.num_warps} st{cfg.num_stages}" + (f" r{cfg.max_registers}" if cfg.max_registers else ""), flush=True)
 
 
 def cold_ms(runtime, x, copies, cfg) -> float:

@@ -194,7 +194,7 @@ def run_case(K, N, bits, gs, act, Ms, runtime, bw, seed, per_mode=False, pdl=Fal
         if per_mode:
             for mode, (ms, best) in sorted(per_mode_times(x, layer, runtime).items()):
                 print(f"    mode {mode}: {ms * 1e3:7.1f} us (cold copies){' gx' if best.gather_x else ''}"
-                      f"{' sx' if best.stage_x else ''}{' cl' if best.cluster else ''}  bn{best.block_n} bk{best.block_k} "
+                      f"{' sx' if best.stage_x else ''}  bn{best.block_n} bk{best.block_k} "
                       f"s{best.split_k} w{best.num_warps} st{best.num_stages}", flush=True)
         # correctness on fresh inputs, poisoned output
         xc = torch.randn(M, K, device="cuda", dtype=torch.float16)
@@ -231,7 +231,7 @@ def run_case(K, N, bits, gs, act, Ms, runtime, bw, seed, per_mode=False, pdl=Fal
         r = rows[-1]
         print(f"{K:>6}x{N:<6} b{bits} g{gs:<4}{'a' if act else ' '} M={M:<5} {q_ms*1e3:9.1f}us  fp16 {f_ms*1e3:9.1f}us "
               f"x{r['speedup']:5.2f}  {r['gbps']:7.0f} GB/s {r['copy_frac']*100:5.1f}% copy  err {err:.1e}"
-              f"{' NaN!' if nan else ''}  {cfg.path} m{cfg.mode}{' gx' if cfg.gather_x else ''}{' sx' if cfg.stage_x else ''}{' cl' if cfg.cluster else ''} bn{cfg.block_n} bk{cfg.block_k} s{cfg.split_k} w{cfg.num_warps} st{cfg.num_stages}",
+              f"{' NaN!' if nan else ''}  {cfg.path} m{cfg.mode}{' gx' if cfg.gather_x else ''}{' sx' if cfg.stage_x else ''} bn{cfg.block_n} bk{cfg.block_k} s{cfg.split_k} w{cfg.num_warps} st{cfg.num_stages}",
               flush=True)
         if extra:
             print("      " + "  ".join(f"{k} {v * 1e3:.1f}us" if k.endswith("_ms") else
@@ -255,7 +255,7 @@ def markdown(rows, bw, args, device) -> str:
         lines.append(f"| {r['K']}x{r['N']} | {r['bits']} | {r['group']} | {'yes' if r['act_order'] else 'no'} | {r['M']} | "
                      f"{r['ms']*1e3:.1f} | {r['fp16_ms']*1e3:.1f} | {r['speedup']:.2f} | {r['gbps']:.0f} | "
                      f"{r['copy_frac']*100:.0f} | {r['rel_err']:.1e} | {c['path']} m{c.get('mode', '-')}"
-                     f"{' gx' if c.get('gather_x') else ''}{' sx' if c.get('stage_x') else ''}{' cl' if c.get('cluster') else ''} n{c['block_n']} "
+                     f"{' gx' if c.get('gather_x') else ''}{' sx' if c.get('stage_x') else ''} n{c['block_n']} "
                      f"k{c['block_k']} s{c['split_k']} w{c['num_warps']} |")
     split = [r for r in rows if "dequant_ms" in r]
     if split:

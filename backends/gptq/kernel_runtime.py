@@ -55,15 +55,6 @@ def pdl_supported(device) -> bool:
     return torch.cuda.get_device_capability(torch.device(device))[0] >= 9
 
 
-def takes_cluster(device) -> bool:
-    """Whether the matrix-vector kernel can run a column tile's splits as one thread-block cluster that
-    sums through distributed shared memory (GemmConfig.cluster): sm_90+ CUDA, compiled (not interpreted)."""
-    from backends.gptq.triton_kernels import INTERPRETED
-    if INTERPRETED or device is None or torch.device(device).type != "cuda":
-        return False
-    return torch.cuda.get_device_capability(torch.device(device))[0] >= 9
-
-
 @functools.lru_cache(maxsize=None)
 def _cuda_sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -76,7 +67,6 @@ HALF2_BITS = (2, 3, 4)  # the half2 kernels' widths (modes 4 and 5); 8-bit words
 # split; tests/backends/gptq/test_cuda_candidates.py) while the interpreter's were right; four blocks were right
 MODE5_MIN_BLOCKS = 4
 PDL_MODES = (4, 8)  # the kernels launch_fused(pdl=True) launches as programmatic dependent launches
-MAX_CLUSTER = 8  # the largest portable thread-block cluster: mode 4's cluster of splits (GemmConfig.cluster)
 
 
 
@@ -127,11 +117,6 @@ def _split_for(layer: KernelLayer, block_n: int, block_k: int, target_programs: 
     split = max(1, min(k_tiles, target_programs // max(n_tiles, 1)))
     per = -(-k_tiles // split)
     return -(-k_tiles // per)
-
-
-def _splits(layer: KernelLayer, cfg: GemmConfig) -> int:
-    """The programs a column tile's K tiles are split over at launch (cfg.split_k rounded to whole tiles)."""
-    return -(-(-(-layer.K // cfg.block_k)) // _tiles_per_split(layer, cfg))
 
 
 def _tiles_per_split(layer: KernelLayer, cfg: GemmConfig) -> int:
@@ -313,16 +298,13 @@ def launch_fused(x2d: torch.Tensor, layer: KernelLayer, cfg: GemmConfig, out: to
         # stage_x: the split's rows rounded up to a power of two (a Triton block size)
         stage = 1 << (per * cfg.block_k - 1).bit_length() if has_perm and cfg.stage_x else 0
         pairs = (scratch or SplitScratch()).sorted_x(layer.K, x2d.device) if stage else x_row
-        cluster = split if cfg.cluster else 0
-        if cluster and not (takes_cluster(x2d.device) and 2 <= split <= MAX_CLUSTER and not pdl):
-            raise ValueError(f"a cluster of splits needs sm_90+, 2-{MAX_CLUSTER} splits and no PDL (got {split})")
-        launcher(gptq_gemv_h2_kernel, (n_tiles, 1) if cluster else (n_tiles, split), compile_only, cluster=cluster)(
+        launcher(gptq_gemv_h2_kernel, (n_tiles, split), compile_only)(
             x_row, pairs.view(torch.int32), layer.qweight, layer.scales, layer.zeros, perm, out,
             bias if bias is not None else out, ws, tickets, layer.N, layer.K, layer.Kw, layer.group_size, per, split,
             BITS=layer.bits, KB=kb, BLOCK_N=cfg.block_n, STAGE_X=stage,
             HAS_PERM=has_perm and not stage, SPLIT=split > 1, HAS_BIAS=bias is not None,
-            USE_ASM=not INTERPRETED, PDL=pdl, EVEN=even, CLUSTER=cluster, num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages, **cfg.compile_options(), **({"launch_pdl": True} if pdl else {}))
+            USE_ASM=not INTERPRETED, PDL=pdl, EVEN=even, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **cfg.compile_options(), **({"launch_pdl": True} if pdl else {}))
         return out
     if cfg.mode == 5:
         from backends.gptq.triton_kernels import INTERPRETED, gptq_gemm_h2_kernel
@@ -677,11 +659,6 @@ class KernelRuntime:
                                      num_stages=2, mode=mode)
                     if bk in bks and cfg not in out:
                         out.append(cfg)
-        if bucket == 1 and takes_cluster(device):
-            # the same one-row configs with their splits as one cluster each, summing through distributed
-            # shared memory instead of a workspace and an atomic ticket (GemmConfig.cluster)
-            out += [replace(c, cluster=True) for c in out
-                    if c.mode == 4 and 2 <= _splits(layer, c) <= MAX_CLUSTER]
         if bucket > 1 and any(c.mode == 5 for c in out):
             # the tensor-core kernel won every 2-64-row case measured, by 1.7-2.3x (H100, H200:
             # bench/RESULTS.md): the other modes stay as one fallback config each (a GPU or compiler

@@ -26,34 +26,13 @@ MAX_WORKERS = 16
 COMPILE_OPTIONS = {"enable_fp_fusion": True}
 
 
-def launcher(kernel, grid, compile_only: bool = False, cluster: int = 0):
+def launcher(kernel, grid, compile_only: bool = False):
     """kernel[grid] with COMPILE_OPTIONS, or with compile_only the same call as a compile without a launch
-    (Triton's warmup: the same specialization, so the launch that follows finds the binary).
-    cluster > 1 (sm_90+): each program of grid axis 0 becomes `cluster` programs side by side that form one
-    thread-block cluster (see as_cluster)."""
+    (Triton's warmup: the same specialization, so the launch that follows finds the binary)."""
     if compile_only:
         return lambda *args, **kwargs: kernel.warmup(*args, grid=grid, **COMPILE_OPTIONS, **kwargs)
     launch = kernel[grid]
-    if cluster > 1:
-        def launch_cluster(*args, **kwargs):
-            compiled = kernel.warmup(*args, grid=grid, **COMPILE_OPTIONS, **kwargs)
-            as_cluster(compiled.result() if hasattr(compiled, "result") else compiled, cluster)
-            return launch(*args, **COMPILE_OPTIONS, **kwargs)
-        return launch_cluster
     return lambda *args, **kwargs: launch(*args, **COMPILE_OPTIONS, **kwargs)
-
-
-def as_cluster(compiled, cluster: int) -> None:
-    """Make a compiled kernel launch as thread-block clusters of `cluster` programs along grid axis 0.
-    Why this way: Triton's own clusters (num_ctas) spread every tensor of a program over its CTAs, while the
-    split-K kernels want independent programs that only meet at the end (distributed shared memory). A
-    kernel compiled for one CTA may be launched in clusters (the cluster shape is a launch attribute), and
-    Triton's launcher takes it from the compiled kernel's packed metadata (warps, CTAs, shared bytes):
-    gridDim.x = grid[0] * CTAs, clusterDim.x = CTAs. The binary is the constexpr specialization that
-    expects the cluster (the kernel's CLUSTER), so no other launch shares it."""
-    warps, ctas, shared = compiled.packed_metadata
-    if ctas != cluster:
-        compiled.packed_metadata = (warps, cluster, shared)
 
 
 def default_workers() -> int:

@@ -275,58 +275,6 @@ def _unrolled_tile(acc2, x_ptr, src_base, mask_kb, qw_ptr, N, Kw, kb0, offs_n, m
 
 
 @triton.jit
-def _cluster_tiles(N, K, tiles_per_split, CLUSTER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """_program_tiles for a launch whose splits of a column tile are one thread-block cluster of CLUSTER
-    programs along grid axis 0 (program c * CLUSTER + r is split r of column tile c)."""
-    pid = tl.program_id(0)
-    pid_n = pid // CLUSTER
-    pid_k = pid % CLUSTER
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    t0 = pid_k * tiles_per_split
-    return pid_n, pid_k, offs_n, offs_n < N, t0, tl.minimum(t0 + tiles_per_split, tl.cdiv(K, BLOCK_K))
-
-
-@triton.jit
-def _cluster_sync(dep):
-    """Every thread of every program of the cluster waits here until all have arrived; what each wrote to
-    its shared memory before is visible to the others after (release / acquire). `dep`, a scalar, orders
-    it after the asm that feeds it."""
-    return tl.inline_asm_elementwise("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n"
-                                     "mov.u32 $0, $1;", "=r,r", [dep], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def _finish_cluster(acc, out_ptr, bias_ptr, offs_n, mask_n, pid_k, CLUSTER: tl.constexpr, BLOCK_N: tl.constexpr,
-                    HAS_BIAS: tl.constexpr):
-    """Write the sum of the cluster's partials acc [BLOCK_N] (+ bias) to out: each program puts its partial
-    into a shared-memory row of its own, the cluster syncs, and program 0 reads the others' rows through
-    distributed shared memory (`mapa` + `ld.shared::cluster`), adds and stores; a second sync keeps the
-    others' shared memory alive until it has read. This replaces _finish's fp32 workspace round trip
-    through L2, its fence and its atomic ticket: the tail of a short layer's last programs.
-    The row is a function-scope `.shared` array that one scalar asm declares (emitted once per kernel) and
-    the per-element asm name: Triton's own `global_smem` does not exist in kernels that use no shared
-    memory, and a declaration inside each per-element asm would give each element a row of its own."""
-    col = offs_n - (offs_n // BLOCK_N) * BLOCK_N
-    row = tl.inline_asm_elementwise(f".shared .align 16 .b32 gptq_cluster_partials[{BLOCK_N}];\nmov.u32 $0, $1;",
-                                    "=r,r", [pid_k], dtype=tl.int32, is_pure=False, pack=1)
-    put = tl.inline_asm_elementwise(
-        "{\n.reg .u32 a;\nmov.u32 a, gptq_cluster_partials;\nmad.lo.u32 a, $2, 4, a;\nst.shared.f32 [a], $1;\n"
-        "mov.u32 $0, 0;\n}", "=r,f,r", [acc, col + row * 0], dtype=tl.int32, is_pure=False, pack=1)
-    synced = _cluster_sync(pid_k + tl.max(put, axis=0))
-    if pid_k == 0:
-        total = acc
-        for r in tl.static_range(1, CLUSTER):
-            total += tl.inline_asm_elementwise(
-                "{\n.reg .u32 a;\nmov.u32 a, gptq_cluster_partials;\nmad.lo.u32 a, $2, 4, a;\n"
-                f"mapa.shared::cluster.u32 a, a, {r};\nld.shared::cluster.f32 $0, [a];\n" "}",
-                "=f,r,r", [synced + col * 0, col], dtype=tl.float32, is_pure=False, pack=1)
-        if HAS_BIAS:
-            total += tl.load(bias_ptr + offs_n, mask=mask_n, other=0).to(tl.float32)
-        tl.store(out_ptr + offs_n, total.to(out_ptr.dtype.element_ty), mask=mask_n)
-    _cluster_sync(synced)
-
-
-@triton.jit
 def _program_tiles(N, K, tiles_per_split, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """This program's output columns (grid axis 0) and the K tiles of its split (grid axis 1), never
     past the last tile of K (the last split may be shorter)."""
@@ -825,7 +773,7 @@ def gptq_gemv_h2_kernel(x_ptr, xp_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, 
                         BITS: tl.constexpr, KB: tl.constexpr, BLOCK_N: tl.constexpr,
                         HAS_PERM: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
                         USE_ASM: tl.constexpr, PDL: tl.constexpr = False, STAGE_X: tl.constexpr = 0,
-                        EVEN: tl.constexpr = False, CLUSTER: tl.constexpr = 0):
+                        EVEN: tl.constexpr = False):
     """out[1, N] = x[1, K] @ W (+ bias) for fp16 x and 2/3/4-bit words in the half2 order (see above and
     _dot_block3), KB words per tile at 2 and 4 bits, KB blocks of three words at 3 bits; one fp16x2 chain
     sums a block (one 2-bit word, two 4-bit words, three 3-bit words). The next tile's words are loaded
@@ -837,20 +785,14 @@ def gptq_gemv_h2_kernel(x_ptr, xp_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, 
     STAGE_X (act-order, a power of two >= the split's rows): the program first gathers x[perm] for its
     split's rows in one go into the row that xp_ptr points to (sorted order; every program of the split
     writes the same values), then reads pairs from there as without act-order: two dependent loads per
-    program instead of per tile, and no separate gather launch.
-    CLUSTER (sm_90+, 2-8): the splits of a column tile are one thread-block cluster launched along grid axis 0
-    (parallel_compile.launcher's cluster) and sum their partials through distributed shared memory
-    (_finish_cluster); nsplit is CLUSTER and ws / tickets are unused."""
+    program instead of per tile, and no separate gather launch."""
     # a block: the values one fp16x2 chain sums (3 bits: 32 values in three words; 4 bits: two words)
     VPB: tl.constexpr = 32 if BITS == 3 else 64 // BITS if BITS == 4 else 32 // BITS
     WPB: tl.constexpr = 3 if BITS == 3 else 2 if BITS == 4 else 1
     NB: tl.constexpr = KB // 2 if BITS == 4 else KB  # blocks per tile (KB counts words at 4 bits)
     PPB: tl.constexpr = VPB // 2
     BLOCK_K: tl.constexpr = NB * VPB
-    if CLUSTER:
-        pid_n, pid_k, offs_n, mask_n, t0, t_end = _cluster_tiles(N, K, tiles_per_split, CLUSTER, BLOCK_N, BLOCK_K)
-    else:
-        pid_n, pid_k, offs_n, mask_n, t0, t_end = _program_tiles(N, K, tiles_per_split, BLOCK_N, BLOCK_K)
+    pid_n, pid_k, offs_n, mask_n, t0, t_end = _program_tiles(N, K, tiles_per_split, BLOCK_N, BLOCK_K)
     row_end = tl.minimum(Kw, t_end * NB * WPB)
     w0, w1, w2 = _load_words(qw_ptr, N, t0 * NB, offs_n, mask_n, row_end, BITS, NB, EVEN, WPB)
     if PDL:
@@ -901,12 +843,9 @@ def gptq_gemv_h2_kernel(x_ptr, xp_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, 
         w1 = n1
         w2 = n2
     acc = tl.sum(acc2, axis=0)
-    if CLUSTER:
-        _finish_cluster(acc, out_ptr, bias_ptr, offs_n, mask_n, pid_k, CLUSTER, BLOCK_N, HAS_BIAS)
-    else:
-        offs_m = tl.arange(0, 1)
-        _finish(acc[None, :], out_ptr, bias_ptr, ws_ptr, ticket_ptr, offs_m, offs_n, offs_m < 1, mask_n, 1, N, N,
-                pid_n, pid_k, nsplit, SPLIT, HAS_BIAS)
+    offs_m = tl.arange(0, 1)
+    _finish(acc[None, :], out_ptr, bias_ptr, ws_ptr, ticket_ptr, offs_m, offs_n, offs_m < 1, mask_n, 1, N, N,
+            pid_n, pid_k, nsplit, SPLIT, HAS_BIAS)
 
 
 @triton.jit

@@ -47,9 +47,6 @@ class GemmConfig:
     #                            kernel, instead of each program loading x through perm (scattered reads)
     stage_x: bool = False      # act-order, mode 4: each program gathers its split's slice of x once into a
     #                            scratch row at its start (no extra launch, no per-tile gathers)
-    cluster: bool = False      # mode 4, 2-8 splits, sm_90+: a column tile's splits are one thread-block cluster
-    #                            and sum their partials through distributed shared memory (no workspace, no
-    #                            atomic ticket: triton_kernels._finish_cluster)
     max_registers: int = 0     # registers per thread the compiler may use (ptxas maxnreg; 0: its own choice).
     #                            ptxas schedules to the cap: fewer registers let more warps share an SM, more
     #                            let it issue loads earlier (the tuner offers caps for mode 8 only)

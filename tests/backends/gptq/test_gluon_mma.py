@@ -132,21 +132,3 @@ def test_one_row_candidates_include_the_wide_tiles_of_the_h200_sweep(monkeypatch
     narrow_k = kr.GemmConfig("fused", 1, 512, 32, 14, 4, 2, mode=4)
     assert wide in offered and narrow_k in offered
     assert offered.index(wide) > 0
-
-
-def test_one_row_candidates_add_each_split_config_as_a_cluster_where_clusters_run(monkeypatch):
-    """On sm_90+ every one-row half2 config whose column tiles split over 2-8 programs is also offered with
-    those programs as one thread-block cluster (GemmConfig.cluster), after all the plain ones; configs of one
-    split or more than 8 are not (a portable cluster holds at most 8)."""
-    monkeypatch.setattr(kr, "sm_count", lambda device=None: 132)
-    small, _ = _layer(256, 128, 128, False, "cpu", 3)
-    layer = replace(small, K=4096, N=11008)
-    plain = kr.KernelRuntime().candidates(1, layer, dtype=torch.float16)
-    monkeypatch.setattr(kr, "takes_cluster", lambda device: True)
-    offered = kr.KernelRuntime().candidates(1, layer, dtype=torch.float16)
-    clustered = [c for c in offered if c.cluster]
-    want = [replace(c, cluster=True) for c in plain if c.mode == 4 and 2 <= kr._splits(layer, c) <= kr.MAX_CLUSTER]
-    assert clustered == want and len(want) >= 3
-    assert offered[:len(plain)] == plain
-    assert any(c.mode == 4 and kr._splits(layer, c) > kr.MAX_CLUSTER for c in plain)  # left as they are
-    assert kr.GemmConfig("fused", 1, 32, 128, 6, 2, 2, mode=4, cluster=True) in offered  # the H100's pick, clustered

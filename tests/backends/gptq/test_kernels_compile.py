@@ -61,19 +61,6 @@ def _hopper_kernels():
     ]
 
 
-def _cluster_kernels():
-    """The matrix-vector kernel with a column tile's splits as one thread-block cluster (sm_90's distributed
-    shared memory)."""
-    from backends.gptq import triton_kernels as tk
-    return [
-        ("gemv half2 4-bit, splits as one cluster, bias", tk.gptq_gemv_h2_kernel,
-         dict(BITS=4, KB=16, BLOCK_N=64, HAS_PERM=False, SPLIT=True, HAS_BIAS=True, USE_ASM=True, EVEN=True,
-              CLUSTER=4)),
-        ("gemv half2 3-bit planes, six splits as one cluster", tk.gptq_gemv_h2_kernel,
-         dict(BITS=3, KB=4, BLOCK_N=32, HAS_PERM=False, SPLIT=True, HAS_BIAS=False, USE_ASM=True, CLUSTER=6)),
-    ]
-
-
 def _kernels():
     from backends.gptq import attention_kernel as ak
     from backends.gptq import gather
@@ -417,8 +404,7 @@ def _pdl_kernels():
 @pytest.mark.parametrize("arch", [80, 90])
 def test_every_kernel_compiles_for_the_gpu(arch):
     failures = []
-    for name, kernel, constexprs in _kernels() + (_pdl_kernels() + _hopper_kernels() + _cluster_kernels()
-                                                  if arch >= 90 else []):
+    for name, kernel, constexprs in _kernels() + (_pdl_kernels() + _hopper_kernels() if arch >= 90 else []):
         try:
             cubin = compile_cubin(kernel, constexprs, arch, warps=4, types=KERNEL_ARG_TYPES)
         except Exception as exc:  # the compiler's message says what is wrong
@@ -495,30 +481,6 @@ def test_gluon_weights_as_a_kernel_with_pdl_reads_only_constants_before_waiting(
     others = [l for l in before if l not in words]  # scales (8 bytes) and zeros (4 bytes) of the first group
     assert len(others) == 4 and not any(".v4." in l for l in others), others
     assert "griddepcontrol" not in _ptx(gg.gptq_mma_t_kernel, args, warps=1)
-
-
-@pytest.mark.parametrize("cluster,block_n,warps", [(2, 512, 4), (6, 32, 2), (8, 64, 1)])
-def test_cluster_of_splits_sums_through_distributed_shared_memory(cluster, block_n, warps):
-    """With CLUSTER the half2 kernel's splits meet in distributed shared memory, not in L2: no atomic ticket
-    and no workspace store; two cluster barriers (the partials written, then read); program 0 reads the
-    other CLUSTER - 1 programs' partials (`mapa` to ranks 1..CLUSTER-1, as many reads from each), after the
-    first barrier. Without CLUSTER nothing of this is compiled in."""
-    import re
-    from backends.gptq import triton_kernels as tk
-    if tk.INTERPRETED:
-        pytest.skip("TRITON_INTERPRET=1 is set: kernels are interpreted, not compiled, in this process")
-    args = dict(BITS=4, KB=16, BLOCK_N=block_n, HAS_PERM=False, SPLIT=True, HAS_BIAS=False, USE_ASM=True, EVEN=True)
-    lines = [l.strip() for l in _ptx(tk.gptq_gemv_h2_kernel, dict(args, CLUSTER=cluster), warps=warps).splitlines()]
-    text = "\n".join(lines)
-    assert not re.search(r"\batom\.|\bred\.", text), "a ticket or reduction atomic is left"
-    arrives = [i for i, l in enumerate(lines) if l.startswith("barrier.cluster.arrive.release")]
-    assert len(arrives) == 2
-    ranks = [int(m.group(1)) for m in re.finditer(r"mapa\.shared::cluster\.u32 \w+, \w+, (\d+);", text)]
-    assert sorted(set(ranks)) == list(range(1, cluster))
-    assert len({ranks.count(r) for r in set(ranks)}) == 1, "each rank's partials read as often"
-    remote = [i for i, l in enumerate(lines) if l.startswith("ld.shared::cluster")]
-    assert len(remote) == len(ranks) and arrives[0] < min(remote) and max(remote) < arrives[1]
-    assert "cluster" not in _ptx(tk.gptq_gemv_h2_kernel, args, warps=warps)
 
 
 def test_act_order_gather_lets_its_dependent_start_first():
