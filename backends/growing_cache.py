@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-ROOM = 256  # positions a fresh buffer holds at least: a chat turn's prompt and first replies fit without regrowth
+MIN_ROOM = 16  # positions a fresh buffer holds at least. Not more: a buffer holds at most twice what it must,
+# where a floor of 256 gave a short chat's cache (a 40-token prompt) six times DynamicCache's memory
 
 
 class GrowingLayer(DynamicLayer):
@@ -46,8 +47,9 @@ class GrowingLayer(DynamicLayer):
 
     def _regrow(self, key_states, value_states, length: int, total: int) -> None:
         """New buffers with room for twice what they must hold (at most the model's positions), the cached
-        positions copied over: a long decode copies its cache a handful of times, not once a step."""
-        room = max(ROOM, 2 * total)
+        positions copied over: a decode copies its cache log2(length) times, not once a step, and holds at
+        most twice the memory DynamicCache would."""
+        room = max(MIN_ROOM, 2 * total)
         if self.most:
             room = max(total, min(room, self.most))
         fresh = []

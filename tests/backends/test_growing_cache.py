@@ -39,7 +39,7 @@ def _decode(model, cache, prompt: torch.Tensor, tokens: torch.Tensor, inspect=No
 def test_decoding_matches_the_dynamic_cache_across_regrowths(tiny_llama):
     torch.manual_seed(1)
     prompt = torch.randint(0, 320, (2, 100))
-    tokens = torch.randint(0, 320, (2, 200))  # 100 + 200 positions: past the first buffer's 256
+    tokens = torch.randint(0, 320, (2, 200))  # 100 + 200 positions: past the first buffer's 200
     moves = []
 
     def watch(cache):
@@ -54,10 +54,10 @@ def test_decoding_matches_the_dynamic_cache_across_regrowths(tiny_llama):
     assert torch.equal(grown, plain), (grown - plain).abs().max()
     assert cache.get_seq_length() == plain_cache.get_seq_length() == 300
     addresses = [ptr for _, ptr in moves]
-    # 256 positions first (the prompt's 100 fit), then twice what is needed at the first overflow, capped at
-    # the model's 512 positions: the cache moved once in 200 steps, at the step that filled position 257
-    assert len(set(addresses)) == 2 and addresses.index(addresses[-1]) == 256 - 100
-    assert cache.layers[0]._buffers[0].shape[-2] == 512
+    # twice the prompt's 100 positions first, then twice what is needed at the first overflow: the cache
+    # moved once in 200 steps, at the step that filled position 201, into room for 402
+    assert len(set(addresses)) == 2 and addresses.index(addresses[-1]) == 200 - 100
+    assert cache.layers[0]._buffers[0].shape[-2] == 402
 
 
 def test_the_room_never_exceeds_the_models_positions(tiny_llama):
