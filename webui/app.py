@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import importlib
 import os
+import signal
 import sys
 import threading
 import time
@@ -135,8 +136,27 @@ def _start_loading(ctx, name: str, backend: str | None) -> _Loader:
     return loader
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Serve until Ctrl+C or SIGTERM (what service managers and `docker stop` send): either closes the server
+    and unloads the models; one during startup stops it with a line (exit status 130), not a traceback."""
     args = parse_args(argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()  # where Python delivers signals
+    previous = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
+    try:
+        return _serve(args)
+    except KeyboardInterrupt:
+        print("gptq-webui: stopped", file=sys.stderr, flush=True)
+        return 130
+    finally:
+        if previous is not None:  # a caller embedding main() gets its own handler back
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _serve(args) -> int:
     from webui.context import AppContext
 
     ctx = AppContext.create(args.models_dir, args.data_dir, args.backend)
@@ -169,16 +189,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gptq-webui: cannot serve on port {args.port}: {exc}. Pick another with --port.", file=sys.stderr)
         return 2
     shown = "127.0.0.1" if host == "127.0.0.1" else f"{host} (all interfaces)"
-    print("", flush=True)
-    print(f"  gptq-webui is running on {shown}: open  http://127.0.0.1:{args.port}", flush=True)
-    print(f"  OpenAI-compatible API: http://127.0.0.1:{args.port}/v1"
-          f" ({'needs the --api-key' if args.api_key else 'no API key'})", flush=True)
-    print("  Press Ctrl+C to stop.", flush=True)
-    print("", flush=True)
     try:
-        demo.block_thread()
+        print("", flush=True)
+        print(f"  gptq-webui is running on {shown}: open  http://127.0.0.1:{args.port}", flush=True)
+        print(f"  OpenAI-compatible API: http://127.0.0.1:{args.port}/v1"
+              f" ({'needs the --api-key' if args.api_key else 'no API key'})", flush=True)
+        print("  Press Ctrl+C to stop.", flush=True)
+        print("", flush=True)
+        demo.block_thread()  # returns on Ctrl+C or SIGTERM, having closed the server
     except KeyboardInterrupt:
         pass
     finally:
+        demo.close(verbose=False)  # the server and queue, also when the stop came before block_thread
         ctx.manager.unload_all()
+    print("gptq-webui: stopped", flush=True)
     return 0
