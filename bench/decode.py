@@ -87,13 +87,16 @@ def build_checkpoint(config, folder: Path, bits: int, group: int, seed: int = 0,
 
 
 def warm_then_time(model, prompt_ids, new_tokens, forward, device) -> dict:
-    """BENCH.md section 2's "after one warm-up generation": a whole warm-up generation of the same length, then the
-    timed one. Why whole: an eager engine over a growing cache was 7x slower in its first 256-token generation
-    than in the next ones on an H100 (2026-12-06), so a short warm-up left the transformers baseline too slow and
-    every "x fp16" ratio too high. The warm-up's speed is kept in the row (warmup_tok_s)."""
+    """BENCH.md section 2's "after one warm-up generation": a whole warm-up generation of the same length (which
+    also tunes the kernels and captures a graph engine's graph), then the timed one. Why whole: eager transformers
+    fp16 ran its first 256-token generation about 7x slower than the next ones on an H100 (2026-12-06, whatever
+    the KV cache), so a 16-token warm-up left that baseline too slow and every "x fp16" ratio too high. The
+    warm-up's speed and wall time are kept in the row (warmup_tok_s, warmup_s)."""
+    started = time.perf_counter()
     _, warm_tps, _ = run_generation(model, prompt_ids, new_tokens, forward, device)
+    warm_s = time.perf_counter() - started
     ttft, tps, n = run_generation(model, prompt_ids, new_tokens, forward, device)
-    return dict(ttft_ms=ttft * 1e3, tok_s=tps, tokens=n, warmup_tok_s=warm_tps)
+    return dict(ttft_ms=ttft * 1e3, tok_s=tps, tokens=n, warmup_tok_s=warm_tps, warmup_s=warm_s)
 
 
 def run_generation(model, prompt_ids, new_tokens, forward, device):
@@ -341,12 +344,10 @@ def main(argv=None):
     print(f"after fusing: logits vs unfused rel err {float((f_logits - q_logits).norm() / q_logits.norm()):.1e}",
           flush=True)
     decoder = GraphDecoder(model, device, max_len)
-    t = time.time()
-    run_generation(model, prompt, 16, decoder.step, device)  # tunes kernels, captures the graph
-    print(f"tuning + capture {time.time() - t:.0f} s, graph={'yes' if decoder.graph is not None else 'NO'}",
-          flush=True)
-    results["gptq (static cache + CUDA graph)"] = dict(warm_then_time(model, prompt, args.new, decoder.step, device),
-                                                      peak_gb=torch.cuda.max_memory_allocated() / 1e9,
+    row = warm_then_time(model, prompt, args.new, decoder.step, device)
+    print(f"warm-up generation (tuning + capture) {row['warmup_s']:.0f} s, "
+          f"graph={'yes' if decoder.graph is not None else 'NO'}", flush=True)
+    results["gptq (static cache + CUDA graph)"] = dict(row, peak_gb=torch.cuda.max_memory_allocated() / 1e9,
                                                       graph=decoder.graph is not None)
     decoder_eager = GraphDecoder(model, device, max_len, use_graph=False)
     results["gptq (static cache, eager)"] = warm_then_time(model, prompt, args.new, decoder_eager.step, device)

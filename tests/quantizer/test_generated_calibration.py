@@ -64,7 +64,7 @@ def test_tokens_come_from_the_model_and_repeat_per_seed(tiny_models_dir):
 
 def test_cpu_steps_run_over_the_in_place_cache(tiny_models_dir):
     """On a CPU the steps run over backends.growing_cache (the baseline over transformers' own concatenating
-    cache), past its first 256 positions, with the same logits. Sampled text is not compared: on near-flat
+    cache), through several regrowths of its buffers (16 positions first, doubling), with the same logits. Sampled text is not compared: on near-flat
     random logits one rounding difference between attention kernels changes every later token."""
     from backends.growing_cache import GrowingLayer
     from quantizer.generated_calibration import _stepper
