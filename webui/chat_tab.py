@@ -409,8 +409,11 @@ class ChatTab:
                                      feedback_options=None, placeholder="Ask something to the loaded model.")
                 stats = gr.Markdown("", elem_id="chat-stats")
                 with gr.Row():
-                    message = gr.Textbox(placeholder="Type a message and press Enter", show_label=False,
-                                         lines=2, max_lines=10, elem_id="chat-input", scale=6, autofocus=True)
+                    # one line to start: Gradio sends on Enter only then (Shift+Enter adds a line); from two lines
+                    # up it is the other way round
+                    message = gr.Textbox(placeholder="Type a message: Enter sends, Shift+Enter adds a line",
+                                         show_label=False, lines=1, max_lines=10, elem_id="chat-input", scale=6,
+                                         autofocus=True)
                     with gr.Column(scale=1, min_width=120):
                         send = gr.Button("Send", variant="primary", elem_id="chat-send")
                         stop = gr.Button("Stop", variant="stop", elem_id="chat-stop")
@@ -468,7 +471,8 @@ class ChatTab:
                         api_name="open_conversation")
         delete_conv.click(self.delete_conversation, [history, state], history, api_name="delete_conversation")
         preset.change(self.load_preset, preset, params, api_name="preset_values", show_progress="hidden")
-        save_preset.click(self.save_preset, [preset_name, *params], [preset, preset_status], api_name="save_preset")
+        gr.on([save_preset.click, preset_name.submit], self.save_preset, [preset_name, *params],
+              [preset, preset_status], api_name="save_preset")
         refresh.click(self.refresh_models, model, model, api_name="chat_models", queue=False)
         model.focus(self.refresh_models, model, model, queue=False, api_visibility="private")
         if ctx.blocks is not None:

@@ -157,7 +157,8 @@ def build(ctx) -> None:
     load_status = gr.Dataframe(headers=["entry", "status", "RAM before MB", "RAM after MB", "RAM cost MB",
                                         "load s"], interactive=False, label="Entries", elem_id="compare-status")
 
-    prompt = gr.Textbox(label="Prompt (sent to every entry)", lines=2, elem_id="compare-prompt")
+    prompt = gr.Textbox(label="Prompt (sent to every entry)", lines=1, max_lines=10, elem_id="compare-prompt",
+                        placeholder="Enter sends, Shift+Enter adds a line")
     with gr.Accordion("Sampling (same for every entry)", open=False, elem_id="compare-sampling"):
         with gr.Row():
             temperature = gr.Slider(0, 2, value=0.0, step=0.05, label="temperature (0 = greedy)")

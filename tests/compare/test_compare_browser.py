@@ -121,7 +121,7 @@ def test_two_entries_stream_side_by_side_and_a_bad_one_keeps_its_error(page, ser
             }
         }, 10);
     }""")
-    page.locator("#compare-send").click()
+    page.locator("#compare-prompt textarea").press("Enter")           # Enter sends, as the placeholder says
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not all("done" in metrics(page, i) for i in (0, 1)):
         time.sleep(0.05)
@@ -135,6 +135,21 @@ def test_two_entries_stream_side_by_side_and_a_bad_one_keeps_its_error(page, ser
     assert reply(page, 1).strip()
     assert "quant must be one of" in metrics(page, 2) and reply(page, 2) == ""
     page.screenshot(path=str(artifacts_dir / "browser-compare-stream.png"), full_page=True)
+
+    # the Send button does the same; a second line typed with Shift+Enter goes along with the prompt
+    first_answers = [reply(page, 0), reply(page, 1)]
+    box = page.locator("#compare-prompt textarea")
+    box.press("Shift+Enter")
+    box.type("Answer in one word.")
+    assert box.input_value() == "What is the capital of France?\nAnswer in one word."
+    page.locator("#compare-clear").click()                          # back to "loaded in", no reply
+    page.wait_for_function("() => ['0', '1'].every(i => document.querySelector(`#compare-metrics-${i}`)"
+                           "?.innerText.includes('loaded in'))")
+    page.locator("#compare-send").click()
+    page.wait_for_function("() => ['0', '1'].every(i => document.querySelector(`#compare-metrics-${i}`)"
+                           "?.innerText.includes('done'))", timeout=120_000)
+    assert "Paris" in reply(page, 0)
+    assert [reply(page, 0), reply(page, 1)] != first_answers
 
 
 @pytest.mark.browser

@@ -131,6 +131,37 @@ def test_models_tab_bad_input_shows_a_message_and_chat_still_works(page, artifac
 
 
 @pytest.mark.browser
+def test_enter_sends_and_shift_enter_adds_a_line(page):
+    """What the input's placeholder promises: Enter sends (as in every chat app), Shift+Enter starts a
+    new line and sends nothing. A two-line Gradio textbox does the reverse."""
+    clear(page)
+    box = page.locator("#chat-input textarea")
+    assert "Enter sends" in box.get_attribute("placeholder")
+    box.fill(QUESTION)
+    box.press("Enter")
+    wait_stats(page, "done")
+    assert "Paris" in last_reply(page)
+    assert box.input_value() == ""
+    box.fill("first line")
+    box.press("Shift+Enter")
+    box.type("second line")
+    time.sleep(1.0)
+    assert box.input_value() == "first line\nsecond line"
+    assert page.locator("#chatbot [data-testid=user]").count() == 1          # nothing more was sent
+    box.fill("")
+
+
+@pytest.mark.browser
+def test_enter_in_the_preset_name_saves_the_preset(page, chat_server):
+    name = page.locator("#preset-name textarea")
+    name.fill("Enter Saved")
+    name.press("Enter")
+    page.wait_for_function("() => document.querySelector('#preset-status').innerText.includes('Saved preset')")
+    assert "Enter Saved" in chat_server.ctx.presets.names()
+    assert page.locator("#preset-picker input").input_value() == "Enter Saved"
+
+
+@pytest.mark.browser
 def test_the_page_fetches_nothing_from_outside(page, chat_server):
     """No fonts, analytics or scripts from the internet: the UI works offline and leaks nothing."""
     assert page.requested_urls
