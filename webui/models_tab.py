@@ -71,12 +71,16 @@ class ModelsTab:
             rows.append([m.model_id, m.backend_name, *mem, round(m.load_seconds, 1)])
         return rows
 
-    def refresh(self, current_name: str | None = None):
+    def refresh(self, current_name: str | None = None, current_loaded: str | None = None):
+        """The tables and pickers again. The unload picker keeps its model while it is loaded, else
+        shows the newest one, so a page opened on a loaded model can unload it in one click."""
         names = self.loadable_names()
+        loaded_ids = self.ctx.manager.loaded_ids()
+        pick = current_loaded if current_loaded in loaded_ids else (loaded_ids[-1] if loaded_ids else None)
         return (self.models_rows(),
                 gr.update(choices=names, value=current_name if current_name else None),
                 self.loaded_rows(),
-                gr.update(choices=self.ctx.manager.loaded_ids(), value=None))
+                gr.update(choices=loaded_ids, value=pick))
 
     def pick_row(self, evt: gr.SelectData):
         """Clicking a row of the models table picks that model for loading."""
@@ -189,7 +193,9 @@ class ModelsTab:
         loaded_table = gr.Dataframe(self.loaded_rows(), headers=LOADED_HEADERS, interactive=False,
                                     label="Loaded models (memory)", elem_id="loaded-table")
         with gr.Row():
-            loaded_pick = gr.Dropdown(ctx.manager.loaded_ids(), value=None, label="Loaded model", scale=3,
+            loaded_ids = ctx.manager.loaded_ids()
+            loaded_pick = gr.Dropdown(loaded_ids, value=loaded_ids[-1] if loaded_ids else None,
+                                      label="Loaded model", scale=3,
                                       elem_id="models-loaded-picker", allow_custom_value=True)
             unload = gr.Button("Unload", variant="stop", elem_id="models-unload", scale=1)
         with gr.Accordion("Download from the Hugging Face Hub", open=False, elem_id="hub-download-box"):
@@ -212,7 +218,7 @@ class ModelsTab:
         unload.click(self.unload, loaded_pick, [status, loaded_table, loaded_pick], api_name="unload_model")
         fetch.click(self.download, [repo, file], [hub_status, models_table, name], api_name="download_model")
         if ctx.blocks is not None:
-            ctx.blocks.load(lambda current: self.refresh(current), name, table_outputs, queue=False,
+            ctx.blocks.load(self.refresh, [name, loaded_pick], table_outputs, queue=False,
                             api_visibility="private")
 
 

@@ -115,6 +115,8 @@ def test_models_tab_bad_input_shows_a_message_and_chat_still_works(page, artifac
     name = page.locator("#models-name input")
     name.wait_for()
     assert "SmolLM2-135M-Instruct.Q4_1.gguf" in page.locator("#models-table").inner_text()
+    # the model loaded at start is already picked for Unload
+    assert page.locator("#models-loaded-picker input").input_value() == "SmolLM2-135M-Instruct@transformers"
     name.fill("../../etc/passwd")
     name.press("Enter")
     page.locator("#models-load").click()

@@ -105,7 +105,8 @@ def test_no_text_and_bad_params_are_refused(chat_server):
 
 def test_models_tab_lists_loads_and_unloads(chat_server):
     client = chat_server.client()
-    table, names, loaded, _ = client.predict(None, api_name="/list_models")
+    table, names, loaded, picked = client.predict(None, api_name="/list_models")
+    assert picked["value"] == "SmolLM2-135M-Instruct@transformers"        # ready to unload
     rows = {r[0]: r for r in table["data"]}
     assert rows["SmolLM2-135M-Instruct"][1] == "hf" and rows["SmolLM2-135M-Instruct"][2] > 100
     assert rows["SmolLM2-135M-Instruct.Q4_1.gguf"][1] == "gguf"
