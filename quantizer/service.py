@@ -4,6 +4,7 @@ Everything a user can get wrong is checked by `pipeline.plan` before the job sta
 is a message and nothing is written."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from quantizer.jobs import Job, JobManager
@@ -74,6 +75,15 @@ def start_quantize(jobs: JobManager, models_dir: Path, source: str, out: str, se
     return jobs.submit("quantize", title, work)
 
 
+@dataclass(frozen=True)
+class PerplexityComparison:
+    """What a comparison job returns: each model's perplexity (the original first) on the same windows."""
+    dataset: str
+    seqlen: int
+    windows: int
+    ppl: dict[str, float]
+
+
 def start_compare(jobs: JobManager, models_dir: Path, original: str, quantized: str, dataset: str = "wikitext2",
                   seqlen: int = 512, windows: int | None = 10) -> Job:
     """Perplexity of the original and the quantized model on the same text and windows."""
@@ -84,7 +94,7 @@ def start_compare(jobs: JobManager, models_dir: Path, original: str, quantized: 
     def work(job: Job):
         from quantizer.evaluation import load_eval_text, perplexity
         text = load_eval_text(dataset)
-        results = {}
+        results, used = {}, 0
         for n, path in enumerate(paths):
             backend = load_for_eval(path)
             try:
@@ -93,9 +103,9 @@ def start_compare(jobs: JobManager, models_dir: Path, original: str, quantized: 
                 r = perplexity(backend, text, seqlen, windows, progress=progress, should_stop=job.should_stop)
             finally:
                 backend.unload()
-            results[path.name] = r.ppl
+            results[path.name], used = r.ppl, r.windows
             job.report({"text": f"{path.name}: ppl {r.ppl:.3f} ({r.windows} windows of {seqlen} tokens, {dataset})"})
-        return results
+        return PerplexityComparison(dataset, seqlen, used, results)
 
     return jobs.submit("eval", f"perplexity {original} vs {quantized}", work)
 

@@ -57,10 +57,12 @@ def progress_html(job: dict | None) -> str:
     if not job:
         return "<div id='quant-progress-text'>No quantization job yet.</div>"
     pct = 100.0 * job["progress"]
+    # a finished job's last stage ("finishing") no longer describes it
+    parts = [job["status"], f"{pct:.0f}%"] + ([job["stage"]] if job["stage"] and job["status"] == "running" else [])
+    text = " · ".join(html.escape(part) for part in parts + [f"{job['elapsed']:.0f} s"])
     return (f"<div style='border:1px solid #8884;border-radius:6px;height:14px;overflow:hidden'>"
             f"<div style='width:{pct:.1f}%;height:100%;background:#4a7bd0'></div></div>"
-            f"<div id='quant-progress-text'>{html.escape(job['status'])} · {pct:.0f}% · "
-            f"{html.escape(job['stage'] or '')} · {job['elapsed']:.0f} s</div>")
+            f"<div id='quant-progress-text'>{text}</div>")
 
 
 def peaks_text(job: dict | None) -> str:
@@ -74,6 +76,21 @@ def peaks_text(job: dict | None) -> str:
 
 
 SUGGESTED = re.compile(r".*-gptq(-\d+bit-g-?\d+)?$")
+
+
+def comparison_markdown(comparison) -> str:
+    """Each model's perplexity, the quantized one's as a change against the original (the first)."""
+    items = list(comparison.ppl.items())
+    lines = []
+    for index, (name, ppl) in enumerate(items):
+        line = f"- **{name}**: ppl {ppl:.3f}"
+        if index and items[0][1] > 0:
+            line += f" ({100 * (ppl / items[0][1] - 1):+.1f}% against {items[0][0]})"
+        lines.append(line)
+    windows = f"{comparison.windows} window{'' if comparison.windows == 1 else 's'}"
+    lines.append(f"\nThe same {windows} of {comparison.seqlen} tokens of {comparison.dataset} for each; "
+                 "lower is better.")
+    return "\n".join(lines)
 
 
 def suggest_name(model: str | None, bits, group, current: str = "") -> str:
@@ -188,7 +205,7 @@ class QuantizeTab:
         if ev is not None:
             es = ev.snapshot()
             if es["status"] == "done":
-                compare = "\n".join(f"- **{name}**: ppl {ppl:.3f}" for name, ppl in ev.result.items())
+                compare = comparison_markdown(ev.result)
             elif es["status"] == "failed":
                 compare = f"❌ {es['error']}"
             else:

@@ -127,4 +127,8 @@ def test_quantize_tab_end_to_end(page, server, tiny_models_dir, artifacts_dir, r
                            timeout=180_000)
     result = page.locator("#quant-compare-result").inner_text()
     assert "tiny4" in result and "ui-quantized" in result
+    ppl = dict(re.findall(r"(\S+): ppl ([\d.]+)", result))
+    change = float(re.search(r"ui-quantized: ppl [\d.]+ \(([+-][\d.]+)% against tiny4\)", result).group(1))
+    assert change == pytest.approx(100 * (float(ppl["ui-quantized"]) / float(ppl["tiny4"]) - 1), abs=0.06)
+    assert "The same 1 window of 512 tokens of wikitext2" in result
 
