@@ -90,8 +90,11 @@ def build_app(ctx, tabs: tuple[str, ...] = TABS):
         tab_ctx = dataclasses.replace(ctx, blocks=demo)
         for module_name in tabs:
             module = importlib.import_module(module_name)
-            with gr.Tab(module.TITLE, id=module_name.rsplit(".", 1)[-1], elem_id=f"tab-{module.TITLE.lower()}"):
+            with gr.Tab(module.TITLE, id=module_name.rsplit(".", 1)[-1],
+                        elem_id=f"tab-{module.TITLE.lower()}") as tab:
                 module.build(tab_ctx)
+            if getattr(module, "ON_SHOW_JS", None):           # page-side work when the tab comes into view
+                tab.select(None, None, None, js=module.ON_SHOW_JS, queue=False, api_visibility="private")
     return demo
 
 

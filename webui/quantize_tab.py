@@ -19,6 +19,21 @@ UPLOAD = "file upload"
 SERIES = (("ram_used_mb", "system RAM used"), ("rss_mb", "process RSS"), ("swap_used_mb", "swap used"),
           ("gpu_used_mb", "GPU memory"))
 COLORS = {"system RAM used": "#4a7bd0", "process RSS": "#e07b39", "swap used": "#c0392b", "GPU memory": "#27ae60"}
+# The log follows its newest line unless the user has scrolled up to read (Gradio 6's `autoscroll` left a
+# read-only box at its first line). Runs in the page when the log changes and when the tab is shown: a
+# log filled while the tab was hidden has no height to scroll yet.
+FOLLOW_LOG_JS = """() => {
+  const box = document.querySelector('#quant-log textarea');
+  if (!box) return;
+  if (!box.dataset.follow) {
+    box.dataset.follow = 'yes';
+    box.addEventListener('scroll', () => {
+      box.dataset.follow = box.scrollHeight - box.scrollTop - box.clientHeight < 24 ? 'yes' : 'no';
+    });
+  }
+  if (box.dataset.follow === 'yes') setTimeout(() => { box.scrollTop = box.scrollHeight; }, 50);
+}"""
+ON_SHOW_JS = FOLLOW_LOG_JS
 
 
 def memory_svg(samples: list[dict], width: int = 640, height: int = 240) -> str:
@@ -267,7 +282,7 @@ class QuantizeTab:
                 peaks = gr.Markdown("", elem_id="quant-peaks")
             with gr.Column(scale=2):
                 log = gr.Textbox("", label="Log (per-layer relative output error, GPTQ vs RTN)", lines=12,
-                                 max_lines=12, autoscroll=True, interactive=False, elem_id="quant-log")
+                                 max_lines=12, interactive=False, elem_id="quant-log")
         with gr.Row():
             windows = gr.Number(10, label="Perplexity windows (512 tokens, wikitext2)", precision=0,
                                 elem_id="quant-windows")
@@ -284,6 +299,7 @@ class QuantizeTab:
         start.click(self.start, [model, out, *values], message)
         cancel.click(self.cancel, None, message)
         compare.click(self.compare, windows, compare_out)
+        log.change(None, None, None, js=FOLLOW_LOG_JS, queue=False, api_visibility="private")
         timer = gr.Timer(1.0)
         outputs = [progress, status, log, chart, peaks, compare_out]
         timer.tick(self.poll, None, outputs)

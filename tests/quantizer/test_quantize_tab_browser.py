@@ -108,6 +108,12 @@ def test_quantize_tab_end_to_end(page, server, tiny_models_dir, artifacts_dir, r
                            timeout=240_000)
     log = page.locator("#quant-log textarea").input_value()
     assert re.search(r"layer 4/4 in [\d.]+ s; relative output error: q_proj [\d.]+ \(rtn [\d.]+\)", log)
+    # the log shows its newest lines: the page was reloaded mid-job and the tab opened after the log had
+    # filled in hidden, so this also covers a log first seen when its tab is shown
+    log_box = "document.querySelector('#quant-log textarea')"
+    page.wait_for_function(f"() => {log_box}.scrollHeight - {log_box}.scrollTop - {log_box}.clientHeight < 4",
+                           timeout=5_000)
+    assert page.evaluate(f"() => {log_box}.scrollHeight > 2 * {log_box}.clientHeight")   # there was a way to go
     assert "100%" in page.locator("#quant-progress-text").inner_text()
     assert chart_points(page) >= 3
     assert "peak RSS" in page.locator("#quant-peaks").inner_text()
