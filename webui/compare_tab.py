@@ -13,8 +13,12 @@ import gradio as gr
 
 from backends.base import BackendError, SamplingParams
 from bench import compare_core as core
+from webui.page_js import follow_newest_js
 
 TITLE = "Compare"
+# the streamed replies follow their newest line unless the user scrolls up to read
+FOLLOW_REPLIES_JS = follow_newest_js("[id^=compare-reply-] textarea")
+ON_SHOW_JS = FOLLOW_REPLIES_JS
 MAX_ENTRIES = 4
 TEXT_SOURCES = (*core.TEXT_SOURCES, "uploaded file")
 
@@ -180,6 +184,7 @@ def build(ctx) -> None:
                 header = gr.Markdown(elem_id=f"compare-header-{index}")
                 reply = gr.Textbox(label="reply", lines=8, max_lines=20, interactive=False,
                                    elem_id=f"compare-reply-{index}")
+                reply.change(None, None, None, js=FOLLOW_REPLIES_JS, queue=False, api_visibility="private")
                 metrics = gr.Markdown(elem_id=f"compare-metrics-{index}", elem_classes=["gen-stats"])
             column_outputs += [col, header, reply, metrics]
 

@@ -13,26 +13,15 @@ from backends.base import BackendError
 from quantizer.calibration import SOURCES
 from quantizer.jobs import JobManager
 from quantizer.settings import QuantizeSettings
+from webui.page_js import follow_newest_js
 
 TITLE = "Quantize"
 UPLOAD = "file upload"
 SERIES = (("ram_used_mb", "system RAM used"), ("rss_mb", "process RSS"), ("swap_used_mb", "swap used"),
           ("gpu_used_mb", "GPU memory"))
 COLORS = {"system RAM used": "#4a7bd0", "process RSS": "#e07b39", "swap used": "#c0392b", "GPU memory": "#27ae60"}
-# The log follows its newest line unless the user has scrolled up to read (Gradio 6's `autoscroll` left a
-# read-only box at its first line). Runs in the page when the log changes and when the tab is shown: a
-# log filled while the tab was hidden has no height to scroll yet.
-FOLLOW_LOG_JS = """() => {
-  const box = document.querySelector('#quant-log textarea');
-  if (!box) return;
-  if (!box.dataset.follow) {
-    box.dataset.follow = 'yes';
-    box.addEventListener('scroll', () => {
-      box.dataset.follow = box.scrollHeight - box.scrollTop - box.clientHeight < 24 ? 'yes' : 'no';
-    });
-  }
-  if (box.dataset.follow === 'yes') setTimeout(() => { box.scrollTop = box.scrollHeight; }, 50);
-}"""
+# the log follows its newest line unless the user scrolls up to read
+FOLLOW_LOG_JS = follow_newest_js("#quant-log textarea")
 ON_SHOW_JS = FOLLOW_LOG_JS
 
 
