@@ -5,6 +5,8 @@ measures the quantization and not a different generation loop."""
 from __future__ import annotations
 
 import logging
+import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -14,24 +16,60 @@ from backends.transformers_backend import TransformersBackend
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
-# bitsandbytes logs this once per int8 matmul whenever activations are not fp16 (always on CPU
-# with a float32/bfloat16 model): hundreds of identical lines per generated token.
-_CAST_WARNING = "MatMul8bitLt: inputs will be cast from"
-_CAST_LOGGER = "bitsandbytes.autograd._functions"
+# Messages of bitsandbytes that tell a user of this backend nothing they can act on, by logger:
+# - once per int8 matmul whenever activations are not fp16 (always on CPU with a float32/bfloat16
+#   model): hundreds of identical lines per generated token;
+# - once at import on CPUs with AVX512-BF16, where bitsandbytes looks for a Hub kernel (which
+#   import_bitsandbytes turns down) and falls back to its own CPU kernel; the message advises
+#   trust_remote_code=True, the opposite of this workbench's default.
+_NOTICES = {
+    "bitsandbytes.autograd._functions": "MatMul8bitLt: inputs will be cast from",
+    "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward from kernels-community",
+}
 
 
-class _DropInt8CastWarning(logging.Filter):
-    """Drops only the per-call int8 cast notice; every other bitsandbytes message still shows."""
+class _DropNotice(logging.Filter):
+    """Drops one message of one logger; every other bitsandbytes message still shows."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(_CAST_WARNING)
+        return not str(record.msg).startswith(self.prefix)
 
 
-def silence_int8_cast_warning() -> None:
-    """Install the filter on bitsandbytes' logger once (idempotent)."""
-    logger = logging.getLogger(_CAST_LOGGER)
-    if not any(isinstance(f, _DropInt8CastWarning) for f in logger.filters):
-        logger.addFilter(_DropInt8CastWarning())
+def silence_bitsandbytes_notices() -> None:
+    """Install the filters on bitsandbytes' loggers once (idempotent); before its first import."""
+    for name, prefix in _NOTICES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNotice) for f in logger.filters):
+            logger.addFilter(_DropNotice(prefix))
+
+
+_IMPORT_LOCK = threading.Lock()
+
+
+def import_bitsandbytes():
+    """bitsandbytes, imported without Hub kernels. On CPUs with AVX512-BF16 its import asks the `kernels`
+    package to download a compiled kernel from the Hugging Face Hub and load it into this process:
+    native code from the network, at import, unasked (transformers itself leaves Hub kernels off unless
+    `use_kernels=True`). With `kernels` unimportable for that one import, bitsandbytes runs its own CPU
+    kernel, as on every other CPU."""
+    silence_bitsandbytes_notices()
+    with _IMPORT_LOCK:
+        if "bitsandbytes" in sys.modules:
+            return sys.modules["bitsandbytes"]
+        saved = sys.modules.get("kernels")
+        sys.modules["kernels"] = None                      # `from kernels import ...` raises ImportError
+        try:
+            import bitsandbytes
+        finally:
+            if saved is None:
+                del sys.modules["kernels"]
+            else:
+                sys.modules["kernels"] = saved
+        return bitsandbytes
 
 
 class BitsAndBytesBackend(TransformersBackend):
@@ -79,12 +117,11 @@ class BitsAndBytesBackend(TransformersBackend):
 
     def _build_model(self, path: Path, options: dict):
         try:
-            import bitsandbytes  # noqa: F401  (fail early with a clear message)
+            import_bitsandbytes()                              # fails early with a clear message
         except ImportError as exc:
             raise BackendError(f"bitsandbytes is not installed or cannot load: {exc}") from None
         from transformers import AutoModelForCausalLM
         config = self.quantization_config(options)
-        silence_int8_cast_warning()
         model = AutoModelForCausalLM.from_pretrained(
             str(path), quantization_config=config, dtype=self._resolve_dtype(options),
             device_map={"": str(self.device)}, use_safetensors=True, trust_remote_code=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -120,14 +121,43 @@ def test_int8_chat_perplexity_and_quiet_log(int8, eval_text, fp_ppl, caplog):
     assert abs(result.ppl / fp_ppl.ppl - 1) < 0.10, (result.ppl, fp_ppl.ppl)
 
 
-def test_int8_filter_is_narrow():
-    from backends.bitsandbytes_backend import silence_int8_cast_warning
-    silence_int8_cast_warning()
-    silence_int8_cast_warning()
-    logger = logging.getLogger("bitsandbytes.autograd._functions")
-    assert len([f for f in logger.filters if type(f).__name__ == "_DropInt8CastWarning"]) == 1
-    record = logging.LogRecord(logger.name, logging.WARNING, __file__, 1,
-                               "MatMul8bitLt: inputs will be cast from %s to float16 during quantization",
-                               ("torch.float32",), None)
-    other = logging.LogRecord(logger.name, logging.WARNING, __file__, 1, "something else went wrong", (), None)
-    assert not logger.filter(record) and logger.filter(other)
+def test_notice_filters_are_narrow():
+    from backends.bitsandbytes_backend import silence_bitsandbytes_notices
+    silence_bitsandbytes_notices()
+    silence_bitsandbytes_notices()
+    for name, message in [("bitsandbytes.autograd._functions",
+                           "MatMul8bitLt: inputs will be cast from %s to float16 during quantization"),
+                          ("bitsandbytes.backends.cpu.ops",
+                           "Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure")]:
+        logger = logging.getLogger(name)
+        assert len([f for f in logger.filters if type(f).__name__ == "_DropNotice"]) == 1
+        record = logging.LogRecord(logger.name, logging.WARNING, __file__, 1, message, ("x",), None)
+        other = logging.LogRecord(logger.name, logging.WARNING, __file__, 1, "something else went wrong", (), None)
+        assert not logger.filter(record) and logger.filter(other)
+
+
+def test_bitsandbytes_is_imported_without_hub_kernels():
+    """On CPUs with AVX512-BF16 a plain `import bitsandbytes` goes to the `kernels` package for a compiled
+    kernel from the Hub (and logs advice to set trust_remote_code=True when it cannot have one). Through
+    the backend, `kernels` is never imported, no such line is printed, and 4-bit matmuls still run."""
+    import subprocess
+    import sys
+
+    def run(code: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                              cwd=str(Path(__file__).resolve().parents[2]))
+    plain = run("import sys, bitsandbytes; print('kernels' in sys.modules)")
+    if "kernels-community" not in plain.stderr:
+        pytest.skip("this CPU has no AVX512-BF16 (or no `kernels` package): bitsandbytes asks for no Hub kernel")
+    assert plain.stdout.strip() == "True"
+    ours = run("import sys, torch\n"
+               "from backends.bitsandbytes_backend import import_bitsandbytes\n"
+               "bnb = import_bitsandbytes()\n"
+               "w = torch.randn(64, 128)\n"
+               "q, state = bnb.functional.quantize_4bit(w, quant_type='nf4')\n"
+               "x = torch.randn(1, 128, dtype=torch.bfloat16)\n"
+               "y = bnb.matmul_4bit(x, q.t(), quant_state=state)\n"
+               "print('kernels' in sys.modules, tuple(y.shape))")
+    assert ours.returncode == 0, ours.stderr
+    assert ours.stdout.strip() == "False (1, 64)"
+    assert "kernels-community" not in ours.stderr and "trust_remote_code" not in ours.stderr, ours.stderr
