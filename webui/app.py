@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import importlib
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -143,6 +145,22 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def port_problem(host: str, port: int) -> str | None:
+    """Why the server could not listen on host:port, or None. Checked before a model load that can take
+    minutes; bound as uvicorn binds (SO_REUSEADDR), so a port a stopped server just left is free."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return "another program (another gptq-webui?) is listening there"
+            if exc.errno == errno.EACCES:
+                return "permission denied (ports below 1024 need root)"
+            return exc.strerror or str(exc)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Serve until Ctrl+C or SIGTERM (what service managers and `docker stop` send): either closes the server
     and unloads the models; one during startup stops it with a line (exit status 130), not a traceback."""
@@ -173,6 +191,11 @@ def _serve(args) -> int:
         except BackendError as exc:
             print(f"gptq-webui: cannot load {args.model}: {exc}", file=sys.stderr)
             return 2
+    host = "0.0.0.0" if args.listen else "127.0.0.1"
+    problem = port_problem(host, args.port)
+    if problem:
+        print(f"gptq-webui: cannot serve on port {args.port}: {problem}. Pick another with --port.", file=sys.stderr)
+        return 2
     loader = _start_loading(ctx, args.model, args.backend) if args.model else None
     # uploads land under the user data folder (size-limited in launch), not in a shared /tmp/gradio
     from webui.security import uploads_dir
@@ -183,7 +206,6 @@ def _serve(args) -> int:
         if loader.error:
             print(f"gptq-webui: cannot load {args.model}: {loader.error}", file=sys.stderr)
             return 2
-    host = "0.0.0.0" if args.listen else "127.0.0.1"
     try:
         from webui.api import api_routes
         launch(demo, host, args.port, args.auth, block=False,

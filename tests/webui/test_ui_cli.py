@@ -62,3 +62,33 @@ def test_unknown_model_at_start_exits_with_the_reason(tmp_path):
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 2
     assert "cannot load no-such-model: 'no-such-model': no such model in" in done.stderr
+
+
+def test_a_busy_port_is_refused_before_the_model_loads(tmp_path, models_dir):
+    """A second server on a taken port says so at once, instead of after loading its model."""
+    import socket
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = dict(os.environ, GPTQ_WEBUI_DATA=str(tmp_path))
+        done = subprocess.run([sys.executable, "-m", "webui", "--models-dir", str(models_dir),
+                               "--model", "SmolLM2-135M-Instruct", "--port", str(port)],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 2
+    assert (f"cannot serve on port {port}: another program (another gptq-webui?) is listening there. "
+            "Pick another with --port.") in done.stderr
+    assert "loading" not in done.stdout                                   # no model load was started
+
+
+def test_port_problem_names_the_reason():
+    import socket
+    from webui.app import port_problem
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert "listening there" in port_problem("127.0.0.1", taken.getsockname()[1])
+    with socket.socket() as spare:                                        # a port just given back is free
+        spare.bind(("127.0.0.1", 0))
+        free = spare.getsockname()[1]
+    assert port_problem("127.0.0.1", free) is None
