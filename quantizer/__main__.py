@@ -100,7 +100,8 @@ def cmd_quantize(args) -> int:
     for line in snap["log"][shown:]:
         print(line, file=sys.stderr)
     if job.status != "done":
-        print(f"error: {job.error}", file=sys.stderr)
+        if not snap["log"] or snap["log"][-1] != f"error: {job.error}":   # the log often ends with it already
+            print(f"error: {job.error}", file=sys.stderr)
         return 1
     result = job.result
     print_summary(result, job)

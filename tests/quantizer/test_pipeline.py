@@ -207,6 +207,20 @@ def _cli(*args, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
+def test_cli_failure_ends_with_one_error_line(tiny_models_dir, tmp_path):
+    """A job that fails (here: calibration text shorter than one sample) exits 1 and says why once, last."""
+    short = tmp_path / "short.txt"
+    short.write_text("Hello world. This is a tiny calibration file.\n")
+    proc = _cli("quantize", "tiny4", "--models-dir", str(tiny_models_dir), "--nsamples", "4", "--seqlen", "64",
+                "--calib", str(short), "--out", "never-written")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "the calibration text has only" in errors[0], err
+    assert err.strip().splitlines()[-1] == errors[0]
+    assert not (tiny_models_dir / "never-written").exists()
+
+
 @pytest.mark.slow
 def test_resume_after_kill_gives_the_same_checkpoint(tiny_models_dir):
     common = ["quantize", "tiny4", "--models-dir", str(tiny_models_dir), "--nsamples", "4", "--seqlen", "64",
