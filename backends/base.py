@@ -96,7 +96,7 @@ class GenerationChunk:
     prompt_tokens: int
     generated_tokens: int
     finished: bool = False
-    finish_reason: str | None = None  # "stop" (eos/stop string), "length", "cancelled"
+    finish_reason: str | None = None  # "stop" (eos/stop string), "length", "cancelled", "unloaded"
 
 
 @dataclass
@@ -198,7 +198,8 @@ class Backend(abc.ABC):
     def generate(self, prompt: str, params: SamplingParams,
                  stop_event: threading.Event | None = None) -> Iterator[GenerationChunk]:
         """Stream a continuation of a raw prompt (already chat-rendered when chatting). Checks
-        `stop_event` before every token, so Stop takes effect within one token."""
+        `stop_event.is_set()` (its only use: the manager passes an either-of-two stop) before every
+        token, so Stop and Unload take effect within one token."""
 
     def chat(self, messages: list[Message], params: SamplingParams,
              stop_event: threading.Event | None = None) -> Iterator[GenerationChunk]:

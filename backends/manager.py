@@ -6,7 +6,7 @@ import os
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -70,6 +70,18 @@ class LoadedModel:
     backend: Backend
     load_seconds: float
     lock: FairLock = field(default_factory=FairLock)
+    closing: threading.Event = field(default_factory=threading.Event)   # set by unload: generations end
+
+
+class _EitherStop:
+    """Set when the caller's stop event or the model's `closing` is: the one `is_set()` the engines'
+    token loops check, so Unload ends a running reply at its next token instead of waiting it out."""
+
+    def __init__(self, stop_event: threading.Event | None, closing: threading.Event):
+        self.events = [e for e in (stop_event, closing) if e is not None]
+
+    def is_set(self) -> bool:
+        return any(e.is_set() for e in self.events)
 
 
 @dataclass(frozen=True)
@@ -174,6 +186,7 @@ class ModelManager:
             loaded = self._models.pop(model_id, None)
         if loaded is None:
             raise BackendError(f"no loaded model {model_id!r}")
+        loaded.closing.set()                 # a reply being generated stops at its next token
         with loaded.lock:
             loaded.backend.unload()
 
@@ -200,14 +213,27 @@ class ModelManager:
         loaded = self.get(model_id)
         params = params.validated()
         with loaded.lock:
-            yield from loaded.backend.generate(prompt, params, stop_event)
+            yield from _until_unloaded(loaded, loaded.backend.generate(prompt, params,
+                                                                       _EitherStop(stop_event, loaded.closing)))
 
     def chat(self, model_id: str, messages: list[Message], params: SamplingParams,
              stop_event: threading.Event | None = None) -> Iterator[GenerationChunk]:
         loaded = self.get(model_id)
         params = params.validated()
         with loaded.lock:
-            yield from loaded.backend.chat(messages, params, stop_event)
+            yield from _until_unloaded(loaded, loaded.backend.chat(messages, params,
+                                                                   _EitherStop(stop_event, loaded.closing)))
+
+
+def _until_unloaded(loaded: LoadedModel, chunks: Iterator[GenerationChunk]) -> Iterator[GenerationChunk]:
+    """The engine's chunks, run under the model's lock; a request that waited for the lock while the
+    model was being unloaded gets a clear error, and a reply cut short by Unload says so."""
+    if loaded.closing.is_set():
+        raise BackendError(f"{loaded.model_id} was unloaded")
+    for chunk in chunks:
+        if chunk.finished and chunk.finish_reason == "cancelled" and loaded.closing.is_set():
+            chunk = replace(chunk, finish_reason="unloaded")
+        yield chunk
 
 
 def _safe_unload(instance: Backend) -> None:

@@ -67,7 +67,8 @@ def format_stats(stats: dict | None) -> str:
         parts.append(f"first token {stats['ttft_s']:.2f} s")
     reason = stats.get("finish_reason")
     if reason:
-        parts.append({"cancelled": "stopped", "length": "hit max tokens", "stop": "done"}.get(reason, reason))
+        parts.append({"cancelled": "stopped", "length": "hit max tokens", "stop": "done",
+                      "unloaded": "stopped: the model was unloaded"}.get(reason, reason))
     if stats.get("error"):
         parts.append("error")
     return " · ".join(parts)

@@ -128,3 +128,48 @@ def test_fair_lock_grants_in_arrival_order():
     assert order == list(range(6))
     assert not lock.locked()
     assert lock.acquire(blocking=False) and not FairLock().locked()
+
+
+def test_unload_ends_a_running_reply_and_refuses_the_requests_waiting_for_it(default_hf_model):
+    """Unload does not wait for a long reply to finish: the reply stops at its next token and says why,
+    a request queued behind it gets a clear error, and the model is gone."""
+    import threading
+    import time
+    manager = ModelManager(default_hf_model.parent)
+    model_id = manager.load(default_hf_model.name, "transformers", {"dtype": "float32", "device": "cpu"})
+    story = [{"role": "user", "content": "Write a very long story about a dragon who learns to fly."}]
+    chunks, outcome, streaming = [], {}, threading.Event()
+
+    def long_reply():
+        for chunk in manager.chat(model_id, story, SamplingParams(max_new_tokens=2000)):
+            chunks.append(chunk)
+            if len(chunks) == 3:
+                streaming.set()
+
+    def queued_request():
+        try:
+            list(manager.chat(model_id, story, SamplingParams(max_new_tokens=8)))
+            outcome["queued"] = "ran"
+        except BackendError as exc:
+            outcome["queued"] = str(exc)
+
+    first = threading.Thread(target=long_reply)
+    first.start()
+    assert streaming.wait(120)
+    second = threading.Thread(target=queued_request)
+    second.start()
+    lock = manager.get(model_id).lock
+    while len(lock._waiters) < 1:                          # the second request waits for the model
+        time.sleep(0.01)
+    started = time.perf_counter()
+    manager.unload(model_id)
+    unload_s = time.perf_counter() - started
+    first.join(30)
+    second.join(30)
+    assert unload_s < 10, unload_s                         # 2000 tokens would take minutes on a CPU
+    assert chunks[-1].finished and chunks[-1].finish_reason == "unloaded"
+    assert 3 <= chunks[-1].generated_tokens < 2000
+    assert outcome["queued"] == f"{model_id} was unloaded"
+    assert manager.loaded() == []
+    with pytest.raises(BackendError, match="no loaded model"):
+        list(manager.chat(model_id, story, SamplingParams(max_new_tokens=8)))
