@@ -173,3 +173,22 @@ def test_unload_ends_a_running_reply_and_refuses_the_requests_waiting_for_it(def
     assert manager.loaded() == []
     with pytest.raises(BackendError, match="no loaded model"):
         list(manager.chat(model_id, story, SamplingParams(max_new_tokens=8)))
+
+
+def test_unload_frees_the_model_without_waiting_for_the_garbage_collector(default_hf_model):
+    """A transformers model sits in reference cycles, so dropping it used to free nothing until Python's
+    cyclic collector ran (on an H100, 560-670 MB of a 1.2 GB model stayed allocated after Unload). The
+    collector is held off here, as it can be for minutes in a server; Unload must free the model anyway."""
+    import gc
+    import weakref
+    manager = ModelManager(default_hf_model.parent)
+    gc.collect()
+    gc.disable()
+    try:
+        model_id = manager.load(default_hf_model.name, "transformers", {"dtype": "float32", "device": "cpu"})
+        list(manager.chat(model_id, [{"role": "user", "content": "Hi"}], SamplingParams(max_new_tokens=4)))
+        model = weakref.ref(manager.get(model_id).backend.model)
+        manager.unload(model_id)
+        assert model() is None
+    finally:
+        gc.enable()
