@@ -3,7 +3,6 @@ path to the models folder."""
 from __future__ import annotations
 
 import os
-import sys
 import threading
 import time
 from collections import deque
@@ -12,7 +11,6 @@ from pathlib import Path
 from typing import Iterator
 
 from backends.base import Backend, BackendError, GenerationChunk, Message, SamplingParams
-from backends.process_memory import release_memory
 from backends.registry import backends_for_format, create_backend, default_backend_for, detect_format
 
 
@@ -191,7 +189,6 @@ class ModelManager:
         loaded.closing.set()                 # a reply being generated stops at its next token
         with loaded.lock:
             loaded.backend.unload()
-        _free_unloaded_memory()
 
     def unload_all(self) -> None:
         for model_id in self.loaded_ids():
@@ -237,17 +234,6 @@ def _until_unloaded(loaded: LoadedModel, chunks: Iterator[GenerationChunk]) -> I
         if chunk.finished and chunk.finish_reason == "cancelled" and loaded.closing.is_set():
             chunk = replace(chunk, finish_reason="unloaded")
         yield chunk
-
-
-def _free_unloaded_memory() -> None:
-    """A model holds reference cycles (transformers modules, compiled graphs), so dropping it frees its
-    memory only when Python's cyclic collector next runs, which can be minutes later: an H100 still held
-    560-670 MB of a 1.2 GB model after its unload. Collect now, then hand CUDA's cached blocks back, so
-    the next load finds the memory free."""
-    release_memory()
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
 
 
 def _safe_unload(instance: Backend) -> None:

@@ -13,6 +13,7 @@ import torch
 from backends.base import (Backend, BackendError, Capabilities, GenerationChunk, MemoryReport,
                            OptionSpec, SamplingParams)
 from backends import torch_generation
+from backends.process_memory import release_memory
 from backends.registry import read_model_config
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -91,8 +92,14 @@ class TransformersBackend(Backend):
         return model
 
     def unload(self) -> None:
+        """Frees the model before it returns. A model holds reference cycles (transformers modules,
+        compiled graphs), so dropping it frees its memory only when Python's cyclic collector next runs,
+        which can be minutes later: an H100 still held 560-670 MB of a 1.2 GB model after Unload. So
+        collect now, then hand CUDA's cached blocks back, so the next load (say the second model of a
+        perplexity comparison) finds the memory free."""
         self.model = None
         self.tokenizer = None
+        release_memory()
         if cuda_available():
             torch.cuda.empty_cache()
 

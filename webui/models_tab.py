@@ -77,10 +77,8 @@ class ModelsTab:
         names = self.loadable_names()
         loaded_ids = self.ctx.manager.loaded_ids()
         pick = current_loaded if current_loaded in loaded_ids else (loaded_ids[-1] if loaded_ids else None)
-        return (self.models_rows(),
-                gr.update(choices=names, value=current_name if current_name else None),
-                self.loaded_rows(),
-                gr.update(choices=loaded_ids, value=pick))
+        return (self.models_rows(), gr.update(choices=names, value=current_name if current_name else None),
+                *self._loaded_updates(pick))
 
     def pick_row(self, evt: gr.SelectData):
         """Clicking a row of the models table picks that model for loading."""

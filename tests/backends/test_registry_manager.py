@@ -190,5 +190,13 @@ def test_unload_frees_the_model_without_waiting_for_the_garbage_collector(defaul
         model = weakref.ref(manager.get(model_id).backend.model)
         manager.unload(model_id)
         assert model() is None
+        # the backend does it, so callers outside the manager (the Quantize tab's perplexity comparison loads
+        # the original, unloads it, then loads the quantized model) get it too
+        from backends.registry import create_backend
+        backend = create_backend("transformers")
+        backend.load(default_hf_model, backend.validate_options({"dtype": "float32", "device": "cpu"}))
+        direct = weakref.ref(backend.model)
+        backend.unload()
+        assert direct() is None
     finally:
         gc.enable()
