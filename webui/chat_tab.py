@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 TITLE = "Chat"
 DEFAULT_PRESET = "Deterministic"
 NO_MODEL = "No model is loaded: load one in the Models tab (or start with --model NAME)."
+NOTHING_TO_ADD = "Continue: the model had nothing to add (it ends its reply there)."
 
 
 # -- pure helpers (unit-tested) -----------------------------------------------------------------
@@ -115,6 +116,7 @@ class ChatTab:
         self.ctx = ctx
         self._stops: dict[str, threading.Event] = {}
         self._stops_lock = threading.Lock()
+        self._deleted: set[str] = set()   # conversations deleted while on screen: never saved again
 
     # models and presets
     def model_choices(self) -> list[str]:
@@ -229,6 +231,7 @@ class ChatTab:
             reply = {"role": "assistant", "content": ""}
             messages.append(reply)
         base_text = reply["content"]
+        base_stats = reply.get("stats")
         session = request.session_hash or "anonymous"
         stop = self._begin(session)
         started = time.perf_counter()
@@ -269,34 +272,48 @@ class ChatTab:
             messages.remove(reply)  # nothing to keep; the reason goes to the stats box
             if new_turn and messages and messages[-1]["role"] == "user":
                 messages.pop()
-        yield stats.get("error")
-
-    def _save(self, state: dict, system_prompt: str, model_id: str, params: SamplingParams) -> None:
-        if not state["messages"]:
+        if continuing and stats["generated_tokens"] == 0 and stats["finish_reason"] == "stop":
+            reply["stats"] = base_stats  # the reply is as it was: keep what its own run measured
+            yield {"note": NOTHING_TO_ADD}
             return
+        yield {"error": stats.get("error")}
+
+    def _save(self, state: dict, system_prompt: str, model_id: str, params: SamplingParams) -> bool:
+        """False when the user deleted this conversation meanwhile (it stays deleted)."""
+        if not state["messages"]:
+            return True
         try:
             conv = Conversation(id=state["id"], title="", messages=state["messages"],
                                 system_prompt=system_prompt, model=model_id,
                                 params={f: getattr(params, f) for f in PRESET_FIELDS},
                                 created=state.get("created", 0.0))
-            self.ctx.history.save(conv)
+            with self._stops_lock:  # the same lock as Delete's, so a save never follows a delete
+                if conv.id in self._deleted:
+                    return False
+                self.ctx.history.save(conv)
             state["created"] = conv.created
         except OSError as exc:
             gr.Warning(f"Could not save the conversation: {exc}")
+        return True
 
     def _run(self, state, model_id, system_prompt, params, request, continuing=False, new_turn=False):
         """Shared tail of send/regenerate/continue: stream into the page, then save."""
         system_prompt = system_prompt or ""
-        error = None
-        for error in self._generate_into(state, model_id, params, system_prompt, request, continuing, new_turn):
+        outcome = None
+        for outcome in self._generate_into(state, model_id, params, system_prompt, request, continuing, new_turn):
             last = state["messages"][-1] if state["messages"] else {}
             yield (to_display(state["messages"]), format_stats(last.get("stats")), state,
                    gr.update(), gr.update(value=model_id))
-        self._save(state, system_prompt, model_id, params)
+        if not self._save(state, system_prompt, model_id, params):  # deleted while it was answering
+            yield [], "", new_state(), gr.update(choices=self.history_choices(), value=None), gr.update(value=model_id)
+            return
         last = state["messages"][-1] if state["messages"] else {}
         line = format_stats(last.get("stats")) if last.get("role") == "assistant" else ""
+        error, note = (outcome or {}).get("error"), (outcome or {}).get("note")
         if error:
             line = f"{line} · Generation failed: {error}" if line else f"Generation failed: {error}"
+        if note:
+            line = f"{line} · {note}" if line else note
         yield (to_display(state["messages"]), line, state,
                gr.update(choices=self.history_choices(), value=state["id"] if state["messages"] else None),
                gr.update(value=model_id))
@@ -363,13 +380,23 @@ class ChatTab:
         model = gr.update(value=conv.model) if conv.model in self.model_choices() else gr.update()
         return to_display(state["messages"]), format_stats(last.get("stats")), state, conv.system_prompt, model
 
-    def delete_conversation(self, conversation_id: str | None, state: dict):
+    def delete_conversation(self, conversation_id: str | None, state: dict, request: gr.Request):
+        """Deleting the conversation on screen also clears the chat and ends a reply it is getting:
+        otherwise the next message, or that reply's end, would save it again."""
+        on_screen = bool(conversation_id) and (state or {}).get("id") == conversation_id
         if conversation_id:
             try:
-                self.ctx.history.delete(conversation_id)
+                with self._stops_lock:
+                    self.ctx.history.delete(conversation_id)
+                    if on_screen:
+                        self._deleted.add(conversation_id)
             except ValueError as exc:
                 raise gr.Error(str(exc)) from None
-        return gr.update(choices=self.history_choices(), value=None)
+        listed = gr.update(choices=self.history_choices(), value=None)
+        if not on_screen:
+            return listed, gr.update(), gr.update(), state
+        self.stop(request)
+        return listed, [], "", new_state()
 
     def load_preset(self, name: str):
         try:
@@ -470,7 +497,8 @@ class ChatTab:
                       api_visibility="private")  # the Chatbot's own trash icon
         open_conv.click(self.open_conversation, history, [chatbot, stats, state, system, model],
                         api_name="open_conversation")
-        delete_conv.click(self.delete_conversation, [history, state], history, api_name="delete_conversation")
+        delete_conv.click(self.delete_conversation, [history, state], [history, chatbot, stats, state],
+                          api_name="delete_conversation")
         preset.change(self.load_preset, preset, params, api_name="preset_values", show_progress="hidden")
         gr.on([save_preset.click, preset_name.submit], self.save_preset, [preset_name, *params],
               [preset, preset_status], api_name="save_preset")

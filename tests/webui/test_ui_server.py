@@ -5,7 +5,7 @@ import re
 import pytest
 
 from backends.registry import backend_class, backend_names
-from webui.chat_tab import normalize_messages
+from webui.chat_tab import NOTHING_TO_ADD, normalize_messages
 
 QUESTION = "What is the capital of France?"
 STATS_RE = re.compile(r"(\d+) tokens · ([\d.]+) tok/s · prompt (\d+) tokens")
@@ -75,6 +75,46 @@ def test_regenerate_and_continue(chat_server):
     full = reply_of(continued[0])
     assert full.startswith(partial) and "Paris" in full and len(full) > len(partial)
     assert len(normalize_messages(continued[0])) == 2               # same message, extended
+
+
+def test_continue_of_a_finished_reply_says_so_and_keeps_its_stats(chat_server):
+    client = chat_server.client()
+    _, first = chat(client, QUESTION)
+    assert first[1].endswith("done"), first[1]
+    continued = client.predict(api_name="/continue_reply")
+    assert reply_of(continued[0]) == reply_of(first[0])
+    assert continued[1] == f"{first[1]} · {NOTHING_TO_ADD}"          # the reply's own numbers, not "0 tokens"
+
+
+def test_deleting_the_open_conversation_clears_the_chat_for_good(chat_server):
+    client = chat_server.client()
+    history_dir = chat_server.ctx.data_dir / "history"
+    _, first = chat(client, QUESTION)
+    conv_id = first[2]["value"]
+    assert (history_dir / f"{conv_id}.json").exists()
+    listed, chatbot, stats = client.predict(conv_id, api_name="/delete_conversation")
+    assert chatbot == [] and stats == "" and listed["value"] is None
+    assert all(value != conv_id for _, value in listed["choices"])
+    _, after = chat(client, "And of Germany?")                        # a new conversation, not the old one again
+    assert len(normalize_messages(after[0])) == 2 and after[2]["value"] != conv_id
+    assert not (history_dir / f"{conv_id}.json").exists()
+
+    # deleted while a reply streams into it: the reply stops, the chat clears, nothing is saved again
+    client.predict(api_name="/clear")
+    _, first = chat(client, QUESTION)
+    conv_id = first[2]["value"]
+    job = client.submit("Write a very long story about a dragon who learns to fly.", max_new_tokens=400,
+                        api_name="/chat")
+    for update in job:
+        if len(normalize_messages(update[0])) == 4 and len(reply_of(update[0])) > 20:
+            client.predict(conv_id, api_name="/delete_conversation")
+            break
+    else:
+        pytest.fail("the long reply never streamed")
+    job.result()
+    chatbot, stats, listed, *_ = job.outputs()[-1]
+    assert chatbot == [] and stats == "" and listed["value"] is None
+    assert not (history_dir / f"{conv_id}.json").exists()
 
 
 def test_stop_ends_a_long_reply_within_a_few_tokens(chat_server):
@@ -195,6 +235,6 @@ def test_damaged_history_file_gives_a_message_and_can_be_deleted(chat_server):
         client.predict("20240101-000000-0badf00d", api_name="/open_conversation")
     with pytest.raises(AppError, match="not a conversation id"):
         client.predict("../../secrets", api_name="/open_conversation")
-    remaining = client.predict("20240101-000000-0badf00d", api_name="/delete_conversation")
+    remaining, *_ = client.predict("20240101-000000-0badf00d", api_name="/delete_conversation")
     assert not broken.exists()
     assert all(value != "20240101-000000-0badf00d" for _, value in remaining["choices"])
