@@ -24,10 +24,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="name of the new checkpoint folder under the models folder")
     q.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (default 4)")
     q.add_argument("--group-size", type=int, default=128, help="rows per group, -1 = per column (default 128)")
-    q.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=False,
-                   help="quantize columns in order of decreasing Hessian diagonal (desc_act)")
-    q.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=False,
-                   help="fit groups on the unpermuted weights (keeps g_idx monotonic with act-order)")
+    # on by default, as in the Quantize tab: plain GPTQ loses to round-to-nearest on small models
+    # (bench/RESULTS.md, "Quantization quality"), and static groups keep the checkpoint as fast as one without
+    q.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
+                   help="quantize columns in order of decreasing Hessian diagonal (desc_act; default on)")
+    q.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=True,
+                   help="fit groups on the unpermuted weights, keeping g_idx monotonic with act-order (default on)")
     q.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=True,
                    help="quantize q/k/v, then o, then gate/up, then down, each on inputs from the "
                         "already-quantized ones (default on)")

@@ -640,7 +640,9 @@ def _finish(p: Plan, state: dict) -> None:
         (p.partial / "model.safetensors.index.json").write_text(json.dumps(index_data, indent=2), encoding="utf-8")
     damps = [m.get("damp") for layer in state["layers"] for m in layer["modules"].values() if m.get("damp")]
     qc = gptq_format.QuantizeConfig(
-        bits=s.bits, group_size=s.group_size, desc_act=s.act_order, static_groups=s.static_groups, sym=s.sym,
+        # round-to-nearest has no column order: its checkpoint must not claim one (kernels pick paths by it)
+        bits=s.bits, group_size=s.group_size, desc_act=s.act_order and s.method == "gptq",
+        static_groups=s.static_groups and s.method == "gptq", sym=s.sym,
         true_sequential=s.true_sequential, damp_percent=s.damp, checkpoint_format=s.checkpoint_format,
         lm_head=False, model_name_or_path=p.source.name,
         meta={"quantizer": [f"gptq-webui:{VERSION}"], "method": s.method, "calibration": calibration.describe(s.calib),

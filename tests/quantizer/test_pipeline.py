@@ -92,11 +92,27 @@ def test_dequantized_checkpoint_equals_the_fake_quantized_weights(quantized):
 
 
 def test_symmetric_checkpoint_stores_v1_zeros(tiny_models_dir):
-    result = run(plan(tiny_models_dir, "tiny", "tiny-4bit-rtn", QuantizeSettings(method="rtn", **SMALL)))
+    # act-order asked along (the Quantize tab's default) but meaningless to round-to-nearest: not claimed
+    settings = QuantizeSettings(method="rtn", act_order=True, static_groups=True, **SMALL)
+    result = run(plan(tiny_models_dir, "tiny", "tiny-4bit-rtn", settings))
     t = _tensors(result.output / "model.safetensors")
     qzeros = t["model.layers.1.mlp.down_proj.qzeros"]
     assert bool((qzeros == 0x77777777).all())  # z - 1 = 7 in every 4-bit field
-    assert json.loads((result.output / "quantize_config.json").read_text())["checkpoint_format"] == "gptq"
+    config = json.loads((result.output / "quantize_config.json").read_text())
+    assert config["checkpoint_format"] == "gptq"
+    assert config["desc_act"] is False and config["static_groups"] is False
+    g_idx = t["model.layers.0.self_attn.q_proj.g_idx"]
+    assert bool((g_idx[1:] >= g_idx[:-1]).all())
+
+
+def test_the_cli_quantizes_with_act_order_and_static_groups_unless_told_not_to():
+    """The Quantize tab's defaults: plain GPTQ loses to round-to-nearest on the default model."""
+    from quantizer.__main__ import build_parser
+    parse = build_parser().parse_args
+    plain = parse(["quantize", "m", "--out", "o"])
+    assert plain.act_order is True and plain.static_groups is True
+    off = parse(["quantize", "m", "--out", "o", "--no-act-order", "--no-static-groups"])
+    assert off.act_order is False and off.static_groups is False
 
 
 @pytest.mark.parametrize("changes,message", [
