@@ -143,7 +143,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=128)
-    ap.add_argument("--act-order", choices=("off", "on", "both"), default="off")
+    ap.add_argument("--act-order", choices=("off", "on", "both"), default="off",
+                    help="on = act-order with static groups, the quantizer's default (both: off, then on)")
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--no-baseline", action="store_true", help="skip the RTN run")
     ap.add_argument("--keep-random", action="store_true", help="keep models/bench-random-7b afterwards")
@@ -157,7 +158,8 @@ def main(argv=None) -> int:
     if not args.no_baseline:
         runs.append(QuantizeSettings(method="rtn", calib=calibs[0], **base))
     orders = {"off": [False], "on": [True], "both": [False, True]}[args.act_order]
-    runs += [QuantizeSettings(method="gptq", act_order=a, calib=c, **base) for c in calibs for a in orders]
+    runs += [QuantizeSettings(method="gptq", act_order=a, static_groups=a, calib=c, **base)
+             for c in calibs for a in orders]
     # RSS counts the mmapped checkpoint's file pages; the anonymous part is what the job allocated itself
     header_lines = ["| method | act-order | calibration | wall s | of which generation s | vs RTN | peak RSS MB (start) | peak anonymous MB | peak RSS+swap MB | peak GPU MB (alloc / device) | activations on |",
                     "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -180,7 +182,7 @@ def main(argv=None) -> int:
         print(json.dumps(r), flush=True)
         rtn = rtn or (r if r["method"] == "rtn" else None)
         ratio = f"{r['seconds'] / rtn['seconds']:.2f}x" if rtn else ""
-        line = (f"| {r['method']} | {'on' if r['act_order'] else 'off'} | {r['calib']} | {r['seconds']:.1f} | "
+        line = (f"| {r['method']} | {'on (static groups)' if r['act_order'] else 'off'} | {r['calib']} | {r['seconds']:.1f} | "
                 f"{r['generation_s']:.1f} | {ratio} | "
                 f"{r['peak_rss_mb']:.0f} ({r['start_rss_mb']:.0f}) | {r['peak_anon_mb']:.0f} | {r['peak_rss_swap_mb']:.0f} | "
                 f"{r['peak_gpu_alloc_mb']:.0f} / {r['peak_gpu_device_mb']:.0f} | {r['activations']} |")
