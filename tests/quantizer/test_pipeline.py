@@ -240,7 +240,7 @@ def test_cli_failure_ends_with_one_error_line(tiny_models_dir, tmp_path):
 @pytest.mark.slow
 def test_resume_after_kill_gives_the_same_checkpoint(tiny_models_dir):
     common = ["quantize", "tiny4", "--models-dir", str(tiny_models_dir), "--nsamples", "4", "--seqlen", "64",
-              "--bits", "4", "--act-order"]  # the default calibration: text the model generates
+              "--bits", "4"]  # the defaults: generated calibration text, act-order with static groups
     proc = _cli(*common, "--out", "resumed")
     state = tiny_models_dir / "resumed.partial" / "state.json"
     deadline = time.time() + 180
@@ -273,7 +273,8 @@ def test_resume_after_kill_gives_the_same_checkpoint(tiny_models_dir):
     torch.set_num_threads(1)  # as the CLI ran (OMP_NUM_THREADS=1): same float sums, same act-order ties
     try:
         reference = run(plan(tiny_models_dir, "tiny4", "uninterrupted",
-                             QuantizeSettings(bits=4, act_order=True, nsamples=4, seqlen=64, calib="generated")))
+                             QuantizeSettings(bits=4, act_order=True, static_groups=True, nsamples=4, seqlen=64,
+                                              calib="generated")))
     finally:
         torch.set_num_threads(threads)
     a = _tensors(tiny_models_dir / "resumed" / "model.safetensors")
