@@ -3,6 +3,7 @@ detects which backend a model path needs."""
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 from pathlib import Path
 
