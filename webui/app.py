@@ -100,7 +100,7 @@ def build_app(ctx, tabs: tuple[str, ...] = TABS):
     return demo
 
 
-# Gradio's queue looks for new events every 1 ms and for progress every 10 ms while idle: 4% of a core with
+# Gradio's queue looks for new events every 1 ms and for progress every 10 ms while idle: 3.6% of a core with
 # no page open, and 2.5% slower replies on a 2-core CPU (bench/RESULTS.md, "Server overhead"). 10 ms before an event
 # starts is not felt in a page.
 QUEUE_POLL_S = 0.01
