@@ -12,6 +12,7 @@ from typing import Iterator
 
 from backends.base import Backend, BackendError, GenerationChunk, Message, SamplingParams
 from backends.registry import backends_for_format, create_backend, default_backend_for, detect_format
+from backends.model_info import describe
 
 
 class FairLock:
@@ -92,6 +93,7 @@ class ModelEntry:
     format: str | None     # None when it is not a loadable model
     size_mb: float
     problem: str | None = None
+    weights: str = ""      # how the weights are stored (backends.model_info), "" when unknown
 
 
 def _tree_size(path: Path) -> int:
@@ -142,7 +144,7 @@ class ModelManager:
                 size = _tree_size(item) / 2**20
             except OSError:
                 size = 0.0
-            entries.append(ModelEntry(item.name, item, fmt, round(size, 1), problem))
+            entries.append(ModelEntry(item.name, item, fmt, round(size, 1), problem, describe(item, fmt)))
         return entries
 
     # -- loading ---------------------------------------------------------------------------

@@ -13,7 +13,7 @@ log = logging.getLogger(__name__)
 
 TITLE = "Models"
 AUTO = "auto"
-MODEL_HEADERS = ["name", "format", "size (MB)", "status"]
+MODEL_HEADERS = ["name", "format", "weights", "size (MB)", "status"]
 LOADED_HEADERS = ["model id", "backend", "RAM (MB)", "GPU (MB)", "file (MB)", "bits/weight", "load (s)"]
 
 
@@ -51,7 +51,7 @@ class ModelsTab:
     def models_rows(self) -> list[list]:
         rows = []
         for entry in self.ctx.manager.list_models():
-            rows.append([entry.name, entry.format or "-", entry.size_mb,
+            rows.append([entry.name, entry.format or "-", entry.weights, entry.size_mb,
                          "ok" if entry.problem is None else entry.problem])
         return rows
 
