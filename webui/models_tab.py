@@ -167,7 +167,7 @@ class ModelsTab:
             with gr.Column(scale=3):
                 models_table = gr.Dataframe(self.models_rows(), headers=MODEL_HEADERS, interactive=False,
                                             label=f"Models in {ctx.models_dir}", elem_id="models-table",
-                                            wrap=True)
+                                            wrap=True, column_widths=["33%", "10%", "24%", "12%", "21%"])
                 refresh = gr.Button("↻ Refresh", elem_id="models-refresh", size="sm")
             with gr.Column(scale=2):
                 name = gr.Dropdown(names, value=None, label="Model", allow_custom_value=True,
