@@ -377,8 +377,15 @@ class ChatTab:
             raise gr.Error(str(exc)) from None
         state = {"id": conv.id, "messages": normalize_messages(conv.messages), "created": conv.created}
         last = state["messages"][-1] if state["messages"] else {}
-        model = gr.update(value=conv.model) if conv.model in self.model_choices() else gr.update()
-        return to_display(state["messages"]), format_stats(last.get("stats")), state, conv.system_prompt, model
+        line = format_stats(last.get("stats"))
+        if conv.model in self.model_choices():
+            model = gr.update(value=conv.model)
+        else:  # say so: the next reply comes from another model than the earlier ones
+            model = gr.update()
+            note = (f"This conversation was with {conv.model}, which is not loaded: replies now come from the "
+                    f"model picked above." if conv.model else "")
+            line = " · ".join(part for part in (line, note) if part)
+        return to_display(state["messages"]), line, state, conv.system_prompt, model
 
     def delete_conversation(self, conversation_id: str | None, state: dict, request: gr.Request):
         """Deleting the conversation on screen also clears the chat and ends a reply it is getting:

@@ -68,6 +68,15 @@ def test_chat_streams_paris_with_the_deterministic_preset(chat_server):
     reopened = chat_server.client().predict(conv_id, api_name="/open_conversation")
     assert "Paris" in reply_of(reopened[0]) and reopened[2] == ""  # (the State output is hidden)
     assert reopened[3]["value"] == "SmolLM2-135M-Instruct@transformers"   # the model it was had with
+    assert reopened[1] == stats
+
+    # had with a model that is not loaded any more: the page says so
+    saved["model"] = "gone@llama.cpp"
+    (chat_server.ctx.data_dir / "history" / f"{conv_id}.json").write_text(json.dumps(saved))
+    reopened = chat_server.client().predict(conv_id, api_name="/open_conversation")
+    assert reopened[1] == (f"{stats} · This conversation was with gone@llama.cpp, which is not loaded: "
+                           "replies now come from the model picked above.")
+    assert reopened[3] == {"__type__": "update"}
 
 
 def test_regenerate_and_continue(chat_server):
