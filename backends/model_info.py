@@ -30,6 +30,8 @@ def gptq_summary(folder: Path) -> str:
     parts = [f"{config.bits}-bit " + ("per-column" if config.group_size == -1 else f"g{config.group_size}")]
     if config.desc_act:
         parts.append("act-order")
+    elif config.meta.get("act_order") is True and config.static_groups:
+        parts.append("act-order, static groups")   # ours: g_idx stays plain, so desc_act is false
     if not config.sym:
         parts.append("asym")
     return ", ".join(parts)

@@ -639,13 +639,17 @@ def _finish(p: Plan, state: dict) -> None:
         index_data = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (p.partial / "model.safetensors.index.json").write_text(json.dumps(index_data, indent=2), encoding="utf-8")
     damps = [m.get("damp") for layer in state["layers"] for m in layer["modules"].values() if m.get("damp")]
+    # desc_act tells loaders that g_idx is not k // group_size, and vLLM, ExLlama and our kernels take their
+    # slower act-order paths for it (a gather of the activations per layer). Round-to-nearest has no column
+    # order, and with static groups g_idx stays k // group_size: neither claims one (meta keeps act_order).
+    act_order = s.act_order and s.method == "gptq"
     qc = gptq_format.QuantizeConfig(
-        # round-to-nearest has no column order: its checkpoint must not claim one (kernels pick paths by it)
-        bits=s.bits, group_size=s.group_size, desc_act=s.act_order and s.method == "gptq",
+        bits=s.bits, group_size=s.group_size, desc_act=act_order and not s.static_groups,
         static_groups=s.static_groups and s.method == "gptq", sym=s.sym,
         true_sequential=s.true_sequential, damp_percent=s.damp, checkpoint_format=s.checkpoint_format,
         lm_head=False, model_name_or_path=p.source.name,
-        meta={"quantizer": [f"gptq-webui:{VERSION}"], "method": s.method, "calibration": calibration.describe(s.calib),
+        meta={"quantizer": [f"gptq-webui:{VERSION}"], "method": s.method, "act_order": act_order,
+              "calibration": calibration.describe(s.calib),
               "nsamples": s.nsamples, "seqlen": s.seqlen, "seed": s.seed, "mse": s.mse, "token_clip": s.token_clip,
               "damp_max_used": max(damps) if damps else None})
     base = dict(p.config)

@@ -115,7 +115,7 @@ class ChatTab:
     def __init__(self, ctx):
         self.ctx = ctx
         self._stops: dict[str, threading.Event] = {}
-        self._stops_lock = threading.Lock()
+        self._lock = threading.Lock()     # guards _stops and _deleted
         self._deleted: set[str] = set()   # conversations deleted while on screen: never saved again
 
     # models and presets
@@ -153,7 +153,7 @@ class ChatTab:
     # stop signalling, per browser session
     def _begin(self, session: str) -> threading.Event:
         event = threading.Event()
-        with self._stops_lock:
+        with self._lock:
             old = self._stops.get(session)
             if old is not None:
                 old.set()
@@ -161,12 +161,12 @@ class ChatTab:
         return event
 
     def _end(self, session: str, event: threading.Event) -> None:
-        with self._stops_lock:
+        with self._lock:
             if self._stops.get(session) is event:
                 del self._stops[session]
 
     def stop(self, request: gr.Request):
-        with self._stops_lock:
+        with self._lock:
             event = self._stops.get(request.session_hash)
         if event is not None:
             event.set()
@@ -287,7 +287,7 @@ class ChatTab:
                                 system_prompt=system_prompt, model=model_id,
                                 params={f: getattr(params, f) for f in PRESET_FIELDS},
                                 created=state.get("created", 0.0))
-            with self._stops_lock:  # the same lock as Delete's, so a save never follows a delete
+            with self._lock:  # the same lock as Delete's, so a save never follows a delete
                 if conv.id in self._deleted:
                     return False
                 self.ctx.history.save(conv)
@@ -393,7 +393,7 @@ class ChatTab:
         on_screen = bool(conversation_id) and (state or {}).get("id") == conversation_id
         if conversation_id:
             try:
-                with self._stops_lock:
+                with self._lock:
                     self.ctx.history.delete(conversation_id)
                     if on_screen:
                         self._deleted.add(conversation_id)

@@ -105,6 +105,20 @@ def test_symmetric_checkpoint_stores_v1_zeros(tiny_models_dir):
     assert bool((g_idx[1:] >= g_idx[:-1]).all())
 
 
+def test_static_groups_keep_g_idx_plain_and_do_not_claim_desc_act(tiny_models_dir):
+    """Loaders take their slower act-order paths on desc_act; with static groups g_idx is k // group_size."""
+    settings = QuantizeSettings(act_order=True, static_groups=True, **SMALL)
+    result = run(plan(tiny_models_dir, "tiny", "tiny-4bit-static", settings))
+    config = json.loads((result.output / "quantize_config.json").read_text())
+    assert config["desc_act"] is False and config["static_groups"] is True and config["meta"]["act_order"] is True
+    t = _tensors(result.output / "model.safetensors")
+    for name, g_idx in t.items():
+        if name.endswith(".g_idx"):
+            assert torch.equal(g_idx, torch.arange(g_idx.numel(), dtype=g_idx.dtype) // 128), name
+    from backends.model_info import describe
+    assert describe(result.output, "gptq") == "4-bit g128, act-order, static groups"
+
+
 def test_the_cli_quantizes_with_act_order_and_static_groups_unless_told_not_to():
     """The Quantize tab's defaults: plain GPTQ loses to round-to-nearest on the default model."""
     from quantizer.__main__ import build_parser
