@@ -639,8 +639,8 @@ def _finish(p: Plan, state: dict) -> None:
         index_data = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (p.partial / "model.safetensors.index.json").write_text(json.dumps(index_data, indent=2), encoding="utf-8")
     damps = [m.get("damp") for layer in state["layers"] for m in layer["modules"].values() if m.get("damp")]
-    # desc_act tells loaders that g_idx is not k // group_size, and vLLM, ExLlama and our kernels take their
-    # slower act-order paths for it (a gather of the activations per layer). Round-to-nearest has no column
+    # desc_act tells loaders that g_idx is not k // group_size, and vLLM and ExLlama take their slower
+    # act-order paths for it (a gather of the activations per layer; our loader checks g_idx itself). Round-to-nearest has no column
     # order, and with static groups g_idx stays k // group_size: neither claims one (meta keeps act_order).
     act_order = s.act_order and s.method == "gptq"
     qc = gptq_format.QuantizeConfig(
