@@ -93,7 +93,12 @@ class ModelEntry:
     format: str | None     # None when it is not a loadable model
     size_mb: float
     problem: str | None = None
-    weights: str = ""      # how the weights are stored (backends.model_info), "" when unknown
+
+    @property
+    def weights(self) -> str:
+        """How the weights are stored ("4-bit g128", "Q4_1"...; "" when unknown). Read on demand: of the
+        folder's listings only the Models table shows it."""
+        return describe(self.path, self.format)
 
 
 def _tree_size(path: Path) -> int:
@@ -144,7 +149,7 @@ class ModelManager:
                 size = _tree_size(item) / 2**20
             except OSError:
                 size = 0.0
-            entries.append(ModelEntry(item.name, item, fmt, round(size, 1), problem, describe(item, fmt)))
+            entries.append(ModelEntry(item.name, item, fmt, round(size, 1), problem))
         return entries
 
     # -- loading ---------------------------------------------------------------------------

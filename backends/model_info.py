@@ -3,9 +3,11 @@
 folder never reads weights. Anything unreadable gives "" (the status column says what is wrong)."""
 from __future__ import annotations
 
-import json
 import struct
 from pathlib import Path
+
+from backends.base import BackendError
+from backends.registry import read_model_config
 
 _GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _GGUF_STRING, _GGUF_ARRAY = 8, 9
@@ -17,7 +19,7 @@ def describe(path: Path, fmt: str | None) -> str:
         return ""
     try:
         return reader(Path(path))
-    except (OSError, ValueError, KeyError, TypeError, OverflowError, struct.error, RecursionError):
+    except (BackendError, OSError, ValueError, KeyError, TypeError, OverflowError, struct.error, RecursionError):
         return ""
 
 
@@ -39,7 +41,7 @@ def gptq_summary(folder: Path) -> str:
 
 def hf_summary(folder: Path) -> str:
     """The stored dtype, or another tool's quantization method (awq, bitsandbytes...)."""
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    config = read_model_config(folder)
     quantization = config.get("quantization_config")
     if isinstance(quantization, dict) and quantization.get("quant_method"):
         return str(quantization["quant_method"])

@@ -640,8 +640,9 @@ def _finish(p: Plan, state: dict) -> None:
         (p.partial / "model.safetensors.index.json").write_text(json.dumps(index_data, indent=2), encoding="utf-8")
     damps = [m.get("damp") for layer in state["layers"] for m in layer["modules"].values() if m.get("damp")]
     # desc_act tells loaders that g_idx is not k // group_size, and vLLM and ExLlama take their slower
-    # act-order paths for it (a gather of the activations per layer; our loader checks g_idx itself). Round-to-nearest has no column
-    # order, and with static groups g_idx stays k // group_size: neither claims one (meta keeps act_order).
+    # act-order paths for it (a gather of the activations per layer; our loader checks g_idx itself).
+    # Round-to-nearest has no column order, and with static groups g_idx stays k // group_size: neither
+    # claims one (meta keeps act_order).
     act_order = s.act_order and s.method == "gptq"
     qc = gptq_format.QuantizeConfig(
         bits=s.bits, group_size=s.group_size, desc_act=act_order and not s.static_groups,

@@ -48,15 +48,14 @@ class ModelsTab:
         self.fields: list = []
 
     # data for the tables
-    def models_rows(self) -> list[list]:
-        rows = []
-        for entry in self.ctx.manager.list_models():
-            rows.append([entry.name, entry.format or "-", entry.weights, entry.size_mb,
-                         "ok" if entry.problem is None else entry.problem])
-        return rows
+    @staticmethod
+    def models_rows(entries) -> list[list]:
+        return [[e.name, e.format or "-", e.weights, e.size_mb, "ok" if e.problem is None else e.problem]
+                for e in entries]
 
-    def loadable_names(self) -> list[str]:
-        return [e.name for e in self.ctx.manager.list_models() if e.format is not None]
+    @staticmethod
+    def loadable_names(entries) -> list[str]:
+        return [e.name for e in entries if e.format is not None]
 
     def loaded_rows(self) -> list[list]:
         rows = []
@@ -74,18 +73,19 @@ class ModelsTab:
     def refresh(self, current_name: str | None = None, current_loaded: str | None = None):
         """The tables and pickers again. The unload picker keeps its model while it is loaded, else
         shows the newest one, so a page opened on a loaded model can unload it in one click."""
-        names = self.loadable_names()
+        entries = self.ctx.manager.list_models()  # one walk of the folder for both
         loaded_ids = self.ctx.manager.loaded_ids()
         pick = current_loaded if current_loaded in loaded_ids else (loaded_ids[-1] if loaded_ids else None)
-        return (self.models_rows(), gr.update(choices=names, value=current_name if current_name else None),
+        return (self.models_rows(entries),
+                gr.update(choices=self.loadable_names(entries), value=current_name if current_name else None),
                 *self._loaded_updates(pick))
 
     def pick_row(self, evt: gr.SelectData):
         """Clicking a row of the models table picks that model for loading."""
-        rows = self.models_rows()
+        names = [e.name for e in self.ctx.manager.list_models()]
         row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
-        if isinstance(row, int) and 0 <= row < len(rows):
-            return gr.update(value=rows[row][0])
+        if isinstance(row, int) and 0 <= row < len(names):
+            return gr.update(value=names[row])
         return gr.update()
 
     def pick_loaded_row(self, evt: gr.SelectData):
@@ -162,10 +162,11 @@ class ModelsTab:
     # layout
     def build(self) -> None:
         ctx = self.ctx
-        names = self.loadable_names()
+        entries = ctx.manager.list_models()
+        names = self.loadable_names(entries)
         with gr.Row():
             with gr.Column(scale=3):
-                models_table = gr.Dataframe(self.models_rows(), headers=MODEL_HEADERS, interactive=False,
+                models_table = gr.Dataframe(self.models_rows(entries), headers=MODEL_HEADERS, interactive=False,
                                             label=f"Models in {ctx.models_dir}", elem_id="models-table",
                                             wrap=True, column_widths=["33%", "10%", "24%", "12%", "21%"])
                 refresh = gr.Button("↻ Refresh", elem_id="models-refresh", size="sm")
