@@ -200,3 +200,16 @@ def test_unload_frees_the_model_without_waiting_for_the_garbage_collector(defaul
         assert direct() is None
     finally:
         gc.enable()
+
+
+def test_the_registry_lists_backends_in_a_fresh_interpreter():
+    """`python -c` imports less than `python -m`: the registry must import importlib.util itself."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, "-c", "from backends.registry import backend_names; print(backend_names())"],
+                            cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)}, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "gptq" in result.stdout and "transformers" in result.stdout
