@@ -97,6 +97,16 @@ class GenerationChunk:
     generated_tokens: int
     finished: bool = False
     finish_reason: str | None = None  # "stop" (eos/stop string), "length", "cancelled", "unloaded"
+    token_ids: tuple[int, ...] = ()   # the tokens this step produced (what log-probs are scored on)
+
+
+@dataclass(frozen=True)
+class TokenScore:
+    """One token of a scored sequence: log p(token | the tokens before it), and the model's most
+    likely tokens at that position (id, log p), best first: what an API reports as log-probs."""
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
@@ -175,7 +185,13 @@ class Backend(abc.ABC):
     def tokenize(self, text: str, add_special: bool = False) -> list[int]: ...
 
     @abc.abstractmethod
-    def detokenize(self, ids: Sequence[int]) -> str: ...
+    def detokenize(self, ids: Sequence[int], special: bool = False) -> str:
+        """The text of `ids`; `special` writes special tokens (<|im_end|>...) out instead of dropping them."""
+
+    @abc.abstractmethod
+    def check_token_ids(self, ids: Sequence[int]) -> None:
+        """Raise BackendError naming the first id outside the vocabulary (ids can come from an API
+        client; engines fail on them with an index error, or abort the process)."""
 
     @property
     @abc.abstractmethod
@@ -194,12 +210,17 @@ class Backend(abc.ABC):
         return render_chat(self.chat_template(), messages, add_generation_prompt, **self.special_tokens())
 
     # -- generation ------------------------------------------------------------------------
-    @abc.abstractmethod
     def generate(self, prompt: str, params: SamplingParams,
                  stop_event: threading.Event | None = None) -> Iterator[GenerationChunk]:
-        """Stream a continuation of a raw prompt (already chat-rendered when chatting). Checks
-        `stop_event.is_set()` (its only use: the manager passes an either-of-two stop) before every
-        token, so Stop and Unload take effect within one token."""
+        """Stream a continuation of a raw prompt (already chat-rendered when chatting)."""
+        return self.generate_ids(self.tokenize(prompt, add_special=False), params, stop_event)
+
+    @abc.abstractmethod
+    def generate_ids(self, ids: Sequence[int], params: SamplingParams,
+                     stop_event: threading.Event | None = None) -> Iterator[GenerationChunk]:
+        """Stream a continuation of a tokenized prompt. Checks `stop_event.is_set()` (its only use: the
+        manager passes an either-of-two stop) before every token, so Stop and Unload take effect
+        within one token."""
 
     def chat(self, messages: list[Message], params: SamplingParams,
              stop_event: threading.Event | None = None) -> Iterator[GenerationChunk]:
@@ -209,3 +230,8 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def token_logprobs(self, ids: Sequence[int]) -> list[float]:
         """log p(ids[i] | ids[:i]) for i = 1..len(ids)-1 (the first token is context only)."""
+
+    @abc.abstractmethod
+    def score_tokens(self, ids: Sequence[int], top: int = 0) -> list[TokenScore]:
+        """TokenScore of ids[i] for i = 1..len(ids)-1, with the `top` most likely tokens at each
+        position: token_logprobs plus the alternatives, from the same single pass."""

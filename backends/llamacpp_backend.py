@@ -12,7 +12,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from backends.base import (Backend, BackendError, Capabilities, GenerationChunk, MemoryReport,
-                           OptionSpec, SamplingParams)
+                           OptionSpec, SamplingParams, TokenScore)
 from backends.process_memory import resident_bytes
 from backends.text_stream import IncrementalDecoder, StopStringFilter
 
@@ -95,9 +95,9 @@ class LlamaCppBackend(Backend):
         self._require()
         return list(self.llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=True))
 
-    def detokenize(self, ids: Sequence[int]) -> str:
+    def detokenize(self, ids: Sequence[int], special: bool = False) -> str:
         self._require()
-        return self.llm.detokenize(list(ids)).decode("utf-8", errors="replace")
+        return self.llm.detokenize(list(ids), special=special).decode("utf-8", errors="replace")
 
     @property
     def context_length(self) -> int:
@@ -119,11 +119,12 @@ class LlamaCppBackend(Backend):
                 "eos_token": self._token_text(self.llm.token_eos())}
 
     # -- generation ------------------------------------------------------------------------
-    def generate(self, prompt: str, params: SamplingParams,
-                 stop_event: threading.Event | None = None) -> Iterator[GenerationChunk]:
+    def generate_ids(self, ids: Sequence[int], params: SamplingParams,
+                     stop_event: threading.Event | None = None) -> Iterator[GenerationChunk]:
         self._require()
         params = params.validated()
-        ids = self.tokenize(prompt, add_special=False)
+        ids = [int(t) for t in ids]
+        self.check_token_ids(ids)
         if not ids:
             raise BackendError("the prompt is empty")
         n_prompt, n_ctx = len(ids), self.context_length
@@ -150,7 +151,7 @@ class LlamaCppBackend(Backend):
                     break
                 generated += 1
                 delta, hit = stops.feed(decoder.push(int(token)))
-                yield GenerationChunk(delta, n_prompt, generated)
+                yield GenerationChunk(delta, n_prompt, generated, token_ids=(int(token),))
                 if hit:
                     reason = "stop"
                     break
@@ -194,12 +195,18 @@ class LlamaCppBackend(Backend):
         return bool(llama_cpp.llama_vocab_is_eog(self.llm._model.vocab, token))
 
     # -- scoring ---------------------------------------------------------------------------
-    def token_logprobs(self, ids: Sequence[int]) -> list[float]:
-        """Evaluate `ids` batch by batch asking llama.cpp for the logits of every position."""
+    def check_token_ids(self, ids: Sequence[int]) -> None:
+        """llama.cpp aborts the whole process on an id outside the vocabulary."""
         self._require()
-        ids = [int(t) for t in ids]
-        if len(ids) < 2:
-            return []
+        n_vocab = self.llm.n_vocab()
+        bad = next((t for t in ids if not 0 <= t < n_vocab), None)
+        if bad is not None:
+            raise BackendError(f"token id {bad} is outside this model's vocabulary (0 to {n_vocab - 1})")
+
+    def _logprob_rows(self, ids: list[int]):
+        """(position, float64 log-softmax row) for positions 0..n-2: `ids` evaluated batch by batch, asking
+        llama.cpp for the logits of every position."""
+        self.check_token_ids(ids)
         if len(ids) > self.context_length:
             raise BackendError(f"{len(ids)} tokens exceed the context of {self.context_length}")
         llm = self.llm
@@ -207,22 +214,44 @@ class LlamaCppBackend(Backend):
         llm._ctx.kv_cache_clear()
         n_vocab = llm.n_vocab()
         n_batch = llm.n_batch
-        out: list[float] = []
-        for start in range(0, len(ids), n_batch):
-            batch = ids[start:start + n_batch]
-            llm._batch.set_batch(batch=batch, n_past=start, logits_all=True)
-            llm._ctx.decode(llm._batch)
-            logits = np.ctypeslib.as_array(llm._ctx.get_logits(),
-                                           shape=(len(batch) * n_vocab,)).reshape(len(batch), n_vocab)
-            logits = logits.astype(np.float64)
-            peak = logits.max(axis=1, keepdims=True)
-            logz = np.log(np.exp(logits - peak).sum(axis=1)) + peak[:, 0]
-            for row in range(len(batch)):
-                position = start + row
-                if position + 1 < len(ids):
-                    out.append(float(logits[row, ids[position + 1]] - logz[row]))
-        llm.reset()
-        return out
+        try:
+            for start in range(0, len(ids), n_batch):
+                batch = ids[start:start + n_batch]
+                llm._batch.set_batch(batch=batch, n_past=start, logits_all=True)
+                llm._ctx.decode(llm._batch)
+                logits = np.ctypeslib.as_array(llm._ctx.get_logits(),
+                                               shape=(len(batch) * n_vocab,)).reshape(len(batch), n_vocab)
+                logits = logits.astype(np.float64)
+                peak = logits.max(axis=1, keepdims=True)
+                logz = np.log(np.exp(logits - peak).sum(axis=1)) + peak[:, 0]
+                for row in range(len(batch)):
+                    if start + row + 1 < len(ids):
+                        yield start + row, logits[row] - logz[row]
+        finally:
+            llm.reset()
+
+    def token_logprobs(self, ids: Sequence[int]) -> list[float]:
+        self._require()
+        ids = [int(t) for t in ids]
+        if len(ids) < 2:
+            return []
+        return [float(row[ids[position + 1]]) for position, row in self._logprob_rows(ids)]
+
+    def score_tokens(self, ids: Sequence[int], top: int = 0) -> list[TokenScore]:
+        self._require()
+        ids = [int(t) for t in ids]
+        if len(ids) < 2:
+            return []
+        scores = []
+        for position, row in self._logprob_rows(ids):
+            best = ()
+            if top > 0:
+                picked = np.argpartition(row, -top)[-top:] if top < row.shape[0] else np.arange(row.shape[0])
+                picked = picked[np.argsort(-row[picked], kind="stable")]
+                best = tuple((int(t), float(row[t])) for t in picked)
+            token = ids[position + 1]
+            scores.append(TokenScore(token, float(row[token]), best))
+        return scores
 
 
 def _check_gguf(path: Path) -> None:

@@ -8,11 +8,13 @@ import time
 from collections import deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Sequence, TypeVar
 
 from backends.base import Backend, BackendError, GenerationChunk, Message, SamplingParams
 from backends.registry import backends_for_format, create_backend, default_backend_for, detect_format
 from backends.model_info import describe
+
+T = TypeVar("T")
 
 
 class FairLock:
@@ -223,6 +225,23 @@ class ModelManager:
             yield from _until_unloaded(loaded, loaded.backend.generate(prompt, params,
                                                                        _EitherStop(stop_event, loaded.closing)))
 
+    def generate_ids(self, model_id: str, ids: Sequence[int], params: SamplingParams,
+                     stop_event: threading.Event | None = None) -> Iterator[GenerationChunk]:
+        loaded = self.get(model_id)
+        params = params.validated()
+        with loaded.lock:
+            yield from _until_unloaded(loaded, loaded.backend.generate_ids(ids, params,
+                                                                           _EitherStop(stop_event, loaded.closing)))
+
+    def call(self, model_id: str, work: Callable[[Backend], T]) -> T:
+        """work(backend) under the model's lock, for short calls (tokenize, score, decode) that must not
+        overlap a generation: a fast tokenizer used from two threads at once fails ("Already borrowed")
+        and llama.cpp's scoring clears the KV cache a reply is using."""
+        loaded = self.get(model_id)
+        with loaded.lock:
+            _raise_if_unloaded(loaded)
+            return work(loaded.backend)
+
     def chat(self, model_id: str, messages: list[Message], params: SamplingParams,
              stop_event: threading.Event | None = None) -> Iterator[GenerationChunk]:
         loaded = self.get(model_id)
@@ -235,12 +254,16 @@ class ModelManager:
 def _until_unloaded(loaded: LoadedModel, chunks: Iterator[GenerationChunk]) -> Iterator[GenerationChunk]:
     """The engine's chunks, run under the model's lock; a request that waited for the lock while the
     model was being unloaded gets a clear error, and a reply cut short by Unload says so."""
-    if loaded.closing.is_set():
-        raise BackendError(f"{loaded.model_id} was unloaded")
+    _raise_if_unloaded(loaded)
     for chunk in chunks:
         if chunk.finished and chunk.finish_reason == "cancelled" and loaded.closing.is_set():
             chunk = replace(chunk, finish_reason="unloaded")
         yield chunk
+
+
+def _raise_if_unloaded(loaded: LoadedModel) -> None:
+    if loaded.closing.is_set():
+        raise BackendError(f"{loaded.model_id} was unloaded")
 
 
 def _safe_unload(instance: Backend) -> None:

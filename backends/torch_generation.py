@@ -7,7 +7,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from backends.base import BackendError, GenerationChunk, SamplingParams
+from backends.base import BackendError, GenerationChunk, SamplingParams, TokenScore
 from backends.growing_cache import growing_cache
 from backends.text_stream import IncrementalDecoder, StopStringFilter
 
@@ -58,6 +58,7 @@ def stream_generate(model, prompt_ids: list[int], params: SamplingParams, *,
     params = params.validated()
     if not prompt_ids:
         raise BackendError("the prompt is empty")
+    check_token_ids(model, prompt_ids)
     n_prompt = len(prompt_ids)
     if n_prompt >= context_length:
         raise BackendError(f"the prompt has {n_prompt} tokens but the context holds {context_length}: "
@@ -100,7 +101,7 @@ def stream_generate(model, prompt_ids: list[int], params: SamplingParams, *,
             if params.repetition_penalty != 1.0 and not bool((seen == token).any()):
                 seen = torch.cat([seen, torch.tensor([token])])
             delta, hit = stops.feed(decoder.push(token))
-            yield GenerationChunk(delta, n_prompt, generated)
+            yield GenerationChunk(delta, n_prompt, generated, token_ids=(token,))
             if hit:
                 reason = "stop"
                 break
@@ -183,16 +184,50 @@ def greedy_logits(step, prompt_ids: Sequence[int], steps: int, device=None, extr
     return torch.stack(out)
 
 
+def check_token_ids(model, ids: Sequence[int]) -> None:
+    """Token ids from outside (the API takes token arrays) must name rows of the embedding: an id past
+    the end would fail deep inside the forward with an index error instead of a sentence."""
+    vocab = model.get_input_embeddings().num_embeddings
+    bad = next((t for t in ids if not 0 <= int(t) < vocab), None)
+    if bad is not None:
+        raise BackendError(f"token id {bad} is outside this model's vocabulary (0 to {vocab - 1})")
+
+
+def _logprob_chunks(model, ids: Sequence[int], device: torch.device, chunk: int):
+    """(log_softmax rows, target ids) of positions 0..n-2, a chunk of positions at a time, so the float
+    copy of the logits never holds more than `chunk` rows of the vocabulary."""
+    check_token_ids(model, ids)
+    input_ids = torch.tensor([list(ids)], dtype=torch.long, device=device)
+    logits = model(input_ids=input_ids, use_cache=False).logits[0, :-1]
+    targets = input_ids[0, 1:]
+    for start in range(0, logits.shape[0], chunk):
+        yield torch.log_softmax(logits[start:start + chunk].float(), dim=-1), targets[start:start + chunk]
+
+
 def token_logprobs(model, ids: Sequence[int], device: torch.device, chunk: int = 4096) -> list[float]:
     """log p(ids[i] | ids[:i]) for i >= 1 from one forward pass over the sequence."""
     if len(ids) < 2:
         return []
     with torch.inference_mode():
-        input_ids = torch.tensor([list(ids)], dtype=torch.long, device=device)
-        logits = model(input_ids=input_ids, use_cache=False).logits[0, :-1]
-        targets = input_ids[0, 1:]
-        out = []
-        for start in range(0, logits.shape[0], chunk):
-            part = torch.log_softmax(logits[start:start + chunk].float(), dim=-1)
-            out.append(part.gather(1, targets[start:start + chunk, None])[:, 0])
+        out = [rows.gather(1, targets[:, None])[:, 0] for rows, targets in _logprob_chunks(model, ids, device, chunk)]
         return torch.cat(out).double().cpu().tolist()
+
+
+def score_tokens(model, ids: Sequence[int], device: torch.device, top: int = 0,
+                 chunk: int = 4096) -> list[TokenScore]:
+    """token_logprobs with the `top` most likely tokens of each position. The chosen token's log-prob
+    and the alternatives' come from the same float32 row, so a greedy token equals the best one exactly
+    (what lm-evaluation-harness's is-greedy check compares)."""
+    if len(ids) < 2:
+        return []
+    scores: list[TokenScore] = []
+    with torch.inference_mode():
+        for rows, targets in _logprob_chunks(model, ids, device, chunk):
+            chosen = rows.gather(1, targets[:, None])[:, 0].cpu().tolist()
+            if top > 0:
+                values, indices = rows.topk(min(top, rows.shape[1]), dim=1)
+                values, indices = values.cpu().tolist(), indices.cpu().tolist()
+            for i, token in enumerate(targets.cpu().tolist()):
+                best = tuple(zip(indices[i], values[i])) if top > 0 else ()
+                scores.append(TokenScore(token, chosen[i], best))
+    return scores

@@ -11,7 +11,7 @@ from typing import Iterator, Sequence
 import torch
 
 from backends.base import (Backend, BackendError, Capabilities, GenerationChunk, MemoryReport,
-                           OptionSpec, SamplingParams)
+                           OptionSpec, SamplingParams, TokenScore)
 from backends import torch_generation
 from backends.process_memory import release_memory
 from backends.registry import read_model_config
@@ -140,9 +140,13 @@ class TransformersBackend(Backend):
         self._require()
         return list(self.tokenizer(text, add_special_tokens=add_special)["input_ids"])
 
-    def detokenize(self, ids: Sequence[int]) -> str:
+    def detokenize(self, ids: Sequence[int], special: bool = False) -> str:
         self._require()
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+        return self.tokenizer.decode(list(ids), skip_special_tokens=not special)
+
+    def check_token_ids(self, ids: Sequence[int]) -> None:
+        self._require()
+        torch_generation.check_token_ids(self.model, ids)
 
     @property
     def context_length(self) -> int:
@@ -161,12 +165,11 @@ class TransformersBackend(Backend):
         return {"bos_token": self.tokenizer.bos_token, "eos_token": self.tokenizer.eos_token}
 
     # -- generation ------------------------------------------------------------------------
-    def generate(self, prompt: str, params: SamplingParams,
-                 stop_event: threading.Event | None = None) -> Iterator[GenerationChunk]:
+    def generate_ids(self, ids: Sequence[int], params: SamplingParams,
+                     stop_event: threading.Event | None = None) -> Iterator[GenerationChunk]:
         self._require()
-        ids = self.tokenize(prompt, add_special=False)
         yield from torch_generation.stream_generate(
-            self.model, ids, params, eos_ids=torch_generation.eos_ids(self.model, self.tokenizer), decode=self.detokenize,
+            self.model, [int(t) for t in ids], params, eos_ids=torch_generation.eos_ids(self.model, self.tokenizer), decode=self.detokenize,
             device=self.device, context_length=self.context_length, stop_event=stop_event,
             forward=self._forward_step())
 
@@ -177,6 +180,12 @@ class TransformersBackend(Backend):
     def token_logprobs(self, ids: Sequence[int]) -> list[float]:
         self._require()
         return torch_generation.token_logprobs(self.model, ids, self.device)
+
+    def score_tokens(self, ids: Sequence[int], top: int = 0) -> list[TokenScore]:
+        self._require()
+        if len(ids) > self.context_length:
+            raise BackendError(f"{len(ids)} tokens exceed the context of {self.context_length}")
+        return torch_generation.score_tokens(self.model, ids, self.device, top)
 
 
 def _check_hf_folder(path: Path) -> None:

@@ -23,8 +23,10 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 
 from backends.base import BackendError, GenerationChunk, SamplingParams
+from webui.api_logprobs import ScoredRequest, chat_logprobs, completion_logprobs, scored_work
 from webui.api_requests import (COMPLETIONS_DEFAULT_MAX_TOKENS, DEFAULT_MAX_BODY_BYTES, ApiError, bool_field,
-                                messages_from, prompt_from, read_json, resolve_model, sampling_from)
+                                logprobs_from, max_tokens_is_zero, messages_from, prompts_from, read_json,
+                                resolve_model, sampling_from)
 from webui.request_queue import Cancellation, ClientGone, FairQueue, QueueFull, run_queued
 
 log = logging.getLogger(__name__)
@@ -124,6 +126,7 @@ class _Call:
     payload: Any              # messages or prompt
     stream: bool
     include_usage: bool
+    scored: ScoredRequest | None = None   # log-probs, echo, token ids or several prompts (webui.api_logprobs)
 
     @property
     def object_name(self) -> str:
@@ -169,22 +172,38 @@ class OpenAIApi:
 
     def _call(self, data: dict, kind: str) -> _Call:
         model_id = resolve_model(self.manager, data.get("model"))
-        payload = messages_from(data) if kind == "chat" else prompt_from(data)
+        payload = messages_from(data) if kind == "chat" else prompts_from(data)
+        top, echo = logprobs_from(data, kind)
         try:
             context = int(self.manager.get(model_id).backend.context_length)
         except BackendError as exc:
             raise _error_for(exc) from None
-        params = sampling_from(data, None if kind == "chat" else COMPLETIONS_DEFAULT_MAX_TOKENS, context)
+        params = sampling_from(data, None if kind == "chat" else COMPLETIONS_DEFAULT_MAX_TOKENS, context,
+                               zero_ok=echo)
         stream = bool_field(data, "stream")
         options = data.get("stream_options")
         if options is not None and not isinstance(options, dict):
             raise ApiError(400, "stream_options must be an object", param="stream_options")
         include_usage = bool(stream and options and options.get("include_usage") is True)
-        return _Call(kind, model_id, params, payload, stream, include_usage)
+        call = _Call(kind, model_id, params, payload, stream, include_usage)
+        plain = top is None and not echo and (kind == "chat" or (len(payload) == 1 and isinstance(payload[0], str)))
+        if plain:
+            if kind == "completion":
+                call.payload = payload[0]
+            return call
+        if stream:
+            wanted = "logprobs" if top is not None else "echo" if echo else "several prompts or token ids"
+            raise ApiError(400, f"{wanted} work without streaming: send \"stream\": false", param="stream")
+        prompts = [payload] if kind == "chat" else payload
+        call.scored = ScoredRequest(model_id, prompts, kind == "chat", params,
+                                    generate=not max_tokens_is_zero(data), top=top, echo=echo)
+        return call
 
     # -- generation -----------------------------------------------------------------------------
     def _work(self, call: _Call):
         manager = self.manager
+        if call.scored is not None:
+            return scored_work(manager, call.scored)
         if call.kind == "chat":
             return lambda stop: manager.chat(call.model_id, call.payload, call.params, stop)
         return lambda stop: manager.generate(call.model_id, call.payload, call.params, stop)
@@ -235,6 +254,8 @@ class OpenAIApi:
 
     async def _collect(self, call: _Call, first: GenerationChunk | None,
                        chunks: AsyncIterator[GenerationChunk]) -> Response:
+        if call.scored is not None:
+            return await self._collect_scored(call, first, chunks)
         text, last = [], first
         if first is not None:
             text.append(first.text)
@@ -252,6 +273,26 @@ class OpenAIApi:
             choice = {"index": 0, "text": reply, "logprobs": None, "finish_reason": reason}
         return JSONResponse({"id": rid, "object": call.object_name, "created": int(time.time()),
                              "model": call.model_id, "choices": [choice], "usage": usage})
+
+    async def _collect_scored(self, call: _Call, first: GenerationChunk | None,
+                              chunks: AsyncIterator[GenerationChunk]) -> Response:
+        last = first
+        async for chunk in chunks:
+            last = chunk
+        request = call.scored
+        choices = []
+        for index, result in enumerate(request.results):
+            if call.kind == "chat":
+                choices.append({"index": index, "message": {"role": "assistant", "content": result.text},
+                                "logprobs": chat_logprobs(result.tokens) if request.top is not None else None,
+                                "finish_reason": _finish_reason_of(result.finish_reason)})
+                continue
+            text = result.prompt_text + result.text if request.echo else result.text
+            logprobs = completion_logprobs(result.tokens) if request.top is not None else None
+            choices.append({"index": index, "text": text, "logprobs": logprobs,
+                            "finish_reason": _finish_reason_of(result.finish_reason)})
+        return JSONResponse({"id": _new_id(call.kind), "object": call.object_name, "created": int(time.time()),
+                             "model": call.model_id, "choices": choices, "usage": _usage(last)})
 
     async def _sse_stream(self, call: _Call, first: GenerationChunk | None, chunks, watcher,
                           cancellation: Cancellation) -> AsyncIterator[bytes]:
@@ -298,7 +339,10 @@ class OpenAIApi:
 
 
 def _finish_reason(chunk: GenerationChunk | None) -> str:
-    reason = chunk.finish_reason if chunk is not None else None
+    return _finish_reason_of(chunk.finish_reason if chunk is not None else None)
+
+
+def _finish_reason_of(reason: str | None) -> str:
     return "length" if reason == "length" else "stop"
 
 

@@ -124,9 +124,6 @@ def _refuse_unsupported(data: dict) -> None:
         raise ApiError(400, "only n=1 is supported", param="n")
     if _integer(data, "best_of", 1, 1) != 1:
         raise ApiError(400, "only best_of=1 is supported", param="best_of")
-    if data.get("logprobs") or data.get("top_logprobs") or data.get("echo"):
-        name = next(n for n in ("logprobs", "top_logprobs", "echo") if data.get(n))
-        raise ApiError(400, f"{name} is not supported by this server", param=name)
     for name in ("presence_penalty", "frequency_penalty"):
         if _number(data, name, 0.0, -2.0, 2.0) != 0.0:
             raise ApiError(400, f"{name} is not supported (use repetition_penalty)", param=name)
@@ -144,13 +141,17 @@ def bool_field(data: dict, name: str) -> bool:
     return value
 
 
-def sampling_from(data: dict, default_max_tokens: int | None, context_length: int) -> SamplingParams:
-    """OpenAI fields (plus top_k, min_p, repetition_penalty as vLLM and llama.cpp accept them)."""
+def sampling_from(data: dict, default_max_tokens: int | None, context_length: int,
+                  zero_ok: bool = False) -> SamplingParams:
+    """OpenAI fields (plus top_k, min_p, repetition_penalty as vLLM and llama.cpp accept them).
+    `zero_ok`: max_tokens 0 is allowed (an echoed prompt scored without generating; the caller
+    checks `max_tokens_is_zero`), and the params then say 1."""
     _refuse_unsupported(data)
-    max_tokens = _integer(data, "max_completion_tokens", None, 1)
-    max_tokens = _integer(data, "max_tokens", max_tokens, 1)
-    if max_tokens is None:
-        max_tokens = default_max_tokens or context_length
+    low = 0 if zero_ok else 1
+    max_tokens = _integer(data, "max_completion_tokens", None, low)
+    max_tokens = _integer(data, "max_tokens", max_tokens, low)
+    if max_tokens is None or max_tokens == 0:
+        max_tokens = (default_max_tokens or context_length) if max_tokens is None else 1
     seed = _integer(data, "seed", None, -2**63, 2**64 - 1)
     params = SamplingParams(
         temperature=_number(data, "temperature", 1.0, 0.0, 2.0),
@@ -206,18 +207,68 @@ def messages_from(data: dict) -> list[dict]:
     return clean
 
 
-def prompt_from(data: dict) -> str:
+MAX_PROMPTS = 128
+
+
+def max_tokens_is_zero(data: dict) -> bool:
+    return any(data.get(name) == 0 and not isinstance(data.get(name), bool)
+               for name in ("max_tokens", "max_completion_tokens"))
+
+
+def prompts_from(data: dict) -> list[str | list[int]]:
+    """The completions prompt as a list of prompts, each a string or a list of token ids: a string, a
+    list of strings, a list of token ids, or a list of token-id lists (what lm-evaluation-harness sends)."""
     prompt = data.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if isinstance(prompt, list):
-        raise ApiError(400, "prompt must be one string (batches and token arrays are not supported)",
-                       param="prompt")
-    if not isinstance(prompt, str):
-        raise ApiError(400, "prompt must be a string", param="prompt")
-    if not prompt:
+    what = "prompt must be a string, a list of strings, a list of token ids or a list of token-id lists"
+    if isinstance(prompt, str):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt:
+        if all(_is_token(t) for t in prompt):
+            prompts = [prompt]
+        elif all(isinstance(p, str) for p in prompt):
+            prompts = list(prompt)
+        elif all(isinstance(p, list) and all(_is_token(t) for t in p) for p in prompt):
+            prompts = list(prompt)
+        else:
+            raise ApiError(400, what + " (token ids are integers >= 0)", param="prompt")
+    elif isinstance(prompt, list):
         raise ApiError(400, "the prompt is empty", param="prompt")
-    return prompt
+    else:
+        raise ApiError(400, what, param="prompt")
+    if len(prompts) > MAX_PROMPTS:
+        raise ApiError(400, f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}", param="prompt")
+    for i, one in enumerate(prompts):
+        if not one:
+            where = "the prompt" if len(prompts) == 1 else f"prompt[{i}]"
+            raise ApiError(400, f"{where} is empty", param="prompt")
+    return prompts
+
+
+def _is_token(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+MAX_TOP_LOGPROBS = 20
+
+
+def logprobs_from(data: dict, kind: str) -> tuple[int | None, bool]:
+    """(how many alternatives to report per token, or None for no log-probs; echo). Chat takes
+    `logprobs: true` and `top_logprobs: n`; completions take `logprobs: n` and `echo`, as OpenAI's do."""
+    if kind == "chat":
+        if data.get("echo") is not None:
+            raise ApiError(400, "echo is a /v1/completions field; chat replies never repeat the messages",
+                           param="echo")
+        wanted = bool_field(data, "logprobs")
+        top = _integer(data, "top_logprobs", None, 0, MAX_TOP_LOGPROBS)
+        if top is not None and not wanted:
+            raise ApiError(400, "top_logprobs needs \"logprobs\": true", param="top_logprobs")
+        return (top or 0) if wanted else None, False
+    if data.get("top_logprobs") is not None:
+        raise ApiError(400, "top_logprobs is a chat field; /v1/completions takes \"logprobs\": <count of "
+                            "alternatives>", param="top_logprobs")
+    if data.get("logprobs") is False:
+        return None, bool_field(data, "echo")
+    return _integer(data, "logprobs", None, 0, MAX_TOP_LOGPROBS), bool_field(data, "echo")
 
 
 def resolve_model(manager, requested: Any) -> str:

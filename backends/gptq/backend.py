@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 
@@ -135,13 +135,12 @@ class GPTQBackend(TransformersBackend):
         return bits / total if total else 16.0
 
     # -- generation ------------------------------------------------------------------------
-    def generate(self, prompt: str, params: SamplingParams,
-                 stop_event: threading.Event | None = None) -> Iterator[GenerationChunk]:
+    def generate_ids(self, ids: Sequence[int], params: SamplingParams,
+                     stop_event: threading.Event | None = None) -> Iterator[GenerationChunk]:
         self._require()
         # the static cache must hold prompt + answer; the sampling loop itself clips to the context
-        n_prompt = len(self.tokenize(prompt))
-        self._wanted_len = min(self.context_length, n_prompt + params.max_new_tokens + 1)
-        yield from super().generate(prompt, params, stop_event)
+        self._wanted_len = min(self.context_length, len(ids) + params.max_new_tokens + 1)
+        yield from super().generate_ids(ids, params, stop_event)
 
     def _forward_step(self):
         wanted = min(self.context_length, -(-max(self._wanted_len, 1) // CACHE_STEP) * CACHE_STEP)

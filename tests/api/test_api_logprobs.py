@@ -1,0 +1,168 @@
+"""Log-probs through the API: the prompt scored and echoed, the reply's tokens with their alternatives,
+token-id prompts and batches, in the shapes OpenAI's clients and lm-evaluation-harness read. Numbers are
+checked against the engine's own scoring of the same tokens (the perplexity path)."""
+from __future__ import annotations
+
+import json
+import math
+from operator import itemgetter
+
+import httpx
+import pytest
+
+from apitools import MODEL_ID
+
+CONTEXT = "The capital of France is"
+
+
+def post(server, path, body):
+    response = httpx.post(server.base_url + path, content=json.dumps(body).encode(), headers=server.headers(),
+                          timeout=120)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def backend(server):
+    return server.ctx.manager.get(MODEL_ID).backend
+
+
+def lm_eval_parse_logprobs(outputs, ctxlens):
+    """lm-evaluation-harness 0.4's LocalCompletionsAPI.parse_logprobs, as it reads our reply."""
+    res = []
+    for out in outputs:
+        for choice, ctxlen in zip(sorted(out["choices"], key=itemgetter("index")), ctxlens):
+            logprobs = sum(choice["logprobs"]["token_logprobs"][ctxlen:-1])
+            tokens_logprobs = choice["logprobs"]["token_logprobs"][ctxlen:-1]
+            top_logprobs = choice["logprobs"]["top_logprobs"][ctxlen:-1]
+            is_greedy = True
+            for tok, top in zip(tokens_logprobs, top_logprobs):
+                if tok != max(top.values()):
+                    is_greedy = False
+                    break
+            res.append((logprobs, is_greedy))
+    return res
+
+
+def test_lm_eval_loglikelihood_request_scores_the_continuation(api_server):
+    """What `lm_eval --model local-completions` sends for a loglikelihood request: token-id prompts in a
+    batch, echo, max_tokens 1, logprobs 1. The sum over the continuation is the engine's own score, and
+    is-greedy is true for the model's greedy continuation and false for another one."""
+    engine = backend(api_server)
+    context = engine.tokenize(CONTEXT)
+    greedy_reply = post(api_server, "/completions", {"model": MODEL_ID, "prompt": CONTEXT, "max_tokens": 2,
+                                                     "temperature": 0})["choices"][0]["text"]
+    greedy = engine.tokenize(CONTEXT + greedy_reply)[len(context):]
+    assert engine.tokenize(CONTEXT + greedy_reply)[:len(context)] == context and greedy
+    other = engine.tokenize(CONTEXT + " a banana")[len(context):]
+    prompts = [context + greedy, context + other]
+    body = {"model": MODEL_ID, "prompt": prompts, "temperature": 0, "max_tokens": 1, "logprobs": 1,
+            "seed": 1234, "echo": True}
+    out = post(api_server, "/completions", body)
+    assert [c["index"] for c in out["choices"]] == [0, 1]
+    for choice, ids in zip(out["choices"], prompts):
+        lp = choice["logprobs"]
+        assert len(lp["tokens"]) == len(ids) + 1                       # the prompt, then the one new token
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        want = engine.token_logprobs(ids)
+        assert lp["token_logprobs"][1:len(ids)] == pytest.approx(want, abs=1e-4)
+        assert all(len(top) <= 2 for top in lp["top_logprobs"][1:])    # one alternative + the chosen token
+    assert out["usage"]["prompt_tokens"] == sum(map(len, prompts)) and out["usage"]["completion_tokens"] == 2
+    (greedy_sum, greedy_flag), (other_sum, other_flag) = lm_eval_parse_logprobs([out], [len(context)] * 2)
+    assert greedy_flag is True and other_flag is False
+    assert greedy_sum == pytest.approx(sum(engine.token_logprobs(prompts[0])[len(context) - 1:]), abs=1e-3)
+    assert greedy_sum > other_sum
+
+
+def test_echo_with_max_tokens_zero_scores_the_prompt_without_generating(api_server):
+    prompt = "Paris is the capital and largest city of France."
+    out = post(api_server, "/completions", {"model": MODEL_ID, "prompt": prompt, "max_tokens": 0, "echo": True,
+                                            "logprobs": 0})
+    choice = out["choices"][0]
+    lp = choice["logprobs"]
+    ids = backend(api_server).tokenize(prompt)
+    assert choice["text"] == prompt and "".join(lp["tokens"]) == prompt
+    assert lp["text_offset"] == [len("".join(lp["tokens"][:i])) for i in range(len(ids))]
+    assert lp["token_logprobs"][1:] == pytest.approx(backend(api_server).token_logprobs(ids), abs=1e-4)
+    for token, logprob, top in zip(lp["tokens"][1:], lp["token_logprobs"][1:], lp["top_logprobs"][1:]):
+        assert top == {token: logprob}                                # logprobs 0: the chosen token only
+    assert out["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)}
+    assert choice["finish_reason"] == "length"
+
+
+def test_sampled_reply_reports_its_own_tokens_with_alternatives(client):
+    reply = client.completions.create(model=MODEL_ID, prompt="Once upon a time", max_tokens=8, temperature=1.0,
+                                      seed=7, logprobs=3)
+    choice = reply.choices[0]
+    lp = choice.logprobs
+    assert "".join(lp.tokens) == choice.text and len(lp.tokens) == reply.usage.completion_tokens == 8
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(8)]
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert logprob <= 0 and top[token] == logprob
+        assert 3 <= len(top) <= 4 and max(top.values()) >= logprob
+    # the same request without logprobs samples the same text: scoring does not disturb sampling
+    again = client.completions.create(model=MODEL_ID, prompt="Once upon a time", max_tokens=8, temperature=1.0,
+                                      seed=7)
+    assert again.choices[0].text == choice.text
+
+
+def test_chat_logprobs_in_the_openai_client_shape(client, api_server):
+    reply = client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "Say hello."}],
+                                           max_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
+    choice = reply.choices[0]
+    content = choice.logprobs.content
+    assert "".join(t.token for t in content) == choice.message.content and len(content) == 6
+    for item in content:
+        assert len(item.top_logprobs) == 3 and item.bytes == list(item.token.encode())
+        best = item.top_logprobs[0]
+        assert best.logprob == item.logprob                          # greedy: the chosen token is the best
+        assert [t.logprob for t in item.top_logprobs] == sorted((t.logprob for t in item.top_logprobs), reverse=True)
+    plain = client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "Say hello."}],
+                                           max_tokens=6, temperature=0)
+    assert plain.choices[0].message.content == choice.message.content and plain.choices[0].logprobs is None
+    probability = math.exp(sum(item.logprob for item in content))
+    assert 0 < probability <= 1
+
+
+def test_batch_of_prompts_answers_each_as_alone(client):
+    prompts = ["The capital of France is", "One, two, three,"]
+    batch = client.completions.create(model=MODEL_ID, prompt=prompts, max_tokens=4, temperature=0)
+    alone = [client.completions.create(model=MODEL_ID, prompt=p, max_tokens=4, temperature=0).choices[0].text
+             for p in prompts]
+    assert [c.index for c in batch.choices] == [0, 1]
+    assert [c.text for c in batch.choices] == alone
+    assert batch.usage.completion_tokens == 8
+
+
+def test_token_id_prompt_generates_like_its_text(client, api_server):
+    text = "One, two, three,"
+    ids = backend(api_server).tokenize(text)
+    by_ids = client.completions.create(model=MODEL_ID, prompt=ids, max_tokens=4, temperature=0)
+    by_text = client.completions.create(model=MODEL_ID, prompt=text, max_tokens=4, temperature=0)
+    assert by_ids.choices[0].text == by_text.choices[0].text
+    assert by_ids.usage.prompt_tokens == len(ids)
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(api_server):
+    vocab = backend(api_server).model.get_input_embeddings().num_embeddings
+    for body in ({"prompt": [1, vocab], "max_tokens": 2}, {"prompt": [1, vocab], "max_tokens": 0, "echo": True}):
+        response = httpx.post(api_server.base_url + "/completions", headers=api_server.headers(), timeout=60,
+                              content=json.dumps({"model": MODEL_ID, **body}).encode())
+        assert response.status_code == 400, response.text
+        assert f"token id {vocab} is outside this model's vocabulary" in response.json()["error"]["message"]
+    assert post(api_server, "/completions", {"model": MODEL_ID, "prompt": "Hi", "max_tokens": 1})["choices"]
+
+
+@pytest.mark.parametrize("body, words", [
+    ({"prompt": "Hi", "max_tokens": 0}, ("max_tokens must be >= 1",)),
+    ({"prompt": "Hi", "logprobs": 21}, ("logprobs must be in [0, 20]",)),
+    ({"prompt": "Hi", "logprobs": True}, ("logprobs must be an integer",)),
+    ({"prompt": "Hi", "top_logprobs": 2}, ("top_logprobs is a chat field",)),
+    ({"prompt": "Hi", "echo": True, "stream": True}, ("echo work without streaming",)),
+    ({"prompt": ["a", "b"], "stream": True}, ("several prompts or token ids", "stream")),
+])
+def test_bad_logprob_requests_are_400(api_server, body, words):
+    response = httpx.post(api_server.base_url + "/completions", headers=api_server.headers(), timeout=60,
+                          content=json.dumps({"model": MODEL_ID, **body}).encode())
+    assert response.status_code == 400, response.text
+    for word in words:
+        assert word in response.json()["error"]["message"]

@@ -1,0 +1,52 @@
+"""score_tokens (what the API's log-probs come from) on the real engines: the chosen tokens' log-probs
+are the perplexity path's numbers, the alternatives are the best tokens in order, and a greedy reply's
+tokens are each the best one exactly (lm-evaluation-harness compares them with ==)."""
+from __future__ import annotations
+
+import pytest
+
+from backends.base import BackendError, SamplingParams
+
+TEXT = "The capital of France is Paris. The capital of Germany is Berlin, and the capital of"
+
+
+@pytest.fixture(params=["transformers_backend", "llamacpp_backend"])
+def engine(request):
+    return request.getfixturevalue(request.param)
+
+
+def test_scores_match_token_logprobs_and_alternatives_are_ranked(engine):
+    ids = engine.tokenize(TEXT)
+    scores = engine.score_tokens(ids, top=5)
+    assert [s.token for s in scores] == ids[1:]
+    assert [s.logprob for s in scores] == pytest.approx(engine.token_logprobs(ids), abs=1e-6)
+    for score in scores:
+        values = [lp for _, lp in score.top]
+        assert len(score.top) == 5 and values == sorted(values, reverse=True) and values[0] <= 0
+        assert len({t for t, _ in score.top}) == 5
+        assert score.logprob <= values[0]
+        if score.token in dict(score.top):
+            assert dict(score.top)[score.token] == score.logprob
+        else:
+            assert score.logprob <= values[-1]
+    assert engine.score_tokens(ids, top=0)[3].top == ()
+    assert engine.score_tokens(ids[:1]) == []
+
+
+def test_a_greedy_reply_is_the_best_token_at_every_step(engine):
+    ids = engine.tokenize(TEXT)
+    chunks = list(engine.generate_ids(ids, SamplingParams(temperature=0, max_new_tokens=6)))
+    reply = [t for c in chunks for t in c.token_ids]
+    assert len(reply) == chunks[-1].generated_tokens == 6
+    assert engine.detokenize(reply) == "".join(c.text for c in chunks)
+    for score in engine.score_tokens(ids + reply, top=1)[len(ids) - 1:]:
+        assert score.top[0] == (score.token, score.logprob)
+
+
+def test_ids_outside_the_vocabulary_are_refused_by_name(engine):
+    ids = engine.tokenize(TEXT)
+    with pytest.raises(BackendError, match="token id 10000000 is outside"):
+        engine.score_tokens(ids + [10_000_000])
+    with pytest.raises(BackendError, match="token id -1 is outside"):
+        list(engine.generate_ids([-1] + ids, SamplingParams(max_new_tokens=1)))
+    assert engine.score_tokens(ids, top=1)          # still usable

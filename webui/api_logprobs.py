@@ -1,0 +1,145 @@
+"""Completions that need more than streamed text: log-probs of the reply's tokens (chat `logprobs`,
+completions `logprobs: n`), the prompt scored and echoed (`echo`, `max_tokens: 0`), token-id prompts
+and batches of prompts. What lm-evaluation-harness's `local-completions` model sends.
+
+The reply is generated as usual (streamed by the engine under the model's lock), then the prompt and
+the reply are scored in one forward pass: the log-probs are the model's own distribution, before
+temperature, top-k/top-p or repetition penalty (as vLLM reports them by default)."""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+from backends.base import Backend, GenerationChunk, SamplingParams, TokenScore
+from backends.text_stream import IncrementalDecoder
+
+
+@dataclass
+class ScoredRequest:
+    """One /v1/completions or chat request on this path: what to run, and each prompt's result."""
+    model_id: str
+    prompts: list                 # strings, or lists of token ids; for chat one list of messages
+    chat: bool
+    params: SamplingParams
+    generate: bool                # False: max_tokens 0, the prompt is only scored
+    top: int | None               # alternatives per token; None: no log-probs
+    echo: bool
+    results: list = field(default_factory=list)
+
+
+@dataclass
+class PromptResult:
+    prompt_text: str              # the prompt as text (echo)
+    text: str                     # the reply
+    prompt_tokens: int
+    generated_tokens: int
+    finish_reason: str
+    tokens: list[dict] = field(default_factory=list)   # per reported token: piece, logprob, top
+
+
+def scored_work(manager, request: ScoredRequest) -> Callable[[threading.Event], Iterator[GenerationChunk]]:
+    """The worker for run_queued: yields the engine's chunks (the queue's records and cancellation use
+    them), fills request.results, and ends with one chunk that totals every prompt."""
+    def work(stop: threading.Event) -> Iterator[GenerationChunk]:
+        total_prompt = total_generated = 0
+        reason = "length"
+        for prompt in request.prompts:
+            if stop.is_set():
+                reason = "cancelled"
+                break
+            if request.chat:
+                prompt = manager.call(request.model_id, lambda backend: backend.render_chat(prompt))
+            ids = manager.call(request.model_id, lambda backend: _prompt_ids(backend, prompt))
+            generated: list[int] = []
+            text: list[str] = []
+            last = None
+            if request.generate:
+                for chunk in manager.generate_ids(request.model_id, ids, request.params, stop):
+                    generated.extend(chunk.token_ids)
+                    text.append(chunk.text)
+                    last = chunk
+                    yield chunk
+            reason = last.finish_reason if last is not None else "length"
+            if reason == "cancelled":
+                break
+            result = manager.call(request.model_id,
+                                  lambda backend: _describe(backend, prompt, ids, generated, request))
+            result.text, result.finish_reason = "".join(text), reason
+            request.results.append(result)
+            total_prompt += len(ids)
+            total_generated += len(generated)
+        yield GenerationChunk("", total_prompt, total_generated, finished=True, finish_reason=reason)
+    return work
+
+
+def _prompt_ids(backend: Backend, prompt) -> list[int]:
+    if isinstance(prompt, str):
+        return backend.tokenize(prompt, add_special=False)
+    backend.check_token_ids(prompt)
+    return list(prompt)
+
+
+def _describe(backend: Backend, prompt, ids: list[int], generated: list[int],
+              request: ScoredRequest) -> PromptResult:
+    """Score and name the reported tokens (the prompt's too when echoed), under the model's lock."""
+    prompt_pieces = _pieces(backend, ids)
+    prompt_text = prompt if isinstance(prompt, str) else "".join(prompt_pieces)
+    result = PromptResult(prompt_text, "", len(ids), len(generated), "length")
+    if request.top is None:
+        return result
+    scores = backend.score_tokens(ids + generated, request.top)       # positions 1..n-1
+    names: dict[int, str] = {}
+
+    def name(token: int) -> str:
+        if token not in names:
+            names[token] = backend.detokenize([token], special=True)
+        return names[token]
+
+    def entry(piece: str, score: TokenScore | None) -> dict:
+        if score is None:                        # the first token: nothing before it to condition on
+            return {"token": piece, "logprob": None, "top": None}
+        return {"token": piece, "logprob": score.logprob, "top": [(name(t), lp) for t, lp in score.top]}
+
+    if request.echo:
+        result.tokens += [entry(piece, scores[i - 1] if i else None) for i, piece in enumerate(prompt_pieces)]
+    reply_scores = scores[len(ids) - 1:]
+    result.tokens += [entry(piece, score) for piece, score in zip(_pieces(backend, generated), reply_scores)]
+    return result
+
+
+def _pieces(backend: Backend, ids: Sequence[int]) -> list[str]:
+    """Each token's share of the sequence's text, decoded in context (special tokens written out): the
+    pieces join to the text; a token that ends inside a character gets "" and the next one carries it."""
+    decoder = IncrementalDecoder(lambda part: backend.detokenize(part, special=True))
+    return [decoder.push(int(t)) for t in ids]
+
+
+# -- the OpenAI shapes ----------------------------------------------------------------------------
+def completion_logprobs(tokens: list[dict], start: int = 0) -> dict:
+    """Legacy completions shape: tokens, token_logprobs, top_logprobs (a dict holding the alternatives
+    and the chosen token: up to n+1 entries, as OpenAI's), text_offset."""
+    offsets, position = [], start
+    for token in tokens:
+        offsets.append(position)
+        position += len(token["token"])
+    tops = []
+    for token in tokens:
+        if token["top"] is None:
+            tops.append(None)
+            continue
+        top = {}
+        for piece, logprob in token["top"]:
+            top.setdefault(piece, logprob)
+        top.setdefault(token["token"], token["logprob"])
+        tops.append(top)
+    return {"tokens": [t["token"] for t in tokens], "token_logprobs": [t["logprob"] for t in tokens],
+            "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_logprobs(tokens: list[dict]) -> dict:
+    """Chat shape: content = [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]."""
+    def item(piece: str, logprob: float) -> dict:
+        return {"token": piece, "logprob": logprob, "bytes": list(piece.encode("utf-8"))}
+    return {"content": [{**item(t["token"], t["logprob"]), "top_logprobs": [item(p, lp) for p, lp in t["top"]]}
+                        for t in tokens], "refusal": None}
