@@ -23,6 +23,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 
 from backends.base import BackendError, GenerationChunk, SamplingParams
+from webui.api_tokens import TokenizerRoutes
 from webui.api_logprobs import ScoredRequest, chat_logprobs, completion_logprobs, scored_work
 from webui.api_requests import (COMPLETIONS_DEFAULT_MAX_TOKENS, DEFAULT_MAX_BODY_BYTES, ApiError, bool_field,
                                 logprobs_from, max_tokens_is_zero, messages_from, prompts_from, read_json,
@@ -374,7 +375,8 @@ def _guard(handler):
 async def _http_error(request: Request, exc: HTTPException) -> Response:
     if exc.status_code == 404:
         return ApiError(404, f"no such API route: {request.method} {request.url.path}; "
-                             "this server has /v1/models, /v1/chat/completions and /v1/completions",
+                             "this server has /v1/models, /v1/chat/completions, /v1/completions and "
+                             "/v1/tokenize, /v1/detokenize, /v1/tokenizer_info",
                         code="not_found").response()
     if exc.status_code == 405:
         return ApiError(405, f"{request.method} is not allowed on {request.url.path}",
@@ -390,18 +392,34 @@ def create_api_app(ctx, api_key: str | None = None, local_only: bool = True, **o
     """The /v1 app. `api_key`: when set, every route needs `Authorization: Bearer <api_key>`.
     `local_only`: refuse requests whose Host is not this machine (the server binds 127.0.0.1)."""
     api = OpenAIApi(ctx, **options)
+    tokens = TokenizerRoutes(api)
     app = Starlette(routes=[
         Route("/models", _guard(api.list_models), methods=["GET"]),
         Route("/models/{model_id:path}", _guard(api.get_model), methods=["GET"]),
         Route("/chat/completions", _guard(api.chat_completions), methods=["POST"]),
         Route("/completions", _guard(api.completions), methods=["POST"]),
+        *_tokenizer_routes(tokens),
     ], exception_handlers={HTTPException: _http_error, Exception: _server_error})
     app.state.api = api
+    app.state.tokens = tokens
     app.add_middleware(ApiGuard, key=api_key, local_only=local_only)
     return app
 
 
-def api_routes(ctx, api_key: str | None = None, local_only: bool = True, **options) -> list[Mount]:
+def _tokenizer_routes(tokens: TokenizerRoutes) -> list[Route]:
+    return [Route("/tokenize", _guard(tokens.tokenize), methods=["POST"]),
+            Route("/detokenize", _guard(tokens.detokenize), methods=["POST"]),
+            Route("/tokenizer_info", _guard(tokens.tokenizer_info), methods=["GET"])]
+
+
+def api_routes(ctx, api_key: str | None = None, local_only: bool = True, **options) -> list:
     """Routes to hand to Gradio's FastAPI app (`demo.launch(app_kwargs={"routes": ...})`), so the API
-    is served by the same server and exists from its first request on."""
-    return [Mount(API_PREFIX, app=create_api_app(ctx, api_key, local_only, **options), name="openai-api")]
+    is served by the same server and exists from its first request on: /v1, and vLLM's tokenizer
+    routes at the root (where lm-evaluation-harness looks for them), behind the same guard."""
+    app = create_api_app(ctx, api_key, local_only, **options)
+    root = Starlette(routes=_tokenizer_routes(app.state.tokens),
+                     exception_handlers={HTTPException: _http_error, Exception: _server_error})
+    guarded = ApiGuard(root, key=api_key, local_only=local_only)
+    return [Mount(API_PREFIX, app=app, name="openai-api"),
+            *(Route(path, guarded, methods=[method]) for path, method in
+              (("/tokenize", "POST"), ("/detokenize", "POST"), ("/tokenizer_info", "GET")))]
