@@ -26,8 +26,8 @@ from backends.base import BackendError, GenerationChunk, SamplingParams
 from webui.api_tokens import TokenizerRoutes
 from webui.api_logprobs import ScoredRequest, chat_logprobs, completion_logprobs, scored_work
 from webui.api_requests import (COMPLETIONS_DEFAULT_MAX_TOKENS, DEFAULT_MAX_BODY_BYTES, ApiError, bool_field,
-                                logprobs_from, max_tokens_is_zero, messages_from, prompts_from, read_json,
-                                resolve_model, sampling_from)
+                                choices_from, logprobs_from, max_tokens_is_zero, messages_from, prompts_from,
+                                read_json, resolve_model, sampling_from)
 from webui.request_queue import Cancellation, ClientGone, FairQueue, QueueFull, run_queued
 
 log = logging.getLogger(__name__)
@@ -187,17 +187,20 @@ class OpenAIApi:
             raise ApiError(400, "stream_options must be an object", param="stream_options")
         include_usage = bool(stream and options and options.get("include_usage") is True)
         call = _Call(kind, model_id, params, payload, stream, include_usage)
-        plain = top is None and not echo and (kind == "chat" or (len(payload) == 1 and isinstance(payload[0], str)))
+        n = choices_from(data)
+        one_text = kind == "chat" or (len(payload) == 1 and isinstance(payload[0], str))
+        plain = top is None and not echo and n == 1 and one_text
         if plain:
             if kind == "completion":
                 call.payload = payload[0]
             return call
         if stream:
-            wanted = "logprobs" if top is not None else "echo" if echo else "several prompts or token ids"
+            wanted = ("logprobs" if top is not None else "echo" if echo else "n > 1" if n > 1
+                      else "several prompts or token ids")
             raise ApiError(400, f"{wanted} work without streaming: send \"stream\": false", param="stream")
         prompts = [payload] if kind == "chat" else payload
         call.scored = ScoredRequest(model_id, prompts, kind == "chat", params,
-                                    generate=not max_tokens_is_zero(data), top=top, echo=echo)
+                                    generate=not max_tokens_is_zero(data), top=top, echo=echo, n=n)
         return call
 
     # -- generation -----------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Completions that need more than streamed text: log-probs of the reply's tokens (chat `logprobs`,
-completions `logprobs: n`), the prompt scored and echoed (`echo`, `max_tokens: 0`), token-id prompts
-and batches of prompts. What lm-evaluation-harness's `local-completions` model sends.
+completions `logprobs: n`), the prompt scored and echoed (`echo`, `max_tokens: 0`), token-id prompts,
+batches of prompts and several choices per prompt (`n`). What lm-evaluation-harness's `local-completions` model sends.
 
 The reply is generated as usual (streamed by the engine under the model's lock), then the prompt and
 the reply are scored in one forward pass: the log-probs are the model's own distribution, before
@@ -8,7 +8,7 @@ temperature, top-k/top-p or repetition penalty (as vLLM reports them by default)
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator, Sequence
 
 from backends.base import Backend, GenerationChunk, SamplingParams, TokenScore
@@ -25,6 +25,7 @@ class ScoredRequest:
     generate: bool                # False: max_tokens 0, the prompt is only scored
     top: int | None               # alternatives per token; None: no log-probs
     echo: bool
+    n: int = 1                    # choices per prompt (in prompt order: prompt i's are i*n .. i*n+n-1)
     results: list = field(default_factory=list)
 
 
@@ -45,32 +46,43 @@ def scored_work(manager, request: ScoredRequest) -> Callable[[threading.Event], 
         total_prompt = total_generated = 0
         reason = "length"
         for prompt in request.prompts:
-            if stop.is_set():
-                reason = "cancelled"
-                break
             if request.chat:
                 prompt = manager.call(request.model_id, lambda backend: backend.render_chat(prompt))
             ids = manager.call(request.model_id, lambda backend: _prompt_ids(backend, prompt))
-            generated: list[int] = []
-            text: list[str] = []
-            last = None
-            if request.generate:
-                for chunk in manager.generate_ids(request.model_id, ids, request.params, stop):
-                    generated.extend(chunk.token_ids)
-                    text.append(chunk.text)
-                    last = chunk
-                    yield chunk
-            reason = last.finish_reason if last is not None else "length"
+            total_prompt += len(ids)                       # counted once however many choices (as OpenAI)
+            for copy in range(request.n):
+                if stop.is_set():
+                    reason = "cancelled"
+                    break
+                generated: list[int] = []
+                text: list[str] = []
+                last = None
+                if request.generate:
+                    for chunk in manager.generate_ids(request.model_id, ids, _copy_params(request.params, copy), stop):
+                        generated.extend(chunk.token_ids)
+                        text.append(chunk.text)
+                        last = chunk
+                        yield chunk
+                reason = last.finish_reason if last is not None else "length"
+                if reason == "cancelled":
+                    break
+                result = manager.call(request.model_id,
+                                      lambda backend: _describe(backend, prompt, ids, generated, request))
+                result.text, result.finish_reason = "".join(text), reason
+                request.results.append(result)
+                total_generated += len(generated)
             if reason == "cancelled":
                 break
-            result = manager.call(request.model_id,
-                                  lambda backend: _describe(backend, prompt, ids, generated, request))
-            result.text, result.finish_reason = "".join(text), reason
-            request.results.append(result)
-            total_prompt += len(ids)
-            total_generated += len(generated)
         yield GenerationChunk("", total_prompt, total_generated, finished=True, finish_reason=reason)
     return work
+
+
+def _copy_params(params: SamplingParams, copy: int) -> SamplingParams:
+    """Choice `copy` of n: seed + copy when seeded, so choice 0 is the n = 1 reply of the same seed and the
+    others differ from it; unseeded choices draw afresh anyway."""
+    if params.seed is None or copy == 0:
+        return params
+    return replace(params, seed=(params.seed + copy) % 2**32)
 
 
 def _prompt_ids(backend: Backend, prompt) -> list[int]:

@@ -120,8 +120,6 @@ def _refuse_unsupported(data: dict) -> None:
             raise ApiError(400, f"{name} is not supported by this server", param=name)
     if data.get("tool_choice") not in (None, "none"):
         raise ApiError(400, "tool_choice is not supported by this server", param="tool_choice")
-    if _integer(data, "n", 1, 1) != 1:
-        raise ApiError(400, "only n=1 is supported", param="n")
     if _integer(data, "best_of", 1, 1) != 1:
         raise ApiError(400, "only best_of=1 is supported", param="best_of")
     for name in ("presence_penalty", "frequency_penalty"):
@@ -249,6 +247,12 @@ def _is_token(value) -> bool:
 
 
 MAX_TOP_LOGPROBS = 20
+MAX_CHOICES = 16
+
+
+def choices_from(data: dict) -> int:
+    """`n`: how many replies to sample for each prompt."""
+    return _integer(data, "n", 1, 1, MAX_CHOICES)
 
 
 def logprobs_from(data: dict, kind: str) -> tuple[int | None, bool]:

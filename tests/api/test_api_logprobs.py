@@ -1,5 +1,5 @@
 """Log-probs through the API: the prompt scored and echoed, the reply's tokens with their alternatives,
-token-id prompts and batches, in the shapes OpenAI's clients and lm-evaluation-harness read. Numbers are
+token-id prompts, batches and n choices per prompt, in the shapes OpenAI's clients and lm-evaluation-harness read. Numbers are
 checked against the engine's own scoring of the same tokens (the perplexity path)."""
 from __future__ import annotations
 
@@ -166,3 +166,28 @@ def test_bad_logprob_requests_are_400(api_server, body, words):
     assert response.status_code == 400, response.text
     for word in words:
         assert word in response.json()["error"]["message"]
+
+
+def test_n_choices_are_seeded_one_after_another(client, api_server):
+    prompt = "Once upon a time"
+    many = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=8, temperature=1.0, seed=5, n=3)
+    one = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=8, temperature=1.0, seed=5)
+    texts = [c.text for c in many.choices]
+    assert [c.index for c in many.choices] == [0, 1, 2]
+    assert texts[0] == one.choices[0].text and len(set(texts)) > 1
+    again = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=8, temperature=1.0, seed=6)
+    assert texts[1] == again.choices[0].text                     # choice j is seed + j
+    ids = backend(api_server).tokenize(prompt)
+    assert many.usage.prompt_tokens == len(ids) and many.usage.completion_tokens == 24
+
+
+def test_n_with_several_prompts_orders_choices_prompt_by_prompt(client):
+    prompts = ["The capital of France is", "One, two, three,"]
+    out = client.completions.create(model=MODEL_ID, prompt=prompts, max_tokens=3, temperature=0, n=2)
+    alone = [client.completions.create(model=MODEL_ID, prompt=p, max_tokens=3, temperature=0).choices[0].text
+             for p in prompts]
+    assert [c.index for c in out.choices] == [0, 1, 2, 3]
+    assert [c.text for c in out.choices] == [alone[0], alone[0], alone[1], alone[1]]
+    chat = client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "Hi"}],
+                                          max_tokens=4, temperature=0.8, seed=1, n=2)
+    assert [c.index for c in chat.choices] == [0, 1] and all(c.message.content for c in chat.choices)
