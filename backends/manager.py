@@ -234,9 +234,9 @@ class ModelManager:
                                                                            _EitherStop(stop_event, loaded.closing)))
 
     def call(self, model_id: str, work: Callable[[Backend], T]) -> T:
-        """work(backend) under the model's lock, for short calls (tokenize, score, decode) that must not
-        overlap a generation: a fast tokenizer used from two threads at once fails ("Already borrowed")
-        and llama.cpp's scoring clears the KV cache a reply is using."""
+        """work(backend) under the model's lock, for calls between generations (scoring, a chat render
+        and tokenization in the same turn): engines are not thread-safe, and llama.cpp's scoring
+        clears the KV cache a reply is using."""
         loaded = self.get(model_id)
         with loaded.lock:
             _raise_if_unloaded(loaded)

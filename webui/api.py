@@ -23,11 +23,11 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 
 from backends.base import BackendError, GenerationChunk, SamplingParams
-from webui.api_tokens import TokenizerRoutes
 from webui.api_logprobs import ScoredRequest, chat_logprobs, completion_logprobs, scored_work
 from webui.api_requests import (COMPLETIONS_DEFAULT_MAX_TOKENS, DEFAULT_MAX_BODY_BYTES, ApiError, bool_field,
                                 choices_from, logprobs_from, max_tokens_is_zero, messages_from, prompts_from,
                                 read_json, resolve_model, sampling_from)
+from webui.api_tokens import TokenizerRoutes
 from webui.request_queue import Cancellation, ClientGone, FairQueue, QueueFull, run_queued
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,7 @@
 """Completions that need more than streamed text: log-probs of the reply's tokens (chat `logprobs`,
 completions `logprobs: n`), the prompt scored and echoed (`echo`, `max_tokens: 0`), token-id prompts,
-batches of prompts and several choices per prompt (`n`). What lm-evaluation-harness's `local-completions` model sends.
+batches of prompts and several choices per prompt (`n`): what lm-evaluation-harness's
+`local-completions` model sends.
 
 The reply is generated as usual (streamed by the engine under the model's lock), then the prompt and
 the reply are scored in one forward pass: the log-probs are the model's own distribution, before
@@ -31,11 +32,9 @@ class ScoredRequest:
 
 @dataclass
 class PromptResult:
-    prompt_text: str              # the prompt as text (echo)
-    text: str                     # the reply
-    prompt_tokens: int
-    generated_tokens: int
-    finish_reason: str
+    prompt_text: str              # the prompt as text when echoed, else ""
+    text: str = ""                # the reply
+    finish_reason: str = "length"
     tokens: list[dict] = field(default_factory=list)   # per reported token: piece, logprob, top
 
 
@@ -58,7 +57,8 @@ def scored_work(manager, request: ScoredRequest) -> Callable[[threading.Event], 
                 text: list[str] = []
                 last = None
                 if request.generate:
-                    for chunk in manager.generate_ids(request.model_id, ids, _copy_params(request.params, copy), stop):
+                    params = _copy_params(request.params, copy)
+                    for chunk in manager.generate_ids(request.model_id, ids, params, stop):
                         generated.extend(chunk.token_ids)
                         text.append(chunk.text)
                         last = chunk
@@ -95,9 +95,9 @@ def _prompt_ids(backend: Backend, prompt) -> list[int]:
 def _describe(backend: Backend, prompt, ids: list[int], generated: list[int],
               request: ScoredRequest) -> PromptResult:
     """Score and name the reported tokens (the prompt's too when echoed), under the model's lock."""
-    prompt_pieces = _pieces(backend, ids)
-    prompt_text = prompt if isinstance(prompt, str) else "".join(prompt_pieces)
-    result = PromptResult(prompt_text, "", len(ids), len(generated), "length")
+    prompt_pieces = _pieces(backend, ids) if request.echo else []
+    echoed = (prompt if isinstance(prompt, str) else "".join(prompt_pieces)) if request.echo else ""
+    result = PromptResult(echoed)
     if request.top is None:
         return result
     scores = backend.score_tokens(ids + generated, request.top)       # positions 1..n-1
@@ -113,8 +113,7 @@ def _describe(backend: Backend, prompt, ids: list[int], generated: list[int],
             return {"token": piece, "logprob": None, "top": None}
         return {"token": piece, "logprob": score.logprob, "top": [(name(t), lp) for t, lp in score.top]}
 
-    if request.echo:
-        result.tokens += [entry(piece, scores[i - 1] if i else None) for i, piece in enumerate(prompt_pieces)]
+    result.tokens += [entry(piece, scores[i - 1] if i else None) for i, piece in enumerate(prompt_pieces)]
     reply_scores = scores[len(ids) - 1:]
     result.tokens += [entry(piece, score) for piece, score in zip(_pieces(backend, generated), reply_scores)]
     return result

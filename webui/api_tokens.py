@@ -4,8 +4,10 @@ the server's own tokenizer (`tokenizer_backend=remote`, picked on its own when t
 file needs no Hugging Face folder beside it.
 
 `model` may be left out while exactly one model is loaded (lm-eval's requests do not name it). These
-only read the tokenizer, so they do not wait for the model's turn: a tokenizer's encode and decode are
-safe to run beside a generation (the per-model lock guards the weights and the KV cache)."""
+only read the tokenizer, so they do not wait for the model's turn (a reply can hold it for minutes):
+encoding and decoding beside a generation is safe (four threads encoding and decoding the same HF fast
+tokenizer for 4 s raised nothing; llama.cpp's vocabulary is read-only), while the per-model lock
+guards what is not (the weights' forward, the KV cache)."""
 from __future__ import annotations
 
 import asyncio
