@@ -187,6 +187,13 @@ def smoke_main(args) -> None:
     print(f"loaded: {paths}", flush=True)
     chunks = list(backend.chat([{"role": "user", "content": "Hello there"}], SP(max_new_tokens=24)))
     report = backend.memory_report()
+    # the API's log-probs: score_tokens on the chat's prompt + reply, against the perplexity path
+    reply = [t for c in chunks for t in c.token_ids]
+    scored_ids = backend.tokenize(backend.render_chat([{"role": "user", "content": "Hello there"}])) + reply
+    scores = backend.score_tokens(scored_ids, top=5)
+    plain = backend.token_logprobs(scored_ids)
+    score_err = max(abs(s.logprob - p) for s, p in zip(scores, plain))
+    ranked = all(len(s.top) == 5 and s.top[0][1] >= s.logprob - 1e-6 for s in scores)
     # graph-replayed decoding logits against one full forward over the same tokens
     ids = backend.tokenize("The lighthouse keeper climbed the stairs and")
     step = backend._forward_step()
@@ -212,7 +219,8 @@ def smoke_main(args) -> None:
              f"attention kernel {'on' if args.attention_kernel else 'off'} "
              f"({route.calls if route else 0} routed calls from Python). "
              f"Layer paths: {', '.join(paths)}. Chat: {len(chunks) - 1} chunks, finish reason "
-             f"{chunks[-1].finish_reason}. Memory report: GPU {report.gpu_mb:.0f} MB, {report.bits_per_weight:.2f} "
+             f"{chunks[-1].finish_reason}, {len(reply)} token ids; score_tokens(top=5) over prompt + reply against "
+             f"token_logprobs: worst difference {score_err:.1e}, alternatives ranked: {ranked}. Memory report: GPU {report.gpu_mb:.0f} MB, {report.bits_per_weight:.2f} "
              f"bits/weight. Graph decoding vs full forward over the same 24 steps: logits rel err {err:.1e}, top-1 "
              f"agreement {top1 * 100:.0f}%; graph captured: {backend._decoder.graph is not None}. Decoding attention "
              f"kernel alone against float64 at positions 0-255 split 1-7 ways, with and without the rotary inside "
@@ -224,6 +232,8 @@ def smoke_main(args) -> None:
     print(text)
     backend.unload()
     shutil.rmtree(folder, ignore_errors=True)
+    if not (score_err < 1e-3 and ranked and len(reply) == chunks[-1].generated_tokens):
+        sys.exit("score_tokens disagrees with token_logprobs, or the chunks' token ids with the reply")
     if not (err < 2e-2 and top1 >= 0.9 and backend is not None):
         sys.exit("graph decoding does not match the full forward")
     if max(kernel_err.values()) > 1e-2:
