@@ -232,6 +232,12 @@ class Backend(abc.ABC):
         """log p(ids[i] | ids[:i]) for i = 1..len(ids)-1 (the first token is context only)."""
 
     @abc.abstractmethod
-    def score_tokens(self, ids: Sequence[int], top: int = 0) -> list[TokenScore]:
+    def score_tokens(self, ids: Sequence[int], top: int = 0, next_token: bool = False) -> list[TokenScore]:
         """TokenScore of ids[i] for i = 1..len(ids)-1, with the `top` most likely tokens at each
-        position: token_logprobs plus the alternatives, from the same single pass."""
+        position: token_logprobs plus the alternatives, from the same single pass. `next_token` adds
+        one more for the position after the last id, whose token is the most likely one (the greedy
+        reply's first token, without a second pass over the prompt)."""
+
+    @abc.abstractmethod
+    def is_end_of_generation(self, token: int) -> bool:
+        """Whether generating `token` ends a reply (eos, end of turn)."""

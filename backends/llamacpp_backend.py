@@ -146,7 +146,7 @@ class LlamaCppBackend(Backend):
                 if stop_event is not None and stop_event.is_set():
                     reason = "cancelled"
                     break
-                if self._is_end_of_generation(int(token)):
+                if self.is_end_of_generation(int(token)):
                     reason = "stop"
                     break
                 generated += 1
@@ -190,8 +190,9 @@ class LlamaCppBackend(Backend):
         if keep < len(prefix):
             llm.eval(prefix[keep:])
 
-    def _is_end_of_generation(self, token: int) -> bool:
+    def is_end_of_generation(self, token: int) -> bool:
         import llama_cpp
+        self._require()
         return bool(llama_cpp.llama_vocab_is_eog(self.llm._model.vocab, token))
 
     # -- scoring ---------------------------------------------------------------------------
@@ -203,9 +204,9 @@ class LlamaCppBackend(Backend):
         if bad is not None:
             raise BackendError(f"token id {bad} is outside this model's vocabulary (0 to {n_vocab - 1})")
 
-    def _scored_rows(self, ids: list[int], top: int):
-        """(log p of each next token, ids and log p of the `top` best tokens) for positions 0..n-2, a few
-        rows at a time: `ids` evaluated batch by batch, asking llama.cpp for the logits of every
+    def _scored_rows(self, ids: list[int], top: int, next_token: bool = False):
+        """(log p of each next token, ids and log p of the `top` best tokens) for positions 0..n-2 (0..n-1
+        with `next_token`, whose token is the row's most likely one), a few rows at a time: `ids` evaluated batch by batch, asking llama.cpp for the logits of every
         position, read in place. The float32 exp goes into one reused buffer and is summed in float64:
         fresh arrays of batch x vocabulary floats cost 3.7 s per 1500 tokens here (page faults), a third
         of the model's own evaluation."""
@@ -221,11 +222,12 @@ class LlamaCppBackend(Backend):
         scratch = np.empty((rows_at_once, n_vocab), dtype=np.float32)
         k = min(top, n_vocab)
         try:
-            for start in range(0, len(ids) - 1, n_batch):
+            wanted_rows = len(ids) if next_token else len(ids) - 1   # without it the last id predicts nothing
+            for start in range(0, wanted_rows, n_batch):
                 batch = ids[start:start + n_batch]
                 llm._batch.set_batch(batch=batch, n_past=start, logits_all=True)
                 llm._ctx.decode(llm._batch)
-                rows = min(len(batch), len(ids) - 1 - start)        # the last token predicts nothing here
+                rows = min(len(batch), wanted_rows - start)
                 all_logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(batch) * n_vocab,))
                 all_logits = all_logits.reshape(len(batch), n_vocab)
                 for first in range(0, rows, rows_at_once):
@@ -237,6 +239,8 @@ class LlamaCppBackend(Backend):
                     logz = np.log(shifted.sum(axis=1, dtype=np.float64)) + peak
                     here = np.arange(n)
                     targets = ids[start + first + 1:start + first + 1 + n]
+                    if len(targets) < n:                             # the position after the last id
+                        targets = targets + [int(logits[-1].argmax())]
                     chosen = logits[here, targets].astype(np.float64) - logz
                     best = best_values = None
                     if k > 0:
@@ -259,13 +263,13 @@ class LlamaCppBackend(Backend):
             out += chosen.tolist()
         return out
 
-    def score_tokens(self, ids: Sequence[int], top: int = 0) -> list[TokenScore]:
+    def score_tokens(self, ids: Sequence[int], top: int = 0, next_token: bool = False) -> list[TokenScore]:
         self._require()
         ids = [int(t) for t in ids]
-        if len(ids) < 2:
+        if len(ids) < (1 if next_token else 2):
             return []
         scores = []
-        for targets, chosen, best, best_values in self._scored_rows(ids, top):
+        for targets, chosen, best, best_values in self._scored_rows(ids, top, next_token):
             for row, token in enumerate(targets):
                 alternatives = tuple(zip(best[row].tolist(), best_values[row].tolist())) if best is not None else ()
                 scores.append(TokenScore(token, float(chosen[row]), alternatives))

@@ -193,15 +193,22 @@ def check_token_ids(model, ids: Sequence[int]) -> None:
         raise BackendError(f"token id {bad} is outside this model's vocabulary (0 to {vocab - 1})")
 
 
-def _logprob_chunks(model, ids: Sequence[int], device: torch.device, chunk: int):
-    """(log_softmax rows, target ids) of positions 0..n-2, a chunk of positions at a time, so the float
-    copy of the logits never holds more than `chunk` rows of the vocabulary."""
+def _logprob_chunks(model, ids: Sequence[int], device: torch.device, chunk: int, next_token: bool = False):
+    """(log_softmax rows, target ids) of positions 0..n-2 (0..n-1 with `next_token`, whose last target is
+    the row's most likely token), a chunk of positions at a time, so the float copy of the logits never
+    holds more than `chunk` rows of the vocabulary."""
     check_token_ids(model, ids)
     input_ids = torch.tensor([list(ids)], dtype=torch.long, device=device)
-    logits = model(input_ids=input_ids, use_cache=False).logits[0, :-1]
+    logits = model(input_ids=input_ids, use_cache=False).logits[0]
+    if not next_token:
+        logits = logits[:-1]
     targets = input_ids[0, 1:]
     for start in range(0, logits.shape[0], chunk):
-        yield torch.log_softmax(logits[start:start + chunk].float(), dim=-1), targets[start:start + chunk]
+        rows = torch.log_softmax(logits[start:start + chunk].float(), dim=-1)
+        wanted = targets[start:start + chunk]
+        if len(wanted) < len(rows):                     # the position after the last id: its best token
+            wanted = torch.cat([wanted, rows[-1].argmax().reshape(1)])
+        yield rows, wanted
 
 
 def token_logprobs(model, ids: Sequence[int], device: torch.device, chunk: int = 4096) -> list[float]:
@@ -213,16 +220,17 @@ def token_logprobs(model, ids: Sequence[int], device: torch.device, chunk: int =
         return torch.cat(out).double().cpu().tolist()
 
 
-def score_tokens(model, ids: Sequence[int], device: torch.device, top: int = 0,
+def score_tokens(model, ids: Sequence[int], device: torch.device, top: int = 0, next_token: bool = False,
                  chunk: int = 4096) -> list[TokenScore]:
-    """token_logprobs with the `top` most likely tokens of each position. The chosen token's log-prob
-    and the alternatives' come from the same float32 row, so a greedy token equals the best one exactly
-    (what lm-evaluation-harness's is-greedy check compares)."""
-    if len(ids) < 2:
+    """token_logprobs with the `top` most likely tokens of each position (and, with `next_token`, the
+    position after the last id). The chosen token's log-prob and the alternatives' come from the same
+    float32 row, so a greedy token equals the best one exactly (what lm-evaluation-harness's is-greedy
+    check compares)."""
+    if len(ids) < (1 if next_token else 2):
         return []
     scores: list[TokenScore] = []
     with torch.inference_mode():
-        for rows, targets in _logprob_chunks(model, ids, device, chunk):
+        for rows, targets in _logprob_chunks(model, ids, device, chunk, next_token):
             chosen = rows.gather(1, targets[:, None])[:, 0].cpu().tolist()
             if top > 0:
                 values, indices = rows.topk(min(top, rows.shape[1]), dim=1)

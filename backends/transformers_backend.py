@@ -181,11 +181,15 @@ class TransformersBackend(Backend):
         self._require()
         return torch_generation.token_logprobs(self.model, ids, self.device)
 
-    def score_tokens(self, ids: Sequence[int], top: int = 0) -> list[TokenScore]:
+    def score_tokens(self, ids: Sequence[int], top: int = 0, next_token: bool = False) -> list[TokenScore]:
         self._require()
         if len(ids) > self.context_length:
             raise BackendError(f"{len(ids)} tokens exceed the context of {self.context_length}")
-        return torch_generation.score_tokens(self.model, ids, self.device, top)
+        return torch_generation.score_tokens(self.model, ids, self.device, top, next_token)
+
+    def is_end_of_generation(self, token: int) -> bool:
+        self._require()
+        return int(token) in torch_generation.eos_ids(self.model, self.tokenizer)
 
 
 def _check_hf_folder(path: Path) -> None:

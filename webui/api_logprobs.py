@@ -35,6 +35,7 @@ class PromptResult:
     prompt_text: str              # the prompt as text when echoed, else ""
     text: str = ""                # the reply
     finish_reason: str = "length"
+    generated: int = 0            # tokens in the reply
     tokens: list[dict] = field(default_factory=list)   # per reported token: piece, logprob, top
 
 
@@ -56,6 +57,13 @@ def scored_work(manager, request: ScoredRequest) -> Callable[[threading.Event], 
                 generated: list[int] = []
                 text: list[str] = []
                 last = None
+                if _one_greedy_token(request):      # the scoring pass picks the token: no second pass
+                    result = manager.call(request.model_id,
+                                          lambda backend: _score_one_greedy_token(backend, prompt, ids, request))
+                    request.results.append(result)
+                    total_generated += result.generated
+                    reason = result.finish_reason
+                    continue
                 if request.generate:
                     params = _copy_params(request.params, copy)
                     for chunk in manager.generate_ids(request.model_id, ids, params, stop):
@@ -70,11 +78,30 @@ def scored_work(manager, request: ScoredRequest) -> Callable[[threading.Event], 
                                       lambda backend: _describe(backend, prompt, ids, generated, request))
                 result.text, result.finish_reason = "".join(text), reason
                 request.results.append(result)
-                total_generated += len(generated)
+                total_generated += result.generated
             if reason == "cancelled":
                 break
         yield GenerationChunk("", total_prompt, total_generated, finished=True, finish_reason=reason)
     return work
+
+
+def _one_greedy_token(request: ScoredRequest) -> bool:
+    """What lm-evaluation-harness asks for every loglikelihood request (echo, logprobs, max_tokens 1,
+    temperature 0): the greedy token is the best one of the scoring pass's last row, so generating it
+    first would evaluate the whole prompt twice."""
+    params = request.params
+    return (request.generate and request.top is not None and params.max_new_tokens == 1
+            and params.temperature == 0 and params.repetition_penalty == 1.0 and not params.stop)
+
+
+def _score_one_greedy_token(backend: Backend, prompt, ids: list[int], request: ScoredRequest) -> PromptResult:
+    scores = backend.score_tokens(ids, request.top, next_token=True)
+    token = scores[-1].token
+    if backend.is_end_of_generation(token):          # the reply ends before its first token, as generation would
+        return _describe(backend, prompt, ids, [], request, scores[:-1], finish_reason="stop")
+    result = _describe(backend, prompt, ids, [token], request, scores)
+    result.text = IncrementalDecoder(backend.detokenize).push(token)     # as the streamed reply decodes it
+    return result
 
 
 def _copy_params(params: SamplingParams, copy: int) -> SamplingParams:
@@ -92,15 +119,17 @@ def _prompt_ids(backend: Backend, prompt) -> list[int]:
     return list(prompt)
 
 
-def _describe(backend: Backend, prompt, ids: list[int], generated: list[int],
-              request: ScoredRequest) -> PromptResult:
-    """Score and name the reported tokens (the prompt's too when echoed), under the model's lock."""
+def _describe(backend: Backend, prompt, ids: list[int], generated: list[int], request: ScoredRequest,
+              scores: list[TokenScore] | None = None, finish_reason: str = "length") -> PromptResult:
+    """Score (unless `scores` are given) and name the reported tokens (the prompt's too when echoed),
+    under the model's lock."""
     prompt_pieces = _pieces(backend, ids) if request.echo else []
     echoed = (prompt if isinstance(prompt, str) else "".join(prompt_pieces)) if request.echo else ""
-    result = PromptResult(echoed)
+    result = PromptResult(echoed, finish_reason=finish_reason, generated=len(generated))
     if request.top is None:
         return result
-    scores = backend.score_tokens(ids + generated, request.top)       # positions 1..n-1
+    if scores is None:
+        scores = backend.score_tokens(ids + generated, request.top)   # positions 1..n-1
     names: dict[int, str] = {}
 
     def name(token: int) -> str:

@@ -191,3 +191,38 @@ def test_n_with_several_prompts_orders_choices_prompt_by_prompt(client):
     chat = client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "Hi"}],
                                           max_tokens=4, temperature=0.8, seed=1, n=2)
     assert [c.index for c in chat.choices] == [0, 1] and all(c.message.content for c in chat.choices)
+
+
+def test_one_greedy_token_with_logprobs_is_the_generated_one(api_server, client, monkeypatch):
+    """lm-eval's loglikelihood shape (echo, logprobs, max_tokens 1, temperature 0) is answered from the
+    scoring pass alone (no generation: one pass over the prompt, not two): its token is the one a plain
+    generation gives, and a reply that would end at once (the greedy token is end-of-turn) is empty with
+    finish_reason stop, as generation says."""
+    manager = api_server.ctx.manager
+    generations = []
+    generate_ids = manager.generate_ids
+
+    def counted(*args, **kwargs):
+        generations.append(args[1])
+        return generate_ids(*args, **kwargs)
+    monkeypatch.setattr(manager, "generate_ids", counted)
+    for prompt in ("The capital of France is", "One, two, three,"):
+        plain = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=1, temperature=0)
+        scored = post(api_server, "/completions", {"model": MODEL_ID, "prompt": prompt, "max_tokens": 1,
+                                                   "temperature": 0, "logprobs": 2, "echo": True})
+        choice = scored["choices"][0]
+        assert choice["text"] == prompt + plain.choices[0].text and choice["finish_reason"] == "length"
+        assert choice["logprobs"]["tokens"][-1] == plain.choices[0].text
+        assert scored["usage"]["completion_tokens"] == 1
+    ended = "<|im_start|>user\nSay OK.<|im_end|>\n<|im_start|>assistant\nOK."
+    plain = client.completions.create(model=MODEL_ID, prompt=ended, max_tokens=1, temperature=0)
+    assert plain.choices[0].text == "" and plain.choices[0].finish_reason == "stop"   # the premise
+    scored = post(api_server, "/completions", {"model": MODEL_ID, "prompt": ended, "max_tokens": 1,
+                                               "temperature": 0, "logprobs": 1})
+    choice = scored["choices"][0]
+    assert choice["text"] == "" and choice["finish_reason"] == "stop" and choice["logprobs"]["tokens"] == []
+    assert scored["usage"]["completion_tokens"] == 0
+    assert generations == []                        # every scored request above: the scoring pass alone
+    post(api_server, "/completions", {"model": MODEL_ID, "prompt": ended, "max_tokens": 2, "temperature": 0,
+                                      "logprobs": 1})
+    assert len(generations) == 1                    # two tokens: generated, then scored

@@ -50,3 +50,20 @@ def test_ids_outside_the_vocabulary_are_refused_by_name(engine):
     with pytest.raises(BackendError, match="token id -1 is outside"):
         list(engine.generate_ids([-1] + ids, SamplingParams(max_new_tokens=1)))
     assert engine.score_tokens(ids, top=1)          # still usable
+
+
+def test_next_token_is_the_greedy_reply_and_scoring_is_unchanged(engine):
+    ids = engine.tokenize(TEXT)
+    plain = engine.score_tokens(ids, top=3)
+    with_next = engine.score_tokens(ids, top=3, next_token=True)
+    assert len(with_next) == len(ids) and with_next[:-1] == plain
+    last = with_next[-1]
+    assert last.top[0] == (last.token, last.logprob)
+    chunks = list(engine.generate_ids(ids, SamplingParams(temperature=0, max_new_tokens=1)))
+    assert chunks[0].token_ids == (last.token,)
+    assert engine.score_tokens(ids[:1], top=1, next_token=True)[0].token == engine.score_tokens(ids[:2], 1)[0].top[0][0]
+
+
+def test_end_of_generation_tokens(engine):
+    assert engine.is_end_of_generation(engine.tokenize("<|im_end|>")[0])
+    assert not engine.is_end_of_generation(engine.tokenize(" Paris")[0])
