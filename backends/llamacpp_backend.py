@@ -206,10 +206,10 @@ class LlamaCppBackend(Backend):
 
     def _scored_rows(self, ids: list[int], top: int, next_token: bool = False):
         """(log p of each next token, ids and log p of the `top` best tokens) for positions 0..n-2 (0..n-1
-        with `next_token`, whose token is the row's most likely one), a few rows at a time: `ids` evaluated batch by batch, asking llama.cpp for the logits of every
-        position, read in place. The float32 exp goes into one reused buffer and is summed in float64:
-        fresh arrays of batch x vocabulary floats cost 3.7 s per 1500 tokens here (page faults), a third
-        of the model's own evaluation."""
+        with `next_token`, whose token is the row's most likely one), a few rows at a time: `ids`
+        evaluated batch by batch, asking llama.cpp for the logits of every position, read in place. The
+        float32 exp goes into one reused buffer and is summed in float64: fresh arrays of batch x
+        vocabulary floats cost as much as the model's own evaluation here (page faults; bench.scoring_speed)."""
         self.check_token_ids(ids)
         if len(ids) > self.context_length:
             raise BackendError(f"{len(ids)} tokens exceed the context of {self.context_length}")

@@ -169,8 +169,8 @@ class TransformersBackend(Backend):
                      stop_event: threading.Event | None = None) -> Iterator[GenerationChunk]:
         self._require()
         yield from torch_generation.stream_generate(
-            self.model, [int(t) for t in ids], params, eos_ids=torch_generation.eos_ids(self.model, self.tokenizer), decode=self.detokenize,
-            device=self.device, context_length=self.context_length, stop_event=stop_event,
+            self.model, [int(t) for t in ids], params, eos_ids=torch_generation.eos_ids(self.model, self.tokenizer),
+            decode=self.detokenize, device=self.device, context_length=self.context_length, stop_event=stop_event,
             forward=self._forward_step())
 
     def _forward_step(self):

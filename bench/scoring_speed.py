@@ -80,8 +80,8 @@ def main(argv=None) -> int:
     if args.record:
         when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
         head = (f"\n## Scoring cost over the model's evaluation ({when}, {platform.processor() or platform.machine()}, "
-                f"CPU, commit {tree_commit()})\n\n`python -m bench.scoring_speed --tokens {args.tokens} --repeats {args.repeats}` "
-                f"(medians)\n\n")
+                f"CPU, commit {tree_commit()})\n\n`python -m bench.scoring_speed --tokens {args.tokens} "
+                f"--repeats {args.repeats}` (medians)\n\n")
         with open(RESULTS_MD, "a", encoding="utf-8") as handle:
             handle.write(head + "\n".join(table) + "\n")
     return 0

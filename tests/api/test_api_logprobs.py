@@ -1,6 +1,7 @@
 """Log-probs through the API: the prompt scored and echoed, the reply's tokens with their alternatives,
-token-id prompts, batches and n choices per prompt, in the shapes OpenAI's clients and lm-evaluation-harness read. Numbers are
-checked against the engine's own scoring of the same tokens (the perplexity path)."""
+token-id prompts, batches and n choices per prompt, in the shapes OpenAI's clients and
+lm-evaluation-harness read. Numbers are checked against the engine's own scoring of the same tokens
+(the perplexity path)."""
 from __future__ import annotations
 
 import json
