@@ -45,10 +45,12 @@ def scored_work(manager, request: ScoredRequest) -> Callable[[threading.Event], 
     def work(stop: threading.Event) -> Iterator[GenerationChunk]:
         total_prompt = total_generated = 0
         reason = "length"
-        for prompt in request.prompts:
-            if request.chat:
-                prompt = manager.call(request.model_id, lambda backend: backend.render_chat(prompt))
-            ids = manager.call(request.model_id, lambda backend: _prompt_ids(backend, prompt))
+        prompts = request.prompts
+        if request.chat:
+            prompts = [manager.call(request.model_id, lambda backend: backend.render_chat(prompts[0]))]
+        # every prompt checked before any work: a bad token id in the last one costs nothing
+        all_ids = manager.call(request.model_id, lambda backend: [_prompt_ids(backend, p) for p in prompts])
+        for prompt, ids in zip(prompts, all_ids):
             total_prompt += len(ids)                       # counted once however many choices (as OpenAI)
             for copy in range(request.n):
                 if stop.is_set():

@@ -145,11 +145,13 @@ def test_token_id_prompt_generates_like_its_text(client, api_server):
 
 def test_token_ids_outside_the_vocabulary_are_refused(api_server):
     vocab = backend(api_server).model.get_input_embeddings().num_embeddings
-    for body in ({"prompt": [1, vocab], "max_tokens": 2}, {"prompt": [1, vocab], "max_tokens": 0, "echo": True}):
+    for body in ({"prompt": [1, vocab], "max_tokens": 2}, {"prompt": [1, vocab], "max_tokens": 0, "echo": True},
+                 {"prompt": [[1, 2], [1, vocab]], "max_tokens": 2}):
         response = httpx.post(api_server.base_url + "/completions", headers=api_server.headers(), timeout=60,
                               content=json.dumps({"model": MODEL_ID, **body}).encode())
         assert response.status_code == 400, response.text
         assert f"token id {vocab} is outside this model's vocabulary" in response.json()["error"]["message"]
+    assert api_server.api.queue.finished[-1].generated_tokens == 0     # refused before the first prompt ran
     assert post(api_server, "/completions", {"model": MODEL_ID, "prompt": "Hi", "max_tokens": 1})["choices"]
 
 
