@@ -95,8 +95,8 @@ def main(argv=None) -> int:
     if args.record:
         when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
         with open(RESULTS_MD, "a", encoding="utf-8") as handle:
-            handle.write(f"\n## Loglikelihood requests through the API ({when}, {platform.machine()} CPU, commit "
-                         f"{tree_commit()})\n\n`python -m bench.api_scoring --tokens {args.tokens} --requests "
+            handle.write(f"\n## Loglikelihood requests through the API ({when}, {platform.machine()} CPU, "
+                         f"commit {tree_commit()})\n\n`python -m bench.api_scoring --tokens {args.tokens} --requests "
                          f"{args.requests}` (median seconds per request of {args.tokens} tokens; ratio to scoring "
                          f"alone in the same run)\n\n{table}\n")
     return 0
