@@ -25,8 +25,8 @@ from starlette.routing import Mount, Route
 from backends.base import BackendError, GenerationChunk, SamplingParams
 from webui.api_logprobs import ScoredRequest, chat_logprobs, completion_logprobs, scored_work
 from webui.api_requests import (COMPLETIONS_DEFAULT_MAX_TOKENS, DEFAULT_MAX_BODY_BYTES, ApiError, bool_field,
-                                choices_from, logprobs_from, max_tokens_is_zero, messages_from, prompts_from,
-                                read_json, resolve_model, sampling_from)
+                                choices_from, logprobs_from, messages_from, prompts_from, read_json,
+                                requested_max_tokens, resolve_model, sampling_from)
 from webui.api_tokens import TokenizerRoutes
 from webui.request_queue import Cancellation, ClientGone, FairQueue, QueueFull, run_queued
 
@@ -200,7 +200,7 @@ class OpenAIApi:
             raise ApiError(400, f"{wanted} work without streaming: send \"stream\": false", param="stream")
         prompts = [payload] if kind == "chat" else payload
         call.scored = ScoredRequest(model_id, prompts, kind == "chat", params,
-                                    generate=not max_tokens_is_zero(data), top=top, echo=echo, n=n)
+                                    generate=requested_max_tokens(data, zero_ok=True) != 0, top=top, echo=echo, n=n)
         return call
 
     # -- generation -----------------------------------------------------------------------------
@@ -420,9 +420,9 @@ def api_routes(ctx, api_key: str | None = None, local_only: bool = True, **optio
     is served by the same server and exists from its first request on: /v1, and vLLM's tokenizer
     routes at the root (where lm-evaluation-harness looks for them), behind the same guard."""
     app = create_api_app(ctx, api_key, local_only, **options)
-    root = Starlette(routes=_tokenizer_routes(app.state.tokens),
+    tokenizer_routes = _tokenizer_routes(app.state.tokens)
+    root = Starlette(routes=tokenizer_routes,
                      exception_handlers={HTTPException: _http_error, Exception: _server_error})
     guarded = ApiGuard(root, key=api_key, local_only=local_only)
     return [Mount(API_PREFIX, app=app, name="openai-api"),
-            *(Route(path, guarded, methods=[method]) for path, method in
-              (("/tokenize", "POST"), ("/detokenize", "POST"), ("/tokenizer_info", "GET")))]
+            *(Route(route.path, guarded, methods=sorted(route.methods)) for route in tokenizer_routes)]

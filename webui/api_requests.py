@@ -143,11 +143,9 @@ def sampling_from(data: dict, default_max_tokens: int | None, context_length: in
                   zero_ok: bool = False) -> SamplingParams:
     """OpenAI fields (plus top_k, min_p, repetition_penalty as vLLM and llama.cpp accept them).
     `zero_ok`: max_tokens 0 is allowed (an echoed prompt scored without generating; the caller
-    checks `max_tokens_is_zero`), and the params then say 1."""
+    checks `requested_max_tokens(data, True) == 0`), and the params then say 1."""
     _refuse_unsupported(data)
-    low = 0 if zero_ok else 1
-    max_tokens = _integer(data, "max_completion_tokens", None, low)
-    max_tokens = _integer(data, "max_tokens", max_tokens, low)
+    max_tokens = requested_max_tokens(data, zero_ok)
     if max_tokens is None or max_tokens == 0:
         max_tokens = (default_max_tokens or context_length) if max_tokens is None else 1
     seed = _integer(data, "seed", None, -2**63, 2**64 - 1)
@@ -208,9 +206,10 @@ def messages_from(data: dict) -> list[dict]:
 MAX_PROMPTS = 128
 
 
-def max_tokens_is_zero(data: dict) -> bool:
-    return any(data.get(name) == 0 and not isinstance(data.get(name), bool)
-               for name in ("max_tokens", "max_completion_tokens"))
+def requested_max_tokens(data: dict, zero_ok: bool = False) -> int | None:
+    """The reply budget the client asked for: `max_tokens`, else `max_completion_tokens`, else None."""
+    low = 0 if zero_ok else 1
+    return _integer(data, "max_tokens", _integer(data, "max_completion_tokens", None, low), low)
 
 
 def prompts_from(data: dict) -> list[str | list[int]]:

@@ -229,3 +229,14 @@ def test_one_greedy_token_with_logprobs_is_the_generated_one(api_server, client,
     post(api_server, "/completions", {"model": MODEL_ID, "prompt": ended, "max_tokens": 2, "temperature": 0,
                                       "logprobs": 1})
     assert len(generations) == 1                    # two tokens: generated, then scored
+
+
+def test_max_tokens_wins_over_max_completion_tokens_with_echo(api_server):
+    """The two budget fields are read once, in one order: `max_tokens: 2` beside `max_completion_tokens: 0`
+    generates two tokens (the zero check used to look at either field on its own)."""
+    out = post(api_server, "/completions", {"model": MODEL_ID, "prompt": "One, two, three,", "echo": True,
+                                            "max_completion_tokens": 0, "max_tokens": 2, "temperature": 0})
+    assert out["usage"]["completion_tokens"] == 2
+    scored = post(api_server, "/completions", {"model": MODEL_ID, "prompt": "One, two, three,", "echo": True,
+                                               "max_completion_tokens": 0, "temperature": 0})
+    assert scored["usage"]["completion_tokens"] == 0 and scored["choices"][0]["text"] == "One, two, three,"
