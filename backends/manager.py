@@ -219,19 +219,25 @@ class ModelManager:
     # -- generation under the model's lock ---------------------------------------------------
     def generate(self, model_id: str, prompt: str, params: SamplingParams,
                  stop_event: threading.Event | None = None) -> Iterator[GenerationChunk]:
-        loaded = self.get(model_id)
-        params = params.validated()
-        with loaded.lock:
-            yield from _until_unloaded(loaded, loaded.backend.generate(prompt, params,
-                                                                       _EitherStop(stop_event, loaded.closing)))
+        return self._stream(model_id, params, stop_event, lambda backend, p, stop: backend.generate(prompt, p, stop))
 
     def generate_ids(self, model_id: str, ids: Sequence[int], params: SamplingParams,
                      stop_event: threading.Event | None = None) -> Iterator[GenerationChunk]:
+        return self._stream(model_id, params, stop_event, lambda backend, p, stop: backend.generate_ids(ids, p, stop))
+
+    def chat(self, model_id: str, messages: list[Message], params: SamplingParams,
+             stop_event: threading.Event | None = None) -> Iterator[GenerationChunk]:
+        return self._stream(model_id, params, stop_event, lambda backend, p, stop: backend.chat(messages, p, stop))
+
+    def _stream(self, model_id: str, params: SamplingParams, stop_event: threading.Event | None,
+                run: Callable[[Backend, SamplingParams, _EitherStop], Iterator[GenerationChunk]]
+                ) -> Iterator[GenerationChunk]:
+        """run(backend, params, stop)'s chunks under the model's lock, stopped by the caller or by Unload
+        (checked when iteration starts, as the lock is only taken then)."""
         loaded = self.get(model_id)
         params = params.validated()
         with loaded.lock:
-            yield from _until_unloaded(loaded, loaded.backend.generate_ids(ids, params,
-                                                                           _EitherStop(stop_event, loaded.closing)))
+            yield from _until_unloaded(loaded, run(loaded.backend, params, _EitherStop(stop_event, loaded.closing)))
 
     def call(self, model_id: str, work: Callable[[Backend], T]) -> T:
         """work(backend) under the model's lock, for calls between generations (scoring, a chat render
@@ -241,14 +247,6 @@ class ModelManager:
         with loaded.lock:
             _raise_if_unloaded(loaded)
             return work(loaded.backend)
-
-    def chat(self, model_id: str, messages: list[Message], params: SamplingParams,
-             stop_event: threading.Event | None = None) -> Iterator[GenerationChunk]:
-        loaded = self.get(model_id)
-        params = params.validated()
-        with loaded.lock:
-            yield from _until_unloaded(loaded, loaded.backend.chat(messages, params,
-                                                                   _EitherStop(stop_event, loaded.closing)))
 
 
 def _until_unloaded(loaded: LoadedModel, chunks: Iterator[GenerationChunk]) -> Iterator[GenerationChunk]:

@@ -56,9 +56,6 @@ def scored_work(manager, request: ScoredRequest) -> Callable[[threading.Event], 
                 if stop.is_set():
                     reason = "cancelled"
                     break
-                generated: list[int] = []
-                text: list[str] = []
-                last = None
                 if _one_greedy_token(request):      # the scoring pass picks the token: no second pass
                     result = manager.call(request.model_id,
                                           lambda backend: _score_one_greedy_token(backend, prompt, ids, request))
@@ -66,6 +63,9 @@ def scored_work(manager, request: ScoredRequest) -> Callable[[threading.Event], 
                     total_generated += result.generated
                     reason = result.finish_reason
                     continue
+                generated: list[int] = []
+                text: list[str] = []
+                last = None
                 if request.generate:
                     params = _copy_params(request.params, copy)
                     for chunk in manager.generate_ids(request.model_id, ids, params, stop):
