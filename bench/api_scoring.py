@@ -6,7 +6,7 @@ one-token greedy reply came from the scoring pass).
 
     python -m bench.api_scoring [--tokens 512] [--requests 6] [--record]
 
-Prompts: consecutive windows of WikiText-2 test (../shared/data). Prints median seconds per request and
+Prompts: consecutive windows of WikiText-2 test (the shared data folder, as `quantizer eval` reads it). Prints median seconds per request and
 the ratios to the floor; --record appends them to bench/RESULTS.md.
 """
 from __future__ import annotations
@@ -16,16 +16,15 @@ import datetime
 import json
 import platform
 import statistics
-import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
 from bench.provenance import tree_commit
-from bench.server_overhead import REPO, RESULTS_MD, free_port
+from bench.scoring_speed import wikitext_or_none
+from bench.server_overhead import REPO, RESULTS_MD, start
 
-WIKITEXT = REPO.parent / "shared" / "data" / "wikitext2" / "wiki.test.raw"
 ENGINES = (("transformers fp32", "SmolLM2-135M-Instruct", "transformers"),
            ("llama.cpp Q4_1", "SmolLM2-135M-Instruct.Q4_1.gguf", "llama.cpp"))
 SHAPES = (("score only (echo, max_tokens 0)", {"echo": True, "max_tokens": 0, "logprobs": 1}),
@@ -40,32 +39,19 @@ def post(base: str, path: str, body: dict) -> dict:
         return json.loads(response.read())
 
 
-def measure(name: str, engine: str, tokens: int, requests: int, data_dir: Path) -> dict:
-    import subprocess
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "webui", "--port", str(port), "--model", name, "--backend", engine,
-                             "--data-dir", str(data_dir)], cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
+def measure(name: str, engine: str, text: str, tokens: int, requests: int, data_dir: Path) -> dict:
+    from webui.app import PROGRESS_POLL_S, QUEUE_POLL_S
+    server = argparse.Namespace(model=name, backend=engine, models_dir=REPO / "models")
+    proc, base, model = start(server, QUEUE_POLL_S, PROGRESS_POLL_S, data_dir)     # base ends in /v1
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                model = json.loads(urllib.request.urlopen(base + "/v1/models", timeout=5).read())["data"][0]["id"]
-                break
-            except (OSError, IndexError, KeyError):
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise SystemExit(f"the {engine} server did not come up")
-                time.sleep(0.5)
-        text = WIKITEXT.read_text(encoding="utf-8")[:tokens * requests * 8]
         ids = post(base, "/tokenize", {"model": model, "prompt": text, "add_special_tokens": False})["tokens"]
         prompts = [ids[i * tokens:(i + 1) * tokens] for i in range(requests)]
         times = {label: [] for label, _ in SHAPES}
-        post(base, "/v1/completions", {"model": model, "prompt": prompts[0], **SHAPES[0][1]})     # warm-up
+        post(base, "/completions", {"model": model, "prompt": prompts[0], **SHAPES[0][1]})     # warm-up
         for prompt in prompts:                       # the shapes alternate on each prompt: drift hits all alike
             for label, fields in SHAPES:
                 started = time.perf_counter()
-                post(base, "/v1/completions", {"model": model, "prompt": prompt, "temperature": 0, **fields})
+                post(base, "/completions", {"model": model, "prompt": prompt, "temperature": 0, **fields})
                 times[label].append(time.perf_counter() - started)
         return {label: statistics.median(values) for label, values in times.items()}
     finally:
@@ -79,13 +65,13 @@ def main(argv=None) -> int:
     parser.add_argument("--requests", type=int, default=6)
     parser.add_argument("--record", action="store_true")
     args = parser.parse_args(argv)
-    if not WIKITEXT.is_file():
-        print(f"needs {WIKITEXT} (the shared data folder)", file=sys.stderr)
+    text = wikitext_or_none(args.tokens * args.requests * 8)
+    if text is None:
         return 2
     lines = ["| engine | " + " | ".join(label for label, _ in SHAPES) + " |", "|---|---:|---:|---:|"]
     with tempfile.TemporaryDirectory(prefix="api-scoring-") as tmp:
         for label, name, engine in ENGINES:
-            result = measure(name, engine, args.tokens, args.requests, Path(tmp))
+            result = measure(name, engine, text, args.tokens, args.requests, Path(tmp))
             floor = result[SHAPES[0][0]]
             lines.append(f"| {label} | " + " | ".join(f"{result[s]:.3f} s ({result[s] / floor:.2f}x)"
                                                        for s, _ in SHAPES) + " |")

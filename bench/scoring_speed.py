@@ -5,7 +5,7 @@ decode with the logits of every position).
 
     python -m bench.scoring_speed [--tokens 1500] [--repeats 2] [--record]
 
-Text: the first tokens of WikiText-2 test (../shared/data). Prints each engine's median seconds and the
+Text: the first tokens of WikiText-2 test (the shared data folder, as `quantizer eval` reads it). Prints each engine's median seconds and the
 ratios to its plain evaluation; --record appends them to bench/RESULTS.md.
 """
 from __future__ import annotations
@@ -20,7 +20,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_MD = REPO / "bench" / "RESULTS.md"
-WIKITEXT = REPO.parent / "shared" / "data" / "wikitext2" / "wiki.test.raw"
 ENGINES = (("transformers fp32", "SmolLM2-135M-Instruct", "transformers", {"dtype": "float32", "device": "cpu"}),
            ("llama.cpp Q4_1", "SmolLM2-135M-Instruct.Q4_1.gguf", "llama.cpp", {}))
 
@@ -41,6 +40,18 @@ def plain_evaluation(backend, ids):
         backend.model(input_ids=torch.tensor([ids]), use_cache=False)
 
 
+def wikitext_or_none(chars: int) -> str | None:
+    """The first `chars` of WikiText-2 test as the evaluation reads it (quantizer.evaluation: the shared
+    data folder, $GPTQ_WEBUI_SHARED), or None after saying why."""
+    from backends.base import BackendError
+    from quantizer.evaluation import load_eval_text
+    try:
+        return load_eval_text("wikitext2")[:chars]
+    except BackendError as exc:
+        print(f"needs WikiText-2: {exc}", file=sys.stderr)
+        return None
+
+
 def timed(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -56,13 +67,12 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--record", action="store_true")
     args = parser.parse_args(argv)
-    if not WIKITEXT.is_file():
-        print(f"needs {WIKITEXT} (the shared data folder)", file=sys.stderr)
-        return 2
     from backends.manager import ModelManager
     from bench.provenance import tree_commit
+    text = wikitext_or_none(args.tokens * 8)
+    if text is None:
+        return 2
     manager = ModelManager(REPO / "models")
-    text = WIKITEXT.read_text(encoding="utf-8")[:args.tokens * 8]
     rows = []
     for label, name, engine, options in ENGINES:
         model_id = manager.load(name, engine, options)
