@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Any, ClassVar, Iterator, Sequence
 
 
+MAX_TOP_LOGPROBS = 20    # alternatives per token, as OpenAI's API allows
+
+
 class BackendError(Exception):
     """A problem the user can act on (bad path, bad option, corrupt file). Its text is shown as is."""
 
@@ -50,6 +53,9 @@ class SamplingParams:
     max_new_tokens: int = 256
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # None: no log-probs; k: each generated token's chunk carries its log-prob and the k most likely
+    # tokens of its step (GenerationChunk.scores), read from the logits it was sampled from
+    logprobs: int | None = None
 
     def validated(self) -> "SamplingParams":
         """Raise BackendError on values no engine can honour (negative temperature, top_p > 1...)."""
@@ -66,6 +72,8 @@ class SamplingParams:
             problems.append(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
         if not (1 <= self.max_new_tokens <= 1_000_000):
             problems.append(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.logprobs is not None and not (0 <= self.logprobs <= MAX_TOP_LOGPROBS):
+            problems.append(f"logprobs must be 0 to {MAX_TOP_LOGPROBS} alternatives, got {self.logprobs}")
         if problems:
             raise BackendError("; ".join(problems))
         return self
@@ -78,6 +86,8 @@ class SamplingParams:
             clean["seed"] = None
         if "stop" in clean:
             clean["stop"] = tuple(clean["stop"] or ())
+        if clean.get("logprobs") is not None:
+            clean["logprobs"] = int(clean["logprobs"])
         for name in ("top_k", "max_new_tokens"):
             if name in clean:
                 clean[name] = int(clean[name])
@@ -98,6 +108,7 @@ class GenerationChunk:
     finished: bool = False
     finish_reason: str | None = None  # "stop" (eos/stop string), "length", "cancelled", "unloaded"
     token_ids: tuple[int, ...] = ()   # the tokens this step produced (what log-probs are scored on)
+    scores: tuple["TokenScore", ...] = ()   # with SamplingParams.logprobs: one per token_ids entry
 
 
 @dataclass(frozen=True)

@@ -150,8 +150,10 @@ class LlamaCppBackend(Backend):
                     reason = "stop"
                     break
                 generated += 1
+                # the logits it was sampled from are still the context's last row (nothing evaluated since)
+                scores = (self._last_row_score(int(token), params.logprobs),) if params.logprobs is not None else ()
                 delta, hit = stops.feed(decoder.push(int(token)))
-                yield GenerationChunk(delta, n_prompt, generated, token_ids=(int(token),))
+                yield GenerationChunk(delta, n_prompt, generated, token_ids=(int(token),), scores=scores)
                 if hit:
                     reason = "stop"
                     break
@@ -163,6 +165,21 @@ class LlamaCppBackend(Backend):
         if tail and reason != "stop":
             yield GenerationChunk(tail, n_prompt, generated)
         yield GenerationChunk("", n_prompt, generated, finished=True, finish_reason=reason)
+
+    def _last_row_score(self, token: int, top: int) -> TokenScore:
+        """TokenScore of `token` from the logits of the last evaluated position, normalized as
+        _scored_rows does (float32 exp, float64 sum)."""
+        n_vocab = self.llm.n_vocab()
+        logits = np.ctypeslib.as_array(self.llm._ctx.get_logits_ith(-1), shape=(n_vocab,))
+        peak = float(logits.max())
+        logz = float(np.log(np.exp(logits - peak).sum(dtype=np.float64))) + peak
+        alternatives = ()
+        if top > 0:
+            k = min(top, n_vocab)
+            best = np.argpartition(logits, -k)[-k:]
+            best = best[np.argsort(-logits[best], kind="stable")]
+            alternatives = tuple((int(t), float(logits[t]) - logz) for t in best)
+        return TokenScore(token, float(logits[token]) - logz, alternatives)
 
     def _prime(self, ids: list[int]) -> None:
         """Leave the KV cache holding exactly ids[:-1] (reusing what it already holds of them), so that

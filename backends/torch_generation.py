@@ -84,16 +84,23 @@ def stream_generate(model, prompt_ids: list[int], params: SamplingParams, *,
             if stop_event is not None and stop_event.is_set():
                 reason = "cancelled"
                 break
+            scored = None
             if greedy:  # argmax where the logits are: one scalar crosses to the host, not the vocabulary
                 token_on_device = logits[0, -1].argmax().reshape(1, 1)
+                if params.logprobs is not None:   # queued before the next step rewrites a graph's logits
+                    scored = step_scores(logits[0, -1], token_on_device.reshape(()), params.logprobs)
                 if pipeline and generated + 1 < budget:
                     pending = step(token_on_device, cache)
                 token = int(token_on_device)
             else:
                 row = logits[0, -1].float().cpu()
+                if params.logprobs is not None:   # the model's distribution, before penalty and temperature
+                    row_scores = torch.log_softmax(row, dim=-1)
                 if params.repetition_penalty != 1.0:
                     row = apply_repetition_penalty(row, seen, params.repetition_penalty)
                 token = sample_next(row, params, generator)
+                if params.logprobs is not None:
+                    scored = step_scores(row_scores, torch.tensor(token), params.logprobs, normalized=True)
             if token in eos_ids:
                 reason = "stop"
                 break
@@ -101,7 +108,8 @@ def stream_generate(model, prompt_ids: list[int], params: SamplingParams, *,
             if params.repetition_penalty != 1.0 and not bool((seen == token).any()):
                 seen = torch.cat([seen, torch.tensor([token])])
             delta, hit = stops.feed(decoder.push(token))
-            yield GenerationChunk(delta, n_prompt, generated, token_ids=(token,))
+            yield GenerationChunk(delta, n_prompt, generated, token_ids=(token,),
+                                  scores=(score_of(token, scored),) if scored is not None else ())
             if hit:
                 reason = "stop"
                 break
@@ -115,6 +123,20 @@ def stream_generate(model, prompt_ids: list[int], params: SamplingParams, *,
     if tail and reason != "stop":
         yield GenerationChunk(tail, n_prompt, generated)
     yield GenerationChunk("", n_prompt, generated, finished=True, finish_reason=reason)
+
+
+def step_scores(row: torch.Tensor, token: torch.Tensor, top: int, normalized: bool = False):
+    """(log p of `token`, the `top` best log-probs, their ids) of one step's logits row, left where the
+    row is: on a GPU nothing waits for the host until score_of reads them."""
+    if not normalized:
+        row = torch.log_softmax(row.float(), dim=-1)
+    values, indices = row.topk(min(top, row.shape[-1])) if top > 0 else (row[:0], row[:0].long())
+    return row[token.to(row.device)], values, indices
+
+
+def score_of(token: int, scored) -> TokenScore:
+    chosen, values, indices = scored
+    return TokenScore(token, float(chosen), tuple(zip(indices.tolist(), values.tolist())))
 
 
 def cache_keyword(model) -> str:

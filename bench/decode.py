@@ -194,6 +194,13 @@ def smoke_main(args) -> None:
     plain = backend.token_logprobs(scored_ids)
     score_err = max(abs(s.logprob - p) for s, p in zip(scores, plain))
     ranked = all(len(s.top) == 5 and s.top[0][1] >= s.logprob - 1e-6 for s in scores)
+    # the same chat with per-step log-probs (read on the GPU before the pipelined next step replays the graph)
+    stepped = list(backend.chat([{"role": "user", "content": "Hello there"}], SP(max_new_tokens=24, logprobs=5)))
+    steps = [s for c in stepped for s in c.scores]
+    same_reply = [t for c in stepped for t in c.token_ids] == reply and [s.token for s in steps] == reply
+    steps_best = all(s.top[0] == (s.token, s.logprob) for s in steps)
+    step_err = max((abs(s.logprob - p.logprob) for s, p in zip(steps, scores[len(scored_ids) - len(reply) - 1:])),
+                   default=0.0)
     # graph-replayed decoding logits against one full forward over the same tokens
     ids = backend.tokenize("The lighthouse keeper climbed the stairs and")
     step = backend._forward_step()
@@ -220,7 +227,9 @@ def smoke_main(args) -> None:
              f"({route.calls if route else 0} routed calls from Python). "
              f"Layer paths: {', '.join(paths)}. Chat: {len(chunks) - 1} chunks, finish reason "
              f"{chunks[-1].finish_reason}, {len(reply)} token ids; score_tokens(top=5) over prompt + reply against "
-             f"token_logprobs: worst difference {score_err:.1e}, alternatives ranked: {ranked}. Memory report: GPU {report.gpu_mb:.0f} MB, {report.bits_per_weight:.2f} "
+             f"token_logprobs: worst difference {score_err:.1e}, alternatives ranked: {ranked}; the chat again with per-step "
+             f"log-probs (logprobs=5): same reply {same_reply}, each greedy token its step's best {steps_best}, worst "
+             f"difference from score_tokens {step_err:.1e}. Memory report: GPU {report.gpu_mb:.0f} MB, {report.bits_per_weight:.2f} "
              f"bits/weight. Graph decoding vs full forward over the same 24 steps: logits rel err {err:.1e}, top-1 "
              f"agreement {top1 * 100:.0f}%; graph captured: {backend._decoder.graph is not None}. Decoding attention "
              f"kernel alone against float64 at positions 0-255 split 1-7 ways, with and without the rotary inside "
@@ -234,6 +243,8 @@ def smoke_main(args) -> None:
     shutil.rmtree(folder, ignore_errors=True)
     if not (score_err < 1e-3 and ranked and len(reply) == chunks[-1].generated_tokens):
         sys.exit("score_tokens disagrees with token_logprobs, or the chunks' token ids with the reply")
+    if not (same_reply and steps_best and step_err < 0.1):
+        sys.exit("per-step log-probs changed the reply, or disagree with its greedy tokens or with score_tokens")
     if not (err < 2e-2 and top1 >= 0.9 and backend is not None):
         sys.exit("graph decoding does not match the full forward")
     if max(kernel_err.values()) > 1e-2:

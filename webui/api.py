@@ -13,7 +13,7 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, AsyncIterator
 
 from starlette.applications import Starlette
@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 
 from backends.base import BackendError, GenerationChunk, SamplingParams
-from webui.api_logprobs import ScoredRequest, chat_logprobs, completion_logprobs, scored_work
+from webui.api_logprobs import ScoredRequest, chat_logprobs, completion_logprobs, named_stream, scored_work
 from webui.api_requests import (COMPLETIONS_DEFAULT_MAX_TOKENS, DEFAULT_MAX_BODY_BYTES, ApiError, bool_field,
                                 choices_from, logprobs_from, messages_from, prompts_from, read_json,
                                 requested_max_tokens, resolve_model, sampling_from)
@@ -128,6 +128,7 @@ class _Call:
     stream: bool
     include_usage: bool
     scored: ScoredRequest | None = None   # log-probs, echo, token ids or several prompts (webui.api_logprobs)
+    top: int | None = None                # a streamed reply's log-probs: alternatives per token
 
     @property
     def object_name(self) -> str:
@@ -189,14 +190,14 @@ class OpenAIApi:
         call = _Call(kind, model_id, params, payload, stream, include_usage)
         n = choices_from(data)
         one_text = kind == "chat" or (len(payload) == 1 and isinstance(payload[0], str))
-        plain = top is None and not echo and n == 1 and one_text
-        if plain:
+        if not echo and n == 1 and one_text and (top is None or stream):
             if kind == "completion":
                 call.payload = payload[0]
+            if top is not None:        # streamed log-probs: each chunk carries its tokens' (api_logprobs)
+                call.params, call.top = replace(params, logprobs=top), top
             return call
         if stream:
-            wanted = ("logprobs" if top is not None else "echo" if echo else "n > 1" if n > 1
-                      else "several prompts or token ids")
+            wanted = "echo" if echo else "n > 1" if n > 1 else "several prompts or token ids"
             raise ApiError(400, f"{wanted} work without streaming: send \"stream\": false", param="stream")
         prompts = [payload] if kind == "chat" else payload
         call.scored = ScoredRequest(model_id, prompts, kind == "chat", params,
@@ -208,9 +209,11 @@ class OpenAIApi:
         manager = self.manager
         if call.scored is not None:
             return scored_work(manager, call.scored)
-        if call.kind == "chat":
-            return lambda stop: manager.chat(call.model_id, call.payload, call.params, stop)
-        return lambda stop: manager.generate(call.model_id, call.payload, call.params, stop)
+        run = manager.chat if call.kind == "chat" else manager.generate
+
+        def work(stop):
+            return run(call.model_id, call.payload, call.params, stop)
+        return work if call.top is None else named_stream(manager, call.model_id, work)
 
     async def _watch(self, request: Request, cancellation: Cancellation) -> None:
         """Cancel the request as soon as its client disconnects (queued, running or streaming)."""
@@ -303,30 +306,44 @@ class OpenAIApi:
         rid, created = _new_id(call.kind), int(time.time())
         obj = "chat.completion.chunk" if call.kind == "chat" else "text_completion"
 
-        def event(delta_text: str | None, reason: str | None = None, role: bool = False) -> bytes:
+        offset = 0          # completions' text_offset runs on over the whole reply
+
+        def event(delta_text: str | None, reason: str | None = None, role: bool = False,
+                  tokens: list[dict] | None = None) -> bytes:
+            nonlocal offset
+            logprobs = None
+            if tokens and call.kind == "chat":
+                logprobs = chat_logprobs(tokens)
+            elif tokens:
+                logprobs = completion_logprobs(tokens, offset)
+                offset += sum(len(t["token"]) for t in tokens)
             if call.kind == "chat":
                 delta = {}
                 if role:
                     delta["role"] = "assistant"
                 if delta_text is not None:
                     delta["content"] = delta_text
-                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+                choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
             else:
-                choice = {"index": 0, "text": delta_text or "", "logprobs": None, "finish_reason": reason}
+                choice = {"index": 0, "text": delta_text or "", "logprobs": logprobs, "finish_reason": reason}
             return _sse({"id": rid, "object": obj, "created": created, "model": call.model_id,
                          "choices": [choice]})
+
+        def chunk_event(chunk: GenerationChunk) -> bytes | None:
+            tokens = getattr(chunk, "tokens", None)     # NamedChunk: a streamed reply's log-probs
+            return event(chunk.text, tokens=tokens) if chunk.text or tokens else None
 
         last = first
         try:
             if call.kind == "chat":
                 yield event("", role=True)
             if first is not None:
-                if first.text:
-                    yield event(first.text)
+                if (out := chunk_event(first)) is not None:
+                    yield out
                 async for chunk in chunks:
                     last = chunk
-                    if chunk.text:
-                        yield event(chunk.text)
+                    if (out := chunk_event(chunk)) is not None:
+                        yield out
             yield event(None if call.kind == "chat" else "", _finish_reason(last))
             if call.include_usage:
                 yield _sse({"id": rid, "object": obj, "created": created, "model": call.model_id,

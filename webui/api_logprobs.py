@@ -1,11 +1,12 @@
 """Completions that need more than streamed text: log-probs of the reply's tokens (chat `logprobs`,
-completions `logprobs: n`), the prompt scored and echoed (`echo`, `max_tokens: 0`), token-id prompts,
-batches of prompts and several choices per prompt (`n`): what lm-evaluation-harness's
+completions `logprobs: n`, streamed or not), the prompt scored and echoed (`echo`, `max_tokens: 0`),
+token-id prompts, batches of prompts and several choices per prompt (`n`): what lm-evaluation-harness's
 `local-completions` model sends.
 
-The reply is generated as usual (streamed by the engine under the model's lock), then the prompt and
-the reply are scored in one forward pass: the log-probs are the model's own distribution, before
-temperature, top-k/top-p or repetition penalty (as vLLM reports them by default)."""
+A reply token's log-probs are those of the step that produced it (the engine reads the logits it
+sampled from: no second pass, the same numbers streamed or not, and a greedy token is always the
+best one). An echoed prompt is scored in one forward pass. Both are the model's own distribution,
+before temperature, top-k/top-p or repetition penalty (as vLLM reports them by default)."""
 from __future__ import annotations
 
 import threading
@@ -39,6 +40,59 @@ class PromptResult:
     tokens: list[dict] = field(default_factory=list)   # per reported token: piece, logprob, top
 
 
+@dataclass
+class NamedChunk(GenerationChunk):
+    """A streamed chunk whose scored tokens are named for the API (TokenNamer.entry dicts)."""
+    tokens: list[dict] = field(default_factory=list)
+
+
+class TokenNamer:
+    """Names scored tokens as the API reports them: reply or prompt tokens as their share of its text
+    (decoded in context, special tokens written out: the pieces join to the text, and a token that
+    ends inside a character gets "" and the next one carries it), alternatives on their own. Runs
+    where the engine may be used: under the model's lock."""
+
+    def __init__(self, backend: Backend):
+        self.backend = backend
+        self._names: dict[int, str] = {}
+        self._decoder = self._fresh_decoder()
+
+    def _fresh_decoder(self) -> IncrementalDecoder:
+        return IncrementalDecoder(lambda part: self.backend.detokenize(part, special=True))
+
+    def name(self, token: int) -> str:
+        if token not in self._names:
+            self._names[token] = self.backend.detokenize([token], special=True)
+        return self._names[token]
+
+    def next_piece(self, token: int) -> str:
+        """The next token of the sequence this namer follows (a streamed reply)."""
+        return self._decoder.push(int(token))
+
+    def pieces(self, ids: Sequence[int]) -> list[str]:
+        decoder = self._fresh_decoder()
+        return [decoder.push(int(t)) for t in ids]
+
+    def entry(self, piece: str, score: TokenScore | None) -> dict:
+        if score is None:                        # a prompt's first token: nothing before it to condition on
+            return {"token": piece, "logprob": None, "top": None}
+        return {"token": piece, "logprob": score.logprob, "top": [(self.name(t), lp) for t, lp in score.top]}
+
+
+def named_stream(manager, model_id: str, work: Callable[[threading.Event], Iterator[GenerationChunk]]
+                 ) -> Callable[[threading.Event], Iterator[GenerationChunk]]:
+    """A streamed reply's worker whose chunks carry their tokens' log-probs named (NamedChunk). The
+    naming runs in the worker, between the engine's tokens: the lock the generation holds covers it."""
+    def run(stop: threading.Event) -> Iterator[GenerationChunk]:
+        namer = TokenNamer(manager.get(model_id).backend)
+        for chunk in work(stop):
+            if chunk.scores:
+                tokens = [namer.entry(namer.next_piece(s.token), s) for s in chunk.scores]
+                chunk = NamedChunk(**vars(chunk), tokens=tokens)
+            yield chunk
+    return run
+
+
 def scored_work(manager, request: ScoredRequest) -> Callable[[threading.Event], Iterator[GenerationChunk]]:
     """The worker for run_queued: yields the engine's chunks (the queue's records and cancellation use
     them), fills request.results, and ends with one chunk that totals every prompt."""
@@ -52,6 +106,7 @@ def scored_work(manager, request: ScoredRequest) -> Callable[[threading.Event], 
         all_ids = manager.call(request.model_id, lambda backend: [_prompt_ids(backend, p) for p in prompts])
         for prompt, ids in zip(prompts, all_ids):
             total_prompt += len(ids)                       # counted once however many choices (as OpenAI)
+            echoed: PromptResult | None = None             # the scored prompt, shared by its n choices
             for copy in range(request.n):
                 if stop.is_set():
                     reason = "cancelled"
@@ -64,20 +119,24 @@ def scored_work(manager, request: ScoredRequest) -> Callable[[threading.Event], 
                     reason = result.finish_reason
                     continue
                 generated: list[int] = []
+                scores: list[TokenScore] = []
                 text: list[str] = []
                 last = None
                 if request.generate:
-                    params = _copy_params(request.params, copy)
+                    params = replace(_copy_params(request.params, copy), logprobs=request.top)
                     for chunk in manager.generate_ids(request.model_id, ids, params, stop):
                         generated.extend(chunk.token_ids)
+                        scores.extend(chunk.scores)
                         text.append(chunk.text)
                         last = chunk
                         yield chunk
                 reason = last.finish_reason if last is not None else "length"
                 if reason == "cancelled":
                     break
+                if echoed is None:
+                    echoed = manager.call(request.model_id, lambda backend: _describe_prompt(backend, prompt, ids, request))
                 result = manager.call(request.model_id,
-                                      lambda backend: _describe(backend, prompt, ids, generated, request))
+                                      lambda backend: _describe_reply(backend, echoed, generated, scores, request))
                 result.text, result.finish_reason = "".join(text), reason
                 request.results.append(result)
                 total_generated += result.generated
@@ -99,9 +158,10 @@ def _one_greedy_token(request: ScoredRequest) -> bool:
 def _score_one_greedy_token(backend: Backend, prompt, ids: list[int], request: ScoredRequest) -> PromptResult:
     scores = backend.score_tokens(ids, request.top, next_token=True)
     token = scores[-1].token
+    echoed = _describe_prompt(backend, prompt, ids, request, scores[:-1])
     if backend.is_end_of_generation(token):          # the reply ends before its first token, as generation would
-        return _describe(backend, prompt, ids, [], request, scores[:-1], finish_reason="stop")
-    result = _describe(backend, prompt, ids, [token], request, scores)
+        return _describe_reply(backend, echoed, [], [], request, finish_reason="stop")
+    result = _describe_reply(backend, echoed, [token], scores[-1:], request)
     result.text = IncrementalDecoder(backend.detokenize).push(token)     # as the streamed reply decodes it
     return result
 
@@ -121,40 +181,31 @@ def _prompt_ids(backend: Backend, prompt) -> list[int]:
     return list(prompt)
 
 
-def _describe(backend: Backend, prompt, ids: list[int], generated: list[int], request: ScoredRequest,
-              scores: list[TokenScore] | None = None, finish_reason: str = "length") -> PromptResult:
-    """Score (unless `scores` are given) and name the reported tokens (the prompt's too when echoed),
-    under the model's lock."""
-    prompt_pieces = _pieces(backend, ids) if request.echo else []
-    echoed = (prompt if isinstance(prompt, str) else "".join(prompt_pieces)) if request.echo else ""
-    result = PromptResult(echoed, finish_reason=finish_reason, generated=len(generated))
-    if request.top is None:
-        return result
-    if scores is None:
-        scores = backend.score_tokens(ids + generated, request.top)   # positions 1..n-1
-    names: dict[int, str] = {}
-
-    def name(token: int) -> str:
-        if token not in names:
-            names[token] = backend.detokenize([token], special=True)
-        return names[token]
-
-    def entry(piece: str, score: TokenScore | None) -> dict:
-        if score is None:                        # the first token: nothing before it to condition on
-            return {"token": piece, "logprob": None, "top": None}
-        return {"token": piece, "logprob": score.logprob, "top": [(name(t), lp) for t, lp in score.top]}
-
-    result.tokens += [entry(piece, scores[i - 1] if i else None) for i, piece in enumerate(prompt_pieces)]
-    reply_scores = scores[len(ids) - 1:]
-    result.tokens += [entry(piece, score) for piece, score in zip(_pieces(backend, generated), reply_scores)]
+def _describe_prompt(backend: Backend, prompt, ids: list[int], request: ScoredRequest,
+                     scores: list[TokenScore] | None = None) -> PromptResult:
+    """The echoed prompt's text and scored tokens (scored in one pass unless `scores` are given), under
+    the model's lock; an empty result without echo."""
+    if not request.echo:
+        return PromptResult("")
+    namer = TokenNamer(backend)
+    pieces = namer.pieces(ids)
+    result = PromptResult(prompt if isinstance(prompt, str) else "".join(pieces))
+    if request.top is not None:
+        if scores is None:
+            scores = backend.score_tokens(ids, request.top)     # positions 1..n-1
+        result.tokens = [namer.entry(piece, scores[i - 1] if i else None) for i, piece in enumerate(pieces)]
     return result
 
 
-def _pieces(backend: Backend, ids: Sequence[int]) -> list[str]:
-    """Each token's share of the sequence's text, decoded in context (special tokens written out): the
-    pieces join to the text; a token that ends inside a character gets "" and the next one carries it."""
-    decoder = IncrementalDecoder(lambda part: backend.detokenize(part, special=True))
-    return [decoder.push(int(t)) for t in ids]
+def _describe_reply(backend: Backend, echoed: PromptResult, generated: list[int], scores: list[TokenScore],
+                    request: ScoredRequest, finish_reason: str = "length") -> PromptResult:
+    """The prompt's result (echoed or empty) with the reply's tokens named beside their step's scores."""
+    result = PromptResult(echoed.prompt_text, finish_reason=finish_reason, generated=len(generated),
+                          tokens=list(echoed.tokens))
+    if request.top is not None:
+        namer = TokenNamer(backend)
+        result.tokens += [namer.entry(piece, score) for piece, score in zip(namer.pieces(generated), scores)]
+    return result
 
 
 # -- the OpenAI shapes ----------------------------------------------------------------------------

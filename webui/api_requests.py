@@ -10,7 +10,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from backends.base import BackendError, SamplingParams
+from backends.base import MAX_TOP_LOGPROBS, BackendError, SamplingParams
 
 DEFAULT_MAX_BODY_BYTES = 8 * 2**20
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16          # as OpenAI's legacy completions endpoint
@@ -245,7 +245,6 @@ def _is_token(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-MAX_TOP_LOGPROBS = 20
 MAX_CHOICES = 16
 
 

@@ -95,7 +95,6 @@ def test_oversized_body_is_413_before_it_is_read(api_server):
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", ("top_logprobs must be in [0, 20]",)),
     ({"logprobs": "yes"}, "logprobs", ("logprobs must be true or false",)),
     ({"echo": True}, "echo", ("/v1/completions field",)),
-    ({"logprobs": True, "stream": True}, "stream", ("logprobs work without streaming",)),
     ({"presence_penalty": 1.0}, "presence_penalty", ("not supported",)),
     ({"messages": []}, "messages", ("non-empty list",)),
     ({"messages": "hello"}, "messages", ("non-empty list",)),

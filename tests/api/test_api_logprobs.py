@@ -124,6 +124,63 @@ def test_chat_logprobs_in_the_openai_client_shape(client, api_server):
     assert 0 < probability <= 1
 
 
+def test_streamed_chat_logprobs_arrive_with_their_tokens(client, api_server):
+    """`"stream": true` with log-probs: each chunk carries the log-probs of the tokens it adds, in the
+    openai client's shape; together they are the unstreamed reply's, number for number (both come from
+    the steps that drew the tokens), and the engine's scoring pass gives the same up to float rounding."""
+    messages = [{"role": "user", "content": "Name three colours."}]
+    stream = client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=10, temperature=0,
+                                            logprobs=True, top_logprobs=2, stream=True)
+    text, items, with_logprobs = "", [], 0
+    for event in stream:
+        choice = event.choices[0]
+        text += choice.delta.content or ""
+        if choice.logprobs is not None:
+            with_logprobs += 1
+            assert "".join(t.token for t in choice.logprobs.content) == choice.delta.content
+            items += choice.logprobs.content
+    assert len(items) == 10 and with_logprobs == 10 and "".join(t.token for t in items) == text
+    whole = client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=10, temperature=0,
+                                           logprobs=True, top_logprobs=2)
+    assert whole.choices[0].message.content == text
+    assert [(t.token, t.logprob, [(a.token, a.logprob) for a in t.top_logprobs]) for t in items] == \
+        [(t.token, t.logprob, [(a.token, a.logprob) for a in t.top_logprobs]) for t in whole.choices[0].logprobs.content]
+    engine = backend(api_server)
+    prompt = engine.tokenize(engine.render_chat(messages))
+    reply = engine.tokenize(text)
+    assert [t.logprob for t in items] == pytest.approx(engine.token_logprobs(prompt + reply)[len(prompt) - 1:], abs=1e-4)
+    for item in items:
+        assert item.top_logprobs[0].logprob == item.logprob and len(item.top_logprobs) == 2
+
+
+def test_streamed_completion_logprobs_run_on_over_the_reply(api_server):
+    """Legacy completions streamed with `logprobs: n`: every event's text_offset continues where the last
+    one ended, top_logprobs hold the alternatives and the chosen token, and the sampled text is the one
+    the same seed gives without log-probs."""
+    body = {"model": MODEL_ID, "prompt": "Once upon a time", "max_tokens": 8, "temperature": 1.0, "seed": 3,
+            "logprobs": 2, "stream": True}
+    with httpx.stream("POST", api_server.base_url + "/completions", content=json.dumps(body).encode(),
+                      headers=api_server.headers(), timeout=120) as response:
+        assert response.status_code == 200
+        events = [json.loads(line[6:]) for line in response.iter_lines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+    text, tokens, offsets = "", [], []
+    for event in events:
+        choice = event["choices"][0]
+        lp = choice["logprobs"]
+        if lp is not None:
+            assert "".join(lp["tokens"]) == choice["text"]
+            tokens += lp["tokens"]
+            offsets += lp["text_offset"]
+            for token, logprob, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
+                assert top[token] == logprob <= 0 and 2 <= len(top) <= 3
+        text += choice["text"]
+    assert len(tokens) == 8 and "".join(tokens) == text
+    assert offsets == [len("".join(tokens[:i])) for i in range(8)]
+    plain = post(api_server, "/completions", {**body, "stream": False, "logprobs": None})
+    assert plain["choices"][0]["text"] == text
+
+
 def test_batch_of_prompts_answers_each_as_alone(client):
     prompts = ["The capital of France is", "One, two, three,"]
     batch = client.completions.create(model=MODEL_ID, prompt=prompts, max_tokens=4, temperature=0)

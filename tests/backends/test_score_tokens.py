@@ -43,6 +43,31 @@ def test_a_greedy_reply_is_the_best_token_at_every_step(engine):
         assert score.top[0] == (score.token, score.logprob)
 
 
+def test_generation_scores_each_token_from_its_own_step(engine):
+    """SamplingParams.logprobs: every chunk carries its token's log-prob and alternatives, read from the
+    logits the token was drawn from. A greedy token is the best one at every step (exactly, on every
+    engine: a second scoring pass over the reply cannot promise that on llama.cpp, whose batched and
+    one-token kernels round differently); the numbers are the scoring pass's (close on llama.cpp); and
+    asking for them changes no sampled token."""
+    ids = engine.tokenize(TEXT)
+    chunks = list(engine.generate_ids(ids, SamplingParams(temperature=0, max_new_tokens=8, logprobs=3)))
+    reply = [t for c in chunks for t in c.token_ids]
+    steps = [s for c in chunks for s in c.scores]
+    assert [s.token for s in steps] == reply and len(reply) == 8
+    for step in steps:
+        assert step.top[0] == (step.token, step.logprob) and len(step.top) == 3
+        assert [lp for _, lp in step.top] == sorted((lp for _, lp in step.top), reverse=True)
+    passed = engine.score_tokens(ids + reply, top=3)[len(ids) - 1:]
+    close = 1e-4 if engine.name == "transformers" else 0.5
+    assert [s.logprob for s in steps] == pytest.approx([s.logprob for s in passed], abs=close)
+    sampled = SamplingParams(temperature=1.0, seed=5, max_new_tokens=8)
+    plain = list(engine.generate_ids(ids, sampled))
+    scored = list(engine.generate_ids(ids, SamplingParams(temperature=1.0, seed=5, max_new_tokens=8, logprobs=0)))
+    assert [c.token_ids for c in scored] == [c.token_ids for c in plain]
+    assert all(s.top == () and s.logprob <= 0 for c in scored for s in c.scores)
+    assert all(c.scores == () for c in plain)
+
+
 def test_ids_outside_the_vocabulary_are_refused_by_name(engine):
     ids = engine.tokenize(TEXT)
     with pytest.raises(BackendError, match="token id 10000000 is outside"):

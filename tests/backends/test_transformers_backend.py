@@ -67,5 +67,7 @@ def test_memory_report_counts_weights(transformers_backend):
 def test_invalid_sampling_and_oversized_prompt_are_refused(transformers_backend):
     with pytest.raises(BackendError, match="top_p"):
         list(transformers_backend.chat(QUESTION, SamplingParams(top_p=1.5)))
+    with pytest.raises(BackendError, match="logprobs must be 0 to 20 alternatives, got 21"):
+        list(transformers_backend.chat(QUESTION, SamplingParams(logprobs=21)))
     with pytest.raises(BackendError, match="refused"):
         list(transformers_backend.generate("word " * 9000, SamplingParams(max_new_tokens=4)))

@@ -161,6 +161,12 @@ def test_chat_stream_stop_logprobs_memory(gptq4):
     ids = gptq4.tokenize("The quick brown fox jumps over the lazy dog.")
     lp = gptq4.token_logprobs(ids)
     assert len(lp) == len(ids) - 1 and all(v <= 0 for v in lp)
+    # per-step log-probs of a reply (the API's): same reply, each greedy token its step's best
+    stepped = list(gptq4.chat(QUESTION, SamplingParams(max_new_tokens=12, logprobs=2)))
+    assert "".join(c.text for c in stepped) == text
+    steps = [s for c in stepped for s in c.scores]
+    assert [s.token for s in steps] == [t for c in stepped for t in c.token_ids] and steps
+    assert all(s.top[0] == (s.token, s.logprob) and s.logprob <= 0 for s in steps)
     report = gptq4.memory_report()
     assert 4.0 < report.bits_per_weight < 4.5 and report.ram_mb > 50
     assert gptq4.quant_config.bits == 4 and gptq4.checkpoint_format == "gptq"
