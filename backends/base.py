@@ -119,6 +119,16 @@ class TokenScore:
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
 
+    def drawn_first(self) -> "TokenScore":
+        """The same score with the token listed first among alternatives it ties with at the top (fp16
+        logits tie often on a GPU, and argmax and top-k may break a tie differently): a greedy token
+        then always reads as its step's best."""
+        top = self.top
+        if not top or top[0][0] == self.token or top[0][1] != self.logprob:
+            return self
+        rest = tuple(pair for pair in top if pair[0] != self.token)
+        return TokenScore(self.token, self.logprob, ((self.token, self.logprob),) + rest[:len(top) - 1])
+
 
 @dataclass
 class MemoryReport:

@@ -179,7 +179,7 @@ class LlamaCppBackend(Backend):
             best = np.argpartition(logits, -k)[-k:]
             best = best[np.argsort(-logits[best], kind="stable")]
             alternatives = tuple((int(t), float(logits[t]) - logz) for t in best)
-        return TokenScore(token, float(logits[token]) - logz, alternatives)
+        return TokenScore(token, float(logits[token]) - logz, alternatives).drawn_first()
 
     def _prime(self, ids: list[int]) -> None:
         """Leave the KV cache holding exactly ids[:-1] (reusing what it already holds of them), so that

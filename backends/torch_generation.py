@@ -136,7 +136,7 @@ def step_scores(row: torch.Tensor, token: torch.Tensor, top: int, normalized: bo
 
 def score_of(token: int, scored) -> TokenScore:
     chosen, values, indices = scored
-    return TokenScore(token, float(chosen), tuple(zip(indices.tolist(), values.tolist())))
+    return TokenScore(token, float(chosen), tuple(zip(indices.tolist(), values.tolist()))).drawn_first()
 
 
 def cache_keyword(model) -> str:

@@ -73,3 +73,40 @@ def test_the_cache_goes_under_the_installed_transformers_own_name(tiny_llama):
     assert not [r for r in records if "deprecated" in r.getMessage()], [r.getMessage() for r in records]
     assert cache2 is cache and cache.get_seq_length() == 4  # the cache was carried, not rebuilt
     assert logits2.shape == (1, 1, 320)
+
+
+def test_a_drawn_token_tied_with_the_best_is_listed_first():
+    """fp16 logits tie often on a GPU (the H100 smoke run met it): argmax may draw the second of two equal
+    tokens while top-k lists the first, and the reply would read as not greedy."""
+    from backends.base import TokenScore
+    tied = TokenScore(2, -0.5, ((1, -0.5), (2, -0.5), (0, -1.0)))
+    assert tied.drawn_first().top == ((2, -0.5), (1, -0.5), (0, -1.0))
+    outside = TokenScore(7, -0.5, ((1, -0.5), (2, -0.5)))            # tied but cut from the top-k
+    assert outside.drawn_first().top == ((7, -0.5), (1, -0.5))
+    for kept in (TokenScore(1, -0.5, ((1, -0.5), (2, -0.5))), TokenScore(3, -2.0, ((1, -0.5), (3, -2.0))),
+                 TokenScore(3, -2.0)):
+        assert kept.drawn_first() == kept
+
+
+def test_pipelined_log_probs_are_read_before_the_next_step_rewrites_the_logits(tiny_llama):
+    """A CUDA graph writes every step's logits into one buffer, and the pipelined loop launches the next
+    step before the host reads the token: a step's log-probs must be taken first, or they would be the
+    next step's. Here a step copies its logits into one reused buffer, as a graph does."""
+    inner = torch_generation._default_forward(tiny_llama)
+    buffer = {}
+
+    def graph_like(input_ids, cache):
+        logits, cache = inner(input_ids, cache)
+        out = buffer.setdefault("logits", torch.empty_like(logits[:, -1:]))
+        out.copy_(logits[:, -1:])
+        return out, cache
+
+    def run(pipeline):
+        return list(torch_generation.stream_generate(
+            tiny_llama, [5, 17, 42, 7], SamplingParams(temperature=0.0, max_new_tokens=8, logprobs=2), eos_ids=set(),
+            decode=lambda ids: "".join(chr(65 + i % 26) for i in ids), device=torch.device("cpu"),
+            context_length=128, forward=graph_like, pipeline=pipeline))
+    stepwise, pipelined = run(False), run(True)
+    assert [c.scores for c in pipelined] == [c.scores for c in stepwise]
+    steps = [s for c in pipelined for s in c.scores]
+    assert len(steps) == 8 and all(s.top[0] == (s.token, s.logprob) for s in steps)
