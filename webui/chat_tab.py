@@ -14,7 +14,7 @@ import gradio as gr
 
 from backends.base import BackendError, SamplingParams
 from webui.history import Conversation, new_conversation_id
-from webui.presets import PRESET_FIELDS
+from webui.presets import PRESET_FIELDS, preset_values
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +22,10 @@ TITLE = "Chat"
 DEFAULT_PRESET = "Deterministic"
 NO_MODEL = "No model is loaded: load one in the Models tab (or start with --model NAME)."
 NOTHING_TO_ADD = "Continue: the model had nothing to add (it ends its reply there)."
+# the sampling sliders' (minimum, maximum, step), in PRESET_FIELDS order (seed is a number box)
+SLIDERS = {"temperature": (0.0, 2.0, 0.05), "top_p": (0.01, 1.0, 0.01), "top_k": (0, 200, 1),
+           "min_p": (0.0, 0.99, 0.01), "repetition_penalty": (0.5, 2.0, 0.01), "max_new_tokens": (1, 4096, 1)}
+UNREADABLE_PARAMS = "Its sampling settings could not be read: the ones above stay."
 
 
 # -- pure helpers (unit-tested) -----------------------------------------------------------------
@@ -55,6 +59,21 @@ def normalize_messages(history: Any) -> list[dict]:
             item["stats"] = message["stats"]
         out.append(item)
     return out
+
+
+def saved_params(params: Any) -> list | None:
+    """A saved conversation's sampling settings as the parameter widgets' values (PRESET_FIELDS order),
+    or None when they are missing, invalid or outside the sliders (an old or hand-edited file)."""
+    if not isinstance(params, dict):
+        return None
+    try:
+        values = preset_values(params)
+    except ValueError:
+        return None
+    for name, (low, high, _) in SLIDERS.items():
+        if not low <= values[name] <= high:
+            return None
+    return [values[f] for f in PRESET_FIELDS]
 
 
 def format_stats(stats: dict | None) -> str:
@@ -385,7 +404,12 @@ class ChatTab:
             note = (f"This conversation was with {conv.model}, which is not loaded: replies now come from the "
                     f"model picked above." if conv.model else "")
             line = " · ".join(part for part in (line, note) if part)
-        return to_display(state["messages"]), line, state, conv.system_prompt, model
+        # its own sampling settings come back too, so Regenerate and the next reply sample as before
+        params = saved_params(conv.params)
+        if params is None:
+            params = [gr.update() for _ in PRESET_FIELDS]
+            line = " · ".join(part for part in (line, UNREADABLE_PARAMS) if part)
+        return (to_display(state["messages"]), line, state, conv.system_prompt, model, *params)
 
     def delete_conversation(self, conversation_id: str | None, state: dict, request: gr.Request):
         """Deleting the conversation on screen also clears the chat and ends a reply it is getting:
@@ -461,19 +485,13 @@ class ChatTab:
             with gr.Column(scale=2, min_width=280):
                 with gr.Accordion("Parameters", open=True, elem_id="chat-params"):
                     preset = gr.Dropdown(preset_names, value=start_preset, label="Preset", elem_id="preset-picker")
-                    temperature = gr.Slider(0.0, 2.0, value=start_values.get("temperature", 0.0), step=0.05,
-                                            label="temperature (0 = greedy)", elem_id="param-temperature")
-                    top_p = gr.Slider(0.01, 1.0, value=start_values.get("top_p", 1.0), step=0.01,
-                                      label="top_p", elem_id="param-top-p")
-                    top_k = gr.Slider(0, 200, value=start_values.get("top_k", 0), step=1,
-                                      label="top_k (0 = off)", elem_id="param-top-k")
-                    min_p = gr.Slider(0.0, 0.99, value=start_values.get("min_p", 0.0), step=0.01,
-                                      label="min_p", elem_id="param-min-p")
-                    repetition_penalty = gr.Slider(0.5, 2.0, value=start_values.get("repetition_penalty", 1.0),
-                                                   step=0.01, label="repetition_penalty",
-                                                   elem_id="param-repetition-penalty")
-                    max_new_tokens = gr.Slider(1, 4096, value=start_values.get("max_new_tokens", 256), step=1,
-                                               label="max_new_tokens", elem_id="param-max-new-tokens")
+                    labels = {"temperature": "temperature (0 = greedy)", "top_k": "top_k (0 = off)"}
+                    defaults = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0,
+                                "repetition_penalty": 1.0, "max_new_tokens": 256}
+                    sliders = {name: gr.Slider(low, high, value=start_values.get(name, defaults[name]), step=step,
+                                               label=labels.get(name, name),
+                                               elem_id="param-" + name.replace("_", "-"))
+                               for name, (low, high, step) in SLIDERS.items()}
                     seed = gr.Number(start_values.get("seed", -1), precision=0, label="seed (-1 = random)",
                                      elem_id="param-seed")
                     with gr.Row():
@@ -489,7 +507,7 @@ class ChatTab:
                         open_conv = gr.Button("Open", elem_id="history-open", size="sm")
                         delete_conv = gr.Button("Delete", elem_id="history-delete", size="sm")
 
-        params = [temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens, seed]
+        params = [*sliders.values(), seed]
         outputs = [chatbot, stats, state, history, model]
         send_inputs = [message, model, system, *params, state]
         gr.on([send.click, message.submit], self.send, send_inputs, [*outputs, message],
@@ -502,7 +520,7 @@ class ChatTab:
         clear.click(self.clear, None, [chatbot, stats, state, history], api_name="clear", queue=False)
         chatbot.clear(self.clear, None, [chatbot, stats, state, history], queue=False,
                       api_visibility="private")  # the Chatbot's own trash icon
-        open_conv.click(self.open_conversation, history, [chatbot, stats, state, system, model],
+        open_conv.click(self.open_conversation, history, [chatbot, stats, state, system, model, *params],
                         api_name="open_conversation")
         delete_conv.click(self.delete_conversation, [history, state], [history, chatbot, stats, state],
                           api_name="delete_conversation")

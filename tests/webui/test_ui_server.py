@@ -5,7 +5,7 @@ import re
 import pytest
 
 from backends.registry import backend_class, backend_names
-from webui.chat_tab import NOTHING_TO_ADD, normalize_messages
+from webui.chat_tab import NOTHING_TO_ADD, UNREADABLE_PARAMS, normalize_messages
 
 QUESTION = "What is the capital of France?"
 STATS_RE = re.compile(r"(\d+) tokens · ([\d.]+) tok/s · prompt (\d+) tokens")
@@ -77,6 +77,25 @@ def test_chat_streams_paris_with_the_deterministic_preset(chat_server):
     assert reopened[1] == (f"{stats} · This conversation was with gone@llama.cpp, which is not loaded: "
                            "replies now come from the model picked above.")
     assert reopened[3] == {"__type__": "update"}
+
+
+def test_a_reopened_conversation_brings_back_its_sampling_settings(chat_server):
+    """Regenerate after Open should sample as the conversation did: its temperature, seed and the rest
+    come back into the parameter widgets. A file whose settings are missing or out of range leaves them
+    as they are and says so."""
+    client = chat_server.client()
+    used = dict(temperature=0.7, top_p=0.9, top_k=40, min_p=0.05, repetition_penalty=1.1, max_new_tokens=12, seed=42)
+    _, final = chat(client, QUESTION, **used)
+    conv_id = final[2]["value"]
+    reopened = chat_server.client().predict(conv_id, api_name="/open_conversation")
+    assert list(reopened[4:]) == pytest.approx(list(used.values()))
+    path = chat_server.ctx.data_dir / "history" / f"{conv_id}.json"
+    saved = json.loads(path.read_text())
+    for broken in ({**saved["params"], "temperature": 7.5}, {"temperature": 0.5}, "hot"):
+        path.write_text(json.dumps({**saved, "params": broken}))
+        reopened = chat_server.client().predict(conv_id, api_name="/open_conversation")
+        assert reopened[1].endswith(UNREADABLE_PARAMS) and reply_of(reopened[0]) == reply_of(final[0])
+        assert all(value == {"__type__": "update"} for value in reopened[4:])
 
 
 def test_regenerate_and_continue(chat_server):
