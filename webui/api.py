@@ -14,7 +14,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, replace
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Iterator
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -23,7 +23,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 
 from backends.base import BackendError, GenerationChunk, SamplingParams
-from webui.api_logprobs import ScoredRequest, chat_logprobs, completion_logprobs, named_stream, scored_work
+from webui.api_logprobs import (ChoiceChunk, ScoredRequest, chat_logprobs, completion_logprobs, named_stream,
+                                scored_work)
 from webui.api_requests import (COMPLETIONS_DEFAULT_MAX_TOKENS, DEFAULT_MAX_BODY_BYTES, ApiError, bool_field,
                                 choices_from, logprobs_from, messages_from, prompts_from, read_json,
                                 requested_max_tokens, resolve_model, sampling_from)
@@ -196,9 +197,6 @@ class OpenAIApi:
             if top is not None:        # streamed log-probs: each chunk carries its tokens' (api_logprobs)
                 call.params, call.top = replace(params, logprobs=top), top
             return call
-        if stream:
-            wanted = "echo" if echo else "n > 1" if n > 1 else "several prompts or token ids"
-            raise ApiError(400, f"{wanted} work without streaming: send \"stream\": false", param="stream")
         prompts = [payload] if kind == "chat" else payload
         call.scored = ScoredRequest(model_id, prompts, kind == "chat", params,
                                     generate=requested_max_tokens(data, zero_ok=True) != 0, top=top, echo=echo, n=n)
@@ -283,68 +281,90 @@ class OpenAIApi:
 
     async def _collect_scored(self, call: _Call, first: GenerationChunk | None,
                               chunks: AsyncIterator[GenerationChunk]) -> Response:
+        """One reply of every choice, gathered from its pieces (ChoiceChunk) in index order."""
+        parts: dict[int, dict] = {}
+
+        def take(chunk: GenerationChunk) -> None:
+            if isinstance(chunk, ChoiceChunk):
+                part = parts.setdefault(chunk.index, {"text": [], "tokens": [], "reason": "length"})
+                part["text"] += [chunk.echo, chunk.text]
+                part["tokens"] += chunk.tokens
+                part["reason"] = chunk.choice_end or part["reason"]
         last = first
-        async for chunk in chunks:
-            last = chunk
-        request = call.scored
+        if first is not None:
+            take(first)
+            async for chunk in chunks:
+                take(chunk)
+                last = chunk
+        top = call.scored.top
         choices = []
-        for index, result in enumerate(request.results):
+        for index in sorted(parts):
+            text, tokens, reason = "".join(parts[index]["text"]), parts[index]["tokens"], parts[index]["reason"]
             if call.kind == "chat":
-                choices.append({"index": index, "message": {"role": "assistant", "content": result.text},
-                                "logprobs": chat_logprobs(result.tokens) if request.top is not None else None,
-                                "finish_reason": _finish_reason_of(result.finish_reason)})
-                continue
-            text = result.prompt_text + result.text if request.echo else result.text
-            logprobs = completion_logprobs(result.tokens) if request.top is not None else None
-            choices.append({"index": index, "text": text, "logprobs": logprobs,
-                            "finish_reason": _finish_reason_of(result.finish_reason)})
+                choices.append({"index": index, "message": {"role": "assistant", "content": text},
+                                "logprobs": chat_logprobs(tokens) if top is not None else None,
+                                "finish_reason": _finish_reason_of(reason)})
+            else:
+                choices.append({"index": index, "text": text,
+                                "logprobs": completion_logprobs(tokens) if top is not None else None,
+                                "finish_reason": _finish_reason_of(reason)})
         return JSONResponse({"id": _new_id(call.kind), "object": call.object_name, "created": int(time.time()),
                              "model": call.model_id, "choices": choices, "usage": _usage(last)})
 
     async def _sse_stream(self, call: _Call, first: GenerationChunk | None, chunks, watcher,
                           cancellation: Cancellation) -> AsyncIterator[bytes]:
+        """Server-sent events: each chunk's text (and log-probs) under its choice's index; a choice's
+        finish reason when it ends (several choices, echo, batches: api_logprobs.ChoiceChunk), else at the end."""
         rid, created = _new_id(call.kind), int(time.time())
         obj = "chat.completion.chunk" if call.kind == "chat" else "text_completion"
+        chat = call.kind == "chat"
+        offsets: dict[int, int] = {}        # completions' text_offset runs on over each choice's text
+        started: set[int] = set()           # chat choices that have sent their role
 
-        offset = 0          # completions' text_offset runs on over the whole reply
-
-        def event(delta_text: str | None, reason: str | None = None, role: bool = False,
-                  tokens: list[dict] | None = None) -> bytes:
-            nonlocal offset
+        def event(index: int, text: str | None, reason: str | None = None, tokens: list[dict] | None = None,
+                  role: bool = False) -> bytes:
             logprobs = None
-            if tokens and call.kind == "chat":
+            if tokens and chat:
                 logprobs = chat_logprobs(tokens)
             elif tokens:
-                logprobs = completion_logprobs(tokens, offset)
-                offset += sum(len(t["token"]) for t in tokens)
-            if call.kind == "chat":
-                delta = {}
-                if role:
-                    delta["role"] = "assistant"
-                if delta_text is not None:
-                    delta["content"] = delta_text
-                choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
+                logprobs = completion_logprobs(tokens, offsets.get(index, 0))
+                offsets[index] = offsets.get(index, 0) + sum(len(t["token"]) for t in tokens)
+            if chat:
+                delta = {"role": "assistant"} if role else {}
+                if text is not None:
+                    delta["content"] = text
+                choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
             else:
-                choice = {"index": 0, "text": delta_text or "", "logprobs": logprobs, "finish_reason": reason}
+                choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": reason}
             return _sse({"id": rid, "object": obj, "created": created, "model": call.model_id,
                          "choices": [choice]})
 
-        def chunk_event(chunk: GenerationChunk) -> bytes | None:
-            tokens = getattr(chunk, "tokens", None)     # NamedChunk: a streamed reply's log-probs
-            return event(chunk.text, tokens=tokens) if chunk.text or tokens else None
+        def events_of(chunk: GenerationChunk) -> Iterator[bytes]:
+            index = getattr(chunk, "index", 0)
+            if chat and index not in started:
+                started.add(index)
+                yield event(index, "", role=True)
+            text = getattr(chunk, "echo", "") + chunk.text
+            tokens = getattr(chunk, "tokens", None)
+            if text or tokens:
+                yield event(index, text, tokens=tokens)
+            if getattr(chunk, "choice_end", None):
+                yield event(index, None if chat else "", _finish_reason_of(chunk.choice_end))
 
         last = first
         try:
-            if call.kind == "chat":
-                yield event("", role=True)
+            if chat and call.scored is None:
+                started.add(0)
+                yield event(0, "", role=True)
             if first is not None:
-                if (out := chunk_event(first)) is not None:
+                for out in events_of(first):
                     yield out
                 async for chunk in chunks:
                     last = chunk
-                    if (out := chunk_event(chunk)) is not None:
+                    for out in events_of(chunk):
                         yield out
-            yield event(None if call.kind == "chat" else "", _finish_reason(last))
+            if call.scored is None:
+                yield event(0, None if chat else "", _finish_reason(last))
             if call.include_usage:
                 yield _sse({"id": rid, "object": obj, "created": created, "model": call.model_id,
                             "choices": [], "usage": _usage(last)})

@@ -19,7 +19,7 @@ from backends.text_stream import IncrementalDecoder
 
 @dataclass
 class ScoredRequest:
-    """One /v1/completions or chat request on this path: what to run, and each prompt's result."""
+    """One /v1/completions or chat request on this path: what to run."""
     model_id: str
     prompts: list                 # strings, or lists of token ids; for chat one list of messages
     chat: bool
@@ -28,7 +28,6 @@ class ScoredRequest:
     top: int | None               # alternatives per token; None: no log-probs
     echo: bool
     n: int = 1                    # choices per prompt (in prompt order: prompt i's are i*n .. i*n+n-1)
-    results: list = field(default_factory=list)
 
 
 @dataclass
@@ -41,9 +40,14 @@ class PromptResult:
 
 
 @dataclass
-class NamedChunk(GenerationChunk):
-    """A streamed chunk whose scored tokens are named for the API (TokenNamer.entry dicts)."""
+class ChoiceChunk(GenerationChunk):
+    """A piece of one choice of a request, as the API sends it (streamed, or gathered into one reply):
+    its new text, the echoed prompt first when asked, its tokens' log-probs named (TokenNamer.entry
+    dicts), and the choice's finish reason on its last piece."""
+    index: int = 0
     tokens: list[dict] = field(default_factory=list)
+    echo: str = ""
+    choice_end: str | None = None
 
 
 class TokenNamer:
@@ -78,24 +82,27 @@ class TokenNamer:
             return {"token": piece, "logprob": None, "top": None}
         return {"token": piece, "logprob": score.logprob, "top": [(self.name(t), lp) for t, lp in score.top]}
 
+    def named(self, scores: Sequence[TokenScore]) -> list[dict]:
+        """The next tokens of the followed reply, with their scores."""
+        return [self.entry(self.next_piece(s.token), s) for s in scores]
+
 
 def named_stream(manager, model_id: str, work: Callable[[threading.Event], Iterator[GenerationChunk]]
                  ) -> Callable[[threading.Event], Iterator[GenerationChunk]]:
-    """A streamed reply's worker whose chunks carry their tokens' log-probs named (NamedChunk). The
-    naming runs in the worker, between the engine's tokens: the lock the generation holds covers it."""
+    """A plain reply's worker whose chunks carry their tokens' log-probs named (ChoiceChunk). The naming
+    runs in the worker, between the engine's tokens: the lock the generation holds covers it."""
     def run(stop: threading.Event) -> Iterator[GenerationChunk]:
         namer = TokenNamer(manager.get(model_id).backend)
         for chunk in work(stop):
             if chunk.scores:
-                tokens = [namer.entry(namer.next_piece(s.token), s) for s in chunk.scores]
-                chunk = NamedChunk(**vars(chunk), tokens=tokens)
+                chunk = ChoiceChunk(**vars(chunk), tokens=namer.named(chunk.scores))
             yield chunk
     return run
 
 
 def scored_work(manager, request: ScoredRequest) -> Callable[[threading.Event], Iterator[GenerationChunk]]:
-    """The worker for run_queued: yields the engine's chunks (the queue's records and cancellation use
-    them), fills request.results, and ends with one chunk that totals every prompt."""
+    """The worker for run_queued: yields each choice's pieces (ChoiceChunk, in choice order), and ends with
+    one GenerationChunk that totals every prompt (the queue's records and the usage read it)."""
     def work(stop: threading.Event) -> Iterator[GenerationChunk]:
         total_prompt = total_generated = 0
         reason = "length"
@@ -104,42 +111,42 @@ def scored_work(manager, request: ScoredRequest) -> Callable[[threading.Event], 
             prompts = [manager.call(request.model_id, lambda backend: backend.render_chat(prompts[0]))]
         # every prompt checked before any work: a bad token id in the last one costs nothing
         all_ids = manager.call(request.model_id, lambda backend: [_prompt_ids(backend, p) for p in prompts])
-        for prompt, ids in zip(prompts, all_ids):
+        for number, (prompt, ids) in enumerate(zip(prompts, all_ids)):
             total_prompt += len(ids)                       # counted once however many choices (as OpenAI)
             echoed: PromptResult | None = None             # the scored prompt, shared by its n choices
             for copy in range(request.n):
+                index = number * request.n + copy
                 if stop.is_set():
                     reason = "cancelled"
                     break
                 if _one_greedy_token(request):      # the scoring pass picks the token: no second pass
                     result = manager.call(request.model_id,
                                           lambda backend: _score_one_greedy_token(backend, prompt, ids, request))
-                    request.results.append(result)
                     total_generated += result.generated
                     reason = result.finish_reason
+                    yield ChoiceChunk(result.text, total_prompt, total_generated, index=index, tokens=result.tokens,
+                                      echo=result.prompt_text, choice_end=reason)
                     continue
-                generated: list[int] = []
-                scores: list[TokenScore] = []
-                text: list[str] = []
-                last = None
+                if echoed is None:
+                    echoed = manager.call(request.model_id,
+                                          lambda backend: _describe_prompt(backend, prompt, ids, request))
+                yield ChoiceChunk("", total_prompt, total_generated, index=index, tokens=list(echoed.tokens),
+                                  echo=echoed.prompt_text)
+                reason = "length"
                 if request.generate:
+                    namer = TokenNamer(manager.get(request.model_id).backend)  # used under the generation's lock
                     params = replace(_copy_params(request.params, copy), logprobs=request.top)
                     for chunk in manager.generate_ids(request.model_id, ids, params, stop):
-                        generated.extend(chunk.token_ids)
-                        scores.extend(chunk.scores)
-                        text.append(chunk.text)
-                        last = chunk
-                        yield chunk
-                reason = last.finish_reason if last is not None else "length"
+                        if chunk.finished:           # (no break: the engine's generator must end to unlock)
+                            reason = chunk.finish_reason or "length"
+                            total_generated += chunk.generated_tokens
+                            continue
+                        tokens = namer.named(chunk.scores) if request.top is not None else []
+                        yield ChoiceChunk(chunk.text, total_prompt, total_generated + chunk.generated_tokens,
+                                          token_ids=chunk.token_ids, index=index, tokens=tokens)
                 if reason == "cancelled":
                     break
-                if echoed is None:
-                    echoed = manager.call(request.model_id, lambda backend: _describe_prompt(backend, prompt, ids, request))
-                result = manager.call(request.model_id,
-                                      lambda backend: _describe_reply(backend, echoed, generated, scores, request))
-                result.text, result.finish_reason = "".join(text), reason
-                request.results.append(result)
-                total_generated += result.generated
+                yield ChoiceChunk("", total_prompt, total_generated, index=index, choice_end=reason)
             if reason == "cancelled":
                 break
         yield GenerationChunk("", total_prompt, total_generated, finished=True, finish_reason=reason)

@@ -181,6 +181,67 @@ def test_streamed_completion_logprobs_run_on_over_the_reply(api_server):
     assert plain["choices"][0]["text"] == text
 
 
+def sse_events(server, path, body):
+    with httpx.stream("POST", server.base_url + path, content=json.dumps(body).encode(), headers=server.headers(),
+                      timeout=120) as response:
+        assert response.status_code == 200, response.read()
+        lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(line[6:]) for line in lines[:-1]]
+
+
+def test_everything_streams_choice_by_choice_as_the_unstreamed_reply(api_server):
+    """Echo, several prompts, token-id prompts and n > 1 stream too (vLLM does): every event names its
+    choice's index, a choice's pieces and log-probs join to what the same request answers unstreamed,
+    each choice ends with its own finish reason, and usage comes last."""
+    engine = backend(api_server)
+    body = {"model": MODEL_ID, "prompt": [engine.tokenize("The capital of France is"), engine.tokenize("One, two, three,")], "max_tokens": 5, "temperature": 0.8,
+            "seed": 11, "n": 2, "echo": True, "logprobs": 1}
+    whole = post(api_server, "/completions", body)
+    events = sse_events(api_server, "/completions", {**body, "stream": True, "stream_options": {"include_usage": True}})
+    assert events[-1]["choices"] == [] and events[-1]["usage"] == whole["usage"]
+    streamed = {}
+    for event in events[:-1]:
+        (choice,) = event["choices"]
+        got = streamed.setdefault(choice["index"], {"text": "", "tokens": [], "offsets": [], "logprobs": [],
+                                                    "reasons": []})
+        assert got["reasons"] == []                                         # nothing after a choice's end
+        got["text"] += choice["text"]
+        if choice["finish_reason"]:
+            got["reasons"].append(choice["finish_reason"])
+        if choice["logprobs"]:
+            got["tokens"] += choice["logprobs"]["tokens"]
+            got["offsets"] += choice["logprobs"]["text_offset"]
+            got["logprobs"] += choice["logprobs"]["token_logprobs"]
+    assert sorted(streamed) == [0, 1, 2, 3]
+    order = [event["choices"][0]["index"] for event in events[:-1]]
+    assert order == sorted(order)                                          # one choice after another
+    for choice in whole["choices"]:
+        got = streamed[choice["index"]]
+        assert got["text"] == choice["text"] and got["reasons"] == [choice["finish_reason"]]
+        assert got["tokens"] == choice["logprobs"]["tokens"] and got["offsets"] == choice["logprobs"]["text_offset"]
+        assert got["logprobs"] == pytest.approx(choice["logprobs"]["token_logprobs"], abs=1e-6)
+    assert streamed[2]["text"].startswith("One, two, three,") and streamed[0]["text"].startswith("The capital")
+
+
+def test_streamed_chat_with_n_choices(client):
+    messages = [{"role": "user", "content": "Name a fruit."}]
+    stream = client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=6, temperature=0.9,
+                                            seed=4, n=2, stream=True)
+    texts, roles, reasons = {0: "", 1: ""}, set(), {}
+    for event in stream:
+        (choice,) = event.choices
+        texts[choice.index] += choice.delta.content or ""
+        if choice.delta.role:
+            roles.add(choice.index)
+        if choice.finish_reason:
+            reasons[choice.index] = choice.finish_reason
+    whole = client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=6, temperature=0.9,
+                                           seed=4, n=2)
+    assert [texts[c.index] for c in whole.choices] == [c.message.content for c in whole.choices]
+    assert roles == {0, 1} and reasons == {c.index: c.finish_reason for c in whole.choices}
+
+
 def test_batch_of_prompts_answers_each_as_alone(client):
     prompts = ["The capital of France is", "One, two, three,"]
     batch = client.completions.create(model=MODEL_ID, prompt=prompts, max_tokens=4, temperature=0)
@@ -217,8 +278,6 @@ def test_token_ids_outside_the_vocabulary_are_refused(api_server):
     ({"prompt": "Hi", "logprobs": 21}, ("logprobs must be in [0, 20]",)),
     ({"prompt": "Hi", "logprobs": True}, ("logprobs must be an integer",)),
     ({"prompt": "Hi", "top_logprobs": 2}, ("top_logprobs is a chat field",)),
-    ({"prompt": "Hi", "echo": True, "stream": True}, ("echo work without streaming",)),
-    ({"prompt": ["a", "b"], "stream": True}, ("several prompts or token ids", "stream")),
 ])
 def test_bad_logprob_requests_are_400(api_server, body, words):
     response = httpx.post(api_server.base_url + "/completions", headers=api_server.headers(), timeout=60,
