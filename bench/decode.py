@@ -86,21 +86,21 @@ def build_checkpoint(config, folder: Path, bits: int, group: int, seed: int = 0,
     return model
 
 
-def warm_then_time(model, prompt_ids, new_tokens, forward, device) -> dict:
+def warm_then_time(model, prompt_ids, new_tokens, forward, device, logprobs: int | None = None) -> dict:
     """BENCH.md section 2's "after one warm-up generation": a whole warm-up generation of the same length (which
     also tunes the kernels and captures a graph engine's graph), then the timed one. Why whole: eager transformers
     fp16 ran its first 256-token generation about 7x slower than the next ones on an H100 (2026-12-06, whatever
     the KV cache), so a 16-token warm-up left that baseline too slow and every "x fp16" ratio too high. The
     warm-up's speed and wall time are kept in the row (warmup_tok_s, warmup_s)."""
     started = time.perf_counter()
-    _, warm_tps, _ = run_generation(model, prompt_ids, new_tokens, forward, device)
+    _, warm_tps, _ = run_generation(model, prompt_ids, new_tokens, forward, device, logprobs)
     warm_s = time.perf_counter() - started
-    ttft, tps, n = run_generation(model, prompt_ids, new_tokens, forward, device)
+    ttft, tps, n = run_generation(model, prompt_ids, new_tokens, forward, device, logprobs)
     return dict(ttft_ms=ttft * 1e3, tok_s=tps, tokens=n, warmup_tok_s=warm_tps, warmup_s=warm_s)
 
 
-def run_generation(model, prompt_ids, new_tokens, forward, device):
-    params = SamplingParams(temperature=0.0, max_new_tokens=new_tokens)
+def run_generation(model, prompt_ids, new_tokens, forward, device, logprobs: int | None = None):
+    params = SamplingParams(temperature=0.0, max_new_tokens=new_tokens, logprobs=logprobs)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     stamps = []
@@ -299,6 +299,8 @@ def main(argv=None):
     ap.add_argument("--pdl", action="store_true",
                     help="also decode with programmatic dependent launches (sm_90+): measured, not the backend's "
                          "default (no gain on an H200, bench/RESULTS.md)")
+    ap.add_argument("--logprobs", type=int, default=None,
+                    help="also time the last engine with each token's log-probs and this many alternatives")
     ap.add_argument("--cpu", action="store_true", help="CPU comparison on the default model instead")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--smoke", action="store_true", help="GPU check of the GPTQBackend class (see smoke_main)")
@@ -417,6 +419,12 @@ def main(argv=None):
         attention_check[f"residual_{label}"] = dict(rel_err=err, top1=top1)
         print(f"adds in the norms ({label}) vs separate adds (24 graph steps, same tokens): rel err {err:.1e}, "
               f"top-1 {top1:.2f}", flush=True)
+    if args.logprobs is not None:
+        # the last engine again, then with each token's log-probs read from its step (the API's logprobs)
+        last = list(results)[-1]
+        results[f"{last}, again"] = warm_then_time(model, prompt, args.new, decoder.step, device)
+        results[f"{last}, log-probs top {args.logprobs}"] = warm_then_time(model, prompt, args.new, decoder.step,
+                                                                           device, logprobs=args.logprobs)
     from backends.gptq.kernel_runtime import pdl_supported
     if args.pdl and pdl_supported(device):
         # the same engine with programmatic dependent launches (a new graph: launches are captured as made)
