@@ -125,18 +125,24 @@ def stream_generate(model, prompt_ids: list[int], params: SamplingParams, *,
     yield GenerationChunk("", n_prompt, generated, finished=True, finish_reason=reason)
 
 
-def step_scores(row: torch.Tensor, token: torch.Tensor, top: int, normalized: bool = False):
-    """(log p of `token`, the `top` best log-probs, their ids) of one step's logits row, left where the
-    row is: on a GPU nothing waits for the host until score_of reads them."""
+def step_scores(row: torch.Tensor, token: torch.Tensor, top: int, normalized: bool = False) -> torch.Tensor:
+    """One step's scores packed in one tensor (log p of `token`, the `top` best log-probs, their ids as
+    floats: exact below 2**24) and, from a GPU, queued for the host in one non-blocking copy: read with
+    score_of once the stream has synchronized (the loop reads the token first), it costs no sync of its own."""
     if not normalized:
         row = torch.log_softmax(row.float(), dim=-1)
-    values, indices = row.topk(min(top, row.shape[-1])) if top > 0 else (row[:0], row[:0].long())
-    return row[token.to(row.device)], values, indices
+    chosen = row[token.to(row.device)].reshape(1)
+    if top > 0:
+        values, indices = row.topk(min(top, row.shape[-1]))
+        chosen = torch.cat([chosen, values, indices.to(row.dtype)])
+    return chosen.to("cpu", non_blocking=True) if chosen.is_cuda else chosen
 
 
-def score_of(token: int, scored) -> TokenScore:
-    chosen, values, indices = scored
-    return TokenScore(token, float(chosen), tuple(zip(indices.tolist(), values.tolist()))).drawn_first()
+def score_of(token: int, packed: torch.Tensor) -> TokenScore:
+    values = packed.tolist()
+    k = (len(values) - 1) // 2
+    top = tuple((int(t), v) for t, v in zip(values[1 + k:], values[1:1 + k]))
+    return TokenScore(token, values[0], top).drawn_first()
 
 
 def cache_keyword(model) -> str:
