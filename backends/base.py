@@ -56,6 +56,16 @@ class SamplingParams:
     # None: no log-probs; k: each generated token's chunk carries its log-prob and the k most likely
     # tokens of its step (GenerationChunk.scores), read from the logits it was sampled from
     logprobs: int | None = None
+    # OpenAI's penalties, on the reply's tokens so far: logit -= count * frequency + (count > 0) * presence
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()    # (token id, added to its logit), as OpenAI's map
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether anything but temperature and truncation changes the model's logits before sampling."""
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or bool(self.logit_bias))
 
     def validated(self) -> "SamplingParams":
         """Raise BackendError on values no engine can honour (negative temperature, top_p > 1...)."""
@@ -72,6 +82,12 @@ class SamplingParams:
             problems.append(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
         if not (1 <= self.max_new_tokens <= 1_000_000):
             problems.append(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not (-2.0 <= getattr(self, name) <= 2.0):
+                problems.append(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        bad_bias = [(t, b) for t, b in self.logit_bias if not (-100.0 <= b <= 100.0) or t < 0]
+        if bad_bias:
+            problems.append(f"logit_bias values must be in [-100, 100] for token ids >= 0, got {bad_bias[0]}")
         if self.logprobs is not None and not (0 <= self.logprobs <= MAX_TOP_LOGPROBS):
             problems.append(f"logprobs must be 0 to {MAX_TOP_LOGPROBS} alternatives, got {self.logprobs}")
         if problems:
@@ -91,7 +107,11 @@ class SamplingParams:
         for name in ("top_k", "max_new_tokens"):
             if name in clean:
                 clean[name] = int(clean[name])
-        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+        if "logit_bias" in clean:
+            bias = clean["logit_bias"] or ()
+            pairs = bias.items() if isinstance(bias, dict) else bias
+            clean["logit_bias"] = tuple(sorted((int(t), float(b)) for t, b in pairs))
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
             if name in clean:
                 clean[name] = float(clean[name])
         if clean.get("seed") is not None:

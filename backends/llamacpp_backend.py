@@ -125,6 +125,7 @@ class LlamaCppBackend(Backend):
         params = params.validated()
         ids = [int(t) for t in ids]
         self.check_token_ids(ids)
+        self.check_token_ids([t for t, _ in params.logit_bias])
         if not ids:
             raise BackendError("the prompt is empty")
         n_prompt, n_ctx = len(ids), self.context_length
@@ -138,9 +139,12 @@ class LlamaCppBackend(Backend):
         decoder = IncrementalDecoder(lambda t: self.llm.detokenize(t).decode("utf-8", errors="replace"))
         stops = StopStringFilter(params.stop)
         generated, reason = 0, "length"
+        counts = np.zeros(self.llm.n_vocab(), dtype=np.float32)     # the reply's tokens so far
+        adjust = _openai_adjustments(params, counts)
         tokens = self.llm.generate(
             ids, top_k=params.top_k if params.top_k > 0 else 0, top_p=params.top_p, min_p=params.min_p,
-            temp=params.temperature, repeat_penalty=params.repetition_penalty, reset=True)
+            temp=params.temperature, repeat_penalty=params.repetition_penalty, reset=True,
+            logits_processor=[adjust] if adjust is not None else None)
         try:
             for token in tokens:
                 if stop_event is not None and stop_event.is_set():
@@ -150,6 +154,7 @@ class LlamaCppBackend(Backend):
                     reason = "stop"
                     break
                 generated += 1
+                counts[int(token)] += 1
                 # the logits it was sampled from are still the context's last row (nothing evaluated since)
                 scores = (self._last_row_score(int(token), params.logprobs),) if params.logprobs is not None else ()
                 delta, hit = stops.feed(decoder.push(int(token)))
@@ -291,6 +296,24 @@ class LlamaCppBackend(Backend):
                 alternatives = tuple(zip(best[row].tolist(), best_values[row].tolist())) if best is not None else ()
                 scores.append(TokenScore(token, float(chosen[row]), alternatives))
         return scores
+
+
+def _openai_adjustments(params: SamplingParams, counts: np.ndarray):
+    """A llama-cpp-python logits processor for the logit bias and OpenAI's presence and frequency
+    penalties over the reply's tokens (`counts`, updated by the caller), as the torch engines apply them
+    (llama.cpp's own penalties count only its last 64 tokens); None when there is nothing to do."""
+    if not (params.logit_bias or params.presence_penalty or params.frequency_penalty):
+        return None
+    bias_ids = np.array([t for t, _ in params.logit_bias], dtype=np.int64)
+    bias = np.array([b for _, b in params.logit_bias], dtype=np.float32)
+
+    def adjust(_input_ids, logits: np.ndarray) -> np.ndarray:
+        logits = logits.copy()
+        np.add.at(logits, bias_ids, bias)
+        if params.presence_penalty or params.frequency_penalty:
+            logits -= counts * params.frequency_penalty + (counts > 0) * np.float32(params.presence_penalty)
+        return logits
+    return adjust
 
 
 def _check_gguf(path: Path) -> None:

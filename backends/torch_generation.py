@@ -22,6 +22,20 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return logits
 
 
+def adjust_logits(row: torch.Tensor, params: SamplingParams, seen: torch.Tensor, counts: dict[int, int]) -> torch.Tensor:
+    """What the settings do to a float CPU logits row before temperature and truncation, in place: the
+    logit bias, the repetition penalty (prompt and reply) and OpenAI's presence and frequency penalties
+    (`counts`: how often each token is in the reply so far)."""
+    if params.logit_bias:
+        row.index_add_(0, torch.tensor([t for t, _ in params.logit_bias]),
+                       torch.tensor([b for _, b in params.logit_bias], dtype=row.dtype))
+    row = apply_repetition_penalty(row, seen, params.repetition_penalty)
+    if counts and (params.presence_penalty or params.frequency_penalty):
+        times = torch.tensor(list(counts.values()), dtype=row.dtype)
+        row.index_add_(0, torch.tensor(list(counts)), -(times * params.frequency_penalty + params.presence_penalty))
+    return row
+
+
 def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """Pick the next token from a 1-D logits row: greedy at temperature 0, else top-k, top-p and
     min-p filtering on the temperature-scaled distribution."""
@@ -59,6 +73,7 @@ def stream_generate(model, prompt_ids: list[int], params: SamplingParams, *,
     if not prompt_ids:
         raise BackendError("the prompt is empty")
     check_token_ids(model, prompt_ids)
+    check_token_ids(model, [t for t, _ in params.logit_bias])
     n_prompt = len(prompt_ids)
     if n_prompt >= context_length:
         raise BackendError(f"the prompt has {n_prompt} tokens but the context holds {context_length}: "
@@ -73,7 +88,8 @@ def stream_generate(model, prompt_ids: list[int], params: SamplingParams, *,
     generated = 0
     reason = "length"
     stops = StopStringFilter(params.stop)
-    greedy = params.temperature <= 0 and params.repetition_penalty == 1.0
+    counts: dict[int, int] = {}     # the reply's tokens, for the presence and frequency penalties
+    greedy = params.temperature <= 0 and not params.adjusts_logits
     if pipeline is None:
         pipeline = torch.device(device).type == "cuda"
     pending = None  # the next step, launched before the host has read the token it is fed
@@ -96,8 +112,7 @@ def stream_generate(model, prompt_ids: list[int], params: SamplingParams, *,
                 row = logits[0, -1].float().cpu()
                 if params.logprobs is not None:   # the model's distribution, before penalty and temperature
                     row_scores = torch.log_softmax(row, dim=-1)
-                if params.repetition_penalty != 1.0:
-                    row = apply_repetition_penalty(row, seen, params.repetition_penalty)
+                row = adjust_logits(row, params, seen, counts)
                 token = sample_next(row, params, generator)
                 if params.logprobs is not None:
                     scored = step_scores(row_scores, torch.tensor(token), params.logprobs, normalized=True)
@@ -105,6 +120,7 @@ def stream_generate(model, prompt_ids: list[int], params: SamplingParams, *,
                 reason = "stop"
                 break
             generated += 1
+            counts[token] = counts.get(token, 0) + 1
             if params.repetition_penalty != 1.0 and not bool((seen == token).any()):
                 seen = torch.cat([seen, torch.tensor([token])])
             delta, hit = stops.feed(decoder.push(token))

@@ -15,7 +15,8 @@ from backends.base import MAX_TOP_LOGPROBS, BackendError, SamplingParams
 DEFAULT_MAX_BODY_BYTES = 8 * 2**20
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16          # as OpenAI's legacy completions endpoint
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-_UNSUPPORTED = ("tools", "functions", "logit_bias", "suffix")
+_UNSUPPORTED = ("tools", "functions", "suffix")
+MAX_LOGIT_BIAS = 300            # entries, as OpenAI allows
 
 
 class ApiError(Exception):
@@ -122,9 +123,6 @@ def _refuse_unsupported(data: dict) -> None:
         raise ApiError(400, "tool_choice is not supported by this server", param="tool_choice")
     if _integer(data, "best_of", 1, 1) != 1:
         raise ApiError(400, "only best_of=1 is supported", param="best_of")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if _number(data, name, 0.0, -2.0, 2.0) != 0.0:
-            raise ApiError(400, f"{name} is not supported (use repetition_penalty)", param=name)
     response_format = data.get("response_format")
     if response_format not in (None, {"type": "text"}):
         raise ApiError(400, "only response_format {\"type\": \"text\"} is supported", param="response_format")
@@ -158,11 +156,31 @@ def sampling_from(data: dict, default_max_tokens: int | None, context_length: in
         max_new_tokens=min(max_tokens, max(1, context_length)),
         seed=None if seed is None else seed % 2**32,   # engines take 32-bit seeds: same seed, same reply
         stop=_stop(data),
+        presence_penalty=_number(data, "presence_penalty", 0.0, -2.0, 2.0),
+        frequency_penalty=_number(data, "frequency_penalty", 0.0, -2.0, 2.0),
+        logit_bias=_logit_bias(data),
     )
     try:
         return params.validated()
     except BackendError as exc:
         raise ApiError(400, str(exc)) from None
+
+
+def _logit_bias(data: dict) -> tuple[tuple[int, float], ...]:
+    """OpenAI's `logit_bias`: {"token id": bias in [-100, 100]} (ids as strings, as JSON keys are)."""
+    value = data.get("logit_bias")
+    if value is None:
+        return ()
+    what = 'logit_bias must map token ids to numbers in [-100, 100], e.g. {"1234": -100}'
+    if not isinstance(value, dict) or len(value) > MAX_LOGIT_BIAS:
+        raise ApiError(400, f"{what}, at most {MAX_LOGIT_BIAS} entries", param="logit_bias")
+    pairs = []
+    for key, bias in value.items():
+        if not (isinstance(key, str) and key.isdigit() and len(key) < 12) or isinstance(bias, bool) \
+                or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+            raise ApiError(400, f"{what}; got {json.dumps(key)[:20]}: {json.dumps(bias)[:20]}", param="logit_bias")
+        pairs.append((int(key), float(bias)))
+    return tuple(sorted(pairs))
 
 
 def _content_text(content: Any, where: str) -> str:

@@ -356,3 +356,15 @@ def test_max_tokens_wins_over_max_completion_tokens_with_echo(api_server):
     scored = post(api_server, "/completions", {"model": MODEL_ID, "prompt": "One, two, three,", "echo": True,
                                                "max_completion_tokens": 0, "temperature": 0})
     assert scored["usage"]["completion_tokens"] == 0 and scored["choices"][0]["text"] == "One, two, three,"
+
+
+def test_logit_bias_and_penalties_through_the_openai_client(client, api_server):
+    forced = backend(api_server).tokenize(" banana")[0]
+    reply = client.completions.create(model=MODEL_ID, prompt="My favourite fruit is", max_tokens=3, temperature=0,
+                                      logit_bias={str(forced): 100})
+    assert reply.choices[0].text == " banana" * 3
+    prompt = "Paris, Paris, Paris, Paris, Paris, Paris, Paris, Paris,"
+    plain = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=10, temperature=0).choices[0].text
+    penalized = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=10, temperature=0,
+                                          presence_penalty=1.5, frequency_penalty=0.75).choices[0].text
+    assert plain.count("Paris") > penalized.count("Paris") and penalized != plain

@@ -68,6 +68,33 @@ def test_generation_scores_each_token_from_its_own_step(engine):
     assert all(c.scores == () for c in plain)
 
 
+def test_penalties_and_logit_bias_change_what_each_step_picks(engine):
+    """OpenAI's presence and frequency penalties count the reply's tokens so far and logit_bias adds to a
+    token's logit, before the token is picked: every greedy step picks the best of its own step's
+    log-probs (the model's unchanged distribution) after exactly those changes, on every engine."""
+    ids = engine.tokenize("Paris, Paris, Paris, Paris, Paris, Paris, Paris, Paris,")   # a reply that repeats
+    plain = [t for c in engine.generate_ids(ids, SamplingParams(max_new_tokens=10)) for t in c.token_ids]
+    assert len(set(plain)) <= 4, plain                                  # the premise: penalties will bite
+    banned, boosted = engine.tokenize(" France")[0], engine.tokenize(" London")[0]
+    bias = {banned: -100.0, boosted: 1.5}
+    params = SamplingParams(max_new_tokens=10, presence_penalty=1.5, frequency_penalty=0.75,
+                            logit_bias=tuple(bias.items()), logprobs=20)
+    steps = [s for c in engine.generate_ids(ids, params) for s in c.scores]
+    reply = [s.token for s in steps]
+    assert len(steps) == 10 and banned not in reply and reply != plain
+    counts: dict[int, int] = {}
+    for step in steps:
+        adjusted = {t: lp + bias.get(t, 0.0) - 0.75 * counts.get(t, 0) - (1.5 if counts.get(t) else 0.0)
+                    for t, lp in step.top}
+        assert step.token == max(adjusted, key=adjusted.get)
+        counts[step.token] = counts.get(step.token, 0) + 1
+    forced = engine.tokenize(" banana")[0]
+    chunks = list(engine.generate_ids(ids, SamplingParams(max_new_tokens=3, logit_bias=((forced, 100.0),))))
+    assert [t for c in chunks for t in c.token_ids] == [forced] * 3
+    with pytest.raises(BackendError, match="token id 10000000 is outside"):
+        list(engine.generate_ids(ids, SamplingParams(max_new_tokens=1, logit_bias=((10_000_000, 1.0),))))
+
+
 def test_ids_outside_the_vocabulary_are_refused_by_name(engine):
     ids = engine.tokenize(TEXT)
     with pytest.raises(BackendError, match="token id 10000000 is outside"):
