@@ -40,7 +40,6 @@ class Capabilities:
     bits: tuple[int, ...] = ()
     formats: tuple[str, ...] = ()  # "hf", "gguf", "gptq"
     options: tuple[OptionSpec, ...] = ()
-    logprobs: bool = True
 
 
 @dataclass(frozen=True)
