@@ -103,10 +103,13 @@ def stream_generate(model, prompt_ids: list[int], params: SamplingParams, *,
             scored = None
             if greedy:  # argmax where the logits are: one scalar crosses to the host, not the vocabulary
                 token_on_device = logits[0, -1].argmax().reshape(1, 1)
-                if params.logprobs is not None:   # queued before the next step rewrites a graph's logits
-                    scored = step_scores(logits[0, -1], token_on_device.reshape(()), params.logprobs)
+                # the row copied before the next step rewrites a graph's logits; scored after that step is
+                # queued, so the GPU runs the scoring behind it instead of waiting for its launches
+                row = logits[0, -1].to(torch.float32, copy=True) if params.logprobs is not None else None
                 if pipeline and generated + 1 < budget:
                     pending = step(token_on_device, cache)
+                if row is not None:
+                    scored = step_scores(row, token_on_device.reshape(()), params.logprobs)
                 token = int(token_on_device)
             else:
                 row = logits[0, -1].float().cpu()
