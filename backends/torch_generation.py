@@ -150,7 +150,7 @@ def step_scores(row: torch.Tensor, token: torch.Tensor, top: int, normalized: bo
     score_of once the stream has synchronized (the loop reads the token first), it costs no sync of its own."""
     if not normalized:
         row = torch.log_softmax(row.float(), dim=-1)
-    chosen = row[token.to(row.device)].reshape(1)
+    chosen = row.index_select(0, token.reshape(1).to(row.device))   # (row[token] would sync: item())
     if top > 0:
         values, indices = row.topk(min(top, row.shape[-1]))
         chosen = torch.cat([chosen, values, indices.to(row.dtype)])
