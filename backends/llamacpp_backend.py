@@ -140,10 +140,10 @@ class LlamaCppBackend(Backend):
         stops = StopStringFilter(params.stop)
         generated, reason = 0, "length"
         counts = np.zeros(self.llm.n_vocab(), dtype=np.float32)     # the reply's tokens so far
-        adjust = _openai_adjustments(params, counts)
+        adjust = _logit_adjustments(params, ids, counts)
         tokens = self.llm.generate(
             ids, top_k=params.top_k if params.top_k > 0 else 0, top_p=params.top_p, min_p=params.min_p,
-            temp=params.temperature, repeat_penalty=params.repetition_penalty, reset=True,
+            temp=params.temperature, repeat_penalty=1.0, reset=True,
             logits_processor=[adjust] if adjust is not None else None)
         try:
             for token in tokens:
@@ -298,18 +298,27 @@ class LlamaCppBackend(Backend):
         return scores
 
 
-def _openai_adjustments(params: SamplingParams, counts: np.ndarray):
-    """A llama-cpp-python logits processor for the logit bias and OpenAI's presence and frequency
-    penalties over the reply's tokens (`counts`, updated by the caller), as the torch engines apply them
-    (llama.cpp's own penalties count only its last 64 tokens); None when there is nothing to do."""
-    if not (params.logit_bias or params.presence_penalty or params.frequency_penalty):
+def _logit_adjustments(params: SamplingParams, prompt: Sequence[int], counts: np.ndarray):
+    """A llama-cpp-python logits processor doing what torch_generation.adjust_logits does: the logit bias,
+    the repetition penalty over the prompt's and the reply's tokens (llama.cpp's own counts only the
+    last 64 tokens it sampled, so a prompt that repeats itself went unpenalized), and OpenAI's presence
+    and frequency penalties over the reply's tokens (`counts`, updated by the caller). None when there
+    is nothing to do."""
+    if not params.adjusts_logits:
         return None
     bias_ids = np.array([t for t, _ in params.logit_bias], dtype=np.int64)
     bias = np.array([b for _, b in params.logit_bias], dtype=np.float32)
+    in_prompt = np.zeros(len(counts), dtype=bool)
+    in_prompt[np.asarray(prompt, dtype=np.int64)] = True
+    penalty = np.float32(params.repetition_penalty)
 
     def adjust(_input_ids, logits: np.ndarray) -> np.ndarray:
         logits = logits.copy()
         np.add.at(logits, bias_ids, bias)
+        if penalty != 1.0:
+            seen = np.flatnonzero(in_prompt | (counts > 0))
+            picked = logits[seen]
+            logits[seen] = np.where(picked > 0, picked / penalty, picked * penalty)
         if params.presence_penalty or params.frequency_penalty:
             logits -= counts * params.frequency_penalty + (counts > 0) * np.float32(params.presence_penalty)
         return logits

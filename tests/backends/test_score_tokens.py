@@ -95,6 +95,20 @@ def test_penalties_and_logit_bias_change_what_each_step_picks(engine):
         list(engine.generate_ids(ids, SamplingParams(max_new_tokens=1, logit_bias=((10_000_000, 1.0),))))
 
 
+def test_the_repetition_penalty_covers_the_prompt_on_every_engine(engine):
+    """HF's and vLLM's repetition penalty counts the prompt's tokens too. llama.cpp's own counts only the
+    last 64 tokens it sampled, so there a prompt that repeats a word was not penalized: the first tokens
+    of the reply still repeated it (seen: ' Paris,\nParis-Lille' at 2.0, where transformers answers
+    '\nBarcelona-Ceiba'). Every engine now penalizes it from the first token."""
+    ids = engine.tokenize("Paris, Paris, Paris, Paris, Paris, Paris, Paris, Paris,")
+    paris = engine.tokenize(" Paris")[0]
+    plain = [t for c in engine.generate_ids(ids, SamplingParams(max_new_tokens=4)) for t in c.token_ids]
+    assert plain[0] == paris                                            # the premise
+    penalized = [t for c in engine.generate_ids(ids, SamplingParams(max_new_tokens=4, repetition_penalty=2.0))
+                 for t in c.token_ids]
+    assert paris not in penalized and engine.tokenize(",")[0] not in penalized
+
+
 def test_ids_outside_the_vocabulary_are_refused_by_name(engine):
     ids = engine.tokenize(TEXT)
     with pytest.raises(BackendError, match="token id 10000000 is outside"):
