@@ -13,7 +13,7 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Iterator
 
 from starlette.applications import Starlette
@@ -23,8 +23,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 
 from backends.base import BackendError, GenerationChunk, SamplingParams
-from webui.api_logprobs import (ChoiceChunk, ScoredRequest, chat_logprobs, completion_logprobs, named_stream,
-                                scored_work)
+from webui.api_logprobs import ChoiceChunk, ScoredRequest, chat_logprobs, completion_logprobs, scored_work
 from webui.api_requests import (COMPLETIONS_DEFAULT_MAX_TOKENS, DEFAULT_MAX_BODY_BYTES, ApiError, bool_field,
                                 choices_from, logprobs_from, messages_from, prompts_from, read_json,
                                 requested_max_tokens, resolve_model, sampling_from)
@@ -129,7 +128,6 @@ class _Call:
     stream: bool
     include_usage: bool
     scored: ScoredRequest | None = None   # log-probs, echo, token ids or several prompts (webui.api_logprobs)
-    top: int | None = None                # a streamed reply's log-probs: alternatives per token
 
     @property
     def object_name(self) -> str:
@@ -191,11 +189,9 @@ class OpenAIApi:
         call = _Call(kind, model_id, params, payload, stream, include_usage)
         n = choices_from(data)
         one_text = kind == "chat" or (len(payload) == 1 and isinstance(payload[0], str))
-        if not echo and n == 1 and one_text and (top is None or stream):
+        if top is None and not echo and n == 1 and one_text:
             if kind == "completion":
                 call.payload = payload[0]
-            if top is not None:        # streamed log-probs: each chunk carries its tokens' (api_logprobs)
-                call.params, call.top = replace(params, logprobs=top), top
             return call
         prompts = [payload] if kind == "chat" else payload
         call.scored = ScoredRequest(model_id, prompts, kind == "chat", params,
@@ -207,11 +203,9 @@ class OpenAIApi:
         manager = self.manager
         if call.scored is not None:
             return scored_work(manager, call.scored)
-        run = manager.chat if call.kind == "chat" else manager.generate
-
-        def work(stop):
-            return run(call.model_id, call.payload, call.params, stop)
-        return work if call.top is None else named_stream(manager, call.model_id, work)
+        if call.kind == "chat":
+            return lambda stop: manager.chat(call.model_id, call.payload, call.params, stop)
+        return lambda stop: manager.generate(call.model_id, call.payload, call.params, stop)
 
     async def _watch(self, request: Request, cancellation: Cancellation) -> None:
         """Cancel the request as soon as its client disconnects (queued, running or streaming)."""

@@ -87,19 +87,6 @@ class TokenNamer:
         return [self.entry(self.next_piece(s.token), s) for s in scores]
 
 
-def named_stream(manager, model_id: str, work: Callable[[threading.Event], Iterator[GenerationChunk]]
-                 ) -> Callable[[threading.Event], Iterator[GenerationChunk]]:
-    """A plain reply's worker whose chunks carry their tokens' log-probs named (ChoiceChunk). The naming
-    runs in the worker, between the engine's tokens: the lock the generation holds covers it."""
-    def run(stop: threading.Event) -> Iterator[GenerationChunk]:
-        namer = TokenNamer(manager.get(model_id).backend)
-        for chunk in work(stop):
-            if chunk.scores:
-                chunk = ChoiceChunk(**vars(chunk), tokens=namer.named(chunk.scores))
-            yield chunk
-    return run
-
-
 def scored_work(manager, request: ScoredRequest) -> Callable[[threading.Event], Iterator[GenerationChunk]]:
     """The worker for run_queued: yields each choice's pieces (ChoiceChunk, in choice order), and ends with
     one GenerationChunk that totals every prompt (the queue's records and the usage read it)."""
