@@ -140,6 +140,7 @@ class LlamaCppBackend(Backend):
         stops = StopStringFilter(params.stop)
         generated, reason = 0, "length"
         counts = np.zeros(self.llm.n_vocab(), dtype=np.float32)     # the reply's tokens so far
+        scratch = np.empty((1, self.llm.n_vocab()), dtype=np.float32) if params.logprobs is not None else None
         adjust = _logit_adjustments(params, ids, counts)
         tokens = self.llm.generate(
             ids, top_k=params.top_k if params.top_k > 0 else 0, top_p=params.top_p, min_p=params.min_p,
@@ -156,7 +157,8 @@ class LlamaCppBackend(Backend):
                 generated += 1
                 counts[int(token)] += 1
                 # the logits it was sampled from are still the context's last row (nothing evaluated since)
-                scores = (self._last_row_score(int(token), params.logprobs),) if params.logprobs is not None else ()
+                scores = ((self._last_row_score(int(token), params.logprobs, scratch),)
+                          if params.logprobs is not None else ())
                 delta, hit = stops.feed(decoder.push(int(token)))
                 yield GenerationChunk(delta, n_prompt, generated, token_ids=(int(token),), scores=scores)
                 if hit:
@@ -171,20 +173,14 @@ class LlamaCppBackend(Backend):
             yield GenerationChunk(tail, n_prompt, generated)
         yield GenerationChunk("", n_prompt, generated, finished=True, finish_reason=reason)
 
-    def _last_row_score(self, token: int, top: int) -> TokenScore:
-        """TokenScore of `token` from the logits of the last evaluated position, normalized as
-        _scored_rows does (float32 exp, float64 sum)."""
+    def _last_row_score(self, token: int, top: int, scratch: np.ndarray) -> TokenScore:
+        """TokenScore of `token` from the logits of the last evaluated position, as _scored_rows scores
+        every row (`scratch`: a reused 1 x vocabulary buffer)."""
         n_vocab = self.llm.n_vocab()
-        logits = np.ctypeslib.as_array(self.llm._ctx.get_logits_ith(-1), shape=(n_vocab,))
-        peak = float(logits.max())
-        logz = float(np.log(np.exp(logits - peak).sum(dtype=np.float64))) + peak
-        alternatives = ()
-        if top > 0:
-            k = min(top, n_vocab)
-            best = np.argpartition(logits, -k)[-k:]
-            best = best[np.argsort(-logits[best], kind="stable")]
-            alternatives = tuple((int(t), float(logits[t]) - logz) for t in best)
-        return TokenScore(token, float(logits[token]) - logz, alternatives).drawn_first()
+        logits = np.ctypeslib.as_array(self.llm._ctx.get_logits_ith(-1), shape=(1, n_vocab))
+        chosen, best, best_values = _score_rows(logits, [token], min(top, n_vocab), scratch)
+        alternatives = tuple(zip(best[0].tolist(), best_values[0].tolist())) if best is not None else ()
+        return TokenScore(token, float(chosen[0]), alternatives).drawn_first()
 
     def _prime(self, ids: list[int]) -> None:
         """Leave the KV cache holding exactly ids[:-1] (reusing what it already holds of them), so that
@@ -254,24 +250,10 @@ class LlamaCppBackend(Backend):
                 all_logits = all_logits.reshape(len(batch), n_vocab)
                 for first in range(0, rows, rows_at_once):
                     logits = all_logits[first:min(rows, first + rows_at_once)]
-                    n = len(logits)
-                    peak = logits.max(axis=1)
-                    shifted = np.subtract(logits, peak[:, None], out=scratch[:n])
-                    np.exp(shifted, out=shifted)
-                    logz = np.log(shifted.sum(axis=1, dtype=np.float64)) + peak
-                    here = np.arange(n)
-                    targets = ids[start + first + 1:start + first + 1 + n]
-                    if len(targets) < n:                             # the position after the last id
+                    targets = ids[start + first + 1:start + first + 1 + len(logits)]
+                    if len(targets) < len(logits):                  # the position after the last id
                         targets = targets + [int(logits[-1].argmax())]
-                    chosen = logits[here, targets].astype(np.float64) - logz
-                    best = best_values = None
-                    if k > 0:
-                        best = np.argpartition(logits, -k, axis=1)[:, -k:]
-                        values = logits[here[:, None], best]
-                        order = np.argsort(-values, axis=1, kind="stable")
-                        best = np.take_along_axis(best, order, axis=1)
-                        best_values = np.take_along_axis(values, order, axis=1).astype(np.float64) - logz[:, None]
-                    yield targets, chosen, best, best_values
+                    yield (targets, *_score_rows(logits, targets, k, scratch))
         finally:
             llm.reset()
 
@@ -296,6 +278,25 @@ class LlamaCppBackend(Backend):
                 alternatives = tuple(zip(best[row].tolist(), best_values[row].tolist())) if best is not None else ()
                 scores.append(TokenScore(token, float(chosen[row]), alternatives))
         return scores
+
+
+def _score_rows(logits: np.ndarray, targets: Sequence[int], k: int, scratch: np.ndarray):
+    """(log p of each row's target, ids and log p of each row's k best tokens or None) for rows of
+    logits: the float32 exp goes into `scratch` (at least as many rows) and is summed in float64."""
+    n = len(logits)
+    peak = logits.max(axis=1)
+    shifted = np.subtract(logits, peak[:, None], out=scratch[:n])
+    np.exp(shifted, out=shifted)
+    logz = np.log(shifted.sum(axis=1, dtype=np.float64)) + peak
+    here = np.arange(n)
+    chosen = logits[here, list(targets)].astype(np.float64) - logz
+    if k <= 0:
+        return chosen, None, None
+    best = np.argpartition(logits, -k, axis=1)[:, -k:]
+    values = logits[here[:, None], best]
+    order = np.argsort(-values, axis=1, kind="stable")
+    best = np.take_along_axis(best, order, axis=1)
+    return chosen, best, np.take_along_axis(values, order, axis=1).astype(np.float64) - logz[:, None]
 
 
 def _logit_adjustments(params: SamplingParams, prompt: Sequence[int], counts: np.ndarray):
