@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
+import torch
 
 from backends.base import (Backend, BackendError, Capabilities, GenerationChunk, MemoryReport,
                            OptionSpec, SamplingParams, TokenScore)
+from backends.logit_adjustments import LogitAdjustments
 from backends.process_memory import resident_bytes
 from backends.text_stream import IncrementalDecoder, StopStringFilter
 
@@ -139,13 +141,12 @@ class LlamaCppBackend(Backend):
         decoder = IncrementalDecoder(lambda t: self.llm.detokenize(t).decode("utf-8", errors="replace"))
         stops = StopStringFilter(params.stop)
         generated, reason = 0, "length"
-        counts = np.zeros(self.llm.n_vocab(), dtype=np.float32)     # the reply's tokens so far
+        adjustments = LogitAdjustments(params, ids)     # llama.cpp's own penalties stay off (repeat_penalty 1)
         scratch = np.empty((1, self.llm.n_vocab()), dtype=np.float32) if params.logprobs is not None else None
-        adjust = _logit_adjustments(params, ids, counts)
         tokens = self.llm.generate(
             ids, top_k=params.top_k if params.top_k > 0 else 0, top_p=params.top_p, min_p=params.min_p,
             temp=params.temperature, repeat_penalty=1.0, reset=True,
-            logits_processor=[adjust] if adjust is not None else None)
+            logits_processor=[_processor(adjustments)] if adjustments.active else None)
         try:
             for token in tokens:
                 if stop_event is not None and stop_event.is_set():
@@ -155,7 +156,7 @@ class LlamaCppBackend(Backend):
                     reason = "stop"
                     break
                 generated += 1
-                counts[int(token)] += 1
+                adjustments.accept(int(token))
                 # the logits it was sampled from are still the context's last row (nothing evaluated since)
                 scores = ((self._last_row_score(int(token), params.logprobs, scratch),)
                           if params.logprobs is not None else ())
@@ -299,31 +300,11 @@ def _score_rows(logits: np.ndarray, targets: Sequence[int], k: int, scratch: np.
     return chosen, best, np.take_along_axis(values, order, axis=1).astype(np.float64) - logz[:, None]
 
 
-def _logit_adjustments(params: SamplingParams, prompt: Sequence[int], counts: np.ndarray):
-    """A llama-cpp-python logits processor doing what torch_generation.adjust_logits does: the logit bias,
-    the repetition penalty over the prompt's and the reply's tokens (llama.cpp's own counts only the
-    last 64 tokens it sampled, so a prompt that repeats itself went unpenalized), and OpenAI's presence
-    and frequency penalties over the reply's tokens (`counts`, updated by the caller). None when there
-    is nothing to do."""
-    if not params.adjusts_logits:
-        return None
-    bias_ids = np.array([t for t, _ in params.logit_bias], dtype=np.int64)
-    bias = np.array([b for _, b in params.logit_bias], dtype=np.float32)
-    in_prompt = np.zeros(len(counts), dtype=bool)
-    in_prompt[np.asarray(prompt, dtype=np.int64)] = True
-    penalty = np.float32(params.repetition_penalty)
-
-    def adjust(_input_ids, logits: np.ndarray) -> np.ndarray:
-        logits = logits.copy()
-        np.add.at(logits, bias_ids, bias)
-        if penalty != 1.0:
-            seen = np.flatnonzero(in_prompt | (counts > 0))
-            picked = logits[seen]
-            logits[seen] = np.where(picked > 0, picked / penalty, picked * penalty)
-        if params.presence_penalty or params.frequency_penalty:
-            logits -= counts * params.frequency_penalty + (counts > 0) * np.float32(params.presence_penalty)
-        return logits
-    return adjust
+def _processor(adjustments: LogitAdjustments):
+    """llama-cpp-python's logits processor form of the shared adjustments (numpy rows in and out)."""
+    def process(_input_ids, logits: np.ndarray) -> np.ndarray:
+        return adjustments.apply(torch.from_numpy(logits.copy())).numpy()
+    return process
 
 
 def _check_gguf(path: Path) -> None:

@@ -9,31 +9,8 @@ import torch
 
 from backends.base import BackendError, GenerationChunk, SamplingParams, TokenScore
 from backends.growing_cache import growing_cache
+from backends.logit_adjustments import LogitAdjustments
 from backends.text_stream import IncrementalDecoder, StopStringFilter
-
-
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL-style penalty, as transformers and llama.cpp apply it: divide positive logits, multiply
-    negative ones, for every token already in the context."""
-    if penalty == 1.0 or seen.numel() == 0:
-        return logits
-    picked = logits[seen]
-    logits[seen] = torch.where(picked > 0, picked / penalty, picked * penalty)
-    return logits
-
-
-def adjust_logits(row: torch.Tensor, params: SamplingParams, seen: torch.Tensor, counts: dict[int, int]) -> torch.Tensor:
-    """What the settings do to a float CPU logits row before temperature and truncation, in place: the
-    logit bias, the repetition penalty (prompt and reply) and OpenAI's presence and frequency penalties
-    (`counts`: how often each token is in the reply so far)."""
-    if params.logit_bias:
-        row.index_add_(0, torch.tensor([t for t, _ in params.logit_bias]),
-                       torch.tensor([b for _, b in params.logit_bias], dtype=row.dtype))
-    row = apply_repetition_penalty(row, seen, params.repetition_penalty)
-    if counts and (params.presence_penalty or params.frequency_penalty):
-        times = torch.tensor(list(counts.values()), dtype=row.dtype)
-        row.index_add_(0, torch.tensor(list(counts)), -(times * params.frequency_penalty + params.presence_penalty))
-    return row
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
@@ -84,12 +61,11 @@ def stream_generate(model, prompt_ids: list[int], params: SamplingParams, *,
         generator = torch.Generator(device="cpu").manual_seed(params.seed)
     step = forward or _default_forward(model)
     decoder = IncrementalDecoder(decode)
-    seen = torch.tensor(sorted(set(prompt_ids)), dtype=torch.long)
     generated = 0
     reason = "length"
     stops = StopStringFilter(params.stop)
-    counts: dict[int, int] = {}     # the reply's tokens, for the presence and frequency penalties
-    greedy = params.temperature <= 0 and not params.adjusts_logits
+    adjustments = LogitAdjustments(params, prompt_ids)
+    greedy = params.temperature <= 0 and not adjustments.active
     if pipeline is None:
         pipeline = torch.device(device).type == "cuda"
     pending = None  # the next step, launched before the host has read the token it is fed
@@ -115,7 +91,7 @@ def stream_generate(model, prompt_ids: list[int], params: SamplingParams, *,
                 row = logits[0, -1].float().cpu()
                 if params.logprobs is not None:   # the model's distribution, before penalty and temperature
                     row_scores = torch.log_softmax(row, dim=-1)
-                row = adjust_logits(row, params, seen, counts)
+                row = adjustments.apply(row)
                 token = sample_next(row, params, generator)
                 if params.logprobs is not None:
                     scored = step_scores(row_scores, torch.tensor(token), params.logprobs, normalized=True)
@@ -123,9 +99,7 @@ def stream_generate(model, prompt_ids: list[int], params: SamplingParams, *,
                 reason = "stop"
                 break
             generated += 1
-            counts[token] = counts.get(token, 0) + 1
-            if params.repetition_penalty != 1.0 and not bool((seen == token).any()):
-                seen = torch.cat([seen, torch.tensor([token])])
+            adjustments.accept(token)
             delta, hit = stops.feed(decoder.push(token))
             yield GenerationChunk(delta, n_prompt, generated, token_ids=(token,),
                                   scores=(score_of(token, scored),) if scored is not None else ())
