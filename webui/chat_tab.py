@@ -486,9 +486,9 @@ class ChatTab:
                 with gr.Accordion("Parameters", open=True, elem_id="chat-params"):
                     preset = gr.Dropdown(preset_names, value=start_preset, label="Preset", elem_id="preset-picker")
                     labels = {"temperature": "temperature (0 = greedy)", "top_k": "top_k (0 = off)"}
-                    defaults = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0,
-                                "repetition_penalty": 1.0, "max_new_tokens": 256}
-                    sliders = {name: gr.Slider(low, high, value=start_values.get(name, defaults[name]), step=step,
+                    defaults = SamplingParams()
+                    sliders = {name: gr.Slider(low, high, value=start_values.get(name, getattr(defaults, name)),
+                                               step=step,
                                                label=labels.get(name, name),
                                                elem_id="param-" + name.replace("_", "-"))
                                for name, (low, high, step) in SLIDERS.items()}
